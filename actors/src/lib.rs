@@ -1,0 +1,22 @@
+//! Drover's domain and actor layer.
+//!
+//! This crate holds the types every part of the platform speaks (tenants, devices, roles), the
+//! actors that own live device state, and the storage *traits* those actors need. It has no
+//! transport or database code: the application crate decodes MQTT/HTTP/WebSocket input into these
+//! types and provides the storage adapters.
+
+pub mod device;
+pub mod device_actor;
+pub mod directory;
+pub mod fleet;
+pub mod ids;
+pub mod role;
+pub mod tenant_supervisor;
+
+pub use device::{ConnectionStatus, DeviceRecord};
+pub use device_actor::DeviceActor;
+pub use directory::{DeviceDirectory, DirectoryError};
+pub use fleet::Fleet;
+pub use ids::{DeviceId, GroupName, IdError, TenantId};
+pub use role::Role;
+pub use tenant_supervisor::TenantSupervisor;

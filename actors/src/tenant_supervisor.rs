@@ -1,0 +1,513 @@
+//! `TenantSupervisor`: starts, finds, restarts and stops the device actors of one tenant.
+//!
+//! Device actors are started lazily, the first time something needs a device (a connection, an
+//! ingestion, an API call), after checking that the device is registered. When a device actor
+//! fails (its handler panicked or it could not load its state) the supervisor starts a new one,
+//! which rebuilds its state from storage; failures in quick succession are spaced out with an
+//! exponential backoff so a broken registry is not hammered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::device_actor::{DeviceActor, DeviceActorExited, DeviceActorSpec, ExitReason, Shutdown};
+use crate::directory::{DeviceDirectory, DirectoryError};
+use crate::ids::{DeviceId, TenantId};
+
+// ---- messages received -------------------------------------------------------------------
+
+/// Finds the actor of a registered device, starting it if needed. `Ok(None)` when the device
+/// is not registered in this tenant.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Addr<DeviceActor>>, DirectoryError>")]
+pub struct LookupDevice {
+    pub device: DeviceId,
+}
+
+/// Stops a device's actor if it runs (the device was deleted or disabled). Returns whether one ran.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct StopDevice {
+    pub device: DeviceId,
+}
+
+/// Lists the running device actors, for inspection.
+#[derive(Message)]
+#[rtype(result = "TenantSnapshot")]
+pub struct InspectTenant {}
+
+// ---- state -------------------------------------------------------------------------------
+
+/// One supervised device actor, as `InspectTenant` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildInfo {
+    pub device: DeviceId,
+    pub started_at: DateTime<Utc>,
+    pub restarts: u32,
+    pub mailbox_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantSnapshot {
+    pub tenant: TenantId,
+    pub started_at: DateTime<Utc>,
+    pub devices: Vec<ChildInfo>,
+    pub restarts_total: u64,
+}
+
+struct Child {
+    addr: Addr<DeviceActor>,
+    generation: u64,
+    started_at: DateTime<Utc>,
+    restarts: u32,
+    /// Failures close together, for the restart backoff.
+    recent_failures: u32,
+    last_failure: Option<Instant>,
+}
+
+/// Tuning of the supervisor and the actors it starts.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    pub device_mailbox_capacity: usize,
+    /// First restart delay after a failure that follows another one closely.
+    pub restart_backoff_base: Duration,
+    pub restart_backoff_max: Duration,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        SupervisorSettings {
+            device_mailbox_capacity: 256,
+            restart_backoff_base: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct TenantSupervisor {
+    tenant: TenantId,
+    directory: Arc<dyn DeviceDirectory>,
+    settings: SupervisorSettings,
+    children: HashMap<DeviceId, Child>,
+    next_generation: u64,
+    restarts_total: u64,
+    started_at: DateTime<Utc>,
+}
+
+impl TenantSupervisor {
+    pub fn new(tenant: TenantId, directory: Arc<dyn DeviceDirectory>, settings: SupervisorSettings) -> Self {
+        TenantSupervisor {
+            tenant,
+            directory,
+            settings,
+            children: HashMap::new(),
+            next_generation: 0,
+            restarts_total: 0,
+            started_at: Utc::now(),
+        }
+    }
+
+    fn start_child(
+        &mut self,
+        device: DeviceId,
+        record: Option<crate::DeviceRecord>,
+        ctx: &mut Context<Self>,
+    ) -> Addr<DeviceActor> {
+        self.next_generation += 1;
+        let spec = DeviceActorSpec {
+            tenant: self.tenant.clone(),
+            device,
+            record,
+            directory: self.directory.clone(),
+            supervisor: ctx.address().downgrade().recipient(),
+            generation: self.next_generation,
+            mailbox_capacity: self.settings.device_mailbox_capacity,
+        };
+        DeviceActor::new(spec).start()
+    }
+
+    fn running(&self, device: &DeviceId) -> Option<Addr<DeviceActor>> {
+        self.children
+            .get(device)
+            .filter(|child| child.addr.connected())
+            .map(|child| child.addr.clone())
+    }
+
+    /// Restart delay for a child that has failed `recent_failures` times in quick succession.
+    fn backoff(&self, recent_failures: u32) -> Duration {
+        if recent_failures <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32 << (recent_failures - 2).min(16);
+        (self.settings.restart_backoff_base * factor).min(self.settings.restart_backoff_max)
+    }
+
+    fn restart(&mut self, device: DeviceId, ctx: &mut Context<Self>) {
+        // The child may have been stopped or replaced while the restart was pending.
+        let Some(child) = self.children.get(&device) else {
+            return;
+        };
+        if child.addr.connected() {
+            return;
+        }
+        let addr = self.start_child(device.clone(), None, ctx);
+        let generation = self.next_generation;
+        if let Some(child) = self.children.get_mut(&device) {
+            child.addr = addr;
+            child.generation = generation;
+            child.started_at = Utc::now();
+        }
+    }
+}
+
+impl Actor for TenantSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        tracing::debug!(tenant = %self.tenant, "tenant supervisor started");
+    }
+
+    fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
+        for child in self.children.values() {
+            child.addr.do_send(Shutdown {});
+        }
+        Running::Stop
+    }
+}
+
+impl Handler<LookupDevice> for TenantSupervisor {
+    type Result = ResponseActFuture<Self, Result<Option<Addr<DeviceActor>>, DirectoryError>>;
+
+    fn handle(&mut self, msg: LookupDevice, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(addr) = self.running(&msg.device) {
+            return Box::pin(fut::ready(Ok(Some(addr))));
+        }
+        let directory = self.directory.clone();
+        let tenant = self.tenant.clone();
+        let device = msg.device;
+        Box::pin(
+            async move {
+                let record = directory.find_device(&tenant, &device).await?;
+                Ok((device, record))
+            }
+            .into_actor(self)
+            .map(|result, act, ctx| {
+                let (device, record) = result?;
+                let Some(record) = record else { return Ok(None) };
+                // Another lookup may have started it while the registry was being read.
+                if let Some(addr) = act.running(&device) {
+                    return Ok(Some(addr));
+                }
+                let addr = act.start_child(device.clone(), Some(record), ctx);
+                let generation = act.next_generation;
+                let restarts = act.children.get(&device).map_or(0, |c| c.restarts);
+                act.children.insert(
+                    device,
+                    Child {
+                        addr: addr.clone(),
+                        generation,
+                        started_at: Utc::now(),
+                        restarts,
+                        recent_failures: 0,
+                        last_failure: None,
+                    },
+                );
+                Ok(Some(addr))
+            }),
+        )
+    }
+}
+
+impl Handler<StopDevice> for TenantSupervisor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: StopDevice, _ctx: &mut Context<Self>) -> bool {
+        match self.children.remove(&msg.device) {
+            Some(child) => {
+                child.addr.do_send(Shutdown {});
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Handler<DeviceActorExited> for TenantSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeviceActorExited, ctx: &mut Context<Self>) {
+        let Some(child) = self.children.get_mut(&msg.device) else {
+            return;
+        };
+        if child.generation != msg.generation {
+            return; // an older incarnation; the current one is fine
+        }
+        match msg.reason {
+            ExitReason::Stopped | ExitReason::Unregistered => {
+                self.children.remove(&msg.device);
+            }
+            ExitReason::Failed => {
+                let now = Instant::now();
+                let close = child
+                    .last_failure
+                    .is_some_and(|at| now.duration_since(at) < Duration::from_secs(10));
+                child.recent_failures = if close { child.recent_failures + 1 } else { 1 };
+                child.last_failure = Some(now);
+                child.restarts += 1;
+                let (recent, restarts) = (child.recent_failures, child.restarts);
+                self.restarts_total += 1;
+                let delay = self.backoff(recent);
+                tracing::warn!(tenant = %self.tenant, device = %msg.device, restarts, ?delay, "device actor failed; restarting");
+                let device = msg.device;
+                if delay.is_zero() {
+                    self.restart(device, ctx);
+                } else {
+                    ctx.run_later(delay, move |act, ctx| act.restart(device, ctx));
+                }
+            }
+        }
+    }
+}
+
+impl Handler<InspectTenant> for TenantSupervisor {
+    type Result = MessageResult<InspectTenant>;
+
+    fn handle(&mut self, _msg: InspectTenant, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut devices: Vec<ChildInfo> = self
+            .children
+            .iter()
+            .map(|(device, child)| ChildInfo {
+                device: device.clone(),
+                started_at: child.started_at,
+                restarts: child.restarts,
+                mailbox_capacity: self.settings.device_mailbox_capacity,
+            })
+            .collect();
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        MessageResult(TenantSnapshot {
+            tenant: self.tenant.clone(),
+            started_at: self.started_at,
+            devices,
+            restarts_total: self.restarts_total,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::DeviceRecord;
+    use crate::device_actor::{Crash, GetDeviceState};
+
+    #[derive(Default)]
+    struct MemoryDirectory {
+        devices: Mutex<HashMap<(TenantId, DeviceId), DeviceRecord>>,
+        reads: Mutex<u32>,
+    }
+
+    impl MemoryDirectory {
+        fn with(tenant: &str, device: &str) -> Arc<Self> {
+            let dir = Arc::new(MemoryDirectory::default());
+            let now = Utc::now();
+            let record = DeviceRecord {
+                tenant: TenantId::parse(tenant).unwrap(),
+                id: DeviceId::parse(device).unwrap(),
+                device_type: "temperature".into(),
+                metadata: Default::default(),
+                tags: vec![],
+                groups: vec![],
+                enabled: true,
+                connected: false,
+                last_seen_at: None,
+                created_at: now,
+                updated_at: now,
+            };
+            dir.devices
+                .lock()
+                .unwrap()
+                .insert((record.tenant.clone(), record.id.clone()), record);
+            dir
+        }
+    }
+
+    #[async_trait]
+    impl DeviceDirectory for MemoryDirectory {
+        async fn find_device(
+            &self,
+            tenant: &TenantId,
+            device: &DeviceId,
+        ) -> Result<Option<DeviceRecord>, DirectoryError> {
+            *self.reads.lock().unwrap() += 1;
+            Ok(self
+                .devices
+                .lock()
+                .unwrap()
+                .get(&(tenant.clone(), device.clone()))
+                .cloned())
+        }
+    }
+
+    fn supervisor(dir: Arc<MemoryDirectory>) -> Addr<TenantSupervisor> {
+        TenantSupervisor::new(
+            TenantId::parse("acme").unwrap(),
+            dir,
+            SupervisorSettings::default(),
+        )
+        .start()
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    #[actix_rt::test]
+    async fn registered_device_is_found_and_started_once() {
+        let dir = MemoryDirectory::with("acme", "sensor-001");
+        let sup = supervisor(dir.clone());
+        let a = sup
+            .send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let b = sup
+            .send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, b);
+        let state = a.send(GetDeviceState {}).await.unwrap();
+        assert_eq!(state.record.unwrap().device_type, "temperature");
+        assert_eq!(
+            *dir.reads.lock().unwrap(),
+            1,
+            "the record read by the lookup is handed over"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn unknown_device_and_other_tenant_are_not_found() {
+        let dir = MemoryDirectory::with("other", "sensor-001");
+        let sup = supervisor(dir);
+        assert!(
+            sup.send(LookupDevice {
+                device: id("sensor-001")
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none()
+        );
+        assert!(
+            sup.send(LookupDevice { device: id("nope") })
+                .await
+                .unwrap()
+                .unwrap()
+                .is_none()
+        );
+        let snapshot = sup.send(InspectTenant {}).await.unwrap();
+        assert!(snapshot.devices.is_empty());
+    }
+
+    #[actix_rt::test]
+    async fn failed_device_actor_is_restarted_with_its_state() {
+        let dir = MemoryDirectory::with("acme", "sensor-001");
+        let sup = supervisor(dir.clone());
+        let first = sup
+            .send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let _ = first.send(Crash {}).await; // the handler panics; the reply channel is dropped
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let second = loop {
+            let snapshot = sup.send(InspectTenant {}).await.unwrap();
+            if snapshot.restarts_total == 1 {
+                let addr = sup
+                    .send(LookupDevice {
+                        device: id("sensor-001"),
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                if addr.connected() {
+                    break addr;
+                }
+            }
+            assert!(Instant::now() < deadline, "device actor was not restarted");
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(!first.connected());
+        let state = second.send(GetDeviceState {}).await.unwrap();
+        assert_eq!(
+            state.record.unwrap().id.as_str(),
+            "sensor-001",
+            "state rebuilt from the directory"
+        );
+        assert_eq!(state.generation, 2);
+        let snapshot = sup.send(InspectTenant {}).await.unwrap();
+        assert_eq!(snapshot.devices[0].restarts, 1);
+    }
+
+    #[actix_rt::test]
+    async fn stopped_device_is_not_restarted() {
+        let dir = MemoryDirectory::with("acme", "sensor-001");
+        let sup = supervisor(dir);
+        let addr = sup
+            .send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            sup.send(StopDevice {
+                device: id("sensor-001")
+            })
+            .await
+            .unwrap()
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while addr.connected() {
+            assert!(Instant::now() < deadline, "device actor did not stop");
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        let snapshot = sup.send(InspectTenant {}).await.unwrap();
+        assert!(snapshot.devices.is_empty());
+        assert_eq!(snapshot.restarts_total, 0);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let dir = MemoryDirectory::with("acme", "d");
+        let sup = TenantSupervisor::new(
+            TenantId::parse("acme").unwrap(),
+            dir,
+            SupervisorSettings::default(),
+        );
+        assert_eq!(sup.backoff(1), Duration::ZERO);
+        assert_eq!(sup.backoff(2), Duration::from_millis(100));
+        assert_eq!(sup.backoff(3), Duration::from_millis(200));
+        assert_eq!(sup.backoff(40), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,11 @@
+DROP TABLE platform_settings;
+DROP TABLE audit_log;
+DROP TABLE device_group_members;
+DROP TABLE device_groups;
+DROP TABLE device_credentials;
+DROP TABLE device_tags;
+DROP TABLE device_metadata;
+DROP TABLE devices;
+DROP TABLE api_keys;
+DROP TABLE users;
+DROP TABLE tenants;

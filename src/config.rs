@@ -1,0 +1,944 @@
+//! Configuration: one serde tree, a commented default file, environment overrides, validation.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file (`--config`, `DROVER_CONFIG`, or
+//! `./drover.toml` when it exists), then environment variables. Every key has an environment
+//! variable; the names from the product description (`PORT`, `MQTT_PORT`, `REDIS_HOST`, …) are
+//! kept. Invalid configuration stops the start with a message naming the key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration value that must not be shown: `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `***`.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub influx: InfluxConfig,
+    pub redis: RedisConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    pub actors: ActorsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub bind: String,
+    pub port: u16,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Largest accepted JSON request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// Empty: SQLite file `drover.db` in the data dir. Otherwise `postgres://…` or `sqlite://path`.
+    pub database_url: Secret,
+    /// Registry connection pool size; 0 picks a size for the backend.
+    pub pool_size: u32,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfluxConfig {
+    /// Empty: telemetry stays in the embedded store.
+    pub url: String,
+    pub db: String,
+    pub token: Secret,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Empty: cache and sessions stay in process.
+    pub url: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Devices a tenant may register (and, with the broker, connect).
+    pub max_devices: u64,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HMAC key for JWTs. Empty: a random key is generated once and kept in the registry.
+    pub jwt_secret: Secret,
+    pub token_ttl_secs: u64,
+    /// Tolerated clock difference when checking `exp`/`nbf`.
+    pub clock_skew_secs: u64,
+    /// Failed logins per username before it is locked for `login_lockout_secs`.
+    pub max_failed_logins: u32,
+    pub login_lockout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `drover=debug,actix_web=warn`…); `RUST_LOG` also works.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorsConfig {
+    /// Threads the device actors run on; 0 means one per core.
+    pub threads: usize,
+    /// Messages a device actor's mailbox holds before senders are pushed back.
+    pub device_mailbox: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http: HttpConfig {
+                bind: "0.0.0.0".into(),
+                port: 8080,
+                workers: 0,
+                max_body_bytes: 1024 * 1024,
+                shutdown_timeout_secs: 30,
+            },
+            storage: StorageConfig {
+                data_dir: PathBuf::from("./data"),
+                database_url: Secret::default(),
+                pool_size: 0,
+            },
+            influx: InfluxConfig {
+                url: String::new(),
+                db: "drover".into(),
+                token: Secret::default(),
+            },
+            redis: RedisConfig {
+                url: Secret::default(),
+            },
+            limits: LimitsConfig { max_devices: 50_000 },
+            auth: AuthConfig {
+                jwt_secret: Secret::default(),
+                token_ttl_secs: 3600,
+                clock_skew_secs: 60,
+                max_failed_logins: 5,
+                login_lockout_secs: 300,
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+                level: "info".into(),
+            },
+            actors: ActorsConfig {
+                threads: 0,
+                device_mailbox: 256,
+            },
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Config::default().http
+    }
+}
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Config::default().storage
+    }
+}
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        Config::default().influx
+    }
+}
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Config::default().redis
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Config::default().limits
+    }
+}
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Config::default().auth
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        Config::default().log
+    }
+}
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        Config::default().actors
+    }
+}
+
+// Hand-written so secrets and URL passwords never reach a log line.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("http", &self.http)
+            .field("storage", &self.storage)
+            .field("influx", &self.influx)
+            .field("redis", &self.redis)
+            .field("limits", &self.limits)
+            .field("auth", &self.auth)
+            .field("log", &self.log)
+            .field("actors", &self.actors)
+            .finish()
+    }
+}
+
+impl fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &mask_url(self.database_url.expose()))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl fmt::Debug for InfluxConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InfluxConfig")
+            .field("url", &mask_url(&self.url))
+            .field("db", &self.db)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &mask_url(self.redis_url()))
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    fn redis_url(&self) -> &str {
+        self.url.expose()
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &self.jwt_secret)
+            .field("token_ttl_secs", &self.token_ttl_secs)
+            .field("clock_skew_secs", &self.clock_skew_secs)
+            .field("max_failed_logins", &self.max_failed_logins)
+            .field("login_lockout_secs", &self.login_lockout_secs)
+            .finish()
+    }
+}
+
+/// Configuration that cannot be used, naming the key (and its environment variable).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the registry lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// One environment override: the variable, the file key it sets, and how.
+pub struct EnvKey {
+    pub env: &'static str,
+    pub key: &'static str,
+    apply: fn(&mut Config, &str) -> Result<(), String>,
+}
+
+fn parse<T: std::str::FromStr>(value: &str, expected: &str) -> Result<T, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected {expected}, got {value:?}"))
+}
+
+/// Every environment variable Drover reads for its configuration.
+pub const ENV_KEYS: &[EnvKey] = &[
+    EnvKey {
+        env: "HTTP_BIND",
+        key: "http.bind",
+        apply: |c, v| {
+            c.http.bind = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "PORT",
+        key: "http.port",
+        apply: |c, v| {
+            c.http.port = parse(v, "a port number 0-65535")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "HTTP_WORKERS",
+        key: "http.workers",
+        apply: |c, v| {
+            c.http.workers = parse(v, "a number of threads")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "HTTP_MAX_BODY_BYTES",
+        key: "http.max_body_bytes",
+        apply: |c, v| {
+            c.http.max_body_bytes = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "HTTP_SHUTDOWN_TIMEOUT_SECS",
+        key: "http.shutdown_timeout_secs",
+        apply: |c, v| {
+            c.http.shutdown_timeout_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "DATA_DIR",
+        key: "storage.data_dir",
+        apply: |c, v| {
+            c.storage.data_dir = PathBuf::from(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "DATABASE_URL",
+        key: "storage.database_url",
+        apply: |c, v| {
+            c.storage.database_url = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "DATABASE_POOL_SIZE",
+        key: "storage.pool_size",
+        apply: |c, v| {
+            c.storage.pool_size = parse(v, "a number of connections")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "INFLUX_URL",
+        key: "influx.url",
+        apply: |c, v| {
+            c.influx.url = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "INFLUX_DB",
+        key: "influx.db",
+        apply: |c, v| {
+            c.influx.db = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "INFLUX_TOKEN",
+        key: "influx.token",
+        apply: |c, v| {
+            c.influx.token = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "REDIS_URL",
+        key: "redis.url",
+        apply: |c, v| {
+            c.redis.url = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MAX_DEVICES",
+        key: "limits.max_devices",
+        apply: |c, v| {
+            c.limits.max_devices = parse(v, "a number of devices")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "JWT_SECRET",
+        key: "auth.jwt_secret",
+        apply: |c, v| {
+            c.auth.jwt_secret = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "JWT_TTL_SECS",
+        key: "auth.token_ttl_secs",
+        apply: |c, v| {
+            c.auth.token_ttl_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "JWT_CLOCK_SKEW_SECS",
+        key: "auth.clock_skew_secs",
+        apply: |c, v| {
+            c.auth.clock_skew_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MAX_FAILED_LOGINS",
+        key: "auth.max_failed_logins",
+        apply: |c, v| {
+            c.auth.max_failed_logins = parse(v, "a number of attempts")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "LOGIN_LOCKOUT_SECS",
+        key: "auth.login_lockout_secs",
+        apply: |c, v| {
+            c.auth.login_lockout_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "LOG_FORMAT",
+        key: "log.format",
+        apply: |c, v| {
+            c.log.format = match v.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => return Err(format!("expected \"text\" or \"json\", got {other:?}")),
+            };
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "LOG_LEVEL",
+        key: "log.level",
+        apply: |c, v| {
+            c.log.level = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "ACTOR_THREADS",
+        key: "actors.threads",
+        apply: |c, v| {
+            c.actors.threads = parse(v, "a number of threads")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "DEVICE_MAILBOX",
+        key: "actors.device_mailbox",
+        apply: |c, v| {
+            c.actors.device_mailbox = parse(v, "a number of messages")?;
+            Ok(())
+        },
+    },
+];
+
+/// Host-only variables from the product description, used when the matching URL is not set.
+const HOST_SHORTHANDS: &[(&str, &str)] = &[
+    ("REDIS_HOST", "REDIS_URL"),
+    ("INFLUX_HOST", "INFLUX_URL"),
+    ("POSTGRES_HOST", "DATABASE_URL"),
+];
+
+impl Config {
+    /// Loads defaults, then `path` (or `./drover.toml` if present), then the environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], reading variables through `env` (tests pass a map).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let default_path = Path::new("drover.toml");
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => env("DROVER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| default_path.exists().then(|| default_path.to_path_buf())),
+        };
+        let mut config = match file {
+            Some(file) => Self::from_file(&file)?,
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::new(file.display().to_string(), format!("cannot read the file: {e}"))
+        })?;
+        Self::from_toml(&text)
+            .map_err(|e| ConfigError::new(e.key, format!("{} (in {})", e.message, file.display())))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's message already names the key and line; keep it whole.
+            ConfigError::new("config file", e.to_string().trim_end().to_string())
+        })
+    }
+
+    /// Applies every environment override. Errors name the variable.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for key in ENV_KEYS {
+            if let Some(value) = env(key.env) {
+                (key.apply)(self, &value)
+                    .map_err(|m| ConfigError::new(format!("{} ({})", key.env, key.key), m))?;
+            }
+        }
+        for (host_var, url_var) in HOST_SHORTHANDS {
+            let Some(host) = env(host_var).filter(|h| !h.trim().is_empty()) else {
+                continue;
+            };
+            if env(url_var).is_some() {
+                continue;
+            }
+            let host = host.trim();
+            match *host_var {
+                "REDIS_HOST" if self.redis.url.is_empty() => {
+                    let port = env("REDIS_PORT").unwrap_or_else(|| "6379".into());
+                    self.redis.url = Secret::new(format!("redis://{host}:{port}/"));
+                }
+                "INFLUX_HOST" if self.influx.url.is_empty() => {
+                    let port = env("INFLUX_PORT").unwrap_or_else(|| "8086".into());
+                    self.influx.url = format!("http://{host}:{port}");
+                }
+                "POSTGRES_HOST" if self.storage.database_url.is_empty() => {
+                    let port = env("POSTGRES_PORT").unwrap_or_else(|| "5432".into());
+                    let user = env("POSTGRES_USER").unwrap_or_else(|| "postgres".into());
+                    let db = env("POSTGRES_DB").unwrap_or_else(|| "drover".into());
+                    let auth = match env("POSTGRES_PASSWORD") {
+                        Some(pw) => format!("{user}:{pw}"),
+                        None => user,
+                    };
+                    self.storage.database_url = Secret::new(format!("postgres://{auth}@{host}:{port}/{db}"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.http.bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::new(
+                "http.bind (HTTP_BIND)",
+                format!("expected an IP address, got {:?}", self.http.bind),
+            ));
+        }
+        if self.http.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "http.max_body_bytes (HTTP_MAX_BODY_BYTES)",
+                "must be at least 1024",
+            ));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                "storage.data_dir (DATA_DIR)",
+                "must not be empty",
+            ));
+        }
+        self.database_target()?;
+        if !self.influx.url.is_empty() {
+            if !(self.influx.url.starts_with("http://") || self.influx.url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "influx.url (INFLUX_URL)",
+                    format!(
+                        "expected an http:// or https:// URL, got {:?}",
+                        mask_url(&self.influx.url)
+                    ),
+                ));
+            }
+            if self.influx.db.trim().is_empty() {
+                return Err(ConfigError::new(
+                    "influx.db (INFLUX_DB)",
+                    "must not be empty when influx.url is set",
+                ));
+            }
+        }
+        let redis = self.redis.url.expose();
+        if !(redis.is_empty() || redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "redis.url (REDIS_URL)",
+                format!("expected a redis:// or rediss:// URL, got {:?}", mask_url(redis)),
+            ));
+        }
+        if self.limits.max_devices == 0 {
+            return Err(ConfigError::new(
+                "limits.max_devices (MAX_DEVICES)",
+                "must be at least 1",
+            ));
+        }
+        let secret = self.auth.jwt_secret.expose();
+        if !secret.is_empty() && secret.len() < 32 {
+            return Err(ConfigError::new(
+                "auth.jwt_secret (JWT_SECRET)",
+                "must be at least 32 characters",
+            ));
+        }
+        if self.auth.token_ttl_secs < 60 {
+            return Err(ConfigError::new(
+                "auth.token_ttl_secs (JWT_TTL_SECS)",
+                "must be at least 60",
+            ));
+        }
+        if self.auth.max_failed_logins == 0 {
+            return Err(ConfigError::new(
+                "auth.max_failed_logins (MAX_FAILED_LOGINS)",
+                "must be at least 1",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::new(
+                "log.level (LOG_LEVEL)",
+                format!("not a valid filter: {:?}", self.log.level),
+            ));
+        }
+        if self.actors.device_mailbox == 0 {
+            return Err(ConfigError::new(
+                "actors.device_mailbox (DEVICE_MAILBOX)",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The registry database: SQLite in the data dir unless a URL says otherwise.
+    pub fn database_target(&self) -> Result<DatabaseTarget, ConfigError> {
+        let url = self.storage.database_url.expose().trim();
+        if url.is_empty() {
+            return Ok(DatabaseTarget::Sqlite(self.storage.data_dir.join("drover.db")));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseTarget::Postgres(url.to_string()));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(ConfigError::new(
+                    "storage.database_url (DATABASE_URL)",
+                    "sqlite:// needs a file path",
+                ));
+            }
+            return Ok(DatabaseTarget::Sqlite(PathBuf::from(path)));
+        }
+        Err(ConfigError::new(
+            "storage.database_url (DATABASE_URL)",
+            format!("expected postgres://… or sqlite://path, got {:?}", mask_url(url)),
+        ))
+    }
+
+    pub fn http_workers(&self) -> usize {
+        if self.http.workers == 0 {
+            num_cpus()
+        } else {
+            self.http.workers
+        }
+    }
+
+    pub fn actor_threads(&self) -> usize {
+        if self.actors.threads == 0 {
+            num_cpus()
+        } else {
+            self.actors.threads
+        }
+    }
+}
+
+pub fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The file `drover generate-config` writes: every key with its default and its variable.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# Drover configuration.
+#
+# Every key below shows its default. Each can also be set by the environment variable named in
+# its comment, which wins over this file. Drover reads this file from --config, from
+# $DROVER_CONFIG, or from ./drover.toml when it exists.
+
+[http]
+# Address the REST API, dashboard and WebSocket endpoints listen on.  (HTTP_BIND)
+bind = "0.0.0.0"
+# HTTP port; 0 picks a free port.  (PORT)
+port = 8080
+# Worker threads; 0 means one per core.  (HTTP_WORKERS)
+workers = 0
+# Largest accepted JSON request body, in bytes.  (HTTP_MAX_BODY_BYTES)
+max_body_bytes = 1048576
+# Seconds in-flight requests get to finish on shutdown.  (HTTP_SHUTDOWN_TIMEOUT_SECS)
+shutdown_timeout_secs = 30
+
+[storage]
+# Where the embedded databases live; created on first start.  (DATA_DIR)
+data_dir = "./data"
+# Registry database. Empty: SQLite file drover.db in data_dir.
+# Production: "postgres://user:password@host:5432/drover". Also "sqlite:///path/to/file.db".
+# POSTGRES_HOST (+ POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB) builds one.  (DATABASE_URL)
+database_url = ""
+# Registry connection pool size; 0 picks one for the backend.  (DATABASE_POOL_SIZE)
+pool_size = 0
+
+[influx]
+# InfluxDB 1.x HTTP API (or 2.x/3.x through its 1.x-compatible API) for telemetry.
+# Empty: telemetry stays in the embedded store. INFLUX_HOST builds http://host:8086.  (INFLUX_URL)
+url = ""
+# Database (bucket) name.  (INFLUX_DB)
+db = "drover"
+# Token for InfluxDB 2.x/3.x; empty for 1.x without auth.  (INFLUX_TOKEN)
+token = ""
+
+[redis]
+# Redis for cache, MQTT session state and scale-out, e.g. "redis://127.0.0.1:6379/".
+# Empty: kept in process. REDIS_HOST builds redis://host:6379/.  (REDIS_URL)
+url = ""
+
+[limits]
+# Devices a tenant may register.  (MAX_DEVICES)
+max_devices = 50000
+
+[auth]
+# HMAC key (32+ characters) signing login tokens. Empty: a random key is generated on first
+# start and kept in the registry, so every node sharing the registry uses the same one.  (JWT_SECRET)
+jwt_secret = ""
+# Lifetime of a login token, in seconds.  (JWT_TTL_SECS)
+token_ttl_secs = 3600
+# Clock difference tolerated when checking a token's expiry.  (JWT_CLOCK_SKEW_SECS)
+clock_skew_secs = 60
+# Failed logins for one username before it is locked.  (MAX_FAILED_LOGINS)
+max_failed_logins = 5
+# How long a locked username stays locked, in seconds.  (LOGIN_LOCKOUT_SECS)
+login_lockout_secs = 300
+
+[log]
+# "text" for people, "json" for log pipelines.  (LOG_FORMAT)
+format = "text"
+# A tracing filter such as "info" or "drover=debug,actix_web=warn"; RUST_LOG also works.  (LOG_LEVEL)
+level = "info"
+
+[actors]
+# Threads the device actors run on; 0 means one per core.  (ACTOR_THREADS)
+threads = 0
+# Messages a device actor's mailbox holds before senders are pushed back.  (DEVICE_MAILBOX)
+device_mailbox = 256
+"#;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn default_file_matches_defaults() {
+        assert_eq!(Config::from_toml(DEFAULT_CONFIG_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn default_file_names_every_variable() {
+        for key in ENV_KEYS {
+            assert!(
+                DEFAULT_CONFIG_TOML.contains(&format!("({})", key.env)),
+                "{} missing from the default file",
+                key.env
+            );
+            let leaf = key.key.rsplit('.').next().unwrap();
+            assert!(
+                DEFAULT_CONFIG_TOML.contains(&format!("\n{leaf} = ")),
+                "{} missing from the default file",
+                key.key
+            );
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let mut config = Config::from_toml("[http]\nport = 9000\n").unwrap();
+        config
+            .apply_env(env(&[
+                ("PORT", "9100"),
+                ("LOG_FORMAT", "json"),
+                ("MAX_DEVICES", "10"),
+            ]))
+            .unwrap();
+        assert_eq!(config.http.port, 9100);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.limits.max_devices, 10);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Config::load_with_env(None, env(&[("PORT", "eighty")])).unwrap_err();
+        assert!(err.to_string().contains("PORT (http.port)"), "{err}");
+        let err = Config::load_with_env(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+        let err = Config::load_with_env(None, env(&[("JWT_SECRET", "short")])).unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+        let err = Config::load_with_env(None, env(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().contains("LOG_FORMAT"), "{err}");
+        let err = Config::from_toml("[http]\nprot = 1\n").unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn seed_host_variables_build_urls() {
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("REDIS_HOST", "cache"),
+                ("INFLUX_HOST", "tsdb"),
+                ("POSTGRES_HOST", "db"),
+                ("POSTGRES_PASSWORD", "pw"),
+            ]))
+            .unwrap();
+        assert_eq!(config.redis.url.expose(), "redis://cache:6379/");
+        assert_eq!(config.influx.url, "http://tsdb:8086");
+        assert_eq!(
+            config.storage.database_url.expose(),
+            "postgres://postgres:pw@db:5432/drover"
+        );
+        // An explicit URL wins over the host shorthand.
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[("REDIS_HOST", "cache"), ("REDIS_URL", "redis://other/")]))
+            .unwrap();
+        assert_eq!(config.redis.url.expose(), "redis://other/");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("JWT_SECRET", "a-very-long-secret-value-that-is-secret"),
+                ("DATABASE_URL", "postgres://drover:hunter2@db/drover"),
+                ("INFLUX_TOKEN", "influx-token-value"),
+                ("REDIS_URL", "redis://:redispass@cache:6379/"),
+            ]))
+            .unwrap();
+        let shown = format!("{config:?}");
+        for secret in ["a-very-long-secret", "hunter2", "influx-token-value", "redispass"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(shown.contains("postgres://drover:***@db/drover"));
+    }
+
+    #[test]
+    fn database_target_defaults_to_sqlite_in_data_dir() {
+        let config = Config::default();
+        assert_eq!(
+            config.database_target().unwrap(),
+            DatabaseTarget::Sqlite(PathBuf::from("./data/drover.db"))
+        );
+    }
+
+    #[test]
+    fn mask_url_keeps_user_and_host() {
+        assert_eq!(mask_url("redis://user:pw@h:1/0"), "redis://user:***@h:1/0");
+        assert_eq!(mask_url("http://h:8086"), "http://h:8086");
+        assert_eq!(mask_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,155 @@
+//! The HTTP edge: REST API, operations endpoints and the OpenAPI description.
+//!
+//! Handlers decode requests into domain types, check the caller, and call the registry or the
+//! actor tree; they hold no state of their own.
+
+pub mod accounts;
+pub mod devices;
+pub mod error;
+pub mod groups;
+pub mod ops;
+pub mod params;
+pub mod principal;
+pub mod tenants;
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::{App, HttpRequest, HttpResponse, web};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_actix_web::{AppExt, scope};
+
+use crate::http::error::ApiError;
+use crate::state::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Drover API",
+        description = "IoT device management: registry, auth, telemetry, rules and operations. \
+                       Authenticate with `Authorization: Bearer <login token or API key>`.",
+        license(name = "MIT")
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Logins"),
+        (name = "devices", description = "Device registry"),
+        (name = "groups", description = "Device groups"),
+        (name = "users", description = "Users of a tenant"),
+        (name = "keys", description = "API keys for applications"),
+        (name = "tenants", description = "Tenants (platform admins)"),
+        (name = "audit", description = "Audit log"),
+        (name = "operations", description = "Health, metrics, statistics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("login token (JWT) or API key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document as served, built from the same services the app registers.
+pub struct OpenApiJson(pub String);
+
+/// The application with every route, shared by the server and the tests.
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let json = web::JsonConfig::default()
+        .limit(state.config.http.max_body_bytes)
+        .content_type_required(false)
+        .error_handler(error::json_error);
+    let (app, api) = App::new()
+        .app_data(state)
+        .app_data(json)
+        .app_data(web::QueryConfig::default().error_handler(error::query_error))
+        .app_data(web::PathConfig::default().error_handler(error::path_error))
+        .wrap_fn(|req, srv| {
+            use actix_web::dev::Service;
+            let start = Instant::now();
+            let method = req.method().to_string();
+            let state = req.app_data::<web::Data<AppState>>().cloned();
+            let fut = srv.call(req);
+            async move {
+                let result = fut.await;
+                if let Some(state) = state {
+                    let (route, status) = match &result {
+                        Ok(res) => (res.request().match_pattern().unwrap_or_else(|| "unmatched".into()), res.status()),
+                        Err(e) => ("unmatched".into(), e.as_response_error().status_code()),
+                    };
+                    state.metrics.http_requests.with_label_values(&[&method, &route, status.as_str()]).inc();
+                    state.metrics.http_duration.with_label_values(&[&method, &route]).observe(start.elapsed().as_secs_f64());
+                    if status.is_server_error() {
+                        tracing::warn!(%method, %route, status = status.as_u16(), "request failed");
+                    } else {
+                        tracing::debug!(%method, %route, status = status.as_u16(), elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "request");
+                    }
+                }
+                result
+            }
+        })
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .service(
+            scope::scope("/api")
+                .configure(accounts::routes)
+                .configure(devices::routes)
+                .configure(groups::routes)
+                .configure(tenants::routes)
+                // Served from the document built below; inside the scope, which owns every /api path.
+                .route("/openapi.json", web::get().to(openapi_json)),
+        )
+        .service(ops::health)
+        .service(ops::metrics)
+        .service(ops::stats)
+        .service(ops::actors)
+        .split_for_parts();
+    let document = OpenApiJson(api.to_json().unwrap_or_else(|_| "{}".into()));
+    app.app_data(web::Data::new(document))
+        .route("/", web::get().to(index))
+        .default_service(web::to(not_found))
+}
+
+async fn openapi_json(document: web::Data<OpenApiJson>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(document.0.clone())
+}
+
+async fn index() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "name": "drover",
+        "version": env!("CARGO_PKG_VERSION"),
+        "api": "/api/openapi.json",
+        "health": "/health",
+        "metrics": "/metrics",
+    }))
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError;
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).error_response()
+}

@@ -1,0 +1,131 @@
+//! Operations: health, Prometheus metrics, platform statistics and the live actor tree.
+
+use actix_web::{HttpResponse, get, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::health::HealthReport;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::principal::Principal;
+use crate::state::AppState;
+use crate::storage::records::DeviceCounts;
+
+/// Health of each backend; 503 when a required one is down.
+#[utoipa::path(
+    tag = "operations",
+    responses((status = 200, body = HealthReport), (status = 503, description = "A required backend is down", body = HealthReport))
+)]
+#[get("/health")]
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let report = state.health.check(state.started.elapsed()).await;
+    if report.healthy() {
+        HttpResponse::Ok().json(report)
+    } else {
+        HttpResponse::ServiceUnavailable().json(report)
+    }
+}
+
+/// Prometheus text exposition format.
+#[utoipa::path(tag = "operations", responses((status = 200, description = "Prometheus metrics", content_type = "text/plain")))]
+#[get("/metrics")]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state
+        .metrics
+        .uptime_seconds
+        .set(state.started.elapsed().as_secs() as i64);
+    // Registry figures are read at scrape time; if the registry is down they keep their last value.
+    if let Ok(counts) = state.registry.device_counts(None).await {
+        state.metrics.devices_registered.set(counts.registered as i64);
+        state.metrics.devices_connected.set(counts.connected as i64);
+    }
+    if let Ok(tenants) = state.registry.count_tenants().await {
+        state.metrics.tenants.set(tenants as i64);
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCountsView {
+    pub registered: u64,
+    pub connected: u64,
+    pub disabled: u64,
+}
+
+impl From<DeviceCounts> for DeviceCountsView {
+    fn from(c: DeviceCounts) -> Self {
+        DeviceCountsView {
+            registered: c.registered,
+            connected: c.connected,
+            disabled: c.disabled,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformStats {
+    pub tenants: u64,
+    pub devices: DeviceCountsView,
+    pub tenant_supervisors: usize,
+    pub device_actors: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsView {
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub uptime_seconds: u64,
+    /// The caller's tenant.
+    pub tenant: String,
+    pub devices: DeviceCountsView,
+    /// Whole-platform figures, for platform admins.
+    pub platform: Option<PlatformStats>,
+}
+
+/// Device and platform statistics for the caller's tenant (whole platform for platform admins).
+#[utoipa::path(tag = "operations", responses((status = 200, body = StatsView), (status = 401, body = ErrorBody)), security(("bearer" = [])))]
+#[get("/stats")]
+pub async fn stats(
+    state: web::Data<AppState>,
+    principal: Principal,
+) -> Result<web::Json<StatsView>, ApiError> {
+    let devices = state.registry.device_counts(Some(&principal.tenant)).await?;
+    let platform = if principal.platform_admin {
+        let tree = state.fleet.inspect().await;
+        Some(PlatformStats {
+            tenants: state.registry.count_tenants().await?,
+            devices: state.registry.device_counts(None).await?.into(),
+            tenant_supervisors: tree.len(),
+            device_actors: tree.iter().map(|t| t.devices.len()).sum(),
+        })
+    } else {
+        None
+    };
+    let uptime = state.started.elapsed();
+    Ok(web::Json(StatsView {
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: Utc::now() - chrono::Duration::from_std(uptime).unwrap_or_default(),
+        uptime_seconds: uptime.as_secs(),
+        tenant: principal.tenant.to_string(),
+        devices: devices.into(),
+        platform,
+    }))
+}
+
+/// The live actor tree: tenant supervisors and their device actors (platform admins).
+#[utoipa::path(
+    tag = "operations",
+    responses((status = 200, description = "Tenant supervisors with their device actors", body = Object), (status = 403, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[get("/admin/actors")]
+pub async fn actors(state: web::Data<AppState>, principal: Principal) -> Result<HttpResponse, ApiError> {
+    principal.require_platform_admin("admin.actors")?;
+    let tenants = state.fleet.inspect().await;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "tenants": tenants })))
+}

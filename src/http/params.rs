@@ -1,0 +1,78 @@
+//! Parsing of query parameters shared by several endpoints.
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+
+use crate::http::error::ApiError;
+
+/// Default and largest page sizes of list endpoints.
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 1000;
+
+/// A point in time given as RFC 3339 (`2024-01-31T12:00:00Z`), a date (`2024-01-31`, midnight
+/// UTC) or a Unix timestamp in seconds (10 digits or fewer) or milliseconds (more).
+pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
+    let value = value.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        return Ok(Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight exists")));
+    }
+    if let Ok(n) = value.parse::<i64>() {
+        let digits = value.trim_start_matches('-').len();
+        let parsed = if digits <= 10 {
+            Utc.timestamp_opt(n, 0).single()
+        } else {
+            Utc.timestamp_millis_opt(n).single()
+        };
+        return parsed.ok_or_else(|| format!("{value} is out of range"));
+    }
+    Err(format!(
+        "{value:?} is not a time: use RFC 3339 (2024-01-31T12:00:00Z), a date (2024-01-31) or epoch seconds/milliseconds"
+    ))
+}
+
+/// A time query parameter, or a 400 naming the parameter.
+pub fn time_param(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    parse_time(value).map_err(|m| ApiError::bad_request("invalid_query", format!("{name}: {m}")))
+}
+
+/// `limit`, defaulting to [`DEFAULT_LIMIT`] and at most [`MAX_LIMIT`].
+pub fn limit_param(value: Option<&str>) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit: expected a number from 1 to {MAX_LIMIT}, got {v:?}"),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_accepted_time_forms() {
+        let expected = Utc.with_ymd_and_hms(2024, 1, 31, 0, 0, 0).unwrap();
+        assert_eq!(parse_time("2024-01-31").unwrap(), expected);
+        assert_eq!(parse_time("2024-01-31T00:00:00Z").unwrap(), expected);
+        assert_eq!(parse_time("2024-01-31T01:00:00+01:00").unwrap(), expected);
+        assert_eq!(parse_time("1706659200").unwrap(), expected);
+        assert_eq!(parse_time("1706659200000").unwrap(), expected);
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2024-13-01").is_err());
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(limit_param(None).unwrap(), DEFAULT_LIMIT);
+        assert_eq!(limit_param(Some("5")).unwrap(), 5);
+        assert!(limit_param(Some("0")).is_err());
+        assert!(limit_param(Some("5000")).is_err());
+        assert!(limit_param(Some("ten")).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! Drover: an IoT device management platform in one binary.
+//!
+//! The `drover` binary (src/main.rs) is a thin CLI over this library; integration tests start
+//! the same [`server`] in process on loopback ports.
+
+pub mod audit;
+pub mod auth;
+pub mod bootstrap;
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod storage;

@@ -1,0 +1,309 @@
+//! The `drover` command: run the platform, migrate, write a default configuration, administer.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use drover::auth::secrets;
+use drover::config::{Config, DEFAULT_CONFIG_TOML};
+use drover::storage::records::{AuditActor, NewApiKey, NewUser, UserPatch};
+use drover::{logging, server};
+use drover_actors::{Role, TenantId};
+
+#[derive(Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "IoT device management platform: MQTT broker, device registry, telemetry, rules and a live dashboard in one binary"
+)]
+struct Cli {
+    /// Configuration file. Default: $DROVER_CONFIG, or ./drover.toml when it exists.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform (the default).
+    Serve,
+    /// Apply pending registry migrations and exit.
+    Migrate,
+    /// Print a commented configuration file with every key and its default.
+    GenerateConfig {
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Administration on the registry directly (works while the server is stopped).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// List tenants.
+    ListTenants,
+    /// Create a tenant.
+    CreateTenant {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Create a user. The password is read from DROVER_PASSWORD, or generated and printed once.
+    CreateUser {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+        #[arg(long)]
+        platform_admin: bool,
+    },
+    /// Give a user a new password (from DROVER_PASSWORD, or generated and printed once).
+    ResetPassword { username: String },
+    /// Create an API key for a tenant and print it once.
+    CreateApiKey {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "operator")]
+        role: Role,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::GenerateConfig { output, force } = &command {
+        return report(generate_config(output.as_ref(), *force));
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("drover: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&config.log);
+    let system = actix_rt::System::new();
+    report(system.block_on(async move {
+        match command {
+            Command::Serve => serve(config).await,
+            Command::Migrate => migrate(config).await,
+            Command::Admin(admin) => administer(config, admin).await,
+            Command::GenerateConfig { .. } => unreachable!("handled before the configuration is loaded"),
+        }
+    }))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("drover: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate_config(output: Option<&PathBuf>, force: bool) -> anyhow::Result<()> {
+    match output {
+        None => print!("{DEFAULT_CONFIG_TOML}"),
+        Some(path) => {
+            if path.exists() && !force {
+                bail!("{} exists; pass --force to overwrite it", path.display());
+            }
+            std::fs::write(path, DEFAULT_CONFIG_TOML)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok();
+    // Installed before anything announces readiness, so an early SIGTERM is a graceful stop.
+    let mut signals = Signals::install()?;
+    let running = server::start(config, admin_password).await?;
+    let host = if running.http_addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        running.http_addr.ip().to_string()
+    };
+    let base = format!("http://{host}:{}", running.http_addr.port());
+    if let Some(first) = &running.first_start {
+        let password = match &first.generated_password {
+            Some(p) => format!("{p}    (generated; shown only this once)"),
+            None => "the value of DROVER_ADMIN_PASSWORD".to_string(),
+        };
+        println!();
+        println!(
+            "  First start: created tenant \"{}\" and platform admin \"{}\".",
+            first.tenant, first.username
+        );
+        println!("  Password: {password}");
+        println!("  Log in:   curl -s -X POST {base}/api/auth/login -H 'Content-Type: application/json' \\");
+        println!(
+            "              -d '{{\"username\": \"{}\", \"password\": \"<password>\"}}'",
+            first.username
+        );
+        println!();
+    }
+    println!(
+        "Drover {} is running: API {base}/api, health {base}/health. Ctrl-C stops it.",
+        env!("CARGO_PKG_VERSION")
+    );
+    signals.next().await;
+    // A second signal while draining stops at once.
+    actix_rt::spawn(async move {
+        signals.next().await;
+        eprintln!("drover: second signal, exiting without waiting");
+        std::process::exit(130);
+    });
+    running.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, both meaning "stop gracefully".
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    let registry = server::open_registry(&config).await?;
+    println!(
+        "registry is up to date ({} {})",
+        registry.database().backend().as_str(),
+        registry.database().description()
+    );
+    Ok(())
+}
+
+fn password_from_env() -> anyhow::Result<(String, bool)> {
+    match std::env::var("DROVER_PASSWORD") {
+        Ok(p) if !p.is_empty() => {
+            secrets::check_password_strength(&p)
+                .map_err(anyhow::Error::msg)
+                .context("DROVER_PASSWORD")?;
+            Ok((p, false))
+        }
+        _ => Ok((secrets::new_password(), true)),
+    }
+}
+
+async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()> {
+    let registry = server::open_registry(&config).await?;
+    let by = AuditActor {
+        tenant: None,
+        actor: "cli".into(),
+        source_ip: None,
+    };
+    match command {
+        AdminCommand::ListTenants => {
+            for t in registry.list_tenants().await? {
+                println!(
+                    "{}\t{}\t{}",
+                    t.id,
+                    if t.disabled { "disabled" } else { "enabled" },
+                    t.name
+                );
+            }
+        }
+        AdminCommand::CreateTenant { id, name } => {
+            let id = TenantId::parse(id)?;
+            let name = name.unwrap_or_else(|| id.to_string());
+            let (tenant, _) = registry.create_tenant(id, name, None, by).await?;
+            println!("created tenant {}", tenant.id);
+        }
+        AdminCommand::CreateUser {
+            tenant,
+            username,
+            role,
+            platform_admin,
+        } => {
+            let (password, generated) = password_from_env()?;
+            let hash = secrets::hash_password(&password)?;
+            let user = NewUser {
+                tenant: TenantId::parse(tenant)?,
+                username,
+                password_hash: hash,
+                role,
+                platform_admin,
+            };
+            let user = registry.create_user(user, by).await?;
+            println!(
+                "created user {} ({}) in tenant {}",
+                user.username, user.role, user.tenant
+            );
+            if generated {
+                println!("password: {password}");
+            }
+        }
+        AdminCommand::ResetPassword { username } => {
+            let found = registry
+                .user_credentials(&username)
+                .await?
+                .with_context(|| format!("no user {username}"))?;
+            let (password, generated) = password_from_env()?;
+            let patch = UserPatch {
+                password_hash: Some(secrets::hash_password(&password)?),
+                ..UserPatch::default()
+            };
+            registry
+                .update_user(found.user.tenant, found.user.id, patch, by)
+                .await?;
+            println!("password of {username} changed");
+            if generated {
+                println!("password: {password}");
+            }
+        }
+        AdminCommand::CreateApiKey { tenant, name, role } => {
+            let key = secrets::new_secret(secrets::API_KEY_PREFIX);
+            let new = NewApiKey {
+                tenant: TenantId::parse(tenant)?,
+                name,
+                role,
+                digest: secrets::digest(&key),
+                prefix: secrets::display_prefix(&key),
+                created_by: "cli".into(),
+                expires_at: None,
+            };
+            let created = registry.create_api_key(new, by).await?;
+            println!(
+                "created API key {} ({}) for tenant {}",
+                created.id, created.role, created.tenant
+            );
+            println!("key: {key}");
+        }
+    }
+    Ok(())
+}

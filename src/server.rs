@@ -1,0 +1,238 @@
+//! Starting and stopping the platform: registry, actor tree, HTTP server.
+//!
+//! `start` runs inside an actix system and returns once everything listens; `shutdown` is the
+//! reverse, in order: stop accepting and let in-flight requests finish, stop the actors, write
+//! what the audit queue still holds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpServer, web};
+use drover_actors::Fleet;
+use drover_actors::tenant_supervisor::SupervisorSettings;
+
+use crate::audit::{AuditSink, AuditWriter};
+use crate::auth::secrets;
+use crate::auth::{JwtKeys, LoginThrottle};
+use crate::bootstrap::{self, BootstrapError, FirstStart};
+use crate::config::{Config, ConfigError};
+use crate::health::HealthChecker;
+use crate::http;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+use crate::storage::{Database, RegistryStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("registry database: {0}")]
+    Registry(#[from] StoreError),
+    #[error("first start: {0}")]
+    Bootstrap(#[from] BootstrapError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// A started platform.
+pub struct RunningServer {
+    pub http_addr: SocketAddr,
+    /// Set on the very first start: the default tenant and admin that were created.
+    pub first_start: Option<FirstStart>,
+    pub state: web::Data<AppState>,
+    http: actix_web::dev::ServerHandle,
+    http_task: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    audit: AuditWriter,
+}
+
+/// Opens the registry (creating and migrating it if needed) and applies pending migrations.
+pub async fn open_registry(config: &Config) -> Result<RegistryStore, StartError> {
+    let data_dir = &config.storage.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let target = config.database_target()?;
+    let pool_size = config.storage.pool_size;
+    let db = tokio::task::spawn_blocking(move || -> Result<Database, StoreError> {
+        let db = Database::open(&target, pool_size)?;
+        let applied = db.migrate()?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "registry migrations applied");
+        }
+        Ok(db)
+    })
+    .await
+    .map_err(|e| StoreError::Internal(e.to_string()))??;
+    tracing::info!(
+        backend = db.backend().as_str(),
+        database = db.description(),
+        "registry ready"
+    );
+    Ok(RegistryStore::new(db))
+}
+
+/// Starts everything. Must run inside an actix system (`actix_rt::System`).
+pub async fn start(config: Config, admin_password: Option<String>) -> Result<RunningServer, StartError> {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    let registry = open_registry(&config).await?;
+    let first_start = bootstrap::ensure_first_tenant(&registry, admin_password).await?;
+
+    let jwt_secret = if config.auth.jwt_secret.is_empty() {
+        // Kept in the registry so every node that shares it signs and checks with the same key.
+        registry
+            .setting_or_insert("jwt_secret", || secrets::new_secret(""))
+            .await?
+    } else {
+        config.auth.jwt_secret.expose().to_string()
+    };
+    let jwt = JwtKeys::new(
+        jwt_secret.as_bytes(),
+        config.auth.token_ttl_secs,
+        config.auth.clock_skew_secs,
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let (audit, audit_writer) = AuditSink::start(registry.clone(), metrics.audit_dropped.clone());
+    let settings = SupervisorSettings {
+        device_mailbox_capacity: config.actors.device_mailbox,
+        ..SupervisorSettings::default()
+    };
+    let fleet = Fleet::start(Arc::new(registry.clone()), settings, config.actor_threads());
+
+    let state = web::Data::new(AppState {
+        health: HealthChecker::new(&config, registry.clone()),
+        login_throttle: LoginThrottle::new(
+            config.auth.max_failed_logins,
+            Duration::from_secs(config.auth.login_lockout_secs),
+        ),
+        config: config.clone(),
+        registry,
+        fleet,
+        jwt,
+        audit,
+        metrics,
+        started,
+    });
+
+    let addr = format!("{}:{}", config.http.bind, config.http.port);
+    let app_state = state.clone();
+    let server = HttpServer::new(move || http::app(app_state.clone()))
+        .workers(config.http_workers())
+        .disable_signals()
+        .shutdown_timeout(config.http.shutdown_timeout_secs)
+        .bind((config.http.bind.as_str(), config.http.port))
+        .map_err(|source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let http_addr = *server.addrs().first().ok_or_else(|| StartError::Bind {
+        addr: addr.clone(),
+        source: std::io::Error::other("no address bound"),
+    })?;
+    let server = server.run();
+    let handle = server.handle();
+    let http_task = actix_rt::spawn(server);
+    tracing::info!(%http_addr, elapsed_ms = started.elapsed().as_millis() as u64, "HTTP API listening");
+
+    Ok(RunningServer {
+        http_addr,
+        first_start,
+        state,
+        http: handle,
+        http_task,
+        audit: audit_writer,
+    })
+}
+
+impl RunningServer {
+    /// Graceful stop: in-flight requests finish (up to `http.shutdown_timeout_secs`), actors
+    /// stop, queued audit records are written.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: HTTP");
+        self.http.stop(true).await;
+        let _ = self.http_task.await;
+        tracing::info!("shutting down: actors");
+        let fleet = self.state.fleet.clone();
+        let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
+        self.audit.finish(Duration::from_secs(5)).await;
+        tracing::info!("stopped");
+    }
+}
+
+/// A server running in its own thread with its own actix system, for embedding Drover in
+/// another program (and for tests). Dropping it shuts the server down gracefully.
+pub struct ServerThread {
+    pub http_addr: SocketAddr,
+    pub first_start: Option<FirstStart>,
+    pub state: web::Data<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Starts the server and returns once it listens (or failed to start).
+    pub fn spawn(config: Config, admin_password: Option<String>) -> Result<ServerThread, StartError> {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("drover-server".into())
+            .spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    match start(config, admin_password).await {
+                        Ok(running) => {
+                            let ready = (
+                                running.http_addr,
+                                running.first_start.clone(),
+                                running.state.clone(),
+                            );
+                            let _ = started_tx.send(Ok(ready));
+                            let _ = stop_rx.await;
+                            running.shutdown().await;
+                        }
+                        Err(error) => {
+                            let _ = started_tx.send(Err(error));
+                        }
+                    }
+                })
+            })
+            .map_err(|source| StartError::Bind {
+                addr: "server thread".into(),
+                source,
+            })?;
+        let (http_addr, first_start, state) = started_rx.recv().map_err(|_| {
+            StartError::Registry(StoreError::Internal("server thread ended during start".into()))
+        })??;
+        Ok(ServerThread {
+            http_addr,
+            first_start,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

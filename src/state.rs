@@ -1,0 +1,26 @@
+//! What every request handler (and, later, the broker) shares: configuration, the registry,
+//! the actor tree, credentials checking and operational figures.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use drover_actors::Fleet;
+
+use crate::audit::AuditSink;
+use crate::auth::{JwtKeys, LoginThrottle};
+use crate::config::Config;
+use crate::health::HealthChecker;
+use crate::metrics::Metrics;
+use crate::storage::RegistryStore;
+
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub registry: RegistryStore,
+    pub fleet: Fleet,
+    pub jwt: JwtKeys,
+    pub login_throttle: LoginThrottle,
+    pub audit: AuditSink,
+    pub metrics: Arc<Metrics>,
+    pub health: HealthChecker,
+    pub started: Instant,
+}

@@ -1,0 +1,9 @@
+//! Storage adapters: the registry over diesel (SQLite or PostgreSQL).
+
+pub mod db;
+pub mod records;
+pub mod registry;
+pub mod schema;
+
+pub use db::{Backend, Database, StoreError};
+pub use registry::RegistryStore;

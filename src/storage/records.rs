@@ -1,0 +1,215 @@
+//! Plain registry records and the inputs of registry operations (no diesel types here).
+
+use chrono::{DateTime, Utc};
+use drover_actors::{ConnectionStatus, DeviceId, GroupName, Role, TenantId};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    pub disabled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub tenant: TenantId,
+    pub username: String,
+    pub role: Role,
+    pub platform_admin: bool,
+    pub disabled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user with the password hash, only for checking a login.
+#[derive(Debug, Clone)]
+pub struct UserCredentials {
+    pub user: User,
+    pub password_hash: String,
+    pub tenant_disabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub tenant: TenantId,
+    pub username: String,
+    pub password_hash: String,
+    pub role: Role,
+    pub platform_admin: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    pub role: Option<Role>,
+    pub password_hash: Option<String>,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant: TenantId,
+    pub name: String,
+    pub role: Role,
+    pub prefix: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub tenant: TenantId,
+    pub name: String,
+    pub role: Role,
+    pub digest: String,
+    pub prefix: String,
+    pub created_by: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// An API key found by its digest, with its tenant's state.
+#[derive(Debug, Clone)]
+pub struct ApiKeyLookup {
+    pub key: ApiKey,
+    pub tenant_disabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub tenant: TenantId,
+    pub id: DeviceId,
+    pub device_type: String,
+    pub metadata: Map<String, Value>,
+    pub tags: Vec<String>,
+    pub groups: Vec<GroupName>,
+    /// SHA-256 digest of the device token handed out once.
+    pub token_digest: String,
+}
+
+/// Changes to a device; `None` leaves a field alone. Metadata follows JSON merge patch
+/// (RFC 7396) at the top level: a `null` value removes the key.
+#[derive(Debug, Clone, Default)]
+pub struct DevicePatch {
+    pub device_type: Option<String>,
+    pub metadata: Option<Map<String, Value>>,
+    pub tags: Option<Vec<String>>,
+    pub enabled: Option<bool>,
+}
+
+/// Device list filters; all given filters must match.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    pub device_type: Option<String>,
+    pub tag: Option<String>,
+    pub group: Option<GroupName>,
+    pub status: Option<ConnectionStatus>,
+    /// `metadata.<name>=<value>` pairs; the value matches a string or the JSON text of a value.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Keyset pagination: items after `after` in id order.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next: Option<String>,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub tenant: TenantId,
+    pub name: GroupName,
+    pub description: String,
+    pub member_count: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOutcome {
+    Ok,
+    Denied,
+}
+
+impl AuditOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Ok => "ok",
+            AuditOutcome::Denied => "denied",
+        }
+    }
+}
+
+/// Who did something, for the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditActor {
+    pub tenant: Option<TenantId>,
+    /// `user:<username>`, `key:<id>`, `device:<id>`, `system`…
+    pub actor: String,
+    pub source_ip: Option<String>,
+}
+
+impl AuditActor {
+    pub fn system() -> Self {
+        AuditActor {
+            tenant: None,
+            actor: "system".into(),
+            source_ip: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub actor: AuditActor,
+    pub action: String,
+    pub target: Option<String>,
+    pub outcome: AuditOutcome,
+    pub detail: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub tenant: Option<String>,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub outcome: String,
+    pub detail: Option<Value>,
+    pub source_ip: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    pub outcome: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Entries with an id below this (newest first paging).
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// Device counts for `/stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    pub registered: u64,
+    pub connected: u64,
+    pub disabled: u64,
+}

@@ -1,0 +1,135 @@
+// Diesel table definitions for the registry; they match schema/sqlite and schema/postgres.
+
+diesel::table! {
+    tenants (id) {
+        id -> Text,
+        name -> Text,
+        disabled -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    users (id) {
+        id -> Text,
+        tenant_id -> Text,
+        username -> Text,
+        password_hash -> Text,
+        role -> Text,
+        platform_admin -> Bool,
+        disabled -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        role -> Text,
+        digest -> Text,
+        prefix -> Text,
+        created_by -> Text,
+        created_at -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    devices (tenant_id, device_id) {
+        tenant_id -> Text,
+        device_id -> Text,
+        device_type -> Text,
+        enabled -> Bool,
+        connected -> Bool,
+        last_seen_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    device_metadata (tenant_id, device_id, name) {
+        tenant_id -> Text,
+        device_id -> Text,
+        name -> Text,
+        value -> Text,
+    }
+}
+
+diesel::table! {
+    device_tags (tenant_id, device_id, tag) {
+        tenant_id -> Text,
+        device_id -> Text,
+        tag -> Text,
+    }
+}
+
+diesel::table! {
+    device_credentials (id) {
+        id -> Text,
+        tenant_id -> Text,
+        device_id -> Text,
+        kind -> Text,
+        digest -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    device_groups (tenant_id, name) {
+        tenant_id -> Text,
+        name -> Text,
+        description -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    device_group_members (tenant_id, group_name, device_id) {
+        tenant_id -> Text,
+        group_name -> Text,
+        device_id -> Text,
+        added_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    audit_log (id) {
+        id -> BigInt,
+        at -> BigInt,
+        tenant_id -> Nullable<Text>,
+        actor -> Text,
+        action -> Text,
+        target -> Nullable<Text>,
+        outcome -> Text,
+        detail -> Nullable<Text>,
+        source_ip -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    platform_settings (name) {
+        name -> Text,
+        value -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    tenants,
+    users,
+    api_keys,
+    devices,
+    device_metadata,
+    device_tags,
+    device_credentials,
+    device_groups,
+    device_group_members,
+    audit_log,
+    platform_settings,
+);
