@@ -64,6 +64,7 @@ pub fn mask_url(url: &str) -> String {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub http: HttpConfig,
+    pub mqtt: MqttConfig,
     pub storage: StorageConfig,
     pub influx: InfluxConfig,
     pub redis: RedisConfig,
@@ -84,6 +85,44 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub bind: String,
+    /// Plain MQTT (3.1.1 and 5.0 on one port); 0 picks a free port.
+    pub port: u16,
+    /// MQTT over TLS; used when `tls_cert` and `tls_key` are set.
+    pub tls_port: u16,
+    /// PEM certificate chain and private key of the TLS listener.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// Threads serving MQTT connections; 0 means one per core.
+    pub workers: usize,
+    /// Accept clients without credentials into a namespace of their own (like Mosquitto's).
+    pub allow_anonymous: bool,
+    /// Largest MQTT packet accepted, in bytes (advertised to MQTT 5 clients).
+    pub max_packet_size: u32,
+    /// QoS 1/2 messages in flight to one client (also capped by its Receive Maximum).
+    pub max_inflight: u16,
+    /// QoS 1/2 messages a client may have in flight to the broker (MQTT 5 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use towards the broker (MQTT 5).
+    pub max_topic_alias: u16,
+    /// Longest keep-alive granted (65535: no maximum). MQTT 5 clients asking for more, or for
+    /// none, are given this (Server Keep Alive); MQTT 3.1.1 clients doing so are refused.
+    pub max_keep_alive_secs: u16,
+    /// Subscriptions one client may hold.
+    pub max_subscriptions: usize,
+    /// Messages queued for one session (slow or offline); beyond, new ones are dropped and counted.
+    pub max_queued_messages: usize,
+    /// Messages per second one connection may publish (0: no limit); beyond, it is disconnected.
+    pub max_publish_rate: u32,
+    /// Longest session expiry granted; also the expiry of MQTT 3.1.1 persistent sessions.
+    pub max_session_expiry_secs: u32,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_secs: u16,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +206,25 @@ impl Default for Config {
                 max_body_bytes: 1024 * 1024,
                 shutdown_timeout_secs: 30,
             },
+            mqtt: MqttConfig {
+                bind: "0.0.0.0".into(),
+                port: 1883,
+                tls_port: 8883,
+                tls_cert: String::new(),
+                tls_key: String::new(),
+                workers: 0,
+                allow_anonymous: false,
+                max_packet_size: 1024 * 1024,
+                max_inflight: 32,
+                receive_maximum: 64,
+                max_topic_alias: 64,
+                max_keep_alive_secs: u16::MAX,
+                max_subscriptions: 100,
+                max_queued_messages: 1000,
+                max_publish_rate: 0,
+                max_session_expiry_secs: 7 * 86_400,
+                connect_timeout_secs: 10,
+            },
             storage: StorageConfig {
                 data_dir: PathBuf::from("./data"),
                 database_url: Secret::default(),
@@ -203,6 +261,11 @@ impl Default for Config {
 impl Default for HttpConfig {
     fn default() -> Self {
         Config::default().http
+    }
+}
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Config::default().mqtt
     }
 }
 impl Default for StorageConfig {
@@ -246,6 +309,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("http", &self.http)
+            .field("mqtt", &self.mqtt)
             .field("storage", &self.storage)
             .field("influx", &self.influx)
             .field("redis", &self.redis)
@@ -380,6 +444,142 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "http.shutdown_timeout_secs",
         apply: |c, v| {
             c.http.shutdown_timeout_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_BIND",
+        key: "mqtt.bind",
+        apply: |c, v| {
+            c.mqtt.bind = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_PORT",
+        key: "mqtt.port",
+        apply: |c, v| {
+            c.mqtt.port = parse(v, "a port number 0-65535")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_TLS_PORT",
+        key: "mqtt.tls_port",
+        apply: |c, v| {
+            c.mqtt.tls_port = parse(v, "a port number 0-65535")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_TLS_CERT",
+        key: "mqtt.tls_cert",
+        apply: |c, v| {
+            c.mqtt.tls_cert = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_TLS_KEY",
+        key: "mqtt.tls_key",
+        apply: |c, v| {
+            c.mqtt.tls_key = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_WORKERS",
+        key: "mqtt.workers",
+        apply: |c, v| {
+            c.mqtt.workers = parse(v, "a number of threads")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_ALLOW_ANONYMOUS",
+        key: "mqtt.allow_anonymous",
+        apply: |c, v| {
+            c.mqtt.allow_anonymous = parse(v, "true or false")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_PACKET_SIZE",
+        key: "mqtt.max_packet_size",
+        apply: |c, v| {
+            c.mqtt.max_packet_size = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_INFLIGHT",
+        key: "mqtt.max_inflight",
+        apply: |c, v| {
+            c.mqtt.max_inflight = parse(v, "a number of messages (1-65535)")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_RECEIVE_MAXIMUM",
+        key: "mqtt.receive_maximum",
+        apply: |c, v| {
+            c.mqtt.receive_maximum = parse(v, "a number of messages (1-65535)")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_TOPIC_ALIAS",
+        key: "mqtt.max_topic_alias",
+        apply: |c, v| {
+            c.mqtt.max_topic_alias = parse(v, "a number of aliases (0-65535)")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_KEEP_ALIVE",
+        key: "mqtt.max_keep_alive_secs",
+        apply: |c, v| {
+            c.mqtt.max_keep_alive_secs = parse(v, "a number of seconds (1-65535)")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_SUBSCRIPTIONS",
+        key: "mqtt.max_subscriptions",
+        apply: |c, v| {
+            c.mqtt.max_subscriptions = parse(v, "a number of subscriptions")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_QUEUED_MESSAGES",
+        key: "mqtt.max_queued_messages",
+        apply: |c, v| {
+            c.mqtt.max_queued_messages = parse(v, "a number of messages")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_PUBLISH_RATE",
+        key: "mqtt.max_publish_rate",
+        apply: |c, v| {
+            c.mqtt.max_publish_rate = parse(v, "messages per second")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_SESSION_EXPIRY",
+        key: "mqtt.max_session_expiry_secs",
+        apply: |c, v| {
+            c.mqtt.max_session_expiry_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_CONNECT_TIMEOUT",
+        key: "mqtt.connect_timeout_secs",
+        apply: |c, v| {
+            c.mqtt.connect_timeout_secs = parse(v, "a number of seconds")?;
             Ok(())
         },
     },
@@ -629,6 +829,7 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        self.validate_mqtt()?;
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new(
                 "storage.data_dir (DATA_DIR)",
@@ -700,6 +901,77 @@ impl Config {
         Ok(())
     }
 
+    fn validate_mqtt(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        if m.bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::new(
+                "mqtt.bind (MQTT_BIND)",
+                format!("expected an IP address, got {:?}", m.bind),
+            ));
+        }
+        if m.tls_cert.is_empty() != m.tls_key.is_empty() {
+            return Err(ConfigError::new(
+                "mqtt.tls_cert (MQTT_TLS_CERT)",
+                "mqtt.tls_cert and mqtt.tls_key (MQTT_TLS_KEY) must be set together",
+            ));
+        }
+        for (key, path) in [
+            ("mqtt.tls_cert (MQTT_TLS_CERT)", &m.tls_cert),
+            ("mqtt.tls_key (MQTT_TLS_KEY)", &m.tls_key),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(ConfigError::new(key, format!("no such file: {path}")));
+            }
+        }
+        if !(1024..=268_435_455).contains(&m.max_packet_size) {
+            return Err(ConfigError::new(
+                "mqtt.max_packet_size (MQTT_MAX_PACKET_SIZE)",
+                "must be 1024 to 268435455",
+            ));
+        }
+        for (key, value) in [
+            ("mqtt.max_inflight (MQTT_MAX_INFLIGHT)", u64::from(m.max_inflight)),
+            (
+                "mqtt.receive_maximum (MQTT_RECEIVE_MAXIMUM)",
+                u64::from(m.receive_maximum),
+            ),
+            (
+                "mqtt.max_keep_alive_secs (MQTT_MAX_KEEP_ALIVE)",
+                u64::from(m.max_keep_alive_secs),
+            ),
+            (
+                "mqtt.max_subscriptions (MQTT_MAX_SUBSCRIPTIONS)",
+                m.max_subscriptions as u64,
+            ),
+            (
+                "mqtt.max_queued_messages (MQTT_MAX_QUEUED_MESSAGES)",
+                m.max_queued_messages as u64,
+            ),
+            (
+                "mqtt.connect_timeout_secs (MQTT_CONNECT_TIMEOUT)",
+                u64::from(m.connect_timeout_secs),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the MQTT TLS listener is configured.
+    pub fn mqtt_tls_enabled(&self) -> bool {
+        !self.mqtt.tls_cert.is_empty()
+    }
+
+    pub fn mqtt_workers(&self) -> usize {
+        if self.mqtt.workers == 0 {
+            num_cpus()
+        } else {
+            self.mqtt.workers
+        }
+    }
+
     /// The registry database: SQLite in the data dir unless a URL says otherwise.
     pub fn database_target(&self) -> Result<DatabaseTarget, ConfigError> {
         let url = self.storage.database_url.expose().trim();
@@ -763,6 +1035,43 @@ workers = 0
 max_body_bytes = 1048576
 # Seconds in-flight requests get to finish on shutdown.  (HTTP_SHUTDOWN_TIMEOUT_SECS)
 shutdown_timeout_secs = 30
+
+[mqtt]
+# Address the MQTT listeners bind.  (MQTT_BIND)
+bind = "0.0.0.0"
+# MQTT 3.1.1 and 5.0 on one port; 0 picks a free port.  (MQTT_PORT)
+port = 1883
+# MQTT over TLS, served when tls_cert and tls_key are set.  (MQTT_TLS_PORT)
+tls_port = 8883
+# PEM certificate chain of the TLS listener.  (MQTT_TLS_CERT)
+tls_cert = ""
+# PEM private key of the TLS listener.  (MQTT_TLS_KEY)
+tls_key = ""
+# Threads serving MQTT connections; 0 means one per core.  (MQTT_WORKERS)
+workers = 0
+# Let clients without credentials in, into a namespace of their own that holds no devices.  (MQTT_ALLOW_ANONYMOUS)
+allow_anonymous = false
+# Largest MQTT packet accepted, in bytes.  (MQTT_MAX_PACKET_SIZE)
+max_packet_size = 1048576
+# QoS 1/2 messages in flight to one client.  (MQTT_MAX_INFLIGHT)
+max_inflight = 32
+# QoS 1/2 messages one client may have in flight to the broker.  (MQTT_RECEIVE_MAXIMUM)
+receive_maximum = 64
+# Topic aliases a client may use (MQTT 5).  (MQTT_MAX_TOPIC_ALIAS)
+max_topic_alias = 64
+# Longest keep-alive granted, in seconds; 65535 means no maximum. Below that, MQTT 5 clients
+# asking for more (or for none) are told this value, and MQTT 3.1.1 clients are refused.  (MQTT_MAX_KEEP_ALIVE)
+max_keep_alive_secs = 65535
+# Subscriptions one client may hold.  (MQTT_MAX_SUBSCRIPTIONS)
+max_subscriptions = 100
+# Messages queued for one slow or offline session; beyond, new ones are dropped.  (MQTT_MAX_QUEUED_MESSAGES)
+max_queued_messages = 1000
+# Messages per second one connection may publish; 0 means no limit.  (MQTT_MAX_PUBLISH_RATE)
+max_publish_rate = 0
+# Longest session expiry granted, in seconds (also for MQTT 3.1.1 persistent sessions).  (MQTT_MAX_SESSION_EXPIRY)
+max_session_expiry_secs = 604800
+# Seconds a new connection has to send CONNECT.  (MQTT_CONNECT_TIMEOUT)
+connect_timeout_secs = 10
 
 [storage]
 # Where the embedded databases live; created on first start.  (DATA_DIR)

@@ -11,6 +11,8 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt;
+pub mod presence;
 pub mod server;
 pub mod state;
 pub mod storage;

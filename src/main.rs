@@ -160,8 +160,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
         println!();
     }
+    let mqtt = match running.mqtt_tls_addr {
+        Some(tls) => format!("MQTT {}, MQTT over TLS {tls}", running.mqtt_addr),
+        None => format!("MQTT {}", running.mqtt_addr),
+    };
     println!(
-        "Drover {} is running: API {base}/api, health {base}/health. Ctrl-C stops it.",
+        "Drover {} is running: API {base}/api, health {base}/health, {mqtt}. Ctrl-C stops it.",
         env!("CARGO_PKG_VERSION")
     );
     signals.next().await;

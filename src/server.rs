@@ -20,6 +20,12 @@ use crate::config::{Config, ConfigError};
 use crate::health::HealthChecker;
 use crate::http;
 use crate::metrics::Metrics;
+use crate::mqtt::auth::Authenticator;
+use crate::mqtt::broker::{Broker, BrokerLimits};
+use crate::mqtt::connection::MqttContext;
+use crate::mqtt::listener::{self, ListenError, MqttListener};
+use crate::mqtt::metrics::BrokerMetrics;
+use crate::presence::{PresenceRecorder, PresenceWriter};
 use crate::state::AppState;
 use crate::storage::{Database, RegistryStore, StoreError};
 
@@ -35,17 +41,37 @@ pub enum StartError {
     Bootstrap(#[from] BootstrapError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Mqtt(#[from] ListenError),
 }
 
 /// A started platform.
 pub struct RunningServer {
     pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub mqtt_tls_addr: Option<SocketAddr>,
     /// Set on the very first start: the default tenant and admin that were created.
     pub first_start: Option<FirstStart>,
     pub state: web::Data<AppState>,
     http: actix_web::dev::ServerHandle,
     http_task: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    mqtt: MqttListener,
+    sweeper: actix_rt::task::JoinHandle<()>,
+    presence: PresenceWriter,
+    node: String,
     audit: AuditWriter,
+}
+
+/// Names this server in the registry's presence records: host and MQTT port, so a restart
+/// on the same host and port clears what it left behind.
+fn node_id(mqtt_port: u16) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "drover".into());
+    format!("{host}:{mqtt_port}")
 }
 
 /// Opens the registry (creating and migrating it if needed) and applies pending migrations.
@@ -96,13 +122,44 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         config.auth.clock_skew_secs,
     );
 
+    // Bound first, so a port 0 is known (it names this node in presence records).
+    let listeners = listener::bind(&config)?;
+    let node = node_id(listeners.addr.port());
+    let cleared = registry.clear_presence(&node).await?;
+    if cleared > 0 {
+        tracing::info!(
+            devices = cleared,
+            "devices this node had connected before it stopped are offline now"
+        );
+    }
+
     let metrics = Arc::new(Metrics::new());
     let (audit, audit_writer) = AuditSink::start(registry.clone(), metrics.audit_dropped.clone());
+    let (presence, presence_writer) = PresenceRecorder::start(registry.clone(), node.clone());
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
         ..SupervisorSettings::default()
     };
-    let fleet = Fleet::start(Arc::new(registry.clone()), settings, config.actor_threads());
+    let fleet = Fleet::start(
+        Arc::new(registry.clone()),
+        presence,
+        settings,
+        config.actor_threads(),
+    );
+    let broker = Arc::new(Broker::new(
+        BrokerLimits::from_config(&config.mqtt, config.limits.max_devices),
+        BrokerMetrics::new(&metrics),
+    ));
+    let auth = Authenticator::new(registry.clone(), config.mqtt.allow_anonymous);
+    auth.reload_cas().await?;
+    let mqtt = Arc::new(MqttContext {
+        broker: broker.clone(),
+        auth,
+        registry: registry.clone(),
+        fleet: fleet.clone(),
+        audit: audit.clone(),
+        config: config.mqtt.clone(),
+    });
 
     let state = web::Data::new(AppState {
         health: HealthChecker::new(&config, registry.clone()),
@@ -116,6 +173,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         jwt,
         audit,
         metrics,
+        mqtt: mqtt.clone(),
         started,
     });
 
@@ -137,14 +195,35 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
     let server = server.run();
     let handle = server.handle();
     let http_task = actix_rt::spawn(server);
-    tracing::info!(%http_addr, elapsed_ms = started.elapsed().as_millis() as u64, "HTTP API listening");
+
+    let mqtt_listener = listener::serve(listeners, mqtt, &config)?;
+    let sweeper = actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            broker.sweep(Instant::now());
+        }
+    });
+    tracing::info!(
+        %http_addr,
+        mqtt_addr = %mqtt_listener.addr,
+        mqtt_tls_addr = ?mqtt_listener.tls_addr,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "listening"
+    );
 
     Ok(RunningServer {
         http_addr,
+        mqtt_addr: mqtt_listener.addr,
+        mqtt_tls_addr: mqtt_listener.tls_addr,
         first_start,
         state,
         http: handle,
         http_task,
+        mqtt: mqtt_listener,
+        sweeper,
+        presence: presence_writer,
+        node,
         audit: audit_writer,
     })
 }
@@ -153,12 +232,19 @@ impl RunningServer {
     /// Graceful stop: in-flight requests finish (up to `http.shutdown_timeout_secs`), actors
     /// stop, queued audit records are written.
     pub async fn shutdown(self) {
+        tracing::info!("shutting down: MQTT");
+        self.mqtt.stop().await;
+        self.sweeper.abort();
         tracing::info!("shutting down: HTTP");
         self.http.stop(true).await;
         let _ = self.http_task.await;
         tracing::info!("shutting down: actors");
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
+        self.presence.finish(Duration::from_secs(5)).await;
+        if let Err(error) = self.state.registry.clear_presence(&self.node).await {
+            tracing::warn!(%error, "could not mark this node's devices offline");
+        }
         self.audit.finish(Duration::from_secs(5)).await;
         tracing::info!("stopped");
     }
@@ -168,6 +254,8 @@ impl RunningServer {
 /// another program (and for tests). Dropping it shuts the server down gracefully.
 pub struct ServerThread {
     pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub mqtt_tls_addr: Option<SocketAddr>,
     pub first_start: Option<FirstStart>,
     pub state: web::Data<AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -186,7 +274,7 @@ impl ServerThread {
                     match start(config, admin_password).await {
                         Ok(running) => {
                             let ready = (
-                                running.http_addr,
+                                (running.http_addr, running.mqtt_addr, running.mqtt_tls_addr),
                                 running.first_start.clone(),
                                 running.state.clone(),
                             );
@@ -204,11 +292,14 @@ impl ServerThread {
                 addr: "server thread".into(),
                 source,
             })?;
-        let (http_addr, first_start, state) = started_rx.recv().map_err(|_| {
-            StartError::Registry(StoreError::Internal("server thread ended during start".into()))
-        })??;
+        let ((http_addr, mqtt_addr, mqtt_tls_addr), first_start, state) =
+            started_rx.recv().map_err(|_| {
+                StartError::Registry(StoreError::Internal("server thread ended during start".into()))
+            })??;
         Ok(ServerThread {
             http_addr,
+            mqtt_addr,
+            mqtt_tls_addr,
             first_start,
             state,
             stop: Some(stop_tx),

@@ -11,6 +11,7 @@ use crate::auth::{JwtKeys, LoginThrottle};
 use crate::config::Config;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
+use crate::mqtt::connection::MqttContext;
 use crate::storage::RegistryStore;
 
 pub struct AppState {
@@ -22,5 +23,7 @@ pub struct AppState {
     pub audit: AuditSink,
     pub metrics: Arc<Metrics>,
     pub health: HealthChecker,
+    /// The MQTT broker and what it shares with the API (kicking devices, reloading rules).
+    pub mqtt: Arc<MqttContext>,
     pub started: Instant,
 }

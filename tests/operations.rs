@@ -201,6 +201,8 @@ impl Process {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("PORT", "0")
             .env("HTTP_BIND", "127.0.0.1")
+            .env("MQTT_PORT", "0")
+            .env("MQTT_BIND", "127.0.0.1")
             .env("DATA_DIR", data_dir)
             .current_dir(data_dir)
             .stdout(Stdio::piped())
@@ -340,7 +342,10 @@ fn invalid_configuration_stops_the_start_and_names_the_key() {
     ];
     for (env, key) in cases {
         let mut command = Command::new(BINARY);
-        command.env("DATA_DIR", dir.path()).current_dir(dir.path());
+        command
+            .env("DATA_DIR", dir.path())
+            .env("MQTT_PORT", "0")
+            .current_dir(dir.path());
         for (k, v) in *env {
             command.env(k, v);
         }

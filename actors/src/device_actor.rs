@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::device::DeviceRecord;
 use crate::directory::DeviceDirectory;
 use crate::ids::{DeviceId, TenantId};
+use crate::presence::PresenceSink;
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -23,6 +24,59 @@ use crate::ids::{DeviceId, TenantId};
 #[derive(Message)]
 #[rtype(result = "DeviceSnapshot")]
 pub struct GetDeviceState {}
+
+/// The device opened a connection (an MQTT session, a WebSocket).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct DeviceConnected {
+    /// Identifies the connection, so a late disconnect of an older one is ignored.
+    pub connection: u64,
+    /// `mqtt/3.1.1`, `mqtt/5`, `websocket`…
+    pub protocol: &'static str,
+    pub at: DateTime<Utc>,
+}
+
+/// A connection of the device closed.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct DeviceDisconnected {
+    pub connection: u64,
+    pub at: DateTime<Utc>,
+}
+
+/// What a device published that the platform itself handles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundKind {
+    /// `devices/{id}/telemetry`
+    Telemetry,
+    /// `devices/{id}/shadow/update`
+    ShadowUpdate,
+    /// `devices/{id}/shadow/get`
+    ShadowGet,
+    /// `devices/{id}/commands/{command}/response`
+    CommandResponse { command: String },
+}
+
+/// A publish of the device on one of its platform topics. The reply comes when the platform
+/// has taken the message in (the broker acknowledges QoS 1/2 publishes only then).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<(), InboundError>")]
+pub struct DeviceInbound {
+    pub kind: InboundKind,
+    pub payload: bytes::Bytes,
+    pub at: DateTime<Utc>,
+}
+
+/// Why an inbound message was not taken in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    /// The message itself is wrong (a stable code and a message for the sender).
+    #[error("{code}: {message}")]
+    Rejected { code: &'static str, message: String },
+    /// The platform cannot take it now; the sender should retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
 
 /// Stops the actor on purpose (device deleted, idle, shutdown); it is not restarted.
 #[derive(Message)]
@@ -59,12 +113,31 @@ pub struct DeviceActorExited {
 
 // ---- state -------------------------------------------------------------------------------
 
+/// The device's live connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    pub connection: u64,
+    pub protocol: &'static str,
+    pub since: DateTime<Utc>,
+}
+
+/// Messages taken in from the device, by kind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InboundCounts {
+    pub telemetry: u64,
+    pub shadow: u64,
+    pub command_responses: u64,
+}
+
 /// What `GetDeviceState` returns.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceSnapshot {
     pub tenant: TenantId,
     pub device: DeviceId,
     pub record: Option<DeviceRecord>,
+    pub connection: Option<ConnectionInfo>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub inbound: InboundCounts,
     pub started_at: DateTime<Utc>,
     pub messages_handled: u64,
     pub generation: u64,
@@ -100,6 +173,7 @@ pub struct DeviceActorSpec {
     /// The record when the supervisor has just read it; `None` makes the actor load it.
     pub record: Option<DeviceRecord>,
     pub directory: Arc<dyn DeviceDirectory>,
+    pub presence: Arc<dyn PresenceSink>,
     pub supervisor: WeakRecipient<DeviceActorExited>,
     pub generation: u64,
     pub mailbox_capacity: usize,
@@ -110,9 +184,13 @@ pub struct DeviceActor {
     device: DeviceId,
     record: Option<DeviceRecord>,
     directory: Arc<dyn DeviceDirectory>,
+    presence: Arc<dyn PresenceSink>,
     mailbox_capacity: usize,
     started_at: DateTime<Utc>,
     messages_handled: u64,
+    connection: Option<ConnectionInfo>,
+    last_seen: Option<DateTime<Utc>>,
+    inbound: InboundCounts,
     exit: ExitNotice,
 }
 
@@ -129,9 +207,13 @@ impl DeviceActor {
             device: spec.device,
             record: spec.record,
             directory: spec.directory,
+            presence: spec.presence,
             mailbox_capacity: spec.mailbox_capacity,
             started_at: Utc::now(),
             messages_handled: 0,
+            connection: None,
+            last_seen: None,
+            inbound: InboundCounts::default(),
         }
     }
 
@@ -179,10 +261,68 @@ impl Handler<GetDeviceState> for DeviceActor {
             tenant: self.tenant.clone(),
             device: self.device.clone(),
             record: self.record.clone(),
+            connection: self.connection.clone(),
+            last_seen: self.last_seen,
+            inbound: self.inbound.clone(),
             started_at: self.started_at,
             messages_handled: self.messages_handled,
             generation: self.exit.generation,
         })
+    }
+}
+
+impl Handler<DeviceConnected> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeviceConnected, _ctx: &mut Context<Self>) {
+        self.messages_handled += 1;
+        self.last_seen = Some(msg.at);
+        let was_online = self.connection.is_some();
+        self.connection = Some(ConnectionInfo {
+            connection: msg.connection,
+            protocol: msg.protocol,
+            since: msg.at,
+        });
+        if !was_online {
+            self.presence
+                .connection_changed(&self.tenant, &self.device, true, msg.at);
+        }
+        tracing::debug!(tenant = %self.tenant, device = %self.device, protocol = msg.protocol, "device connected");
+    }
+}
+
+impl Handler<DeviceDisconnected> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeviceDisconnected, _ctx: &mut Context<Self>) {
+        self.messages_handled += 1;
+        // A connection that was already replaced (session takeover) changes nothing.
+        if self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.connection == msg.connection)
+        {
+            self.connection = None;
+            self.last_seen = Some(msg.at);
+            self.presence
+                .connection_changed(&self.tenant, &self.device, false, msg.at);
+            tracing::debug!(tenant = %self.tenant, device = %self.device, "device disconnected");
+        }
+    }
+}
+
+impl Handler<DeviceInbound> for DeviceActor {
+    type Result = Result<(), InboundError>;
+
+    fn handle(&mut self, msg: DeviceInbound, _ctx: &mut Context<Self>) -> Self::Result {
+        self.messages_handled += 1;
+        self.last_seen = Some(msg.at);
+        match msg.kind {
+            InboundKind::Telemetry => self.inbound.telemetry += 1,
+            InboundKind::ShadowUpdate | InboundKind::ShadowGet => self.inbound.shadow += 1,
+            InboundKind::CommandResponse { .. } => self.inbound.command_responses += 1,
+        }
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ use actix::prelude::*;
 use crate::device_actor::DeviceActor;
 use crate::directory::{DeviceDirectory, DirectoryError};
 use crate::ids::{DeviceId, TenantId};
+use crate::presence::PresenceSink;
 use crate::tenant_supervisor::{
     InspectTenant, LookupDevice, StopDevice, SupervisorSettings, TenantSnapshot, TenantSupervisor,
 };
@@ -33,6 +34,7 @@ pub struct Fleet {
 
 struct FleetInner {
     directory: Arc<dyn DeviceDirectory>,
+    presence: Arc<dyn PresenceSink>,
     settings: SupervisorSettings,
     arbiters: Mutex<Vec<Arbiter>>,
     handles: Vec<ArbiterHandle>,
@@ -41,12 +43,18 @@ struct FleetInner {
 
 impl Fleet {
     /// Starts `threads` arbiters for the actor tree. Must be called inside a running actix system.
-    pub fn start(directory: Arc<dyn DeviceDirectory>, settings: SupervisorSettings, threads: usize) -> Fleet {
+    pub fn start(
+        directory: Arc<dyn DeviceDirectory>,
+        presence: Arc<dyn PresenceSink>,
+        settings: SupervisorSettings,
+        threads: usize,
+    ) -> Fleet {
         let arbiters: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
         let handles = arbiters.iter().map(Arbiter::handle).collect();
         Fleet {
             inner: Arc::new(FleetInner {
                 directory,
+                presence,
                 settings,
                 arbiters: Mutex::new(arbiters),
                 handles,
@@ -64,13 +72,14 @@ impl Fleet {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         tenant.hash(&mut hasher);
         let arbiter = &self.inner.handles[hasher.finish() as usize % self.inner.handles.len()];
-        let (id, directory, settings) = (
+        let (id, directory, presence, settings) = (
             tenant.clone(),
             self.inner.directory.clone(),
+            self.inner.presence.clone(),
             self.inner.settings.clone(),
         );
         let addr = TenantSupervisor::start_in_arbiter(arbiter, move |_ctx| {
-            TenantSupervisor::new(id, directory, settings)
+            TenantSupervisor::new(id, directory, presence, settings)
         });
         tenants.insert(tenant.clone(), addr.clone());
         addr

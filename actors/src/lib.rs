@@ -10,6 +10,7 @@ pub mod device_actor;
 pub mod directory;
 pub mod fleet;
 pub mod ids;
+pub mod presence;
 pub mod role;
 pub mod tenant_supervisor;
 
@@ -18,5 +19,6 @@ pub use device_actor::DeviceActor;
 pub use directory::{DeviceDirectory, DirectoryError};
 pub use fleet::Fleet;
 pub use ids::{DeviceId, GroupName, IdError, TenantId};
+pub use presence::{NoPresence, PresenceSink};
 pub use role::Role;
 pub use tenant_supervisor::TenantSupervisor;

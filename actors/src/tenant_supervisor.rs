@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::device_actor::{DeviceActor, DeviceActorExited, DeviceActorSpec, ExitReason, Shutdown};
 use crate::directory::{DeviceDirectory, DirectoryError};
 use crate::ids::{DeviceId, TenantId};
+use crate::presence::PresenceSink;
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ impl Default for SupervisorSettings {
 pub struct TenantSupervisor {
     tenant: TenantId,
     directory: Arc<dyn DeviceDirectory>,
+    presence: Arc<dyn PresenceSink>,
     settings: SupervisorSettings,
     children: HashMap<DeviceId, Child>,
     next_generation: u64,
@@ -99,10 +101,16 @@ pub struct TenantSupervisor {
 }
 
 impl TenantSupervisor {
-    pub fn new(tenant: TenantId, directory: Arc<dyn DeviceDirectory>, settings: SupervisorSettings) -> Self {
+    pub fn new(
+        tenant: TenantId,
+        directory: Arc<dyn DeviceDirectory>,
+        presence: Arc<dyn PresenceSink>,
+        settings: SupervisorSettings,
+    ) -> Self {
         TenantSupervisor {
             tenant,
             directory,
+            presence,
             settings,
             children: HashMap::new(),
             next_generation: 0,
@@ -123,6 +131,7 @@ impl TenantSupervisor {
             device,
             record,
             directory: self.directory.clone(),
+            presence: self.presence.clone(),
             supervisor: ctx.address().downgrade().recipient(),
             generation: self.next_generation,
             mailbox_capacity: self.settings.device_mailbox_capacity,
@@ -360,6 +369,7 @@ mod tests {
         TenantSupervisor::new(
             TenantId::parse("acme").unwrap(),
             dir,
+            Arc::new(crate::NoPresence),
             SupervisorSettings::default(),
         )
         .start()
@@ -503,6 +513,7 @@ mod tests {
         let sup = TenantSupervisor::new(
             TenantId::parse("acme").unwrap(),
             dir,
+            Arc::new(crate::NoPresence),
             SupervisorSettings::default(),
         );
         assert_eq!(sup.backoff(1), Duration::ZERO);

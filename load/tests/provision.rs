@@ -11,6 +11,8 @@ fn provision_registers_devices_and_writes_their_tokens() {
     let mut config = Config::default();
     config.http.bind = "127.0.0.1".into();
     config.http.port = 0;
+    config.mqtt.bind = "127.0.0.1".into();
+    config.mqtt.port = 0;
     config.storage.data_dir = dir.path().to_path_buf();
     let server = ServerThread::spawn(config, Some("load-test-password".into())).unwrap();
     let base = format!("http://{}", server.http_addr);

@@ -1,6 +1,7 @@
 //! Storage adapters: the registry over diesel (SQLite or PostgreSQL).
 
 pub mod db;
+pub mod mqtt;
 pub mod records;
 pub mod registry;
 pub mod schema;

@@ -213,3 +213,72 @@ pub struct DeviceCounts {
     pub connected: u64,
     pub disabled: u64,
 }
+
+/// A device's credentials checked at connect time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceLogin {
+    pub tenant: TenantId,
+    pub device: DeviceId,
+    pub device_type: String,
+    pub enabled: bool,
+    pub tenant_disabled: bool,
+}
+
+/// A device connecting or disconnecting, recorded in batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presence {
+    pub tenant: TenantId,
+    pub device: DeviceId,
+    pub connected: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// Who an MQTT access rule is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AclSubject {
+    /// Applications whose API key has this role.
+    Role(Role),
+    /// One application, by API key id.
+    ApiKey(String),
+    /// Clients connected without credentials (allow_anonymous).
+    Anonymous,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclAction {
+    Publish,
+    Subscribe,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclEffect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AclRule {
+    pub id: String,
+    /// `None` for rules about anonymous clients.
+    pub tenant: Option<TenantId>,
+    pub subject: AclSubject,
+    pub action: AclAction,
+    /// A valid topic filter.
+    pub topic: String,
+    pub effect: AclEffect,
+    pub priority: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A CA certificate that signs a tenant's device certificates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaCertificate {
+    pub id: String,
+    pub tenant: TenantId,
+    pub fingerprint: String,
+    pub subject: String,
+    pub pem: String,
+    pub not_after: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}

@@ -174,7 +174,7 @@ fn conflict_as(message: impl Into<String>) -> impl FnOnce(diesel::result::Error)
     }
 }
 
-fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Result<(), StoreError> {
+pub(super) fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Result<(), StoreError> {
     diesel::insert_into(audit_log::table)
         .values((
             audit_log::at.eq(now_ms()),
@@ -190,7 +190,12 @@ fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Result<(), Store
     Ok(())
 }
 
-fn audit(actor: &AuditActor, action: &str, target: impl Into<String>, detail: Option<Value>) -> AuditEvent {
+pub(super) fn audit(
+    actor: &AuditActor,
+    action: &str,
+    target: impl Into<String>,
+    detail: Option<Value>,
+) -> AuditEvent {
     AuditEvent {
         actor: actor.clone(),
         action: action.to_string(),

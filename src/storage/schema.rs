@@ -49,6 +49,7 @@ diesel::table! {
         last_seen_at -> Nullable<BigInt>,
         created_at -> BigInt,
         updated_at -> BigInt,
+        connected_node -> Nullable<Text>,
     }
 }
 
@@ -133,3 +134,32 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_log,
     platform_settings,
 );
+
+diesel::table! {
+    mqtt_acl_rules (id) {
+        id -> Text,
+        tenant_id -> Nullable<Text>,
+        subject_kind -> Text,
+        subject -> Text,
+        action -> Text,
+        topic -> Text,
+        effect -> Text,
+        priority -> Integer,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    tenant_ca_certificates (id) {
+        id -> Text,
+        tenant_id -> Text,
+        fingerprint -> Text,
+        subject -> Text,
+        pem -> Text,
+        not_after -> BigInt,
+        created_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(mqtt_acl_rules, tenants);
+diesel::allow_tables_to_appear_in_same_query!(tenant_ca_certificates, tenants);

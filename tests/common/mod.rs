@@ -95,6 +95,10 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
     config.http.port = 0;
     config.http.workers = 2;
     config.http.shutdown_timeout_secs = 5;
+    // Port 1883 belongs to the machine's Mosquitto: tests never use it.
+    config.mqtt.bind = "127.0.0.1".into();
+    config.mqtt.port = 0;
+    config.mqtt.workers = 1;
     config.storage.data_dir = data_dir.to_path_buf();
     config.storage.pool_size = 4;
     config.actors.threads = 1;

@@ -1,0 +1,755 @@
+//! The broker's shared state: sessions, subscription trees, retained messages, access rules.
+//!
+//! `Broker` is `Send + Sync` and used from every MQTT worker thread and from actix (shadow
+//! replies, commands, kicks). Connections never touch each other: a publish finds the matching
+//! sessions and hands each a [`Delivery`] through the session's bounded channel, drained by a
+//! task on the receiving connection's own worker. Lock order, everywhere: the session table,
+//! then a session's state, then the trees and retained stores; the publish path releases the
+//! tree lock before it touches any session.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use drover_actors::{DeviceId, TenantId};
+use ntex_mqtt::QoS;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use super::acl::{self, Access, Identity, Namespace};
+use super::message::{Delivery, Outbound, Publication};
+use super::metrics::BrokerMetrics;
+use super::retained::RetainedStore;
+use super::session::{Handoff, Link, Session, SessionKey, SubOptions};
+use super::subscriptions::SubscriptionTree;
+use super::topic::Subscription;
+use crate::config::MqttConfig;
+use crate::storage::records::AclRule;
+
+/// MQTT 5 reason codes the broker sends in DISCONNECT.
+pub mod reason {
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+}
+
+/// Broker limits, from the `[mqtt]` configuration and `MAX_DEVICES`.
+#[derive(Debug, Clone)]
+pub struct BrokerLimits {
+    pub max_connections: usize,
+    pub max_subscriptions: usize,
+    pub max_queued_messages: usize,
+    pub max_session_expiry: Duration,
+}
+
+impl BrokerLimits {
+    pub fn from_config(mqtt: &MqttConfig, max_connections: u64) -> BrokerLimits {
+        BrokerLimits {
+            max_connections: max_connections as usize,
+            max_subscriptions: mqtt.max_subscriptions,
+            max_queued_messages: mqtt.max_queued_messages,
+            max_session_expiry: Duration::from_secs(u64::from(mqtt.max_session_expiry_secs)),
+        }
+    }
+}
+
+/// A session attached to a new connection.
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub conn_id: u64,
+    /// Whether an earlier session was resumed (CONNACK session present).
+    pub session_present: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// The client holds `max_subscriptions` already.
+    QuotaExceeded,
+}
+
+pub struct SubscribeOutcome {
+    /// Whether the client had this subscription already (it was replaced).
+    pub existed: bool,
+    /// Retained messages to send for it.
+    pub retained: Vec<Arc<Publication>>,
+}
+
+pub struct Broker {
+    pub limits: BrokerLimits,
+    pub metrics: BrokerMetrics,
+    trees: RwLock<HashMap<Namespace, SubscriptionTree<u64, SubOptions>>>,
+    sessions: RwLock<HashMap<u64, Arc<Session>>>,
+    by_key: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    retained: RwLock<HashMap<Namespace, RetainedStore>>,
+    acl: RwLock<HashMap<Namespace, Arc<Vec<AclRule>>>>,
+    next_id: AtomicU64,
+    connections: AtomicUsize,
+}
+
+impl Broker {
+    pub fn new(limits: BrokerLimits, metrics: BrokerMetrics) -> Broker {
+        Broker {
+            limits,
+            metrics,
+            trees: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+            by_key: Mutex::new(HashMap::new()),
+            retained: RwLock::new(HashMap::new()),
+            acl: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts a new connection; `false` (nothing counted) when the limit is reached.
+    pub fn try_reserve_connection(&self) -> bool {
+        let mut current = self.connections.load(Ordering::Acquire);
+        loop {
+            if current >= self.limits.max_connections {
+                return false;
+            }
+            match self.connections.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.metrics.connections.inc();
+                    self.metrics.connections_total.inc();
+                    return true;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    pub fn release_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.dec();
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Attaches a new connection to its session: resumes the existing one unless `clean_start`,
+    /// takes it over from a connection that still holds it (which is told to close), and
+    /// hands the messages queued while the client was away to the new connection.
+    pub fn attach(
+        &self,
+        key: SessionKey,
+        identity: Identity,
+        clean_start: bool,
+        expiry: Duration,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Attached {
+        let conn_id = self.next_id();
+        let expiry = expiry.min(self.limits.max_session_expiry);
+        let mut by_key = self.by_key.lock();
+        let existing = by_key.get(&key).cloned();
+        if let Some(old) = &existing {
+            let mut state = old.state.lock();
+            if let Some(link) = state.link.take() {
+                let _ = link.tx.try_send(Outbound::Disconnect {
+                    reason: reason::SESSION_TAKEN_OVER,
+                    message: "another connection took over this session".into(),
+                });
+            }
+            old.set_connected(false);
+        }
+        let (session, session_present) = match existing {
+            Some(old) if !clean_start && old.identity == identity => (old, true),
+            Some(old) => {
+                self.discard(&mut by_key, &old);
+                (self.create(&mut by_key, key, identity), false)
+            }
+            None => (self.create(&mut by_key, key, identity), false),
+        };
+        {
+            let mut state = session.state.lock();
+            state.expiry = expiry;
+            state.disconnected_at = None;
+            state.generation += 1;
+            while let Some(queued) = state.queue.pop_front() {
+                if let Err(e) = tx.try_send(Outbound::Deliver(queued)) {
+                    // The queue bound equals the channel's, so this only happens if it shrank.
+                    if let mpsc::error::TrySendError::Full(Outbound::Deliver(d)) = e {
+                        state.queue.push_front(d);
+                    }
+                    break;
+                }
+            }
+            state.link = Some(Link { conn_id, tx });
+        }
+        session.set_connected(true);
+        Attached {
+            session,
+            conn_id,
+            session_present,
+        }
+    }
+
+    fn create(
+        &self,
+        by_key: &mut HashMap<SessionKey, Arc<Session>>,
+        key: SessionKey,
+        identity: Identity,
+    ) -> Arc<Session> {
+        let session = Arc::new(Session::new(self.next_id(), key.clone(), identity));
+        by_key.insert(key, session.clone());
+        self.sessions.write().insert(session.id, session.clone());
+        self.metrics.sessions.inc();
+        session
+    }
+
+    /// Removes a session and its subscriptions (the caller holds the session table).
+    fn discard(&self, by_key: &mut HashMap<SessionKey, Arc<Session>>, session: &Arc<Session>) {
+        if by_key.get(&session.key).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            by_key.remove(&session.key);
+        }
+        if self.sessions.write().remove(&session.id).is_none() {
+            return;
+        }
+        self.metrics.sessions.dec();
+        let mut state = session.state.lock();
+        let subscriptions: Vec<_> = state.subscriptions.drain().collect();
+        state.queue.clear();
+        drop(state);
+        let namespace = session.identity.namespace();
+        let mut trees = self.trees.write();
+        if let Some(tree) = trees.get_mut(&namespace) {
+            for (sub, _) in subscriptions {
+                if tree.remove(&sub.filter, sub.share.as_deref(), &session.id) {
+                    self.metrics.subscriptions.dec();
+                }
+            }
+            if tree.is_empty() {
+                trees.remove(&namespace);
+            }
+        }
+    }
+
+    /// The connection `conn_id` is gone. A session without expiry ends; a persistent one
+    /// keeps `unsent` (QoS 1/2 deliveries that were queued or not acknowledged) for the next
+    /// connection, marked as duplicates.
+    pub fn detach(&self, session: &Arc<Session>, conn_id: u64, unsent: Vec<Delivery>) {
+        let mut by_key = self.by_key.lock();
+        let registered = by_key.get(&session.key).is_some_and(|s| Arc::ptr_eq(s, session));
+        let mut state = session.state.lock();
+        let current = state.link.as_ref().is_some_and(|l| l.conn_id == conn_id);
+        if current {
+            state.link = None;
+            state.disconnected_at = Some(Instant::now());
+            session.set_connected(false);
+        }
+        if !registered {
+            return;
+        }
+        if current && state.expiry.is_zero() {
+            drop(state);
+            self.discard(&mut by_key, session);
+            return;
+        }
+        for mut delivery in unsent.into_iter().rev().filter(|d| d.qos != QoS::AtMostOnce) {
+            delivery.dup = true;
+            state.queue.push_front(delivery);
+        }
+        while state.queue.len() > self.limits.max_queued_messages {
+            state.queue.pop_back();
+            self.metrics.dropped.with_label_values(&["queue_full"]).inc();
+        }
+        // Taken over: the new connection gets them now.
+        if let Some(link) = &state.link {
+            let tx = link.tx.clone();
+            while let Some(queued) = state.queue.pop_front() {
+                if tx.try_send(Outbound::Deliver(queued)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Adds or replaces a subscription. Retained messages to send come back with it.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        sub: &Subscription,
+        options: SubOptions,
+    ) -> Result<SubscribeOutcome, SubscribeError> {
+        let mut state = session.state.lock();
+        let existed = state.subscriptions.contains_key(sub);
+        if !existed && state.subscriptions.len() >= self.limits.max_subscriptions {
+            return Err(SubscribeError::QuotaExceeded);
+        }
+        state.subscriptions.insert(sub.clone(), options);
+        let namespace = session.identity.namespace();
+        let replaced = self.trees.write().entry(namespace.clone()).or_default().insert(
+            &sub.filter,
+            sub.share.as_deref(),
+            session.id,
+            options,
+        );
+        drop(state);
+        if !replaced {
+            self.metrics.subscriptions.inc();
+        }
+        // MQTT 5 §4.8.2: retained messages are not sent for shared subscriptions.
+        let send_retained = sub.share.is_none()
+            && (options.retain_handling == 0 || (options.retain_handling == 1 && !existed));
+        let retained = if send_retained {
+            self.retained
+                .read()
+                .get(&namespace)
+                .map(|store| store.matching(&sub.filter, Instant::now()))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Ok(SubscribeOutcome { existed, retained })
+    }
+
+    /// Removes a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, session: &Arc<Session>, sub: &Subscription) -> bool {
+        let mut state = session.state.lock();
+        if state.subscriptions.remove(sub).is_none() {
+            return false;
+        }
+        let namespace = session.identity.namespace();
+        let mut trees = self.trees.write();
+        if let Some(tree) = trees.get_mut(&namespace) {
+            if tree.remove(&sub.filter, sub.share.as_deref(), &session.id) {
+                self.metrics.subscriptions.dec();
+            }
+            if tree.is_empty() {
+                trees.remove(&namespace);
+            }
+        }
+        true
+    }
+
+    /// Routes a message to every matching session of `namespace` (one per shared group) and
+    /// keeps it if it is retained. Returns how many sessions it was handed to.
+    pub fn publish(&self, namespace: &Namespace, publication: Publication) -> usize {
+        let publication = Arc::new(publication);
+        if publication.retain {
+            let delta = self
+                .retained
+                .write()
+                .entry(namespace.clone())
+                .or_default()
+                .set(publication.clone());
+            self.metrics.retained.add(delta);
+        }
+        let mut targets: Vec<(Arc<Session>, SubOptions)> = Vec::new();
+        {
+            let trees = self.trees.read();
+            let Some(tree) = trees.get(namespace) else {
+                return 0;
+            };
+            let sessions = self.sessions.read();
+            let matches = tree.matches(&publication.topic, |id| {
+                sessions.get(id).is_some_and(|s| s.is_connected())
+            });
+            for (id, options) in matches.direct {
+                if options.no_local && publication.origin == Some(*id) {
+                    continue;
+                }
+                if let Some(session) = sessions.get(id) {
+                    targets.push((session.clone(), *options));
+                }
+            }
+            for (id, options) in matches.shared {
+                if let Some(session) = sessions.get(id) {
+                    targets.push((session.clone(), *options));
+                }
+            }
+        }
+        // One delivery per session, with the highest QoS of its matching subscriptions.
+        targets.sort_by_key(|(s, _)| s.id);
+        let mut handed = 0;
+        let mut i = 0;
+        while i < targets.len() {
+            let session = targets[i].0.clone();
+            let mut qos = QoS::AtMostOnce;
+            let mut retain_as_published = false;
+            let mut subscription_ids = Vec::new();
+            while i < targets.len() && targets[i].0.id == session.id {
+                let options = targets[i].1;
+                qos = qos.max(options.qos);
+                retain_as_published |= options.retain_as_published;
+                subscription_ids.extend(options.subscription_id);
+                i += 1;
+            }
+            let delivery = Delivery {
+                qos: qos.min(publication.qos),
+                retain: retain_as_published && publication.retain,
+                subscription_ids,
+                dup: false,
+                publication: publication.clone(),
+            };
+            match session.deliver(delivery, self.limits.max_queued_messages) {
+                Handoff::Sent | Handoff::Queued => handed += 1,
+                Handoff::Dropped(reason) => self.metrics.dropped.with_label_values(&[reason]).inc(),
+            }
+        }
+        handed
+    }
+
+    /// Hands a message to one session (retained messages at subscribe time).
+    pub fn deliver_to(&self, session: &Session, delivery: Delivery) {
+        if let Handoff::Dropped(reason) = session.deliver(delivery, self.limits.max_queued_messages) {
+            self.metrics.dropped.with_label_values(&[reason]).inc();
+        }
+    }
+
+    /// Ends sessions whose expiry has passed and drops expired retained messages.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut by_key = self.by_key.lock();
+        let expired: Vec<Arc<Session>> = by_key
+            .values()
+            .filter(|s| {
+                let state = s.state.lock();
+                state.link.is_none()
+                    && state
+                        .disconnected_at
+                        .is_some_and(|at| now.saturating_duration_since(at) >= state.expiry)
+            })
+            .cloned()
+            .collect();
+        for session in &expired {
+            self.discard(&mut by_key, session);
+        }
+        drop(by_key);
+        let mut retained = self.retained.write();
+        let mut purged = 0;
+        for store in retained.values_mut() {
+            purged += store.purge_expired(now);
+        }
+        self.metrics.retained.sub(purged as i64);
+        expired.len()
+    }
+
+    /// Tells every matching connected session to close; returns how many.
+    pub fn disconnect_where(&self, reason: u8, message: &str, matches: impl Fn(&Session) -> bool) -> usize {
+        let sessions: Vec<Arc<Session>> = self
+            .sessions
+            .read()
+            .values()
+            .filter(|s| matches(s))
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for session in sessions {
+            let state = session.state.lock();
+            let disconnect = Outbound::Disconnect {
+                reason,
+                message: message.to_string(),
+            };
+            if state
+                .link
+                .as_ref()
+                .is_some_and(|link| link.tx.try_send(disconnect).is_ok())
+            {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Closes a device's connection (token rotated, device disabled or deleted).
+    pub fn disconnect_device(&self, tenant: &TenantId, device: &DeviceId, message: &str) -> usize {
+        self.disconnect_where(reason::ADMINISTRATIVE_ACTION, message, |s| {
+            matches!(&s.identity, Identity::Device { tenant: t, device: d } if t == tenant && d == device)
+        })
+    }
+
+    /// The access rules of a namespace, if loaded.
+    pub fn acl_rules(&self, namespace: &Namespace) -> Option<Arc<Vec<AclRule>>> {
+        self.acl.read().get(namespace).cloned()
+    }
+
+    /// Installs a namespace's access rules and drops the live subscriptions they now refuse.
+    /// Returns how many subscriptions were dropped.
+    pub fn set_acl_rules(&self, namespace: Namespace, rules: Vec<AclRule>) -> usize {
+        let rules = Arc::new(rules);
+        self.acl.write().insert(namespace.clone(), rules.clone());
+        let sessions: Vec<Arc<Session>> = self
+            .sessions
+            .read()
+            .values()
+            .filter(|s| s.identity.namespace() == namespace && !matches!(s.identity, Identity::Device { .. }))
+            .cloned()
+            .collect();
+        let mut dropped = 0;
+        for session in sessions {
+            let refused: Vec<Subscription> = session
+                .state
+                .lock()
+                .subscriptions
+                .keys()
+                .filter(|sub| {
+                    !acl::authorize(&session.identity, Access::Subscribe, &sub.filter, &rules).is_allowed()
+                })
+                .cloned()
+                .collect();
+            for sub in refused {
+                if self.unsubscribe(&session, &sub) {
+                    tracing::info!(client = %session.key.client_id, subscription = %sub, "subscription dropped: no longer allowed by the access rules");
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().values().map(RetainedStore::len).sum()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.read().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::mqtt::session::ClientClass;
+
+    fn broker() -> Broker {
+        let limits = BrokerLimits {
+            max_connections: 10,
+            max_subscriptions: 3,
+            max_queued_messages: 4,
+            max_session_expiry: Duration::from_secs(3600),
+        };
+        Broker::new(limits, BrokerMetrics::new(&Metrics::new()))
+    }
+
+    fn tenant() -> Namespace {
+        Namespace::Tenant(TenantId::parse("acme").unwrap())
+    }
+
+    fn app(id: &str) -> (SessionKey, Identity) {
+        let identity = Identity::Application {
+            tenant: TenantId::parse("acme").unwrap(),
+            key_id: id.into(),
+            role: drover_actors::Role::Operator,
+        };
+        (
+            SessionKey {
+                namespace: tenant(),
+                class: ClientClass::Application,
+                client_id: id.into(),
+            },
+            identity,
+        )
+    }
+
+    fn opts(qos: QoS) -> SubOptions {
+        SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            subscription_id: None,
+        }
+    }
+
+    fn publication(topic: &str, qos: QoS) -> Publication {
+        Publication::internal(topic.to_string(), "x", qos, false)
+    }
+
+    fn received(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, QoS, bool)> {
+        let mut out = Vec::new();
+        while let Ok(Outbound::Deliver(d)) = rx.try_recv() {
+            out.push((d.publication.topic.to_string(), d.qos, d.dup));
+        }
+        out
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_with_the_highest_qos() {
+        let b = broker();
+        let (tx, mut rx) = mpsc::channel(10);
+        let (key, id) = app("c1");
+        let s = b.attach(key, id, true, Duration::ZERO, tx).session;
+        b.subscribe(&s, &Subscription::parse("a/+").unwrap(), opts(QoS::AtMostOnce))
+            .unwrap();
+        b.subscribe(&s, &Subscription::parse("a/#").unwrap(), opts(QoS::AtLeastOnce))
+            .unwrap();
+        assert_eq!(b.publish(&tenant(), publication("a/b", QoS::ExactlyOnce)), 1);
+        assert_eq!(received(&mut rx), [("a/b".to_string(), QoS::AtLeastOnce, false)]);
+        // Other namespaces do not see it.
+        assert_eq!(
+            b.publish(&Namespace::Anonymous, publication("a/b", QoS::AtMostOnce)),
+            0
+        );
+    }
+
+    #[test]
+    fn persistent_sessions_queue_while_away_and_resume() {
+        let b = broker();
+        let (key, id) = app("c1");
+        let (tx, rx) = mpsc::channel(10);
+        let attached = b.attach(key.clone(), id.clone(), true, Duration::from_secs(60), tx);
+        b.subscribe(
+            &attached.session,
+            &Subscription::parse("t").unwrap(),
+            opts(QoS::AtLeastOnce),
+        )
+        .unwrap();
+        drop(rx);
+        // A QoS 1 delivery that was not acknowledged when the connection dropped.
+        let unacked = Delivery {
+            publication: Arc::new(publication("t", QoS::AtLeastOnce)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![],
+            dup: false,
+        };
+        b.detach(&attached.session, attached.conn_id, vec![unacked]);
+        assert!(!attached.session.is_connected());
+        b.publish(&tenant(), publication("t", QoS::AtLeastOnce));
+        b.publish(&tenant(), publication("t", QoS::AtMostOnce)); // QoS 0 is not queued for absent clients
+        for _ in 0..5 {
+            b.publish(&tenant(), publication("t", QoS::AtLeastOnce));
+        }
+        let (tx, mut rx) = mpsc::channel(10);
+        let again = b.attach(key, id, false, Duration::from_secs(60), tx);
+        assert!(again.session_present);
+        let got = received(&mut rx);
+        assert_eq!(got.len(), 4, "bounded by max_queued_messages: {got:?}");
+        assert!(got[0].2, "the unacknowledged one comes first, marked DUP");
+        assert!(!got[1].2);
+    }
+
+    #[test]
+    fn clean_start_discards_and_takeover_disconnects_the_old_connection() {
+        let b = broker();
+        let (key, id) = app("c1");
+        let (tx1, mut rx1) = mpsc::channel(10);
+        let first = b.attach(key.clone(), id.clone(), true, Duration::from_secs(60), tx1);
+        b.subscribe(
+            &first.session,
+            &Subscription::parse("t").unwrap(),
+            opts(QoS::AtMostOnce),
+        )
+        .unwrap();
+        let (tx2, _rx2) = mpsc::channel(10);
+        let second = b.attach(key.clone(), id.clone(), false, Duration::from_secs(60), tx2);
+        assert!(second.session_present);
+        assert!(matches!(
+            rx1.try_recv(),
+            Ok(Outbound::Disconnect {
+                reason: reason::SESSION_TAKEN_OVER,
+                ..
+            })
+        ));
+        // The old connection's end does not detach the new one.
+        b.detach(&first.session, first.conn_id, vec![]);
+        assert!(second.session.is_connected());
+        let (tx3, _rx3) = mpsc::channel(10);
+        let third = b.attach(key, id, true, Duration::ZERO, tx3);
+        assert!(!third.session_present);
+        assert!(third.session.state.lock().subscriptions.is_empty());
+        assert_eq!(
+            b.publish(&tenant(), publication("t", QoS::AtMostOnce)),
+            0,
+            "old subscriptions are gone"
+        );
+        assert_eq!(b.session_count(), 1);
+    }
+
+    #[test]
+    fn sessions_without_expiry_end_with_their_connection() {
+        let b = broker();
+        let (key, id) = app("c1");
+        let (tx, _rx) = mpsc::channel(10);
+        let a = b.attach(key, id, true, Duration::ZERO, tx);
+        b.subscribe(
+            &a.session,
+            &Subscription::parse("t").unwrap(),
+            opts(QoS::AtMostOnce),
+        )
+        .unwrap();
+        b.detach(&a.session, a.conn_id, vec![]);
+        assert_eq!(b.session_count(), 0);
+        assert_eq!(b.publish(&tenant(), publication("t", QoS::AtMostOnce)), 0);
+    }
+
+    #[test]
+    fn subscription_quota_and_retained() {
+        let b = broker();
+        let (key, id) = app("c1");
+        let (tx, _rx) = mpsc::channel(10);
+        let s = b.attach(key, id, true, Duration::ZERO, tx).session;
+        let mut retained = publication("r/1", QoS::AtLeastOnce);
+        retained.retain = true;
+        b.publish(&tenant(), retained);
+        let outcome = b
+            .subscribe(&s, &Subscription::parse("r/#").unwrap(), opts(QoS::AtMostOnce))
+            .unwrap();
+        assert_eq!(outcome.retained.len(), 1);
+        b.subscribe(&s, &Subscription::parse("b").unwrap(), opts(QoS::AtMostOnce))
+            .unwrap();
+        b.subscribe(&s, &Subscription::parse("c").unwrap(), opts(QoS::AtMostOnce))
+            .unwrap();
+        assert_eq!(
+            b.subscribe(&s, &Subscription::parse("d").unwrap(), opts(QoS::AtMostOnce))
+                .err(),
+            Some(SubscribeError::QuotaExceeded)
+        );
+        // Replacing an existing one is not a new subscription.
+        assert!(
+            b.subscribe(&s, &Subscription::parse("c").unwrap(), opts(QoS::AtLeastOnce))
+                .unwrap()
+                .existed
+        );
+        // Retain handling 2 sends nothing; shared subscriptions never get retained messages.
+        let mut no_retained = opts(QoS::AtMostOnce);
+        no_retained.retain_handling = 2;
+        assert!(
+            b.subscribe(&s, &Subscription::parse("r/#").unwrap(), no_retained)
+                .unwrap()
+                .retained
+                .is_empty()
+        );
+        assert_eq!(b.retained_count(), 1);
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher() {
+        let b = broker();
+        let (key, id) = app("c1");
+        let (tx, mut rx) = mpsc::channel(10);
+        let s = b.attach(key, id, true, Duration::ZERO, tx).session;
+        let mut o = opts(QoS::AtMostOnce);
+        o.no_local = true;
+        b.subscribe(&s, &Subscription::parse("t").unwrap(), o).unwrap();
+        let mut own = publication("t", QoS::AtMostOnce);
+        own.origin = Some(s.id);
+        assert_eq!(b.publish(&tenant(), own), 0);
+        assert_eq!(b.publish(&tenant(), publication("t", QoS::AtMostOnce)), 1);
+        assert_eq!(received(&mut rx).len(), 1);
+    }
+
+    #[test]
+    fn connection_limit() {
+        let b = broker();
+        for _ in 0..10 {
+            assert!(b.try_reserve_connection());
+        }
+        assert!(!b.try_reserve_connection());
+        b.release_connection();
+        assert!(b.try_reserve_connection());
+    }
+}

@@ -1,0 +1,971 @@
+//! One MQTT connection: what MQTT 3.1.1 and 5.0 share once their packets are decoded.
+//!
+//! A `Connection` lives on the ntex worker that serves it (it is `Rc`, not `Send`). Messages
+//! for it arrive from any thread through its session's bounded channel and are written by the
+//! outbound task spawned on the same worker, the only code that touches its sink. QoS 2
+//! deliveries are sent one at a time: ntex-mqtt keeps a single PUBREC→PUBCOMP slot per
+//! connection.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::{Future, poll_fn};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use chrono::Utc;
+use drover_actors::device_actor::{
+    DeviceActor, DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
+};
+use drover_actors::{DeviceId, Fleet};
+use ntex::util::{ByteString, Bytes};
+use ntex_mqtt::error::SendPacketError;
+use ntex_mqtt::{QoS, v3, v5};
+use tokio::sync::mpsc;
+
+use super::acl::{self, Access, Identity, Namespace};
+use super::auth::{Authenticator, Credentials, Refusal};
+use super::broker::{Broker, SubscribeError};
+use super::message::{Delivery, MessageProperties, Outbound, Publication};
+use super::metrics::BrokerMetrics;
+use super::session::{ClientClass, Session, SessionKey, SubOptions};
+use super::topic::{self, DeviceTopic, Subscription, TopicError};
+use crate::audit::AuditSink;
+use crate::config::MqttConfig;
+use crate::storage::RegistryStore;
+use crate::storage::records::{AuditActor, AuditEvent, AuditOutcome};
+
+/// Everything a connection needs from the rest of the platform.
+pub struct MqttContext {
+    pub broker: Arc<Broker>,
+    pub auth: Authenticator,
+    pub registry: RegistryStore,
+    pub fleet: Fleet,
+    pub audit: AuditSink,
+    pub config: MqttConfig,
+}
+
+impl MqttContext {
+    fn metrics(&self) -> &BrokerMetrics {
+        &self.broker.metrics
+    }
+
+    fn audit_denial(&self, identity: Option<&Identity>, action: &str, target: &str, reason: &str) {
+        self.audit.submit(AuditEvent {
+            actor: AuditActor {
+                tenant: identity.and_then(|i| i.tenant().cloned()),
+                actor: identity.map_or_else(|| "mqtt:unauthenticated".into(), Identity::label),
+                source_ip: None,
+            },
+            action: action.to_string(),
+            target: Some(target.to_string()),
+            outcome: AuditOutcome::Denied,
+            detail: Some(serde_json::json!({ "reason": reason })),
+        });
+    }
+}
+
+/// A counted connection; the count is released when it is dropped.
+pub struct ConnectionSlot(Arc<Broker>);
+
+impl ConnectionSlot {
+    pub fn reserve(broker: &Arc<Broker>) -> Option<ConnectionSlot> {
+        broker
+            .try_reserve_connection()
+            .then(|| ConnectionSlot(broker.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.release_connection();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    V3,
+    V5,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::V3 => "mqtt/3.1.1",
+            Protocol::V5 => "mqtt/5",
+        }
+    }
+}
+
+/// The will message of a connection and its delay (MQTT 5 Will Delay Interval).
+pub struct Will {
+    pub publication: Publication,
+    pub delay_secs: u32,
+}
+
+/// What a CONNECT asks for, decoded from either protocol.
+pub struct ConnectRequest<'a> {
+    pub protocol: Protocol,
+    pub client_id: &'a str,
+    pub credentials: Credentials<'a>,
+    pub clean_start: bool,
+    /// MQTT 5 Session Expiry Interval; for 3.1.1, `None` and `clean_start` decide.
+    pub session_expiry_secs: Option<u32>,
+    pub keep_alive: u16,
+    pub will: Option<Will>,
+}
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    ConnectionLimit,
+    Auth(Refusal),
+    /// A device must use its device id as client id.
+    ClientId(&'static str),
+    /// The keep-alive is above the maximum (MQTT 3.1.1 has no way to negotiate it).
+    KeepAlive,
+}
+
+pub struct Accepted {
+    pub connection: Rc<Connection>,
+    pub session_present: bool,
+    /// The client id the broker chose, when the client sent none.
+    pub assigned_client_id: Option<String>,
+    pub session_expiry_secs: u32,
+}
+
+/// Why a PUBLISH was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishRefusal {
+    /// Over `max_packet_size` (closes the connection: v5 DISCONNECT 0x95).
+    TooLarge(usize),
+    /// Not a valid topic name (closes the connection: v5 DISCONNECT 0x90).
+    TopicInvalid(TopicError),
+    /// More than `max_publish_rate` messages per second (closes: v5 DISCONNECT 0x96).
+    RateTooHigh,
+    /// Refused by the access rules (v5 PUBACK/PUBREC 0x87; v3 acknowledged and dropped).
+    NotAuthorized(String),
+    /// The platform refused the content (v5 0x99 with the reason; v3 acknowledged and dropped).
+    Rejected { code: &'static str, message: String },
+    /// The platform could not take it now; not acknowledged as stored (v5 0x80; v3 closes).
+    Unavailable(String),
+}
+
+impl PublishRefusal {
+    fn label(&self) -> &'static str {
+        match self {
+            PublishRefusal::TooLarge(_) => "too_large",
+            PublishRefusal::TopicInvalid(_) => "topic_invalid",
+            PublishRefusal::RateTooHigh => "rate_limited",
+            PublishRefusal::NotAuthorized(_) => "not_authorized",
+            PublishRefusal::Rejected { .. } => "rejected",
+            PublishRefusal::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// The outcome of one SUBSCRIBE entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeResult {
+    Granted(QoS),
+    TopicFilterInvalid,
+    NotAuthorized,
+    QuotaExceeded,
+}
+
+/// A decoded inbound PUBLISH.
+pub struct InboundPublish<'a> {
+    pub topic: &'a ByteString,
+    pub qos: QoS,
+    pub retain: bool,
+    pub packet_id: Option<NonZeroU16>,
+    pub payload_size: usize,
+    pub properties: MessageProperties,
+}
+
+/// A token bucket: `rate` messages per second with bursts of up to one second's worth.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Option<RateLimit> {
+        (rate > 0).then(|| RateLimit {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: Instant::now(),
+        })
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub struct Connection {
+    pub ctx: Arc<MqttContext>,
+    pub session: Arc<Session>,
+    pub conn_id: u64,
+    pub identity: Identity,
+    pub namespace: Namespace,
+    pub protocol: Protocol,
+    pub client_id: Arc<str>,
+    device: Option<Addr<DeviceActor>>,
+    will: RefCell<Option<Will>>,
+    graceful: Cell<bool>,
+    closed: Cell<bool>,
+    rate: RefCell<Option<RateLimit>>,
+    outbound: RefCell<Option<mpsc::Receiver<Outbound>>>,
+    close_signal: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
+    close_wait: RefCell<Option<tokio::sync::oneshot::Receiver<()>>>,
+    _slot: ConnectionSlot,
+}
+
+/// Authenticates a CONNECT and attaches its session. `slot` is the connection's place under
+/// the connection limit, reserved by the caller before anything else.
+pub async fn connect(
+    ctx: &Arc<MqttContext>,
+    slot: ConnectionSlot,
+    request: ConnectRequest<'_>,
+) -> Result<Accepted, ConnectRefusal> {
+    let config = &ctx.config;
+    let unlimited_keep_alive = config.max_keep_alive_secs == u16::MAX;
+    if request.protocol == Protocol::V3
+        && !unlimited_keep_alive
+        && (request.keep_alive == 0 || request.keep_alive > config.max_keep_alive_secs)
+    {
+        return Err(ConnectRefusal::KeepAlive);
+    }
+    let identity = ctx
+        .auth
+        .authenticate(request.credentials)
+        .await
+        .map_err(ConnectRefusal::Auth)?;
+    let (class, client_id, assigned) = match &identity {
+        Identity::Device { device, .. } => {
+            if !request.client_id.is_empty() && request.client_id != device.as_str() {
+                return Err(ConnectRefusal::ClientId(
+                    "a device must connect with its device id as client id",
+                ));
+            }
+            (
+                ClientClass::Device,
+                device.as_str().to_string(),
+                request.client_id.is_empty().then(|| device.to_string()),
+            )
+        }
+        other => {
+            let class = if matches!(other, Identity::Anonymous) {
+                ClientClass::Anonymous
+            } else {
+                ClientClass::Application
+            };
+            if request.client_id.is_empty() {
+                let id = format!("auto-{}", uuid::Uuid::new_v4().simple());
+                (class, id.clone(), Some(id))
+            } else {
+                (class, request.client_id.to_string(), None)
+            }
+        }
+    };
+    // The device actor must exist before the session is attached (the device may have been
+    // deleted since its credentials were checked).
+    let device = match &identity {
+        Identity::Device { tenant, device } => match ctx.fleet.device(tenant, device).await {
+            Ok(Some(addr)) => Some(addr),
+            Ok(None) => return Err(ConnectRefusal::Auth(Refusal::BadCredentials("device_deleted"))),
+            Err(error) => {
+                tracing::warn!(%error, "device actor unavailable at connect");
+                return Err(ConnectRefusal::Auth(Refusal::Unavailable));
+            }
+        },
+        _ => None,
+    };
+    let namespace = identity.namespace();
+    load_acl(ctx, &namespace)
+        .await
+        .map_err(|_| ConnectRefusal::Auth(Refusal::Unavailable))?;
+
+    let expiry_secs = match (request.protocol, request.session_expiry_secs) {
+        (Protocol::V5, Some(secs)) => secs.min(config.max_session_expiry_secs),
+        (Protocol::V5, None) => 0,
+        // MQTT 3.1.1: a persistent session (clean session 0) lasts up to the configured maximum.
+        (Protocol::V3, _) if request.clean_start => 0,
+        (Protocol::V3, _) => config.max_session_expiry_secs,
+    };
+    let (tx, rx) = mpsc::channel(ctx.broker.limits.max_queued_messages);
+    let key = SessionKey {
+        namespace: namespace.clone(),
+        class,
+        client_id: client_id.as_str().into(),
+    };
+    let attached = ctx.broker.attach(
+        key,
+        identity.clone(),
+        request.clean_start,
+        Duration::from_secs(u64::from(expiry_secs)),
+        tx,
+    );
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+    if let Some(addr) = &device {
+        addr.do_send(DeviceConnected {
+            connection: attached.conn_id,
+            protocol: request.protocol.name(),
+            at: Utc::now(),
+        });
+    }
+    tracing::debug!(client = %client_id, identity = %identity.label(), protocol = request.protocol.name(), session_present = attached.session_present, "MQTT client connected");
+    let connection = Rc::new(Connection {
+        session: attached.session,
+        conn_id: attached.conn_id,
+        namespace,
+        protocol: request.protocol,
+        client_id: client_id.as_str().into(),
+        device,
+        will: RefCell::new(request.will),
+        graceful: Cell::new(false),
+        closed: Cell::new(false),
+        rate: RefCell::new(RateLimit::new(config.max_publish_rate)),
+        outbound: RefCell::new(Some(rx)),
+        close_signal: RefCell::new(Some(close_tx)),
+        close_wait: RefCell::new(Some(close_rx)),
+        identity,
+        ctx: ctx.clone(),
+        _slot: slot,
+    });
+    Ok(Accepted {
+        connection,
+        session_present: attached.session_present,
+        assigned_client_id: assigned,
+        session_expiry_secs: expiry_secs,
+    })
+}
+
+/// Loads a namespace's access rules the first time a client of it connects.
+async fn load_acl(ctx: &MqttContext, namespace: &Namespace) -> Result<(), ()> {
+    if ctx.broker.acl_rules(namespace).is_some() {
+        return Ok(());
+    }
+    let tenant = match namespace {
+        Namespace::Tenant(t) => Some(t),
+        Namespace::Anonymous => None,
+    };
+    match ctx.registry.list_acl_rules(tenant).await {
+        Ok(rules) => {
+            ctx.broker.set_acl_rules(namespace.clone(), rules);
+            Ok(())
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not load MQTT access rules");
+            Err(())
+        }
+    }
+}
+
+/// Poll a future once now: ntex-mqtt encodes a QoS 1 PUBLISH (and takes its packet id and
+/// in-flight slot) on the first poll, so wire order stays the order of the calls.
+async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
+    poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *fut).poll(cx))).await
+}
+
+impl Connection {
+    fn authorize(&self, access: Access, topic: &str) -> acl::Decision {
+        let rules = self.ctx.broker.acl_rules(&self.namespace).unwrap_or_default();
+        acl::authorize(&self.identity, access, topic, &rules)
+    }
+
+    /// Takes one PUBLISH: checks it, hands platform topics of a device to its actor (and waits
+    /// for it to take the message in), then routes it to subscribers.
+    pub async fn publish<F>(&self, publish: InboundPublish<'_>, read_payload: F) -> Result<(), PublishRefusal>
+    where
+        F: Future<Output = Result<Bytes, String>>,
+    {
+        let result = self.publish_inner(publish, read_payload).await;
+        if let Err(refusal) = &result {
+            self.ctx
+                .metrics()
+                .refused
+                .with_label_values(&["publish", refusal.label()])
+                .inc();
+        }
+        result
+    }
+
+    async fn publish_inner<F>(
+        &self,
+        publish: InboundPublish<'_>,
+        read_payload: F,
+    ) -> Result<(), PublishRefusal>
+    where
+        F: Future<Output = Result<Bytes, String>>,
+    {
+        let metrics = self.ctx.metrics();
+        metrics
+            .received
+            .with_label_values(&[BrokerMetrics::qos_label(publish.qos)])
+            .inc();
+        // Checked before reading: a crafted packet can claim a size the codec let through.
+        if publish.payload_size > self.ctx.config.max_packet_size as usize {
+            return Err(PublishRefusal::TooLarge(publish.payload_size));
+        }
+        topic::validate_name(publish.topic).map_err(PublishRefusal::TopicInvalid)?;
+        if let Some(rate) = self.rate.borrow_mut().as_mut()
+            && !rate.take()
+        {
+            return Err(PublishRefusal::RateTooHigh);
+        }
+        if let acl::Decision::Deny(why) = self.authorize(Access::Publish, publish.topic) {
+            tracing::info!(client = %self.client_id, identity = %self.identity.label(), topic = %publish.topic, reason = %why, "MQTT publish refused");
+            self.ctx
+                .audit_denial(Some(&self.identity), "mqtt.publish", publish.topic, &why);
+            return Err(PublishRefusal::NotAuthorized(why));
+        }
+        // A QoS 2 message resent after a reconnect, already routed: acknowledge, do not route.
+        let qos2_id = (publish.qos == QoS::ExactlyOnce)
+            .then_some(publish.packet_id)
+            .flatten()
+            .map(NonZeroU16::get);
+        if let Some(id) = qos2_id
+            && self.session.state.lock().qos2_pending.contains(&id)
+        {
+            return Ok(());
+        }
+        let payload = read_payload.await.map_err(|e| PublishRefusal::Rejected {
+            code: "payload",
+            message: e,
+        })?;
+        if let Some(device) = &self.device
+            && let Identity::Device { device: own, .. } = &self.identity
+        {
+            self.hand_to_device(device, own, publish.topic, publish.qos, &payload)
+                .await?;
+        }
+        let publication = Publication {
+            topic: publish.topic.clone(),
+            payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties: publish.properties,
+            received_at: Instant::now(),
+            origin: Some(self.session.id),
+        };
+        self.ctx.broker.publish(&self.namespace, publication);
+        if let Some(id) = qos2_id {
+            self.session.state.lock().qos2_pending.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Platform topics of a device go to its actor first; QoS 1/2 wait until it took the
+    /// message in (the acknowledgement follows), QoS 0 is dropped and counted when it is busy.
+    async fn hand_to_device(
+        &self,
+        addr: &Addr<DeviceActor>,
+        own: &DeviceId,
+        name: &str,
+        qos: QoS,
+        payload: &Bytes,
+    ) -> Result<(), PublishRefusal> {
+        let kind = match DeviceTopic::parse(name) {
+            Some(t) if t.device() != own.as_str() => return Ok(()),
+            Some(DeviceTopic::Telemetry { .. }) => InboundKind::Telemetry,
+            Some(DeviceTopic::ShadowUpdate { .. }) => InboundKind::ShadowUpdate,
+            Some(DeviceTopic::ShadowGet { .. }) => InboundKind::ShadowGet,
+            Some(DeviceTopic::CommandResponse { command, .. }) => InboundKind::CommandResponse {
+                command: command.to_string(),
+            },
+            Some(DeviceTopic::Other { .. }) | None => return Ok(()),
+        };
+        let message = DeviceInbound {
+            kind,
+            payload: bytes::Bytes::copy_from_slice(payload),
+            at: Utc::now(),
+        };
+        if qos == QoS::AtMostOnce {
+            if addr.try_send(message).is_err() {
+                self.ctx
+                    .metrics()
+                    .dropped
+                    .with_label_values(&["device_busy"])
+                    .inc();
+            }
+            return Ok(());
+        }
+        match addr.send(message).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(InboundError::Rejected { code, message })) => {
+                Err(PublishRefusal::Rejected { code, message })
+            }
+            Ok(Err(InboundError::Unavailable(why))) => Err(PublishRefusal::Unavailable(why)),
+            Err(mailbox) => Err(PublishRefusal::Unavailable(format!("device actor: {mailbox}"))),
+        }
+    }
+
+    /// PUBREL: the QoS 2 exchange of `packet_id` is complete.
+    pub fn released(&self, packet_id: u16) {
+        self.session.state.lock().qos2_pending.remove(&packet_id);
+    }
+
+    /// One SUBSCRIBE entry; retained messages to send are appended to `retained`.
+    pub fn subscribe(
+        &self,
+        raw: &str,
+        options: SubOptions,
+        retained: &mut Vec<(Arc<Publication>, QoS)>,
+    ) -> SubscribeResult {
+        let result = self.subscribe_inner(raw, options, retained);
+        let refused = match result {
+            SubscribeResult::Granted(_) => None,
+            SubscribeResult::TopicFilterInvalid => Some("topic_filter_invalid"),
+            SubscribeResult::NotAuthorized => Some("not_authorized"),
+            SubscribeResult::QuotaExceeded => Some("quota_exceeded"),
+        };
+        if let Some(reason) = refused {
+            self.ctx
+                .metrics()
+                .refused
+                .with_label_values(&["subscribe", reason])
+                .inc();
+            tracing::info!(client = %self.client_id, identity = %self.identity.label(), filter = %raw, reason, "MQTT subscribe refused");
+        }
+        result
+    }
+
+    fn subscribe_inner(
+        &self,
+        raw: &str,
+        options: SubOptions,
+        retained: &mut Vec<(Arc<Publication>, QoS)>,
+    ) -> SubscribeResult {
+        let Ok(sub) = Subscription::parse(raw) else {
+            return SubscribeResult::TopicFilterInvalid;
+        };
+        // MQTT 5 §3.8.3.1: No Local on a shared subscription is an error.
+        if sub.share.is_some() && options.no_local {
+            return SubscribeResult::TopicFilterInvalid;
+        }
+        if let acl::Decision::Deny(why) = self.authorize(Access::Subscribe, &sub.filter) {
+            self.ctx
+                .audit_denial(Some(&self.identity), "mqtt.subscribe", raw, &why);
+            return SubscribeResult::NotAuthorized;
+        }
+        match self.ctx.broker.subscribe(&self.session, &sub, options) {
+            Ok(outcome) => {
+                retained.extend(outcome.retained.into_iter().map(|p| (p, options.qos)));
+                SubscribeResult::Granted(options.qos)
+            }
+            Err(SubscribeError::QuotaExceeded) => SubscribeResult::QuotaExceeded,
+        }
+    }
+
+    /// Sends the retained messages a SUBSCRIBE matched (after its SUBACK is written).
+    pub fn send_retained(&self, retained: Vec<(Arc<Publication>, QoS)>) {
+        for (publication, granted) in retained {
+            let delivery = Delivery {
+                qos: granted.min(publication.qos),
+                retain: true,
+                subscription_ids: Vec::new(),
+                dup: false,
+                publication,
+            };
+            self.ctx.broker.deliver_to(&self.session, delivery);
+        }
+    }
+
+    pub fn unsubscribe(&self, raw: &str) -> bool {
+        Subscription::parse(raw).is_ok_and(|sub| self.ctx.broker.unsubscribe(&self.session, &sub))
+    }
+
+    /// A DISCONNECT from the client: the will is dropped, unless MQTT 5 reason 0x04 asks for it.
+    pub fn disconnect_requested(&self, with_will: bool, session_expiry_secs: Option<u32>) {
+        self.graceful.set(true);
+        if !with_will {
+            self.will.borrow_mut().take();
+        }
+        if let Some(secs) = session_expiry_secs {
+            let secs = secs.min(self.ctx.config.max_session_expiry_secs);
+            self.session.state.lock().expiry = Duration::from_secs(u64::from(secs));
+        }
+    }
+
+    /// The connection is gone, for whatever reason. Runs once.
+    pub fn closed(&self, reason: &str) {
+        if self.closed.replace(true) {
+            return;
+        }
+        tracing::debug!(client = %self.client_id, identity = %self.identity.label(), reason, "MQTT connection closed");
+        if let Some(signal) = self.close_signal.borrow_mut().take() {
+            let _ = signal.send(());
+        }
+        if let Some(addr) = &self.device {
+            addr.do_send(DeviceDisconnected {
+                connection: self.conn_id,
+                at: Utc::now(),
+            });
+        }
+        if let Some(will) = self.will.borrow_mut().take() {
+            self.publish_will(will);
+        }
+    }
+
+    /// Publishes the will now or after its delay, unless the client is back by then.
+    fn publish_will(&self, will: Will) {
+        if let acl::Decision::Deny(why) = self.authorize(Access::Publish, &will.publication.topic) {
+            tracing::info!(client = %self.client_id, topic = %will.publication.topic, reason = %why, "will not published: not allowed");
+            return;
+        }
+        let broker = self.ctx.broker.clone();
+        let namespace = self.namespace.clone();
+        let (expiry, generation) = {
+            let state = self.session.state.lock();
+            (state.expiry, state.generation)
+        };
+        // The will goes out at the end of the delay or of the session, whichever is first.
+        let delay = Duration::from_secs(u64::from(will.delay_secs)).min(expiry);
+        if delay.is_zero() {
+            broker.publish(&namespace, will.publication);
+            return;
+        }
+        let session = self.session.clone();
+        ntex::rt::spawn(async move {
+            ntex::time::sleep(delay).await;
+            let back = session.state.lock().generation != generation;
+            if !back {
+                broker.publish(&namespace, will.publication);
+            }
+        });
+    }
+
+    /// Starts the task that writes this connection's deliveries to its sink.
+    pub fn spawn_outbound(self: &Rc<Self>, sink: Sink) {
+        let (Some(rx), Some(close)) = (
+            self.outbound.borrow_mut().take(),
+            self.close_wait.borrow_mut().take(),
+        ) else {
+            return;
+        };
+        let conn = self.clone();
+        ntex::rt::spawn(run_outbound(conn, sink, rx, close));
+    }
+}
+
+/// The write side of a connection, per protocol.
+pub enum Sink {
+    V3(v3::MqttSink),
+    V5(v5::MqttSink),
+}
+
+impl Sink {
+    async fn ready(&self) -> bool {
+        match self {
+            Sink::V3(s) => s.ready().await,
+            Sink::V5(s) => s.ready().await,
+        }
+    }
+
+    fn close(&self, reason: u8, message: String) {
+        match self {
+            Sink::V3(s) => s.close(),
+            Sink::V5(s) => {
+                let code = v5::codec::DisconnectReasonCode::try_from(reason)
+                    .unwrap_or(v5::codec::DisconnectReasonCode::UnspecifiedError);
+                let mut packet = v5::codec::Disconnect::new(code);
+                packet.reason_string = Some(message.into());
+                s.close_with_reason(packet);
+            }
+        }
+    }
+}
+
+/// Deliveries written but not yet acknowledged, by send order; what is left when the
+/// connection ends goes back to the session.
+type Inflight = Rc<RefCell<BTreeMap<u64, Delivery>>>;
+
+/// The outbound task: writes deliveries in order until the connection closes, then hands
+/// back to the session what was not acknowledged.
+async fn run_outbound(
+    conn: Rc<Connection>,
+    sink: Sink,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut close: tokio::sync::oneshot::Receiver<()>,
+) {
+    let sink = Rc::new(sink);
+    let inflight: Inflight = Rc::new(RefCell::new(BTreeMap::new()));
+    let qos2_queue: Rc<RefCell<VecDeque<(u64, Delivery)>>> = Rc::new(RefCell::new(VecDeque::new()));
+    let qos2_wake = Rc::new(tokio::sync::Notify::new());
+    let stop = Rc::new(Cell::new(false));
+    let qos2_task = ntex::rt::spawn(qos2_sender(
+        conn.clone(),
+        sink.clone(),
+        inflight.clone(),
+        qos2_queue.clone(),
+        qos2_wake.clone(),
+        stop.clone(),
+    ));
+    let mut seq: u64 = 0;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = &mut close => None,
+            message = rx.recv() => message,
+        };
+        let Some(message) = next else { break };
+        let delivery = match message {
+            Outbound::Disconnect { reason, message } => {
+                sink.close(reason, message);
+                break;
+            }
+            Outbound::Deliver(d) => d,
+        };
+        let now = Instant::now();
+        if delivery.publication.is_expired(now) {
+            conn.ctx.metrics().dropped.with_label_values(&["expired"]).inc();
+            continue;
+        }
+        seq += 1;
+        if delivery.qos == QoS::ExactlyOnce {
+            qos2_queue.borrow_mut().push_back((seq, delivery));
+            qos2_wake.notify_one();
+            continue;
+        }
+        if !sink.ready().await {
+            inflight.borrow_mut().insert(seq, delivery);
+            break;
+        }
+        send(&conn, &sink, seq, delivery, &inflight).await;
+    }
+    stop.set(true);
+    qos2_wake.notify_one();
+    let _ = qos2_task.await;
+    // What did not make it: unacknowledged first (oldest), then queued QoS 2, then the channel.
+    rx.close();
+    let mut unsent: Vec<Delivery> = std::mem::take(&mut *inflight.borrow_mut())
+        .into_values()
+        .collect();
+    unsent.extend(qos2_queue.borrow_mut().drain(..).map(|(_, d)| d));
+    while let Ok(message) = rx.try_recv() {
+        if let Outbound::Deliver(d) = message {
+            unsent.push(d);
+        }
+    }
+    conn.ctx.broker.detach(&conn.session, conn.conn_id, unsent);
+}
+
+/// Sends QoS 2 deliveries one at a time; a PUBREC means the client has it.
+async fn qos2_sender(
+    conn: Rc<Connection>,
+    sink: Rc<Sink>,
+    inflight: Inflight,
+    queue: Rc<RefCell<VecDeque<(u64, Delivery)>>>,
+    wake: Rc<tokio::sync::Notify>,
+    stop: Rc<Cell<bool>>,
+) {
+    loop {
+        let next = queue.borrow_mut().pop_front();
+        let Some((seq, delivery)) = next else {
+            if stop.get() {
+                return;
+            }
+            wake.notified().await;
+            continue;
+        };
+        if stop.get() || !sink.ready().await {
+            queue.borrow_mut().push_front((seq, delivery));
+            return;
+        }
+        send(&conn, &sink, seq, delivery, &inflight).await;
+    }
+}
+
+/// Writes one delivery. QoS 1 waits in a task of its own for the PUBACK; QoS 2 waits here
+/// (called only from the QoS 2 sender) for PUBREC, then completes PUBREL/PUBCOMP.
+async fn send(conn: &Rc<Connection>, sink: &Sink, seq: u64, delivery: Delivery, inflight: &Inflight) {
+    let metrics = conn.ctx.metrics();
+    let qos = delivery.qos;
+    let payload = delivery.publication.payload.clone();
+    let label = BrokerMetrics::qos_label(qos);
+    match sink {
+        Sink::V3(s) => {
+            let mut builder = s.publish(delivery.publication.topic.clone()).dup(delivery.dup);
+            if delivery.retain {
+                builder = builder.retain();
+            }
+            match qos {
+                QoS::AtMostOnce => match builder.send_at_most_once(payload) {
+                    Ok(()) => metrics.sent.with_label_values(&[label]).inc(),
+                    Err(e) => drop_failed(metrics, &e),
+                },
+                QoS::AtLeastOnce => {
+                    inflight.borrow_mut().insert(seq, delivery);
+                    let mut fut = Box::pin(builder.send_at_least_once(payload));
+                    let inflight = inflight.clone();
+                    let sent = metrics.sent.with_label_values(&[label]);
+                    match poll_once(&mut fut).await {
+                        Poll::Ready(result) => acked(&inflight, seq, result.is_ok(), &sent),
+                        Poll::Pending => {
+                            ntex::rt::spawn(async move {
+                                let result = fut.await;
+                                acked(&inflight, seq, result.is_ok(), &sent);
+                            });
+                        }
+                    }
+                }
+                QoS::ExactlyOnce => {
+                    inflight.borrow_mut().insert(seq, delivery);
+                    if let Ok(received) = builder.send_exactly_once(payload).await {
+                        inflight.borrow_mut().remove(&seq);
+                        metrics.sent.with_label_values(&[label]).inc();
+                        let _ = received.release().await;
+                    }
+                }
+            }
+        }
+        Sink::V5(s) => {
+            let builder = v5_publish(s, &delivery);
+            match qos {
+                QoS::AtMostOnce => match builder.send_at_most_once(payload) {
+                    Ok(()) => metrics.sent.with_label_values(&[label]).inc(),
+                    Err(e) => drop_failed(metrics, &e),
+                },
+                QoS::AtLeastOnce => {
+                    inflight.borrow_mut().insert(seq, delivery);
+                    let mut fut = Box::pin(builder.send_at_least_once(payload));
+                    let inflight = inflight.clone();
+                    let sent = metrics.sent.with_label_values(&[label]);
+                    match poll_once(&mut fut).await {
+                        Poll::Ready(result) => acked(&inflight, seq, result.is_ok(), &sent),
+                        Poll::Pending => {
+                            ntex::rt::spawn(async move {
+                                let result = fut.await;
+                                acked(&inflight, seq, result.is_ok(), &sent);
+                            });
+                        }
+                    }
+                }
+                QoS::ExactlyOnce => {
+                    inflight.borrow_mut().insert(seq, delivery);
+                    if let Ok(received) = builder.send_exactly_once(payload).await {
+                        inflight.borrow_mut().remove(&seq);
+                        metrics.sent.with_label_values(&[label]).inc();
+                        let _ = received.release().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn acked(inflight: &Inflight, seq: u64, ok: bool, sent: &prometheus::IntCounter) {
+    if ok {
+        inflight.borrow_mut().remove(&seq);
+        sent.inc();
+    }
+}
+
+fn drop_failed(metrics: &BrokerMetrics, error: &SendPacketError) {
+    // The client's Maximum Packet Size: MQTT 5 says to drop the message for that client.
+    let reason = if matches!(error, SendPacketError::Encode(_)) {
+        "too_large"
+    } else {
+        "closed"
+    };
+    metrics.dropped.with_label_values(&[reason]).inc();
+}
+
+/// An MQTT 5 PUBLISH with the message's properties and its remaining expiry. The broker
+/// sends no topic aliases of its own: it may, and Mosquitto's 2.0 clients reject alias-only
+/// PUBLISH packets.
+fn v5_publish(sink: &v5::MqttSink, delivery: &Delivery) -> v5::PublishBuilder {
+    let p = &delivery.publication;
+    let expiry = p.remaining_expiry(Instant::now()).and_then(NonZeroU32::new);
+    let props = p.properties.clone();
+    let subscription_ids = delivery.subscription_ids.clone();
+    sink.publish(p.topic.clone())
+        .retain(delivery.retain)
+        .dup(delivery.dup)
+        .properties(move |out| {
+            out.message_expiry_interval = expiry;
+            out.content_type = props.content_type;
+            out.response_topic = props.response_topic;
+            out.correlation_data = props.correlation_data;
+            out.user_properties = props.user_properties;
+            out.is_utf8_payload = props.payload_is_utf8;
+            out.subscription_ids = subscription_ids;
+        })
+}
+
+/// Errors of the ntex services. A refusal that closes the connection, or a setup failure.
+#[derive(Debug, Clone)]
+pub enum BrokerError {
+    Refused(PublishRefusal),
+    Internal(String),
+}
+
+// fn_service factories have `()` as their init error.
+impl From<()> for BrokerError {
+    fn from(_: ()) -> Self {
+        BrokerError::Internal("service setup failed".into())
+    }
+}
+
+/// Lets already-decoded packets (a DISCONNECT queued behind a slow PUBLISH) reach the
+/// protocol service before a connection's end is handled: ntex-mqtt can deliver
+/// `Control::Stop` first.
+pub async fn settle() {
+    ntex::time::sleep(ntex::time::Millis(1)).await;
+}
+
+/// How a connection ended, for the logs.
+pub fn describe_stop(reason: &ntex_mqtt::Reason<BrokerError>) -> String {
+    match reason {
+        ntex_mqtt::Reason::Error(e) => format!("refused: {:?}", e.get_ref()),
+        ntex_mqtt::Reason::Protocol(e) => format!("protocol error: {}", e.get_ref()),
+        ntex_mqtt::Reason::PeerGone(g) => match g.err() {
+            Some(e) => format!("connection lost: {e}"),
+            None => "connection closed".into(),
+        },
+    }
+}
+
+/// The client certificate chain of a TLS connection, if it presented one.
+pub fn peer_certificates(io: &ntex::io::IoBoxed) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let chain = io.query::<ntex::server::rustls::PeerCertChain<'static>>();
+    chain
+        .as_ref()
+        .map(|c| c.0.iter().map(|cert| cert.clone().into_owned()).collect())
+}
+
+/// MQTT 5 subscription options as the broker keeps them.
+pub fn sub_options(options: &v5::codec::SubscriptionOptions, id: Option<NonZeroU32>) -> SubOptions {
+    SubOptions {
+        qos: options.qos,
+        no_local: options.no_local,
+        retain_as_published: options.retain_as_published,
+        retain_handling: options.retain_handling as u8,
+        subscription_id: id,
+    }
+}
+
+/// MQTT 3.1.1 subscriptions have only a QoS.
+pub fn v3_sub_options(qos: QoS) -> SubOptions {
+    SubOptions {
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: 0,
+        subscription_id: None,
+    }
+}

@@ -1,0 +1,14 @@
+//! The MQTT broker.
+pub mod acl;
+pub mod auth;
+pub mod broker;
+pub mod connection;
+pub mod listener;
+pub mod message;
+pub mod metrics;
+pub mod retained;
+pub mod session;
+pub mod subscriptions;
+pub mod topic;
+pub mod v3;
+pub mod v5;
