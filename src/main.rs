@@ -69,6 +69,19 @@ enum AdminCommand {
     },
     /// Give a user a new password (from DROVER_PASSWORD, or generated and printed once).
     ResetPassword { username: String },
+    /// Write development certificates for MQTT over TLS: a CA, a server certificate and
+    /// device certificates (CN = device id) signed by it.
+    DevCerts {
+        /// Directory to write them to.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Host names or IP addresses the server certificate is valid for.
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+        /// Device ids to issue client certificates for (repeat the flag).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+    },
     /// Create an API key for a tenant and print it once.
     CreateApiKey {
         #[arg(long)]
@@ -225,6 +238,21 @@ fn password_from_env() -> anyhow::Result<(String, bool)> {
 }
 
 async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()> {
+    if let AdminCommand::DevCerts { out, hosts, devices } = &command {
+        let certs = drover::devcerts::generate("Drover development CA", hosts, devices)?;
+        for path in certs.write(out)? {
+            println!("wrote {}", path.display());
+        }
+        println!(
+            "Serve TLS with MQTT_TLS_CERT={0}/server.pem MQTT_TLS_KEY={0}/server.key;",
+            out.display()
+        );
+        println!(
+            "register {0}/ca.pem with POST /api/mqtt/cas so device certificates it signed can log in.",
+            out.display()
+        );
+        return Ok(());
+    }
     let registry = server::open_registry(&config).await?;
     let by = AuditActor {
         tenant: None,
@@ -290,6 +318,7 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
                 println!("password: {password}");
             }
         }
+        AdminCommand::DevCerts { .. } => unreachable!("handled before the registry is opened"),
         AdminCommand::CreateApiKey { tenant, name, role } => {
             let key = secrets::new_secret(secrets::API_KEY_PREFIX);
             let new = NewApiKey {

@@ -329,7 +329,7 @@ async fn patch_device(
         )
         .await?;
     if disabling {
-        stop_actor(&state, &principal, &id).await;
+        stop_actor(&state, &principal, &id, "device disabled").await;
     }
     Ok(web::Json(device.into()))
 }
@@ -353,12 +353,14 @@ async fn delete_device(
         .registry
         .delete_device(principal.tenant.clone(), id.clone(), principal.audit_actor())
         .await?;
-    stop_actor(&state, &principal, &id).await;
+    stop_actor(&state, &principal, &id, "device deleted").await;
     tracing::info!(tenant = %principal.tenant, device = %id, "device deleted");
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn stop_actor(state: &AppState, principal: &Principal, id: &DeviceId) {
+/// Ends the device's live connection and stops its actor (deleted, disabled, new token).
+async fn stop_actor(state: &AppState, principal: &Principal, id: &DeviceId, why: &str) {
+    state.mqtt.broker.disconnect_device(&principal.tenant, id, why);
     if let Err(error) = state.fleet.stop_device(&principal.tenant, id).await {
         tracing::warn!(device = %id, %error, "could not stop the device actor");
     }
@@ -389,6 +391,11 @@ async fn rotate_token(
             principal.audit_actor(),
         )
         .await?;
+    // A session opened with the old token must not outlive it.
+    state
+        .mqtt
+        .broker
+        .disconnect_device(&principal.tenant, &id, "device token rotated");
     Ok(web::Json(DeviceToken {
         device_id: id.into_string(),
         token,

@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod devices;
 pub mod error;
 pub mod groups;
+pub mod mqtt;
 pub mod ops;
 pub mod params;
 pub mod principal;
@@ -41,6 +42,7 @@ use crate::state::AppState;
         (name = "keys", description = "API keys for applications"),
         (name = "tenants", description = "Tenants (platform admins)"),
         (name = "audit", description = "Audit log"),
+        (name = "mqtt", description = "MQTT access rules and device CAs"),
         (name = "operations", description = "Health, metrics, statistics"),
     )
 )]
@@ -119,6 +121,7 @@ pub fn app(
                 .configure(devices::routes)
                 .configure(groups::routes)
                 .configure(tenants::routes)
+                .configure(mqtt::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json)),
         )

@@ -204,6 +204,14 @@ async fn patch_tenant(
         .registry
         .update_tenant(id, body.name, body.disabled, principal.audit_actor())
         .await?;
+    if body.disabled == Some(true) {
+        // Its devices and applications are refused from now on, live connections included.
+        state.mqtt.broker.disconnect_where(
+            crate::mqtt::broker::reason::NOT_AUTHORIZED,
+            "tenant disabled",
+            |s| s.identity.tenant() == Some(&tenant.id),
+        );
+    }
     Ok(web::Json(tenant.into()))
 }
 

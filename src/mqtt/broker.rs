@@ -237,8 +237,8 @@ impl Broker {
     }
 
     /// The connection `conn_id` is gone. A session without expiry ends; a persistent one
-    /// keeps `unsent` (QoS 1/2 deliveries that were queued or not acknowledged) for the next
-    /// connection, marked as duplicates.
+    /// keeps `unsent` (QoS 1/2 deliveries that were queued or not acknowledged; those already
+    /// written carry the DUP flag) for the next connection.
     pub fn detach(&self, session: &Arc<Session>, conn_id: u64, unsent: Vec<Delivery>) {
         let mut by_key = self.by_key.lock();
         let registered = by_key.get(&session.key).is_some_and(|s| Arc::ptr_eq(s, session));
@@ -257,8 +257,7 @@ impl Broker {
             self.discard(&mut by_key, session);
             return;
         }
-        for mut delivery in unsent.into_iter().rev().filter(|d| d.qos != QoS::AtMostOnce) {
-            delivery.dup = true;
+        for delivery in unsent.into_iter().rev().filter(|d| d.qos != QoS::AtMostOnce) {
             state.queue.push_front(delivery);
         }
         while state.queue.len() > self.limits.max_queued_messages {
@@ -608,13 +607,14 @@ mod tests {
         )
         .unwrap();
         drop(rx);
-        // A QoS 1 delivery that was not acknowledged when the connection dropped.
+        // A QoS 1 delivery written but not acknowledged when the connection dropped (the
+        // outbound task marks those DUP before handing them back).
         let unacked = Delivery {
             publication: Arc::new(publication("t", QoS::AtLeastOnce)),
             qos: QoS::AtLeastOnce,
             retain: false,
             subscription_ids: vec![],
-            dup: false,
+            dup: true,
         };
         b.detach(&attached.session, attached.conn_id, vec![unacked]);
         assert!(!attached.session.is_connected());
@@ -628,7 +628,7 @@ mod tests {
         assert!(again.session_present);
         let got = received(&mut rx);
         assert_eq!(got.len(), 4, "bounded by max_queued_messages: {got:?}");
-        assert!(got[0].2, "the unacknowledged one comes first, marked DUP");
+        assert!(got[0].2, "the unacknowledged one comes first, still marked DUP");
         assert!(!got[1].2);
     }
 

@@ -81,6 +81,8 @@ impl Drop for PgDatabase {
 pub struct TestServer {
     pub base: String,
     pub addr: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub mqtt_tls: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub state: web::Data<AppState>,
     pub data_dir: tempfile::TempDir,
@@ -130,6 +132,8 @@ impl TestServer {
         Some(TestServer {
             base: format!("http://{}", server.http_addr),
             addr: server.http_addr,
+            mqtt: server.mqtt_addr,
+            mqtt_tls: server.mqtt_tls_addr,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -286,4 +290,57 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// Whether an external client program is installed; a notice (or, with
+/// `DROVER_REQUIRE_SERVICES=1`, a failure) when it is not.
+pub fn tool_available(program: &str, install: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg("--help")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if services_required() {
+            panic!("{program} is not installed ({install}) but DROVER_REQUIRE_SERVICES=1");
+        }
+        eprintln!("skipped: {program} is not installed ({install})");
+    }
+    found
+}
+
+/// Whether Python's paho-mqtt is importable, with the same rule.
+pub fn paho_available() -> bool {
+    let found = std::process::Command::new("python3")
+        .args(["-c", "import paho.mqtt.client"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if services_required() {
+            panic!(
+                "python3 with paho-mqtt is not available (pip install paho-mqtt) but DROVER_REQUIRE_SERVICES=1"
+            );
+        }
+        eprintln!("skipped: python3 with paho-mqtt is not available (pip install paho-mqtt)");
+    }
+    found
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
