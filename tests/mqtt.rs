@@ -195,7 +195,11 @@ impl Sub {
                 Some(line) => line,
                 None => {
                     let Ok(line) = self.lines.recv_timeout(timeout) else {
-                        panic!("expected {n} messages, got {out:?}; output: {:?}", self.log);
+                        panic!(
+                            "expected {n} messages, got {}; output: {:?}",
+                            out.len(),
+                            short(&self.log)
+                        );
                     };
                     self.log.push(line.clone());
                     line
@@ -298,6 +302,16 @@ fn publish(port: &str, args: &[String]) -> (i32, String) {
         String::from_utf8_lossy(&output.stderr)
     );
     (output.status.code().unwrap_or(-1), text)
+}
+
+/// The last lines of a log, each cut to 200 characters, for failure messages.
+fn short(log: &[String]) -> Vec<String> {
+    log.iter()
+        .rev()
+        .take(40)
+        .rev()
+        .map(|l| l.chars().take(200).collect())
+        .collect()
 }
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -1399,4 +1413,543 @@ async fn connection_subscription_and_rate_limits_refuse_specifically() {
     );
     assert!(metrics.contains(r#"drover_mqtt_refused_total{kind="subscribe",reason="quota_exceeded"} 1"#));
     assert!(metrics.contains(r#"drover_mqtt_refused_total{kind="connect",reason="connection_limit"} 2"#));
+}
+
+// ---- MQTT 5 details, with paho-mqtt --------------------------------------------------------
+
+/// Runs a scenario of tests/support/paho_probe.py against the fleet's broker.
+fn paho(fleet: &Fleet, scenario: &str, mut arguments: serde_json::Value) -> serde_json::Value {
+    arguments["host"] = json!("127.0.0.1");
+    arguments["port"] = json!(fleet.server.mqtt.port());
+    if arguments.get("password").is_none() {
+        arguments["password"] = json!(fleet.key);
+    }
+    let output = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/paho_probe.py"
+        ))
+        .arg(scenario)
+        .arg(arguments.to_string())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{scenario}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{scenario}: {e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_split_messages_between_members() {
+    if !common::paho_available() {
+        return;
+    }
+    let fleet = Fleet::start().await;
+    let result = paho(&fleet, "shared", json!({"count": 20}));
+    let (a, b) = (result["a"].as_u64().unwrap(), result["b"].as_u64().unwrap());
+    assert_eq!(a + b, 20, "each message to exactly one member: {result}");
+    assert!(a > 0 && b > 0, "both members get work: {result}");
+    assert_eq!(
+        result["watcher"], 20,
+        "an ordinary subscription still gets every message"
+    );
+    let mut payloads: Vec<String> = result["payloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    payloads.dedup();
+    assert_eq!(payloads.len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connack_tells_mqtt5_clients_the_limits_and_capabilities() {
+    if !common::paho_available() {
+        return;
+    }
+    let fleet = Fleet::start_with(|c| c.mqtt.max_keep_alive_secs = 10).await;
+    let info = paho(
+        &fleet,
+        "connack",
+        json!({"keepalive": 60, "session_expiry": 100_000_000u64, "client_id": ""}),
+    );
+    assert_eq!(info["reason"], 0, "{info}");
+    let props = &info["properties"];
+    assert_eq!(props["ServerKeepAlive"], 10, "{props}");
+    assert_eq!(props["MaximumPacketSize"], 1_048_576);
+    assert_eq!(props["ReceiveMaximum"], 64);
+    assert_eq!(props["TopicAliasMaximum"], 64);
+    assert_eq!(
+        props["SessionExpiryInterval"], 604_800,
+        "capped at max_session_expiry_secs"
+    );
+    assert!(
+        props["AssignedClientIdentifier"]
+            .as_str()
+            .unwrap()
+            .starts_with("auto-")
+    );
+    // Wildcards, shared subscriptions and subscription identifiers are available (absent = 1).
+    for capability in [
+        "WildcardSubscriptionAvailable",
+        "SharedSubscriptionAvailable",
+        "SubscriptionIdentifierAvailable",
+        "RetainAvailable",
+    ] {
+        assert_ne!(props.get(capability), Some(&json!(0)), "{capability}: {props}");
+    }
+    // Within the maximum nothing is imposed.
+    let info = paho(&fleet, "connack", json!({"keepalive": 5}));
+    assert!(info["properties"].get("ServerKeepAlive").is_none(), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_properties_topic_aliases_and_subscription_ids_pass_through() {
+    if !common::paho_available() {
+        return;
+    }
+    let fleet = Fleet::start().await;
+    let result = paho(&fleet, "properties", json!({}));
+    let messages = result["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{result}");
+    let first = &messages[0]["properties"];
+    assert_eq!(messages[0]["topic"], "props/a");
+    assert_eq!(
+        first["UserProperty"],
+        json!([["site", "north"], ["shift", "night"]]),
+        "{first}"
+    );
+    assert_eq!(first["ContentType"], "application/json");
+    assert_eq!(first["ResponseTopic"], "props/replies");
+    assert!(
+        first["CorrelationData"].as_str().is_some_and(|c| !c.is_empty()),
+        "{first}"
+    );
+    let expiry = first["MessageExpiryInterval"].as_u64().unwrap();
+    assert!(
+        (598..=600).contains(&expiry),
+        "remaining expiry is forwarded: {expiry}"
+    );
+    assert_eq!(first["SubscriptionIdentifier"], json!([7]));
+    // The second publish named its topic only by alias; subscribers get the full topic.
+    assert_eq!(messages[1]["topic"], "props/a");
+    assert_eq!(messages[1]["payload"], "alias-only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_not_delivered_from_a_session_queue() {
+    if !common::paho_available() {
+        return;
+    }
+    let fleet = Fleet::start().await;
+    let result = paho(&fleet, "expiry", json!({}));
+    assert_eq!(result["session_present"], true, "{result}");
+    let messages = result["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "only the fresh one: {result}");
+    assert_eq!(messages[0]["payload"], "fresh");
+    let left = messages[0]["properties"]["MessageExpiryInterval"]
+        .as_u64()
+        .unwrap();
+    assert!(left < 300, "the time spent queued is subtracted: {left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_delay_is_waited_out_and_cancelled_by_a_reconnect() {
+    if !common::paho_available() {
+        return;
+    }
+    let fleet = Fleet::start().await;
+    let result = paho(&fleet, "will_delay", json!({"name": "late", "delay": 2}));
+    let wills = result["wills"].as_array().unwrap();
+    assert_eq!(wills.len(), 1, "{result}");
+    let after = wills[0]["after"].as_f64().unwrap();
+    assert!(after >= 1.5, "published after the delay, not at once: {after}");
+    let result = paho(
+        &fleet,
+        "will_delay",
+        json!({"name": "back", "delay": 2, "reconnect_after": 0.5}),
+    );
+    assert_eq!(
+        result["wills"],
+        json!([]),
+        "the client came back in time: {result}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_reason_codes_for_refusals() {
+    if !common::paho_available() {
+        return;
+    }
+    let fleet = Fleet::start_with(|c| c.mqtt.max_publish_rate = 20).await;
+    assert_eq!(
+        paho(&fleet, "reason_codes", json!({"topic": "apps/ok"}))["puback"],
+        0
+    );
+    assert_eq!(
+        paho(&fleet, "reason_codes", json!({"topic": "$SYS/x"}))["puback"],
+        135,
+        "not authorized"
+    );
+    assert_eq!(
+        paho(&fleet, "takeover", json!({}))["first_disconnects"],
+        json!([142]),
+        "session taken over"
+    );
+    let rate = paho(&fleet, "rate", json!({"count": 500}));
+    assert_eq!(rate["disconnects"], json!([150]), "message rate too high: {rate}");
+    let big = paho(&fleet, "oversize", json!({"size": 2 * 1024 * 1024}));
+    assert_eq!(big["disconnects"].as_array().unwrap().len(), 1, "{big}");
+}
+
+// ---- a Rust client: rumqttc ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_clients_on_both_versions_exchange_messages() {
+    let fleet = Fleet::start().await;
+    let port = fleet.server.mqtt.port();
+
+    // MQTT 3.1.1: the device publishes, the application receives.
+    let (app_tx, mut app_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut options = rumqttc::MqttOptions::new("rust-app", "127.0.0.1", port);
+    options.set_credentials("app", fleet.key.clone());
+    let (app, mut events) = rumqttc::AsyncClient::new(options, 16);
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            let _ = app_tx.send(event);
+        }
+    });
+    app.subscribe("devices/+/telemetry", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let suback = next_matching(&mut app_rx, |e| {
+        matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
+    })
+    .await;
+    if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack)) = suback {
+        assert_eq!(
+            ack.return_codes,
+            [rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce)]
+        );
+    }
+    let mut options = rumqttc::MqttOptions::new("sensor-001", "127.0.0.1", port);
+    options.set_credentials("sensor-001", fleet.token("sensor-001"));
+    let (device, mut device_events) = rumqttc::AsyncClient::new(options, 16);
+    let (device_tx, mut device_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = device_events.poll().await {
+            let _ = device_tx.send(event);
+        }
+    });
+    device
+        .publish(
+            "devices/sensor-001/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"metrics":{"t":1}}"#,
+        )
+        .await
+        .unwrap();
+    next_matching(&mut device_rx, |e| {
+        matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
+    })
+    .await;
+    let publish = next_matching(&mut app_rx, |e| {
+        matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)))
+    })
+    .await;
+    let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = publish else {
+        unreachable!()
+    };
+    assert_eq!(p.topic, "devices/sensor-001/telemetry");
+    assert_eq!(&p.payload[..], br#"{"metrics":{"t":1}}"#);
+
+    // MQTT 5: QoS 2 both ways.
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let mut options = rumqttc::v5::MqttOptions::new("rust-app-5", "127.0.0.1", port);
+    options.set_credentials("app", fleet.key.clone());
+    let (app5, mut events5) = rumqttc::v5::AsyncClient::new(options, 16);
+    let (tx5, mut rx5) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events5.poll().await {
+            let _ = tx5.send(event);
+        }
+    });
+    app5.subscribe("devices/+/events", QoS5::ExactlyOnce)
+        .await
+        .unwrap();
+    next_matching(&mut rx5, |e| {
+        matches!(e, rumqttc::v5::Event::Incoming(Packet5::SubAck(_)))
+    })
+    .await;
+    let mut options = rumqttc::v5::MqttOptions::new("sensor-002", "127.0.0.1", port);
+    options.set_credentials("sensor-002", fleet.token("sensor-002"));
+    let (device5, mut device_events5) = rumqttc::v5::AsyncClient::new(options, 16);
+    tokio::spawn(async move { while device_events5.poll().await.is_ok() {} });
+    device5
+        .publish("devices/sensor-002/events", QoS5::ExactlyOnce, false, "door-open")
+        .await
+        .unwrap();
+    let publish = next_matching(&mut rx5, |e| {
+        matches!(e, rumqttc::v5::Event::Incoming(Packet5::Publish(_)))
+    })
+    .await;
+    let rumqttc::v5::Event::Incoming(Packet5::Publish(p)) = publish else {
+        unreachable!()
+    };
+    assert_eq!(&p.topic[..], b"devices/sensor-002/events");
+    assert_eq!(p.qos, QoS5::ExactlyOnce);
+    assert_eq!(&p.payload[..], b"door-open");
+}
+
+/// The next event satisfying `wanted`, within five seconds.
+async fn next_matching<T: std::fmt::Debug>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    wanted: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(event)) if wanted(&event) => return event,
+            Ok(Some(_)) => continue,
+            other => panic!("event not seen: {other:?}"),
+        }
+    }
+}
+
+// ---- TLS and mTLS --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_logins_with_a_token_and_with_a_client_certificate() {
+    if !mosquitto() {
+        return;
+    }
+    let certs_dir = tempfile::tempdir().unwrap();
+    let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let devices = vec!["sensor-001".to_string(), "ghost".to_string()];
+    let certs = drover::devcerts::generate("Test CA", &hosts, &devices).unwrap();
+    certs.write(certs_dir.path()).unwrap();
+    let other = drover::devcerts::generate("Other CA", &hosts, &["sensor-001".to_string()]).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    other.write(other_dir.path()).unwrap();
+    let path = |dir: &tempfile::TempDir, name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let (cert, key) = (path(&certs_dir, "server.pem"), path(&certs_dir, "server.key"));
+    let fleet = Fleet::start_with(move |c| {
+        c.mqtt.tls_cert = cert;
+        c.mqtt.tls_key = key;
+        c.mqtt.tls_port = 0;
+    })
+    .await;
+    let tls_port = fleet.server.mqtt_tls.expect("TLS listener").port().to_string();
+    let cafile = path(&certs_dir, "ca.pem");
+    let mut watcher = Sub::start(
+        &fleet.port(),
+        &with(fleet.app_args("watcher"), &["-t", "devices/#"]),
+    );
+
+    // Token over TLS.
+    let (code, out) = publish(
+        &tls_port,
+        &with(
+            fleet.device_args("sensor-002"),
+            &[
+                "--cafile",
+                &cafile,
+                "-q",
+                "1",
+                "-t",
+                "devices/sensor-002/telemetry",
+                "-m",
+                "over-tls",
+            ],
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(watcher.take(1, WAIT)[0].payload, "over-tls");
+
+    // A client certificate is refused until its CA is registered for the tenant.
+    let cert_args = |dir: &tempfile::TempDir, device: &str| {
+        args(&[
+            "--cafile",
+            &cafile,
+            "--cert",
+            &path(dir, &format!("device-{device}.pem")),
+            "--key",
+            &path(dir, &format!("device-{device}.key")),
+            "-i",
+            device,
+            "-q",
+            "1",
+            "-t",
+            &format!("devices/{device}/telemetry"),
+            "-m",
+            "by-certificate",
+        ])
+    };
+    let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
+    assert_ne!(code, 0, "no CA registered yet");
+    let (status, ca) = fleet
+        .server
+        .post("/api/mqtt/cas", &fleet.admin, json!({"pem": certs.ca.cert}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{ca}");
+    assert_eq!(ca["fingerprint"].as_str().unwrap().len(), 64);
+    let (code, out) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
+    assert_eq!(code, 0, "{out}");
+    let got = watcher.take(1, WAIT);
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_str()),
+        ("devices/sensor-001/telemetry", "by-certificate")
+    );
+
+    // A certificate from a CA nobody registered, and one for a device that does not exist.
+    let (code, _) = publish(&tls_port, &cert_args(&other_dir, "sensor-001"));
+    assert_ne!(code, 0);
+    let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "ghost"));
+    assert_ne!(code, 0);
+    // Not a CA, not PEM: refused with a reason.
+    let (status, body) = fleet
+        .server
+        .post("/api/mqtt/cas", &fleet.admin, json!({"pem": certs.server.cert}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = fleet
+        .server
+        .post("/api/mqtt/cas", &fleet.admin, json!({"pem": "hello"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Removing the CA stops its certificates at once.
+    let (status, _) = fleet
+        .server
+        .delete(
+            &format!("/api/mqtt/cas/{}", ca["id"].as_str().unwrap()),
+            &fleet.admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
+    assert_ne!(code, 0);
+    // Plain MQTT on the TLS port gets nowhere.
+    let (code, _) = publish(
+        &tls_port,
+        &with(
+            fleet.device_args("sensor-002"),
+            &["-t", "devices/sensor-002/x", "-m", "x"],
+        ),
+    );
+    assert_ne!(code, 0);
+    watcher.none(Duration::from_millis(300));
+}
+
+// ---- slow subscribers ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_loses_messages_but_stalls_nobody() {
+    let fleet = Fleet::start_with(|c| c.mqtt.max_queued_messages = 100).await;
+    let port = fleet.server.mqtt.port();
+    // A subscriber that never reads what it is sent.
+    let mut stalled = TcpStream::connect(fleet.server.mqtt).unwrap();
+    stalled
+        .write_all(&connect_packet("stalled", "app", &fleet.key, 0, None))
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stalled.read_exact(&mut connack).unwrap();
+    let topic = b"flood/#";
+    let mut body = vec![0x00, 0x01];
+    body.extend((topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic);
+    body.push(0);
+    let mut subscribe = vec![0x82];
+    subscribe.extend(remaining_length(body.len()));
+    subscribe.extend(body);
+    stalled.write_all(&subscribe).unwrap();
+    let mut suback = [0u8; 5];
+    stalled.read_exact(&mut suback).unwrap();
+    assert_eq!(suback[0], 0x90);
+
+    // A reader that keeps up.
+    let mut options = rumqttc::MqttOptions::new("reader", "127.0.0.1", port);
+    options.set_credentials("app", fleet.key.clone());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (reader, mut reader_events) = rumqttc::AsyncClient::new(options, 64);
+    let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = reader_events.poll().await {
+            match event {
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    let _ = count_tx.send(p.payload.len());
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                    let _ = count_tx.send(0);
+                }
+                _ => {}
+            }
+        }
+    });
+    reader
+        .subscribe("flood/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, count_rx.recv()).await.unwrap(),
+        Some(0),
+        "subscribed"
+    );
+
+    // 2000 messages of 16 KiB (32 MiB), far more than the stalled socket and its queue hold,
+    // paced so that a reading subscriber keeps up.
+    let mut options = rumqttc::MqttOptions::new("producer", "127.0.0.1", port);
+    options.set_credentials("app", fleet.key.clone());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (producer, mut producer_events) = rumqttc::AsyncClient::new(options, 256);
+    tokio::spawn(async move { while producer_events.poll().await.is_ok() {} });
+    let payload = vec![b'z'; 16 * 1024];
+    for _ in 0..20 {
+        for _ in 0..100 {
+            producer
+                .publish("flood/data", rumqttc::QoS::AtMostOnce, false, payload.clone())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let mut received = 0;
+    while received < 2000 {
+        match tokio::time::timeout(WAIT, count_rx.recv()).await {
+            Ok(Some(len)) => {
+                assert_eq!(len, 16 * 1024);
+                received += 1;
+            }
+            _ => panic!("the reading subscriber got {received} of 2000"),
+        }
+    }
+
+    // Meanwhile the broker answers everyone else promptly.
+    let started = Instant::now();
+    if mosquitto() {
+        let (code, _) = publish(
+            &fleet.port(),
+            &with(
+                fleet.device_args("sensor-001"),
+                &["-q", "1", "-t", "devices/sensor-001/telemetry", "-m", "ping"],
+            ),
+        );
+        assert_eq!(code, 0);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    let metrics = fleet.metrics().await;
+    let dropped: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"drover_mqtt_messages_dropped_total{reason="queue_full"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "the stalled subscriber's overflow is counted");
+    drop(stalled);
 }
