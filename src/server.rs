@@ -33,14 +33,14 @@ use crate::storage::{Database, RegistryStore, StoreError};
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    #[error("cannot create the data directory {path} (DATA_DIR): {error}")]
+    DataDir { path: String, error: std::io::Error },
     #[error("registry database: {0}")]
     Registry(#[from] StoreError),
     #[error("first start: {0}")]
     Bootstrap(#[from] BootstrapError),
-    #[error("cannot listen for HTTP on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    #[error("cannot listen for HTTP on {addr} (PORT, HTTP_BIND): {error}")]
+    Bind { addr: String, error: std::io::Error },
     #[error(transparent)]
     Mqtt(#[from] ListenError),
 }
@@ -77,9 +77,9 @@ fn node_id(mqtt_port: u16) -> String {
 /// Opens the registry (creating and migrating it if needed) and applies pending migrations.
 pub async fn open_registry(config: &Config) -> Result<RegistryStore, StartError> {
     let data_dir = &config.storage.data_dir;
-    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+    std::fs::create_dir_all(data_dir).map_err(|error| StartError::DataDir {
         path: data_dir.display().to_string(),
-        source,
+        error,
     })?;
     let target = config.database_target()?;
     let pool_size = config.storage.pool_size;
@@ -184,13 +184,13 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         .disable_signals()
         .shutdown_timeout(config.http.shutdown_timeout_secs)
         .bind((config.http.bind.as_str(), config.http.port))
-        .map_err(|source| StartError::Bind {
+        .map_err(|error| StartError::Bind {
             addr: addr.clone(),
-            source,
+            error,
         })?;
     let http_addr = *server.addrs().first().ok_or_else(|| StartError::Bind {
         addr: addr.clone(),
-        source: std::io::Error::other("no address bound"),
+        error: std::io::Error::other("no address bound"),
     })?;
     let server = server.run();
     let handle = server.handle();
@@ -288,9 +288,9 @@ impl ServerThread {
                     }
                 })
             })
-            .map_err(|source| StartError::Bind {
+            .map_err(|error| StartError::Bind {
                 addr: "server thread".into(),
-                source,
+                error,
             })?;
         let ((http_addr, mqtt_addr, mqtt_tls_addr), first_start, state) =
             started_rx.recv().map_err(|_| {

@@ -29,10 +29,18 @@ use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("cannot listen for MQTT on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    #[error("cannot listen for MQTT on {addr}: {error}{}", hint(error))]
+    Bind { addr: String, error: std::io::Error },
     #[error("MQTT TLS: {0}")]
     Tls(String),
+}
+
+fn hint(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::AddrInUse {
+        " (is another MQTT broker running there? choose other ports with MQTT_PORT and MQTT_TLS_PORT)"
+    } else {
+        ""
+    }
 }
 
 /// Bound, not yet serving.
@@ -50,14 +58,14 @@ pub fn bind(config: &Config) -> Result<Listeners, ListenError> {
         let addr = format!("{}:{port}", mqtt.bind);
         let parsed: SocketAddr = addr.parse().map_err(|e| ListenError::Bind {
             addr: addr.clone(),
-            source: std::io::Error::other(e),
+            error: std::io::Error::other(e),
         })?;
-        ntex::server::create_tcp_listener(parsed, 1024).map_err(|source| ListenError::Bind { addr, source })
+        ntex::server::create_tcp_listener(parsed, 1024).map_err(|error| ListenError::Bind { addr, error })
     };
     let plain = listen(mqtt.port)?;
-    let addr = plain.local_addr().map_err(|source| ListenError::Bind {
+    let addr = plain.local_addr().map_err(|error| ListenError::Bind {
         addr: "mqtt".into(),
-        source,
+        error,
     })?;
     let tls = if config.mqtt_tls_enabled() {
         let tls_config = tls_config(&mqtt.tls_cert, &mqtt.tls_key)?;
@@ -69,9 +77,9 @@ pub fn bind(config: &Config) -> Result<Listeners, ListenError> {
         .as_ref()
         .map(|(l, _)| l.local_addr())
         .transpose()
-        .map_err(|source| ListenError::Bind {
+        .map_err(|error| ListenError::Bind {
             addr: "mqtts".into(),
-            source,
+            error,
         })?;
     Ok(Listeners {
         plain,
@@ -290,19 +298,19 @@ pub fn serve(
                 tracing::error!(%error, "MQTT server stopped with an error");
             }
         })
-        .map_err(|source| ListenError::Bind {
+        .map_err(|error| ListenError::Bind {
             addr: "mqtt thread".into(),
-            source,
+            error,
         })?;
     let server = started_rx
         .recv()
         .map_err(|_| ListenError::Bind {
             addr: addr.to_string(),
-            source: std::io::Error::other("MQTT server failed to start"),
+            error: std::io::Error::other("MQTT server failed to start"),
         })?
-        .map_err(|source: std::io::Error| ListenError::Bind {
+        .map_err(|error: std::io::Error| ListenError::Bind {
             addr: addr.to_string(),
-            source,
+            error,
         })?;
     Ok(MqttListener {
         addr,
