@@ -115,8 +115,11 @@ pub struct MqttConfig {
     pub max_keep_alive_secs: u16,
     /// Subscriptions one client may hold.
     pub max_subscriptions: usize,
-    /// Messages queued for one session (slow or offline); beyond, new ones are dropped and counted.
+    /// QoS 1/2 messages kept for a persistent session while its client is away.
     pub max_queued_messages: usize,
+    /// Bytes of messages waiting to be written to one connected client; beyond, new messages
+    /// for it are dropped and counted (a slow subscriber never holds up anyone else).
+    pub max_queued_bytes: usize,
     /// Messages per second one connection may publish (0: no limit); beyond, it is disconnected.
     pub max_publish_rate: u32,
     /// Longest session expiry granted; also the expiry of MQTT 3.1.1 persistent sessions.
@@ -221,6 +224,7 @@ impl Default for Config {
                 max_keep_alive_secs: u16::MAX,
                 max_subscriptions: 100,
                 max_queued_messages: 1000,
+                max_queued_bytes: 16 * 1024 * 1024,
                 max_publish_rate: 0,
                 max_session_expiry_secs: 7 * 86_400,
                 connect_timeout_secs: 10,
@@ -556,6 +560,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "mqtt.max_queued_messages",
         apply: |c, v| {
             c.mqtt.max_queued_messages = parse(v, "a number of messages")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_MAX_QUEUED_BYTES",
+        key: "mqtt.max_queued_bytes",
+        apply: |c, v| {
+            c.mqtt.max_queued_bytes = parse(v, "a size in bytes")?;
             Ok(())
         },
     },
@@ -1064,8 +1076,11 @@ max_topic_alias = 64
 max_keep_alive_secs = 65535
 # Subscriptions one client may hold.  (MQTT_MAX_SUBSCRIPTIONS)
 max_subscriptions = 100
-# Messages queued for one slow or offline session; beyond, new ones are dropped.  (MQTT_MAX_QUEUED_MESSAGES)
+# QoS 1/2 messages kept for a persistent session while its client is away.  (MQTT_MAX_QUEUED_MESSAGES)
 max_queued_messages = 1000
+# Bytes of messages waiting to be written to one connected client; beyond, new messages for
+# it are dropped and counted, so a slow subscriber never holds up anyone else.  (MQTT_MAX_QUEUED_BYTES)
+max_queued_bytes = 16777216
 # Messages per second one connection may publish; 0 means no limit.  (MQTT_MAX_PUBLISH_RATE)
 max_publish_rate = 0
 # Longest session expiry granted, in seconds (also for MQTT 3.1.1 persistent sessions).  (MQTT_MAX_SESSION_EXPIRY)

@@ -258,7 +258,8 @@ impl Sub {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(_)) = self.child.try_wait() {
-                while let Ok(line) = self.lines.try_recv() {
+                // The process ended: read what it wrote until its pipes close.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
                     self.log.push(line);
                 }
                 return self.log.clone();
@@ -1851,7 +1852,8 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_loses_messages_but_stalls_nobody() {
-    let fleet = Fleet::start_with(|c| c.mqtt.max_queued_messages = 100).await;
+    // 1 MiB may wait for a connected client: the stalled one overflows it, the reader does not.
+    let fleet = Fleet::start_with(|c| c.mqtt.max_queued_bytes = 1 << 20).await;
     let port = fleet.server.mqtt.port();
     // A subscriber that never reads what it is sent.
     let mut stalled = TcpStream::connect(fleet.server.mqtt).unwrap();

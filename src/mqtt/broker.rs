@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 use drover_actors::{DeviceId, TenantId};
 use ntex_mqtt::QoS;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::mpsc;
 
 use super::acl::{self, Access, Identity, Namespace};
-use super::message::{Delivery, Outbound, Publication};
+use super::message::{Delivery, Publication};
 use super::metrics::BrokerMetrics;
 use super::retained::RetainedStore;
-use super::session::{Handoff, Link, Session, SessionKey, SubOptions};
+use super::session::{Handoff, Link, Outbox, Session, SessionKey, SubOptions};
 use super::subscriptions::SubscriptionTree;
 use super::topic::Subscription;
 use crate::config::MqttConfig;
@@ -41,6 +40,7 @@ pub struct BrokerLimits {
     pub max_connections: usize,
     pub max_subscriptions: usize,
     pub max_queued_messages: usize,
+    pub max_queued_bytes: usize,
     pub max_session_expiry: Duration,
 }
 
@@ -50,6 +50,7 @@ impl BrokerLimits {
             max_connections: max_connections as usize,
             max_subscriptions: mqtt.max_subscriptions,
             max_queued_messages: mqtt.max_queued_messages,
+            max_queued_bytes: mqtt.max_queued_bytes,
             max_session_expiry: Duration::from_secs(u64::from(mqtt.max_session_expiry_secs)),
         }
     }
@@ -148,7 +149,7 @@ impl Broker {
         identity: Identity,
         clean_start: bool,
         expiry: Duration,
-        tx: mpsc::Sender<Outbound>,
+        outbox: Outbox,
     ) -> Attached {
         let conn_id = self.next_id();
         let expiry = expiry.min(self.limits.max_session_expiry);
@@ -157,10 +158,10 @@ impl Broker {
         if let Some(old) = &existing {
             let mut state = old.state.lock();
             if let Some(link) = state.link.take() {
-                let _ = link.tx.try_send(Outbound::Disconnect {
-                    reason: reason::SESSION_TAKEN_OVER,
-                    message: "another connection took over this session".into(),
-                });
+                link.outbox.disconnect(
+                    reason::SESSION_TAKEN_OVER,
+                    "another connection took over this session",
+                );
             }
             old.set_connected(false);
         }
@@ -178,15 +179,11 @@ impl Broker {
             state.disconnected_at = None;
             state.generation += 1;
             while let Some(queued) = state.queue.pop_front() {
-                if let Err(e) = tx.try_send(Outbound::Deliver(queued)) {
-                    // The queue bound equals the channel's, so this only happens if it shrank.
-                    if let mpsc::error::TrySendError::Full(Outbound::Deliver(d)) = e {
-                        state.queue.push_front(d);
-                    }
+                if outbox.force(queued).is_err() {
                     break;
                 }
             }
-            state.link = Some(Link { conn_id, tx });
+            state.link = Some(Link { conn_id, outbox });
         }
         session.set_connected(true);
         Attached {
@@ -266,9 +263,9 @@ impl Broker {
         }
         // Taken over: the new connection gets them now.
         if let Some(link) = &state.link {
-            let tx = link.tx.clone();
+            let outbox = link.outbox.clone();
             while let Some(queued) = state.queue.pop_front() {
-                if tx.try_send(Outbound::Deliver(queued)).is_err() {
+                if outbox.force(queued).is_err() {
                     break;
                 }
             }
@@ -393,7 +390,11 @@ impl Broker {
                 dup: false,
                 publication: publication.clone(),
             };
-            match session.deliver(delivery, self.limits.max_queued_messages) {
+            match session.deliver(
+                delivery,
+                self.limits.max_queued_bytes,
+                self.limits.max_queued_messages,
+            ) {
                 Handoff::Sent | Handoff::Queued => handed += 1,
                 Handoff::Dropped(reason) => self.metrics.dropped.with_label_values(&[reason]).inc(),
             }
@@ -403,7 +404,11 @@ impl Broker {
 
     /// Hands a message to one session (retained messages at subscribe time).
     pub fn deliver_to(&self, session: &Session, delivery: Delivery) {
-        if let Handoff::Dropped(reason) = session.deliver(delivery, self.limits.max_queued_messages) {
+        if let Handoff::Dropped(reason) = session.deliver(
+            delivery,
+            self.limits.max_queued_bytes,
+            self.limits.max_queued_messages,
+        ) {
             self.metrics.dropped.with_label_values(&[reason]).inc();
         }
     }
@@ -447,14 +452,10 @@ impl Broker {
         let mut closed = 0;
         for session in sessions {
             let state = session.state.lock();
-            let disconnect = Outbound::Disconnect {
-                reason,
-                message: message.to_string(),
-            };
             if state
                 .link
                 .as_ref()
-                .is_some_and(|link| link.tx.try_send(disconnect).is_ok())
+                .is_some_and(|link| link.outbox.disconnect(reason, message))
             {
                 closed += 1;
             }
@@ -521,6 +522,7 @@ impl Broker {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use crate::mqtt::message::Outbound;
     use crate::mqtt::session::ClientClass;
 
     fn broker() -> Broker {
@@ -528,6 +530,7 @@ mod tests {
             max_connections: 10,
             max_subscriptions: 3,
             max_queued_messages: 4,
+            max_queued_bytes: 1 << 20,
             max_session_expiry: Duration::from_secs(3600),
         };
         Broker::new(limits, BrokerMetrics::new(&Metrics::new()))
@@ -567,9 +570,9 @@ mod tests {
         Publication::internal(topic.to_string(), "x", qos, false)
     }
 
-    fn received(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, QoS, bool)> {
+    fn received(rx: &mut super::super::session::Inbox) -> Vec<(String, QoS, bool)> {
         let mut out = Vec::new();
-        while let Ok(Outbound::Deliver(d)) = rx.try_recv() {
+        while let Some(Outbound::Deliver(d)) = rx.try_recv() {
             out.push((d.publication.topic.to_string(), d.qos, d.dup));
         }
         out
@@ -578,7 +581,7 @@ mod tests {
     #[test]
     fn overlapping_subscriptions_deliver_once_with_the_highest_qos() {
         let b = broker();
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Outbox::new();
         let (key, id) = app("c1");
         let s = b.attach(key, id, true, Duration::ZERO, tx).session;
         b.subscribe(&s, &Subscription::parse("a/+").unwrap(), opts(QoS::AtMostOnce))
@@ -598,7 +601,7 @@ mod tests {
     fn persistent_sessions_queue_while_away_and_resume() {
         let b = broker();
         let (key, id) = app("c1");
-        let (tx, rx) = mpsc::channel(10);
+        let (tx, rx) = Outbox::new();
         let attached = b.attach(key.clone(), id.clone(), true, Duration::from_secs(60), tx);
         b.subscribe(
             &attached.session,
@@ -623,7 +626,7 @@ mod tests {
         for _ in 0..5 {
             b.publish(&tenant(), publication("t", QoS::AtLeastOnce));
         }
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Outbox::new();
         let again = b.attach(key, id, false, Duration::from_secs(60), tx);
         assert!(again.session_present);
         let got = received(&mut rx);
@@ -636,7 +639,7 @@ mod tests {
     fn clean_start_discards_and_takeover_disconnects_the_old_connection() {
         let b = broker();
         let (key, id) = app("c1");
-        let (tx1, mut rx1) = mpsc::channel(10);
+        let (tx1, mut rx1) = Outbox::new();
         let first = b.attach(key.clone(), id.clone(), true, Duration::from_secs(60), tx1);
         b.subscribe(
             &first.session,
@@ -644,12 +647,12 @@ mod tests {
             opts(QoS::AtMostOnce),
         )
         .unwrap();
-        let (tx2, _rx2) = mpsc::channel(10);
+        let (tx2, _rx2) = Outbox::new();
         let second = b.attach(key.clone(), id.clone(), false, Duration::from_secs(60), tx2);
         assert!(second.session_present);
         assert!(matches!(
             rx1.try_recv(),
-            Ok(Outbound::Disconnect {
+            Some(Outbound::Disconnect {
                 reason: reason::SESSION_TAKEN_OVER,
                 ..
             })
@@ -657,7 +660,7 @@ mod tests {
         // The old connection's end does not detach the new one.
         b.detach(&first.session, first.conn_id, vec![]);
         assert!(second.session.is_connected());
-        let (tx3, _rx3) = mpsc::channel(10);
+        let (tx3, _rx3) = Outbox::new();
         let third = b.attach(key, id, true, Duration::ZERO, tx3);
         assert!(!third.session_present);
         assert!(third.session.state.lock().subscriptions.is_empty());
@@ -673,7 +676,7 @@ mod tests {
     fn sessions_without_expiry_end_with_their_connection() {
         let b = broker();
         let (key, id) = app("c1");
-        let (tx, _rx) = mpsc::channel(10);
+        let (tx, _rx) = Outbox::new();
         let a = b.attach(key, id, true, Duration::ZERO, tx);
         b.subscribe(
             &a.session,
@@ -690,7 +693,7 @@ mod tests {
     fn subscription_quota_and_retained() {
         let b = broker();
         let (key, id) = app("c1");
-        let (tx, _rx) = mpsc::channel(10);
+        let (tx, _rx) = Outbox::new();
         let s = b.attach(key, id, true, Duration::ZERO, tx).session;
         let mut retained = publication("r/1", QoS::AtLeastOnce);
         retained.retain = true;
@@ -730,7 +733,7 @@ mod tests {
     fn no_local_skips_the_publisher() {
         let b = broker();
         let (key, id) = app("c1");
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Outbox::new();
         let s = b.attach(key, id, true, Duration::ZERO, tx).session;
         let mut o = opts(QoS::AtMostOnce);
         o.no_local = true;

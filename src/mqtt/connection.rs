@@ -24,14 +24,13 @@ use drover_actors::{DeviceId, Fleet};
 use ntex::util::{ByteString, Bytes};
 use ntex_mqtt::error::SendPacketError;
 use ntex_mqtt::{QoS, v3, v5};
-use tokio::sync::mpsc;
 
 use super::acl::{self, Access, Identity, Namespace};
 use super::auth::{Authenticator, Credentials, Refusal};
 use super::broker::{Broker, SubscribeError};
 use super::message::{Delivery, MessageProperties, Outbound, Publication};
 use super::metrics::BrokerMetrics;
-use super::session::{ClientClass, Session, SessionKey, SubOptions};
+use super::session::{ClientClass, Inbox, Outbox, Session, SessionKey, SubOptions};
 use super::topic::{self, DeviceTopic, Subscription, TopicError};
 use crate::audit::AuditSink;
 use crate::config::MqttConfig;
@@ -228,7 +227,7 @@ pub struct Connection {
     graceful: Cell<bool>,
     closed: Cell<bool>,
     rate: RefCell<Option<RateLimit>>,
-    outbound: RefCell<Option<mpsc::Receiver<Outbound>>>,
+    outbound: RefCell<Option<Inbox>>,
     close_signal: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
     close_wait: RefCell<Option<tokio::sync::oneshot::Receiver<()>>>,
     _slot: ConnectionSlot,
@@ -306,7 +305,7 @@ pub async fn connect(
         (Protocol::V3, _) if request.clean_start => 0,
         (Protocol::V3, _) => config.max_session_expiry_secs,
     };
-    let (tx, rx) = mpsc::channel(ctx.broker.limits.max_queued_messages);
+    let (outbox, inbox) = Outbox::new();
     let key = SessionKey {
         namespace: namespace.clone(),
         class,
@@ -317,7 +316,7 @@ pub async fn connect(
         identity.clone(),
         request.clean_start,
         Duration::from_secs(u64::from(expiry_secs)),
-        tx,
+        outbox,
     );
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     if let Some(addr) = &device {
@@ -339,7 +338,7 @@ pub async fn connect(
         graceful: Cell::new(false),
         closed: Cell::new(false),
         rate: RefCell::new(RateLimit::new(config.max_publish_rate)),
-        outbound: RefCell::new(Some(rx)),
+        outbound: RefCell::new(Some(inbox)),
         close_signal: RefCell::new(Some(close_tx)),
         close_wait: RefCell::new(Some(close_rx)),
         identity,
@@ -699,7 +698,7 @@ type Inflight = Rc<RefCell<BTreeMap<u64, Delivery>>>;
 async fn run_outbound(
     conn: Rc<Connection>,
     sink: Sink,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: Inbox,
     mut close: tokio::sync::oneshot::Receiver<()>,
 ) {
     let sink = Rc::new(sink);
@@ -756,7 +755,7 @@ async fn run_outbound(
         .into_values()
         .collect();
     unsent.extend(qos2_queue.borrow_mut().drain(..).map(|(_, d)| d));
-    while let Ok(message) = rx.try_recv() {
+    while let Some(message) = rx.try_recv() {
         if let Outbound::Deliver(d) = message {
             unsent.push(d);
         }

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ntex_mqtt::QoS;
@@ -42,10 +42,109 @@ pub struct SubOptions {
     pub subscription_id: Option<NonZeroU32>,
 }
 
+/// What a delivery costs in a queue: its payload and topic plus bookkeeping.
+pub fn cost(delivery: &Delivery) -> usize {
+    delivery.publication.payload.len() + delivery.publication.topic.len() + 64
+}
+
+/// Why a delivery was not queued.
+pub enum PushError {
+    /// `max_queued_bytes` are waiting already.
+    Full(Delivery),
+    /// The connection is gone.
+    Closed(Delivery),
+}
+
+/// The sending side of a connection's queue. The channel itself is unbounded; what it holds is
+/// bounded in bytes, so memory stays flat whatever the message sizes and a burst of small
+/// messages does not overflow a queue sized for the worst case.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Outbound>,
+    pending: Arc<AtomicUsize>,
+}
+
+/// The receiving side, drained by the connection's outbound task.
+pub struct Inbox {
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    pub fn new() -> (Outbox, Inbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        (
+            Outbox {
+                tx,
+                pending: pending.clone(),
+            },
+            Inbox { rx, pending },
+        )
+    }
+
+    /// Queues a delivery unless `max_bytes` are waiting already.
+    pub fn push(&self, delivery: Delivery, max_bytes: usize) -> Result<(), PushError> {
+        let size = cost(&delivery);
+        if self.pending.load(Ordering::Acquire) + size > max_bytes {
+            return Err(PushError::Full(delivery));
+        }
+        self.force(delivery).map_err(PushError::Closed)
+    }
+
+    /// Queues a delivery whatever is waiting (a resumed session's own backlog).
+    pub fn force(&self, delivery: Delivery) -> Result<(), Delivery> {
+        let size = cost(&delivery);
+        self.pending.fetch_add(size, Ordering::AcqRel);
+        match self.tx.send(Outbound::Deliver(delivery)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(Outbound::Deliver(d))) => {
+                self.pending.fetch_sub(size, Ordering::AcqRel);
+                Err(d)
+            }
+            Err(_) => unreachable!("a delivery was sent"),
+        }
+    }
+
+    /// Tells the connection to close; `false` if it is gone already.
+    pub fn disconnect(&self, reason: u8, message: &str) -> bool {
+        self.tx
+            .send(Outbound::Disconnect {
+                reason,
+                message: message.to_string(),
+            })
+            .is_ok()
+    }
+}
+
+impl Inbox {
+    fn taken(&self, message: &Outbound) {
+        if let Outbound::Deliver(d) = message {
+            self.pending.fetch_sub(cost(d), Ordering::AcqRel);
+        }
+    }
+
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let message = self.rx.recv().await?;
+        self.taken(&message);
+        Some(message)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let message = self.rx.try_recv().ok()?;
+        self.taken(&message);
+        Some(message)
+    }
+
+    pub fn close(&mut self) {
+        self.rx.close();
+    }
+}
+
 /// The connection currently carrying a session.
 pub struct Link {
     pub conn_id: u64,
-    pub tx: mpsc::Sender<Outbound>,
+    pub outbox: Outbox,
 }
 
 pub struct SessionState {
@@ -106,21 +205,18 @@ impl Session {
         self.connected.store(connected, Ordering::Release);
     }
 
-    /// Hands a delivery to the connection, or queues it while the client is away.
-    /// `max_queued` bounds both the connection's queue and the offline queue; what does not
-    /// fit is dropped (the oldest messages are kept, as Mosquitto does).
-    pub fn deliver(&self, delivery: Delivery, max_queued: usize) -> Handoff {
+    /// Hands a delivery to the connection (at most `max_bytes` waiting), or queues it while the
+    /// client is away (at most `max_queued` messages). What does not fit is dropped: the
+    /// oldest messages are kept, as Mosquitto does.
+    pub fn deliver(&self, delivery: Delivery, max_bytes: usize, max_queued: usize) -> Handoff {
         let mut state = self.state.lock();
         if let Some(link) = &state.link {
-            match link.tx.try_send(Outbound::Deliver(delivery)) {
+            match link.outbox.push(delivery, max_bytes) {
                 Ok(()) => return Handoff::Sent,
-                Err(mpsc::error::TrySendError::Full(_)) => return Handoff::Dropped("queue_full"),
-                Err(mpsc::error::TrySendError::Closed(Outbound::Deliver(d))) => {
-                    // The connection is going away (its detach is on the way); keep the
-                    // message for its successor.
-                    return Self::enqueue(&mut state, d, max_queued);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Handoff::Dropped("closed"),
+                Err(PushError::Full(_)) => return Handoff::Dropped("queue_full"),
+                // The connection is going away (its detach is on the way); keep the message
+                // for its successor.
+                Err(PushError::Closed(d)) => return Self::enqueue(&mut state, d, max_queued),
             }
         }
         Self::enqueue(&mut state, delivery, max_queued)
