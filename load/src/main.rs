@@ -1,14 +1,20 @@
-//! `drover-load`: fleet simulation and load generation against a running Drover, over the
-//! network only, like any other client.
+//! `drover-load`: fleet simulation, load generation and benchmarks against a running Drover
+//! (or, for the broker benchmarks, any MQTT broker), over the network only, like any client.
+
+mod api;
+mod bench;
+mod sensors;
+mod simulate;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::Api;
+use crate::bench::connect::ConnectOptions;
+use crate::bench::fanout::FanoutOptions;
+use crate::simulate::SimulateOptions;
 
 #[derive(Parser)]
 #[command(
@@ -21,118 +27,282 @@ struct Cli {
     command: Command,
 }
 
+/// Where the Drover server is and how to call its API.
+#[derive(Args, Clone)]
+struct Server {
+    /// Drover's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "DROVER_URL")]
+    url: String,
+    /// An API key (or login token) with the operator role.
+    #[arg(long, env = "DROVER_API_KEY")]
+    api_key: String,
+    /// Drover's MQTT host.
+    #[arg(long, default_value = "127.0.0.1", env = "DROVER_MQTT_HOST")]
+    mqtt_host: String,
+    /// Drover's MQTT port.
+    #[arg(long, default_value_t = 1883, env = "MQTT_PORT")]
+    mqtt_port: u16,
+}
+
+/// Which simulated devices to use.
+#[derive(Args, Clone)]
+struct Devices {
+    /// How many devices.
+    #[arg(long, default_value_t = 100)]
+    devices: u32,
+    /// Device ids are <prefix><number>, e.g. sim-00042.
+    #[arg(long, default_value = "sim-")]
+    prefix: String,
+    #[arg(long = "type", default_value = "environment")]
+    device_type: String,
+    /// `device_id,token` lines: read to reuse devices, written with new ones.
+    #[arg(long, default_value = "devices.csv")]
+    devices_file: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Register N devices through the REST API and write their ids and tokens to a CSV file.
+    /// Register devices through the REST API and write their ids and tokens to a CSV file.
     Provision {
-        /// Drover's HTTP address.
-        #[arg(long, default_value = "http://127.0.0.1:8080", env = "DROVER_URL")]
-        url: String,
-        /// An API key (or login token) with the operator role.
-        #[arg(long, env = "DROVER_API_KEY")]
-        api_key: String,
-        /// How many devices.
-        #[arg(long, default_value_t = 100)]
-        devices: u32,
-        /// Device ids are <prefix><number>, e.g. sim-00042.
-        #[arg(long, default_value = "sim-")]
-        prefix: String,
-        #[arg(long = "type", default_value = "environment")]
-        device_type: String,
-        /// Requests in flight at once.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        /// Where to write `device_id,token` lines.
-        #[arg(long, default_value = "devices.csv")]
-        output: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        devices: Devices,
     },
+    /// Run a simulated fleet: realistic telemetry, shadow changes applied. Ctrl-C stops it.
+    Simulate {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        devices: Devices,
+        /// Telemetry messages per second per device.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Probability per reading that a device develops a fault (spike, stuck sensor, runaway).
+        #[arg(long, default_value_t = 0.001)]
+        fault_rate: f64,
+        /// Connections started per second.
+        #[arg(long, default_value_t = 500)]
+        connect_rate: u32,
+        /// No progress bars (for scripts).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Benchmarks; each prints a table and a JSON line.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Ramp up device connections; connect rate, failures, server memory per connection.
+    Connect {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        devices: Devices,
+        /// Connection attempts started per second (0: as fast as possible).
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Connections being set up at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Seconds to hold every connection before measuring memory.
+        #[arg(long, default_value_t = 2)]
+        hold: u64,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+    /// Publish-to-subscriber throughput and latency through any MQTT broker.
+    Fanout {
+        /// A name for what is measured (drover, mosquitto…).
+        #[arg(long, default_value = "broker")]
+        target: String,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        #[arg(long)]
+        username: Option<String>,
+        /// Password (for Drover: an API key).
+        #[arg(long, env = "BENCH_PASSWORD")]
+        password: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+        #[arg(long, default_value_t = 1)]
+        publishers: u32,
+        #[arg(long, default_value_t = 1)]
+        subscribers: u32,
+        /// Messages per publisher.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u32,
+        /// Payload bytes (at least 16: a timestamp and a sequence number).
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Messages per second per publisher (0: as fast as the client allows).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+}
+
+/// Many connections need many file descriptors: raise the soft limit as far as allowed.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: limit.rlim_max.max(1 << 20),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    raise_fd_limit();
     match Cli::parse().command {
-        Command::Provision {
-            url,
-            api_key,
-            devices,
-            prefix,
-            device_type,
-            concurrency,
-            output,
-        } => {
-            provision(
-                &url,
-                &api_key,
-                devices,
-                &prefix,
-                &device_type,
-                concurrency,
-                &output,
+        Command::Provision { server, devices } => {
+            let api = Api::new(&server.url, &server.api_key);
+            api::fleet(
+                &api,
+                &devices.prefix,
+                devices.devices,
+                &devices.device_type,
+                &devices.devices_file,
             )
-            .await
+            .await?;
         }
-    }
-}
-
-/// Registers the devices; ids already registered are reported and skipped (their tokens are
-/// not recoverable, so they are left out of the file).
-async fn provision(
-    url: &str,
-    api_key: &str,
-    devices: u32,
-    prefix: &str,
-    device_type: &str,
-    concurrency: usize,
-    output: &PathBuf,
-) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let base = url.trim_end_matches('/').to_string();
-    let limit = Arc::new(Semaphore::new(concurrency.max(1)));
-    let width = devices.to_string().len().max(5);
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(devices as usize);
-    for n in 1..=devices {
-        let (client, base, key, limit) = (client.clone(), base.clone(), api_key.to_string(), limit.clone());
-        let id = format!("{prefix}{n:0width$}");
-        let body = json!({
-            "deviceId": id,
-            "type": device_type,
-            "metadata": {"simulated": true, "site": format!("site-{}", n % 10)},
-            "tags": ["simulated"],
-        });
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire().await.expect("semaphore open");
-            let response = client
-                .post(format!("{base}/api/devices/register"))
-                .bearer_auth(&key)
-                .json(&body)
-                .send()
-                .await?;
-            let status = response.status();
-            let value: Value = response.json().await.unwrap_or(Value::Null);
-            anyhow::Ok((id, status, value))
-        }));
-    }
-    let mut lines = String::from("device_id,token\n");
-    let (mut created, mut existing) = (0u32, 0u32);
-    for task in tasks {
-        let (id, status, value) = task.await??;
-        match status.as_u16() {
-            201 => {
-                let token = value["token"].as_str().context("no token in the answer")?;
-                lines.push_str(&format!("{id},{token}\n"));
-                created += 1;
+        Command::Simulate {
+            server,
+            devices,
+            rate,
+            qos,
+            duration,
+            fault_rate,
+            connect_rate,
+            quiet,
+        } => {
+            let api = Api::new(&server.url, &server.api_key);
+            let fleet = api::fleet(
+                &api,
+                &devices.prefix,
+                devices.devices,
+                &devices.device_type,
+                &devices.devices_file,
+            )
+            .await?;
+            let options = SimulateOptions {
+                host: server.mqtt_host,
+                port: server.mqtt_port,
+                rate,
+                qos,
+                duration: duration.map(Duration::from_secs),
+                fault_rate,
+                connect_rate,
+            };
+            let summary = simulate::run(fleet, options, quiet).await?;
+            let stats = api.get("/stats").await.ok();
+            println!(
+                "simulated {} devices for {:.1} s: {} connected, {} messages sent ({:.0}/s), {} shadow updates applied, {} errors",
+                summary.devices,
+                summary.seconds,
+                summary.connected,
+                summary.messages_sent,
+                summary.messages_per_second,
+                summary.shadow_updates_applied,
+                summary.errors
+            );
+            if let Some(stats) = stats {
+                println!("server /stats: devices {}", stats["devices"]);
             }
-            409 if value["error"]["code"] == "already_exists" => existing += 1,
-            _ => bail!("registering {id} failed with {status}: {value}"),
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+        Command::Bench(Bench::Connect {
+            server,
+            devices,
+            rate,
+            concurrency,
+            hold,
+            record,
+        }) => {
+            let api = Api::new(&server.url, &server.api_key);
+            let fleet = api::fleet(
+                &api,
+                &devices.prefix,
+                devices.devices,
+                &devices.device_type,
+                &devices.devices_file,
+            )
+            .await?;
+            let report = bench::connect::run(
+                &api,
+                fleet,
+                ConnectOptions {
+                    host: server.mqtt_host,
+                    port: server.mqtt_port,
+                    rate,
+                    hold,
+                    concurrency,
+                },
+            )
+            .await?;
+            report.print();
+            if let Some(file) = record {
+                report.record(&file)?;
+            }
+        }
+        Command::Bench(Bench::Fanout {
+            target,
+            host,
+            port,
+            username,
+            password,
+            qos,
+            publishers,
+            subscribers,
+            messages,
+            payload,
+            rate,
+            record,
+        }) => {
+            let report = bench::fanout::run(FanoutOptions {
+                target,
+                host,
+                port,
+                username,
+                password,
+                qos,
+                publishers,
+                subscribers,
+                messages,
+                payload,
+                rate,
+            })
+            .await?;
+            report.print();
+            if let Some(file) = record {
+                report.record(&file)?;
+            }
         }
     }
-    std::fs::write(output, lines).with_context(|| format!("writing {}", output.display()))?;
-    let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "registered {created} devices ({existing} already existed) in {elapsed:.2} s ({:.0}/s); tokens in {}",
-        f64::from(created) / elapsed.max(1e-9),
-        output.display()
-    );
     Ok(())
 }

@@ -1,12 +1,20 @@
-//! `drover-load provision` against a real server.
+//! Smoke runs of drover-load against a real server (tiny parameters: these check that each
+//! command works end to end, not how fast anything is).
 
 use std::process::Command;
 
 use drover::config::Config;
 use drover::server::ServerThread;
+use serde_json::Value;
 
-#[test]
-fn provision_registers_devices_and_writes_their_tokens() {
+struct Server {
+    server: ServerThread,
+    base: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.http.bind = "127.0.0.1".into();
@@ -16,56 +24,204 @@ fn provision_registers_devices_and_writes_their_tokens() {
     config.storage.data_dir = dir.path().to_path_buf();
     let server = ServerThread::spawn(config, Some("load-test-password".into())).unwrap();
     let base = format!("http://{}", server.http_addr);
-
-    let client = reqwest::blocking::Client::new();
-    let login: serde_json::Value = client
+    let login: Value = reqwest::blocking::Client::new()
         .post(format!("{base}/api/auth/login"))
         .json(&serde_json::json!({"username": "admin", "password": "load-test-password"}))
         .send()
         .unwrap()
         .json()
         .unwrap();
-    let token = login["token"].as_str().unwrap();
-    let output = dir.path().join("devices.csv");
-    let run = |count: &str| {
-        Command::new(env!("CARGO_BIN_EXE_drover-load"))
-            .args([
-                "provision",
-                "--url",
-                &base,
-                "--api-key",
-                token,
-                "--devices",
-                count,
-                "--output",
-            ])
-            .arg(&output)
-            .output()
-            .unwrap()
-    };
-    let result = run("25");
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let csv = std::fs::read_to_string(&output).unwrap();
+    let token = login["token"].as_str().unwrap().to_string();
+    Server {
+        server,
+        base,
+        token,
+        _dir: dir,
+    }
+}
+
+fn load(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_drover-load"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+/// The JSON line a command printed last.
+fn json_line(stdout: &str) -> Value {
+    serde_json::from_str(stdout.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap()
+}
+
+#[test]
+fn provision_registers_devices_and_reuses_them() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("devices.csv");
+    let file = file.to_str().unwrap();
+    let (ok, _, err) = load(&[
+        "provision",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--devices",
+        "25",
+        "--devices-file",
+        file,
+    ]);
+    assert!(ok, "{err}");
+    let csv = std::fs::read_to_string(file).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 25);
     assert!(rows[0].starts_with("sim-00001,dvt_"));
-
-    let list: serde_json::Value = client
-        .get(format!("{base}/api/devices?tag=simulated&limit=1"))
-        .bearer_auth(token)
+    let list: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/api/devices?tag=simulated&limit=1", s.base))
+        .bearer_auth(&s.token)
         .send()
         .unwrap()
         .json()
         .unwrap();
     assert_eq!(list["total"], 25);
+    // Again with more: the 25 are reused (their tokens kept), 5 are new.
+    let (ok, _, err) = load(&[
+        "provision",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--devices",
+        "30",
+        "--devices-file",
+        file,
+    ]);
+    assert!(ok);
+    assert!(
+        err.contains("30 devices ready") && err.contains("(5 new)"),
+        "{err}"
+    );
+    let again = std::fs::read_to_string(file).unwrap();
+    assert!(again.contains(rows[0]), "existing tokens are kept");
+}
 
-    // Running again with more devices registers only the new ones.
-    let result = run("30");
-    assert!(result.status.success());
-    assert!(String::from_utf8_lossy(&result.stdout).contains("registered 5 devices (25 already existed)"));
-    server.stop();
+#[test]
+fn simulate_connects_publishes_and_the_server_counts_it() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("devices.csv");
+    let port = s.server.mqtt_addr.port().to_string();
+    let (ok, out, err) = load(&[
+        "simulate",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--mqtt-port",
+        &port,
+        "--devices",
+        "5",
+        "--rate",
+        "5",
+        "--duration",
+        "2",
+        "--quiet",
+        "--devices-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let summary = json_line(&out);
+    assert_eq!(summary["connected"], 5, "{out}");
+    assert!(summary["messages_sent"].as_u64().unwrap() >= 20, "{out}");
+    assert_eq!(summary["errors"], 0);
+    let metrics = reqwest::blocking::get(format!("{}/metrics", s.base))
+        .unwrap()
+        .text()
+        .unwrap();
+    let received: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"drover_mqtt_messages_received_total{qos="1"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(
+        received as u64,
+        summary["messages_sent"].as_u64().unwrap(),
+        "every message sent was received"
+    );
+}
+
+#[test]
+fn bench_scenarios_run_with_tiny_parameters() {
+    let s = start();
+    let port = s.server.mqtt_addr.port().to_string();
+    let (_, created, _) = {
+        let key: Value = reqwest::blocking::Client::new()
+            .post(format!("{}/api/keys", s.base))
+            .bearer_auth(&s.token)
+            .json(&serde_json::json!({"name": "bench", "role": "operator"}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        (true, key["key"].as_str().unwrap().to_string(), String::new())
+    };
+    for qos in ["0", "1", "2"] {
+        let (ok, out, err) = load(&[
+            "bench",
+            "fanout",
+            "--target",
+            "drover",
+            "--port",
+            &port,
+            "--username",
+            "b",
+            "--password",
+            &created,
+            "--qos",
+            qos,
+            "--messages",
+            "200",
+            "--subscribers",
+            "2",
+        ]);
+        assert!(ok, "{err}");
+        let report = json_line(&out);
+        assert_eq!(report["scenario"], "fanout");
+        assert_eq!(report["results"]["expected"], 400);
+        assert_eq!(report["results"]["delivered"], 400, "q{qos}: {out}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("devices.csv");
+    let record = dir.path().join("results.jsonl");
+    let (ok, out, err) = load(&[
+        "bench",
+        "connect",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--mqtt-port",
+        &port,
+        "--devices",
+        "20",
+        "--hold",
+        "0",
+        "--devices-file",
+        file.to_str().unwrap(),
+        "--record",
+        record.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report = json_line(&out);
+    assert_eq!(report["results"]["connected"], 20, "{out}");
+    assert_eq!(report["results"]["failed"], 0);
+    assert_eq!(
+        std::fs::read_to_string(record).unwrap().lines().count(),
+        1,
+        "recorded"
+    );
 }

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Measures Drover and Mosquitto side by side on this machine, with the same load generator,
+# each broker on loopback ports of its own, and prints the ratios. Every result is appended
+# to load/results/<date>.jsonl with the machine, the versions and the parameters.
+#
+#   load/compare.sh                      # fanout QoS 0 and 1, 1 publisher -> 1 subscriber
+#   MESSAGES=500000 SUBSCRIBERS=4 load/compare.sh
+#   CONNECT_DEVICES=10000 load/compare.sh   # also ramp 10,000 device connections to Drover
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MESSAGES=${MESSAGES:-200000}
+PAYLOAD=${PAYLOAD:-64}
+PUBLISHERS=${PUBLISHERS:-1}
+SUBSCRIBERS=${SUBSCRIBERS:-1}
+CONNECT_DEVICES=${CONNECT_DEVICES:-0}
+# Latency is compared at the same fixed rate, below either broker's saturation.
+LATENCY_RATE=${LATENCY_RATE:-20000}
+DROVER_HTTP=${DROVER_HTTP:-18180}
+DROVER_MQTT=${DROVER_MQTT:-18183}
+MOSQUITTO_PORT=${MOSQUITTO_PORT:-18283}
+RESULTS=${RESULTS:-load/results/$(date -u +%Y-%m-%d).jsonl}
+
+command -v mosquitto >/dev/null || { echo "mosquitto is needed (apt-get install mosquitto)"; exit 1; }
+cargo build --release -p drover -p drover-load >&2
+DROVER=target/release/drover
+LOAD=target/release/drover-load
+
+WORK=$(mktemp -d /tmp/drover-compare.XXXXXX)
+cleanup() {
+  [ -n "${DROVER_PID:-}" ] && kill "$DROVER_PID" 2>/dev/null && wait "$DROVER_PID" 2>/dev/null || true
+  [ -n "${MOSQUITTO_PID:-}" ] && kill "$MOSQUITTO_PID" 2>/dev/null && wait "$MOSQUITTO_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cat >"$WORK/mosquitto.conf" <<CONF
+listener $MOSQUITTO_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+log_dest none
+CONF
+mosquitto -c "$WORK/mosquitto.conf" & MOSQUITTO_PID=$!
+
+ADMIN_PASSWORD=compare-$(date +%s)
+DATA_DIR="$WORK/data" PORT=$DROVER_HTTP HTTP_BIND=127.0.0.1 MQTT_PORT=$DROVER_MQTT MQTT_BIND=127.0.0.1 \
+  MAX_DEVICES=$(( CONNECT_DEVICES > 50000 ? CONNECT_DEVICES : 50000 )) LOG_LEVEL=warn \
+  DROVER_ADMIN_PASSWORD=$ADMIN_PASSWORD "$DROVER" >"$WORK/drover.out" 2>"$WORK/drover.err" & DROVER_PID=$!
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$DROVER_HTTP/health" >/dev/null && break; sleep 0.1; done
+BASE=http://127.0.0.1:$DROVER_HTTP
+TOKEN=$(curl -sf -X POST "$BASE/api/auth/login" -H 'Content-Type: application/json' \
+  -d "{\"username\":\"admin\",\"password\":\"$ADMIN_PASSWORD\"}" | python3 -c 'import sys,json;print(json.load(sys.stdin)["token"])')
+KEY=$(curl -sf -X POST "$BASE/api/keys" -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
+  -d '{"name":"compare","role":"operator"}' | python3 -c 'import sys,json;print(json.load(sys.stdin)["key"])')
+
+RUN=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$(dirname "$RESULTS")"
+python3 - "$RESULTS" "$RUN" <<PY
+import json, subprocess, sys
+def out(cmd):
+    try: return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except Exception: return "unknown"
+line = {"run": sys.argv[2], "drover": out(["$DROVER", "--version"]), "mosquitto": out(["mosquitto", "-h"]),
+        "rustc": out(["rustc", "--version"]), "parameters": {"messages": $MESSAGES, "payload": $PAYLOAD,
+        "publishers": $PUBLISHERS, "subscribers": $SUBSCRIBERS}}
+open(sys.argv[1], "a").write(json.dumps(line) + "\n")
+print(json.dumps(line))
+PY
+
+RUN_FILE="$WORK/run.jsonl"
+for QOS in 0 1; do
+  for TARGET in drover mosquitto; do
+    if [ "$TARGET" = drover ]; then CREDS=(--port "$DROVER_MQTT" --username compare --password "$KEY"); else CREDS=(--port "$MOSQUITTO_PORT"); fi
+    "$LOAD" bench fanout --target "$TARGET" "${CREDS[@]}" --qos "$QOS" --messages "$MESSAGES" --payload "$PAYLOAD" \
+      --publishers "$PUBLISHERS" --subscribers "$SUBSCRIBERS" --record "$RUN_FILE" | tail -n 1 >/dev/null
+  done
+done
+for QOS in 0 1; do
+  for TARGET in drover mosquitto; do
+    if [ "$TARGET" = drover ]; then CREDS=(--port "$DROVER_MQTT" --username compare --password "$KEY"); else CREDS=(--port "$MOSQUITTO_PORT"); fi
+    "$LOAD" bench fanout --target "$TARGET" "${CREDS[@]}" --qos "$QOS" --messages $(( LATENCY_RATE * 3 )) --payload "$PAYLOAD" \
+      --rate "$LATENCY_RATE" --record "$RUN_FILE" | tail -n 1 >/dev/null
+  done
+done
+if [ "$CONNECT_DEVICES" -gt 0 ]; then
+  "$LOAD" bench connect --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$CONNECT_DEVICES" \
+    --devices-file "$WORK/devices.csv" --record "$RUN_FILE" | tail -n 1 >/dev/null
+fi
+cat "$RUN_FILE" >>"$RESULTS"
+
+python3 - "$RUN_FILE" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+fan = {(r["target"], r["parameters"]["qos"]): r["results"] for r in rows if r["scenario"] == "fanout" and r["parameters"]["rate_per_publisher"] == 0}
+paced = {(r["target"], r["parameters"]["qos"]): r for r in rows if r["scenario"] == "fanout" and r["parameters"]["rate_per_publisher"] > 0}
+print("Throughput: publishers as fast as they can")
+print(f"{'fanout':<10}{'target':<11}{'delivered/s':>13}{'delivered':>11}{'p50 ms':>9}{'p99 ms':>9}")
+for qos in (0, 1):
+    for target in ("drover", "mosquitto"):
+        r = fan.get((target, qos))
+        if r:
+            print(f"{'QoS ' + str(qos):<10}{target:<11}{r['delivered_per_second']:>13.0f}{r['delivered_ratio']:>11.3f}"
+                  f"{r.get('latency_p50_ms', 0):>9.2f}{r.get('latency_p99_ms', 0):>9.2f}")
+    d, m = fan.get(("drover", qos)), fan.get(("mosquitto", qos))
+    if d and m:
+        print(f"{'':<10}{'ratio':<11}{d['delivered_per_second'] / m['delivered_per_second']:>13.2f}  (Drover / Mosquitto)")
+if paced:
+    rate = next(iter(paced.values()))["parameters"]["rate_per_publisher"]
+    print(f"Latency at {rate} messages/s, the same for both")
+    print(f"{'fanout':<10}{'target':<11}{'delivered':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+    for qos in (0, 1):
+        for target in ("drover", "mosquitto"):
+            r = paced.get((target, qos))
+            if r:
+                x = r["results"]
+                print(f"{'QoS ' + str(qos):<10}{target:<11}{x['delivered_ratio']:>11.3f}{x.get('latency_p50_ms', 0):>9.2f}"
+                      f"{x.get('latency_p95_ms', 0):>9.2f}{x.get('latency_p99_ms', 0):>9.2f}{x.get('latency_max_ms', 0):>9.2f}")
+for r in rows:
+    if r["scenario"] == "connect":
+        c = r["results"]
+        print(f"connect: {c['connected']} devices in {c['ramp_seconds']:.1f} s ({c['connects_per_second']:.0f}/s), "
+              f"{c.get('server_rss_per_connection_kib', 0):.1f} KiB server memory per connection, {c['failed']} failed")
+PY
+echo "results appended to $RESULTS"

@@ -1,0 +1,4 @@
+//! Benchmarks: each prints a table and a JSON line (see [`report`]).
+pub mod connect;
+pub mod fanout;
+pub mod report;
