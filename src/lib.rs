@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod telemetry;

@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::{Actor, Addr};
 use actix_web::{HttpServer, web};
 use drover_actors::Fleet;
+use drover_actors::downsampler::{Downsampler, StopDownsampler};
 use drover_actors::tenant_supervisor::SupervisorSettings;
 
 use crate::audit::{AuditSink, AuditWriter};
@@ -22,6 +24,7 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::storage::{Database, RegistryStore, StoreError};
+use crate::telemetry::{self, TelemetryOpenError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -33,6 +36,8 @@ pub enum StartError {
     Registry(#[from] StoreError),
     #[error("first start: {0}")]
     Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryOpenError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
 }
@@ -46,6 +51,7 @@ pub struct RunningServer {
     http: actix_web::dev::ServerHandle,
     http_task: actix_rt::task::JoinHandle<std::io::Result<()>>,
     audit: AuditWriter,
+    downsampler: Addr<Downsampler>,
 }
 
 /// Opens the registry (creating and migrating it if needed) and applies pending migrations.
@@ -103,9 +109,16 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(Arc::new(registry.clone()), settings, config.actor_threads());
+    let telemetry = telemetry::open(&config, &metrics).await?;
+    let downsampler = Downsampler::new(
+        telemetry.store.clone(),
+        Duration::from_secs(config.telemetry.maintenance_interval_secs),
+    )
+    .start();
 
     let state = web::Data::new(AppState {
-        health: HealthChecker::new(&config, registry.clone()),
+        health: HealthChecker::new(&config, registry.clone())
+            .with_telemetry(telemetry.store.clone(), telemetry.spool.clone()),
         login_throttle: LoginThrottle::new(
             config.auth.max_failed_logins,
             Duration::from_secs(config.auth.login_lockout_secs),
@@ -117,6 +130,8 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         audit,
         metrics,
         started,
+        telemetry: telemetry.store,
+        telemetry_spool: telemetry.spool,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -146,6 +161,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         http: handle,
         http_task,
         audit: audit_writer,
+        downsampler,
     })
 }
 
@@ -159,6 +175,7 @@ impl RunningServer {
         tracing::info!("shutting down: actors");
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
+        let _ = self.downsampler.send(StopDownsampler {}).await;
         self.audit.finish(Duration::from_secs(5)).await;
         tracing::info!("stopped");
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use drover_actors::Fleet;
+use drover_actors::{Fleet, TelemetrySpool, TelemetryStore};
 
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
@@ -23,4 +23,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub health: HealthChecker,
     pub started: Instant,
+    /// The telemetry store (SQLite or InfluxDB), counted for `/metrics`.
+    pub telemetry: Arc<dyn TelemetryStore>,
+    /// Where batches wait while the telemetry store is unreachable.
+    pub telemetry_spool: Arc<dyn TelemetrySpool>,
 }

@@ -20,6 +20,11 @@ use crate::telemetry::store::{MaintenanceReport, TelemetryStore};
 #[rtype(result = "()")]
 pub struct RunMaintenance {}
 
+/// Stops the downsampler (shutdown). A pass in progress finishes in the store.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopDownsampler {}
+
 /// Returns the downsampler's state, for inspection.
 #[derive(Message)]
 #[rtype(result = "DownsamplerSnapshot")]
@@ -109,6 +114,14 @@ impl Handler<RunMaintenance> for Downsampler {
 
     fn handle(&mut self, _msg: RunMaintenance, _ctx: &mut Context<Self>) -> Self::Result {
         self.pass()
+    }
+}
+
+impl Handler<StopDownsampler> for Downsampler {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopDownsampler, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 
