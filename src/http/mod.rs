@@ -10,6 +10,7 @@ pub mod groups;
 pub mod ops;
 pub mod params;
 pub mod principal;
+pub mod telemetry;
 pub mod tenants;
 
 use std::time::Instant;
@@ -40,6 +41,7 @@ use crate::state::AppState;
         (name = "users", description = "Users of a tenant"),
         (name = "keys", description = "API keys for applications"),
         (name = "tenants", description = "Tenants (platform admins)"),
+        (name = "telemetry", description = "Telemetry queries"),
         (name = "audit", description = "Audit log"),
         (name = "operations", description = "Health, metrics, statistics"),
     )
@@ -119,6 +121,7 @@ pub fn app(
                 .configure(devices::routes)
                 .configure(groups::routes)
                 .configure(tenants::routes)
+                .configure(telemetry::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json)),
         )
