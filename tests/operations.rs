@@ -149,6 +149,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/tenants/{id}", "get"),
         ("/api/tenants/{id}", "patch"),
         ("/api/audit", "get"),
+        ("/api/telemetry/{deviceId}", "get"),
         ("/health", "get"),
         ("/metrics", "get"),
         ("/stats", "get"),

@@ -383,13 +383,13 @@ async fn aggregations_match_values_computed_here(kind: Kind) {
         let v = (rng.next() % 100_000) as f64 / 100.0 - 200.0;
         load.push((ts, num(v)));
         batch.push(point("acme", "pump-7", "load", ts, num(v)));
-        if rng.next() % 3 == 0 {
+        if rng.next().is_multiple_of(3) {
             let p = (rng.next() % 1000) as f64;
             power.push((ts, num(p)));
             batch.push(point("acme", "pump-7", "power", ts, num(p)));
         }
         // Every so often the metric reports a string (a fault code): counted, not averaged.
-        if rng.next() % 97 == 0 {
+        if rng.next().is_multiple_of(97) {
             ts += 1;
             load.push((ts, MetricValue::Text("E42".into())));
             batch.push(point(
