@@ -72,6 +72,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub actors: ActorsConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,6 +200,40 @@ pub struct ActorsConfig {
     pub device_mailbox: usize,
 }
 
+/// Telemetry batching, validation, retention, spool and query limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Points a writer collects before it writes a batch.
+    pub batch_size: usize,
+    /// Longest a point waits in a writer before its batch is written, in milliseconds.
+    pub batch_interval_ms: u64,
+    /// Days raw points are kept; also the oldest timestamp a device may send.
+    pub raw_retention_days: u32,
+    /// Days 1-minute rollups are kept.
+    pub rollup_1m_retention_days: u32,
+    /// Days 1-hour rollups are kept.
+    pub rollup_1h_retention_days: u32,
+    /// Seconds between rollup and retention passes.
+    pub maintenance_interval_secs: u64,
+    /// How far ahead of the server's clock a timestamp may be, in seconds.
+    pub max_future_secs: u64,
+    /// Metrics in one message.
+    pub max_metrics_per_message: usize,
+    /// Bytes of one string value.
+    pub max_string_bytes: usize,
+    /// Messages in one batch payload (a JSON array).
+    pub max_batch_messages: usize,
+    /// Bytes the local spool may hold while the store is unreachable.
+    pub spool_max_bytes: u64,
+    /// Raw points a query returns when it sets no `limit`.
+    pub query_default_points: usize,
+    /// Largest `limit` a query may set.
+    pub query_max_points: usize,
+    /// Page cache of the embedded telemetry database, in MiB.
+    pub sqlite_cache_mib: u32,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -258,6 +293,22 @@ impl Default for Config {
                 threads: 0,
                 device_mailbox: 256,
             },
+            telemetry: TelemetryConfig {
+                batch_size: 1000,
+                batch_interval_ms: 100,
+                raw_retention_days: 30,
+                rollup_1m_retention_days: 90,
+                rollup_1h_retention_days: 730,
+                maintenance_interval_secs: 60,
+                max_future_secs: 600,
+                max_metrics_per_message: 100,
+                max_string_bytes: 1024,
+                max_batch_messages: 1000,
+                spool_max_bytes: 1024 * 1024 * 1024,
+                query_default_points: 10_000,
+                query_max_points: 100_000,
+                sqlite_cache_mib: 64,
+            },
         }
     }
 }
@@ -307,6 +358,29 @@ impl Default for ActorsConfig {
         Config::default().actors
     }
 }
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Config::default().telemetry
+    }
+}
+
+impl TelemetryConfig {
+    /// What a device payload must respect.
+    pub fn payload_limits(&self) -> drover_actors::telemetry::PayloadLimits {
+        drover_actors::telemetry::PayloadLimits {
+            max_messages: self.max_batch_messages,
+            max_metrics: self.max_metrics_per_message,
+            max_string_bytes: self.max_string_bytes,
+            max_future_ms: self.max_future_secs as i64 * 1000,
+            max_age_ms: days_ms(self.raw_retention_days),
+        }
+    }
+}
+
+/// Days in milliseconds.
+pub fn days_ms(days: u32) -> i64 {
+    i64::from(days) * 86_400_000
+}
 
 // Hand-written so secrets and URL passwords never reach a log line.
 impl fmt::Debug for Config {
@@ -321,6 +395,7 @@ impl fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("log", &self.log)
             .field("actors", &self.actors)
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }
@@ -735,6 +810,118 @@ pub const ENV_KEYS: &[EnvKey] = &[
             Ok(())
         },
     },
+    EnvKey {
+        env: "BATCH_SIZE",
+        key: "telemetry.batch_size",
+        apply: |c, v| {
+            c.telemetry.batch_size = parse(v, "a number of points")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "BATCH_INTERVAL_MS",
+        key: "telemetry.batch_interval_ms",
+        apply: |c, v| {
+            c.telemetry.batch_interval_ms = parse(v, "a number of milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_RAW_RETENTION_DAYS",
+        key: "telemetry.raw_retention_days",
+        apply: |c, v| {
+            c.telemetry.raw_retention_days = parse(v, "a number of days")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_ROLLUP_1M_RETENTION_DAYS",
+        key: "telemetry.rollup_1m_retention_days",
+        apply: |c, v| {
+            c.telemetry.rollup_1m_retention_days = parse(v, "a number of days")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_ROLLUP_1H_RETENTION_DAYS",
+        key: "telemetry.rollup_1h_retention_days",
+        apply: |c, v| {
+            c.telemetry.rollup_1h_retention_days = parse(v, "a number of days")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_MAINTENANCE_INTERVAL_SECS",
+        key: "telemetry.maintenance_interval_secs",
+        apply: |c, v| {
+            c.telemetry.maintenance_interval_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_MAX_FUTURE_SECS",
+        key: "telemetry.max_future_secs",
+        apply: |c, v| {
+            c.telemetry.max_future_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_MAX_METRICS",
+        key: "telemetry.max_metrics_per_message",
+        apply: |c, v| {
+            c.telemetry.max_metrics_per_message = parse(v, "a number of metrics")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_MAX_STRING_BYTES",
+        key: "telemetry.max_string_bytes",
+        apply: |c, v| {
+            c.telemetry.max_string_bytes = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_MAX_BATCH_MESSAGES",
+        key: "telemetry.max_batch_messages",
+        apply: |c, v| {
+            c.telemetry.max_batch_messages = parse(v, "a number of messages")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_SPOOL_MAX_BYTES",
+        key: "telemetry.spool_max_bytes",
+        apply: |c, v| {
+            c.telemetry.spool_max_bytes = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_QUERY_DEFAULT_POINTS",
+        key: "telemetry.query_default_points",
+        apply: |c, v| {
+            c.telemetry.query_default_points = parse(v, "a number of points")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_QUERY_MAX_POINTS",
+        key: "telemetry.query_max_points",
+        apply: |c, v| {
+            c.telemetry.query_max_points = parse(v, "a number of points")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_SQLITE_CACHE_MIB",
+        key: "telemetry.sqlite_cache_mib",
+        apply: |c, v| {
+            c.telemetry.sqlite_cache_mib = parse(v, "a size in MiB")?;
+            Ok(())
+        },
+    },
 ];
 
 /// Host-only variables from the product description, used when the matching URL is not set.
@@ -908,6 +1095,88 @@ impl Config {
             return Err(ConfigError::new(
                 "actors.device_mailbox (DEVICE_MAILBOX)",
                 "must be at least 1",
+            ));
+        }
+        self.validate_telemetry()
+    }
+
+    fn validate_telemetry(&self) -> Result<(), ConfigError> {
+        let t = &self.telemetry;
+        let at_least = |value: u64, min: u64, key: &str| {
+            if value < min {
+                Err(ConfigError::new(key, format!("must be at least {min}")))
+            } else {
+                Ok(())
+            }
+        };
+        at_least(t.batch_size as u64, 1, "telemetry.batch_size (BATCH_SIZE)")?;
+        at_least(
+            t.batch_interval_ms,
+            1,
+            "telemetry.batch_interval_ms (BATCH_INTERVAL_MS)",
+        )?;
+        at_least(
+            t.raw_retention_days.into(),
+            1,
+            "telemetry.raw_retention_days (TELEMETRY_RAW_RETENTION_DAYS)",
+        )?;
+        at_least(
+            t.maintenance_interval_secs,
+            1,
+            "telemetry.maintenance_interval_secs (TELEMETRY_MAINTENANCE_INTERVAL_SECS)",
+        )?;
+        at_least(
+            t.max_metrics_per_message as u64,
+            1,
+            "telemetry.max_metrics_per_message (TELEMETRY_MAX_METRICS)",
+        )?;
+        at_least(
+            t.max_batch_messages as u64,
+            1,
+            "telemetry.max_batch_messages (TELEMETRY_MAX_BATCH_MESSAGES)",
+        )?;
+        at_least(
+            t.spool_max_bytes,
+            1024 * 1024,
+            "telemetry.spool_max_bytes (TELEMETRY_SPOOL_MAX_BYTES)",
+        )?;
+        at_least(
+            t.query_default_points as u64,
+            1,
+            "telemetry.query_default_points (TELEMETRY_QUERY_DEFAULT_POINTS)",
+        )?;
+        at_least(
+            t.sqlite_cache_mib.into(),
+            1,
+            "telemetry.sqlite_cache_mib (TELEMETRY_SQLITE_CACHE_MIB)",
+        )?;
+        // Rollups are computed from raw points (and 1-hour from 1-minute ones), so each level must
+        // outlive the one it is computed from.
+        if t.rollup_1m_retention_days < t.raw_retention_days {
+            return Err(ConfigError::new(
+                "telemetry.rollup_1m_retention_days (TELEMETRY_ROLLUP_1M_RETENTION_DAYS)",
+                format!(
+                    "must be at least telemetry.raw_retention_days ({})",
+                    t.raw_retention_days
+                ),
+            ));
+        }
+        if t.rollup_1h_retention_days < t.rollup_1m_retention_days {
+            return Err(ConfigError::new(
+                "telemetry.rollup_1h_retention_days (TELEMETRY_ROLLUP_1H_RETENTION_DAYS)",
+                format!(
+                    "must be at least telemetry.rollup_1m_retention_days ({})",
+                    t.rollup_1m_retention_days
+                ),
+            ));
+        }
+        if t.query_max_points < t.query_default_points {
+            return Err(ConfigError::new(
+                "telemetry.query_max_points (TELEMETRY_QUERY_MAX_POINTS)",
+                format!(
+                    "must be at least telemetry.query_default_points ({})",
+                    t.query_default_points
+                ),
             ));
         }
         Ok(())
@@ -1140,6 +1409,37 @@ level = "info"
 threads = 0
 # Messages a device actor's mailbox holds before senders are pushed back.  (DEVICE_MAILBOX)
 device_mailbox = 256
+
+[telemetry]
+# Telemetry is stored in SQLite (telemetry.db in data_dir) unless influx.url is set.
+# Points a writer collects before it writes a batch.  (BATCH_SIZE)
+batch_size = 1000
+# Longest a point waits in a writer before its batch is written, in milliseconds.  (BATCH_INTERVAL_MS)
+batch_interval_ms = 100
+# Days raw points are kept; also the oldest timestamp a device may send.  (TELEMETRY_RAW_RETENTION_DAYS)
+raw_retention_days = 30
+# Days 1-minute rollups (mean/min/max/sum/count) are kept; at least the raw retention.  (TELEMETRY_ROLLUP_1M_RETENTION_DAYS)
+rollup_1m_retention_days = 90
+# Days 1-hour rollups are kept; at least the 1-minute retention.  (TELEMETRY_ROLLUP_1H_RETENTION_DAYS)
+rollup_1h_retention_days = 730
+# Seconds between rollup and retention passes.  (TELEMETRY_MAINTENANCE_INTERVAL_SECS)
+maintenance_interval_secs = 60
+# How far ahead of the server's clock a device timestamp may be, in seconds.  (TELEMETRY_MAX_FUTURE_SECS)
+max_future_secs = 600
+# Metrics in one message.  (TELEMETRY_MAX_METRICS)
+max_metrics_per_message = 100
+# Bytes of one string value.  (TELEMETRY_MAX_STRING_BYTES)
+max_string_bytes = 1024
+# Messages in one batch payload (a JSON array).  (TELEMETRY_MAX_BATCH_MESSAGES)
+max_batch_messages = 1000
+# Bytes the local spool (data_dir/spool) may hold while the store is unreachable.  (TELEMETRY_SPOOL_MAX_BYTES)
+spool_max_bytes = 1073741824
+# Raw points a query returns when it sets no limit.  (TELEMETRY_QUERY_DEFAULT_POINTS)
+query_default_points = 10000
+# Largest limit a query may set.  (TELEMETRY_QUERY_MAX_POINTS)
+query_max_points = 100000
+# Page cache of the embedded telemetry database, in MiB.  (TELEMETRY_SQLITE_CACHE_MIB)
+sqlite_cache_mib = 64
 "#;
 
 #[cfg(test)]
@@ -1257,6 +1557,28 @@ mod tests {
             config.database_target().unwrap(),
             DatabaseTarget::Sqlite(PathBuf::from("./data/drover.db"))
         );
+    }
+
+    #[test]
+    fn telemetry_settings() {
+        let config = Config::load_with_env(
+            None,
+            env(&[("BATCH_SIZE", "500"), ("TELEMETRY_RAW_RETENTION_DAYS", "7")]),
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.batch_size, 500);
+        assert_eq!(config.telemetry.payload_limits().max_age_ms, 7 * 86_400_000);
+        let err = Config::load_with_env(None, env(&[("BATCH_SIZE", "0")])).unwrap_err();
+        assert!(err.to_string().contains("BATCH_SIZE"), "{err}");
+        let err = Config::load_with_env(None, env(&[("BATCH_INTERVAL_MS", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("BATCH_INTERVAL_MS"), "{err}");
+        let err = Config::load_with_env(None, env(&[("TELEMETRY_RAW_RETENTION_DAYS", "120")])).unwrap_err();
+        assert!(
+            err.to_string().contains("TELEMETRY_ROLLUP_1M_RETENTION_DAYS"),
+            "{err}"
+        );
+        let err = Config::load_with_env(None, env(&[("TELEMETRY_SPOOL_MAX_BYTES", "10")])).unwrap_err();
+        assert!(err.to_string().contains("TELEMETRY_SPOOL_MAX_BYTES"), "{err}");
     }
 
     #[test]

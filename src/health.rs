@@ -1,7 +1,11 @@
-//! Backend health for `GET /health`: the registry always, Redis and InfluxDB when configured.
+//! Backend health for `GET /health`: the registry always, Redis and InfluxDB when configured,
+//! and the telemetry store (embedded or InfluxDB) with the depth of its spool.
 //! A configured backend is required: if it is down the platform reports itself unhealthy.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use drover_actors::{TelemetrySpool, TelemetryStore};
 
 use serde::Serialize;
 
@@ -27,6 +31,10 @@ pub struct CheckResult {
     pub target: Option<String>,
     pub latency_ms: Option<f64>,
     pub error: Option<String>,
+    /// Check-specific figures (the telemetry spool's depth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -49,6 +57,7 @@ pub struct HealthChecker {
     registry: RegistryStore,
     redis: Option<(redis::Client, String)>,
     influx: Option<(reqwest::Client, String, String)>,
+    telemetry: Option<(Arc<dyn TelemetryStore>, Arc<dyn TelemetrySpool>)>,
 }
 
 impl HealthChecker {
@@ -76,13 +85,29 @@ impl HealthChecker {
             registry,
             redis,
             influx,
+            telemetry: None,
         }
     }
 
+    /// Adds the telemetry store and its spool to the checks.
+    pub fn with_telemetry(mut self, store: Arc<dyn TelemetryStore>, spool: Arc<dyn TelemetrySpool>) -> Self {
+        self.telemetry = Some((store, spool));
+        self
+    }
+
     pub async fn check(&self, uptime: Duration) -> HealthReport {
-        let (registry, redis, influx) =
-            tokio::join!(self.check_registry(), self.check_redis(), self.check_influx());
-        let checks = [("registry", registry), ("redis", redis), ("influxdb", influx)];
+        let (registry, redis, influx, telemetry) = tokio::join!(
+            self.check_registry(),
+            self.check_redis(),
+            self.check_influx(),
+            self.check_telemetry()
+        );
+        let checks = [
+            ("registry", registry),
+            ("redis", redis),
+            ("influxdb", influx),
+            ("telemetry", telemetry),
+        ];
         let healthy = checks
             .iter()
             .all(|(_, c)| !c.required || c.status == CheckStatus::Up);
@@ -100,6 +125,19 @@ impl HealthChecker {
             self.registry.database().ping().await.map_err(|e| e.to_string())
         })
         .await
+    }
+
+    async fn check_telemetry(&self) -> CheckResult {
+        let Some((store, spool)) = &self.telemetry else {
+            return not_configured();
+        };
+        let info = store.info();
+        let mut result = timed(Some(info.target), async {
+            store.ping().await.map_err(|e| e.to_string())
+        })
+        .await;
+        result.details = Some(serde_json::json!({ "store": info.kind, "spool": spool.depth() }));
+        result
     }
 
     async fn check_redis(&self) -> CheckResult {
@@ -150,6 +188,7 @@ fn not_configured() -> CheckResult {
         target: None,
         latency_ms: None,
         error: None,
+        details: None,
     }
 }
 
@@ -170,6 +209,7 @@ async fn timed(
             target,
             latency_ms,
             error: None,
+            details: None,
         },
         Err(error) => CheckResult {
             status: CheckStatus::Down,
@@ -177,6 +217,7 @@ async fn timed(
             target,
             latency_ms,
             error: Some(error),
+            details: None,
         },
     }
 }

@@ -17,3 +17,4 @@ pub mod presence;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod telemetry;

@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::{Actor, Addr};
 use actix_web::{HttpServer, web};
 use drover_actors::Fleet;
+use drover_actors::downsampler::{Downsampler, StopDownsampler};
 use drover_actors::tenant_supervisor::SupervisorSettings;
 
 use crate::audit::{AuditSink, AuditWriter};
@@ -28,6 +30,7 @@ use crate::mqtt::metrics::BrokerMetrics;
 use crate::presence::{PresenceRecorder, PresenceWriter};
 use crate::state::AppState;
 use crate::storage::{Database, RegistryStore, StoreError};
+use crate::telemetry::{self, TelemetryOpenError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -39,6 +42,8 @@ pub enum StartError {
     Registry(#[from] StoreError),
     #[error("first start: {0}")]
     Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryOpenError),
     #[error("cannot listen for HTTP on {addr} (PORT, HTTP_BIND): {error}")]
     Bind { addr: String, error: std::io::Error },
     #[error(transparent)]
@@ -60,6 +65,7 @@ pub struct RunningServer {
     presence: PresenceWriter,
     node: String,
     audit: AuditWriter,
+    downsampler: Addr<Downsampler>,
 }
 
 /// Names this server in the registry's presence records: host and MQTT port, so a restart
@@ -160,9 +166,16 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         audit: audit.clone(),
         config: config.mqtt.clone(),
     });
+    let telemetry = telemetry::open(&config, &metrics).await?;
+    let downsampler = Downsampler::new(
+        telemetry.store.clone(),
+        Duration::from_secs(config.telemetry.maintenance_interval_secs),
+    )
+    .start();
 
     let state = web::Data::new(AppState {
-        health: HealthChecker::new(&config, registry.clone()),
+        health: HealthChecker::new(&config, registry.clone())
+            .with_telemetry(telemetry.store.clone(), telemetry.spool.clone()),
         login_throttle: LoginThrottle::new(
             config.auth.max_failed_logins,
             Duration::from_secs(config.auth.login_lockout_secs),
@@ -175,6 +188,8 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         metrics,
         mqtt: mqtt.clone(),
         started,
+        telemetry: telemetry.store,
+        telemetry_spool: telemetry.spool,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -225,6 +240,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         presence: presence_writer,
         node,
         audit: audit_writer,
+        downsampler,
     })
 }
 
@@ -241,6 +257,7 @@ impl RunningServer {
         tracing::info!("shutting down: actors");
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
+        let _ = self.downsampler.send(StopDownsampler {}).await;
         self.presence.finish(Duration::from_secs(5)).await;
         if let Err(error) = self.state.registry.clear_presence(&self.node).await {
             tracing::warn!(%error, "could not mark this node's devices offline");

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use drover_actors::Fleet;
+use drover_actors::{Fleet, TelemetrySpool, TelemetryStore};
 
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
@@ -26,4 +26,8 @@ pub struct AppState {
     /// The MQTT broker and what it shares with the API (kicking devices, reloading rules).
     pub mqtt: Arc<MqttContext>,
     pub started: Instant,
+    /// The telemetry store (SQLite or InfluxDB), counted for `/metrics`.
+    pub telemetry: Arc<dyn TelemetryStore>,
+    /// Where batches wait while the telemetry store is unreachable.
+    pub telemetry_spool: Arc<dyn TelemetrySpool>,
 }

@@ -155,6 +155,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/mqtt/cas", "get"),
         ("/api/mqtt/cas", "post"),
         ("/api/mqtt/cas/{id}", "delete"),
+        ("/api/telemetry/{deviceId}", "get"),
         ("/health", "get"),
         ("/metrics", "get"),
         ("/stats", "get"),

@@ -8,17 +8,22 @@
 pub mod device;
 pub mod device_actor;
 pub mod directory;
+pub mod downsampler;
 pub mod fleet;
 pub mod ids;
 pub mod presence;
 pub mod role;
+pub mod telemetry;
 pub mod tenant_supervisor;
 
 pub use device::{ConnectionStatus, DeviceRecord};
 pub use device_actor::DeviceActor;
 pub use directory::{DeviceDirectory, DirectoryError};
+pub use downsampler::Downsampler;
 pub use fleet::Fleet;
 pub use ids::{DeviceId, GroupName, IdError, TenantId};
 pub use presence::{NoPresence, PresenceSink};
 pub use role::Role;
+pub use telemetry::store::{TelemetrySpool, TelemetryStore, TelemetryStoreError};
+pub use telemetry::{MetricName, MetricValue, TelemetryPoint};
 pub use tenant_supervisor::TenantSupervisor;

@@ -11,6 +11,8 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use drover_actors::IdError;
+use drover_actors::telemetry::PayloadError;
+use drover_actors::telemetry::store::TelemetryStoreError;
 use serde::Serialize;
 
 use crate::storage::StoreError;
@@ -144,6 +146,34 @@ impl From<StoreError> for ApiError {
                 ApiError::internal("internal error")
             }
         }
+    }
+}
+
+impl From<TelemetryStoreError> for ApiError {
+    fn from(error: TelemetryStoreError) -> Self {
+        match error {
+            TelemetryStoreError::Unavailable(message) => {
+                tracing::warn!(%message, "telemetry store unavailable");
+                ApiError::unavailable("the telemetry store is unavailable; retry later", 5)
+            }
+            TelemetryStoreError::Rejected(message) => ApiError::bad_request("rejected_by_store", message),
+            TelemetryStoreError::TooManyPoints { limit } => ApiError::bad_request(
+                "too_many_points",
+                format!("more than {limit} points; aggregate with agg and every, or narrow the range"),
+            ),
+            TelemetryStoreError::Internal(message) => {
+                tracing::error!(%message, "telemetry store error");
+                ApiError::internal("internal error")
+            }
+        }
+    }
+}
+
+/// A refused device payload: 400 with the payload error's own code (`invalid_metric_name`,
+/// `timestamp_out_of_range`, …).
+impl From<PayloadError> for ApiError {
+    fn from(error: PayloadError) -> Self {
+        ApiError::bad_request(error.code(), error.to_string())
     }
 }
 

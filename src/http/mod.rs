@@ -11,6 +11,7 @@ pub mod mqtt;
 pub mod ops;
 pub mod params;
 pub mod principal;
+pub mod telemetry;
 pub mod tenants;
 
 use std::time::Instant;
@@ -41,6 +42,7 @@ use crate::state::AppState;
         (name = "users", description = "Users of a tenant"),
         (name = "keys", description = "API keys for applications"),
         (name = "tenants", description = "Tenants (platform admins)"),
+        (name = "telemetry", description = "Telemetry queries"),
         (name = "audit", description = "Audit log"),
         (name = "mqtt", description = "MQTT access rules and device CAs"),
         (name = "operations", description = "Health, metrics, statistics"),
@@ -122,6 +124,7 @@ pub fn app(
                 .configure(groups::routes)
                 .configure(tenants::routes)
                 .configure(mqtt::routes)
+                .configure(telemetry::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json)),
         )

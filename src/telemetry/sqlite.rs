@@ -1,0 +1,807 @@
+//! The embedded telemetry store: its own SQLite file (`telemetry.db` in the data dir), separate
+//! from the registry so ingestion never contends with registry writes.
+//!
+//! Schema (see [`SCHEMA`]): `series` maps (tenant, device, metric) to an integer id; `points`
+//! holds `(series_id, ts) → value` in a `WITHOUT ROWID` table, so the primary key *is* the
+//! device+metric+time index and a point costs ~20 bytes. Values keep their SQLite storage class:
+//! REAL for numbers, INTEGER 0/1 for booleans, TEXT for strings. `rollup_1m` and `rollup_1h` hold
+//! count / numeric count / sum / min / max per bucket.
+//!
+//! Rollups are maintained incrementally: a write marks its series dirty from its oldest point
+//! (`series.dirty_1m`, `series.dirty_1h`, in the same transaction, so a crash cannot lose the
+//! mark) and [`maintain`](TelemetryStore::maintain) recomputes only dirty buckets, 1-minute from
+//! raw points, 1-hour from 1-minute rollups. Recomputing (not adding) keeps rollups exact when a
+//! point is replaced. Retention deletes by series and time range, which the primary keys serve.
+//!
+//! All SQLite work runs on tokio's blocking pool. One connection writes (SQLite allows one writer
+//! at a time; a mutex is cheaper and fairer than `SQLITE_BUSY` retries); reads use a small pool
+//! of other connections, which WAL lets run beside the writer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use drover_actors::telemetry::MetricValue;
+use drover_actors::telemetry::query::{
+    self as q, Bucketing, DataSource, HOUR_MS, MINUTE_MS, Partial, QueryResult, RollupCoverage, RollupLevel,
+    Sample, Segment, SeriesData, TelemetryQuery,
+};
+use drover_actors::telemetry::store::{
+    MaintenanceReport, PointBatch, StoreInfo, TelemetryStore, TelemetryStoreError,
+};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use super::Retention;
+
+/// Tables and indexes; `user_version` 1.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    id          INTEGER PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    device      TEXT NOT NULL,
+    metric      TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    -- Oldest point written since the 1-minute / 1-hour rollups were last brought up to date.
+    dirty_1m    INTEGER,
+    dirty_1h    INTEGER,
+    UNIQUE (tenant, device, metric)
+);
+CREATE TABLE IF NOT EXISTS points (
+    series_id INTEGER NOT NULL,
+    ts        INTEGER NOT NULL,
+    value     NOT NULL,
+    PRIMARY KEY (series_id, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_1m (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    num_count INTEGER NOT NULL,
+    sum       REAL NOT NULL,
+    min       REAL,
+    max       REAL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_1h (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    num_count INTEGER NOT NULL,
+    sum       REAL NOT NULL,
+    min       REAL,
+    max       REAL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+-- How far each rollup is complete for every series (buckets before until_ms).
+CREATE TABLE IF NOT EXISTS rollup_state (
+    level    TEXT PRIMARY KEY,
+    until_ms INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+";
+
+/// Series rolled up per maintenance transaction, so ingestion waits at most one chunk.
+const MAINTENANCE_CHUNK: usize = 200;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Settings of the embedded store.
+#[derive(Debug, Clone)]
+pub struct SqliteSettings {
+    pub path: PathBuf,
+    pub retention: Retention,
+    pub cache_mib: u32,
+}
+
+pub struct SqliteTelemetryStore {
+    path: PathBuf,
+    retention: Retention,
+    writer: Arc<Mutex<Writer>>,
+    readers: Arc<ReaderPool>,
+}
+
+/// The writing connection and what it caches.
+struct Writer {
+    conn: Connection,
+    /// `tenant \0 device \0 metric` → series id; series rows are never deleted.
+    series: HashMap<String, i64>,
+    /// Per series, a timestamp its dirty marks are known to be at or below.
+    dirty_upper: HashMap<i64, i64>,
+}
+
+struct ReaderPool {
+    path: PathBuf,
+    cache_kib: i64,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    fn get(&self) -> Result<Connection, TelemetryStoreError> {
+        if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(classify)?;
+        conn.execute_batch(&format!(
+            "PRAGMA busy_timeout = 5000; PRAGMA cache_size = -{};",
+            self.cache_kib / 4
+        ))
+        .map_err(classify)?;
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+}
+
+/// Maps SQLite failures: contention, full disks and I/O trouble may pass; the rest will not.
+fn classify(error: rusqlite::Error) -> TelemetryStoreError {
+    match error.sqlite_error_code() {
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::OutOfMemory,
+        ) => TelemetryStoreError::Unavailable(error.to_string()),
+        _ => TelemetryStoreError::Internal(error.to_string()),
+    }
+}
+
+fn value_ref(value: &MetricValue) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(match value {
+        MetricValue::Number(n) => ValueRef::Real(*n),
+        MetricValue::Bool(b) => ValueRef::Integer(i64::from(*b)),
+        MetricValue::Text(s) => ValueRef::Text(s.as_bytes()),
+    })
+}
+
+fn metric_value(value: ValueRef<'_>) -> Result<MetricValue, TelemetryStoreError> {
+    match value {
+        ValueRef::Real(n) => Ok(MetricValue::Number(n)),
+        ValueRef::Integer(i) => Ok(MetricValue::Bool(i != 0)),
+        ValueRef::Text(t) => Ok(MetricValue::Text(String::from_utf8_lossy(t).into_owned())),
+        other => Err(TelemetryStoreError::Internal(format!(
+            "unexpected stored value of type {:?}",
+            other.data_type()
+        ))),
+    }
+}
+
+fn floor_to(ts: i64, res: i64) -> i64 {
+    ts.div_euclid(res) * res
+}
+
+fn ceil_to(ts: i64, res: i64) -> i64 {
+    floor_to(ts + res - 1, res)
+}
+
+impl SqliteTelemetryStore {
+    /// Opens (creating if needed) the database file and its schema. Blocking: call it from the
+    /// blocking pool or at start.
+    pub fn open(settings: SqliteSettings) -> Result<SqliteTelemetryStore, TelemetryStoreError> {
+        if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                TelemetryStoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(&settings.path).map_err(classify)?;
+        let cache_kib = i64::from(settings.cache_mib) * 1024;
+        // Small pages for a new file: a batch from many devices touches one leaf page per series,
+        // and each commit copies every touched page into the WAL; 1 KiB pages measured ~50% more
+        // interleaved inserts per second than 4 KiB. (No effect on an existing file.)
+        conn.execute_batch("PRAGMA page_size = 1024;").map_err(classify)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(classify)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(TelemetryStoreError::Internal(format!(
+                "{} cannot use WAL (journal mode {mode})",
+                settings.path.display()
+            )));
+        }
+        // NORMAL in WAL mode: a committed batch survives a killed process; only a power cut can
+        // lose the last commits. A bigger page cache keeps the leaf pages of active series hot.
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; \
+             PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = 4000;"
+        ))
+        .map_err(classify)?;
+        conn.execute_batch(SCHEMA).map_err(classify)?;
+        Ok(SqliteTelemetryStore {
+            readers: Arc::new(ReaderPool {
+                path: settings.path.clone(),
+                cache_kib,
+                idle: Mutex::new(Vec::new()),
+            }),
+            path: settings.path,
+            retention: settings.retention,
+            writer: Arc::new(Mutex::new(Writer {
+                conn,
+                series: HashMap::new(),
+                dirty_upper: HashMap::new(),
+            })),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> Result<T, TelemetryStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, TelemetryStoreError> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| TelemetryStoreError::Internal(format!("telemetry task failed: {e}")))?
+    }
+}
+
+fn write_batch(writer: &mut Writer, batch: &PointBatch) -> Result<(), TelemetryStoreError> {
+    let Writer {
+        conn,
+        series,
+        dirty_upper,
+    } = writer;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(classify)?;
+    // New series ids are cached only once the transaction commits.
+    let mut new_series: Vec<(String, i64)> = Vec::new();
+    let mut oldest: HashMap<i64, i64> = HashMap::new();
+    {
+        let mut insert_series = tx
+            .prepare_cached(
+                "INSERT INTO series (tenant, device, metric, device_type) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (tenant, device, metric) DO UPDATE SET device_type = excluded.device_type \
+                 RETURNING id",
+            )
+            .map_err(classify)?;
+        let mut insert_point = tx
+            .prepare_cached(
+                "INSERT INTO points (series_id, ts, value) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (series_id, ts) DO UPDATE SET value = excluded.value",
+            )
+            .map_err(classify)?;
+        let mut key = String::with_capacity(128);
+        for point in batch.iter() {
+            key.clear();
+            key.push_str(point.tenant.as_str());
+            key.push('\0');
+            key.push_str(point.device.as_str());
+            key.push('\0');
+            key.push_str(point.metric.as_str());
+            let id = match series.get(key.as_str()) {
+                Some(id) => *id,
+                None => match new_series.iter().find(|(k, _)| *k == key) {
+                    Some((_, id)) => *id,
+                    None => {
+                        let id: i64 = insert_series
+                            .query_row(
+                                params![
+                                    point.tenant.as_str(),
+                                    point.device.as_str(),
+                                    point.metric.as_str(),
+                                    point.device_type
+                                ],
+                                |row| row.get(0),
+                            )
+                            .map_err(classify)?;
+                        new_series.push((key.clone(), id));
+                        id
+                    }
+                },
+            };
+            insert_point
+                .execute(params![id, point.ts_ms, value_ref(&point.value)])
+                .map_err(classify)?;
+            oldest
+                .entry(id)
+                .and_modify(|t| *t = (*t).min(point.ts_ms))
+                .or_insert(point.ts_ms);
+        }
+    }
+    let mut marked: Vec<(i64, i64)> = Vec::new();
+    {
+        let mut mark = tx
+            .prepare_cached(
+                "UPDATE series SET dirty_1m = min(coalesce(dirty_1m, ?1), ?1), \
+                 dirty_1h = min(coalesce(dirty_1h, ?1), ?1) WHERE id = ?2",
+            )
+            .map_err(classify)?;
+        for (id, ts) in oldest {
+            // Skip the update when the marks are already at or below this batch's oldest point.
+            if dirty_upper.get(&id).is_some_and(|upper| *upper <= ts) {
+                continue;
+            }
+            mark.execute(params![ts, id]).map_err(classify)?;
+            marked.push((id, ts));
+        }
+    }
+    tx.commit().map_err(classify)?;
+    series.extend(new_series);
+    dirty_upper.extend(marked);
+    Ok(())
+}
+
+/// Rolls up the dirty series and applies retention, in chunks of series.
+fn maintain(
+    writer: &Mutex<Writer>,
+    retention: &Retention,
+    now_ms: i64,
+) -> Result<MaintenanceReport, TelemetryStoreError> {
+    let mut report = MaintenanceReport::default();
+    let until_1m = floor_to(now_ms, MINUTE_MS);
+    let until_1h = floor_to(now_ms, HOUR_MS);
+    let raw_horizon = now_ms - retention.raw_ms;
+    let horizon_1m = now_ms - retention.rollup_1m_ms;
+    let horizon_1h = now_ms - retention.rollup_1h_ms;
+
+    let dirty: Vec<i64> = {
+        let guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = guard
+            .conn
+            .prepare_cached("SELECT id FROM series WHERE dirty_1m IS NOT NULL OR dirty_1h IS NOT NULL")
+            .map_err(classify)?;
+        stmt.query_map([], |row| row.get(0))
+            .map_err(classify)?
+            .collect::<Result<_, _>>()
+            .map_err(classify)?
+    };
+    for chunk in dirty.chunks(MAINTENANCE_CHUNK) {
+        let mut guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let Writer {
+            conn, dirty_upper, ..
+        } = &mut *guard;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(classify)?;
+        for id in chunk {
+            // Read again under the writer lock: a write since the listing may have lowered them.
+            let (dirty_1m, dirty_1h): (Option<i64>, Option<i64>) = tx
+                .prepare_cached("SELECT dirty_1m, dirty_1h FROM series WHERE id = ?1")
+                .and_then(|mut s| s.query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?))))
+                .map_err(classify)?;
+            // Buckets older than the raw retention keep their rollups: their raw points are
+            // (partly) gone, so recomputing them would lose data.
+            if let Some(from) = dirty_1m.map(|d| floor_to(d, MINUTE_MS).max(ceil_to(raw_horizon, MINUTE_MS)))
+            {
+                report.rollup_rows_written += rollup_minutes(&tx, *id, from, until_1m)?;
+            }
+            if let Some(from) = dirty_1h.map(|d| floor_to(d, HOUR_MS).max(ceil_to(horizon_1m, HOUR_MS))) {
+                report.rollup_rows_written += rollup_hours(&tx, *id, from, until_1h)?;
+            }
+            let pending = |from: i64| -> Result<Option<i64>, TelemetryStoreError> {
+                tx.prepare_cached("SELECT 1 FROM points WHERE series_id = ?1 AND ts >= ?2 LIMIT 1")
+                    .and_then(|mut s| s.exists(params![id, from]))
+                    .map(|exists| exists.then_some(from))
+                    .map_err(classify)
+            };
+            let (next_1m, next_1h) = (pending(until_1m)?, pending(until_1h)?);
+            tx.prepare_cached("UPDATE series SET dirty_1m = ?1, dirty_1h = ?2 WHERE id = ?3")
+                .and_then(|mut s| s.execute(params![next_1m, next_1h, id]))
+                .map_err(classify)?;
+            dirty_upper.remove(id);
+            report.series_rolled_up += 1;
+        }
+        tx.commit().map_err(classify)?;
+    }
+
+    // Every series is now rolled up to these points (late writes mark their series again).
+    {
+        let guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = guard
+            .conn
+            .prepare_cached(
+                "INSERT INTO rollup_state (level, until_ms) VALUES (?1, ?2) \
+                 ON CONFLICT (level) DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)",
+            )
+            .map_err(classify)?;
+        stmt.execute(params!["1m", until_1m]).map_err(classify)?;
+        stmt.execute(params!["1h", until_1h]).map_err(classify)?;
+    }
+
+    let ids: Vec<i64> = {
+        let guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = guard
+            .conn
+            .prepare_cached("SELECT id FROM series")
+            .map_err(classify)?;
+        stmt.query_map([], |row| row.get(0))
+            .map_err(classify)?
+            .collect::<Result<_, _>>()
+            .map_err(classify)?
+    };
+    for chunk in ids.chunks(MAINTENANCE_CHUNK * 5) {
+        let mut guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = guard
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(classify)?;
+        {
+            let mut raw = tx
+                .prepare_cached("DELETE FROM points WHERE series_id = ?1 AND ts < ?2")
+                .map_err(classify)?;
+            let mut minutes = tx
+                .prepare_cached("DELETE FROM rollup_1m WHERE series_id = ?1 AND bucket < ?2")
+                .map_err(classify)?;
+            let mut hours = tx
+                .prepare_cached("DELETE FROM rollup_1h WHERE series_id = ?1 AND bucket < ?2")
+                .map_err(classify)?;
+            for id in chunk {
+                report.raw_points_deleted += raw.execute(params![id, raw_horizon]).map_err(classify)? as u64;
+                report.rollup_rows_deleted += minutes
+                    .execute(params![id, floor_to(horizon_1m, MINUTE_MS)])
+                    .map_err(classify)? as u64;
+                report.rollup_rows_deleted += hours
+                    .execute(params![id, floor_to(horizon_1h, HOUR_MS)])
+                    .map_err(classify)? as u64;
+            }
+        }
+        tx.commit().map_err(classify)?;
+    }
+    Ok(report)
+}
+
+/// Recomputes the 1-minute rollups of one series for buckets in `[from, until)` from raw points.
+fn rollup_minutes(
+    tx: &rusqlite::Transaction,
+    id: i64,
+    from: i64,
+    until: i64,
+) -> Result<u64, TelemetryStoreError> {
+    if from >= until {
+        return Ok(0);
+    }
+    tx.prepare_cached("DELETE FROM rollup_1m WHERE series_id = ?1 AND bucket >= ?2 AND bucket < ?3")
+        .and_then(|mut s| s.execute(params![id, from, until]))
+        .map_err(classify)?;
+    tx.prepare_cached(
+        "INSERT INTO rollup_1m (series_id, bucket, count, num_count, sum, min, max) \
+         SELECT ?1, bucket, count(*), count(num), coalesce(sum(num), 0.0), min(num), max(num) FROM ( \
+             SELECT ts - ((ts % 60000) + 60000) % 60000 AS bucket, \
+                    CASE WHEN typeof(value) = 'real' THEN value END AS num \
+             FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3) \
+         GROUP BY bucket",
+    )
+    .and_then(|mut s| s.execute(params![id, from, until]))
+    .map(|n| n as u64)
+    .map_err(classify)
+}
+
+/// Recomputes the 1-hour rollups of one series for buckets in `[from, until)` from its
+/// 1-minute rollups.
+fn rollup_hours(
+    tx: &rusqlite::Transaction,
+    id: i64,
+    from: i64,
+    until: i64,
+) -> Result<u64, TelemetryStoreError> {
+    if from >= until {
+        return Ok(0);
+    }
+    tx.prepare_cached("DELETE FROM rollup_1h WHERE series_id = ?1 AND bucket >= ?2 AND bucket < ?3")
+        .and_then(|mut s| s.execute(params![id, from, until]))
+        .map_err(classify)?;
+    tx.prepare_cached(
+        "INSERT INTO rollup_1h (series_id, bucket, count, num_count, sum, min, max) \
+         SELECT ?1, bucket - ((bucket % 3600000) + 3600000) % 3600000 AS hour, \
+                sum(count), sum(num_count), sum(sum), min(min), max(max) \
+         FROM rollup_1m WHERE series_id = ?1 AND bucket >= ?2 AND bucket < ?3 GROUP BY hour",
+    )
+    .and_then(|mut s| s.execute(params![id, from, until]))
+    .map(|n| n as u64)
+    .map_err(classify)
+}
+
+/// A metric's series as a query sees it.
+struct SeriesRef {
+    id: i64,
+    dirty_1m: Option<i64>,
+    dirty_1h: Option<i64>,
+}
+
+fn run_query(conn: &Connection, query: &TelemetryQuery) -> Result<QueryResult, TelemetryStoreError> {
+    let mut refs: Vec<Option<SeriesRef>> = Vec::with_capacity(query.metrics.len());
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, dirty_1m, dirty_1h FROM series WHERE tenant = ?1 AND device = ?2 AND metric = ?3",
+            )
+            .map_err(classify)?;
+        for metric in &query.metrics {
+            let found = stmt
+                .query_row(
+                    params![query.tenant.as_str(), query.device.as_str(), metric.as_str()],
+                    |row| {
+                        Ok(SeriesRef {
+                            id: row.get(0)?,
+                            dirty_1m: row.get(1)?,
+                            dirty_1h: row.get(2)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(classify)?;
+            refs.push(found);
+        }
+    }
+    let Some(bucketing) = query.bucketing else {
+        return raw_points(conn, query, &refs);
+    };
+
+    // One plan for all metrics: the rollups are complete up to the global mark, except where a
+    // queried series has late points not rolled up yet.
+    let mut coverage = Vec::with_capacity(2);
+    {
+        let mut stmt = conn
+            .prepare_cached("SELECT until_ms FROM rollup_state WHERE level = ?1")
+            .map_err(classify)?;
+        for (level, name) in [(RollupLevel::Minute, "1m"), (RollupLevel::Hour, "1h")] {
+            let global: Option<i64> = stmt
+                .query_row(params![name], |row| row.get(0))
+                .optional()
+                .map_err(classify)?;
+            let Some(mut until_ms) = global else { continue };
+            for r in refs.iter().flatten() {
+                let dirty = match level {
+                    RollupLevel::Minute => r.dirty_1m,
+                    RollupLevel::Hour => r.dirty_1h,
+                };
+                if let Some(d) = dirty {
+                    until_ms = until_ms.min(floor_to(d, level.resolution_ms()));
+                }
+            }
+            coverage.push(RollupCoverage { level, until_ms });
+        }
+    }
+    let plan = q::plan(query.start_ms, query.end_ms, Some(bucketing), &coverage);
+    let mut series = Vec::with_capacity(query.metrics.len());
+    for (metric, r) in query.metrics.iter().zip(&refs) {
+        let samples = match r {
+            None => Vec::new(),
+            Some(r) => aggregate_series(conn, r.id, query, bucketing, &plan.segments)?,
+        };
+        series.push(SeriesData {
+            metric: metric.clone(),
+            samples,
+        });
+    }
+    Ok(QueryResult {
+        series,
+        source: plan.source,
+    })
+}
+
+fn raw_points(
+    conn: &Connection,
+    query: &TelemetryQuery,
+    refs: &[Option<SeriesRef>],
+) -> Result<QueryResult, TelemetryStoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT ts, value FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 ORDER BY ts LIMIT ?4",
+        )
+        .map_err(classify)?;
+    let mut remaining = query.limit;
+    let mut series = Vec::with_capacity(query.metrics.len());
+    for (metric, r) in query.metrics.iter().zip(refs) {
+        let mut samples = Vec::new();
+        if let Some(r) = r {
+            // One more than allowed tells "exactly the limit" from "over it".
+            let mut rows = stmt
+                .query(params![r.id, query.start_ms, query.end_ms, remaining as i64 + 1])
+                .map_err(classify)?;
+            while let Some(row) = rows.next().map_err(classify)? {
+                samples.push(Sample {
+                    ts_ms: row.get(0).map_err(classify)?,
+                    value: metric_value(row.get_ref(1).map_err(classify)?)?,
+                });
+            }
+            if samples.len() > remaining {
+                return Err(TelemetryStoreError::TooManyPoints { limit: query.limit });
+            }
+            remaining -= samples.len();
+        }
+        series.push(SeriesData {
+            metric: metric.clone(),
+            samples,
+        });
+    }
+    Ok(QueryResult {
+        series,
+        source: DataSource::Raw,
+    })
+}
+
+/// Streams one series' points in `[start, end)`, oldest first.
+fn raw_rows(
+    conn: &Connection,
+    id: i64,
+    start_ms: i64,
+    end_ms: i64,
+    mut each: impl FnMut(i64, MetricValue),
+) -> Result<(), TelemetryStoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT ts, value FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 ORDER BY ts",
+        )
+        .map_err(classify)?;
+    let mut rows = stmt.query(params![id, start_ms, end_ms]).map_err(classify)?;
+    while let Some(row) = rows.next().map_err(classify)? {
+        each(
+            row.get(0).map_err(classify)?,
+            metric_value(row.get_ref(1).map_err(classify)?)?,
+        );
+    }
+    Ok(())
+}
+
+fn aggregate_series(
+    conn: &Connection,
+    id: i64,
+    query: &TelemetryQuery,
+    bucketing: Bucketing,
+    segments: &[Segment],
+) -> Result<Vec<Sample>, TelemetryStoreError> {
+    let aggregation = bucketing.aggregation;
+    let bucket_of = |ts: i64| q::bucket_start(ts, query.start_ms, bucketing.every_ms);
+    if !aggregation.from_rollups() {
+        // last and percentiles need every value (the plan is one raw segment): rows come in time
+        // order, so buckets are aggregated as they complete and only one is held at a time.
+        let mut out = Vec::new();
+        let mut current: Option<(i64, Vec<Sample>)> = None;
+        raw_rows(conn, id, query.start_ms, query.end_ms, |ts_ms, value| {
+            let bucket = bucket_of(ts_ms);
+            if let Some((b, samples)) = current.as_mut().filter(|(b, _)| *b != bucket) {
+                if let Some(value) = q::aggregate_bucket(samples, aggregation) {
+                    out.push(Sample { ts_ms: *b, value });
+                }
+                samples.clear();
+                *b = bucket;
+            }
+            current
+                .get_or_insert_with(|| (bucket, Vec::new()))
+                .1
+                .push(Sample { ts_ms, value });
+        })?;
+        if let Some((b, samples)) = current
+            && let Some(value) = q::aggregate_bucket(&samples, aggregation)
+        {
+            out.push(Sample { ts_ms: b, value });
+        }
+        return Ok(out);
+    }
+    let every = bucketing.every_ms.unwrap_or(0);
+    let mut partials: Vec<(i64, Partial)> = Vec::new();
+    for segment in segments {
+        let (table, start_ms, end_ms) = match *segment {
+            Segment::Raw { start_ms, end_ms } => {
+                // Folding time-ordered rows here beats SQLite's GROUP BY on a computed bucket,
+                // which sorts (measured 430 ms against ~150 ms for 1,000,000 points).
+                let mut current: Option<(i64, Partial)> = None;
+                raw_rows(conn, id, start_ms, end_ms, |ts_ms, value| {
+                    let bucket = bucket_of(ts_ms);
+                    match current.as_mut() {
+                        Some((b, p)) if *b == bucket => p.add(&value),
+                        _ => {
+                            partials.extend(current.take());
+                            let mut p = Partial::default();
+                            p.add(&value);
+                            current = Some((bucket, p));
+                        }
+                    }
+                })?;
+                partials.extend(current);
+                continue;
+            }
+            Segment::Rollup {
+                level: RollupLevel::Minute,
+                start_ms,
+                end_ms,
+            } => ("rollup_1m", start_ms, end_ms),
+            Segment::Rollup {
+                level: RollupLevel::Hour,
+                start_ms,
+                end_ms,
+            } => ("rollup_1h", start_ms, end_ms),
+        };
+        // SQLite's modulo truncates toward zero; the expression floors for negative times too.
+        let sql = format!(
+            "SELECT CASE WHEN ?4 > 0 THEN bucket - ((bucket % ?4) + ?4) % ?4 ELSE ?5 END AS b, \
+                    sum(count), sum(num_count), sum(sum), min(min), max(max) \
+             FROM {table} WHERE series_id = ?1 AND bucket >= ?2 AND bucket < ?3 GROUP BY b"
+        );
+        let mut stmt = conn.prepare_cached(&sql).map_err(classify)?;
+        let rows = stmt
+            .query_map(params![id, start_ms, end_ms, every, query.start_ms], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    Partial {
+                        count: row.get::<_, i64>(1)? as u64,
+                        num_count: row.get::<_, i64>(2)? as u64,
+                        sum: row.get(3)?,
+                        min: row.get::<_, Option<f64>>(4)?.unwrap_or(f64::INFINITY),
+                        max: row.get::<_, Option<f64>>(5)?.unwrap_or(f64::NEG_INFINITY),
+                    },
+                ))
+            })
+            .map_err(classify)?;
+        for row in rows {
+            partials.push(row.map_err(classify)?);
+        }
+    }
+    Ok(q::finish_partials(
+        partials,
+        aggregation,
+        query.start_ms,
+        bucketing.every_ms,
+    ))
+}
+
+#[async_trait]
+impl TelemetryStore for SqliteTelemetryStore {
+    fn info(&self) -> StoreInfo {
+        StoreInfo {
+            kind: "sqlite",
+            target: format!("sqlite:{}", self.path.display()),
+        }
+    }
+
+    async fn write(&self, batch: PointBatch) -> Result<(), TelemetryStoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let writer = self.writer.clone();
+        self.blocking(move || {
+            let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_batch(&mut writer, &batch)
+        })
+        .await
+    }
+
+    async fn query(&self, query: TelemetryQuery) -> Result<QueryResult, TelemetryStoreError> {
+        let readers = self.readers.clone();
+        self.blocking(move || {
+            let conn = readers.get()?;
+            let result = run_query(&conn, &query);
+            readers.put(conn);
+            result
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), TelemetryStoreError> {
+        let readers = self.readers.clone();
+        self.blocking(move || {
+            let conn = readers.get()?;
+            let result = conn
+                .query_row("SELECT count(*) FROM rollup_state", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(|_| ())
+                .map_err(classify);
+            readers.put(conn);
+            result
+        })
+        .await
+    }
+
+    async fn maintain(&self, now_ms: i64) -> Result<MaintenanceReport, TelemetryStoreError> {
+        let writer = self.writer.clone();
+        let retention = self.retention;
+        self.blocking(move || maintain(&writer, &retention, now_ms)).await
+    }
+}
