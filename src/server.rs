@@ -12,6 +12,7 @@ use actix::{Actor, Addr};
 use actix_web::{HttpServer, web};
 use drover_actors::Fleet;
 use drover_actors::downsampler::{Downsampler, StopDownsampler};
+use drover_actors::pipeline::Pipeline;
 use drover_actors::tenant_supervisor::SupervisorSettings;
 
 use crate::audit::{AuditSink, AuditWriter};
@@ -144,6 +145,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
     let (presence, presence_writer) = PresenceRecorder::start(registry.clone(), node.clone());
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
+        pipeline: Arc::new(Pipeline::new(config.telemetry.payload_limits())),
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(

@@ -16,7 +16,9 @@ use serde::Serialize;
 use crate::device::DeviceRecord;
 use crate::directory::DeviceDirectory;
 use crate::ids::{DeviceId, TenantId};
+use crate::pipeline::{Pipeline, TelemetryAccepted};
 use crate::presence::PresenceSink;
+use crate::telemetry::{TelemetryPoint, parse_payload};
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -60,11 +62,18 @@ pub enum InboundKind {
 /// A publish of the device on one of its platform topics. The reply comes when the platform
 /// has taken the message in (the broker acknowledges QoS 1/2 publishes only then).
 #[derive(Message, Debug)]
-#[rtype(result = "Result<(), InboundError>")]
+#[rtype(result = "Result<InboundAccepted, InboundError>")]
 pub struct DeviceInbound {
     pub kind: InboundKind,
     pub payload: bytes::Bytes,
     pub at: DateTime<Utc>,
+}
+
+/// An inbound message the platform took in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboundAccepted {
+    /// Telemetry points it carried (0 for other kinds).
+    pub points: usize,
 }
 
 /// Why an inbound message was not taken in.
@@ -174,6 +183,7 @@ pub struct DeviceActorSpec {
     pub record: Option<DeviceRecord>,
     pub directory: Arc<dyn DeviceDirectory>,
     pub presence: Arc<dyn PresenceSink>,
+    pub pipeline: Arc<Pipeline>,
     pub supervisor: WeakRecipient<DeviceActorExited>,
     pub generation: u64,
     pub mailbox_capacity: usize,
@@ -185,6 +195,7 @@ pub struct DeviceActor {
     record: Option<DeviceRecord>,
     directory: Arc<dyn DeviceDirectory>,
     presence: Arc<dyn PresenceSink>,
+    pipeline: Arc<Pipeline>,
     mailbox_capacity: usize,
     started_at: DateTime<Utc>,
     messages_handled: u64,
@@ -208,6 +219,7 @@ impl DeviceActor {
             record: spec.record,
             directory: spec.directory,
             presence: spec.presence,
+            pipeline: spec.pipeline,
             mailbox_capacity: spec.mailbox_capacity,
             started_at: Utc::now(),
             messages_handled: 0,
@@ -311,18 +323,55 @@ impl Handler<DeviceDisconnected> for DeviceActor {
     }
 }
 
+impl DeviceActor {
+    /// Validates a telemetry payload and hands its points on.
+    fn take_telemetry(&mut self, payload: &[u8], at: DateTime<Utc>) -> Result<InboundAccepted, InboundError> {
+        let Some(record) = &self.record else {
+            return Err(InboundError::Unavailable("device state not loaded".into()));
+        };
+        let messages = parse_payload(payload, at.timestamp_millis(), &self.pipeline.limits).map_err(|e| {
+            InboundError::Rejected {
+                code: e.code(),
+                message: e.to_string(),
+            }
+        })?;
+        let points: Vec<TelemetryPoint> = messages
+            .into_iter()
+            .flat_map(|m| m.into_points(&self.tenant, &self.device, &record.device_type))
+            .collect();
+        let count = points.len();
+        self.pipeline.observe(TelemetryAccepted {
+            tenant: self.tenant.clone(),
+            device: self.device.clone(),
+            device_type: record.device_type.clone(),
+            metadata: Arc::new(record.metadata.clone()),
+            shadow: None,
+            points: points.into(),
+        });
+        Ok(InboundAccepted { points: count })
+    }
+}
+
 impl Handler<DeviceInbound> for DeviceActor {
-    type Result = Result<(), InboundError>;
+    type Result = Result<InboundAccepted, InboundError>;
 
     fn handle(&mut self, msg: DeviceInbound, _ctx: &mut Context<Self>) -> Self::Result {
         self.messages_handled += 1;
         self.last_seen = Some(msg.at);
         match msg.kind {
-            InboundKind::Telemetry => self.inbound.telemetry += 1,
-            InboundKind::ShadowUpdate | InboundKind::ShadowGet => self.inbound.shadow += 1,
-            InboundKind::CommandResponse { .. } => self.inbound.command_responses += 1,
+            InboundKind::Telemetry => {
+                self.inbound.telemetry += 1;
+                self.take_telemetry(&msg.payload, msg.at)
+            }
+            InboundKind::ShadowUpdate | InboundKind::ShadowGet => {
+                self.inbound.shadow += 1;
+                Ok(InboundAccepted::default())
+            }
+            InboundKind::CommandResponse { .. } => {
+                self.inbound.command_responses += 1;
+                Ok(InboundAccepted::default())
+            }
         }
-        Ok(())
     }
 }
 

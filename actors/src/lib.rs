@@ -11,6 +11,7 @@ pub mod directory;
 pub mod downsampler;
 pub mod fleet;
 pub mod ids;
+pub mod pipeline;
 pub mod presence;
 pub mod role;
 pub mod telemetry;

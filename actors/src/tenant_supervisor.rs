@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::device_actor::{DeviceActor, DeviceActorExited, DeviceActorSpec, ExitReason, Shutdown};
 use crate::directory::{DeviceDirectory, DirectoryError};
 use crate::ids::{DeviceId, TenantId};
+use crate::pipeline::Pipeline;
 use crate::presence::PresenceSink;
 
 // ---- messages received -------------------------------------------------------------------
@@ -74,6 +75,8 @@ struct Child {
 #[derive(Debug, Clone)]
 pub struct SupervisorSettings {
     pub device_mailbox_capacity: usize,
+    /// Payload rules and where accepted telemetry goes.
+    pub pipeline: Arc<Pipeline>,
     /// First restart delay after a failure that follows another one closely.
     pub restart_backoff_base: Duration,
     pub restart_backoff_max: Duration,
@@ -83,6 +86,7 @@ impl Default for SupervisorSettings {
     fn default() -> Self {
         SupervisorSettings {
             device_mailbox_capacity: 256,
+            pipeline: Arc::new(Pipeline::default()),
             restart_backoff_base: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
         }
@@ -132,6 +136,7 @@ impl TenantSupervisor {
             record,
             directory: self.directory.clone(),
             presence: self.presence.clone(),
+            pipeline: self.settings.pipeline.clone(),
             supervisor: ctx.address().downgrade().recipient(),
             generation: self.next_generation,
             mailbox_capacity: self.settings.device_mailbox_capacity,

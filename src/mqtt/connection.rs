@@ -504,7 +504,7 @@ impl Connection {
             return Ok(());
         }
         match addr.send(message).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(InboundError::Rejected { code, message })) => {
                 Err(PublishRefusal::Rejected { code, message })
             }

@@ -1,0 +1,82 @@
+//! Where a device's accepted telemetry goes after its actor validated it: to the observers
+//! that act on it (rule actors, live views). Storage (the batching writers) is the other half.
+//!
+//! Observers get a [`TelemetryAccepted`] per message batch, with the device's metadata and
+//! shadow at that moment, so a rule can look at them without asking the registry. Sends are
+//! `try_send`: an observer that falls behind loses events (counted), it never slows ingestion.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::ids::{DeviceId, TenantId};
+use crate::telemetry::PayloadLimits;
+use crate::telemetry::store::PointBatch;
+
+/// Telemetry of one device that the platform accepted.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct TelemetryAccepted {
+    pub tenant: TenantId,
+    pub device: DeviceId,
+    pub device_type: String,
+    /// The device's metadata (location, model…) when the telemetry arrived.
+    pub metadata: Arc<Map<String, Value>>,
+    /// The device's shadow state (`{"desired": …, "reported": …}`) when the telemetry arrived.
+    pub shadow: Option<Arc<Value>>,
+    pub points: PointBatch,
+}
+
+/// What device actors share about telemetry: the payload rules and the observers.
+pub struct Pipeline {
+    pub limits: PayloadLimits,
+    observers: Vec<Recipient<TelemetryAccepted>>,
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("observers", &self.observers.len())
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline::new(PayloadLimits::default())
+    }
+}
+
+impl Pipeline {
+    pub fn new(limits: PayloadLimits) -> Pipeline {
+        Pipeline {
+            limits,
+            observers: Vec::new(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds an observer (before the pipeline is shared).
+    pub fn with_observer(mut self, observer: Recipient<TelemetryAccepted>) -> Pipeline {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Tells every observer; an observer whose mailbox is full misses this event.
+    pub fn observe(&self, event: TelemetryAccepted) {
+        for observer in &self.observers {
+            if observer.try_send(event.clone()).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Events observers missed because they were behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
