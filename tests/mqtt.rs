@@ -601,7 +601,7 @@ async fn tenants_never_see_each_others_topics() {
                 "-t",
                 "devices/sensor-001/telemetry",
                 "-m",
-                "from-default",
+                r#"{"metrics":{"from":1}}"#,
             ],
         ),
     );
@@ -617,11 +617,11 @@ async fn tenants_never_see_each_others_topics() {
             "-t",
             "devices/sensor-001/telemetry",
             "-m",
-            "from-globex",
+            r#"{"metrics":{"from":2}}"#,
         ]),
     );
-    assert_eq!(ours.take(1, WAIT)[0].payload, "from-default");
-    assert_eq!(theirs.take(1, WAIT)[0].payload, "from-globex");
+    assert_eq!(ours.take(1, WAIT)[0].payload, r#"{"metrics":{"from":1}}"#);
+    assert_eq!(theirs.take(1, WAIT)[0].payload, r#"{"metrics":{"from":2}}"#);
     ours.none(Duration::from_millis(300));
     theirs.none(Duration::from_millis(300));
     // Same client id in two tenants: two sessions, no takeover.
@@ -981,13 +981,13 @@ async fn malformed_and_oversized_input_closes_only_that_connection() {
                 "-t",
                 "devices/sensor-002/telemetry",
                 "-m",
-                "still-here",
+                r#"{"metrics":{"still":1}}"#,
             ],
         ),
     );
     assert_eq!(code, 0);
     let got = bystander.take(1, WAIT);
-    assert_eq!(got[0].payload, "still-here");
+    assert_eq!(got[0].payload, r#"{"metrics":{"still":1}}"#);
     let (status, _) = fleet.server.get("/health", &fleet.admin).await;
     assert_eq!(status, StatusCode::OK);
 }
@@ -1767,12 +1767,12 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
                 "-t",
                 "devices/sensor-002/telemetry",
                 "-m",
-                "over-tls",
+                r#"{"metrics":{"tls":1}}"#,
             ],
         ),
     );
     assert_eq!(code, 0, "{out}");
-    assert_eq!(watcher.take(1, WAIT)[0].payload, "over-tls");
+    assert_eq!(watcher.take(1, WAIT)[0].payload, r#"{"metrics":{"tls":1}}"#);
 
     // A client certificate is refused until its CA is registered for the tenant.
     let cert_args = |dir: &tempfile::TempDir, device: &str| {
@@ -1790,7 +1790,7 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
             "-t",
             &format!("devices/{device}/telemetry"),
             "-m",
-            "by-certificate",
+            r#"{"metrics":{"cert":1}}"#,
         ])
     };
     let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
@@ -1806,7 +1806,7 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
     let got = watcher.take(1, WAIT);
     assert_eq!(
         (got[0].topic.as_str(), got[0].payload.as_str()),
-        ("devices/sensor-001/telemetry", "by-certificate")
+        ("devices/sensor-001/telemetry", r#"{"metrics":{"cert":1}}"#)
     );
 
     // A certificate from a CA nobody registered, and one for a device that does not exist.
