@@ -198,6 +198,9 @@ pub struct ActorsConfig {
     pub threads: usize,
     /// Messages a device actor's mailbox holds before senders are pushed back.
     pub device_mailbox: usize,
+    /// Seconds a device actor without a connection or a message lives before it stops (it
+    /// starts again on the next use); 0 keeps actors until shutdown.
+    pub device_idle_secs: u64,
 }
 
 /// Telemetry batching, validation, retention, spool and query limits.
@@ -208,6 +211,11 @@ pub struct TelemetryConfig {
     pub batch_size: usize,
     /// Longest a point waits in a writer before its batch is written, in milliseconds.
     pub batch_interval_ms: u64,
+    /// Batching writer actors; 0 means one per core.
+    pub writers: usize,
+    /// Points one writer holds (queued and being written) before senders are pushed back:
+    /// QoS 1/2 publishers wait, HTTP gets 503, QoS 0 points are dropped.
+    pub writer_queue_points: usize,
     /// Days raw points are kept; also the oldest timestamp a device may send.
     pub raw_retention_days: u32,
     /// Days 1-minute rollups are kept.
@@ -292,10 +300,13 @@ impl Default for Config {
             actors: ActorsConfig {
                 threads: 0,
                 device_mailbox: 256,
+                device_idle_secs: 600,
             },
             telemetry: TelemetryConfig {
                 batch_size: 1000,
                 batch_interval_ms: 100,
+                writers: 0,
+                writer_queue_points: 50_000,
                 raw_retention_days: 30,
                 rollup_1m_retention_days: 90,
                 rollup_1h_retention_days: 730,
@@ -811,6 +822,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "DEVICE_IDLE_SECS",
+        key: "actors.device_idle_secs",
+        apply: |c, v| {
+            c.actors.device_idle_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "BATCH_SIZE",
         key: "telemetry.batch_size",
         apply: |c, v| {
@@ -823,6 +842,22 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "telemetry.batch_interval_ms",
         apply: |c, v| {
             c.telemetry.batch_interval_ms = parse(v, "a number of milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_WRITERS",
+        key: "telemetry.writers",
+        apply: |c, v| {
+            c.telemetry.writers = parse(v, "a number of writers")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "TELEMETRY_WRITER_QUEUE_POINTS",
+        key: "telemetry.writer_queue_points",
+        apply: |c, v| {
+            c.telemetry.writer_queue_points = parse(v, "a number of points")?;
             Ok(())
         },
     },
@@ -1116,6 +1151,11 @@ impl Config {
             "telemetry.batch_interval_ms (BATCH_INTERVAL_MS)",
         )?;
         at_least(
+            t.writer_queue_points as u64,
+            t.batch_size as u64,
+            "telemetry.writer_queue_points (TELEMETRY_WRITER_QUEUE_POINTS)",
+        )?;
+        at_least(
             t.raw_retention_days.into(),
             1,
             "telemetry.raw_retention_days (TELEMETRY_RAW_RETENTION_DAYS)",
@@ -1285,6 +1325,19 @@ impl Config {
         }
     }
 
+    pub fn telemetry_writers(&self) -> usize {
+        if self.telemetry.writers == 0 {
+            num_cpus()
+        } else {
+            self.telemetry.writers
+        }
+    }
+
+    pub fn device_idle_timeout(&self) -> Option<std::time::Duration> {
+        (self.actors.device_idle_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.actors.device_idle_secs))
+    }
+
     pub fn actor_threads(&self) -> usize {
         if self.actors.threads == 0 {
             num_cpus()
@@ -1409,6 +1462,9 @@ level = "info"
 threads = 0
 # Messages a device actor's mailbox holds before senders are pushed back.  (DEVICE_MAILBOX)
 device_mailbox = 256
+# Seconds a device actor without a connection or a message lives before it stops; it starts
+# again, from storage, on the next use. 0 keeps actors until shutdown.  (DEVICE_IDLE_SECS)
+device_idle_secs = 600
 
 [telemetry]
 # Telemetry is stored in SQLite (telemetry.db in data_dir) unless influx.url is set.
@@ -1416,6 +1472,11 @@ device_mailbox = 256
 batch_size = 1000
 # Longest a point waits in a writer before its batch is written, in milliseconds.  (BATCH_INTERVAL_MS)
 batch_interval_ms = 100
+# Batching writer actors; 0 means one per core.  (TELEMETRY_WRITERS)
+writers = 0
+# Points one writer holds before senders are pushed back (QoS 1/2 publishers wait, HTTP gets
+# 503 with Retry-After, QoS 0 points are dropped and counted).  (TELEMETRY_WRITER_QUEUE_POINTS)
+writer_queue_points = 50000
 # Days raw points are kept; also the oldest timestamp a device may send.  (TELEMETRY_RAW_RETENTION_DAYS)
 raw_retention_days = 30
 # Days 1-minute rollups (mean/min/max/sum/count) are kept; at least the raw retention.  (TELEMETRY_ROLLUP_1M_RETENTION_DAYS)

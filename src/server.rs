@@ -13,6 +13,7 @@ use actix_web::{HttpServer, web};
 use drover_actors::Fleet;
 use drover_actors::downsampler::{Downsampler, StopDownsampler};
 use drover_actors::pipeline::Pipeline;
+use drover_actors::telemetry_writer::{SpoolReplayer, StopReplayer, WriterPool, WriterSettings};
 use drover_actors::tenant_supervisor::SupervisorSettings;
 
 use crate::audit::{AuditSink, AuditWriter};
@@ -67,6 +68,7 @@ pub struct RunningServer {
     node: String,
     audit: AuditWriter,
     downsampler: Addr<Downsampler>,
+    replayer: Addr<SpoolReplayer>,
 }
 
 /// Names this server in the registry's presence records: host and MQTT port, so a restart
@@ -143,9 +145,30 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
     let metrics = Arc::new(Metrics::new());
     let (audit, audit_writer) = AuditSink::start(registry.clone(), metrics.audit_dropped.clone());
     let (presence, presence_writer) = PresenceRecorder::start(registry.clone(), node.clone());
+    let telemetry = telemetry::open(&config, &metrics).await?;
+    let writers = WriterPool::start(
+        config.telemetry_writers(),
+        telemetry.store.clone(),
+        telemetry.spool.clone(),
+        WriterSettings {
+            batch_size: config.telemetry.batch_size,
+            batch_interval: Duration::from_millis(config.telemetry.batch_interval_ms),
+            queue_points: config.telemetry.writer_queue_points,
+            ..WriterSettings::default()
+        },
+    );
+    telemetry::metrics::register_writers(&metrics, &writers);
+    let replayer = SpoolReplayer::new(
+        telemetry.store.clone(),
+        telemetry.spool.clone(),
+        writers.spooling_flag(),
+        Duration::from_secs(1),
+    )
+    .start();
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
-        pipeline: Arc::new(Pipeline::new(config.telemetry.payload_limits())),
+        pipeline: Arc::new(Pipeline::new(config.telemetry.payload_limits()).with_writers(writers.clone())),
+        device_idle_timeout: config.device_idle_timeout(),
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(
@@ -168,7 +191,6 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         audit: audit.clone(),
         config: config.mqtt.clone(),
     });
-    let telemetry = telemetry::open(&config, &metrics).await?;
     let downsampler = Downsampler::new(
         telemetry.store.clone(),
         Duration::from_secs(config.telemetry.maintenance_interval_secs),
@@ -192,6 +214,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         started,
         telemetry: telemetry.store,
         telemetry_spool: telemetry.spool,
+        writers,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -243,6 +266,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         node,
         audit: audit_writer,
         downsampler,
+        replayer,
     })
 }
 
@@ -259,6 +283,9 @@ impl RunningServer {
         tracing::info!("shutting down: actors");
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
+        tracing::info!("shutting down: telemetry writers");
+        self.state.writers.drain(Duration::from_secs(10)).await;
+        self.replayer.do_send(StopReplayer {});
         let _ = self.downsampler.send(StopDownsampler {}).await;
         self.presence.finish(Duration::from_secs(5)).await;
         if let Err(error) = self.state.registry.clear_presence(&self.node).await {

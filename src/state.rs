@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use drover_actors::telemetry_writer::WriterPool;
 use drover_actors::{Fleet, TelemetrySpool, TelemetryStore};
 
 use crate::audit::AuditSink;
@@ -30,4 +31,6 @@ pub struct AppState {
     pub telemetry: Arc<dyn TelemetryStore>,
     /// Where batches wait while the telemetry store is unreachable.
     pub telemetry_spool: Arc<dyn TelemetrySpool>,
+    /// The batching writers every device actor commits telemetry through.
+    pub writers: WriterPool,
 }

@@ -156,10 +156,16 @@ async fn openapi_describes_every_endpoint() {
         ("/api/mqtt/cas", "post"),
         ("/api/mqtt/cas/{id}", "delete"),
         ("/api/telemetry/{deviceId}", "get"),
+        ("/api/devices/{deviceId}/telemetry", "post"),
+        ("/api/device-types", "get"),
+        ("/api/device-types/{type}", "get"),
+        ("/api/device-types/{type}", "put"),
+        ("/api/device-types/{type}", "delete"),
         ("/health", "get"),
         ("/metrics", "get"),
         ("/stats", "get"),
         ("/admin/actors", "get"),
+        ("/admin/actors/{tenant}/{deviceId}", "get"),
     ];
     let paths = doc["paths"].as_object().unwrap();
     for (path, method) in expected {

@@ -7,6 +7,7 @@
 //! panic in a handler), so the supervisor can restart it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::WeakRecipient;
 use actix::prelude::*;
@@ -18,7 +19,9 @@ use crate::directory::DeviceDirectory;
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::{Pipeline, TelemetryAccepted};
 use crate::presence::PresenceSink;
+use crate::telemetry::schema::DeviceTypeSchema;
 use crate::telemetry::{TelemetryPoint, parse_payload};
+use crate::telemetry_writer::{Backpressure, WriteError};
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -67,6 +70,9 @@ pub struct DeviceInbound {
     pub kind: InboundKind,
     pub payload: bytes::Bytes,
     pub at: DateTime<Utc>,
+    /// What to do when the telemetry writers are full: wait (MQTT QoS 1/2), refuse (HTTP,
+    /// WebSocket) or drop (QoS 0). Telemetry is answered after its commit except with `Drop`.
+    pub backpressure: Backpressure,
 }
 
 /// An inbound message the platform took in.
@@ -82,9 +88,19 @@ pub enum InboundError {
     /// The message itself is wrong (a stable code and a message for the sender).
     #[error("{code}: {message}")]
     Rejected { code: &'static str, message: String },
+    /// The telemetry writers are full; the sender should retry shortly.
+    #[error("busy: the telemetry writers are full")]
+    Busy,
     /// The platform cannot take it now; the sender should retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
+}
+
+/// The schema of a device type changed: actors of that type read it again.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct DeviceTypeChanged {
+    pub device_type: String,
 }
 
 /// Stops the actor on purpose (device deleted, idle, shutdown); it is not restarted.
@@ -134,6 +150,10 @@ pub struct ConnectionInfo {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct InboundCounts {
     pub telemetry: u64,
+    /// Telemetry points committed.
+    pub points: u64,
+    /// Messages refused (bad payload, writers full or unavailable).
+    pub refused: u64,
     pub shadow: u64,
     pub command_responses: u64,
 }
@@ -150,6 +170,9 @@ pub struct DeviceSnapshot {
     pub started_at: DateTime<Utc>,
     pub messages_handled: u64,
     pub generation: u64,
+    /// Telemetry messages waiting for their commit.
+    pub in_flight: usize,
+    pub mailbox_capacity: usize,
 }
 
 /// Sends [`DeviceActorExited`] from `Drop`, which also runs when a handler panics and the
@@ -187,12 +210,16 @@ pub struct DeviceActorSpec {
     pub supervisor: WeakRecipient<DeviceActorExited>,
     pub generation: u64,
     pub mailbox_capacity: usize,
+    /// Stops the actor after this long without a connection or a message (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 pub struct DeviceActor {
     tenant: TenantId,
     device: DeviceId,
     record: Option<DeviceRecord>,
+    /// The telemetry schema of the device's type, if it declares one.
+    schema: Option<Arc<DeviceTypeSchema>>,
     directory: Arc<dyn DeviceDirectory>,
     presence: Arc<dyn PresenceSink>,
     pipeline: Arc<Pipeline>,
@@ -202,6 +229,9 @@ pub struct DeviceActor {
     connection: Option<ConnectionInfo>,
     last_seen: Option<DateTime<Utc>>,
     inbound: InboundCounts,
+    idle_timeout: Option<Duration>,
+    last_activity: Instant,
+    in_flight: usize,
     exit: ExitNotice,
 }
 
@@ -217,6 +247,7 @@ impl DeviceActor {
             tenant: spec.tenant,
             device: spec.device,
             record: spec.record,
+            schema: None,
             directory: spec.directory,
             presence: spec.presence,
             pipeline: spec.pipeline,
@@ -226,29 +257,60 @@ impl DeviceActor {
             connection: None,
             last_seen: None,
             inbound: InboundCounts::default(),
+            idle_timeout: spec.idle_timeout,
+            last_activity: Instant::now(),
+            in_flight: 0,
         }
     }
 
-    fn load_record(&mut self, ctx: &mut Context<Self>) {
+    /// Stops the actor when nothing has used it for `idle_timeout`: no connection, no message,
+    /// nothing in flight. It starts again on the next use, from storage.
+    fn stop_if_idle(&mut self, ctx: &mut Context<Self>) {
+        let Some(idle) = self.idle_timeout else {
+            return;
+        };
+        if self.connection.is_none() && self.in_flight == 0 && self.last_activity.elapsed() >= idle {
+            tracing::debug!(tenant = %self.tenant, device = %self.device, "device actor idle; stopping");
+            self.exit.reason = ExitReason::Stopped;
+            ctx.stop();
+        }
+    }
+
+    /// Loads the record (unless the supervisor passed it) and the type's telemetry schema.
+    fn load_state(&mut self, ctx: &mut Context<Self>) {
         let directory = self.directory.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
+        let known = self.record.clone();
         // `wait` holds the mailbox until the state is loaded, so no message sees a half-built actor.
         ctx.wait(
-            async move { directory.find_device(&tenant, &device).await }
-                .into_actor(self)
-                .map(|result, act, ctx| match result {
-                    Ok(Some(record)) => act.record = Some(record),
-                    Ok(None) => {
-                        tracing::info!(tenant = %act.tenant, device = %act.device, "device no longer registered; stopping its actor");
-                        act.exit.reason = ExitReason::Unregistered;
-                        ctx.stop();
-                    }
-                    Err(error) => {
-                        tracing::warn!(tenant = %act.tenant, device = %act.device, %error, "device actor could not load its state");
-                        act.exit.reason = ExitReason::Failed;
-                        ctx.terminate();
-                    }
-                }),
+            async move {
+                let record = match known {
+                    Some(record) => Some(record),
+                    None => directory.find_device(&tenant, &device).await?,
+                };
+                let schema = match &record {
+                    Some(r) => directory.device_type_schema(&tenant, &r.device_type).await?,
+                    None => None,
+                };
+                Ok::<_, crate::directory::DirectoryError>((record, schema))
+            }
+            .into_actor(self)
+            .map(|result, act, ctx| match result {
+                Ok((Some(record), schema)) => {
+                    act.record = Some(record);
+                    act.schema = schema.map(Arc::new);
+                }
+                Ok((None, _)) => {
+                    tracing::info!(tenant = %act.tenant, device = %act.device, "device no longer registered; stopping its actor");
+                    act.exit.reason = ExitReason::Unregistered;
+                    ctx.stop();
+                }
+                Err(error) => {
+                    tracing::warn!(tenant = %act.tenant, device = %act.device, %error, "device actor could not load its state");
+                    act.exit.reason = ExitReason::Failed;
+                    ctx.terminate();
+                }
+            }),
         );
     }
 }
@@ -258,8 +320,10 @@ impl Actor for DeviceActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.mailbox_capacity);
-        if self.record.is_none() {
-            self.load_record(ctx);
+        self.load_state(ctx);
+        if let Some(idle) = self.idle_timeout {
+            let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+            ctx.run_interval(every, |act, ctx| act.stop_if_idle(ctx));
         }
     }
 }
@@ -279,6 +343,8 @@ impl Handler<GetDeviceState> for DeviceActor {
             started_at: self.started_at,
             messages_handled: self.messages_handled,
             generation: self.exit.generation,
+            in_flight: self.in_flight,
+            mailbox_capacity: self.mailbox_capacity,
         })
     }
 }
@@ -324,53 +390,138 @@ impl Handler<DeviceDisconnected> for DeviceActor {
 }
 
 impl DeviceActor {
-    /// Validates a telemetry payload and hands its points on.
-    fn take_telemetry(&mut self, payload: &[u8], at: DateTime<Utc>) -> Result<InboundAccepted, InboundError> {
+    /// Validates a telemetry payload, hands its points to the writers and, once they are
+    /// committed, to the observers.
+    fn take_telemetry(
+        &mut self,
+        payload: &[u8],
+        at: DateTime<Utc>,
+        backpressure: Backpressure,
+    ) -> ResponseActFuture<Self, Result<InboundAccepted, InboundError>> {
         let Some(record) = &self.record else {
-            return Err(InboundError::Unavailable("device state not loaded".into()));
+            return refused(InboundError::Unavailable("device state not loaded".into()));
         };
-        let messages = parse_payload(payload, at.timestamp_millis(), &self.pipeline.limits).map_err(|e| {
-            InboundError::Rejected {
-                code: e.code(),
-                message: e.to_string(),
+        let parsed = parse_payload(payload, at.timestamp_millis(), &self.pipeline.limits)
+            .map_err(|e| (e.code(), e.to_string()))
+            .and_then(|mut messages| match &self.schema {
+                Some(schema) => schema
+                    .apply(&mut messages)
+                    .map(|()| messages)
+                    .map_err(|e| (e.code(), e.to_string())),
+                None => Ok(messages),
+            });
+        let messages = match parsed {
+            Ok(messages) => messages,
+            Err((code, message)) => {
+                self.inbound.refused += 1;
+                return refused(InboundError::Rejected { code, message });
             }
-        })?;
+        };
         let points: Vec<TelemetryPoint> = messages
             .into_iter()
             .flat_map(|m| m.into_points(&self.tenant, &self.device, &record.device_type))
             .collect();
         let count = points.len();
-        self.pipeline.observe(TelemetryAccepted {
+        let accepted = self.pipeline.has_observers().then(|| TelemetryAccepted {
             tenant: self.tenant.clone(),
             device: self.device.clone(),
             device_type: record.device_type.clone(),
             metadata: Arc::new(record.metadata.clone()),
             shadow: None,
-            points: points.into(),
+            points: points.clone().into(),
         });
-        Ok(InboundAccepted { points: count })
+        let pipeline = self.pipeline.clone();
+        let (tenant, device) = (self.tenant.clone(), self.device.clone());
+        self.in_flight += 1;
+        let commit = async move {
+            match &pipeline.writers {
+                Some(writers) => writers.submit(&tenant, &device, points, backpressure).await,
+                None => Ok(()),
+            }
+        };
+        Box::pin(commit.into_actor(self).map(move |outcome, act, _ctx| {
+            act.in_flight -= 1;
+            act.last_activity = Instant::now();
+            match outcome {
+                Ok(()) => {
+                    act.inbound.points += count as u64;
+                    if let Some(accepted) = accepted {
+                        act.pipeline.observe(accepted);
+                    }
+                    Ok(InboundAccepted { points: count })
+                }
+                Err(error) => {
+                    act.inbound.refused += 1;
+                    Err(match error {
+                        WriteError::Busy => InboundError::Busy,
+                        WriteError::Rejected(why) => InboundError::Rejected {
+                            code: "store_rejected",
+                            message: why,
+                        },
+                        WriteError::Unavailable(why) => InboundError::Unavailable(why),
+                    })
+                }
+            }
+        }))
     }
 }
 
+/// An answer that needs no waiting.
+fn refused(error: InboundError) -> ResponseActFuture<DeviceActor, Result<InboundAccepted, InboundError>> {
+    Box::pin(fut::ready(Err(error)))
+}
+
+fn answered(
+    result: Result<InboundAccepted, InboundError>,
+) -> ResponseActFuture<DeviceActor, Result<InboundAccepted, InboundError>> {
+    Box::pin(fut::ready(result))
+}
+
 impl Handler<DeviceInbound> for DeviceActor {
-    type Result = Result<InboundAccepted, InboundError>;
+    type Result = ResponseActFuture<Self, Result<InboundAccepted, InboundError>>;
 
     fn handle(&mut self, msg: DeviceInbound, _ctx: &mut Context<Self>) -> Self::Result {
         self.messages_handled += 1;
         self.last_seen = Some(msg.at);
+        self.last_activity = Instant::now();
         match msg.kind {
             InboundKind::Telemetry => {
                 self.inbound.telemetry += 1;
-                self.take_telemetry(&msg.payload, msg.at)
+                self.take_telemetry(&msg.payload, msg.at, msg.backpressure)
             }
             InboundKind::ShadowUpdate | InboundKind::ShadowGet => {
                 self.inbound.shadow += 1;
-                Ok(InboundAccepted::default())
+                answered(Ok(InboundAccepted::default()))
             }
             InboundKind::CommandResponse { .. } => {
                 self.inbound.command_responses += 1;
-                Ok(InboundAccepted::default())
+                answered(Ok(InboundAccepted::default()))
             }
+        }
+    }
+}
+
+impl Handler<DeviceTypeChanged> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeviceTypeChanged, ctx: &mut Context<Self>) {
+        if self
+            .record
+            .as_ref()
+            .is_some_and(|r| r.device_type == msg.device_type)
+        {
+            let directory = self.directory.clone();
+            let tenant = self.tenant.clone();
+            ctx.wait(
+                async move { directory.device_type_schema(&tenant, &msg.device_type).await }
+                    .into_actor(self)
+                    .map(|result, act, _ctx| match result {
+                        Ok(schema) => act.schema = schema.map(Arc::new),
+                        Err(error) => {
+                            tracing::warn!(tenant = %act.tenant, device = %act.device, %error, "could not reload the device type's schema; keeping the old one")
+                        }
+                    }),
+            );
         }
     }
 }

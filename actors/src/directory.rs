@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use crate::device::DeviceRecord;
 use crate::ids::{DeviceId, TenantId};
+use crate::telemetry::schema::DeviceTypeSchema;
 
 /// The registry could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -22,4 +23,13 @@ pub trait DeviceDirectory: Send + Sync + 'static {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Option<DeviceRecord>, DirectoryError>;
+
+    /// The telemetry schema declared for a device type, if any.
+    async fn device_type_schema(
+        &self,
+        _tenant: &TenantId,
+        _device_type: &str,
+    ) -> Result<Option<DeviceTypeSchema>, DirectoryError> {
+        Ok(None)
+    }
 }

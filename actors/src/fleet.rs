@@ -113,6 +113,15 @@ impl Fleet {
         }
     }
 
+    /// Tells the running device actors of `tenant` that a device type's schema changed.
+    pub fn device_type_changed(&self, tenant: &TenantId, device_type: &str) {
+        if let Some(addr) = self.running_tenant(tenant) {
+            addr.do_send(crate::device_actor::DeviceTypeChanged {
+                device_type: device_type.to_string(),
+            });
+        }
+    }
+
     fn running_tenant(&self, tenant: &TenantId) -> Option<Addr<TenantSupervisor>> {
         let tenants = self.inner.tenants.lock().unwrap_or_else(|e| e.into_inner());
         tenants.get(tenant).filter(|a| a.connected()).cloned()

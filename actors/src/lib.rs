@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod presence;
 pub mod role;
 pub mod telemetry;
+pub mod telemetry_writer;
 pub mod tenant_supervisor;
 
 pub use device::{ConnectionStatus, DeviceRecord};

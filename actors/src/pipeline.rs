@@ -1,5 +1,5 @@
-//! Where a device's accepted telemetry goes after its actor validated it: to the observers
-//! that act on it (rule actors, live views). Storage (the batching writers) is the other half.
+//! Where a device's accepted telemetry goes after its actor validated it: to the batching
+//! writers that commit it, then to the observers that act on it (rule actors, live views).
 //!
 //! Observers get a [`TelemetryAccepted`] per message batch, with the device's metadata and
 //! shadow at that moment, so a rule can look at them without asking the registry. Sends are
@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::ids::{DeviceId, TenantId};
 use crate::telemetry::PayloadLimits;
 use crate::telemetry::store::PointBatch;
+use crate::telemetry_writer::WriterPool;
 
 /// Telemetry of one device that the platform accepted.
 #[derive(Message, Debug, Clone)]
@@ -29,9 +30,12 @@ pub struct TelemetryAccepted {
     pub points: PointBatch,
 }
 
-/// What device actors share about telemetry: the payload rules and the observers.
+/// What device actors share about telemetry: the payload rules, the writers that commit it,
+/// and the observers.
 pub struct Pipeline {
     pub limits: PayloadLimits,
+    /// Where accepted points are committed; `None` only in tests that need no store.
+    pub writers: Option<WriterPool>,
     observers: Vec<Recipient<TelemetryAccepted>>,
     dropped: AtomicU64,
 }
@@ -55,15 +59,26 @@ impl Pipeline {
     pub fn new(limits: PayloadLimits) -> Pipeline {
         Pipeline {
             limits,
+            writers: None,
             observers: Vec::new(),
             dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Commits accepted points through `writers` (before the pipeline is shared).
+    pub fn with_writers(mut self, writers: WriterPool) -> Pipeline {
+        self.writers = Some(writers);
+        self
     }
 
     /// Adds an observer (before the pipeline is shared).
     pub fn with_observer(mut self, observer: Recipient<TelemetryAccepted>) -> Pipeline {
         self.observers.push(observer);
         self
+    }
+
+    pub fn has_observers(&self) -> bool {
+        !self.observers.is_empty()
     }
 
     /// Tells every observer; an observer whose mailbox is full misses this event.

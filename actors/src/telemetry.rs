@@ -11,6 +11,7 @@
 //! writers and the query API use is in [`store`].
 
 pub mod query;
+pub mod schema;
 pub mod store;
 
 use std::fmt;

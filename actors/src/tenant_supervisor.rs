@@ -14,7 +14,9 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::device_actor::{DeviceActor, DeviceActorExited, DeviceActorSpec, ExitReason, Shutdown};
+use crate::device_actor::{
+    DeviceActor, DeviceActorExited, DeviceActorSpec, DeviceTypeChanged, ExitReason, Shutdown,
+};
 use crate::directory::{DeviceDirectory, DirectoryError};
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::Pipeline;
@@ -80,6 +82,8 @@ pub struct SupervisorSettings {
     /// First restart delay after a failure that follows another one closely.
     pub restart_backoff_base: Duration,
     pub restart_backoff_max: Duration,
+    /// A device actor with no connection and no message for this long stops (`None`: never).
+    pub device_idle_timeout: Option<Duration>,
 }
 
 impl Default for SupervisorSettings {
@@ -89,6 +93,7 @@ impl Default for SupervisorSettings {
             pipeline: Arc::new(Pipeline::default()),
             restart_backoff_base: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
+            device_idle_timeout: None,
         }
     }
 }
@@ -140,6 +145,7 @@ impl TenantSupervisor {
             supervisor: ctx.address().downgrade().recipient(),
             generation: self.next_generation,
             mailbox_capacity: self.settings.device_mailbox_capacity,
+            idle_timeout: self.settings.device_idle_timeout,
         };
         DeviceActor::new(spec).start()
     }
@@ -233,6 +239,16 @@ impl Handler<LookupDevice> for TenantSupervisor {
                 Ok(Some(addr))
             }),
         )
+    }
+}
+
+impl Handler<DeviceTypeChanged> for TenantSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeviceTypeChanged, _ctx: &mut Context<Self>) {
+        for child in self.children.values() {
+            child.addr.do_send(msg.clone());
+        }
     }
 }
 

@@ -4,9 +4,11 @@
 //! actor tree; they hold no state of their own.
 
 pub mod accounts;
+pub mod device_types;
 pub mod devices;
 pub mod error;
 pub mod groups;
+pub mod ingest;
 pub mod mqtt;
 pub mod ops;
 pub mod params;
@@ -125,6 +127,8 @@ pub fn app(
                 .configure(tenants::routes)
                 .configure(mqtt::routes)
                 .configure(telemetry::routes)
+                .configure(ingest::routes)
+                .configure(device_types::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json)),
         )
@@ -132,9 +136,11 @@ pub fn app(
         .service(ops::metrics)
         .service(ops::stats)
         .service(ops::actors)
+        .service(ops::device_actor)
         .split_for_parts();
     let document = OpenApiJson(api.to_json().unwrap_or_else(|_| "{}".into()));
     app.app_data(web::Data::new(document))
+        .route("/ws/devices/{deviceId}", web::get().to(ingest::device_socket))
         .route("/", web::get().to(index))
         .default_service(web::to(not_found))
 }

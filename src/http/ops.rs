@@ -127,5 +127,50 @@ pub async fn stats(
 pub async fn actors(state: web::Data<AppState>, principal: Principal) -> Result<HttpResponse, ApiError> {
     principal.require_platform_admin("admin.actors")?;
     let tenants = state.fleet.inspect().await;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "tenants": tenants })))
+    let writers = state.writers.inspect().await;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "tenants": tenants,
+        "writers": writers,
+        "spooling": state.writers.is_spooling(),
+        "spool": state.telemetry_spool.depth(),
+    })))
+}
+
+/// One device actor's live state: connection, counters, record, mailbox (platform admins).
+/// The actor is started if it was not running, as any access to the device does.
+#[utoipa::path(
+    tag = "operations",
+    params(("tenant" = String, Path), ("deviceId" = String, Path)),
+    responses((status = 200, description = "The device actor's state", body = Object), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[get("/admin/actors/{tenant}/{deviceId}")]
+pub async fn device_actor(
+    state: web::Data<AppState>,
+    principal: Principal,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    principal.require_platform_admin("admin.actors")?;
+    let (tenant, device) = path.into_inner();
+    let tenant = drover_actors::TenantId::parse(tenant.as_str()).map_err(ApiError::invalid_id)?;
+    let device = crate::http::devices::device_id(&device)?;
+    let addr = state
+        .fleet
+        .device(&tenant, &device)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("device actors: {e}"), 5))?
+        .ok_or_else(|| ApiError::not_found(format!("no device `{device}` in tenant `{tenant}`")))?;
+    let snapshot = addr
+        .send(drover_actors::device_actor::GetDeviceState {})
+        .await
+        .map_err(|e| ApiError::unavailable(format!("device actor: {e}"), 5))?;
+    let restarts = state
+        .fleet
+        .inspect()
+        .await
+        .into_iter()
+        .filter(|t| t.tenant == tenant)
+        .flat_map(|t| t.devices)
+        .find(|d| d.device == device);
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "actor": snapshot, "supervision": restarts })))
 }

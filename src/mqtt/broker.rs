@@ -136,7 +136,8 @@ impl Broker {
         self.connections.load(Ordering::Acquire)
     }
 
-    fn next_id(&self) -> u64 {
+    /// A connection id unique in this process (MQTT and WebSocket connections share them).
+    pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 

@@ -20,6 +20,7 @@ use chrono::Utc;
 use drover_actors::device_actor::{
     DeviceActor, DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
 };
+use drover_actors::telemetry_writer::Backpressure;
 use drover_actors::{DeviceId, Fleet};
 use ntex::util::{ByteString, Bytes};
 use ntex_mqtt::error::SendPacketError;
@@ -492,6 +493,13 @@ impl Connection {
             kind,
             payload: bytes::Bytes::copy_from_slice(payload),
             at: Utc::now(),
+            // QoS 1/2 publishers wait for room (their acknowledgement comes late); QoS 0
+            // points are dropped and counted when the writers are full.
+            backpressure: if qos == QoS::AtMostOnce {
+                Backpressure::Drop
+            } else {
+                Backpressure::Wait
+            },
         };
         if qos == QoS::AtMostOnce {
             if addr.try_send(message).is_err() {
@@ -509,6 +517,9 @@ impl Connection {
                 Err(PublishRefusal::Rejected { code, message })
             }
             Ok(Err(InboundError::Unavailable(why))) => Err(PublishRefusal::Unavailable(why)),
+            Ok(Err(InboundError::Busy)) => {
+                Err(PublishRefusal::Unavailable("telemetry writers are full".into()))
+            }
             Err(mailbox) => Err(PublishRefusal::Unavailable(format!("device actor: {mailbox}"))),
         }
     }

@@ -1,6 +1,7 @@
 //! Storage adapters: the registry over diesel (SQLite or PostgreSQL).
 
 pub mod db;
+pub mod device_types;
 pub mod mqtt;
 pub mod records;
 pub mod registry;

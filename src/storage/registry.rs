@@ -174,7 +174,7 @@ fn conflict_as(message: impl Into<String>) -> impl FnOnce(diesel::result::Error)
     }
 }
 
-pub(super) fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Result<(), StoreError> {
+pub(crate) fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Result<(), StoreError> {
     diesel::insert_into(audit_log::table)
         .values((
             audit_log::at.eq(now_ms()),
@@ -190,7 +190,7 @@ pub(super) fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Resul
     Ok(())
 }
 
-pub(super) fn audit(
+pub(crate) fn audit(
     actor: &AuditActor,
     action: &str,
     target: impl Into<String>,
@@ -1230,6 +1230,17 @@ impl DeviceDirectory for RegistryStore {
     ) -> Result<Option<DeviceRecord>, DirectoryError> {
         self.get_device(tenant, device)
             .await
+            .map_err(|e| DirectoryError(e.to_string()))
+    }
+
+    async fn device_type_schema(
+        &self,
+        tenant: &TenantId,
+        device_type: &str,
+    ) -> Result<Option<drover_actors::telemetry::schema::DeviceTypeSchema>, DirectoryError> {
+        self.get_device_type(tenant, device_type)
+            .await
+            .map(|found| found.map(|t| t.schema))
             .map_err(|e| DirectoryError(e.to_string()))
     }
 }

@@ -163,3 +163,13 @@ diesel::table! {
 
 diesel::allow_tables_to_appear_in_same_query!(mqtt_acl_rules, tenants);
 diesel::allow_tables_to_appear_in_same_query!(tenant_ca_certificates, tenants);
+
+diesel::table! {
+    device_types (tenant_id, name) {
+        tenant_id -> Text,
+        name -> Text,
+        definition -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

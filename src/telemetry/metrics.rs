@@ -1,13 +1,16 @@
 //! Telemetry figures for `/metrics`: points written and failed writes (counted by wrapping the
-//! store, so every writer is counted the same way) and the spool's depth (read at scrape time).
+//! store, so every writer is counted the same way), what the batching writers did with points
+//! (committed, spooled, refused, dropped) and the spool's depth (read at scrape time).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use drover_actors::telemetry::query::{QueryResult, TelemetryQuery};
 use drover_actors::telemetry::store::{
     MaintenanceReport, PointBatch, StoreInfo, TelemetrySpool, TelemetryStore, TelemetryStoreError,
 };
+use drover_actors::telemetry_writer::{WriterCounters, WriterPool};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
@@ -146,6 +149,84 @@ pub fn register_spool(metrics: &Metrics, spool: Arc<dyn TelemetrySpool>) {
         points,
         bytes,
         set_aside,
+        descs,
+    }));
+}
+
+/// Reports what the batching writers did, read from their shared counters at scrape time.
+struct WriterCollector {
+    counters: Arc<WriterCounters>,
+    spooling: Arc<std::sync::atomic::AtomicBool>,
+    points: IntCounterVec,
+    retries: IntCounter,
+    spooling_gauge: IntGauge,
+    descs: Vec<Desc>,
+}
+
+impl Collector for WriterCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let c = &self.counters;
+        for (outcome, value) in [
+            ("committed", &c.points_committed),
+            ("spooled", &c.points_spooled),
+            ("refused", &c.points_refused),
+            ("dropped", &c.points_dropped),
+            ("failed", &c.points_failed),
+        ] {
+            let counter = self.points.with_label_values(&[outcome]);
+            let now = value.load(Ordering::Relaxed);
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
+        let retries = c.write_retries.load(Ordering::Relaxed);
+        self.retries.inc_by(retries.saturating_sub(self.retries.get()));
+        self.spooling_gauge
+            .set(self.spooling.load(Ordering::Acquire) as i64);
+        let mut out = self.points.collect();
+        out.extend(self.retries.collect());
+        out.extend(self.spooling_gauge.collect());
+        out
+    }
+}
+
+/// Registers the writers' figures: points by outcome (committed to the store, spooled while
+/// it was away, refused with 503, dropped at QoS 0, failed), write retries, and whether new
+/// batches currently go to the spool.
+pub fn register_writers(metrics: &Metrics, writers: &WriterPool) {
+    let points = IntCounterVec::new(
+        Opts::new(
+            "drover_telemetry_ingested_points_total",
+            "Telemetry points by what the batching writers did with them (committed, spooled, refused, dropped, failed)",
+        ),
+        &["outcome"],
+    )
+    .expect("valid metric");
+    let retries = IntCounter::new(
+        "drover_telemetry_write_retries_total",
+        "Batch writes retried after a transient store error",
+    )
+    .expect("valid metric");
+    let spooling_gauge = IntGauge::new(
+        "drover_telemetry_spooling",
+        "1 while new batches go to the local spool (store unreachable or spool being replayed)",
+    )
+    .expect("valid metric");
+    let descs = points
+        .desc()
+        .into_iter()
+        .chain(retries.desc())
+        .chain(spooling_gauge.desc())
+        .cloned()
+        .collect();
+    metrics.register(Box::new(WriterCollector {
+        counters: writers.counters.clone(),
+        spooling: writers.spooling_flag(),
+        points,
+        retries,
+        spooling_gauge,
         descs,
     }));
 }

@@ -187,18 +187,18 @@ pub async fn replay_spool(
     Ok(report)
 }
 
+/// An in-memory spool for tests of the writers and the replay.
 #[cfg(test)]
-mod tests {
+pub(crate) mod memory {
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
-    use super::*;
-    use crate::ids::{DeviceId, TenantId};
-    use crate::telemetry::query::DataSource;
-    use crate::telemetry::{MetricName, MetricValue};
+    use async_trait::async_trait;
+
+    use super::{PointBatch, SpoolDepth, SpoolError, SpooledBatch, TelemetrySpool};
 
     #[derive(Default)]
-    struct MemorySpool {
+    pub struct MemorySpool {
         queue: Mutex<VecDeque<SpooledBatch>>,
         aside: Mutex<Vec<u64>>,
         next: Mutex<u64>,
@@ -236,6 +236,19 @@ mod tests {
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::memory::MemorySpool;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::ids::{DeviceId, TenantId};
+    use crate::telemetry::query::DataSource;
+    use crate::telemetry::{MetricName, MetricValue};
 
     /// Fails the writes listed in `script` (in order), then accepts everything.
     struct ScriptedStore {

@@ -1,0 +1,770 @@
+//! `TelemetryWriter`: batches points from many devices and commits them to the telemetry store
+//! in one write, answering each sender once its points are committed.
+//!
+//! A writer flushes when it holds `batch_size` points or `batch_interval` has passed, whichever
+//! comes first, with one write in flight at a time: while a write runs, new points gather into
+//! the next batch (group commit), so under load batches grow and writes stay few. A write that
+//! fails with a retryable error is retried with backoff; if the store stays unreachable the
+//! batch goes to the durable spool instead, and the senders are answered then (their points are
+//! safe on disk). While anything waits in the spool, new batches are appended to it too, so
+//! points of a device are replayed in the order they arrived. [`SpoolReplayer`] drains it once
+//! the store is back.
+//!
+//! The mailbox is bounded: a full writer pushes back on whoever sends to it (see
+//! [`WriterPool::submit`]).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::ids::{DeviceId, TenantId};
+use crate::telemetry::TelemetryPoint;
+use crate::telemetry::store::{PointBatch, TelemetrySpool, TelemetryStore, replay_spool};
+
+// ---- messages received -------------------------------------------------------------------
+
+/// Points to commit. `done` (when set) is answered once they are in the store or the spool;
+/// `permits` reserve their room in the writer's bounded queue and are released then.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WritePoints {
+    pub points: Vec<TelemetryPoint>,
+    pub done: Option<oneshot::Sender<Result<(), WriteError>>>,
+    pub permits: Option<OwnedSemaphorePermit>,
+}
+
+/// The writer's figures, for inspection.
+#[derive(Message)]
+#[rtype(result = "WriterSnapshot")]
+pub struct InspectWriter {}
+
+/// Flushes what is pending and stops (at shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DrainWriter {}
+
+/// Why points were not committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The store refused the points themselves (not retried).
+    #[error("the telemetry store refused the points: {0}")]
+    Rejected(String),
+    /// The writers' queues are full (HTTP answers 503, QoS 0 points are dropped).
+    #[error("the telemetry writers are busy")]
+    Busy,
+    /// Neither the store nor the spool could take them; the sender should retry.
+    #[error("telemetry could not be stored: {0}")]
+    Unavailable(String),
+}
+
+// ---- state -------------------------------------------------------------------------------
+
+/// Tuning shared by the writers.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub batch_size: usize,
+    pub batch_interval: Duration,
+    /// Points one writer holds at most (queued and being written); senders beyond it wait,
+    /// are refused or dropped according to their [`Backpressure`].
+    pub queue_points: usize,
+    /// Attempts of one write before the batch is spooled.
+    pub attempts: u32,
+    pub retry_base: Duration,
+}
+
+impl Default for WriterSettings {
+    fn default() -> Self {
+        WriterSettings {
+            batch_size: 1000,
+            batch_interval: Duration::from_millis(100),
+            queue_points: 20_000,
+            attempts: 3,
+            retry_base: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Counters every writer adds to, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct WriterCounters {
+    pub points_committed: AtomicU64,
+    pub batches_committed: AtomicU64,
+    pub points_spooled: AtomicU64,
+    pub batches_spooled: AtomicU64,
+    pub write_retries: AtomicU64,
+    /// Points neither the store nor the spool took (their senders got an error).
+    pub points_failed: AtomicU64,
+    /// Points refused because a writer's queue was full (HTTP 503).
+    pub points_refused: AtomicU64,
+    /// Points dropped because a writer's queue was full (MQTT QoS 0).
+    pub points_dropped: AtomicU64,
+}
+
+/// What `InspectWriter` returns.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriterSnapshot {
+    pub index: usize,
+    pub started_at: DateTime<Utc>,
+    /// Points waiting for the next write.
+    pub queued_points: usize,
+    /// Points queued, being written, or waiting for room (of `queue_points`).
+    pub held_points: usize,
+    pub queue_points: usize,
+    pub writing: bool,
+    pub messages_handled: u64,
+    pub batches_written: u64,
+    pub last_batch_points: usize,
+    pub last_write_ms: Option<f64>,
+}
+
+/// One batch being gathered or committed: its points, who waits for them, and their room.
+#[derive(Default)]
+struct Batch {
+    points: Vec<TelemetryPoint>,
+    waiters: Vec<oneshot::Sender<Result<(), WriteError>>>,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+pub struct TelemetryWriter {
+    index: usize,
+    store: Arc<dyn TelemetryStore>,
+    spool: Arc<dyn TelemetrySpool>,
+    /// Set while anything waits in the spool (shared by writers and the replayer).
+    spooling: Arc<AtomicBool>,
+    room: Arc<Semaphore>,
+    settings: WriterSettings,
+    counters: Arc<WriterCounters>,
+    pending: Batch,
+    writing: bool,
+    draining: bool,
+    started_at: DateTime<Utc>,
+    messages_handled: u64,
+    batches_written: u64,
+    last_batch_points: usize,
+    last_write: Option<Duration>,
+}
+
+impl TelemetryWriter {
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.writing || self.pending.points.is_empty() {
+            return;
+        }
+        self.writing = true;
+        let batch = std::mem::take(&mut self.pending);
+        let count = batch.points.len();
+        let points: PointBatch = batch.points.into();
+        let (store, spool, spooling, settings, counters) = (
+            self.store.clone(),
+            self.spool.clone(),
+            self.spooling.clone(),
+            self.settings.clone(),
+            self.counters.clone(),
+        );
+        let (waiters, permits) = (batch.waiters, batch.permits);
+        let started = Instant::now();
+        let write = async move { commit(points, &*store, &*spool, &spooling, &settings, &counters).await };
+        ctx.spawn(write.into_actor(self).map(move |outcome, act, ctx| {
+            act.writing = false;
+            act.batches_written += 1;
+            act.last_batch_points = count;
+            act.last_write = Some(started.elapsed());
+            drop(permits);
+            for waiter in waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+            // Group commit: what gathered during the write goes at once, it has waited already.
+            if !act.pending.points.is_empty() {
+                act.flush(ctx);
+            } else if act.draining {
+                ctx.stop();
+            }
+        }));
+    }
+}
+
+/// Writes a batch: to the spool at once while the spool is in use (order), otherwise to the
+/// store with retries, then to the spool if the store stays unreachable.
+async fn commit(
+    points: PointBatch,
+    store: &dyn TelemetryStore,
+    spool: &dyn TelemetrySpool,
+    spooling: &AtomicBool,
+    settings: &WriterSettings,
+    counters: &WriterCounters,
+) -> Result<(), WriteError> {
+    let count = points.len() as u64;
+    if !spooling.load(Ordering::Acquire) {
+        let mut attempt = 0;
+        loop {
+            match store.write(points.clone()).await {
+                Ok(()) => {
+                    counters.points_committed.fetch_add(count, Ordering::Relaxed);
+                    counters.batches_committed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(error) if error.is_retryable() => {
+                    attempt += 1;
+                    if attempt >= settings.attempts {
+                        tracing::warn!(%error, points = count, "telemetry store unreachable; spooling the batch");
+                        break;
+                    }
+                    counters.write_retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(settings.retry_base * 4u32.pow(attempt - 1)).await;
+                }
+                Err(error) => {
+                    counters.points_failed.fetch_add(count, Ordering::Relaxed);
+                    tracing::warn!(%error, points = count, "telemetry store refused a batch");
+                    return Err(WriteError::Rejected(error.to_string()));
+                }
+            }
+        }
+    }
+    spooling.store(true, Ordering::Release);
+    match spool.append(points).await {
+        Ok(()) => {
+            counters.points_spooled.fetch_add(count, Ordering::Relaxed);
+            counters.batches_spooled.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(error) => {
+            counters.points_failed.fetch_add(count, Ordering::Relaxed);
+            tracing::error!(%error, points = count, "telemetry could be neither stored nor spooled");
+            Err(WriteError::Unavailable(error.to_string()))
+        }
+    }
+}
+
+impl Actor for TelemetryWriter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Room is bounded by the permits senders take, not by the mailbox.
+        ctx.set_mailbox_capacity(usize::MAX);
+        ctx.run_interval(self.settings.batch_interval, |act, ctx| act.flush(ctx));
+    }
+}
+
+impl Handler<WritePoints> for TelemetryWriter {
+    type Result = ();
+
+    fn handle(&mut self, msg: WritePoints, ctx: &mut Context<Self>) {
+        self.messages_handled += 1;
+        self.pending.points.extend(msg.points);
+        self.pending.waiters.extend(msg.done);
+        self.pending.permits.extend(msg.permits);
+        if self.pending.points.len() >= self.settings.batch_size || self.draining {
+            self.flush(ctx);
+        }
+    }
+}
+
+impl Handler<InspectWriter> for TelemetryWriter {
+    type Result = MessageResult<InspectWriter>;
+
+    fn handle(&mut self, _msg: InspectWriter, _ctx: &mut Context<Self>) -> Self::Result {
+        let capacity = self.settings.queue_points.max(1);
+        MessageResult(WriterSnapshot {
+            index: self.index,
+            started_at: self.started_at,
+            queued_points: self.pending.points.len(),
+            held_points: capacity.saturating_sub(self.room.available_permits()),
+            queue_points: capacity,
+            writing: self.writing,
+            messages_handled: self.messages_handled,
+            batches_written: self.batches_written,
+            last_batch_points: self.last_batch_points,
+            last_write_ms: self.last_write.map(|d| d.as_secs_f64() * 1000.0),
+        })
+    }
+}
+
+impl Handler<DrainWriter> for TelemetryWriter {
+    type Result = ();
+
+    fn handle(&mut self, _msg: DrainWriter, ctx: &mut Context<Self>) {
+        self.draining = true;
+        if self.writing {
+            return; // the write in flight flushes the rest and stops
+        }
+        if self.pending.points.is_empty() {
+            ctx.stop();
+        } else {
+            self.flush(ctx);
+        }
+    }
+}
+
+/// How a sender wants to be treated when its writer's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Backpressure {
+    /// Wait for room, then for the commit (MQTT QoS 1/2: the acknowledgement comes late).
+    Wait,
+    /// Refuse at once with [`WriteError::Busy`], else wait for the commit (HTTP: 503).
+    Refuse,
+    /// Drop and count at once, and do not wait for the commit (MQTT QoS 0).
+    Drop,
+}
+
+/// The writers, chosen by device so each device's points keep their order.
+#[derive(Clone)]
+pub struct WriterPool {
+    writers: Arc<Vec<(Addr<TelemetryWriter>, Arc<Semaphore>)>>,
+    queue_points: usize,
+    pub counters: Arc<WriterCounters>,
+    spooling: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for WriterPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterPool")
+            .field("writers", &self.writers.len())
+            .finish()
+    }
+}
+
+impl WriterPool {
+    /// Starts `count` writers on the current arbiter. Until a [`SpoolReplayer`] finds the spool
+    /// empty, batches go to the spool (so points spooled before a restart stay first).
+    pub fn start(
+        count: usize,
+        store: Arc<dyn TelemetryStore>,
+        spool: Arc<dyn TelemetrySpool>,
+        settings: WriterSettings,
+    ) -> WriterPool {
+        let counters = Arc::new(WriterCounters::default());
+        let spooling = Arc::new(AtomicBool::new(spool.depth().batches > 0));
+        let queue_points = settings.queue_points.max(1);
+        let writers = (0..count.max(1))
+            .map(|index| {
+                let room = Arc::new(Semaphore::new(queue_points));
+                let writer = TelemetryWriter {
+                    index,
+                    store: store.clone(),
+                    spool: spool.clone(),
+                    spooling: spooling.clone(),
+                    room: room.clone(),
+                    settings: settings.clone(),
+                    counters: counters.clone(),
+                    pending: Batch::default(),
+                    writing: false,
+                    draining: false,
+                    started_at: Utc::now(),
+                    messages_handled: 0,
+                    batches_written: 0,
+                    last_batch_points: 0,
+                    last_write: None,
+                }
+                .start();
+                (writer, room)
+            })
+            .collect();
+        WriterPool {
+            writers: Arc::new(writers),
+            queue_points,
+            counters,
+            spooling,
+        }
+    }
+
+    fn writer_for(&self, tenant: &TenantId, device: &DeviceId) -> &(Addr<TelemetryWriter>, Arc<Semaphore>) {
+        let mut hasher = DefaultHasher::new();
+        (tenant, device).hash(&mut hasher);
+        &self.writers[hasher.finish() as usize % self.writers.len()]
+    }
+
+    /// Hands a device's points to its writer. With `Wait` and `Refuse` this resolves when they
+    /// are committed (to the store, or the spool while the store is away); with `Drop` as soon
+    /// as the writer has them.
+    pub async fn submit(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        points: Vec<TelemetryPoint>,
+        backpressure: Backpressure,
+    ) -> Result<(), WriteError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let count = points.len();
+        let (writer, room) = self.writer_for(tenant, device);
+        // A message larger than the whole queue takes all of it rather than never fitting.
+        let needed = count.min(self.queue_points) as u32;
+        let permits = match backpressure {
+            Backpressure::Wait => room
+                .clone()
+                .acquire_many_owned(needed)
+                .await
+                .map_err(|_| WriteError::Unavailable("the telemetry writers stopped".into()))?,
+            Backpressure::Refuse | Backpressure::Drop => match room.clone().try_acquire_many_owned(needed) {
+                Ok(permits) => permits,
+                Err(_) => {
+                    let counter = if backpressure == Backpressure::Drop {
+                        &self.counters.points_dropped
+                    } else {
+                        &self.counters.points_refused
+                    };
+                    counter.fetch_add(count as u64, Ordering::Relaxed);
+                    return Err(WriteError::Busy);
+                }
+            },
+        };
+        let (done, reply) = if backpressure == Backpressure::Drop {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        writer
+            .try_send(WritePoints {
+                points,
+                done,
+                permits: Some(permits),
+            })
+            .map_err(|_| WriteError::Unavailable("the telemetry writers stopped".into()))?;
+        match reply {
+            Some(reply) => reply
+                .await
+                .unwrap_or_else(|_| Err(WriteError::Unavailable("the telemetry writer stopped".into()))),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn inspect(&self) -> Vec<WriterSnapshot> {
+        let mut out = Vec::with_capacity(self.writers.len());
+        for (writer, _) in self.writers.iter() {
+            if let Ok(snapshot) = writer.send(InspectWriter {}).await {
+                out.push(snapshot);
+            }
+        }
+        out
+    }
+
+    /// Commits what the writers hold and stops them (at shutdown, after ingestion stopped).
+    pub async fn drain(&self, timeout: Duration) {
+        for (writer, _) in self.writers.iter() {
+            writer.do_send(DrainWriter {});
+        }
+        let deadline = Instant::now() + timeout;
+        while self.writers.iter().any(|(w, _)| w.connected()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether new batches currently go to the spool.
+    pub fn is_spooling(&self) -> bool {
+        self.spooling.load(Ordering::Acquire)
+    }
+
+    /// The flag writers and the replayer share.
+    pub fn spooling_flag(&self) -> Arc<AtomicBool> {
+        self.spooling.clone()
+    }
+}
+
+/// Replays the spool into the store once it is reachable, oldest batch first, and lets the
+/// writers go back to the store when the spool is empty.
+pub struct SpoolReplayer {
+    store: Arc<dyn TelemetryStore>,
+    spool: Arc<dyn TelemetrySpool>,
+    spooling: Arc<AtomicBool>,
+    every: Duration,
+    replaying: bool,
+    replayed_batches: u64,
+}
+
+impl SpoolReplayer {
+    pub fn new(
+        store: Arc<dyn TelemetryStore>,
+        spool: Arc<dyn TelemetrySpool>,
+        spooling: Arc<AtomicBool>,
+        every: Duration,
+    ) -> Self {
+        SpoolReplayer {
+            store,
+            spool,
+            spooling,
+            every,
+            replaying: false,
+            replayed_batches: 0,
+        }
+    }
+
+    fn replay(&mut self, ctx: &mut Context<Self>) {
+        if self.replaying || (self.spool.depth().batches == 0 && !self.spooling.load(Ordering::Acquire)) {
+            return;
+        }
+        self.replaying = true;
+        let (store, spool, spooling) = (self.store.clone(), self.spool.clone(), self.spooling.clone());
+        let work = async move {
+            let mut replayed = 0u64;
+            loop {
+                let report = replay_spool(&*spool, &*store, 64)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                replayed += report.batches;
+                if report.stopped_by.is_some() {
+                    return Ok(replayed); // the store is still unreachable; try again later
+                }
+                if spool.depth().batches == 0 {
+                    // Empty: writers go to the store again. A batch a writer appended just
+                    // before it saw the flag drop is replayed on the next pass.
+                    spooling.store(false, Ordering::Release);
+                    if spool.depth().batches == 0 {
+                        return Ok(replayed);
+                    }
+                }
+            }
+        };
+        ctx.spawn(
+            work.into_actor(self)
+                .map(|outcome: Result<u64, String>, act, _ctx| {
+                    act.replaying = false;
+                    match outcome {
+                        Ok(n) => {
+                            if n > 0 {
+                                tracing::info!(batches = n, "replayed spooled telemetry into the store");
+                            }
+                            act.replayed_batches += n;
+                        }
+                        Err(error) => tracing::warn!(%error, "replaying the telemetry spool failed"),
+                    }
+                }),
+        );
+    }
+}
+
+/// Stops the replayer (at shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopReplayer {}
+
+impl Handler<StopReplayer> for SpoolReplayer {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopReplayer, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Actor for SpoolReplayer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.replay(ctx);
+        ctx.run_interval(self.every, |act, ctx| act.replay(ctx));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::telemetry::query::{DataSource, QueryResult, TelemetryQuery};
+    use crate::telemetry::store::memory::MemorySpool;
+    use crate::telemetry::store::{MaintenanceReport, StoreInfo, TelemetryStoreError};
+    use crate::telemetry::{MetricName, MetricValue};
+
+    /// A store whose writes wait for `gate` (when closed) and fail while `down`.
+    #[derive(Default)]
+    struct GatedStore {
+        gate: tokio::sync::RwLock<()>,
+        down: AtomicBool,
+        written: Mutex<Vec<i64>>,
+        writes: AtomicU64,
+    }
+
+    #[async_trait]
+    impl TelemetryStore for GatedStore {
+        fn info(&self) -> StoreInfo {
+            StoreInfo {
+                kind: "memory",
+                target: String::new(),
+            }
+        }
+        async fn write(&self, batch: PointBatch) -> Result<(), TelemetryStoreError> {
+            let _open = self.gate.read().await;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(TelemetryStoreError::Unavailable("down".into()));
+            }
+            self.written.lock().unwrap().extend(batch.iter().map(|p| p.ts_ms));
+            Ok(())
+        }
+        async fn query(&self, _query: TelemetryQuery) -> Result<QueryResult, TelemetryStoreError> {
+            Ok(QueryResult {
+                series: vec![],
+                source: DataSource::Raw,
+            })
+        }
+        async fn ping(&self) -> Result<(), TelemetryStoreError> {
+            Ok(())
+        }
+        async fn maintain(&self, _now_ms: i64) -> Result<MaintenanceReport, TelemetryStoreError> {
+            Ok(MaintenanceReport::default())
+        }
+    }
+
+    fn points(ts: std::ops::Range<i64>) -> Vec<TelemetryPoint> {
+        ts.map(|t| TelemetryPoint {
+            tenant: TenantId::parse("t").unwrap(),
+            device: DeviceId::parse("d").unwrap(),
+            device_type: "x".into(),
+            metric: MetricName::parse("m").unwrap(),
+            ts_ms: t,
+            value: MetricValue::Number(1.0),
+        })
+        .collect()
+    }
+
+    fn ids() -> (TenantId, DeviceId) {
+        (TenantId::parse("t").unwrap(), DeviceId::parse("d").unwrap())
+    }
+
+    fn settings() -> WriterSettings {
+        WriterSettings {
+            batch_size: 5,
+            batch_interval: Duration::from_millis(10),
+            queue_points: 10,
+            attempts: 2,
+            retry_base: Duration::from_millis(1),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn full_writers_make_senders_wait_refuse_or_drop_and_release_room_on_commit() {
+        let store = Arc::new(GatedStore::default());
+        let pool = WriterPool::start(1, store.clone(), Arc::new(MemorySpool::default()), settings());
+        let (tenant, device) = ids();
+        let closed = store.gate.write().await;
+        // Ten points fill the queue: five being written (held at the gate), five waiting.
+        let first = {
+            let (pool, tenant, device) = (pool.clone(), tenant.clone(), device.clone());
+            actix_rt::spawn(async move {
+                pool.submit(&tenant, &device, points(0..5), Backpressure::Wait)
+                    .await
+            })
+        };
+        let second = {
+            let (pool, tenant, device) = (pool.clone(), tenant.clone(), device.clone());
+            actix_rt::spawn(async move {
+                pool.submit(&tenant, &device, points(5..10), Backpressure::Wait)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            pool.submit(&tenant, &device, points(10..11), Backpressure::Refuse)
+                .await,
+            Err(WriteError::Busy)
+        );
+        assert_eq!(
+            pool.submit(&tenant, &device, points(11..13), Backpressure::Drop)
+                .await,
+            Err(WriteError::Busy)
+        );
+        assert_eq!(pool.counters.points_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.counters.points_dropped.load(Ordering::Relaxed), 2);
+        let third = {
+            let (pool, tenant, device) = (pool.clone(), tenant.clone(), device.clone());
+            actix_rt::spawn(async move {
+                pool.submit(&tenant, &device, points(13..14), Backpressure::Wait)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished() && !second.is_finished() && !third.is_finished());
+        assert_eq!(pool.inspect().await[0].held_points, 10);
+        drop(closed);
+        assert_eq!(first.await.unwrap(), Ok(()));
+        assert_eq!(second.await.unwrap(), Ok(()));
+        assert_eq!(third.await.unwrap(), Ok(()));
+        let mut written = store.written.lock().unwrap().clone();
+        written.sort();
+        assert_eq!(written, (0..10).chain(13..14).collect::<Vec<_>>());
+        assert_eq!(pool.counters.points_committed.load(Ordering::Relaxed), 11);
+        assert_eq!(pool.inspect().await[0].held_points, 0);
+    }
+
+    #[actix_rt::test]
+    async fn an_unreachable_store_sends_batches_to_the_spool_and_the_replayer_drains_it_in_order() {
+        let store = Arc::new(GatedStore::default());
+        store.down.store(true, Ordering::Relaxed);
+        let spool = Arc::new(MemorySpool::default());
+        let pool = WriterPool::start(1, store.clone(), spool.clone(), settings());
+        let (tenant, device) = ids();
+        for chunk in 0..4 {
+            let range = chunk * 5..chunk * 5 + 5;
+            assert_eq!(
+                pool.submit(&tenant, &device, points(range), Backpressure::Wait)
+                    .await,
+                Ok(())
+            );
+        }
+        assert!(pool.is_spooling());
+        assert_eq!(spool.depth().points, 20);
+        // Once the first batch went to the spool, the next ones go there directly (order).
+        assert_eq!(store.writes.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.counters.points_spooled.load(Ordering::Relaxed), 20);
+
+        let replayer = SpoolReplayer::new(
+            store.clone(),
+            spool.clone(),
+            pool.spooling_flag(),
+            Duration::from_millis(20),
+        )
+        .start();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            spool.depth().batches,
+            4,
+            "nothing replayed while the store is down"
+        );
+        store.down.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.is_spooling() {
+            assert!(Instant::now() < deadline, "spool not drained");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(spool.depth().batches, 0);
+        assert_eq!(
+            pool.submit(&tenant, &device, points(20..25), Backpressure::Wait)
+                .await,
+            Ok(())
+        );
+        assert_eq!(*store.written.lock().unwrap(), (0..25).collect::<Vec<_>>());
+        replayer.do_send(StopReplayer {});
+    }
+
+    #[actix_rt::test]
+    async fn drain_commits_what_is_pending_and_stops_the_writers() {
+        let store = Arc::new(GatedStore::default());
+        let mut slow = settings();
+        slow.batch_interval = Duration::from_secs(3600);
+        let pool = WriterPool::start(2, store.clone(), Arc::new(MemorySpool::default()), slow);
+        let (tenant, device) = ids();
+        assert_eq!(
+            pool.submit(&tenant, &device, points(0..3), Backpressure::Drop)
+                .await,
+            Ok(())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            store.written.lock().unwrap().is_empty(),
+            "below batch size, interval not reached"
+        );
+        pool.drain(Duration::from_secs(5)).await;
+        assert_eq!(*store.written.lock().unwrap(), vec![0, 1, 2]);
+        assert!(pool.inspect().await.is_empty(), "writers stopped");
+    }
+}
