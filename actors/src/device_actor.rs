@@ -6,6 +6,8 @@
 //! when it starts, and tells the supervisor when it goes away, however it goes (including a
 //! panic in a handler), so the supervisor can restart it.
 
+mod shadow_ops;
+
 use std::sync::Arc;
 
 use actix::WeakRecipient;
@@ -16,8 +18,10 @@ use serde::Serialize;
 use crate::device::DeviceRecord;
 use crate::directory::DeviceDirectory;
 use crate::ids::{DeviceId, TenantId};
+use crate::outbound::ShadowServices;
 use crate::pipeline::{Pipeline, TelemetryAccepted};
 use crate::presence::PresenceSink;
+use crate::shadow::{ShadowDocument, ShadowError};
 use crate::telemetry::{TelemetryPoint, parse_payload};
 
 // ---- messages received -------------------------------------------------------------------
@@ -86,6 +90,30 @@ pub enum InboundError {
     #[error("unavailable: {0}")]
     Unavailable(String),
 }
+
+/// A shadow request from the API (the device's own arrive as [`DeviceInbound`]). Answers
+/// what `get/accepted` or `update/accepted` carry. An accepted update is published on the
+/// device's shadow topics like one from the device.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<serde_json::Value, ShadowError>")]
+pub struct ShadowRequest {
+    pub action: ShadowAction,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ShadowAction {
+    /// The whole document with its delta.
+    Get,
+    /// An update request body (`{"state": {...}, "version": N, "clientToken": "..."}`).
+    Update { payload: bytes::Bytes },
+}
+
+/// The `update/delta` payload to send a device that just (re)subscribed to its delta topic,
+/// `None` when its shadow has no delta.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<bytes::Bytes>")]
+pub struct PendingShadowDelta {}
 
 /// Stops the actor on purpose (device deleted, idle, shutdown); it is not restarted.
 #[derive(Message)]
@@ -187,6 +215,7 @@ pub struct DeviceActorSpec {
     pub supervisor: WeakRecipient<DeviceActorExited>,
     pub generation: u64,
     pub mailbox_capacity: usize,
+    pub shadows: ShadowServices,
 }
 
 pub struct DeviceActor {
@@ -202,6 +231,11 @@ pub struct DeviceActor {
     connection: Option<ConnectionInfo>,
     last_seen: Option<DateTime<Utc>>,
     inbound: InboundCounts,
+    /// The device's shadow, loaded when the actor starts; `None` before its first update.
+    shadow: Option<ShadowDocument>,
+    /// `{"desired", "reported"}` of `shadow`, shared with telemetry observers.
+    shadow_view: Option<Arc<serde_json::Value>>,
+    shadows: ShadowServices,
     exit: ExitNotice,
 }
 
@@ -226,6 +260,9 @@ impl DeviceActor {
             connection: None,
             last_seen: None,
             inbound: InboundCounts::default(),
+            shadow: None,
+            shadow_view: None,
+            shadows: spec.shadows,
         }
     }
 
@@ -261,6 +298,7 @@ impl Actor for DeviceActor {
         if self.record.is_none() {
             self.load_record(ctx);
         }
+        self.load_shadow(ctx);
     }
 }
 
@@ -345,7 +383,7 @@ impl DeviceActor {
             device: self.device.clone(),
             device_type: record.device_type.clone(),
             metadata: Arc::new(record.metadata.clone()),
-            shadow: None,
+            shadow: self.shadow_view.clone(),
             points: points.into(),
         });
         Ok(InboundAccepted { points: count })
@@ -355,7 +393,7 @@ impl DeviceActor {
 impl Handler<DeviceInbound> for DeviceActor {
     type Result = Result<InboundAccepted, InboundError>;
 
-    fn handle(&mut self, msg: DeviceInbound, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: DeviceInbound, ctx: &mut Context<Self>) -> Self::Result {
         self.messages_handled += 1;
         self.last_seen = Some(msg.at);
         match msg.kind {
@@ -363,8 +401,14 @@ impl Handler<DeviceInbound> for DeviceActor {
                 self.inbound.telemetry += 1;
                 self.take_telemetry(&msg.payload, msg.at)
             }
-            InboundKind::ShadowUpdate | InboundKind::ShadowGet => {
+            InboundKind::ShadowUpdate => {
                 self.inbound.shadow += 1;
+                self.shadow_update_from_device(msg.payload, msg.at, ctx);
+                Ok(InboundAccepted::default())
+            }
+            InboundKind::ShadowGet => {
+                self.inbound.shadow += 1;
+                self.shadow_get_from_device(&msg.payload, msg.at);
                 Ok(InboundAccepted::default())
             }
             InboundKind::CommandResponse { .. } => {
