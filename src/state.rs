@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use drover_actors::{Fleet, TelemetrySpool, TelemetryStore};
+use drover_actors::{Fleet, ShadowStore, TelemetrySpool, TelemetryStore};
 
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
@@ -30,4 +30,6 @@ pub struct AppState {
     pub telemetry: Arc<dyn TelemetryStore>,
     /// Where batches wait while the telemetry store is unreachable.
     pub telemetry_spool: Arc<dyn TelemetrySpool>,
+    /// Device shadows (written by device actors only; the API forgets deleted devices' ones).
+    pub shadow_store: Arc<dyn ShadowStore>,
 }

@@ -19,6 +19,7 @@ use actix::Addr;
 use chrono::Utc;
 use drover_actors::device_actor::{
     DeviceActor, DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
+    PendingShadowDelta,
 };
 use drover_actors::{DeviceId, Fleet};
 use ntex::util::{ByteString, Bytes};
@@ -327,6 +328,7 @@ pub async fn connect(
         });
     }
     tracing::debug!(client = %client_id, identity = %identity.label(), protocol = request.protocol.name(), session_present = attached.session_present, "MQTT client connected");
+    let session_present = attached.session_present;
     let connection = Rc::new(Connection {
         session: attached.session,
         conn_id: attached.conn_id,
@@ -345,6 +347,9 @@ pub async fn connect(
         ctx: ctx.clone(),
         _slot: slot,
     });
+    if session_present {
+        connection.resume_shadow_delta();
+    }
     Ok(Accepted {
         connection,
         session_present: attached.session_present,
@@ -564,10 +569,69 @@ impl Connection {
         match self.ctx.broker.subscribe(&self.session, &sub, options) {
             Ok(outcome) => {
                 retained.extend(outcome.retained.into_iter().map(|p| (p, options.qos)));
+                if let Some(topic) = self.shadow_delta_topic()
+                    && topic::matches(&sub.filter, &topic)
+                {
+                    self.send_pending_delta(topic, options);
+                }
                 SubscribeResult::Granted(options.qos)
             }
             Err(SubscribeError::QuotaExceeded) => SubscribeResult::QuotaExceeded,
         }
+    }
+
+    /// `devices/{id}/shadow/update/delta` of a device's connection.
+    fn shadow_delta_topic(&self) -> Option<String> {
+        match (&self.identity, &self.device) {
+            (Identity::Device { device, .. }, Some(_)) => {
+                Some(format!("devices/{device}/shadow/update/delta"))
+            }
+            _ => None,
+        }
+    }
+
+    /// A device whose resumed session already subscribes to its delta topic gets the pending
+    /// delta, as if it had just subscribed.
+    fn resume_shadow_delta(&self) {
+        let Some(topic) = self.shadow_delta_topic() else {
+            return;
+        };
+        let options = {
+            let state = self.session.state.lock();
+            state
+                .subscriptions
+                .iter()
+                .find(|(sub, _)| topic::matches(&sub.filter, &topic))
+                .map(|(_, options)| *options)
+        };
+        if let Some(options) = options {
+            self.send_pending_delta(topic, options);
+        }
+    }
+
+    /// Asks the device actor for the shadow's delta and, if there is one, delivers it to this
+    /// session only (other subscribers of the topic saw it when it was published).
+    fn send_pending_delta(&self, topic: String, options: SubOptions) {
+        let Some(addr) = self.device.clone() else {
+            return;
+        };
+        let broker = self.ctx.broker.clone();
+        let session = self.session.clone();
+        ntex::rt::spawn(async move {
+            let Ok(Some(payload)) = addr.send(PendingShadowDelta {}).await else {
+                return;
+            };
+            let publication =
+                Publication::internal(topic, Bytes::copy_from_slice(&payload), QoS::AtLeastOnce, false);
+            let delivery = Delivery {
+                qos: options.qos.min(publication.qos),
+                retain: false,
+                subscription_ids: options.subscription_id.into_iter().collect(),
+                dup: false,
+                publication: Arc::new(publication),
+            };
+            broker.deliver_to(&session, delivery);
+        });
     }
 
     /// Sends the retained messages a SUBSCRIBE matched (after its SUBACK is written).

@@ -1,10 +1,12 @@
-//! Storage adapters: the registry over diesel (SQLite or PostgreSQL).
+//! Storage adapters: the registry over diesel (SQLite or PostgreSQL), and device shadows
+//! kept in it (cached in Redis when configured).
 
 pub mod db;
 pub mod mqtt;
 pub mod records;
 pub mod registry;
 pub mod schema;
+pub mod shadows;
 
 pub use db::{Backend, Database, StoreError};
 pub use registry::RegistryStore;
