@@ -632,6 +632,77 @@ mod tests {
         assert_eq!(pending["state"], serde_json::json!({"led": "on"}));
     }
 
+    /// Keeps the telemetry events it observes.
+    struct CaptureObserver(Arc<Mutex<Vec<crate::pipeline::TelemetryAccepted>>>);
+
+    impl Actor for CaptureObserver {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<crate::pipeline::TelemetryAccepted> for CaptureObserver {
+        type Result = ();
+
+        fn handle(&mut self, msg: crate::pipeline::TelemetryAccepted, _ctx: &mut Context<Self>) {
+            self.0.lock().unwrap().push(msg);
+        }
+    }
+
+    #[actix_rt::test]
+    async fn telemetry_observers_see_the_shadow_state() {
+        use crate::device_actor::{DeviceInbound, InboundKind, ShadowAction, ShadowRequest};
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let observer = CaptureObserver(seen.clone()).start();
+        let settings = SupervisorSettings {
+            pipeline: Arc::new(crate::pipeline::Pipeline::default().with_observer(observer.recipient())),
+            ..SupervisorSettings::default()
+        };
+        let sup = TenantSupervisor::new(
+            TenantId::parse("acme").unwrap(),
+            MemoryDirectory::with("acme", "sensor-001"),
+            Arc::new(crate::NoPresence),
+            settings,
+        )
+        .start();
+        let device = sup
+            .send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let telemetry = || DeviceInbound {
+            kind: InboundKind::Telemetry,
+            payload: r#"{"metrics": {"temperature": 21.5}}"#.into(),
+            at: Utc::now(),
+        };
+        device.send(telemetry()).await.unwrap().unwrap();
+        device
+            .send(ShadowRequest {
+                action: ShadowAction::Update {
+                    payload: r#"{"state": {"desired": {"target": 20}, "reported": {"target": 18}}}"#.into(),
+                },
+                at: Utc::now(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        device.send(telemetry()).await.unwrap().unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "observer did not get both events");
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = seen.lock().unwrap();
+        assert!(seen[0].shadow.is_none(), "no shadow before the first update");
+        assert_eq!(
+            seen[1].shadow.as_deref(),
+            Some(&serde_json::json!({"desired": {"target": 20}, "reported": {"target": 18}}))
+        );
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         let dir = MemoryDirectory::with("acme", "d");
