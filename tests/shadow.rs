@@ -142,6 +142,8 @@ struct Received {
 struct Sub {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Lines read while waiting for the SUBACK (messages may come before it).
+    early: std::collections::VecDeque<String>,
     log: Vec<String>,
 }
 
@@ -173,6 +175,7 @@ impl Sub {
         let mut sub = Sub {
             child,
             lines,
+            early: Default::default(),
             log: Vec::new(),
         };
         let deadline = Instant::now() + WAIT;
@@ -182,6 +185,7 @@ impl Sub {
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| panic!("mosquitto_sub did not subscribe: {:?}", sub.log));
             sub.log.push(line.clone());
+            sub.early.push_back(line.clone());
             if line.starts_with("Subscribed (mid: ") {
                 return sub;
             }
@@ -197,13 +201,19 @@ impl Sub {
     fn next(&mut self, timeout: Duration) -> Received {
         let deadline = Instant::now() + timeout;
         loop {
-            let Ok(line) = self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            else {
-                panic!("no message within {timeout:?}; output: {:?}", self.log);
+            let line = match self.early.pop_front() {
+                Some(line) => line,
+                None => {
+                    let Ok(line) = self
+                        .lines
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    else {
+                        panic!("no message within {timeout:?}; output: {:?}", self.log);
+                    };
+                    self.log.push(line.clone());
+                    line
+                }
             };
-            self.log.push(line.clone());
             if line.starts_with("Client ") || line.starts_with("stderr:") || line.starts_with("Subscribed") {
                 continue;
             }
@@ -233,6 +243,13 @@ impl Sub {
 
     /// Asserts no message arrives for `wait`.
     fn none(&mut self, wait: Duration) {
+        for line in self.early.drain(..) {
+            assert!(
+                !line.contains("received PUBLISH"),
+                "unexpected message; output: {:?}",
+                self.log
+            );
+        }
         let deadline = Instant::now() + wait;
         while let Ok(line) = self
             .lines
@@ -426,17 +443,14 @@ async fn a_device_gets_its_delta_live_on_subscribe_and_on_reconnect() {
         Sub::start(
             &port,
             &with(
-                with(
-                    fleet.device_args("lamp-1"),
-                    &["-V", version, "-q", "1", "-t", delta_topic],
-                ),
+                with(fleet.device_args("lamp-1"), &["-V", version, "-t", delta_topic]),
                 extra,
             ),
         )
     };
 
     // Online: an operator's change of desired reaches the device at once.
-    let mut device = device_sub("mqttv311", &[]);
+    let mut device = device_sub("mqttv311", &["-q", "1"]);
     device.none(Duration::from_millis(300)); // no shadow, no delta
     let (status, body) = fleet
         .server
@@ -463,7 +477,7 @@ async fn a_device_gets_its_delta_live_on_subscribe_and_on_reconnect() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let mut device = device_sub("mqttv5", &[]);
+    let mut device = device_sub("mqttv5", &["-q", "1"]);
     let got = device.next(WAIT);
     assert_eq!(got.topic, delta_topic);
     assert_eq!(got.payload["state"], json!({"brightness": 80, "mode": "eco"}));
@@ -478,12 +492,14 @@ async fn a_device_gets_its_delta_live_on_subscribe_and_on_reconnect() {
         "update",
         r#"{"state":{"reported":{"brightness":80,"mode":"eco"}}}"#,
     );
-    let mut device = device_sub("mqttv311", &[]);
+    let mut device = device_sub("mqttv311", &["-q", "1"]);
     device.none(Duration::from_millis(500));
     drop(device);
 
-    // A persistent session: changes while away arrive when the device comes back.
-    let session = ["-c", "-x", "600"];
+    // A persistent session at QoS 0 (nothing is queued for it while away): the session's
+    // subscription gets the pending delta when the device comes back, once, though the
+    // device subscribes again.
+    let session = ["-c", "-x", "600", "-q", "0"];
     let device = device_sub("mqttv5", &session);
     drop(device);
     let (status, _) = fleet
@@ -500,6 +516,7 @@ async fn a_device_gets_its_delta_live_on_subscribe_and_on_reconnect() {
     assert_eq!(got.topic, delta_topic);
     assert_eq!(got.payload["state"], json!({"mode": "boost"}));
     assert_eq!(got.payload["version"], 4);
+    device.none(Duration::from_millis(500));
 }
 
 // ---- HTTP ------------------------------------------------------------------------------------
@@ -731,4 +748,40 @@ async fn shadows_survive_a_server_restart() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["version"], 3);
     second.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_configured_shadows_are_cached_and_forgotten_with_the_device() {
+    let Some(url) = common::service_url("DROVER_TEST_REDIS_URL") else {
+        return;
+    };
+    let redis_url = url.clone();
+    let server = TestServer::start_with(Backend::Sqlite, move |config| {
+        config.redis.url = drover::config::Secret::new(redis_url);
+    })
+    .unwrap();
+    let admin = server.admin_token().await;
+    // A device id of its own, so runs sharing the Redis server never meet.
+    let id = format!("lamp-{}", uuid::Uuid::new_v4().simple());
+    server
+        .register(&admin, json!({"deviceId": id, "type": "lamp"}))
+        .await;
+    let path = format!("/api/devices/{id}/shadow");
+    let (status, body) = server
+        .patch(&path, &admin, json!({"state": {"desired": {"led": "on"}}}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("drover:shadow:default/{id}");
+    let cached: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    let cached: Value = serde_json::from_str(&cached.expect("written through to Redis")).unwrap();
+    assert_eq!(cached["version"], 1);
+    assert_eq!(cached["state"]["desired"], json!({"led": "on"}));
+
+    let (status, _) = server.delete(&format!("/api/devices/{id}"), &admin).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let cached: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    assert_eq!(cached, None, "a deleted device's shadow leaves the cache");
 }

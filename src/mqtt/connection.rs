@@ -569,7 +569,9 @@ impl Connection {
         match self.ctx.broker.subscribe(&self.session, &sub, options) {
             Ok(outcome) => {
                 retained.extend(outcome.retained.into_iter().map(|p| (p, options.qos)));
-                if let Some(topic) = self.shadow_delta_topic()
+                // A subscription the session already had was served when the session resumed.
+                if !outcome.existed
+                    && let Some(topic) = self.shadow_delta_topic()
                     && topic::matches(&sub.filter, &topic)
                 {
                     self.send_pending_delta(topic, options);
