@@ -354,6 +354,98 @@ async fn mqtt_update_and_get_round_trip_on_both_versions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_application_updates_and_reads_a_shadow_over_mqtt() {
+    if !mosquitto() {
+        return;
+    }
+    let fleet = Fleet::start().await;
+    let port = fleet.port();
+    let mut replies = fleet.watch_replies("lamp-1", "mqttv5");
+    let mut device = Sub::start(
+        &port,
+        &with(
+            fleet.device_args("lamp-1"),
+            &["-q", "1", "-t", "devices/lamp-1/shadow/update/delta"],
+        ),
+    );
+    let app_publishes = |topic: &str, payload: &str| {
+        let (code, out) = publish(
+            &port,
+            &with(
+                fleet.app_args("backend"),
+                &["-q", "1", "-t", topic, "-m", payload],
+            ),
+        );
+        assert_eq!(code, 0, "{out}");
+    };
+
+    app_publishes(
+        "devices/lamp-1/shadow/update",
+        r#"{"state":{"desired":{"led":"off"}},"clientToken":"app-1"}"#,
+    );
+    let got = replies.by_topic(3);
+    assert_eq!(
+        got["devices/lamp-1/shadow/update/accepted"]["clientToken"],
+        "app-1"
+    );
+    let delta = device.next(WAIT);
+    assert_eq!(delta.payload["state"], json!({"led": "off"}));
+
+    app_publishes(
+        "devices/lamp-1/shadow/update",
+        r#"{"state":{"desired":{"led":"on"}},"version":7}"#,
+    );
+    let got = replies.next(WAIT);
+    assert_eq!(got.topic, "devices/lamp-1/shadow/update/rejected");
+    assert_eq!(got.payload["errorCode"], "version_conflict");
+
+    app_publishes("devices/lamp-1/shadow/get", r#"{"clientToken":"app-2"}"#);
+    let got = replies.next(WAIT);
+    assert_eq!(got.topic, "devices/lamp-1/shadow/get/accepted");
+    assert_eq!(got.payload["state"]["desired"], json!({"led": "off"}));
+    assert_eq!(got.payload["clientToken"], "app-2");
+
+    // A device that never connected gets its shadow from an application too.
+    app_publishes(
+        "devices/lamp-2/shadow/update",
+        r#"{"state":{"desired":{"led":"on"}}}"#,
+    );
+    let (status, shadow) = fleet.server.get("/api/devices/lamp-2/shadow", &fleet.admin).await;
+    assert_eq!(status, StatusCode::OK, "{shadow}");
+    assert_eq!(shadow["state"]["delta"], json!({"led": "on"}));
+
+    // A topic naming no device is only routed; a viewer key may not publish at all.
+    app_publishes("devices/nope/shadow/update", r#"{"state":{"desired":{"a":1}}}"#);
+    let viewer = fleet.server.api_key(&fleet.admin, "viewer").await;
+    let (_, out) = publish(
+        &port,
+        &args(&[
+            "-u",
+            "viewer",
+            "-P",
+            &viewer,
+            "-i",
+            "viewer",
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "devices/lamp-1/shadow/update",
+            "-m",
+            r#"{"state":{"desired":{"led":"blue"}}}"#,
+        ]),
+    );
+    assert!(
+        out.contains("135") || out.to_lowercase().contains("not authorized"),
+        "{out}"
+    );
+    replies.none(Duration::from_millis(300));
+    let (_, shadow) = fleet.server.get("/api/devices/lamp-1/shadow", &fleet.admin).await;
+    assert_eq!(shadow["state"]["desired"], json!({"led": "off"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_refusals_go_to_the_rejected_topics() {
     if !mosquitto() {
         return;

@@ -109,6 +109,26 @@ pub enum ShadowAction {
     Update { payload: bytes::Bytes },
 }
 
+/// A shadow request an application published on the device's `shadow/update` or `shadow/get`
+/// topic (AWS lets any authorized client do so). Handled like the device's own, answered on the
+/// shadow topics, but not a sign of life of the device.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct PublishedShadowRequest {
+    pub topic: ShadowTopic,
+    pub payload: bytes::Bytes,
+    pub at: DateTime<Utc>,
+}
+
+/// Which shadow request topic a message was published on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowTopic {
+    /// `devices/{id}/shadow/update`
+    Update,
+    /// `devices/{id}/shadow/get`
+    Get,
+}
+
 /// The `update/delta` payload to send a device that just (re)subscribed to its delta topic,
 /// `None` when its shadow has no delta.
 #[derive(Message, Debug)]
@@ -403,12 +423,12 @@ impl Handler<DeviceInbound> for DeviceActor {
             }
             InboundKind::ShadowUpdate => {
                 self.inbound.shadow += 1;
-                self.shadow_update_from_device(msg.payload, msg.at, ctx);
+                self.shadow_update_over_mqtt(msg.payload, msg.at, ctx);
                 Ok(InboundAccepted::default())
             }
             InboundKind::ShadowGet => {
                 self.inbound.shadow += 1;
-                self.shadow_get_from_device(&msg.payload, msg.at);
+                self.shadow_get_over_mqtt(&msg.payload, msg.at);
                 Ok(InboundAccepted::default())
             }
             InboundKind::CommandResponse { .. } => {

@@ -19,9 +19,9 @@ use actix::Addr;
 use chrono::Utc;
 use drover_actors::device_actor::{
     DeviceActor, DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
-    PendingShadowDelta,
+    PendingShadowDelta, PublishedShadowRequest, ShadowTopic,
 };
-use drover_actors::{DeviceId, Fleet};
+use drover_actors::{DeviceId, Fleet, TenantId};
 use ntex::util::{ByteString, Bytes};
 use ntex_mqtt::error::SendPacketError;
 use ntex_mqtt::{QoS, v3, v5};
@@ -456,6 +456,9 @@ impl Connection {
         {
             self.hand_to_device(device, own, publish.topic, publish.qos, &payload)
                 .await?;
+        } else if let Identity::Application { tenant, .. } = &self.identity {
+            self.hand_shadow_request(tenant, publish.topic, publish.qos, &payload)
+                .await?;
         }
         let publication = Publication {
             topic: publish.topic.clone(),
@@ -516,6 +519,49 @@ impl Connection {
             Ok(Err(InboundError::Unavailable(why))) => Err(PublishRefusal::Unavailable(why)),
             Err(mailbox) => Err(PublishRefusal::Unavailable(format!("device actor: {mailbox}"))),
         }
+    }
+
+    /// A shadow request an application published for a device of its tenant goes to that
+    /// device's actor, which answers on the shadow topics. A topic naming no registered device
+    /// is only routed.
+    async fn hand_shadow_request(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        qos: QoS,
+        payload: &Bytes,
+    ) -> Result<(), PublishRefusal> {
+        let (topic, device) = match DeviceTopic::parse(name) {
+            Some(DeviceTopic::ShadowUpdate { device }) => (ShadowTopic::Update, device),
+            Some(DeviceTopic::ShadowGet { device }) => (ShadowTopic::Get, device),
+            _ => return Ok(()),
+        };
+        let Ok(device) = DeviceId::parse(device) else {
+            return Ok(());
+        };
+        let addr = match self.ctx.fleet.device(tenant, &device).await {
+            Ok(Some(addr)) => addr,
+            Ok(None) => return Ok(()),
+            Err(error) => return Err(PublishRefusal::Unavailable(format!("device actor: {error}"))),
+        };
+        let request = PublishedShadowRequest {
+            topic,
+            payload: bytes::Bytes::copy_from_slice(payload),
+            at: Utc::now(),
+        };
+        if qos == QoS::AtMostOnce {
+            if addr.try_send(request).is_err() {
+                self.ctx
+                    .metrics()
+                    .dropped
+                    .with_label_values(&["device_busy"])
+                    .inc();
+            }
+            return Ok(());
+        }
+        addr.send(request)
+            .await
+            .map_err(|mailbox| PublishRefusal::Unavailable(format!("device actor: {mailbox}")))
     }
 
     /// PUBREL: the QoS 2 exchange of `packet_id` is complete.

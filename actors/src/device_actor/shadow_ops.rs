@@ -13,15 +13,19 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::{DeviceActor, ExitReason, PendingShadowDelta, ShadowAction, ShadowRequest};
+use super::{
+    DeviceActor, ExitReason, PendingShadowDelta, PublishedShadowRequest, ShadowAction, ShadowRequest,
+    ShadowTopic,
+};
 use crate::directory::ShadowStoreError;
 use crate::shadow::{self, ShadowDocument, ShadowError};
 
-/// Who asked, which decides where a refusal goes: a device hears it on its `rejected` topic,
-/// the API caller in the answer. Accepted updates are announced on the topics either way.
+/// Where the request came from, which decides where a refusal goes: an MQTT client (the
+/// device, or an application) hears it on the `rejected` topic, the API caller in the answer.
+/// Accepted updates are announced on the topics either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Requester {
-    Device,
+    Mqtt,
     Api,
 }
 
@@ -65,24 +69,24 @@ impl DeviceActor {
     ) {
         self.shadows.metrics.update_rejected(error.code());
         tracing::debug!(tenant = %self.tenant, device = %self.device, code = error.code(), ?requester, "shadow update rejected");
-        if requester == Requester::Device {
+        if requester == Requester::Mqtt {
             self.publish_shadow("update/rejected", &error.rejected(client_token, at));
         }
     }
 
-    /// `devices/{id}/shadow/update` from the device: the reply goes to its topics.
-    pub(super) fn shadow_update_from_device(
+    /// `devices/{id}/shadow/update` over MQTT: the reply goes to the shadow topics.
+    pub(super) fn shadow_update_over_mqtt(
         &mut self,
         payload: Bytes,
         at: DateTime<Utc>,
         ctx: &mut Context<Self>,
     ) {
-        let update = self.update_shadow(payload, at, Requester::Device);
+        let update = self.update_shadow(payload, at, Requester::Mqtt);
         ctx.wait(update.map(|_, _, _| ()));
     }
 
-    /// `devices/{id}/shadow/get` from the device.
-    pub(super) fn shadow_get_from_device(&mut self, payload: &[u8], at: DateTime<Utc>) {
+    /// `devices/{id}/shadow/get` over MQTT.
+    pub(super) fn shadow_get_over_mqtt(&mut self, payload: &[u8], at: DateTime<Utc>) {
         let limits = self.shadows.limits;
         let answer = match shadow::parse_get(payload, &limits) {
             Ok(token) => match &self.shadow {
@@ -186,6 +190,18 @@ impl Handler<ShadowRequest> for DeviceActor {
             ShadowAction::Update { payload } => {
                 AtomicResponse::new(self.update_shadow(payload, msg.at, Requester::Api))
             }
+        }
+    }
+}
+
+impl Handler<PublishedShadowRequest> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishedShadowRequest, ctx: &mut Context<Self>) {
+        self.messages_handled += 1;
+        match msg.topic {
+            ShadowTopic::Update => self.shadow_update_over_mqtt(msg.payload, msg.at, ctx),
+            ShadowTopic::Get => self.shadow_get_over_mqtt(&msg.payload, msg.at),
         }
     }
 }
