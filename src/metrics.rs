@@ -14,6 +14,8 @@ pub struct Metrics {
     pub devices_connected: IntGauge,
     pub tenants: IntGauge,
     pub uptime_seconds: IntGauge,
+    /// Shadow updates by outcome (`accepted`, `rejected`) and rejection code.
+    pub shadow_updates: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,6 +61,14 @@ impl Metrics {
         let tenants = IntGauge::new("drover_tenants", "Tenants").expect("valid metric");
         let uptime_seconds =
             IntGauge::new("drover_uptime_seconds", "Seconds since the server started").expect("valid metric");
+        let shadow_updates = IntCounterVec::new(
+            Opts::new(
+                "drover_shadow_updates_total",
+                "Device shadow updates (MQTT and HTTP) by outcome and rejection code",
+            ),
+            &["outcome", "code"],
+        )
+        .expect("valid metric");
         let build = IntGauge::with_opts(
             Opts::new("drover_build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -75,6 +85,7 @@ impl Metrics {
             Box::new(devices_connected.clone()),
             Box::new(tenants.clone()),
             Box::new(uptime_seconds.clone()),
+            Box::new(shadow_updates.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -90,6 +101,7 @@ impl Metrics {
             devices_connected,
             tenants,
             uptime_seconds,
+            shadow_updates,
         }
     }
 
@@ -107,6 +119,19 @@ impl Metrics {
             tracing::error!(%error, "encoding metrics failed");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// Counts device actors' shadow updates in `drover_shadow_updates_total`.
+pub struct ShadowUpdateCounter(pub IntCounterVec);
+
+impl drover_actors::outbound::ShadowMetrics for ShadowUpdateCounter {
+    fn update_accepted(&self) {
+        self.0.with_label_values(&["accepted", ""]).inc();
+    }
+
+    fn update_rejected(&self, code: &'static str) {
+        self.0.with_label_values(&["rejected", code]).inc();
     }
 }
 

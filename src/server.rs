@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 use actix_web::{HttpServer, web};
-use drover_actors::Fleet;
 use drover_actors::downsampler::{Downsampler, StopDownsampler};
 use drover_actors::pipeline::Pipeline;
 use drover_actors::telemetry_writer::{SpoolReplayer, StopReplayer, WriterPool, WriterSettings};
 use drover_actors::tenant_supervisor::SupervisorSettings;
+use drover_actors::{Fleet, ShadowLimits, ShadowServices, ShadowStore};
 
 use crate::audit::{AuditSink, AuditWriter};
 use crate::auth::secrets;
@@ -23,14 +23,16 @@ use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
 use crate::health::HealthChecker;
 use crate::http;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ShadowUpdateCounter};
 use crate::mqtt::auth::Authenticator;
 use crate::mqtt::broker::{Broker, BrokerLimits};
 use crate::mqtt::connection::MqttContext;
 use crate::mqtt::listener::{self, ListenError, MqttListener};
 use crate::mqtt::metrics::BrokerMetrics;
+use crate::mqtt::outbound::BrokerOutbound;
 use crate::presence::{PresenceRecorder, PresenceWriter};
 use crate::state::AppState;
+use crate::storage::shadows::CachedShadowStore;
 use crate::storage::{Database, RegistryStore, StoreError};
 use crate::telemetry::{self, TelemetryOpenError};
 
@@ -110,6 +112,25 @@ pub async fn open_registry(config: &Config) -> Result<RegistryStore, StartError>
     Ok(RegistryStore::new(db))
 }
 
+/// The registry's shadow store, behind a Redis cache when Redis is configured.
+fn shadow_store(config: &Config, registry: &RegistryStore) -> Arc<dyn ShadowStore> {
+    let database: Arc<dyn ShadowStore> = Arc::new(registry.clone());
+    let url = config.redis.url.expose();
+    if url.is_empty() {
+        return database;
+    }
+    match redis::Client::open(url) {
+        Ok(client) => {
+            tracing::info!(redis = %crate::config::mask_url(url), "device shadows cached in Redis");
+            Arc::new(CachedShadowStore::new(database, client))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "REDIS_URL not usable; device shadows are not cached");
+            database
+        }
+    }
+}
+
 /// Starts everything. Must run inside an actix system (`actix_rt::System`).
 pub async fn start(config: Config, admin_password: Option<String>) -> Result<RunningServer, StartError> {
     let started = Instant::now();
@@ -165,10 +186,22 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         Duration::from_secs(1),
     )
     .start();
+    // Before the actors: device actors publish their shadow replies through it.
+    let broker = Arc::new(Broker::new(
+        BrokerLimits::from_config(&config.mqtt, config.limits.max_devices),
+        BrokerMetrics::new(&metrics),
+    ));
+    let shadow_store = shadow_store(&config, &registry);
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
         pipeline: Arc::new(Pipeline::new(config.telemetry.payload_limits()).with_writers(writers.clone())),
         device_idle_timeout: config.device_idle_timeout(),
+        shadows: ShadowServices {
+            store: shadow_store.clone(),
+            outbound: Arc::new(BrokerOutbound::new(broker.clone())),
+            metrics: Arc::new(ShadowUpdateCounter(metrics.shadow_updates.clone())),
+            limits: ShadowLimits::default(),
+        },
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(
@@ -177,10 +210,6 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         settings,
         config.actor_threads(),
     );
-    let broker = Arc::new(Broker::new(
-        BrokerLimits::from_config(&config.mqtt, config.limits.max_devices),
-        BrokerMetrics::new(&metrics),
-    ));
     let auth = Authenticator::new(registry.clone(), config.mqtt.allow_anonymous);
     auth.reload_cas().await?;
     let mqtt = Arc::new(MqttContext {
@@ -215,6 +244,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         telemetry: telemetry.store,
         telemetry_spool: telemetry.spool,
         writers,
+        shadow_store,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);

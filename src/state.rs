@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use drover_actors::telemetry_writer::WriterPool;
-use drover_actors::{Fleet, TelemetrySpool, TelemetryStore};
+use drover_actors::{Fleet, ShadowStore, TelemetrySpool, TelemetryStore};
 
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
@@ -33,4 +33,6 @@ pub struct AppState {
     pub telemetry_spool: Arc<dyn TelemetrySpool>,
     /// The batching writers every device actor commits telemetry through.
     pub writers: WriterPool,
+    /// Device shadows (written by device actors only; the API forgets deleted devices' ones).
+    pub shadow_store: Arc<dyn ShadowStore>,
 }

@@ -125,6 +125,8 @@ async fn openapi_describes_every_endpoint() {
         ("/api/devices/{id}", "get"),
         ("/api/devices/{id}", "patch"),
         ("/api/devices/{id}", "delete"),
+        ("/api/devices/{id}/shadow", "get"),
+        ("/api/devices/{id}/shadow", "patch"),
         ("/api/devices/{id}/token", "post"),
         ("/api/devices/{id}/tags", "post"),
         ("/api/devices/{id}/tags/{tag}", "delete"),

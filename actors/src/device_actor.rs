@@ -6,6 +6,8 @@
 //! when it starts, and tells the supervisor when it goes away, however it goes (including a
 //! panic in a handler), so the supervisor can restart it.
 
+mod shadow_ops;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,8 +19,10 @@ use serde::Serialize;
 use crate::device::DeviceRecord;
 use crate::directory::DeviceDirectory;
 use crate::ids::{DeviceId, TenantId};
+use crate::outbound::ShadowServices;
 use crate::pipeline::{Pipeline, TelemetryAccepted};
 use crate::presence::PresenceSink;
+use crate::shadow::{ShadowDocument, ShadowError};
 use crate::telemetry::schema::DeviceTypeSchema;
 use crate::telemetry::{TelemetryPoint, parse_payload};
 use crate::telemetry_writer::{Backpressure, WriteError};
@@ -102,6 +106,50 @@ pub enum InboundError {
 pub struct DeviceTypeChanged {
     pub device_type: String,
 }
+
+/// A shadow request from the API (the device's own arrive as [`DeviceInbound`]). Answers
+/// what `get/accepted` or `update/accepted` carry. An accepted update is published on the
+/// device's shadow topics like one from the device.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<serde_json::Value, ShadowError>")]
+pub struct ShadowRequest {
+    pub action: ShadowAction,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ShadowAction {
+    /// The whole document with its delta.
+    Get,
+    /// An update request body (`{"state": {...}, "version": N, "clientToken": "..."}`).
+    Update { payload: bytes::Bytes },
+}
+
+/// A shadow request an application published on the device's `shadow/update` or `shadow/get`
+/// topic (AWS lets any authorized client do so). Handled like the device's own, answered on the
+/// shadow topics, but not a sign of life of the device.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct PublishedShadowRequest {
+    pub topic: ShadowTopic,
+    pub payload: bytes::Bytes,
+    pub at: DateTime<Utc>,
+}
+
+/// Which shadow request topic a message was published on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowTopic {
+    /// `devices/{id}/shadow/update`
+    Update,
+    /// `devices/{id}/shadow/get`
+    Get,
+}
+
+/// The `update/delta` payload to send a device that just (re)subscribed to its delta topic,
+/// `None` when its shadow has no delta.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<bytes::Bytes>")]
+pub struct PendingShadowDelta {}
 
 /// Stops the actor on purpose (device deleted, idle, shutdown); it is not restarted.
 #[derive(Message)]
@@ -212,6 +260,7 @@ pub struct DeviceActorSpec {
     pub mailbox_capacity: usize,
     /// Stops the actor after this long without a connection or a message (`None`: never).
     pub idle_timeout: Option<Duration>,
+    pub shadows: ShadowServices,
 }
 
 pub struct DeviceActor {
@@ -232,6 +281,11 @@ pub struct DeviceActor {
     idle_timeout: Option<Duration>,
     last_activity: Instant,
     in_flight: usize,
+    /// The device's shadow, loaded when the actor starts; `None` before its first update.
+    shadow: Option<ShadowDocument>,
+    /// `{"desired", "reported"}` of `shadow`, shared with telemetry observers.
+    shadow_view: Option<Arc<serde_json::Value>>,
+    shadows: ShadowServices,
     exit: ExitNotice,
 }
 
@@ -260,6 +314,9 @@ impl DeviceActor {
             idle_timeout: spec.idle_timeout,
             last_activity: Instant::now(),
             in_flight: 0,
+            shadow: None,
+            shadow_view: None,
+            shadows: spec.shadows,
         }
     }
 
@@ -325,6 +382,7 @@ impl Actor for DeviceActor {
             let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
             ctx.run_interval(every, |act, ctx| act.stop_if_idle(ctx));
         }
+        self.load_shadow(ctx);
     }
 }
 
@@ -427,7 +485,7 @@ impl DeviceActor {
             device: self.device.clone(),
             device_type: record.device_type.clone(),
             metadata: Arc::new(record.metadata.clone()),
-            shadow: None,
+            shadow: self.shadow_view.clone(),
             points: points.clone().into(),
         });
         let pipeline = self.pipeline.clone();
@@ -480,7 +538,7 @@ fn answered(
 impl Handler<DeviceInbound> for DeviceActor {
     type Result = ResponseActFuture<Self, Result<InboundAccepted, InboundError>>;
 
-    fn handle(&mut self, msg: DeviceInbound, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: DeviceInbound, ctx: &mut Context<Self>) -> Self::Result {
         self.messages_handled += 1;
         self.last_seen = Some(msg.at);
         self.last_activity = Instant::now();
@@ -489,8 +547,14 @@ impl Handler<DeviceInbound> for DeviceActor {
                 self.inbound.telemetry += 1;
                 self.take_telemetry(&msg.payload, msg.at, msg.backpressure)
             }
-            InboundKind::ShadowUpdate | InboundKind::ShadowGet => {
+            InboundKind::ShadowUpdate => {
                 self.inbound.shadow += 1;
+                self.shadow_update_over_mqtt(msg.payload, msg.at, ctx);
+                answered(Ok(InboundAccepted::default()))
+            }
+            InboundKind::ShadowGet => {
+                self.inbound.shadow += 1;
+                self.shadow_get_over_mqtt(&msg.payload, msg.at);
                 answered(Ok(InboundAccepted::default()))
             }
             InboundKind::CommandResponse { .. } => {

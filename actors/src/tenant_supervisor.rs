@@ -19,6 +19,7 @@ use crate::device_actor::{
 };
 use crate::directory::{DeviceDirectory, DirectoryError};
 use crate::ids::{DeviceId, TenantId};
+use crate::outbound::ShadowServices;
 use crate::pipeline::Pipeline;
 use crate::presence::PresenceSink;
 
@@ -84,6 +85,8 @@ pub struct SupervisorSettings {
     pub restart_backoff_max: Duration,
     /// A device actor with no connection and no message for this long stops (`None`: never).
     pub device_idle_timeout: Option<Duration>,
+    /// Where device actors keep their shadows and how they announce changes.
+    pub shadows: ShadowServices,
 }
 
 impl Default for SupervisorSettings {
@@ -94,6 +97,7 @@ impl Default for SupervisorSettings {
             restart_backoff_base: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
             device_idle_timeout: None,
+            shadows: ShadowServices::default(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl TenantSupervisor {
             generation: self.next_generation,
             mailbox_capacity: self.settings.device_mailbox_capacity,
             idle_timeout: self.settings.device_idle_timeout,
+            shadows: self.settings.shadows.clone(),
         };
         DeviceActor::new(spec).start()
     }
@@ -526,6 +531,193 @@ mod tests {
         let snapshot = sup.send(InspectTenant {}).await.unwrap();
         assert!(snapshot.devices.is_empty());
         assert_eq!(snapshot.restarts_total, 0);
+    }
+
+    /// Records what device actors publish.
+    #[derive(Default)]
+    struct CaptureOutbound {
+        published: Mutex<Vec<(String, serde_json::Value)>>,
+    }
+
+    impl crate::outbound::DeviceOutbound for CaptureOutbound {
+        fn publish(&self, _tenant: &TenantId, topic: String, payload: bytes::Bytes) {
+            let value = serde_json::from_slice(&payload).unwrap();
+            self.published.lock().unwrap().push((topic, value));
+        }
+    }
+
+    #[actix_rt::test]
+    async fn shadow_survives_a_crash_and_updates_are_announced() {
+        use crate::device_actor::{PendingShadowDelta, ShadowAction, ShadowRequest};
+
+        let dir = MemoryDirectory::with("acme", "sensor-001");
+        let outbound = Arc::new(CaptureOutbound::default());
+        let settings = SupervisorSettings {
+            shadows: crate::ShadowServices {
+                outbound: outbound.clone(),
+                ..Default::default()
+            },
+            ..SupervisorSettings::default()
+        };
+        let sup = TenantSupervisor::new(
+            TenantId::parse("acme").unwrap(),
+            dir,
+            Arc::new(crate::NoPresence),
+            settings,
+        )
+        .start();
+        let lookup = || async {
+            sup.send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        };
+        let first = lookup().await;
+        let get = ShadowRequest {
+            action: ShadowAction::Get,
+            at: Utc::now(),
+        };
+        assert_eq!(first.send(get).await.unwrap(), Err(crate::ShadowError::NotFound));
+        let accepted = first
+            .send(ShadowRequest {
+                action: ShadowAction::Update {
+                    payload: r#"{"state": {"desired": {"led": "on"}}, "clientToken": "t1"}"#.into(),
+                },
+                at: Utc::now(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(accepted["version"], 1);
+        assert_eq!(accepted["clientToken"], "t1");
+        let topics: Vec<String> = outbound
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                "devices/sensor-001/shadow/update/accepted",
+                "devices/sensor-001/shadow/update/documents",
+                "devices/sensor-001/shadow/update/delta"
+            ]
+        );
+        // A refused API update is answered to the caller, not published.
+        let conflict = first
+            .send(ShadowRequest {
+                action: ShadowAction::Update {
+                    payload: r#"{"state": {"desired": {"led": "off"}}, "version": 7}"#.into(),
+                },
+                at: Utc::now(),
+            })
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(conflict.code(), "version_conflict");
+        assert_eq!(outbound.published.lock().unwrap().len(), 3);
+
+        let _ = first.send(Crash {}).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let second = loop {
+            let addr = lookup().await;
+            if addr != first && addr.connected() {
+                break addr;
+            }
+            assert!(Instant::now() < deadline, "device actor was not restarted");
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        };
+        let view = second
+            .send(ShadowRequest {
+                action: ShadowAction::Get,
+                at: Utc::now(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(view["version"], 1);
+        assert_eq!(view["state"]["desired"], serde_json::json!({"led": "on"}));
+        assert_eq!(view["state"]["delta"], serde_json::json!({"led": "on"}));
+        let pending = second.send(PendingShadowDelta {}).await.unwrap().unwrap();
+        let pending: serde_json::Value = serde_json::from_slice(&pending).unwrap();
+        assert_eq!(pending["state"], serde_json::json!({"led": "on"}));
+    }
+
+    /// Keeps the telemetry events it observes.
+    struct CaptureObserver(Arc<Mutex<Vec<crate::pipeline::TelemetryAccepted>>>);
+
+    impl Actor for CaptureObserver {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<crate::pipeline::TelemetryAccepted> for CaptureObserver {
+        type Result = ();
+
+        fn handle(&mut self, msg: crate::pipeline::TelemetryAccepted, _ctx: &mut Context<Self>) {
+            self.0.lock().unwrap().push(msg);
+        }
+    }
+
+    #[actix_rt::test]
+    async fn telemetry_observers_see_the_shadow_state() {
+        use crate::device_actor::{DeviceInbound, InboundKind, ShadowAction, ShadowRequest};
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let observer = CaptureObserver(seen.clone()).start();
+        let settings = SupervisorSettings {
+            pipeline: Arc::new(crate::pipeline::Pipeline::default().with_observer(observer.recipient())),
+            ..SupervisorSettings::default()
+        };
+        let sup = TenantSupervisor::new(
+            TenantId::parse("acme").unwrap(),
+            MemoryDirectory::with("acme", "sensor-001"),
+            Arc::new(crate::NoPresence),
+            settings,
+        )
+        .start();
+        let device = sup
+            .send(LookupDevice {
+                device: id("sensor-001"),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let telemetry = || DeviceInbound {
+            kind: InboundKind::Telemetry,
+            payload: r#"{"metrics": {"temperature": 21.5}}"#.into(),
+            at: Utc::now(),
+            backpressure: crate::telemetry_writer::Backpressure::Wait,
+        };
+        device.send(telemetry()).await.unwrap().unwrap();
+        device
+            .send(ShadowRequest {
+                action: ShadowAction::Update {
+                    payload: r#"{"state": {"desired": {"target": 20}, "reported": {"target": 18}}}"#.into(),
+                },
+                at: Utc::now(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        device.send(telemetry()).await.unwrap().unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "observer did not get both events");
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = seen.lock().unwrap();
+        assert!(seen[0].shadow.is_none(), "no shadow before the first update");
+        assert_eq!(
+            seen[1].shadow.as_deref(),
+            Some(&serde_json::json!({"desired": {"target": 20}, "reported": {"target": 18}}))
+        );
     }
 
     #[test]

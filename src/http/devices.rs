@@ -354,6 +354,10 @@ async fn delete_device(
         .delete_device(principal.tenant.clone(), id.clone(), principal.audit_actor())
         .await?;
     stop_actor(&state, &principal, &id, "device deleted").await;
+    // The registry deleted the shadow with the device; this also drops a cached copy.
+    if let Err(error) = state.shadow_store.delete_shadow(&principal.tenant, &id).await {
+        tracing::warn!(device = %id, %error, "could not forget the deleted device's shadow");
+    }
     tracing::info!(tenant = %principal.tenant, device = %id, "device deleted");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -13,6 +13,7 @@ pub mod mqtt;
 pub mod ops;
 pub mod params;
 pub mod principal;
+pub mod shadow;
 pub mod telemetry;
 pub mod tenants;
 
@@ -123,6 +124,7 @@ pub fn app(
             scope::scope("/api")
                 .configure(accounts::routes)
                 .configure(devices::routes)
+                .configure(shadow::routes)
                 .configure(groups::routes)
                 .configure(tenants::routes)
                 .configure(mqtt::routes)

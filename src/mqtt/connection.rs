@@ -19,9 +19,10 @@ use actix::Addr;
 use chrono::Utc;
 use drover_actors::device_actor::{
     DeviceActor, DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
+    PendingShadowDelta, PublishedShadowRequest, ShadowTopic,
 };
 use drover_actors::telemetry_writer::Backpressure;
-use drover_actors::{DeviceId, Fleet};
+use drover_actors::{DeviceId, Fleet, TenantId};
 use ntex::util::{ByteString, Bytes};
 use ntex_mqtt::error::SendPacketError;
 use ntex_mqtt::{QoS, v3, v5};
@@ -328,6 +329,7 @@ pub async fn connect(
         });
     }
     tracing::debug!(client = %client_id, identity = %identity.label(), protocol = request.protocol.name(), session_present = attached.session_present, "MQTT client connected");
+    let session_present = attached.session_present;
     let connection = Rc::new(Connection {
         session: attached.session,
         conn_id: attached.conn_id,
@@ -346,6 +348,9 @@ pub async fn connect(
         ctx: ctx.clone(),
         _slot: slot,
     });
+    if session_present {
+        connection.resume_shadow_delta();
+    }
     Ok(Accepted {
         connection,
         session_present: attached.session_present,
@@ -452,6 +457,9 @@ impl Connection {
         {
             self.hand_to_device(device, own, publish.topic, publish.qos, &payload)
                 .await?;
+        } else if let Identity::Application { tenant, .. } = &self.identity {
+            self.hand_shadow_request(tenant, publish.topic, publish.qos, &payload)
+                .await?;
         }
         let publication = Publication {
             topic: publish.topic.clone(),
@@ -524,6 +532,49 @@ impl Connection {
         }
     }
 
+    /// A shadow request an application published for a device of its tenant goes to that
+    /// device's actor, which answers on the shadow topics. A topic naming no registered device
+    /// is only routed.
+    async fn hand_shadow_request(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        qos: QoS,
+        payload: &Bytes,
+    ) -> Result<(), PublishRefusal> {
+        let (topic, device) = match DeviceTopic::parse(name) {
+            Some(DeviceTopic::ShadowUpdate { device }) => (ShadowTopic::Update, device),
+            Some(DeviceTopic::ShadowGet { device }) => (ShadowTopic::Get, device),
+            _ => return Ok(()),
+        };
+        let Ok(device) = DeviceId::parse(device) else {
+            return Ok(());
+        };
+        let addr = match self.ctx.fleet.device(tenant, &device).await {
+            Ok(Some(addr)) => addr,
+            Ok(None) => return Ok(()),
+            Err(error) => return Err(PublishRefusal::Unavailable(format!("device actor: {error}"))),
+        };
+        let request = PublishedShadowRequest {
+            topic,
+            payload: bytes::Bytes::copy_from_slice(payload),
+            at: Utc::now(),
+        };
+        if qos == QoS::AtMostOnce {
+            if addr.try_send(request).is_err() {
+                self.ctx
+                    .metrics()
+                    .dropped
+                    .with_label_values(&["device_busy"])
+                    .inc();
+            }
+            return Ok(());
+        }
+        addr.send(request)
+            .await
+            .map_err(|mailbox| PublishRefusal::Unavailable(format!("device actor: {mailbox}")))
+    }
+
     /// PUBREL: the QoS 2 exchange of `packet_id` is complete.
     pub fn released(&self, packet_id: u16) {
         self.session.state.lock().qos2_pending.remove(&packet_id);
@@ -575,10 +626,71 @@ impl Connection {
         match self.ctx.broker.subscribe(&self.session, &sub, options) {
             Ok(outcome) => {
                 retained.extend(outcome.retained.into_iter().map(|p| (p, options.qos)));
+                // A subscription the session already had was served when the session resumed.
+                if !outcome.existed
+                    && let Some(topic) = self.shadow_delta_topic()
+                    && topic::matches(&sub.filter, &topic)
+                {
+                    self.send_pending_delta(topic, options);
+                }
                 SubscribeResult::Granted(options.qos)
             }
             Err(SubscribeError::QuotaExceeded) => SubscribeResult::QuotaExceeded,
         }
+    }
+
+    /// `devices/{id}/shadow/update/delta` of a device's connection.
+    fn shadow_delta_topic(&self) -> Option<String> {
+        match (&self.identity, &self.device) {
+            (Identity::Device { device, .. }, Some(_)) => {
+                Some(format!("devices/{device}/shadow/update/delta"))
+            }
+            _ => None,
+        }
+    }
+
+    /// A device whose resumed session already subscribes to its delta topic gets the pending
+    /// delta, as if it had just subscribed.
+    fn resume_shadow_delta(&self) {
+        let Some(topic) = self.shadow_delta_topic() else {
+            return;
+        };
+        let options = {
+            let state = self.session.state.lock();
+            state
+                .subscriptions
+                .iter()
+                .find(|(sub, _)| topic::matches(&sub.filter, &topic))
+                .map(|(_, options)| *options)
+        };
+        if let Some(options) = options {
+            self.send_pending_delta(topic, options);
+        }
+    }
+
+    /// Asks the device actor for the shadow's delta and, if there is one, delivers it to this
+    /// session only (other subscribers of the topic saw it when it was published).
+    fn send_pending_delta(&self, topic: String, options: SubOptions) {
+        let Some(addr) = self.device.clone() else {
+            return;
+        };
+        let broker = self.ctx.broker.clone();
+        let session = self.session.clone();
+        ntex::rt::spawn(async move {
+            let Ok(Some(payload)) = addr.send(PendingShadowDelta {}).await else {
+                return;
+            };
+            let publication =
+                Publication::internal(topic, Bytes::copy_from_slice(&payload), QoS::AtLeastOnce, false);
+            let delivery = Delivery {
+                qos: options.qos.min(publication.qos),
+                retain: false,
+                subscription_ids: options.subscription_id.into_iter().collect(),
+                dup: false,
+                publication: Arc::new(publication),
+            };
+            broker.deliver_to(&session, delivery);
+        });
     }
 
     /// Sends the retained messages a SUBSCRIBE matched (after its SUBACK is written).

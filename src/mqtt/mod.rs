@@ -6,6 +6,7 @@ pub mod connection;
 pub mod listener;
 pub mod message;
 pub mod metrics;
+pub mod outbound;
 pub mod retained;
 pub mod session;
 pub mod subscriptions;

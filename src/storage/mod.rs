@@ -1,4 +1,5 @@
-//! Storage adapters: the registry over diesel (SQLite or PostgreSQL).
+//! Storage adapters: the registry over diesel (SQLite or PostgreSQL), and device shadows
+//! kept in it (cached in Redis when configured).
 
 pub mod db;
 pub mod device_types;
@@ -6,6 +7,7 @@ pub mod mqtt;
 pub mod records;
 pub mod registry;
 pub mod schema;
+pub mod shadows;
 
 pub use db::{Backend, Database, StoreError};
 pub use registry::RegistryStore;

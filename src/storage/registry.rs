@@ -845,6 +845,12 @@ impl RegistryStore {
                         .filter(device_group_members::device_id.eq(d)),
                 )
                 .execute(conn)?;
+                diesel::delete(
+                    device_shadows::table
+                        .filter(device_shadows::tenant_id.eq(t))
+                        .filter(device_shadows::device_id.eq(d)),
+                )
+                .execute(conn)?;
                 let removed = diesel::delete(
                     devices::table
                         .filter(devices::tenant_id.eq(t))

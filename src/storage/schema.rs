@@ -161,6 +161,16 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    device_shadows (tenant_id, device_id) {
+        tenant_id -> Text,
+        device_id -> Text,
+        version -> BigInt,
+        document -> Text,
+        updated_at -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(mqtt_acl_rules, tenants);
 diesel::allow_tables_to_appear_in_same_query!(tenant_ca_certificates, tenants);
 

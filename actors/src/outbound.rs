@@ -1,0 +1,70 @@
+//! What device actors need beyond storage to serve shadows: a way to publish on a device's
+//! topics (the MQTT broker, which this crate does not know) and counters for the metrics.
+//!
+//! [`ShadowServices`] bundles these with the shadow store and limits, so the supervisor hands
+//! one value to every device actor it starts.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::directory::{MemoryShadowStore, ShadowStore};
+use crate::ids::TenantId;
+use crate::shadow::ShadowLimits;
+
+/// Publishes platform messages (shadow replies and deltas) to a tenant's subscribers.
+/// Implementations must not block: the broker queues, it never waits for a subscriber.
+pub trait DeviceOutbound: Send + Sync + 'static {
+    fn publish(&self, tenant: &TenantId, topic: String, payload: Bytes);
+}
+
+/// Publishes nothing (tests, tools without a broker).
+pub struct NoOutbound;
+
+impl DeviceOutbound for NoOutbound {
+    fn publish(&self, _: &TenantId, _: String, _: Bytes) {}
+}
+
+/// Counts shadow updates, for `/metrics`.
+pub trait ShadowMetrics: Send + Sync + 'static {
+    fn update_accepted(&self);
+    /// `code` is the stable code of the [`ShadowError`](crate::shadow::ShadowError).
+    fn update_rejected(&self, code: &'static str);
+}
+
+/// Counts nothing.
+pub struct NoShadowMetrics;
+
+impl ShadowMetrics for NoShadowMetrics {
+    fn update_accepted(&self) {}
+    fn update_rejected(&self, _: &'static str) {}
+}
+
+/// Everything a device actor needs to keep and announce its shadow.
+#[derive(Clone)]
+pub struct ShadowServices {
+    pub store: Arc<dyn ShadowStore>,
+    pub outbound: Arc<dyn DeviceOutbound>,
+    pub metrics: Arc<dyn ShadowMetrics>,
+    pub limits: ShadowLimits,
+}
+
+impl Default for ShadowServices {
+    /// In memory, publishing nothing.
+    fn default() -> Self {
+        ShadowServices {
+            store: Arc::new(MemoryShadowStore::default()),
+            outbound: Arc::new(NoOutbound),
+            metrics: Arc::new(NoShadowMetrics),
+            limits: ShadowLimits::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ShadowServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowServices")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}

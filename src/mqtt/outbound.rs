@@ -1,0 +1,36 @@
+//! The broker side of the device actors' [`DeviceOutbound`]: shadow replies and deltas are
+//! published into the tenant's namespace like any message, so every subscriber of the topic
+//! (the device, a backend application) receives them.
+
+use std::sync::Arc;
+
+use drover_actors::{DeviceOutbound, TenantId};
+use ntex_mqtt::QoS;
+
+use super::acl::Namespace;
+use super::broker::Broker;
+use super::message::Publication;
+
+pub struct BrokerOutbound {
+    broker: Arc<Broker>,
+}
+
+impl BrokerOutbound {
+    pub fn new(broker: Arc<Broker>) -> BrokerOutbound {
+        BrokerOutbound { broker }
+    }
+}
+
+impl DeviceOutbound for BrokerOutbound {
+    fn publish(&self, tenant: &TenantId, topic: String, payload: bytes::Bytes) {
+        // QoS 1: each subscriber gets it at the QoS of its subscription, up to 1.
+        let publication = Publication::internal(
+            topic,
+            ntex::util::Bytes::copy_from_slice(&payload),
+            QoS::AtLeastOnce,
+            false,
+        );
+        self.broker
+            .publish(&Namespace::Tenant(tenant.clone()), publication);
+    }
+}
