@@ -170,6 +170,16 @@ async fn http_ingestion_answers_after_commit_and_refuses_bad_input_specifically(
         (StatusCode::OK, json!(2)),
         "{body}"
     );
+    // Messages without a timestamp are stamped by the server, each with its own millisecond,
+    // so none replaces another (a batch, or two arriving in the same millisecond).
+    let unstamped = r#"[{"metrics":{"counter":1}},{"metrics":{"counter":2}},{"metrics":{"counter":3}}]"#;
+    let (status, _) = post_telemetry(&server, "sensor-001", &token, unstamped).await;
+    assert_eq!(status, StatusCode::OK);
+    let counters = points(&server, &admin, "sensor-001", "counter").await;
+    assert_eq!(
+        counters.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+        vec![json!(1.0), json!(2.0), json!(3.0)]
+    );
     // Read at once: the 200 came after the commit.
     let stored = points(&server, &admin, "sensor-001", "temperature").await;
     assert_eq!(stored.len(), 3, "{stored:?}");
@@ -254,11 +264,11 @@ async fn http_ingestion_answers_after_commit_and_refuses_bad_input_specifically(
     // The device actor counted what it took and refused.
     let (status, actor) = server.get("/admin/actors/default/sensor-001", &admin).await;
     assert_eq!(status, StatusCode::OK, "{actor}");
-    assert_eq!(actor["actor"]["inbound"]["points"], 5, "{actor}");
+    assert_eq!(actor["actor"]["inbound"]["points"], 8, "{actor}");
     assert_eq!(actor["actor"]["inbound"]["refused"], bad.len(), "{actor}");
     let metrics = metrics_text(&server).await;
     assert!(
-        metrics.contains(r#"drover_telemetry_ingested_points_total{outcome="committed"} 5"#),
+        metrics.contains(r#"drover_telemetry_ingested_points_total{outcome="committed"} 8"#),
         "{metrics}"
     );
 }

@@ -281,6 +281,8 @@ pub struct DeviceActor {
     idle_timeout: Option<Duration>,
     last_activity: Instant,
     in_flight: usize,
+    /// The earliest millisecond the next server-stamped message may get.
+    next_server_stamp_ms: i64,
     /// The device's shadow, loaded when the actor starts; `None` before its first update.
     shadow: Option<ShadowDocument>,
     /// `{"desired", "reported"}` of `shadow`, shared with telemetry observers.
@@ -314,6 +316,7 @@ impl DeviceActor {
             idle_timeout: spec.idle_timeout,
             last_activity: Instant::now(),
             in_flight: 0,
+            next_server_stamp_ms: 0,
             shadow: None,
             shadow_view: None,
             shadows: spec.shadows,
@@ -475,6 +478,14 @@ impl DeviceActor {
                 return refused(InboundError::Rejected { code, message });
             }
         };
+        // Server-stamped messages of a device get distinct, increasing milliseconds: two that
+        // arrive within the same millisecond (or in one batch) would otherwise have the same
+        // identity, and the second would replace the first in the store.
+        let mut messages = messages;
+        for message in messages.iter_mut().filter(|m| m.server_stamped) {
+            message.ts_ms = message.ts_ms.max(self.next_server_stamp_ms);
+            self.next_server_stamp_ms = message.ts_ms + 1;
+        }
         let points: Vec<TelemetryPoint> = messages
             .into_iter()
             .flat_map(|m| m.into_points(&self.tenant, &self.device, &record.device_type))

@@ -147,6 +147,8 @@ pub struct TelemetryPoint {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryMessage {
     pub ts_ms: i64,
+    /// The message carried no timestamp; `ts_ms` is the server's time of arrival.
+    pub server_stamped: bool,
     pub metrics: Vec<(MetricName, MetricValue)>,
 }
 
@@ -313,6 +315,7 @@ fn parse_message(
             message: format!("unknown field {unknown:?}; a message has only \"timestamp\" and \"metrics\""),
         });
     }
+    let server_stamped = matches!(object.get("timestamp"), None | Some(Value::Null));
     let ts_ms = match object.remove("timestamp") {
         None | Some(Value::Null) => now_ms,
         Some(Value::Number(n)) => n.as_i64().ok_or_else(|| PayloadError::InvalidTimestamp {
@@ -370,6 +373,7 @@ fn parse_message(
     }
     Ok(TelemetryMessage {
         ts_ms,
+        server_stamped,
         metrics: parsed,
     })
 }

@@ -32,6 +32,11 @@ impl Api {
         }
     }
 
+    /// The server's base URL, without a trailing slash.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let response = self
             .client
@@ -119,6 +124,31 @@ impl Api {
             }
         }
         Ok((created, existing))
+    }
+
+    /// A device named `id` with a token: registered when missing, else its token is rotated.
+    pub async fn device_credentials(&self, id: &str) -> anyhow::Result<DeviceCredentials> {
+        let response = self
+            .client
+            .post(format!("{}/api/devices/register", self.base))
+            .bearer_auth(&self.key)
+            .json(&json!({"deviceId": id, "type": "benchmark"}))
+            .send()
+            .await?;
+        let status = response.status();
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        let token = match status.as_u16() {
+            201 => value["token"]
+                .as_str()
+                .context("no token in the answer")?
+                .to_string(),
+            409 => self.rotate_token(id).await?,
+            _ => bail!("registering {id} failed with {status}: {value}"),
+        };
+        Ok(DeviceCredentials {
+            id: id.to_string(),
+            token,
+        })
     }
 
     /// A new token for an existing device (the old one stops working).

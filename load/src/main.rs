@@ -119,6 +119,51 @@ enum Bench {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Sustained device telemetry over MQTT at QoS 0 or 1: accepted msgs/s, ack latency, and
+    /// the count read back from the store.
+    Ingest {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        devices: Devices,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Messages per second over all devices (0: as fast as the clients allow).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Metrics per message.
+        #[arg(long, default_value_t = 1)]
+        metrics: u32,
+        /// Unacknowledged QoS 1 publishes per device.
+        #[arg(long, default_value_t = 100)]
+        inflight: u16,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+    /// Aggregated queries over a series of many points, loaded through the ingestion API.
+    Query {
+        #[command(flatten)]
+        server: Server,
+        /// Points to load into the benchmark device.
+        #[arg(long, default_value_t = 1_000_000)]
+        points: u64,
+        /// Times each query runs.
+        #[arg(long, default_value_t = 10)]
+        repeat: u32,
+        /// Seconds to wait for rollups to cover the loaded range before timing.
+        #[arg(long, default_value_t = 90)]
+        wait_rollups: u64,
+        /// The device to load (registered if missing; its token is rotated).
+        #[arg(long, default_value = "bench-query")]
+        device: String,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
     /// Publish-to-subscriber throughput and latency through any MQTT broker.
     Fanout {
         /// A name for what is measured (drover, mosquitto…).
@@ -262,6 +307,69 @@ async fn main() -> anyhow::Result<()> {
                     rate,
                     hold,
                     concurrency,
+                },
+            )
+            .await?;
+            report.print();
+            if let Some(file) = record {
+                report.record(&file)?;
+            }
+        }
+        Command::Bench(Bench::Ingest {
+            server,
+            devices,
+            qos,
+            seconds,
+            rate,
+            metrics,
+            inflight,
+            record,
+        }) => {
+            let api = Api::new(&server.url, &server.api_key);
+            let fleet = api::fleet(
+                &api,
+                &devices.prefix,
+                devices.devices,
+                &devices.device_type,
+                &devices.devices_file,
+            )
+            .await?;
+            let report = bench::ingest::run(
+                &api,
+                fleet,
+                bench::ingest::IngestOptions {
+                    host: server.mqtt_host,
+                    port: server.mqtt_port,
+                    qos,
+                    seconds,
+                    rate,
+                    metrics,
+                    inflight,
+                },
+            )
+            .await?;
+            report.print();
+            if let Some(file) = record {
+                report.record(&file)?;
+            }
+        }
+        Command::Bench(Bench::Query {
+            server,
+            points,
+            repeat,
+            wait_rollups,
+            device,
+            record,
+        }) => {
+            let api = Api::new(&server.url, &server.api_key);
+            let credentials = api.device_credentials(&device).await?;
+            let report = bench::query::run(
+                &api,
+                credentials,
+                bench::query::QueryOptions {
+                    points,
+                    repeat,
+                    wait_rollups,
                 },
             )
             .await?;

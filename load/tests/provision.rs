@@ -225,3 +225,62 @@ fn bench_scenarios_run_with_tiny_parameters() {
         "recorded"
     );
 }
+
+#[test]
+fn bench_ingest_reads_back_what_was_acknowledged_and_bench_query_times_each_shape() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("devices.csv");
+    let port = s.server.mqtt_addr.port().to_string();
+    let (ok, out, err) = load(&[
+        "bench",
+        "ingest",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--mqtt-port",
+        &port,
+        "--devices",
+        "4",
+        "--qos",
+        "1",
+        "--seconds",
+        "2",
+        "--rate",
+        "200",
+        "--devices-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report = json_line(&out);
+    let r = &report["results"];
+    assert!(r["sent"].as_u64().unwrap() >= 300, "{out}");
+    assert_eq!(r["acked"], r["sent"], "{out}");
+    assert_eq!(
+        r["stored"], r["sent"],
+        "every acknowledged message is stored: {out}"
+    );
+    assert!(r["ack_latency_p99_ms"].as_f64().unwrap() > 0.0, "{out}");
+
+    let (ok, out, err) = load(&[
+        "bench",
+        "query",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--points",
+        "20000",
+        "--repeat",
+        "2",
+        "--wait-rollups",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let report = json_line(&out);
+    let r = &report["results"];
+    assert_eq!(r["raw_last_10000_rows"], 10000, "{out}");
+    assert_eq!(r["count_whole_range_rows"], 1, "{out}");
+    assert!(r["mean_per_hour_p50_ms"].as_f64().unwrap() > 0.0, "{out}");
+}

@@ -1,4 +1,6 @@
 //! Benchmarks: each prints a table and a JSON line (see [`report`]).
 pub mod connect;
 pub mod fanout;
+pub mod ingest;
+pub mod query;
 pub mod report;

@@ -1,0 +1,158 @@
+//! Sustained telemetry from many devices over MQTT at QoS 0 or 1: accepted messages per
+//! second, acknowledgement latency (QoS 1, where Drover acknowledges only after the commit),
+//! and the number of messages read back from the store afterwards, so "accepted" is checked
+//! against "stored".
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, Outgoing, Packet};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use super::fanout::{options, qos};
+use super::report::{Report, latencies};
+use crate::api::{Api, DeviceCredentials};
+
+pub struct IngestOptions {
+    pub host: String,
+    pub port: u16,
+    pub qos: u8,
+    /// Seconds of publishing.
+    pub seconds: u64,
+    /// Messages per second over all devices; 0: as fast as each client allows.
+    pub rate: u32,
+    /// Metrics per message.
+    pub metrics: u32,
+    /// Unacknowledged QoS 1 publishes a client may have in flight.
+    pub inflight: u16,
+}
+
+pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -> anyhow::Result<Report> {
+    let qos_level = qos(o.qos)?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let start_ms = chrono::Utc::now().timestamp_millis();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(o.seconds);
+    let per_device_rate = (o.rate > 0).then(|| f64::from(o.rate) / devices.len().max(1) as f64);
+    let mut tasks = Vec::new();
+    for (index, device) in devices.iter().enumerate() {
+        let mut opts = options(&device.id, &o.host, o.port, Some(&device.id), Some(&device.token));
+        opts.set_inflight(o.inflight.max(1));
+        let (client, mut events) = AsyncClient::new(opts, 256);
+        let (sent, acked, histogram) = (sent.clone(), acked.clone(), histogram.clone());
+        // Acknowledgements: the time from the publish leaving the client to its PUBACK.
+        let acks = tokio::spawn(async move {
+            let mut in_flight: HashMap<u16, Instant> = HashMap::new();
+            let mut local = Histogram::<u64>::new(3).expect("histogram");
+            while let Ok(event) = events.poll().await {
+                match event {
+                    Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                        in_flight.insert(pkid, Instant::now());
+                    }
+                    Event::Incoming(Packet::PubAck(ack)) => {
+                        if let Some(at) = in_flight.remove(&ack.pkid) {
+                            let _ = local.record((at.elapsed().as_micros() as u64).max(1));
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let _ = histogram.lock().await.add(&local);
+        });
+        let id = device.id.clone();
+        let metrics = o.metrics.max(1);
+        tasks.push(tokio::spawn(async move {
+            let topic = format!("devices/{id}/telemetry");
+            let interval = per_device_rate.map(|r| Duration::from_secs_f64(1.0 / r));
+            // Spread the devices' first publishes over one interval.
+            let begin =
+                Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 % 97.0 / 97.0));
+            let mut seq: u64 = 0;
+            while Instant::now() < until {
+                if let Some(interval) = interval {
+                    let due = begin + interval.mul_f64(seq as f64);
+                    if due > Instant::now() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                }
+                let mut values = serde_json::Map::new();
+                values.insert("seq".into(), json!(seq));
+                for m in 1..metrics {
+                    values.insert(format!("m{m}"), json!(20.0 + (seq % 100) as f64 / 10.0));
+                }
+                let payload = json!({"metrics": values}).to_string();
+                if client
+                    .publish(topic.as_str(), qos_level, false, payload)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                seq += 1;
+            }
+            (client, acks, id)
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await?);
+    }
+    let published_for = started.elapsed();
+    // Let the last acknowledgements arrive (QoS 1) and the last batches be written.
+    let sent_total = sent.load(Ordering::Relaxed);
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    while o.qos > 0 && acked.load(Ordering::Relaxed) < sent_total && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked_for = started.elapsed();
+    for (client, _, _) in &clients {
+        let _ = client.disconnect().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Read back: how many messages of each device the store holds.
+    let end_ms = chrono::Utc::now().timestamp_millis() + 1;
+    let mut stored = 0u64;
+    for (_, acks, id) in clients {
+        acks.abort();
+        let body = api
+            .get(&format!(
+                "/api/telemetry/{id}?metric=seq&agg=count&start={}&end={end_ms}",
+                start_ms - 1000
+            ))
+            .await?;
+        stored += body["series"][0]["points"]
+            .as_array()
+            .map(|points| points.iter().filter_map(|p| p["v"].as_f64()).sum::<f64>() as u64)
+            .unwrap_or(0);
+    }
+
+    let acked_total = acked.load(Ordering::Relaxed);
+    let mut report = Report::new(
+        "ingest",
+        "drover",
+        json!({"qos": o.qos, "devices": devices.len(), "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight}),
+    );
+    report.set("sent", sent_total);
+    report.set("sent_per_second", sent_total as f64 / published_for.as_secs_f64());
+    if o.qos > 0 {
+        report.set("acked", acked_total);
+        report.set("acked_per_second", acked_total as f64 / acked_for.as_secs_f64());
+        latencies(&mut report, "ack_latency", &*histogram.lock().await);
+    }
+    report.set("stored", stored);
+    report.set("stored_ratio", stored as f64 / sent_total.max(1) as f64);
+    report.set(
+        "points_per_second",
+        (stored * u64::from(o.metrics.max(1))) as f64 / acked_for.as_secs_f64(),
+    );
+    Ok(report)
+}
