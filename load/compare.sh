@@ -6,6 +6,7 @@
 #   load/compare.sh                      # fanout QoS 0 and 1, 1 publisher -> 1 subscriber
 #   MESSAGES=500000 SUBSCRIBERS=4 load/compare.sh
 #   CONNECT_DEVICES=10000 load/compare.sh   # also ramp 10,000 device connections to Drover
+#   INGEST_DEVICES=0 QUERY_POINTS=0 load/compare.sh   # fanout only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,10 @@ PAYLOAD=${PAYLOAD:-64}
 PUBLISHERS=${PUBLISHERS:-1}
 SUBSCRIBERS=${SUBSCRIBERS:-1}
 CONNECT_DEVICES=${CONNECT_DEVICES:-0}
+# Drover's telemetry ingestion (QoS 0 and 1, read back from the store) and queries.
+INGEST_DEVICES=${INGEST_DEVICES:-100}
+INGEST_SECONDS=${INGEST_SECONDS:-10}
+QUERY_POINTS=${QUERY_POINTS:-1000000}
 # Latency is compared at the same fixed rate, below either broker's saturation.
 LATENCY_RATE=${LATENCY_RATE:-20000}
 DROVER_HTTP=${DROVER_HTTP:-18180}
@@ -23,8 +28,8 @@ RESULTS=${RESULTS:-load/results/$(date -u +%Y-%m-%d).jsonl}
 
 command -v mosquitto >/dev/null || { echo "mosquitto is needed (apt-get install mosquitto)"; exit 1; }
 cargo build --release -p drover -p drover-load >&2
-DROVER=target/release/drover
-LOAD=target/release/drover-load
+DROVER=${CARGO_TARGET_DIR:-target}/release/drover
+LOAD=${CARGO_TARGET_DIR:-target}/release/drover-load
 
 WORK=$(mktemp -d /tmp/drover-compare.XXXXXX)
 cleanup() {
@@ -45,6 +50,7 @@ mosquitto -c "$WORK/mosquitto.conf" & MOSQUITTO_PID=$!
 ADMIN_PASSWORD=compare-$(date +%s)
 DATA_DIR="$WORK/data" PORT=$DROVER_HTTP HTTP_BIND=127.0.0.1 MQTT_PORT=$DROVER_MQTT MQTT_BIND=127.0.0.1 \
   MAX_DEVICES=$(( CONNECT_DEVICES > 50000 ? CONNECT_DEVICES : 50000 )) LOG_LEVEL=warn \
+  TELEMETRY_MAINTENANCE_INTERVAL_SECS=10 \
   DROVER_ADMIN_PASSWORD=$ADMIN_PASSWORD "$DROVER" >"$WORK/drover.out" 2>"$WORK/drover.err" & DROVER_PID=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$DROVER_HTTP/health" >/dev/null && break; sleep 0.1; done
 BASE=http://127.0.0.1:$DROVER_HTTP
@@ -86,6 +92,16 @@ if [ "$CONNECT_DEVICES" -gt 0 ]; then
   "$LOAD" bench connect --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$CONNECT_DEVICES" \
     --devices-file "$WORK/devices.csv" --record "$RUN_FILE" | tail -n 1 >/dev/null
 fi
+if [ "$INGEST_DEVICES" -gt 0 ]; then
+  for QOS in 0 1; do
+    "$LOAD" bench ingest --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$INGEST_DEVICES" \
+      --devices-file "$WORK/ingest-devices.csv" --qos "$QOS" --seconds "$INGEST_SECONDS" --record "$RUN_FILE" | tail -n 1 >/dev/null
+  done
+fi
+if [ "$QUERY_POINTS" -gt 0 ]; then
+  "$LOAD" bench query --url "$BASE" --api-key "$KEY" --points "$QUERY_POINTS" --wait-rollups 60 \
+    --record "$RUN_FILE" | tail -n 1 >/dev/null
+fi
 cat "$RUN_FILE" >>"$RESULTS"
 
 python3 - "$RUN_FILE" <<'PY'
@@ -116,6 +132,16 @@ if paced:
                 print(f"{'QoS ' + str(qos):<10}{target:<11}{x['delivered_ratio']:>11.3f}{x.get('latency_p50_ms', 0):>9.2f}"
                       f"{x.get('latency_p95_ms', 0):>9.2f}{x.get('latency_p99_ms', 0):>9.2f}{x.get('latency_max_ms', 0):>9.2f}")
 for r in rows:
+    if r["scenario"] == "ingest":
+        x, p = r["results"], r["parameters"]
+        acked = f", {x['acked_per_second']:.0f} acked/s, ack p50 {x.get('ack_latency_p50_ms', 0):.1f} / p99 {x.get('ack_latency_p99_ms', 0):.1f} ms" if p["qos"] else ""
+        print(f"ingest QoS {p['qos']}: {p['devices']} devices, {x['sent_per_second']:.0f} sent/s{acked}, "
+              f"{x['stored']} of {x['sent']} read back from the store ({x['stored_ratio']:.3f})")
+    if r["scenario"] == "query":
+        x = r["results"]
+        print(f"query over {r['parameters']['points']} points (loaded at {x['load_points_per_second']:.0f} points/s over HTTP):")
+        for shape in ("mean_per_hour", "max_per_day", "count_whole_range", "p95_per_hour", "raw_last_10000"):
+            print(f"  {shape:<20} p50 {x[shape + '_p50_ms']:>8.1f} ms  max {x[shape + '_max_ms']:>8.1f} ms  from {x[shape + '_source']}")
     if r["scenario"] == "connect":
         c = r["results"]
         print(f"connect: {c['connected']} devices in {c['ramp_seconds']:.1f} s ({c['connects_per_second']:.0f}/s), "

@@ -192,9 +192,10 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         BrokerMetrics::new(&metrics),
     ));
     let shadow_store = shadow_store(&config, &registry);
+    let pipeline = Arc::new(Pipeline::new(config.telemetry.payload_limits()).with_writers(writers.clone()));
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
-        pipeline: Arc::new(Pipeline::new(config.telemetry.payload_limits()).with_writers(writers.clone())),
+        pipeline: pipeline.clone(),
         device_idle_timeout: config.device_idle_timeout(),
         shadows: ShadowServices {
             store: shadow_store.clone(),
@@ -244,6 +245,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         telemetry: telemetry.store,
         telemetry_spool: telemetry.spool,
         writers,
+        pipeline,
         shadow_store,
     });
 

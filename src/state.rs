@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use drover_actors::pipeline::Pipeline;
 use drover_actors::telemetry_writer::WriterPool;
 use drover_actors::{Fleet, ShadowStore, TelemetrySpool, TelemetryStore};
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub telemetry_spool: Arc<dyn TelemetrySpool>,
     /// The batching writers every device actor commits telemetry through.
     pub writers: WriterPool,
+    /// Payload rules, observers and per-tenant telemetry counts shared by the device actors.
+    pub pipeline: Arc<Pipeline>,
     /// Device shadows (written by device actors only; the API forgets deleted devices' ones).
     pub shadow_store: Arc<dyn ShadowStore>,
 }

@@ -877,3 +877,52 @@ async fn with_redis_configured_shadows_are_cached_and_forgotten_with_the_device(
     let cached: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
     assert_eq!(cached, None, "a deleted device's shadow leaves the cache");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_device_actor_is_restarted_with_its_shadow_and_the_restart_is_visible() {
+    let server = TestServer::start(Backend::Sqlite).unwrap();
+    let admin = server.admin_token().await;
+    server
+        .register(&admin, json!({"deviceId": "sensor-001", "type": "t"}))
+        .await;
+    let (status, _) = server
+        .patch(
+            "/api/devices/sensor-001/shadow",
+            &admin,
+            json!({"state": {"desired": {"target": 21}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let tenant = drover_actors::TenantId::parse("default").unwrap();
+    let device = drover_actors::DeviceId::parse("sensor-001").unwrap();
+    let actor = server
+        .state
+        .fleet
+        .device(&tenant, &device)
+        .await
+        .unwrap()
+        .unwrap();
+    // A handler panics: the actor dies and its supervisor starts a new one from storage.
+    let _ = actor.send(drover_actors::device_actor::Crash {}).await;
+    let restarted = |tree: Value| {
+        tree["tenants"][0]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == "sensor-001")
+            .map(|d| d["restarts"].clone())
+    };
+    common::eventually(
+        Duration::from_secs(10),
+        "restart shown by /admin/actors",
+        || async { restarted(server.get("/admin/actors", &admin).await.1) == Some(json!(1)) },
+    )
+    .await;
+    let (status, shadow) = server.get("/api/devices/sensor-001/shadow", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{shadow}");
+    assert_eq!(shadow["state"]["desired"]["target"], 21, "{shadow}");
+    assert_eq!(shadow["version"], 1);
+    let (_, one) = server.get("/admin/actors/default/sensor-001", &admin).await;
+    assert_eq!(one["supervision"]["restarts"], 1, "{one}");
+    assert_eq!(one["actor"]["generation"], 2, "{one}");
+}

@@ -156,8 +156,9 @@ pub struct PendingShadowDelta {}
 #[rtype(result = "()")]
 pub struct Shutdown {}
 
-/// Makes the actor's handler panic, so tests can exercise supervision.
-#[cfg(test)]
+/// Makes the actor's handler panic, so tests (here and of the whole server) can exercise
+/// supervision. Nothing in the API sends it.
+#[doc(hidden)]
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Crash {}
@@ -514,6 +515,7 @@ impl DeviceActor {
             match outcome {
                 Ok(()) => {
                     act.inbound.points += count as u64;
+                    act.pipeline.count(&act.tenant, count);
                     if let Some(accepted) = accepted {
                         act.pipeline.observe(accepted);
                     }
@@ -610,7 +612,6 @@ impl Handler<Shutdown> for DeviceActor {
     }
 }
 
-#[cfg(test)]
 impl Handler<Crash> for DeviceActor {
     type Result = ();
 

@@ -5,8 +5,9 @@
 //! shadow at that moment, so a rule can look at them without asking the registry. Sends are
 //! `try_send`: an observer that falls behind loses events (counted), it never slows ingestion.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use serde_json::{Map, Value};
@@ -38,6 +39,14 @@ pub struct Pipeline {
     pub writers: Option<WriterPool>,
     observers: Vec<Recipient<TelemetryAccepted>>,
     dropped: AtomicU64,
+    counts: Mutex<HashMap<TenantId, TenantTelemetry>>,
+}
+
+/// Telemetry a tenant's devices had committed since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TenantTelemetry {
+    pub messages: u64,
+    pub points: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -62,6 +71,7 @@ impl Pipeline {
             writers: None,
             observers: Vec::new(),
             dropped: AtomicU64::new(0),
+            counts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -75,6 +85,28 @@ impl Pipeline {
     pub fn with_observer(mut self, observer: Recipient<TelemetryAccepted>) -> Pipeline {
         self.observers.push(observer);
         self
+    }
+
+    /// Counts a committed telemetry message of `tenant`.
+    pub fn count(&self, tenant: &TenantId, points: usize) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = counts.entry(tenant.clone()).or_default();
+        entry.messages += 1;
+        entry.points += points as u64;
+    }
+
+    /// What `tenant` had committed since start (`None`: every tenant together).
+    pub fn counts(&self, tenant: Option<&TenantId>) -> TenantTelemetry {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match tenant {
+            Some(t) => counts.get(t).copied().unwrap_or_default(),
+            None => counts
+                .values()
+                .fold(TenantTelemetry::default(), |a, c| TenantTelemetry {
+                    messages: a.messages + c.messages,
+                    points: a.points + c.points,
+                }),
+        }
     }
 
     pub fn has_observers(&self) -> bool {

@@ -277,7 +277,10 @@ async fn main() -> anyhow::Result<()> {
                 summary.errors
             );
             if let Some(stats) = stats {
-                println!("server /stats: devices {}", stats["devices"]);
+                println!(
+                    "server /stats: devices {}, telemetry {}",
+                    stats["devices"], stats["telemetry"]
+                );
             }
             println!("{}", serde_json::to_string(&summary)?);
         }

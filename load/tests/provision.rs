@@ -152,6 +152,19 @@ fn simulate_connects_publishes_and_the_server_counts_it() {
         summary["messages_sent"].as_u64().unwrap(),
         "every message sent was received"
     );
+    // The server's own figures agree: every message was committed to the store.
+    let stats: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/stats", s.base))
+        .bearer_auth(&s.token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        stats["telemetry"]["messages"], summary["messages_sent"],
+        "{stats}"
+    );
+    assert_eq!(stats["devices"]["registered"], 5, "{stats}");
 }
 
 #[test]

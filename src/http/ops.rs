@@ -67,8 +67,27 @@ impl From<DeviceCounts> for DeviceCountsView {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+pub struct TelemetryStatsView {
+    /// Messages (a batch counts once) whose points were committed.
+    pub messages: u64,
+    pub points: u64,
+}
+
+impl From<drover_actors::pipeline::TenantTelemetry> for TelemetryStatsView {
+    fn from(t: drover_actors::pipeline::TenantTelemetry) -> Self {
+        TelemetryStatsView {
+            messages: t.messages,
+            points: t.points,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct PlatformStats {
     pub tenants: u64,
+    /// Telemetry committed since the server started, all tenants.
+    pub telemetry: TelemetryStatsView,
     pub devices: DeviceCountsView,
     pub tenant_supervisors: usize,
     pub device_actors: usize,
@@ -83,6 +102,8 @@ pub struct StatsView {
     /// The caller's tenant.
     pub tenant: String,
     pub devices: DeviceCountsView,
+    /// Telemetry of the caller's tenant committed since the server started.
+    pub telemetry: TelemetryStatsView,
     /// Whole-platform figures, for platform admins.
     pub platform: Option<PlatformStats>,
 }
@@ -99,6 +120,7 @@ pub async fn stats(
         let tree = state.fleet.inspect().await;
         Some(PlatformStats {
             tenants: state.registry.count_tenants().await?,
+            telemetry: state.pipeline.counts(None).into(),
             devices: state.registry.device_counts(None).await?.into(),
             tenant_supervisors: tree.len(),
             device_actors: tree.iter().map(|t| t.devices.len()).sum(),
@@ -113,6 +135,7 @@ pub async fn stats(
         uptime_seconds: uptime.as_secs(),
         tenant: principal.tenant.to_string(),
         devices: devices.into(),
+        telemetry: state.pipeline.counts(Some(&principal.tenant)).into(),
         platform,
     }))
 }
