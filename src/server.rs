@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr};
 use actix_web::{HttpServer, web};
 use drover_actors::Fleet;
+use drover_actors::clock::{SharedClock, SystemClock};
 use drover_actors::downsampler::{Downsampler, StopDownsampler};
 use drover_actors::pipeline::Pipeline;
 use drover_actors::tenant_supervisor::SupervisorSettings;
@@ -20,6 +21,7 @@ use crate::auth::secrets;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
+use crate::dashboard::DashboardHub;
 use crate::health::HealthChecker;
 use crate::http;
 use crate::metrics::Metrics;
@@ -29,6 +31,8 @@ use crate::mqtt::connection::MqttContext;
 use crate::mqtt::listener::{self, ListenError, MqttListener};
 use crate::mqtt::metrics::BrokerMetrics;
 use crate::presence::{PresenceRecorder, PresenceWriter};
+use crate::rules::notifier::ShadowsUnavailable;
+use crate::rules::{RulesDeps, RulesEngine};
 use crate::state::AppState;
 use crate::storage::{Database, RegistryStore, StoreError};
 use crate::telemetry::{self, TelemetryOpenError};
@@ -49,6 +53,8 @@ pub enum StartError {
     Bind { addr: String, error: std::io::Error },
     #[error(transparent)]
     Mqtt(#[from] ListenError),
+    #[error("rules engine: {0}")]
+    Rules(String),
 }
 
 /// A started platform.
@@ -110,6 +116,16 @@ pub async fn open_registry(config: &Config) -> Result<RegistryStore, StartError>
 
 /// Starts everything. Must run inside an actix system (`actix_rt::System`).
 pub async fn start(config: Config, admin_password: Option<String>) -> Result<RunningServer, StartError> {
+    start_with_clock(config, admin_password, Arc::new(SystemClock)).await
+}
+
+/// As [`start`], with the clock the rules engine reads (windows, timers, escalation): tests pass
+/// a `ManualClock` to control time instead of sleeping.
+pub async fn start_with_clock(
+    config: Config,
+    admin_password: Option<String>,
+    clock: SharedClock,
+) -> Result<RunningServer, StartError> {
     let started = Instant::now();
     let config = Arc::new(config);
     let registry = open_registry(&config).await?;
@@ -143,9 +159,39 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
     let metrics = Arc::new(Metrics::new());
     let (audit, audit_writer) = AuditSink::start(registry.clone(), metrics.audit_dropped.clone());
     let (presence, presence_writer) = PresenceRecorder::start(registry.clone(), node.clone());
+    let broker = Arc::new(Broker::new(
+        BrokerLimits::from_config(&config.mqtt, config.limits.max_devices),
+        BrokerMetrics::new(&metrics),
+    ));
+    let rules_secret_key = if config.rules.secret_key.is_empty() {
+        registry
+            .setting_or_insert("rules_secret_key", || secrets::new_secret(""))
+            .await?
+    } else {
+        config.rules.secret_key.expose().to_string()
+    };
+    let hub = DashboardHub::default();
+    let rules = Arc::new(
+        RulesEngine::start(
+            &config,
+            RulesDeps {
+                registry: registry.clone(),
+                broker: broker.clone(),
+                metrics: metrics.clone(),
+                hub: hub.clone(),
+                clock,
+                // SHADOW PATCHER: replace with the device shadow service when shadows land.
+                patcher: Arc::new(ShadowsUnavailable),
+                secret_key: rules_secret_key,
+            },
+        )
+        .map_err(StartError::Rules)?,
+    );
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
-        pipeline: Arc::new(Pipeline::new(config.telemetry.payload_limits())),
+        pipeline: Arc::new(
+            Pipeline::new(config.telemetry.payload_limits()).with_observer(rules.router.clone().recipient()),
+        ),
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(
@@ -154,10 +200,6 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         settings,
         config.actor_threads(),
     );
-    let broker = Arc::new(Broker::new(
-        BrokerLimits::from_config(&config.mqtt, config.limits.max_devices),
-        BrokerMetrics::new(&metrics),
-    ));
     let auth = Authenticator::new(registry.clone(), config.mqtt.allow_anonymous);
     auth.reload_cas().await?;
     let mqtt = Arc::new(MqttContext {
@@ -192,6 +234,8 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         started,
         telemetry: telemetry.store,
         telemetry_spool: telemetry.spool,
+        rules,
+        hub,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -259,6 +303,7 @@ impl RunningServer {
         tracing::info!("shutting down: actors");
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
+        self.state.rules.shutdown().await;
         let _ = self.downsampler.send(StopDownsampler {}).await;
         self.presence.finish(Duration::from_secs(5)).await;
         if let Err(error) = self.state.registry.clear_presence(&self.node).await {
@@ -284,13 +329,22 @@ pub struct ServerThread {
 impl ServerThread {
     /// Starts the server and returns once it listens (or failed to start).
     pub fn spawn(config: Config, admin_password: Option<String>) -> Result<ServerThread, StartError> {
+        Self::spawn_with_clock(config, admin_password, Arc::new(SystemClock))
+    }
+
+    /// As [`ServerThread::spawn`], with the rules engine's clock (see [`start_with_clock`]).
+    pub fn spawn_with_clock(
+        config: Config,
+        admin_password: Option<String>,
+        clock: SharedClock,
+    ) -> Result<ServerThread, StartError> {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("drover-server".into())
             .spawn(move || {
                 actix_rt::System::new().block_on(async move {
-                    match start(config, admin_password).await {
+                    match start_with_clock(config, admin_password, clock).await {
                         Ok(running) => {
                             let ready = (
                                 (running.http_addr, running.mqtt_addr, running.mqtt_tls_addr),

@@ -9,9 +9,11 @@ use drover_actors::{Fleet, TelemetrySpool, TelemetryStore};
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::config::Config;
+use crate::dashboard::DashboardHub;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 use crate::mqtt::connection::MqttContext;
+use crate::rules::RulesEngine;
 use crate::storage::RegistryStore;
 
 pub struct AppState {
@@ -30,4 +32,8 @@ pub struct AppState {
     pub telemetry: Arc<dyn TelemetryStore>,
     /// Where batches wait while the telemetry store is unreachable.
     pub telemetry_spool: Arc<dyn TelemetrySpool>,
+    /// Rules, alarms and notifications.
+    pub rules: Arc<RulesEngine>,
+    /// The live stream `/ws` sessions subscribe to.
+    pub hub: DashboardHub,
 }

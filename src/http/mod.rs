@@ -4,6 +4,7 @@
 //! actor tree; they hold no state of their own.
 
 pub mod accounts;
+pub mod alerts;
 pub mod devices;
 pub mod error;
 pub mod groups;
@@ -11,8 +12,10 @@ pub mod mqtt;
 pub mod ops;
 pub mod params;
 pub mod principal;
+pub mod rules;
 pub mod telemetry;
 pub mod tenants;
+pub mod ws;
 
 use std::time::Instant;
 
@@ -46,6 +49,8 @@ use crate::state::AppState;
         (name = "audit", description = "Audit log"),
         (name = "mqtt", description = "MQTT access rules and device CAs"),
         (name = "operations", description = "Health, metrics, statistics"),
+        (name = "rules", description = "Rules and notification channels"),
+        (name = "alerts", description = "Alarms and the live stream"),
     )
 )]
 struct ApiDoc;
@@ -125,6 +130,8 @@ pub fn app(
                 .configure(tenants::routes)
                 .configure(mqtt::routes)
                 .configure(telemetry::routes)
+                .configure(rules::routes)
+                .configure(alerts::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json)),
         )
@@ -132,6 +139,7 @@ pub fn app(
         .service(ops::metrics)
         .service(ops::stats)
         .service(ops::actors)
+        .service(ws::live)
         .split_for_parts();
     let document = OpenApiJson(api.to_json().unwrap_or_else(|_| "{}".into()));
     app.app_data(web::Data::new(document))

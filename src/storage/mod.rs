@@ -4,6 +4,7 @@ pub mod db;
 pub mod mqtt;
 pub mod records;
 pub mod registry;
+pub mod rules;
 pub mod schema;
 
 pub use db::{Backend, Database, StoreError};
