@@ -94,7 +94,7 @@ fn window_default() -> u64 {
     300
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScopeBody {
     /// all, deviceType, group, tag or device.
@@ -106,6 +106,15 @@ pub struct ScopeBody {
 
 fn scope_all() -> String {
     "all".into()
+}
+
+impl Default for ScopeBody {
+    fn default() -> Self {
+        ScopeBody {
+            kind: scope_all(),
+            value: None,
+        }
+    }
 }
 
 /// One escalation step: `actions` run `afterSecs` after the alarm opened, if it is still active
@@ -563,9 +572,6 @@ impl RuleBody {
 
 impl ActionBody {
     fn validate(&self, field: &str) -> Result<(), ModelError> {
-        if self.secret_sealed.is_some() {
-            return Err(invalid(&format!("{field}.secretSealed"), "is set by the server"));
-        }
         match self.kind {
             ActionKind::Webhook => {
                 if self.channel.is_none() {

@@ -115,6 +115,20 @@ impl TestServer {
     }
 
     pub fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<TestServer> {
+        Self::start_with_clock(
+            backend,
+            std::sync::Arc::new(drover_actors::clock::SystemClock),
+            tweak,
+        )
+    }
+
+    /// As [`TestServer::start_with`], with the clock the rules engine reads (a `ManualClock`
+    /// lets a test move time for windows, timers and escalation instead of sleeping).
+    pub fn start_with_clock(
+        backend: Backend,
+        clock: drover_actors::clock::SharedClock,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<TestServer> {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(data_dir.path());
         let pg = match backend {
@@ -127,7 +141,7 @@ impl TestServer {
             }
         };
         tweak(&mut config);
-        let server = ServerThread::spawn(config, Some(ADMIN_PASSWORD.to_string()))
+        let server = ServerThread::spawn_with_clock(config, Some(ADMIN_PASSWORD.to_string()), clock)
             .unwrap_or_else(|e| panic!("server failed to start: {e}"));
         Some(TestServer {
             base: format!("http://{}", server.http_addr),
