@@ -17,7 +17,10 @@ pub enum LiveMessage {
     /// Sent first: whose stream this is.
     Hello { tenant: String },
     /// An alarm changed: `event` is opened, updated, escalated, acknowledged or cleared.
-    Alarm { event: &'static str, alarm: AlarmView },
+    Alarm {
+        event: &'static str,
+        alarm: Box<AlarmView>,
+    },
     /// The session fell behind and missed `missed` events.
     Lagged { missed: u64 },
 }
@@ -61,7 +64,13 @@ impl DashboardHub {
 
     pub fn alarm(&self, event: &'static str, alarm: AlarmView) {
         let tenant = alarm.tenant.clone();
-        self.publish(&tenant, &LiveMessage::Alarm { event, alarm });
+        self.publish(
+            &tenant,
+            &LiveMessage::Alarm {
+                event,
+                alarm: Box::new(alarm),
+            },
+        );
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {

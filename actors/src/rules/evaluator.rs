@@ -669,9 +669,7 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
     // Statistical conditions score `current` against the window before it.
     let mut extra: Vec<(&str, f64)> = Vec::new();
     if let Condition::Statistical { .. } = rule.condition {
-        let Some(metric) = rule.spec.metric.as_ref() else {
-            return None;
-        };
+        let metric = rule.spec.metric.as_ref()?;
         let Some(x) = current else {
             rule.stats.skipped.fetch_add(1, Ordering::Relaxed);
             return None;
