@@ -544,7 +544,53 @@ async fn alarms_flow(backend: Backend) {
     assert!(audit.to_string().contains(&a1_id), "{audit}");
 }
 
-on_both_backends!(alarms_flow);
+/// Alarms and escalation due times are in the registry: a restart loses neither.
+async fn alarms_and_escalation_survive_a_restart(backend: Backend) {
+    let clock = ManualClock::new();
+    let (hook_addr, mut hooks, _) = http_receiver(200).await;
+    let Some(mut server) = TestServer::start_with_clock(backend, clock.clone(), |c| {
+        c.rules.tick_ms = 50;
+    }) else {
+        return;
+    };
+    let admin = server.admin_token().await;
+    let token = server.register(&admin, json!({"deviceId": "pump-1", "type": "pump"})).await;
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Pressure", "condition": {"type": "repeating", "expression": "pressure > 8", "count": 2, "withinSecs": 60},
+                   "escalation": [{"afterSecs": 600, "actions": [{"type": "webhook", "url": format!("http://{hook_addr}/late")}]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let device = device_client(&server, "pump-1", &token).await;
+    for _ in 0..2 {
+        device
+            .publish("devices/pump-1/telemetry", rumqttc::QoS::AtLeastOnce, false, r#"{"metrics":{"pressure":9}}"#)
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "alarm of pump-1", || async { alert_of(&server, &admin, "pump-1").await.is_some() }).await;
+    let before = alert_of(&server, &admin, "pump-1").await.unwrap();
+    assert!(before["nextEscalationAt"].is_string(), "{before}");
+    drop(device);
+
+    server.restart();
+    let admin = server.admin_token().await;
+    let after = alert_of(&server, &admin, "pump-1").await.expect("the alarm survived");
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["status"], "ACTIVE_UNACK");
+    assert_eq!(after["nextEscalationAt"], before["nextEscalationAt"]);
+    clock.advance_ms(601_000);
+    let got = tokio::time::timeout(WAIT, hooks.recv()).await.expect("escalated after the restart").unwrap();
+    assert_eq!(got.path, "/late");
+    let payload: Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(payload["event"], "alarm.escalated");
+    assert_eq!(payload["alarm"]["id"], before["id"]);
+}
+
+on_both_backends!(alarms_flow, alarms_and_escalation_survive_a_restart);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_crud_and_validation() {

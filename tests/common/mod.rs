@@ -88,6 +88,9 @@ pub struct TestServer {
     pub data_dir: tempfile::TempDir,
     server: Option<ServerThread>,
     _pg: Option<PgDatabase>,
+    /// What the server was started with, so [`TestServer::restart`] can start it again.
+    config: Config,
+    clock: drover_actors::clock::SharedClock,
 }
 
 /// A configuration for tests: loopback, port 0, small pools, a temporary data dir.
@@ -141,7 +144,8 @@ impl TestServer {
             }
         };
         tweak(&mut config);
-        let server = ServerThread::spawn_with_clock(config, Some(ADMIN_PASSWORD.to_string()), clock)
+        let kept = config.clone();
+        let server = ServerThread::spawn_with_clock(config, Some(ADMIN_PASSWORD.to_string()), clock.clone())
             .unwrap_or_else(|e| panic!("server failed to start: {e}"));
         Some(TestServer {
             base: format!("http://{}", server.http_addr),
@@ -156,7 +160,24 @@ impl TestServer {
             data_dir,
             server: Some(server),
             _pg: pg,
+            config: kept,
+            clock,
         })
+    }
+
+    /// Stops the server and starts it again on the same data (new ports).
+    pub fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        let server = ServerThread::spawn_with_clock(self.config.clone(), None, self.clock.clone())
+            .unwrap_or_else(|e| panic!("server failed to restart: {e}"));
+        self.base = format!("http://{}", server.http_addr);
+        self.addr = server.http_addr;
+        self.mqtt = server.mqtt_addr;
+        self.mqtt_tls = server.mqtt_tls_addr;
+        self.state = server.state.clone();
+        self.server = Some(server);
     }
 
     pub fn url(&self, path: &str) -> String {
