@@ -554,7 +554,9 @@ async fn alarms_and_escalation_survive_a_restart(backend: Backend) {
         return;
     };
     let admin = server.admin_token().await;
-    let token = server.register(&admin, json!({"deviceId": "pump-1", "type": "pump"})).await;
+    let token = server
+        .register(&admin, json!({"deviceId": "pump-1", "type": "pump"}))
+        .await;
     let (status, body) = server
         .post(
             "/api/rules",
@@ -567,23 +569,36 @@ async fn alarms_and_escalation_survive_a_restart(backend: Backend) {
     let device = device_client(&server, "pump-1", &token).await;
     for _ in 0..2 {
         device
-            .publish("devices/pump-1/telemetry", rumqttc::QoS::AtLeastOnce, false, r#"{"metrics":{"pressure":9}}"#)
+            .publish(
+                "devices/pump-1/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                r#"{"metrics":{"pressure":9}}"#,
+            )
             .await
             .unwrap();
     }
-    eventually(WAIT, "alarm of pump-1", || async { alert_of(&server, &admin, "pump-1").await.is_some() }).await;
+    eventually(WAIT, "alarm of pump-1", || async {
+        alert_of(&server, &admin, "pump-1").await.is_some()
+    })
+    .await;
     let before = alert_of(&server, &admin, "pump-1").await.unwrap();
     assert!(before["nextEscalationAt"].is_string(), "{before}");
     drop(device);
 
     server.restart();
     let admin = server.admin_token().await;
-    let after = alert_of(&server, &admin, "pump-1").await.expect("the alarm survived");
+    let after = alert_of(&server, &admin, "pump-1")
+        .await
+        .expect("the alarm survived");
     assert_eq!(after["id"], before["id"]);
     assert_eq!(after["status"], "ACTIVE_UNACK");
     assert_eq!(after["nextEscalationAt"], before["nextEscalationAt"]);
     clock.advance_ms(601_000);
-    let got = tokio::time::timeout(WAIT, hooks.recv()).await.expect("escalated after the restart").unwrap();
+    let got = tokio::time::timeout(WAIT, hooks.recv())
+        .await
+        .expect("escalated after the restart")
+        .unwrap();
     assert_eq!(got.path, "/late");
     let payload: Value = serde_json::from_slice(&got.body).unwrap();
     assert_eq!(payload["event"], "alarm.escalated");

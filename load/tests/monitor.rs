@@ -30,12 +30,23 @@ fn monitor_prints_an_alarm_as_it_opens() {
         .unwrap();
     let token = login["token"].as_str().unwrap().to_string();
     let call = |path: &str, body: Value| -> Value {
-        let response = http.post(format!("{base}{path}")).bearer_auth(&token).json(&body).send().unwrap();
+        let response = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .unwrap();
         assert!(response.status().is_success(), "{path}: {}", response.status());
         response.json().unwrap()
     };
-    call("/api/rules", json!({"name": "Hot", "condition": "temperature > 30", "severity": "critical"}));
-    let device = call("/api/devices/register", json!({"deviceId": "boiler-7", "type": "boiler"}));
+    call(
+        "/api/rules",
+        json!({"name": "Hot", "condition": "temperature > 30", "severity": "critical"}),
+    );
+    let device = call(
+        "/api/devices/register",
+        json!({"deviceId": "boiler-7", "type": "boiler"}),
+    );
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_drover-load"))
         .args(["monitor", "--url", &base, "--api-key", &token, "--count", "1"])
@@ -67,7 +78,10 @@ fn monitor_prints_an_alarm_as_it_opens() {
     });
     let line = rx.recv_timeout(Duration::from_secs(20)).expect("an alarm line");
     assert!(line.contains("OPENED"), "{line}");
-    assert!(line.contains("critical") && line.contains("boiler-7") && line.contains("Hot"), "{line}");
+    assert!(
+        line.contains("critical") && line.contains("boiler-7") && line.contains("Hot"),
+        "{line}"
+    );
     let status = child.wait().unwrap();
     assert!(status.success(), "monitor exits after --count 1");
     server.stop();

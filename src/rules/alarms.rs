@@ -93,7 +93,11 @@ async fn apply(
         .await
         .map_err(|e| e.to_string())?;
     match signal.change {
-        AlarmChange::Raise { severity, value } => {
+        AlarmChange::Raise {
+            severity,
+            value,
+            occurrences,
+        } => {
             let Some(rule) = rule else { return Ok(None) };
             let first_escalation = rule.body.escalation.first().map(|s| s.after_secs as i64 * 1000);
             let outcome = registry
@@ -104,6 +108,7 @@ async fn apply(
                     signal.device.to_string(),
                     severity,
                     value,
+                    occurrences,
                     signal.details.clone(),
                     signal.at_ms,
                     rule.body.notify.quiet_period_secs as i64 * 1000,
@@ -113,12 +118,13 @@ async fn apply(
                 .map_err(|e| e.to_string())?;
             Ok(Some((signal, Some(rule), outcome)))
         }
-        AlarmChange::Clear => {
+        AlarmChange::Clear { repeats } => {
             let cleared = registry
                 .auto_clear_alarm(
                     signal.tenant.clone(),
                     signal.rule_id.clone(),
                     signal.device.to_string(),
+                    repeats,
                     signal.at_ms,
                 )
                 .await
@@ -172,7 +178,7 @@ impl AlarmService {
         outcome: RaiseOutcome,
     ) {
         match (signal.change, outcome) {
-            (AlarmChange::Clear, RaiseOutcome::Updated { alarm, .. }) => {
+            (AlarmChange::Clear { .. }, RaiseOutcome::Updated { alarm, .. }) => {
                 self.metrics.alarms.with_label_values(&["cleared"]).inc();
                 tracing::info!(alarm = %alarm.id, device = %alarm.device, rule = %alarm.rule_name, "alarm cleared");
                 self.hub.alarm("cleared", AlarmView::from(&alarm));

@@ -3,8 +3,6 @@
 //! the rest of the registry; changes made by the engine itself (raise, auto-clear, escalation)
 //! are recorded in the alarm's own history instead.
 
-use std::collections::HashMap;
-
 use diesel::prelude::*;
 use drover_actors::rules::Severity;
 use drover_actors::{DeviceId, GroupName, TenantId};
@@ -64,12 +62,7 @@ pub struct AlarmRecord {
 impl AlarmRecord {
     /// ThingsBoard's four states.
     pub fn status(&self) -> &'static str {
-        match (self.active, self.acknowledged) {
-            (true, false) => "ACTIVE_UNACK",
-            (true, true) => "ACTIVE_ACK",
-            (false, false) => "CLEARED_UNACK",
-            (false, true) => "CLEARED_ACK",
-        }
+        status_name(self.active, self.acknowledged)
     }
 }
 
@@ -242,6 +235,35 @@ pub(crate) fn insert_event(
         ))
         .execute(conn)?;
     Ok(())
+}
+
+/// Marks an alarm cleared (stopping its escalation) and records why.
+fn close_alarm(
+    conn: &mut DbConnection,
+    id: &str,
+    at: i64,
+    by: Option<&str>,
+    why: &str,
+) -> Result<(), StoreError> {
+    diesel::update(alarms::table.filter(alarms::id.eq(id)))
+        .set((
+            alarms::active.eq(false),
+            alarms::cleared_at.eq(Some(at)),
+            alarms::cleared_by.eq(Some(by.unwrap_or("rule"))),
+            alarms::next_escalation_at.eq(None::<i64>),
+        ))
+        .execute(conn)?;
+    insert_event(conn, id, at, "cleared", by, why)
+}
+
+/// ThingsBoard's name of an alarm state.
+fn status_name(active: bool, acknowledged: bool) -> &'static str {
+    match (active, acknowledged) {
+        (true, false) => "ACTIVE_UNACK",
+        (true, true) => "ACTIVE_ACK",
+        (false, false) => "CLEARED_UNACK",
+        (false, true) => "CLEARED_ACK",
+    }
 }
 
 fn rule_from_row(row: (String, String, String, i64, i64)) -> Result<RuleRecord, StoreError> {
@@ -429,15 +451,7 @@ impl RegistryStore {
                     .select(alarms::id)
                     .load(conn)?;
                 for alarm in &active {
-                    diesel::update(alarms::table.filter(alarms::id.eq(alarm)))
-                        .set((
-                            alarms::active.eq(false),
-                            alarms::cleared_at.eq(Some(at)),
-                            alarms::cleared_by.eq(Some(by.actor.as_str())),
-                            alarms::next_escalation_at.eq(None::<i64>),
-                        ))
-                        .execute(conn)?;
-                    insert_event(conn, alarm, at, "cleared", Some(&by.actor), "rule deleted")?;
+                    close_alarm(conn, alarm, at, Some(&by.actor), "rule deleted")?;
                 }
                 insert_audit(conn, &audit(&by, "rule.delete", &id, None))
             })
@@ -658,6 +672,7 @@ impl RegistryStore {
         device: String,
         severity: Severity,
         value: Option<f64>,
+        occurrences: u32,
         details: Value,
         at: i64,
         quiet_period_ms: i64,
@@ -680,7 +695,7 @@ impl RegistryStore {
                     let new_severity = current.severity.max(severity);
                     diesel::update(alarms::table.filter(alarms::id.eq(&id)))
                         .set((
-                            alarms::count.eq(alarms::count + 1),
+                            alarms::count.eq(alarms::count + i64::from(occurrences)),
                             alarms::last_seen.eq(at),
                             alarms::severity.eq(new_severity.as_str()),
                             alarms::value.eq(value),
@@ -728,7 +743,7 @@ impl RegistryStore {
                         alarms::severity.eq(severity.as_str()),
                         alarms::active.eq(true),
                         alarms::acknowledged.eq(false),
-                        alarms::count.eq(1i64),
+                        alarms::count.eq(i64::from(occurrences.max(1))),
                         alarms::first_seen.eq(at),
                         alarms::last_seen.eq(at),
                         alarms::value.eq(value),
@@ -761,12 +776,14 @@ impl RegistryStore {
             .await
     }
 
-    /// Clears the active (device, rule) alarm because its clear condition held.
+    /// Clears the active (device, rule) alarm because its clear condition held, counting the
+    /// `repeats` that were not reported yet.
     pub async fn auto_clear_alarm(
         &self,
         tenant: TenantId,
         rule_id: String,
         device: String,
+        repeats: u32,
         at: i64,
     ) -> Result<Option<AlarmRecord>, StoreError> {
         self.database()
@@ -780,15 +797,12 @@ impl RegistryStore {
                     .first(conn)
                     .optional()?;
                 let Some(id) = id else { return Ok(None) };
-                diesel::update(alarms::table.filter(alarms::id.eq(&id)))
-                    .set((
-                        alarms::active.eq(false),
-                        alarms::cleared_at.eq(Some(at)),
-                        alarms::cleared_by.eq(Some("rule")),
-                        alarms::next_escalation_at.eq(None::<i64>),
-                    ))
-                    .execute(conn)?;
-                insert_event(conn, &id, at, "cleared", None, "the clear condition held")?;
+                if repeats > 0 {
+                    diesel::update(alarms::table.filter(alarms::id.eq(&id)))
+                        .set(alarms::count.eq(alarms::count + i64::from(repeats)))
+                        .execute(conn)?;
+                }
+                close_alarm(conn, &id, at, None, "the clear condition held")?;
                 load_alarm(conn, &id)
             })
             .await
@@ -1030,22 +1044,7 @@ impl RegistryStore {
                 if !alarm.active {
                     return Ok(alarm);
                 }
-                diesel::update(alarms::table.filter(alarms::id.eq(&id)))
-                    .set((
-                        alarms::active.eq(false),
-                        alarms::cleared_at.eq(Some(at)),
-                        alarms::cleared_by.eq(Some(by.actor.as_str())),
-                        alarms::next_escalation_at.eq(None::<i64>),
-                    ))
-                    .execute(conn)?;
-                insert_event(
-                    conn,
-                    &id,
-                    at,
-                    "cleared",
-                    Some(&by.actor),
-                    "cleared by an operator",
-                )?;
+                close_alarm(conn, &id, at, Some(&by.actor), "cleared by an operator")?;
                 insert_audit(conn, &audit(&by, "alert.clear", &id, None))?;
                 load_alarm(conn, &id)?.ok_or_else(|| internal("alarm vanished"))
             })
@@ -1071,30 +1070,6 @@ impl RegistryStore {
                     actor: Some(by.actor.clone()),
                     message: text,
                 })
-            })
-            .await
-    }
-
-    /// Alarm counts by status, for `/metrics`.
-    pub async fn alarm_counts(&self) -> Result<HashMap<&'static str, i64>, StoreError> {
-        self.database()
-            .read(move |conn| {
-                let rows: Vec<(bool, bool, i64)> = alarms::table
-                    .group_by((alarms::active, alarms::acknowledged))
-                    .select((alarms::active, alarms::acknowledged, diesel::dsl::count_star()))
-                    .load(conn)?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(a, k, n)| {
-                        let status = match (a, k) {
-                            (true, false) => "ACTIVE_UNACK",
-                            (true, true) => "ACTIVE_ACK",
-                            (false, false) => "CLEARED_UNACK",
-                            (false, true) => "CLEARED_ACK",
-                        };
-                        (status, n)
-                    })
-                    .collect())
             })
             .await
     }

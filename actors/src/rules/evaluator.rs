@@ -131,6 +131,20 @@ struct DeviceRuleState {
     first_at: Option<i64>,
     /// Clear with a duration: since when the clear expression has held.
     clear_since: Option<i64>,
+    /// The severity last reported for the active alarm.
+    severity: Option<Severity>,
+    /// Repeats of the active alarm not reported yet (flushed on the next tick).
+    pending: Option<Pending>,
+}
+
+/// Repeats of an active alarm, coalesced so an alarm that holds on every message costs one
+/// registry write per tick rather than one per message.
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    count: u32,
+    value: Option<f64>,
+    details: Value,
+    at_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -445,9 +459,29 @@ impl TenantRules {
         }
     }
 
-    /// Fires time-based conditions (absence) and drops window values no rule needs any more.
+    /// Reports coalesced repeats, fires time-based conditions (absence) and drops window values
+    /// no rule needs any more.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<AlarmSignal> {
         let mut out = Vec::new();
+        for rule in &mut self.rules {
+            for (device, state) in rule.devices.iter_mut() {
+                if let Some(p) = state.pending.take() {
+                    out.push(AlarmSignal {
+                        tenant: self.tenant.clone(),
+                        device: device.clone(),
+                        rule_id: rule.spec.id.clone(),
+                        rule_name: rule.spec.name.clone(),
+                        change: AlarmChange::Raise {
+                            severity: state.severity.unwrap_or(rule.spec.severity),
+                            value: p.value,
+                            occurrences: p.count,
+                        },
+                        at_ms: p.at_ms,
+                        details: p.details,
+                    });
+                }
+            }
+        }
         for rule in &mut self.rules {
             let Condition::Absence { for_ms } = rule.condition else {
                 continue;
@@ -474,6 +508,7 @@ impl TenantRules {
                     change: AlarmChange::Raise {
                         severity: rule.spec.severity,
                         value: None,
+                        occurrences: 1,
                     },
                     at_ms: now_ms,
                     details: json!({ "silentForMs": now_ms - device.last_seen_ms, "lastSeenMs": device.last_seen_ms }),
@@ -643,6 +678,7 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
                 AlarmChange::Raise {
                     severity,
                     value: current,
+                    occurrences: 1,
                 },
                 details,
             ));
@@ -650,7 +686,7 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
         if rule.clear.is_some()
             && let Some(origin) = rule.group.active_device.take()
         {
-            return Some(signal(rule, origin, AlarmChange::Clear, details));
+            return Some(signal(rule, origin, AlarmChange::Clear { repeats: 0 }, details));
         }
         return None;
     }
@@ -661,7 +697,7 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
     if let Condition::Absence { .. } = rule.condition {
         if state.active {
             state.active = false;
-            return Some(signal(rule, device, AlarmChange::Clear, details));
+            return Some(signal(rule, device, AlarmChange::Clear { repeats: 0 }, details));
         }
         return None;
     }
@@ -705,8 +741,9 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
             Ok(v) if v.holds() => {
                 let since = *state.clear_since.get_or_insert(now);
                 if now - since >= *for_ms {
+                    let repeats = state.pending.take().map_or(0, |p| p.count);
                     *state = DeviceRuleState::default();
-                    return Some(signal(rule, device, AlarmChange::Clear, details));
+                    return Some(signal(rule, device, AlarmChange::Clear { repeats }, details));
                 }
             }
             Ok(_) => state.clear_since = None,
@@ -800,15 +837,26 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
         Condition::Group { .. } | Condition::Absence { .. } => None,
     };
     let severity = fired?;
-    state.active = true;
     state.clear_since = None;
     rule.stats.matches.fetch_add(1, Ordering::Relaxed);
+    if state.active && state.severity.is_some_and(|reported| severity <= reported) {
+        let pending = state.pending.get_or_insert_with(Pending::default);
+        pending.count += 1;
+        pending.value = current;
+        pending.details = details;
+        pending.at_ms = now;
+        return None;
+    }
+    let occurrences = 1 + state.pending.take().map_or(0, |p| p.count);
+    state.active = true;
+    state.severity = Some(state.severity.map_or(severity, |s| s.max(severity)));
     Some(signal(
         rule,
         device,
         AlarmChange::Raise {
             severity,
             value: current,
+            occurrences,
         },
         details,
     ))
@@ -885,11 +933,18 @@ mod tests {
     }
 
     fn raise(sev: Severity, v: f64) -> AlarmChange {
+        raise_n(sev, v, 1)
+    }
+
+    fn raise_n(sev: Severity, v: f64, occurrences: u32) -> AlarmChange {
         AlarmChange::Raise {
             severity: sev,
             value: Some(v),
+            occurrences,
         }
     }
+
+    const CLEAR: AlarmChange = AlarmChange::Clear { repeats: 0 };
 
     #[test]
     fn threshold_raises_repeats_and_clears() {
@@ -901,18 +956,24 @@ mod tests {
         let mut t = engine(vec![r]);
         assert_eq!(temp(&mut t, "d1", 20.0, 0), vec![]);
         assert_eq!(temp(&mut t, "d1", 31.0, 1), vec![raise(Severity::Major, 31.0)]);
+        // Repeats are coalesced until the next tick.
+        assert_eq!(temp(&mut t, "d1", 35.0, 2), vec![]);
+        assert_eq!(temp(&mut t, "d1", 36.0, 3), vec![]);
+        let flushed: Vec<AlarmChange> = t.on_tick(4).into_iter().map(|s| s.change).collect();
+        assert_eq!(flushed, vec![raise_n(Severity::Major, 36.0, 2)]);
+        assert!(t.on_tick(5).is_empty(), "reported once");
+        assert_eq!(temp(&mut t, "d1", 37.0, 6), vec![]);
         assert_eq!(
-            temp(&mut t, "d1", 35.0, 2),
-            vec![raise(Severity::Major, 35.0)],
-            "repeats update"
-        );
-        assert_eq!(
-            temp(&mut t, "d1", 27.0, 3),
+            temp(&mut t, "d1", 27.0, 7),
             vec![],
             "between thresholds nothing changes"
         );
-        assert_eq!(temp(&mut t, "d1", 24.0, 4), vec![AlarmChange::Clear]);
-        assert_eq!(temp(&mut t, "d1", 24.0, 5), vec![]);
+        assert_eq!(
+            temp(&mut t, "d1", 24.0, 8),
+            vec![AlarmChange::Clear { repeats: 1 }],
+            "the clear carries the repeat not reported yet"
+        );
+        assert_eq!(temp(&mut t, "d1", 24.0, 9), vec![]);
     }
 
     #[test]
@@ -1024,7 +1085,7 @@ mod tests {
         assert_eq!(signals.len(), 1);
         assert!(signals[0].details["zscore"].as_f64().unwrap() > 3.0);
         // A window dominated by the spike, then a value near the mean clears it.
-        assert_eq!(temp(&mut t, "d2", 23.0, 12), vec![AlarmChange::Clear]);
+        assert_eq!(temp(&mut t, "d2", 23.0, 12), vec![CLEAR]);
     }
 
     #[test]
@@ -1115,7 +1176,7 @@ mod tests {
             "d",
             "the clear is on the alarm's originator"
         );
-        assert_eq!(signals[0].change, AlarmChange::Clear);
+        assert_eq!(signals[0].change, CLEAR);
         assert!(temp(&mut t, "c", 20.0, 76_000).is_empty());
     }
 
@@ -1130,7 +1191,7 @@ mod tests {
         assert_eq!(signals.len(), 1);
         assert!(matches!(signals[0].change, AlarmChange::Raise { .. }));
         assert!(t.on_tick(60_000).is_empty(), "raised once");
-        assert_eq!(temp(&mut t, "d1", 20.0, 61_000), vec![AlarmChange::Clear]);
+        assert_eq!(temp(&mut t, "d1", 20.0, 61_000), vec![CLEAR]);
     }
 
     #[test]
@@ -1144,7 +1205,7 @@ mod tests {
         temp(&mut t, "d1", 31.0, 0);
         assert_eq!(temp(&mut t, "d1", 20.0, 1_000), vec![]);
         assert_eq!(temp(&mut t, "d1", 20.0, 5_000), vec![]);
-        assert_eq!(temp(&mut t, "d1", 20.0, 11_000), vec![AlarmChange::Clear]);
+        assert_eq!(temp(&mut t, "d1", 20.0, 11_000), vec![CLEAR]);
     }
 
     #[test]
@@ -1179,9 +1240,15 @@ mod tests {
         assert_eq!(stats["missing"].view().skipped, 1);
         assert_eq!(stats["missing"].view().status, "running");
         drop(stats);
-        let signals = t.on_telemetry(&event("d1", &[("temperature", 150.0)]), 1);
-        assert_eq!(signals.len(), 1, "the stopped rule is not run again");
-        assert_eq!(board.lock().unwrap()["bad"].view().evaluations, 1);
+        t.on_telemetry(&event("d1", &[("temperature", 150.0)]), 1);
+        let stats = board.lock().unwrap();
+        assert_eq!(
+            stats["bad"].view().evaluations,
+            1,
+            "the stopped rule is not run again"
+        );
+        assert_eq!(stats["good"].view().evaluations, 2);
+        assert_eq!(stats["good"].view().matches, 2);
     }
 
     #[test]
@@ -1220,6 +1287,6 @@ mod tests {
         });
         let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, StatsBoard::default());
         t.set_rules(vec![hot], &[(DeviceId::parse("d1").unwrap(), "hot".into())]);
-        assert_eq!(temp(&mut t, "d1", 20.0, 0), vec![AlarmChange::Clear]);
+        assert_eq!(temp(&mut t, "d1", 20.0, 0), vec![CLEAR]);
     }
 }

@@ -144,9 +144,16 @@ pub struct RuleSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AlarmChange {
     /// Open the alarm, or update it (count, last seen, severity) when it is already active.
-    Raise { severity: Severity, value: Option<f64> },
-    /// The clear condition held (or telemetry came back for an absence alarm).
-    Clear,
+    /// `occurrences`: how many times the condition held since the last report (repeats of an
+    /// active alarm are reported once per tick, or at once when the severity rises).
+    Raise {
+        severity: Severity,
+        value: Option<f64>,
+        occurrences: u32,
+    },
+    /// The clear condition held (or telemetry came back for an absence alarm); `repeats` are
+    /// occurrences not reported yet.
+    Clear { repeats: u32 },
 }
 
 /// One alarm change of one (device, rule).
