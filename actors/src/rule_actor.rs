@@ -1,6 +1,7 @@
 //! `RuleActor`: one per tenant. Owns the tenant's [`TenantRules`] (rules, windows, per-device
 //! condition state), evaluates every accepted telemetry batch of the tenant's devices, fires
-//! time-based conditions on a tick, and hands the resulting alarm changes to the alarm sink.
+//! time-based conditions on a tick, re-reads its rules every minute (group and tag members
+//! change without a rule changing), and hands the resulting alarm changes to the alarm sink.
 //!
 //! Messages: [`TelemetryAccepted`] (from the router), [`ReloadRules`] (a rule changed),
 //! [`AlarmClosed`] (an operator cleared an alarm).
@@ -68,6 +69,10 @@ pub struct RuleSettings {
     pub counters: Arc<RuleCounters>,
     pub mailbox: usize,
 }
+
+/// How often a tenant's rules are re-read even when none changed, so group and tag scopes follow
+/// membership changes (a rule whose members did not change keeps its state).
+pub const SCOPE_REFRESH: Duration = Duration::from_secs(60);
 
 pub struct RuleActor {
     tenant: TenantId,
@@ -138,6 +143,7 @@ impl Actor for RuleActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.settings.mailbox);
         self.load(ctx);
+        ctx.run_interval(SCOPE_REFRESH, |actor, ctx| actor.load(ctx));
         ctx.run_interval(self.settings.tick, |actor, _| {
             let now = actor.settings.clock.now_ms();
             let signals = actor.rules.on_tick(now);

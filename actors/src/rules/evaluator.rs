@@ -611,6 +611,28 @@ impl EvalContext<'_> {
     }
 }
 
+/// The condition held for an alarm: `Some(occurrences)` to report now (it opens, or its severity
+/// rises, with the repeats not reported yet), `None` when the repeat waits for the next tick.
+fn report(
+    state: &mut DeviceRuleState,
+    severity: Severity,
+    value: Option<f64>,
+    details: &Value,
+    now: i64,
+) -> Option<u32> {
+    if state.active && state.severity.is_some_and(|reported| severity <= reported) {
+        let pending = state.pending.get_or_insert_with(Pending::default);
+        pending.count += 1;
+        pending.value = value;
+        pending.details = details.clone();
+        pending.at_ms = now;
+        return None;
+    }
+    state.active = true;
+    state.severity = Some(state.severity.map_or(severity, |s| s.max(severity)));
+    Some(1 + state.pending.take().map_or(0, |p| p.count))
+}
+
 fn severity_of(verdict: Verdict, rule: &RuleSpec) -> Severity {
     match verdict {
         Verdict::Severity(s) => s,
@@ -672,13 +694,16 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
                 .clone();
             rule.stats.matches.fetch_add(1, Ordering::Relaxed);
             let severity = severity_of(verdict, &rule.spec);
+            // The group alarm's repeats are kept on its originator's state.
+            let state = rule.devices.entry(origin.clone()).or_default();
+            let occurrences = report(state, severity, current, &details, now)?;
             return Some(signal(
                 rule,
                 origin,
                 AlarmChange::Raise {
                     severity,
                     value: current,
-                    occurrences: 1,
+                    occurrences,
                 },
                 details,
             ));
@@ -686,7 +711,9 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
         if rule.clear.is_some()
             && let Some(origin) = rule.group.active_device.take()
         {
-            return Some(signal(rule, origin, AlarmChange::Clear { repeats: 0 }, details));
+            let state = rule.devices.remove(&origin).unwrap_or_default();
+            let repeats = state.pending.map_or(0, |p| p.count);
+            return Some(signal(rule, origin, AlarmChange::Clear { repeats }, details));
         }
         return None;
     }
@@ -839,17 +866,7 @@ fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -
     let severity = fired?;
     state.clear_since = None;
     rule.stats.matches.fetch_add(1, Ordering::Relaxed);
-    if state.active && state.severity.is_some_and(|reported| severity <= reported) {
-        let pending = state.pending.get_or_insert_with(Pending::default);
-        pending.count += 1;
-        pending.value = current;
-        pending.details = details;
-        pending.at_ms = now;
-        return None;
-    }
-    let occurrences = 1 + state.pending.take().map_or(0, |p| p.count);
-    state.active = true;
-    state.severity = Some(state.severity.map_or(severity, |s| s.max(severity)));
+    let occurrences = report(state, severity, current, &details, now)?;
     Some(signal(
         rule,
         device,
@@ -1161,14 +1178,18 @@ mod tests {
         assert_eq!(signals.len(), 1);
         assert_eq!(signals[0].device.as_str(), "d");
         assert_eq!(signals[0].details["devices"], json!(["b", "c", "d"]));
-        // Still three: an update on the same alarm (same originator).
-        let signals = t.on_telemetry(&event("a", &[("temperature", 31.0)]), 73_000);
+        // Still enough: a repeat of the same alarm (same originator), reported on the tick.
+        assert!(temp(&mut t, "a", 31.0, 73_000).is_empty());
+        let signals = t.on_tick(73_500);
+        assert_eq!(signals.len(), 1);
         assert_eq!(signals[0].device.as_str(), "d");
-        // a drops out: b, c, d still hold. Then b drops out: two left, the alarm clears.
         assert!(matches!(
-            temp(&mut t, "a", 20.0, 74_000)[..],
-            [AlarmChange::Raise { .. }]
+            signals[0].change,
+            AlarmChange::Raise { occurrences: 1, .. }
         ));
+        // a drops out: b, c, d still hold (one more repeat). Then b drops out: two left, the
+        // alarm clears, carrying that repeat.
+        assert!(temp(&mut t, "a", 20.0, 74_000).is_empty());
         let signals = t.on_telemetry(&event("b", &[("temperature", 20.0)]), 75_000);
         assert_eq!(signals.len(), 1);
         assert_eq!(
@@ -1176,7 +1197,7 @@ mod tests {
             "d",
             "the clear is on the alarm's originator"
         );
-        assert_eq!(signals[0].change, CLEAR);
+        assert_eq!(signals[0].change, AlarmChange::Clear { repeats: 1 });
         assert!(temp(&mut t, "c", 20.0, 76_000).is_empty());
     }
 
