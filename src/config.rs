@@ -1888,6 +1888,42 @@ mod tests {
     }
 
     #[test]
+    fn rules_smtp_and_sms_settings() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("ANOMALY_THRESHOLD", "2.5"),
+                ("DROVER_SECRET_KEY", "rules-key-value"),
+                ("SMTP_HOST", "mail.internal"),
+                ("SMTP_TLS", "tls"),
+                ("SMTP_PASSWORD", "smtp-password-value"),
+                ("SMS_AUTH_TOKEN", "sms-token-value"),
+                ("SMS_BASE_URL", "http://127.0.0.1:9999"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.rules.anomaly_threshold, 2.5);
+        assert_eq!(config.rules.secret_key.expose(), "rules-key-value");
+        assert_eq!(config.smtp.tls, "tls");
+        let shown = format!("{config:?}");
+        for secret in ["rules-key-value", "smtp-password-value", "sms-token-value"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        for (var, value) in [
+            ("ANOMALY_THRESHOLD", "0"),
+            ("ANOMALY_THRESHOLD", "high"),
+            ("SMTP_TLS", "maybe"),
+            ("SMTP_FROM", "not an address"),
+            ("SMS_BASE_URL", "ftp://gateway"),
+            ("RULES_DELIVERY_ATTEMPTS", "0"),
+            ("RULES_TICK_MS", "0"),
+        ] {
+            let err = Config::load_with_env(None, env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(var), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn database_target_defaults_to_sqlite_in_data_dir() {
         let config = Config::default();
         assert_eq!(

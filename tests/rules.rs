@@ -703,3 +703,107 @@ async fn rules_crud_and_validation() {
     let (_, alerts) = server.get("/api/alerts", &other).await;
     assert_eq!(alerts["alerts"], json!([]));
 }
+
+/// The device-facing actions: an MQTT command reaches the device's session; a shadow patch is
+/// recorded as failed while device shadows are not part of the platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_command_and_shadow_patch_actions() {
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.rules.delivery_attempts = 2;
+        c.rules.retry_backoff_ms = 20;
+    })
+    .unwrap();
+    let admin = server.admin_token().await;
+    let token = server
+        .register(&admin, json!({"deviceId": "valve-1", "type": "valve"}))
+        .await;
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Leak", "condition": "flow > 10",
+                   "actions": [{"type": "mqttCommand", "command": "close", "payload": {"valve": "main"}},
+                               {"type": "shadowPatch", "payload": {"valve": "closed"}}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let mut options = rumqttc::MqttOptions::new("valve-1", "127.0.0.1", server.mqtt.port());
+    options.set_credentials("valve-1", token);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            let _ = tx.send(event);
+        }
+    });
+    client
+        .subscribe("devices/valve-1/commands/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) = rx.recv().await {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("subscribed");
+    client
+        .publish(
+            "devices/valve-1/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"metrics":{"flow":12}}"#,
+        )
+        .await
+        .unwrap();
+    let command = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = rx.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("the command reached the device");
+    assert_eq!(command.topic, "devices/valve-1/commands/close");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&command.payload).unwrap(),
+        json!({"valve": "main"})
+    );
+
+    let id = alert_of(&server, &admin, "valve-1").await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(WAIT, "both deliveries recorded", || async {
+        detail(&server, &admin, &id).await["deliveries"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    let d = detail(&server, &admin, &id).await;
+    let by_kind = |kind: &str| {
+        d["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["kind"] == kind)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_kind("mqttCommand")["outcome"], "delivered");
+    let shadow = by_kind("shadowPatch");
+    assert_eq!(shadow["outcome"], "failed");
+    assert_eq!(shadow["attempts"], 1, "not retried: retrying cannot help");
+    assert!(
+        shadow["detail"]
+            .as_str()
+            .unwrap()
+            .contains("device shadows are not available yet")
+    );
+}
