@@ -807,3 +807,121 @@ async fn mqtt_command_and_shadow_patch_actions() {
             .contains("device shadows are not available yet")
     );
 }
+
+/// Per-rule notification rate limit and quiet period after a clear: the alarms are recorded,
+/// the notifications they would have sent are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_and_quiet_period_hold_notifications_back() {
+    let (hook_addr, mut hooks, hits) = http_receiver(200).await;
+    let server = TestServer::start_with(Backend::Sqlite, |c| c.rules.tick_ms = 50).unwrap();
+    let admin = server.admin_token().await;
+    let mut devices = Vec::new();
+    for id in ["fan-1", "fan-2"] {
+        let token = server
+            .register(&admin, json!({"deviceId": id, "type": "fan"}))
+            .await;
+        devices.push((id, device_client(&server, id, &token).await));
+    }
+    let url = format!("http://{hook_addr}/n");
+    for (name, notify) in [
+        ("Limited", json!({"maxPerHour": 1})),
+        ("Quiet", json!({"quietPeriodSecs": 3600})),
+    ] {
+        let metric = if name == "Limited" { "rpm" } else { "temp" };
+        let (status, body) = server
+            .post(
+                "/api/rules",
+                &admin,
+                json!({"name": name, "condition": format!("{metric} > 100"), "clear": format!("{metric} < 50"),
+                       "notify": notify, "actions": [{"type": "webhook", "url": url}]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let send = |client: &rumqttc::AsyncClient, id: &str, metric: &str, v: f64| {
+        let (client, topic, payload) = (
+            client.clone(),
+            format!("devices/{id}/telemetry"),
+            json!({"metrics": {metric: v}}).to_string(),
+        );
+        async move {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap()
+        }
+    };
+    let events_of = |alarm: Value| {
+        let kinds: Vec<String> = alarm["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect();
+        kinds
+    };
+    let alarms_of = |rule: &'static str| {
+        let server = &server;
+        let admin = admin.clone();
+        async move {
+            let (_, list) = server.get("/api/alerts", &admin).await;
+            list["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["ruleName"] == rule)
+                .cloned()
+                .collect::<Vec<Value>>()
+        }
+    };
+
+    // Rate limit: two alarms of "Limited", one notification.
+    send(&devices[0].1, "fan-1", "rpm", 150.0).await;
+    send(&devices[1].1, "fan-2", "rpm", 150.0).await;
+    eventually(WAIT, "two Limited alarms", || async {
+        alarms_of("Limited").await.len() == 2
+    })
+    .await;
+    let got = tokio::time::timeout(WAIT, hooks.recv()).await.unwrap().unwrap();
+    assert_eq!(got.path, "/n");
+    let mut suppressed = 0;
+    for alarm in alarms_of("Limited").await {
+        let d = detail(&server, &admin, alarm["id"].as_str().unwrap()).await;
+        if events_of(d).contains(&"suppressed".to_string()) {
+            suppressed += 1;
+        }
+    }
+    assert_eq!(suppressed, 1, "one alarm within the limit, one held back");
+
+    // Quiet period: open (notifies), clear, open again (does not).
+    send(&devices[0].1, "fan-1", "temp", 150.0).await;
+    tokio::time::timeout(WAIT, hooks.recv())
+        .await
+        .expect("the first Quiet alarm notifies");
+    send(&devices[0].1, "fan-1", "temp", 20.0).await;
+    eventually(WAIT, "Quiet cleared", || async {
+        alarms_of("Quiet")
+            .await
+            .first()
+            .is_some_and(|a| a["active"] == false)
+    })
+    .await;
+    send(&devices[0].1, "fan-1", "temp", 150.0).await;
+    eventually(WAIT, "second Quiet alarm", || async {
+        alarms_of("Quiet").await.len() == 2
+    })
+    .await;
+    let newest = alarms_of("Quiet")
+        .await
+        .into_iter()
+        .find(|a| a["active"] == true)
+        .unwrap();
+    let d = detail(&server, &admin, newest["id"].as_str().unwrap()).await;
+    assert_eq!(events_of(d.clone()), ["created", "suppressed"], "{d}");
+    assert_eq!(d["deliveries"], json!([]));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "one Limited and the first Quiet notification"
+    );
+}
