@@ -925,3 +925,61 @@ async fn rate_limit_and_quiet_period_hold_notifications_back() {
         "one Limited and the first Quiet notification"
     );
 }
+
+/// The offline alarm: no telemetry for T (server time, moved by the test) opens it; telemetry
+/// clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absence_opens_an_offline_alarm_and_telemetry_clears_it() {
+    let clock = ManualClock::new();
+    let server =
+        TestServer::start_with_clock(Backend::Sqlite, clock.clone(), |c| c.rules.tick_ms = 50).unwrap();
+    let admin = server.admin_token().await;
+    let token = server
+        .register(&admin, json!({"deviceId": "meter-1", "type": "meter"}))
+        .await;
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Offline", "severity": "warning", "scope": {"type": "deviceType", "value": "meter"},
+                   "condition": {"type": "absence", "forSecs": 600}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let device = device_client(&server, "meter-1", &token).await;
+    let reading = || async {
+        device
+            .publish(
+                "devices/meter-1/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                r#"{"metrics":{"kwh":1}}"#,
+            )
+            .await
+            .unwrap();
+    };
+    reading().await;
+    eventually(WAIT, "the rule saw the device", || async {
+        let (_, rules) = server.get("/api/rules", &admin).await;
+        rules["rules"][0]["stats"]["evaluations"] == 1
+    })
+    .await;
+    clock.advance_ms(599_000);
+    clock.advance_ms(2_000);
+    eventually(WAIT, "offline alarm", || async {
+        alert_of(&server, &admin, "meter-1").await.is_some()
+    })
+    .await;
+    let alarm = alert_of(&server, &admin, "meter-1").await.unwrap();
+    assert_eq!(alarm["status"], "ACTIVE_UNACK");
+    assert_eq!(alarm["severity"], "warning");
+    assert!(
+        alarm["details"]["silentForMs"].as_i64().unwrap() >= 600_000,
+        "{alarm}"
+    );
+    reading().await;
+    eventually(WAIT, "cleared by telemetry", || async {
+        alert_of(&server, &admin, "meter-1").await.unwrap()["status"] == "CLEARED_UNACK"
+    })
+    .await;
+}
