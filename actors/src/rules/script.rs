@@ -403,6 +403,7 @@ mod tests {
             run("temperature > 30", &[("temperature", 29.5)]),
             Ok(Verdict::False)
         );
+        assert_eq!(run("door == 1", &[("door", 1.0)]), Ok(Verdict::True));
         assert_eq!(
             run(
                 "if temperature > 50 { \"critical\" } else if temperature > 30 { \"major\" }",
