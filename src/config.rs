@@ -1735,7 +1735,7 @@ query_max_points = 100000
 sqlite_cache_mib = 64
 
 [rules]
-# Key that seals channel secrets (SMTP password, gateway token, webhook HMAC key) with
+# Key that seals channel secrets stored in the registry (webhook HMAC keys, SMS gateway tokens) with
 # AES-256-GCM; any string, its SHA-256 is the key. Empty: generated on first start and kept in
 # the registry.  (RULES_SECRET_KEY)  Also read from (DROVER_SECRET_KEY)
 secret_key = ""
