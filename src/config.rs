@@ -73,6 +73,9 @@ pub struct Config {
     pub log: LogConfig,
     pub actors: ActorsConfig,
     pub telemetry: TelemetryConfig,
+    pub rules: RulesConfig,
+    pub smtp: SmtpConfig,
+    pub sms: SmsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +245,52 @@ pub struct TelemetryConfig {
     pub sqlite_cache_mib: u32,
 }
 
+/// The rules engine: expression limits, timers, notification retries, the secrets key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Key (any string; its SHA-256 is the AES-256-GCM key) that seals channel secrets. Empty:
+    /// one is generated on first start and kept in the registry.
+    pub secret_key: Secret,
+    /// |z-score| above which a statistical condition fires when the rule sets no threshold.
+    pub anomaly_threshold: f64,
+    /// How often absence timers and escalation due times are checked, in milliseconds.
+    pub tick_ms: u64,
+    /// Attempts per notification before it is recorded as failed.
+    pub delivery_attempts: u32,
+    /// Wait before the first retry; doubled for each further one, in milliseconds.
+    pub retry_backoff_ms: u64,
+    /// Timeout of one webhook or SMS gateway request, in milliseconds.
+    pub http_timeout_ms: u64,
+    /// Telemetry events a tenant's rule actor may have waiting before new ones are dropped.
+    pub mailbox: usize,
+}
+
+/// The SMTP server email notifications go through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Empty disables email notifications (they are recorded as failed).
+    pub host: String,
+    pub port: u16,
+    /// "none", "starttls" or "tls".
+    pub tls: String,
+    pub username: String,
+    pub password: Secret,
+    pub from: String,
+    pub timeout_secs: u64,
+}
+
+/// The SMS gateway (Twilio-compatible: form POST to `{base_url}/2010-04-01/Accounts/{sid}/Messages.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmsConfig {
+    pub base_url: String,
+    pub account_sid: String,
+    pub auth_token: Secret,
+    pub from: String,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -320,6 +369,30 @@ impl Default for Config {
                 query_max_points: 100_000,
                 sqlite_cache_mib: 64,
             },
+            rules: RulesConfig {
+                secret_key: Secret::default(),
+                anomaly_threshold: 3.0,
+                tick_ms: 1000,
+                delivery_attempts: 4,
+                retry_backoff_ms: 500,
+                http_timeout_ms: 5000,
+                mailbox: 4096,
+            },
+            smtp: SmtpConfig {
+                host: String::new(),
+                port: 587,
+                tls: "starttls".into(),
+                username: String::new(),
+                password: Secret::default(),
+                from: "drover@localhost".into(),
+                timeout_secs: 10,
+            },
+            sms: SmsConfig {
+                base_url: "https://api.twilio.com".into(),
+                account_sid: String::new(),
+                auth_token: Secret::default(),
+                from: String::new(),
+            },
         }
     }
 }
@@ -375,6 +448,22 @@ impl Default for TelemetryConfig {
     }
 }
 
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Config::default().rules
+    }
+}
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Config::default().smtp
+    }
+}
+impl Default for SmsConfig {
+    fn default() -> Self {
+        Config::default().sms
+    }
+}
+
 impl TelemetryConfig {
     /// What a device payload must respect.
     pub fn payload_limits(&self) -> drover_actors::telemetry::PayloadLimits {
@@ -407,6 +496,9 @@ impl fmt::Debug for Config {
             .field("log", &self.log)
             .field("actors", &self.actors)
             .field("telemetry", &self.telemetry)
+            .field("rules", &self.rules)
+            .field("smtp", &self.smtp)
+            .field("sms", &self.sms)
             .finish()
     }
 }
@@ -957,6 +1049,158 @@ pub const ENV_KEYS: &[EnvKey] = &[
             Ok(())
         },
     },
+    EnvKey {
+        env: "RULES_SECRET_KEY",
+        key: "rules.secret_key",
+        apply: |c, v| {
+            c.rules.secret_key = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "DROVER_SECRET_KEY",
+        key: "rules.secret_key",
+        apply: |c, v| {
+            c.rules.secret_key = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "ANOMALY_THRESHOLD",
+        key: "rules.anomaly_threshold",
+        apply: |c, v| {
+            c.rules.anomaly_threshold = parse(v, "a positive number")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_TICK_MS",
+        key: "rules.tick_ms",
+        apply: |c, v| {
+            c.rules.tick_ms = parse(v, "milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_DELIVERY_ATTEMPTS",
+        key: "rules.delivery_attempts",
+        apply: |c, v| {
+            c.rules.delivery_attempts = parse(v, "a number of attempts")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_RETRY_BACKOFF_MS",
+        key: "rules.retry_backoff_ms",
+        apply: |c, v| {
+            c.rules.retry_backoff_ms = parse(v, "milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_HTTP_TIMEOUT_MS",
+        key: "rules.http_timeout_ms",
+        apply: |c, v| {
+            c.rules.http_timeout_ms = parse(v, "milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_MAILBOX",
+        key: "rules.mailbox",
+        apply: |c, v| {
+            c.rules.mailbox = parse(v, "a number of events")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_HOST",
+        key: "smtp.host",
+        apply: |c, v| {
+            c.smtp.host = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_PORT",
+        key: "smtp.port",
+        apply: |c, v| {
+            c.smtp.port = parse(v, "a port number")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_TLS",
+        key: "smtp.tls",
+        apply: |c, v| {
+            c.smtp.tls = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_USERNAME",
+        key: "smtp.username",
+        apply: |c, v| {
+            c.smtp.username = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_PASSWORD",
+        key: "smtp.password",
+        apply: |c, v| {
+            c.smtp.password = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_FROM",
+        key: "smtp.from",
+        apply: |c, v| {
+            c.smtp.from = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMTP_TIMEOUT_SECS",
+        key: "smtp.timeout_secs",
+        apply: |c, v| {
+            c.smtp.timeout_secs = parse(v, "seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMS_BASE_URL",
+        key: "sms.base_url",
+        apply: |c, v| {
+            c.sms.base_url = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMS_ACCOUNT_SID",
+        key: "sms.account_sid",
+        apply: |c, v| {
+            c.sms.account_sid = v.to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMS_AUTH_TOKEN",
+        key: "sms.auth_token",
+        apply: |c, v| {
+            c.sms.auth_token = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "SMS_FROM",
+        key: "sms.from",
+        apply: |c, v| {
+            c.sms.from = v.to_string();
+            Ok(())
+        },
+    },
 ];
 
 /// Host-only variables from the product description, used when the matching URL is not set.
@@ -1132,7 +1376,56 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        self.validate_telemetry()
+        self.validate_telemetry()?;
+        self.validate_rules()
+    }
+
+    fn validate_rules(&self) -> Result<(), ConfigError> {
+        let r = &self.rules;
+        if !(r.anomaly_threshold.is_finite() && r.anomaly_threshold > 0.0) {
+            return Err(ConfigError::new(
+                "rules.anomaly_threshold (ANOMALY_THRESHOLD)",
+                "must be a positive number",
+            ));
+        }
+        for (value, key) in [
+            (r.tick_ms, "rules.tick_ms (RULES_TICK_MS)"),
+            (r.http_timeout_ms, "rules.http_timeout_ms (RULES_HTTP_TIMEOUT_MS)"),
+            (
+                u64::from(r.delivery_attempts),
+                "rules.delivery_attempts (RULES_DELIVERY_ATTEMPTS)",
+            ),
+            (r.mailbox as u64, "rules.mailbox (RULES_MAILBOX)"),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if r.delivery_attempts > 20 {
+            return Err(ConfigError::new(
+                "rules.delivery_attempts (RULES_DELIVERY_ATTEMPTS)",
+                "at most 20",
+            ));
+        }
+        if !["none", "starttls", "tls"].contains(&self.smtp.tls.as_str()) {
+            return Err(ConfigError::new(
+                "smtp.tls (SMTP_TLS)",
+                format!("expected none, starttls or tls, got {:?}", self.smtp.tls),
+            ));
+        }
+        if !self.smtp.from.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(ConfigError::new(
+                "smtp.from (SMTP_FROM)",
+                format!("not an email address: {:?}", self.smtp.from),
+            ));
+        }
+        if !(self.sms.base_url.starts_with("http://") || self.sms.base_url.starts_with("https://")) {
+            return Err(ConfigError::new(
+                "sms.base_url (SMS_BASE_URL)",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_telemetry(&self) -> Result<(), ConfigError> {
@@ -1501,6 +1794,50 @@ query_default_points = 10000
 query_max_points = 100000
 # Page cache of the embedded telemetry database, in MiB.  (TELEMETRY_SQLITE_CACHE_MIB)
 sqlite_cache_mib = 64
+
+[rules]
+# Key that seals channel secrets stored in the registry (webhook HMAC keys, SMS gateway tokens) with
+# AES-256-GCM; any string, its SHA-256 is the key. Empty: generated on first start and kept in
+# the registry.  (RULES_SECRET_KEY)  Also read from (DROVER_SECRET_KEY)
+secret_key = ""
+# |z-score| above which a statistical condition fires unless the rule sets its own.  (ANOMALY_THRESHOLD)
+anomaly_threshold = 3.0
+# How often absence timers and escalation due times are checked, in milliseconds.  (RULES_TICK_MS)
+tick_ms = 1000
+# Attempts per notification before it is recorded as failed.  (RULES_DELIVERY_ATTEMPTS)
+delivery_attempts = 4
+# Wait before the first retry, doubled for each further one, in milliseconds.  (RULES_RETRY_BACKOFF_MS)
+retry_backoff_ms = 500
+# Timeout of one webhook or SMS gateway request, in milliseconds.  (RULES_HTTP_TIMEOUT_MS)
+http_timeout_ms = 5000
+# Telemetry events a tenant's rule actor may have waiting before new ones are dropped.  (RULES_MAILBOX)
+mailbox = 4096
+
+[smtp]
+# SMTP server for email notifications; empty disables email.  (SMTP_HOST)
+host = ""
+# (SMTP_PORT)
+port = 587
+# "none", "starttls" or "tls".  (SMTP_TLS)
+tls = "starttls"
+# (SMTP_USERNAME)
+username = ""
+# (SMTP_PASSWORD)
+password = ""
+# Sender address.  (SMTP_FROM)
+from = "drover@localhost"
+# (SMTP_TIMEOUT_SECS)
+timeout_secs = 10
+
+[sms]
+# Twilio-compatible gateway: form POST to {base_url}/2010-04-01/Accounts/{account_sid}/Messages.json.  (SMS_BASE_URL)
+base_url = "https://api.twilio.com"
+# (SMS_ACCOUNT_SID)
+account_sid = ""
+# Gateway token (basic auth password).  (SMS_AUTH_TOKEN)
+auth_token = ""
+# Sender number.  (SMS_FROM)
+from = ""
 "#;
 
 #[cfg(test)]
@@ -1609,6 +1946,42 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
         assert!(shown.contains("postgres://drover:***@db/drover"));
+    }
+
+    #[test]
+    fn rules_smtp_and_sms_settings() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("ANOMALY_THRESHOLD", "2.5"),
+                ("DROVER_SECRET_KEY", "rules-key-value"),
+                ("SMTP_HOST", "mail.internal"),
+                ("SMTP_TLS", "tls"),
+                ("SMTP_PASSWORD", "smtp-password-value"),
+                ("SMS_AUTH_TOKEN", "sms-token-value"),
+                ("SMS_BASE_URL", "http://127.0.0.1:9999"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.rules.anomaly_threshold, 2.5);
+        assert_eq!(config.rules.secret_key.expose(), "rules-key-value");
+        assert_eq!(config.smtp.tls, "tls");
+        let shown = format!("{config:?}");
+        for secret in ["rules-key-value", "smtp-password-value", "sms-token-value"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        for (var, value) in [
+            ("ANOMALY_THRESHOLD", "0"),
+            ("ANOMALY_THRESHOLD", "high"),
+            ("SMTP_TLS", "maybe"),
+            ("SMTP_FROM", "not an address"),
+            ("SMS_BASE_URL", "ftp://gateway"),
+            ("RULES_DELIVERY_ATTEMPTS", "0"),
+            ("RULES_TICK_MS", "0"),
+        ] {
+            let err = Config::load_with_env(None, env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(var), "{var}={value}: {err}");
+        }
     }
 
     #[test]

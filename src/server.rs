@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 use actix_web::{HttpServer, web};
+use drover_actors::clock::{SharedClock, SystemClock};
 use drover_actors::downsampler::{Downsampler, StopDownsampler};
 use drover_actors::pipeline::Pipeline;
 use drover_actors::telemetry_writer::{SpoolReplayer, StopReplayer, WriterPool, WriterSettings};
@@ -21,6 +22,7 @@ use crate::auth::secrets;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
+use crate::dashboard::DashboardHub;
 use crate::health::HealthChecker;
 use crate::http;
 use crate::metrics::{Metrics, ShadowUpdateCounter};
@@ -31,6 +33,8 @@ use crate::mqtt::listener::{self, ListenError, MqttListener};
 use crate::mqtt::metrics::BrokerMetrics;
 use crate::mqtt::outbound::BrokerOutbound;
 use crate::presence::{PresenceRecorder, PresenceWriter};
+use crate::rules::shadow_patch::FleetShadowPatcher;
+use crate::rules::{RulesDeps, RulesEngine};
 use crate::state::AppState;
 use crate::storage::shadows::CachedShadowStore;
 use crate::storage::{Database, RegistryStore, StoreError};
@@ -52,6 +56,8 @@ pub enum StartError {
     Bind { addr: String, error: std::io::Error },
     #[error(transparent)]
     Mqtt(#[from] ListenError),
+    #[error("rules engine: {0}")]
+    Rules(String),
 }
 
 /// A started platform.
@@ -133,6 +139,16 @@ fn shadow_store(config: &Config, registry: &RegistryStore) -> Arc<dyn ShadowStor
 
 /// Starts everything. Must run inside an actix system (`actix_rt::System`).
 pub async fn start(config: Config, admin_password: Option<String>) -> Result<RunningServer, StartError> {
+    start_with_clock(config, admin_password, Arc::new(SystemClock)).await
+}
+
+/// As [`start`], with the clock the rules engine reads (windows, timers, escalation): tests pass
+/// a `ManualClock` to control time instead of sleeping.
+pub async fn start_with_clock(
+    config: Config,
+    admin_password: Option<String>,
+    clock: SharedClock,
+) -> Result<RunningServer, StartError> {
     let started = Instant::now();
     let config = Arc::new(config);
     let registry = open_registry(&config).await?;
@@ -191,8 +207,36 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         BrokerLimits::from_config(&config.mqtt, config.limits.max_devices),
         BrokerMetrics::new(&metrics),
     ));
+    let shadow_patcher = Arc::new(FleetShadowPatcher::default());
+    let rules_secret_key = if config.rules.secret_key.is_empty() {
+        registry
+            .setting_or_insert("rules_secret_key", || secrets::new_secret(""))
+            .await?
+    } else {
+        config.rules.secret_key.expose().to_string()
+    };
+    let hub = DashboardHub::default();
+    let rules = Arc::new(
+        RulesEngine::start(
+            &config,
+            RulesDeps {
+                registry: registry.clone(),
+                broker: broker.clone(),
+                metrics: metrics.clone(),
+                hub: hub.clone(),
+                clock,
+                patcher: shadow_patcher.clone(),
+                secret_key: rules_secret_key,
+            },
+        )
+        .map_err(StartError::Rules)?,
+    );
+    let pipeline = Arc::new(
+        Pipeline::new(config.telemetry.payload_limits())
+            .with_writers(writers.clone())
+            .with_observer(rules.router.clone().recipient()),
+    );
     let shadow_store = shadow_store(&config, &registry);
-    let pipeline = Arc::new(Pipeline::new(config.telemetry.payload_limits()).with_writers(writers.clone()));
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
         pipeline: pipeline.clone(),
@@ -211,6 +255,7 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         settings,
         config.actor_threads(),
     );
+    shadow_patcher.attach(fleet.clone());
     let auth = Authenticator::new(registry.clone(), config.mqtt.allow_anonymous);
     auth.reload_cas().await?;
     let mqtt = Arc::new(MqttContext {
@@ -247,6 +292,8 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
         writers,
         pipeline,
         shadow_store,
+        rules,
+        hub,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -318,6 +365,7 @@ impl RunningServer {
         tracing::info!("shutting down: telemetry writers");
         self.state.writers.drain(Duration::from_secs(10)).await;
         self.replayer.do_send(StopReplayer {});
+        self.state.rules.shutdown().await;
         let _ = self.downsampler.send(StopDownsampler {}).await;
         self.presence.finish(Duration::from_secs(5)).await;
         if let Err(error) = self.state.registry.clear_presence(&self.node).await {
@@ -343,13 +391,22 @@ pub struct ServerThread {
 impl ServerThread {
     /// Starts the server and returns once it listens (or failed to start).
     pub fn spawn(config: Config, admin_password: Option<String>) -> Result<ServerThread, StartError> {
+        Self::spawn_with_clock(config, admin_password, Arc::new(SystemClock))
+    }
+
+    /// As [`ServerThread::spawn`], with the rules engine's clock (see [`start_with_clock`]).
+    pub fn spawn_with_clock(
+        config: Config,
+        admin_password: Option<String>,
+        clock: SharedClock,
+    ) -> Result<ServerThread, StartError> {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("drover-server".into())
             .spawn(move || {
                 actix_rt::System::new().block_on(async move {
-                    match start(config, admin_password).await {
+                    match start_with_clock(config, admin_password, clock).await {
                         Ok(running) => {
                             let ready = (
                                 (running.http_addr, running.mqtt_addr, running.mqtt_tls_addr),

@@ -11,9 +11,11 @@ use drover_actors::{Fleet, ShadowStore, TelemetrySpool, TelemetryStore};
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::config::Config;
+use crate::dashboard::DashboardHub;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 use crate::mqtt::connection::MqttContext;
+use crate::rules::RulesEngine;
 use crate::storage::RegistryStore;
 
 pub struct AppState {
@@ -38,4 +40,8 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     /// Device shadows (written by device actors only; the API forgets deleted devices' ones).
     pub shadow_store: Arc<dyn ShadowStore>,
+    /// Rules, alarms and notifications.
+    pub rules: Arc<RulesEngine>,
+    /// The live stream `/ws` sessions subscribe to.
+    pub hub: DashboardHub,
 }

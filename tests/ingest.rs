@@ -125,7 +125,11 @@ async fn a_qos1_publish_is_readable_once_its_puback_arrives() {
         ])
         .output()
         .unwrap();
-    let out = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(out.contains("PUBACK") || !output.status.success(), "{out}");
     assert_eq!(
         points(&server, &admin, "sensor-001", "temperature").await.len(),

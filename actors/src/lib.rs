@@ -5,6 +5,7 @@
 //! transport or database code: the application crate decodes MQTT/HTTP/WebSocket input into these
 //! types and provides the storage adapters.
 
+pub mod clock;
 pub mod device;
 pub mod device_actor;
 pub mod directory;
@@ -15,6 +16,9 @@ pub mod outbound;
 pub mod pipeline;
 pub mod presence;
 pub mod role;
+pub mod rule_actor;
+pub mod rule_router;
+pub mod rules;
 pub mod shadow;
 pub mod telemetry;
 pub mod telemetry_writer;

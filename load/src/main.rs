@@ -3,6 +3,7 @@
 
 mod api;
 mod bench;
+mod monitor;
 mod sensors;
 mod simulate;
 
@@ -96,6 +97,24 @@ enum Command {
     /// Benchmarks; each prints a table and a JSON line.
     #[command(subcommand)]
     Bench(Bench),
+    /// Print alarms as they open, escalate, get acknowledged and clear (Drover's live stream).
+    Monitor {
+        /// Drover's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "DROVER_URL")]
+        url: String,
+        /// An API key or login token of the tenant to watch.
+        #[arg(long, env = "DROVER_API_KEY")]
+        api_key: String,
+        /// Print the raw JSON frames.
+        #[arg(long)]
+        json: bool,
+        /// Also print updates of active alarms (severity rises).
+        #[arg(long)]
+        updates: bool,
+        /// Exit after this many alarm lines (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,6 +244,22 @@ fn raise_fd_limit() {
 async fn main() -> anyhow::Result<()> {
     raise_fd_limit();
     match Cli::parse().command {
+        Command::Monitor {
+            url,
+            api_key,
+            json,
+            updates,
+            count,
+        } => {
+            monitor::run(monitor::MonitorOptions {
+                url,
+                token: api_key,
+                json,
+                updates,
+                count,
+            })
+            .await?;
+        }
         Command::Provision { server, devices } => {
             let api = Api::new(&server.url, &server.api_key);
             api::fleet(

@@ -4,6 +4,7 @@
 //! actor tree; they hold no state of their own.
 
 pub mod accounts;
+pub mod alerts;
 pub mod device_types;
 pub mod devices;
 pub mod error;
@@ -13,9 +14,11 @@ pub mod mqtt;
 pub mod ops;
 pub mod params;
 pub mod principal;
+pub mod rules;
 pub mod shadow;
 pub mod telemetry;
 pub mod tenants;
+pub mod ws;
 
 use std::time::Instant;
 
@@ -49,6 +52,8 @@ use crate::state::AppState;
         (name = "audit", description = "Audit log"),
         (name = "mqtt", description = "MQTT access rules and device CAs"),
         (name = "operations", description = "Health, metrics, statistics"),
+        (name = "rules", description = "Rules and notification channels"),
+        (name = "alerts", description = "Alarms and the live stream"),
     )
 )]
 struct ApiDoc;
@@ -131,6 +136,8 @@ pub fn app(
                 .configure(telemetry::routes)
                 .configure(ingest::routes)
                 .configure(device_types::routes)
+                .configure(rules::routes)
+                .configure(alerts::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json)),
         )
@@ -139,6 +146,7 @@ pub fn app(
         .service(ops::stats)
         .service(ops::actors)
         .service(ops::device_actor)
+        .service(ws::live)
         .split_for_parts();
     let document = OpenApiJson(api.to_json().unwrap_or_else(|_| "{}".into()));
     app.app_data(web::Data::new(document))

@@ -110,11 +110,25 @@ fn credential(req: &HttpRequest) -> Option<Credential> {
     if let Some(key) = req.headers().get("X-API-Key").and_then(|v| v.to_str().ok()) {
         return Some(Credential::ApiKey(key.trim().to_string()));
     }
-    let value = req
+    let Some(value) = req
         .headers()
-        .get(actix_web::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        // Browsers cannot set headers on a WebSocket: the live stream takes `?token=`.
+        if req.path() == "/ws" {
+            let token =
+                web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+                    .ok()
+                    .and_then(|q| q.get("token").cloned())?;
+            return Some(if token.starts_with(API_KEY_PREFIX) {
+                Credential::ApiKey(token)
+            } else {
+                Credential::Jwt(token)
+            });
+        }
+        return None;
+    };
     let (scheme, token) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;

@@ -6,6 +6,7 @@ pub mod device_types;
 pub mod mqtt;
 pub mod records;
 pub mod registry;
+pub mod rules;
 pub mod schema;
 pub mod shadows;
 

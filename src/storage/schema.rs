@@ -183,3 +183,79 @@ diesel::table! {
         updated_at -> BigInt,
     }
 }
+
+// Rules engine (schema/*/2026-11-28-000006_rules).
+
+diesel::table! {
+    rules (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        enabled -> Bool,
+        body -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    rule_channels (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        kind -> Text,
+        config -> Text,
+        secret -> Nullable<Text>,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    alarms (id) {
+        id -> Text,
+        tenant_id -> Text,
+        rule_id -> Text,
+        rule_name -> Text,
+        device_id -> Text,
+        severity -> Text,
+        active -> Bool,
+        acknowledged -> Bool,
+        count -> BigInt,
+        first_seen -> BigInt,
+        last_seen -> BigInt,
+        acked_at -> Nullable<BigInt>,
+        acked_by -> Nullable<Text>,
+        cleared_at -> Nullable<BigInt>,
+        cleared_by -> Nullable<Text>,
+        value -> Nullable<Double>,
+        details -> Text,
+        escalation_step -> Integer,
+        next_escalation_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    alarm_events (id) {
+        id -> BigInt,
+        alarm_id -> Text,
+        at -> BigInt,
+        kind -> Text,
+        actor -> Nullable<Text>,
+        message -> Text,
+    }
+}
+
+diesel::table! {
+    alarm_deliveries (id) {
+        id -> BigInt,
+        alarm_id -> Text,
+        at -> BigInt,
+        channel -> Text,
+        kind -> Text,
+        step -> Integer,
+        attempts -> Integer,
+        outcome -> Text,
+        detail -> Text,
+    }
+}

@@ -88,6 +88,9 @@ pub struct TestServer {
     pub data_dir: tempfile::TempDir,
     server: Option<ServerThread>,
     _pg: Option<PgDatabase>,
+    /// What the server was started with, so [`TestServer::restart`] can start it again.
+    config: Config,
+    clock: drover_actors::clock::SharedClock,
 }
 
 /// A configuration for tests: loopback, port 0, small pools, a temporary data dir.
@@ -115,6 +118,20 @@ impl TestServer {
     }
 
     pub fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<TestServer> {
+        Self::start_with_clock(
+            backend,
+            std::sync::Arc::new(drover_actors::clock::SystemClock),
+            tweak,
+        )
+    }
+
+    /// As [`TestServer::start_with`], with the clock the rules engine reads (a `ManualClock`
+    /// lets a test move time for windows, timers and escalation instead of sleeping).
+    pub fn start_with_clock(
+        backend: Backend,
+        clock: drover_actors::clock::SharedClock,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<TestServer> {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(data_dir.path());
         let pg = match backend {
@@ -127,7 +144,8 @@ impl TestServer {
             }
         };
         tweak(&mut config);
-        let server = ServerThread::spawn(config, Some(ADMIN_PASSWORD.to_string()))
+        let kept = config.clone();
+        let server = ServerThread::spawn_with_clock(config, Some(ADMIN_PASSWORD.to_string()), clock.clone())
             .unwrap_or_else(|e| panic!("server failed to start: {e}"));
         Some(TestServer {
             base: format!("http://{}", server.http_addr),
@@ -142,7 +160,24 @@ impl TestServer {
             data_dir,
             server: Some(server),
             _pg: pg,
+            config: kept,
+            clock,
         })
+    }
+
+    /// Stops the server and starts it again on the same data (new ports).
+    pub fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        let server = ServerThread::spawn_with_clock(self.config.clone(), None, self.clock.clone())
+            .unwrap_or_else(|e| panic!("server failed to restart: {e}"));
+        self.base = format!("http://{}", server.http_addr);
+        self.addr = server.http_addr;
+        self.mqtt = server.mqtt_addr;
+        self.mqtt_tls = server.mqtt_tls_addr;
+        self.state = server.state.clone();
+        self.server = Some(server);
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,186 @@
+//! The rules engine's domain: what a rule is once validated ([`RuleSpec`]), what evaluating it
+//! produces ([`AlarmSignal`]), and what the engine needs from the rest of the platform
+//! ([`RuleSource`] to load rules, [`DesiredStatePatcher`] to act on device shadows).
+//!
+//! The pure parts live beside this file: `script` (the rhai sandbox), `window` (window
+//! statistics) and `evaluator` (per-tenant state machines). `RuleActor` and `RuleRouter` only
+//! add mailboxes and timers around them.
+
+pub mod evaluator;
+pub mod script;
+pub mod window;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{DeviceId, TenantId};
+
+/// Alarm severity, lowest first (so `max` is the more severe one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Minor,
+    Major,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Minor => "minor",
+            Severity::Major => "major",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Severity> {
+        match value.to_ascii_lowercase().as_str() {
+            "warning" => Some(Severity::Warning),
+            "minor" => Some(Severity::Minor),
+            "major" => Some(Severity::Major),
+            "critical" => Some(Severity::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// Which devices a rule watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleScope {
+    All,
+    DeviceType(String),
+    /// Devices of a group (`members` resolved by the [`RuleSource`] when rules are loaded).
+    Group {
+        name: String,
+        members: Arc<HashSet<DeviceId>>,
+    },
+    /// Devices with a tag (resolved like groups).
+    Tag {
+        tag: String,
+        members: Arc<HashSet<DeviceId>>,
+    },
+    Device(DeviceId),
+}
+
+impl RuleScope {
+    pub fn matches(&self, device: &DeviceId, device_type: &str) -> bool {
+        match self {
+            RuleScope::All => true,
+            RuleScope::DeviceType(t) => t == device_type,
+            RuleScope::Group { members, .. } | RuleScope::Tag { members, .. } => members.contains(device),
+            RuleScope::Device(d) => d == device,
+        }
+    }
+}
+
+/// When a rule fires.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConditionSpec {
+    /// The expression holds for a message.
+    Expression { expression: String },
+    /// The expression held on every message for at least `for_ms`.
+    Duration { expression: String, for_ms: i64 },
+    /// The expression held on `count` messages within `within_ms`.
+    Repeating {
+        expression: String,
+        count: u32,
+        within_ms: i64,
+    },
+    /// `|z| = |current - avg| / std` over the window exceeds `threshold` (the server's
+    /// `ANOMALY_THRESHOLD` when `None`), once the window has `min_samples` values.
+    Statistical {
+        threshold: Option<f64>,
+        min_samples: u32,
+    },
+    /// `first` held on a message, then `then` held on a later message of the same device
+    /// within `within_ms`.
+    Pattern {
+        first: String,
+        then: String,
+        within_ms: i64,
+    },
+    /// The expression held on at least `min_devices` distinct devices within `within_ms`.
+    Group {
+        expression: String,
+        min_devices: u32,
+        within_ms: i64,
+    },
+    /// No telemetry from a device for `for_ms` (it clears when telemetry arrives).
+    Absence { for_ms: i64 },
+}
+
+/// When an active alarm clears by itself: `expression` held (continuously for `for_ms`).
+/// For group conditions, any clear spec means "when fewer than `min_devices` hold".
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClearSpec {
+    pub expression: String,
+    pub for_ms: i64,
+}
+
+/// A validated rule as the evaluator runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleSpec {
+    pub id: String,
+    pub tenant: TenantId,
+    pub name: String,
+    pub enabled: bool,
+    pub severity: Severity,
+    /// The metric `current` stands for (and the one statistical conditions score).
+    pub metric: Option<String>,
+    /// Span of the window statistics (`metrics.<name>.avg`…), in milliseconds.
+    pub window_ms: i64,
+    pub condition: ConditionSpec,
+    pub clear: Option<ClearSpec>,
+    pub scope: RuleScope,
+}
+
+/// What evaluation asks the alarm service to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlarmChange {
+    /// Open the alarm, or update it (count, last seen, severity) when it is already active.
+    /// `occurrences`: how many times the condition held since the last report (repeats of an
+    /// active alarm are reported once per tick, or at once when the severity rises).
+    Raise {
+        severity: Severity,
+        value: Option<f64>,
+        occurrences: u32,
+    },
+    /// The clear condition held (or telemetry came back for an absence alarm); `repeats` are
+    /// occurrences not reported yet.
+    Clear { repeats: u32 },
+}
+
+/// One alarm change of one (device, rule).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlarmSignal {
+    pub tenant: TenantId,
+    pub device: DeviceId,
+    pub rule_id: String,
+    pub rule_name: String,
+    pub change: AlarmChange,
+    /// Server time the condition was evaluated at.
+    pub at_ms: i64,
+    /// What the rule saw (message metrics, z-score, group members…), for people.
+    pub details: Value,
+}
+
+/// Where rule actors get their rules from (the registry in the application).
+#[async_trait]
+pub trait RuleSource: Send + Sync {
+    /// The enabled and disabled rules of a tenant, scopes resolved.
+    async fn tenant_rules(&self, tenant: &TenantId) -> Result<Vec<RuleSpec>, String>;
+    /// The (device, rule id) pairs that have an active alarm, so evaluation resumes where it was.
+    async fn active_alarms(&self, tenant: &TenantId) -> Result<Vec<(DeviceId, String)>, String>;
+}
+
+/// Applies a desired-state patch to a device's shadow (the "shadow patch" rule action).
+#[async_trait]
+pub trait DesiredStatePatcher: Send + Sync {
+    async fn patch_desired(&self, tenant: &TenantId, device: &DeviceId, patch: Value) -> Result<(), String>;
+}

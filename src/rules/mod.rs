@@ -1,0 +1,159 @@
+//! The rules engine in the application: rule and channel definitions, alarm lifecycle,
+//! notifications and escalation around the pure evaluation of `drover_actors::rules`.
+//!
+//! [`RulesEngine::start`] wires it: the `RuleRouter` (pipeline observer, own arbiter thread) →
+//! per-tenant `RuleActor`s → [`alarms::AlarmService`] → [`notifier::Notifier`], plus the
+//! [`scheduler::EscalationScheduler`] task.
+
+pub mod alarms;
+pub mod crypto;
+pub mod metrics;
+pub mod model;
+pub mod notifier;
+pub mod scheduler;
+pub mod shadow_patch;
+pub mod source;
+pub mod view;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use drover_actors::clock::SharedClock;
+use drover_actors::rule_actor::{AlarmClosed, ReloadRules, RuleCounters, RuleSettings};
+use drover_actors::rule_router::{RuleRouter, StopRules};
+use drover_actors::rules::DesiredStatePatcher;
+use drover_actors::rules::evaluator::StatsBoard;
+use drover_actors::rules::script::Sandbox;
+use drover_actors::{DeviceId, TenantId};
+
+use crate::config::Config;
+use crate::dashboard::DashboardHub;
+use crate::metrics::Metrics;
+use crate::mqtt::broker::Broker;
+use crate::storage::RegistryStore;
+
+/// What the API needs of the rules engine.
+pub struct RulesEngine {
+    pub router: Addr<RuleRouter>,
+    pub board: StatsBoard,
+    pub sandbox: Arc<Sandbox>,
+    pub secrets: crypto::SecretBox,
+    pub clock: SharedClock,
+    pub hub: DashboardHub,
+    pub counters: Arc<RuleCounters>,
+    arbiter: Mutex<Option<Arbiter>>,
+    scheduler: Mutex<Option<actix_rt::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RulesEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RulesEngine").finish_non_exhaustive()
+    }
+}
+
+/// What starting the engine needs from the server.
+pub struct RulesDeps {
+    pub registry: RegistryStore,
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<Metrics>,
+    pub hub: DashboardHub,
+    pub clock: SharedClock,
+    pub patcher: Arc<dyn DesiredStatePatcher>,
+    pub secret_key: String,
+}
+
+impl RulesEngine {
+    /// Starts the alarm service, the escalation scheduler and the rule router. Must run inside
+    /// an actix system.
+    pub fn start(config: &Config, deps: RulesDeps) -> Result<RulesEngine, String> {
+        let sandbox = Arc::new(Sandbox::default());
+        let board = StatsBoard::default();
+        let counters = Arc::new(RuleCounters::default());
+        let metrics = metrics::RulesMetrics::new(&deps.metrics, counters.clone(), board.clone());
+        let secrets = crypto::SecretBox::from_passphrase(&deps.secret_key);
+        let notifier = Arc::new(notifier::Notifier::new(
+            config,
+            deps.registry.clone(),
+            secrets.clone(),
+            deps.broker,
+            deps.patcher,
+            metrics.clone(),
+            deps.clock.clone(),
+        )?);
+        let alarms = alarms::AlarmService::new(
+            deps.registry.clone(),
+            notifier.clone(),
+            deps.hub.clone(),
+            deps.clock.clone(),
+            metrics.clone(),
+        )
+        .start();
+        let tick = Duration::from_millis(config.rules.tick_ms);
+        let scheduler = scheduler::EscalationScheduler {
+            registry: deps.registry.clone(),
+            notifier,
+            hub: deps.hub.clone(),
+            clock: deps.clock.clone(),
+            metrics,
+            tick,
+        };
+        let scheduler = actix_rt::spawn(scheduler.run());
+        let settings = RuleSettings {
+            source: Arc::new(source::RegistryRuleSource {
+                registry: deps.registry,
+                sandbox: sandbox.clone(),
+            }),
+            sink: alarms.recipient(),
+            clock: deps.clock.clone(),
+            sandbox: sandbox.clone(),
+            anomaly_threshold: config.rules.anomaly_threshold,
+            tick,
+            board: board.clone(),
+            counters: counters.clone(),
+            mailbox: config.rules.mailbox,
+        };
+        let (router, arbiter) = RuleRouter::start_on_own_thread(settings);
+        Ok(RulesEngine {
+            router,
+            board,
+            sandbox,
+            secrets,
+            clock: deps.clock,
+            hub: deps.hub,
+            counters,
+            arbiter: Mutex::new(Some(arbiter)),
+            scheduler: Mutex::new(Some(scheduler)),
+        })
+    }
+
+    /// A tenant's rules changed: its rule actor reloads them.
+    pub fn reload(&self, tenant: &TenantId) {
+        self.router.do_send(ReloadRules {
+            tenant: tenant.clone(),
+        });
+    }
+
+    /// An operator cleared an alarm: its condition may raise a new one.
+    pub fn alarm_closed(&self, tenant: &TenantId, rule_id: &str, device: &str) {
+        if let Ok(device) = DeviceId::parse(device) {
+            self.router.do_send(AlarmClosed {
+                tenant: tenant.clone(),
+                rule_id: rule_id.to_string(),
+                device,
+            });
+        }
+    }
+
+    /// Stops the scheduler, the rule actors and their thread.
+    pub async fn shutdown(&self) {
+        if let Some(task) = self.scheduler.lock().ok().and_then(|mut s| s.take()) {
+            task.abort();
+        }
+        let _ = self.router.send(StopRules {}).await;
+        if let Some(arbiter) = self.arbiter.lock().ok().and_then(|mut a| a.take()) {
+            arbiter.stop();
+            let _ = arbiter.join();
+        }
+    }
+}
