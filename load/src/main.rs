@@ -302,12 +302,13 @@ async fn main() -> anyhow::Result<()> {
             let summary = simulate::run(fleet, options, quiet).await?;
             let stats = api.get("/stats").await.ok();
             println!(
-                "simulated {} devices for {:.1} s: {} connected, {} messages sent ({:.0}/s), {} shadow updates applied, {} errors",
+                "simulated {} devices for {:.1} s: {} connected, {} messages sent ({:.0}/s), {} acknowledged, {} shadow updates applied, {} errors",
                 summary.devices,
                 summary.seconds,
                 summary.connected,
                 summary.messages_sent,
                 summary.messages_per_second,
+                summary.messages_acked,
                 summary.shadow_updates_applied,
                 summary.errors
             );

@@ -36,6 +36,8 @@ pub struct Counters {
     pub sent: AtomicU64,
     pub shadow_updates: AtomicU64,
     pub errors: AtomicU64,
+    /// PUBACKs received (QoS 1 telemetry and shadow reports): what the server stored.
+    pub acked: AtomicU64,
 }
 
 /// What a simulation did.
@@ -44,6 +46,8 @@ pub struct Summary {
     pub devices: usize,
     pub connected: u64,
     pub messages_sent: u64,
+    /// Publishes the server acknowledged (QoS 1 and 2 only; each is stored).
+    pub messages_acked: u64,
     pub shadow_updates_applied: u64,
     pub errors: u64,
     pub seconds: f64,
@@ -129,6 +133,9 @@ pub async fn run(
                         }
                     }
                     event = events.poll() => match event {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            counters.acked.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
                             if !seen_online {
                                 seen_online = true;
@@ -153,8 +160,17 @@ pub async fn run(
                     },
                 }
             }
+            // The disconnect is queued behind the publishes not sent yet; their PUBACKs are
+            // counted until it goes out.
             let _ = client.disconnect().await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), async { while events.poll().await.is_ok() {} }).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(event) = events.poll().await {
+                    if let Event::Incoming(Packet::PubAck(_)) = event {
+                        counters.acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
         }));
         if let Some((_, connecting, _)) = &bars {
             connecting.set_position(counters.connected.load(Ordering::Relaxed));
@@ -194,6 +210,7 @@ pub async fn run(
         devices: total,
         connected: counters.connected.load(Ordering::Relaxed),
         messages_sent: sent,
+        messages_acked: counters.acked.load(Ordering::Relaxed),
         shadow_updates_applied: counters.shadow_updates.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         seconds,
