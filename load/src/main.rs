@@ -163,6 +163,27 @@ enum Bench {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// The ingest scenario with many active rules in the tenant: ingestion figures plus rule
+    /// evaluations/s and events the rule engine dropped.
+    Rules {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        devices: Devices,
+        /// Rules to create (named bench-rule-N; existing ones are kept).
+        #[arg(long, default_value_t = 1000)]
+        rules: u32,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Messages per second over all devices (0: as fast as the clients allow).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
     /// Aggregated queries over a series of many points, loaded through the ingestion API.
     Query {
         #[command(flatten)]
@@ -384,6 +405,44 @@ async fn main() -> anyhow::Result<()> {
                     rate,
                     metrics,
                     inflight,
+                },
+            )
+            .await?;
+            report.print();
+            if let Some(file) = record {
+                report.record(&file)?;
+            }
+        }
+        Command::Bench(Bench::Rules {
+            server,
+            devices,
+            rules,
+            qos,
+            seconds,
+            rate,
+            record,
+        }) => {
+            let api = Api::new(&server.url, &server.api_key);
+            let fleet = api::fleet(
+                &api,
+                &devices.prefix,
+                devices.devices,
+                &devices.device_type,
+                &devices.devices_file,
+            )
+            .await?;
+            let report = bench::rules::run(
+                &api,
+                fleet,
+                rules,
+                bench::ingest::IngestOptions {
+                    host: server.mqtt_host,
+                    port: server.mqtt_port,
+                    qos,
+                    seconds,
+                    rate,
+                    metrics: 2,
+                    inflight: 100,
                 },
             )
             .await?;

@@ -297,3 +297,42 @@ fn bench_ingest_reads_back_what_was_acknowledged_and_bench_query_times_each_shap
     assert_eq!(r["count_whole_range_rows"], 1, "{out}");
     assert!(r["mean_per_hour_p50_ms"].as_f64().unwrap() > 0.0, "{out}");
 }
+
+#[test]
+fn bench_rules_creates_rules_and_counts_their_evaluations() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("devices.csv");
+    let port = s.server.mqtt_addr.port().to_string();
+    let (ok, out, err) = load(&[
+        "bench",
+        "rules",
+        "--url",
+        &s.base,
+        "--api-key",
+        &s.token,
+        "--mqtt-port",
+        &port,
+        "--devices",
+        "2",
+        "--rules",
+        "8",
+        "--seconds",
+        "2",
+        "--rate",
+        "50",
+        "--devices-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report = json_line(&out);
+    let r = &report["results"];
+    assert_eq!(r["rules_created"], 8, "{out}");
+    assert_eq!(r["stored"], r["sent"], "{out}");
+    // Every stored message was evaluated by every rule.
+    assert_eq!(
+        r["rule_evaluations"].as_f64().unwrap(),
+        8.0 * r["stored"].as_f64().unwrap(),
+        "{out}"
+    );
+}

@@ -4,3 +4,4 @@ pub mod fanout;
 pub mod ingest;
 pub mod query;
 pub mod report;
+pub mod rules;
