@@ -93,6 +93,10 @@ enum Command {
         /// No progress bars (for scripts).
         #[arg(long)]
         quiet: bool,
+        /// Connect over TLS (to Drover's `MQTT_TLS_PORT`, given as `--mqtt-port`), trusting
+        /// the CA certificates in this PEM file (e.g. `certs/ca.pem` from `drover admin dev-certs`).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
     /// Benchmarks; each prints a table and a JSON line.
     #[command(subcommand)]
@@ -301,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
             fault_rate,
             connect_rate,
             quiet,
+            tls_ca,
         } => {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = api::fleet(
@@ -319,6 +324,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: duration.map(Duration::from_secs),
                 fault_rate,
                 connect_rate,
+                tls: tls_ca.as_deref().map(simulate::tls_config).transpose()?,
             };
             let summary = simulate::run(fleet, options, quiet).await?;
             let stats = api.get("/stats").await.ok();

@@ -28,6 +28,26 @@ pub struct SimulateOptions {
     pub fault_rate: f64,
     /// Connections started per second.
     pub connect_rate: u32,
+    /// Connect over TLS, trusting this client configuration.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration that trusts the CA certificates in the PEM file `ca_file`.
+pub fn tls_config(ca_file: &std::path::Path) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use anyhow::Context;
+    let pem = std::fs::read(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.context("a certificate in the CA file")?)?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "no certificate in {}", ca_file.display());
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 #[derive(Default)]
@@ -106,12 +126,16 @@ pub async fn run(
         }
         let device_counters = counters.clone();
         let mut stop = stop_rx.clone();
-        let (host, port, fault_rate) = (o.host.clone(), o.port, o.fault_rate);
+        let (host, port, fault_rate, tls) = (o.host.clone(), o.port, o.fault_rate, o.tls.clone());
         tasks.push(tokio::spawn(async move {
             let counters = device_counters;
             let mut rng = StdRng::seed_from_u64(i as u64);
             let mut model = SensorModel::new(&mut rng, fault_rate);
-            let (client, mut events) = AsyncClient::new(options(&device.id, &host, port, Some(&device.id), Some(&device.token)), 64);
+            let mut mqtt_options = options(&device.id, &host, port, Some(&device.id), Some(&device.token));
+            if let Some(tls) = &tls {
+                mqtt_options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+            }
+            let (client, mut events) = AsyncClient::new(mqtt_options, 64);
             let delta_topic = format!("devices/{}/shadow/update/delta", device.id);
             let telemetry_topic = format!("devices/{}/telemetry", device.id);
             let update_topic = format!("devices/{}/shadow/update", device.id);

@@ -336,3 +336,58 @@ fn bench_rules_creates_rules_and_counts_their_evaluations() {
         "{out}"
     );
 }
+
+#[test]
+fn simulate_connects_over_tls() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = drover::devcerts::generate("Load CA", &["127.0.0.1".to_string()], &[]).unwrap();
+    certs.write(certs_dir.path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.http.bind = "127.0.0.1".into();
+    config.http.port = 0;
+    config.mqtt.bind = "127.0.0.1".into();
+    config.mqtt.port = 0;
+    config.mqtt.tls_port = 0;
+    config.mqtt.tls_cert = certs_dir.path().join("server.pem").to_string_lossy().to_string();
+    config.mqtt.tls_key = certs_dir.path().join("server.key").to_string_lossy().to_string();
+    config.storage.data_dir = dir.path().to_path_buf();
+    let server = ServerThread::spawn(config, Some("load-test-password".into())).unwrap();
+    let base = format!("http://{}", server.http_addr);
+    let login: Value = reqwest::blocking::Client::new()
+        .post(format!("{base}/api/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": "load-test-password"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token = login["token"].as_str().unwrap();
+    let tls_port = server.mqtt_tls_addr.expect("TLS listener").port().to_string();
+    let file = dir.path().join("devices.csv");
+    let ca = certs_dir.path().join("ca.pem");
+    let (ok, out, err) = load(&[
+        "simulate",
+        "--url",
+        &base,
+        "--api-key",
+        token,
+        "--mqtt-port",
+        &tls_port,
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--devices",
+        "3",
+        "--rate",
+        "5",
+        "--duration",
+        "2",
+        "--quiet",
+        "--devices-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let summary = json_line(&out);
+    assert_eq!(summary["connected"], 3, "{out}");
+    assert!(summary["messages_acked"].as_u64().unwrap() >= 10, "{out}");
+    assert_eq!(summary["errors"], 0, "{out}");
+}
