@@ -4,13 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestServer, eventually, tool_available};
+use common::mosquitto::{args, mosquitto, publish, spawn_lines, with};
+use common::{Backend, TestServer, eventually};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -101,10 +102,6 @@ impl Fleet {
     }
 }
 
-fn mosquitto() -> bool {
-    tool_available("mosquitto_sub", "apt-get install mosquitto-clients")
-}
-
 /// A message as mosquitto_sub -d -v reports it.
 #[derive(Debug, Clone, PartialEq)]
 struct Received {
@@ -125,24 +122,6 @@ struct Sub {
     granted: Vec<u8>,
     /// Everything it printed, for failure messages.
     log: Vec<String>,
-}
-
-fn spawn_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("stderr: {line}"));
-        }
-    });
-    rx
 }
 
 impl Sub {
@@ -290,21 +269,6 @@ impl Drop for Sub {
     }
 }
 
-/// Runs mosquitto_pub; returns (exit code, everything it printed).
-fn publish(port: &str, args: &[String]) -> (i32, String) {
-    let output = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", port, "-d"])
-        .args(args)
-        .output()
-        .expect("mosquitto_pub runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code().unwrap_or(-1), text)
-}
-
 /// The last lines of a log, each cut to 200 characters, for failure messages.
 fn short(log: &[String]) -> Vec<String> {
     log.iter()
@@ -312,16 +276,6 @@ fn short(log: &[String]) -> Vec<String> {
         .take(40)
         .rev()
         .map(|l| l.chars().take(200).collect())
-        .collect()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-fn with(base: Vec<String>, more: &[&str]) -> Vec<String> {
-    base.into_iter()
-        .chain(more.iter().map(|s| s.to_string()))
         .collect()
 }
 

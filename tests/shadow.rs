@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{ADMIN_PASSWORD, Backend, TestServer, test_config, tool_available};
+use common::mosquitto::{args, mosquitto, publish, spawn_lines, with};
+use common::{ADMIN_PASSWORD, Backend, TestServer, test_config};
 use drover::server::ServerThread;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -102,35 +102,6 @@ impl Fleet {
     }
 }
 
-fn mosquitto() -> bool {
-    tool_available("mosquitto_sub", "apt-get install mosquitto-clients")
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-fn with(base: Vec<String>, more: &[&str]) -> Vec<String> {
-    base.into_iter()
-        .chain(more.iter().map(|s| s.to_string()))
-        .collect()
-}
-
-/// Runs mosquitto_pub; returns (exit code, everything it printed).
-fn publish(port: &str, args: &[String]) -> (i32, String) {
-    let output = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", port, "-d"])
-        .args(args)
-        .output()
-        .expect("mosquitto_pub runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code().unwrap_or(-1), text)
-}
-
 /// A message as mosquitto_sub -v prints it, with a JSON payload.
 #[derive(Debug, Clone)]
 struct Received {
@@ -158,20 +129,7 @@ impl Sub {
             .stderr(Stdio::piped())
             .spawn()
             .expect("mosquitto_sub runs");
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("stderr: {line}"));
-            }
-        });
+        let lines = spawn_lines(&mut child);
         let mut sub = Sub {
             child,
             lines,

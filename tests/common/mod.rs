@@ -2,6 +2,8 @@
 //! (a temporary SQLite file, or a throwaway PostgreSQL database) and talks to it over HTTP.
 #![allow(dead_code)]
 
+pub mod mosquitto;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
