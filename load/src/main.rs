@@ -61,6 +61,20 @@ struct Devices {
     devices_file: PathBuf,
 }
 
+impl Devices {
+    /// The devices: read from `devices_file`, registered (and added to it) where missing.
+    async fn fleet(&self, api: &Api) -> anyhow::Result<Vec<api::DeviceCredentials>> {
+        api::fleet(
+            api,
+            &self.prefix,
+            self.devices,
+            &self.device_type,
+            &self.devices_file,
+        )
+        .await
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Register devices through the REST API and write their ids and tokens to a CSV file.
@@ -286,15 +300,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Command::Provision { server, devices } => {
-            let api = Api::new(&server.url, &server.api_key);
-            api::fleet(
-                &api,
-                &devices.prefix,
-                devices.devices,
-                &devices.device_type,
-                &devices.devices_file,
-            )
-            .await?;
+            devices.fleet(&Api::new(&server.url, &server.api_key)).await?;
         }
         Command::Simulate {
             server,
@@ -308,14 +314,7 @@ async fn main() -> anyhow::Result<()> {
             tls_ca,
         } => {
             let api = Api::new(&server.url, &server.api_key);
-            let fleet = api::fleet(
-                &api,
-                &devices.prefix,
-                devices.devices,
-                &devices.device_type,
-                &devices.devices_file,
-            )
-            .await?;
+            let fleet = devices.fleet(&api).await?;
             let options = SimulateOptions {
                 host: server.mqtt_host,
                 port: server.mqtt_port,
@@ -356,14 +355,7 @@ async fn main() -> anyhow::Result<()> {
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
-            let fleet = api::fleet(
-                &api,
-                &devices.prefix,
-                devices.devices,
-                &devices.device_type,
-                &devices.devices_file,
-            )
-            .await?;
+            let fleet = devices.fleet(&api).await?;
             let report = bench::connect::run(
                 &api,
                 fleet,
@@ -376,10 +368,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?;
-            report.print();
-            if let Some(file) = record {
-                report.record(&file)?;
-            }
+            report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Ingest {
             server,
@@ -392,14 +381,7 @@ async fn main() -> anyhow::Result<()> {
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
-            let fleet = api::fleet(
-                &api,
-                &devices.prefix,
-                devices.devices,
-                &devices.device_type,
-                &devices.devices_file,
-            )
-            .await?;
+            let fleet = devices.fleet(&api).await?;
             let report = bench::ingest::run(
                 &api,
                 fleet,
@@ -414,10 +396,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?;
-            report.print();
-            if let Some(file) = record {
-                report.record(&file)?;
-            }
+            report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Rules {
             server,
@@ -429,14 +408,7 @@ async fn main() -> anyhow::Result<()> {
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
-            let fleet = api::fleet(
-                &api,
-                &devices.prefix,
-                devices.devices,
-                &devices.device_type,
-                &devices.devices_file,
-            )
-            .await?;
+            let fleet = devices.fleet(&api).await?;
             let report = bench::rules::run(
                 &api,
                 fleet,
@@ -452,10 +424,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?;
-            report.print();
-            if let Some(file) = record {
-                report.record(&file)?;
-            }
+            report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Query {
             server,
@@ -477,10 +446,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?;
-            report.print();
-            if let Some(file) = record {
-                report.record(&file)?;
-            }
+            report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Fanout {
             target,
@@ -510,10 +476,7 @@ async fn main() -> anyhow::Result<()> {
                 rate,
             })
             .await?;
-            report.print();
-            if let Some(file) = record {
-                report.record(&file)?;
-            }
+            report.finish(record.as_deref())?;
         }
     }
     Ok(())

@@ -47,6 +47,15 @@ impl Report {
         println!("{}", serde_json::to_string(self).unwrap_or_default());
     }
 
+    /// Prints the report and appends its JSON line to `record` when given.
+    pub fn finish(&self, record: Option<&Path>) -> anyhow::Result<()> {
+        self.print();
+        match record {
+            Some(file) => self.record(file),
+            None => Ok(()),
+        }
+    }
+
     /// Appends the JSON line to `file` (created with its directory).
     pub fn record(&self, file: &Path) -> anyhow::Result<()> {
         if let Some(dir) = file.parent() {
