@@ -119,7 +119,10 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Read back: how many messages of each device the store holds.
-    let end_ms = chrono::Utc::now().timestamp_millis() + 1;
+    // Messages carry no timestamp: the server stamps each device's messages with distinct,
+    // increasing milliseconds, which run ahead of the clock for a device sending more than
+    // 1,000 a second. Read far enough ahead to count them all.
+    let end_ms = chrono::Utc::now().timestamp_millis() + 3_600_000;
     let mut stored = 0u64;
     for (_, acks, id) in clients {
         acks.abort();
