@@ -1768,6 +1768,20 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
     assert_ne!(code, 0);
     let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "ghost"));
     assert_ne!(code, 0);
+    // Another tenant cannot register the same (public) CA certificate to claim these devices.
+    let globex = fleet.server.tenant_admin(&fleet.admin, "globex").await;
+    let (status, body) = fleet
+        .server
+        .post("/api/mqtt/cas", &globex, json!({"pem": certs.ca.cert}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another tenant"),
+        "{body}"
+    );
     // Not a CA, not PEM: refused with a reason.
     let (status, body) = fleet
         .server

@@ -329,6 +329,19 @@ impl RegistryStore {
     ) -> Result<CaCertificate, StoreError> {
         self.database()
             .write(move |conn| {
+                // A CA identifies the devices of one tenant only: CA certificates are public, so
+                // another tenant registering the same one could otherwise claim its devices.
+                let elsewhere: i64 = tenant_ca_certificates::table
+                    .filter(tenant_ca_certificates::fingerprint.eq(&ca.fingerprint))
+                    .filter(tenant_ca_certificates::tenant_id.ne(ca.tenant.as_str()))
+                    .count()
+                    .get_result(conn)?;
+                if elsewhere > 0 {
+                    return Err(StoreError::AlreadyExists(
+                        "this CA certificate is registered by another tenant; a CA can identify the devices of one tenant only"
+                            .into(),
+                    ));
+                }
                 diesel::insert_into(tenant_ca_certificates::table)
                     .values((
                         tenant_ca_certificates::id.eq(&ca.id),

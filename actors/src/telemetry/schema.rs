@@ -108,6 +108,8 @@ pub enum SchemaError {
     },
     #[error("message {index}: metric `{metric}` is not declared by the device type (strict schema)")]
     UnknownMetric { index: usize, metric: String },
+    #[error("message {index}: two metrics become `{metric}` after the device type's renames and conversions")]
+    Collision { index: usize, metric: String },
     #[error("message {index}: metric `{metric}` cannot be converted: {reason}")]
     Conversion {
         index: usize,
@@ -124,6 +126,7 @@ impl SchemaError {
             SchemaError::OutOfRange { .. } => "schema_out_of_range",
             SchemaError::UnknownMetric { .. } => "schema_unknown_metric",
             SchemaError::Conversion { .. } => "schema_conversion_failed",
+            SchemaError::Collision { .. } => "schema_metric_collision",
         }
     }
 }
@@ -161,6 +164,9 @@ impl DeviceTypeSchema {
             if !targets.insert(to) {
                 return Err(format!("rename: two metrics are renamed to `{to}`"));
             }
+            if self.rename.contains_key(to) {
+                return Err(format!("rename: `{to}` is both renamed and a rename's target"));
+            }
         }
         Ok(())
     }
@@ -193,6 +199,18 @@ impl DeviceTypeSchema {
                     }
                 }
                 self.check(index, name, value)?;
+            }
+            // A rename onto a metric the message also carries would keep one value of two.
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some((name, _)) = message
+                .metrics
+                .iter()
+                .find(|(name, _)| !seen.insert(name.clone()))
+            {
+                return Err(SchemaError::Collision {
+                    index,
+                    metric: name.to_string(),
+                });
             }
         }
         Ok(())
@@ -321,6 +339,13 @@ mod tests {
                 .code(),
             "schema_conversion_failed"
         );
+        // Both names in one message would leave one value of two: refused, not merged.
+        assert_eq!(
+            run(&s, r#"{"metrics":{"temp":1,"temperature":2}}"#)
+                .unwrap_err()
+                .code(),
+            "schema_metric_collision"
+        );
         let strict = schema(json!({"metrics": {"temperature": {}}, "strict": true}));
         assert_eq!(
             run(&strict, r#"{"metrics":{"rssi":1}}"#).unwrap_err().code(),
@@ -347,6 +372,10 @@ mod tests {
         ));
         assert!(matches!(
             invalid(json!({"rename": {"a": "x", "b": "x"}})),
+            Ok(Err(_))
+        ));
+        assert!(matches!(
+            invalid(json!({"rename": {"a": "b", "b": "a"}})),
             Ok(Err(_))
         ));
         assert!(invalid(json!({"metrics": {"bad name!": {}}})).is_err());
