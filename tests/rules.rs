@@ -625,6 +625,17 @@ async fn rules_crud_and_validation() {
     assert_eq!(rule["rule"]["actions"][0]["secretSet"], json!(true));
     assert!(!rule.to_string().contains("s3\""), "{rule}");
     assert_eq!(rule["stats"]["status"], "idle");
+    // A channel that does not exist is refused now, not found missing when an alarm fires.
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Nobody hears", "condition": "temperature > 30",
+                   "escalation": [{"afterSecs": 60, "actions": [{"type": "email", "channel": "no-such-mail"}]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_channel", "{body}");
     // The issue's multi-line script.
     let (status, body) = server
         .post(

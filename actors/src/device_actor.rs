@@ -189,6 +189,7 @@ pub struct DeviceActorExited {
 
 /// The device's live connection.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ConnectionInfo {
     pub connection: u64,
     pub protocol: &'static str,
@@ -197,6 +198,7 @@ pub struct ConnectionInfo {
 
 /// Messages taken in from the device, by kind.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InboundCounts {
     pub telemetry: u64,
     /// Telemetry points committed.
@@ -209,6 +211,7 @@ pub struct InboundCounts {
 
 /// What `GetDeviceState` returns.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeviceSnapshot {
     pub tenant: TenantId,
     pub device: DeviceId,

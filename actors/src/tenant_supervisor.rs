@@ -49,6 +49,7 @@ pub struct InspectTenant {}
 
 /// One supervised device actor, as `InspectTenant` reports it.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ChildInfo {
     pub device: DeviceId,
     pub started_at: DateTime<Utc>,
@@ -57,6 +58,7 @@ pub struct ChildInfo {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TenantSnapshot {
     pub tenant: TenantId,
     pub started_at: DateTime<Utc>,

@@ -93,6 +93,35 @@ fn no_sealed(body: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Refuses a rule whose actions name a channel the tenant does not have: found now, not when
+/// an alarm fails to notify anybody.
+async fn check_channels(
+    state: &AppState,
+    tenant: &drover_actors::TenantId,
+    rule: &RuleBody,
+) -> Result<(), ApiError> {
+    let named: Vec<&str> = rule
+        .actions
+        .iter()
+        .chain(rule.escalation.iter().flat_map(|step| step.actions.iter()))
+        .filter_map(|action| action.channel.as_deref())
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let channels = state.registry.list_channels(tenant).await?;
+    if let Some(missing) = named
+        .iter()
+        .find(|name| !channels.iter().any(|c| c.body.name == **name))
+    {
+        return Err(ApiError::bad_request(
+            "unknown_channel",
+            format!("no channel named {missing:?}: create it with POST /api/channels first"),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_rule(value: Value) -> Result<RuleBody, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::bad_request("validation_failed", e.to_string()))
 }
@@ -115,6 +144,7 @@ async fn create_rule(
     no_sealed(&body)?;
     let mut rule = parse_rule(body)?;
     rule.validate(&state.rules.sandbox)?;
+    check_channels(&state, &principal.tenant, &rule).await?;
     rule.seal_secrets(&state.rules.secrets);
     let record = state
         .registry
@@ -195,6 +225,9 @@ async fn patch_rule(
     }
     let mut rule = parse_rule(merged)?;
     rule.validate(&state.rules.sandbox)?;
+    if touches_actions {
+        check_channels(&state, &principal.tenant, &rule).await?;
+    }
     if touches_actions {
         rule.seal_secrets(&state.rules.secrets);
     }
