@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::mosquitto::{args, mosquitto, publish, with};
 use common::{ADMIN_PASSWORD, Backend, TestServer, eventually, services_required, tool_available};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
@@ -63,7 +64,7 @@ async fn post_telemetry(server: &TestServer, device: &str, auth: &str, body: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qos1_publish_is_readable_once_its_puback_arrives() {
-    if !tool_available("mosquitto_pub", "apt install mosquitto-clients") {
+    if !mosquitto() {
         return;
     }
     let server = slow_batching_server();
@@ -71,27 +72,26 @@ async fn a_qos1_publish_is_readable_once_its_puback_arrives() {
     let token = server
         .register(&admin, json!({"deviceId": "sensor-001", "type": "thermometer"}))
         .await;
+    let port = server.mqtt.port().to_string();
+    let device = args(&["-q", "1", "-i", "sensor-001", "-u", "sensor-001", "-P", &token]);
     for (version, value) in [("mqttv311", 21.5), ("mqttv5", 22.5)] {
         let payload = json!({"metrics": {"temperature": value}}).to_string();
         let started = Instant::now();
-        let status = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
-            .args([
-                "-V",
-                version,
-                "-q",
-                "1",
-                "-i",
-                "sensor-001",
-                "-u",
-                "sensor-001",
-                "-P",
-                &token,
-            ])
-            .args(["-t", "devices/sensor-001/telemetry", "-m", &payload])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let (code, out) = publish(
+            &port,
+            &with(
+                device.clone(),
+                &[
+                    "-V",
+                    version,
+                    "-t",
+                    "devices/sensor-001/telemetry",
+                    "-m",
+                    &payload,
+                ],
+            ),
+        );
+        assert_eq!(code, 0, "{out}");
         // The PUBACK waited for the batch's commit (up to the 1 s batch interval)…
         let waited = started.elapsed();
         // …so the point is there at once.
@@ -102,35 +102,21 @@ async fn a_qos1_publish_is_readable_once_its_puback_arrives() {
         );
     }
     // A payload that is not telemetry is refused with PUBACK reason 0x99 on v5 and stores nothing.
-    let output = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
-        .args([
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-i",
-            "sensor-001",
-            "-u",
-            "sensor-001",
-            "-P",
-            &token,
-            "-d",
-        ])
-        .args([
-            "-t",
-            "devices/sensor-001/telemetry",
-            "-m",
-            r#"{"metrics":{"temperature":"#,
-        ])
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let (code, out) = publish(
+        &port,
+        &with(
+            device,
+            &[
+                "-V",
+                "mqttv5",
+                "-t",
+                "devices/sensor-001/telemetry",
+                "-m",
+                r#"{"metrics":{"temperature":"#,
+            ],
+        ),
     );
-    assert!(out.contains("PUBACK") || !output.status.success(), "{out}");
+    assert!(out.contains("PUBACK") || code != 0, "{out}");
     assert_eq!(
         points(&server, &admin, "sensor-001", "temperature").await.len(),
         2

@@ -542,7 +542,7 @@ impl DeviceActor {
 
 /// An answer that needs no waiting.
 fn refused(error: InboundError) -> ResponseActFuture<DeviceActor, Result<InboundAccepted, InboundError>> {
-    Box::pin(fut::ready(Err(error)))
+    answered(Err(error))
 }
 
 fn answered(

@@ -61,6 +61,39 @@ struct Devices {
     devices_file: PathBuf,
 }
 
+/// The telemetry load of the ingest and rules scenarios.
+#[derive(Args, Clone)]
+struct IngestLoad {
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Messages per second over all devices (0: as fast as the clients allow).
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// Metrics per message.
+    #[arg(long, default_value_t = 1)]
+    metrics: u32,
+    /// Unacknowledged QoS 1 publishes per device.
+    #[arg(long, default_value_t = 100)]
+    inflight: u16,
+}
+
+impl IngestLoad {
+    fn options(&self, server: &Server) -> bench::ingest::IngestOptions {
+        bench::ingest::IngestOptions {
+            host: server.mqtt_host.clone(),
+            port: server.mqtt_port,
+            qos: self.qos,
+            seconds: self.seconds,
+            rate: self.rate,
+            metrics: self.metrics,
+            inflight: self.inflight,
+        }
+    }
+}
+
 impl Devices {
     /// The devices: read from `devices_file`, registered (and added to it) where missing.
     async fn fleet(&self, api: &Api) -> anyhow::Result<Vec<api::DeviceCredentials>> {
@@ -163,20 +196,8 @@ enum Bench {
         server: Server,
         #[command(flatten)]
         devices: Devices,
-        #[arg(long, default_value_t = 1)]
-        qos: u8,
-        /// Seconds of publishing.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Messages per second over all devices (0: as fast as the clients allow).
-        #[arg(long, default_value_t = 0)]
-        rate: u32,
-        /// Metrics per message.
-        #[arg(long, default_value_t = 1)]
-        metrics: u32,
-        /// Unacknowledged QoS 1 publishes per device.
-        #[arg(long, default_value_t = 100)]
-        inflight: u16,
+        #[command(flatten)]
+        load: IngestLoad,
         /// Append the JSON line to this file.
         #[arg(long)]
         record: Option<PathBuf>,
@@ -191,13 +212,8 @@ enum Bench {
         /// Rules to create (named bench-rule-N; existing ones are kept).
         #[arg(long, default_value_t = 1000)]
         rules: u32,
-        #[arg(long, default_value_t = 1)]
-        qos: u8,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Messages per second over all devices (0: as fast as the clients allow).
-        #[arg(long, default_value_t = 0)]
-        rate: u32,
+        #[command(flatten)]
+        load: IngestLoad,
         /// Append the JSON line to this file.
         #[arg(long)]
         record: Option<PathBuf>,
@@ -373,57 +389,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(Bench::Ingest {
             server,
             devices,
-            qos,
-            seconds,
-            rate,
-            metrics,
-            inflight,
+            load,
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
-            let report = bench::ingest::run(
-                &api,
-                fleet,
-                bench::ingest::IngestOptions {
-                    host: server.mqtt_host,
-                    port: server.mqtt_port,
-                    qos,
-                    seconds,
-                    rate,
-                    metrics,
-                    inflight,
-                },
-            )
-            .await?;
+            let report = bench::ingest::run(&api, fleet, load.options(&server)).await?;
             report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Rules {
             server,
             devices,
             rules,
-            qos,
-            seconds,
-            rate,
+            load,
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
-            let report = bench::rules::run(
-                &api,
-                fleet,
-                rules,
-                bench::ingest::IngestOptions {
-                    host: server.mqtt_host,
-                    port: server.mqtt_port,
-                    qos,
-                    seconds,
-                    rate,
-                    metrics: 2,
-                    inflight: 100,
-                },
-            )
-            .await?;
+            let report = bench::rules::run(&api, fleet, rules, load.options(&server)).await?;
             report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Query {

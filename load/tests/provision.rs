@@ -15,6 +15,10 @@ struct Server {
 }
 
 fn start() -> Server {
+    start_with(|_| {})
+}
+
+fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.http.bind = "127.0.0.1".into();
@@ -22,6 +26,7 @@ fn start() -> Server {
     config.mqtt.bind = "127.0.0.1".into();
     config.mqtt.port = 0;
     config.storage.data_dir = dir.path().to_path_buf();
+    tweak(&mut config);
     let server = ServerThread::spawn(config, Some("load-test-password".into())).unwrap();
     let base = format!("http://{}", server.http_addr);
     let login: Value = reqwest::blocking::Client::new()
@@ -342,33 +347,24 @@ fn simulate_connects_over_tls() {
     let certs_dir = tempfile::tempdir().unwrap();
     let certs = drover::devcerts::generate("Load CA", &["127.0.0.1".to_string()], &[]).unwrap();
     certs.write(certs_dir.path()).unwrap();
+    let (cert, key) = (
+        certs_dir.path().join("server.pem"),
+        certs_dir.path().join("server.key"),
+    );
+    let s = start_with(|c| {
+        c.mqtt.tls_port = 0;
+        c.mqtt.tls_cert = cert.to_string_lossy().to_string();
+        c.mqtt.tls_key = key.to_string_lossy().to_string();
+    });
+    let (server, base, token) = (&s.server, &s.base, &s.token);
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.http.bind = "127.0.0.1".into();
-    config.http.port = 0;
-    config.mqtt.bind = "127.0.0.1".into();
-    config.mqtt.port = 0;
-    config.mqtt.tls_port = 0;
-    config.mqtt.tls_cert = certs_dir.path().join("server.pem").to_string_lossy().to_string();
-    config.mqtt.tls_key = certs_dir.path().join("server.key").to_string_lossy().to_string();
-    config.storage.data_dir = dir.path().to_path_buf();
-    let server = ServerThread::spawn(config, Some("load-test-password".into())).unwrap();
-    let base = format!("http://{}", server.http_addr);
-    let login: Value = reqwest::blocking::Client::new()
-        .post(format!("{base}/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": "load-test-password"}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let token = login["token"].as_str().unwrap();
     let tls_port = server.mqtt_tls_addr.expect("TLS listener").port().to_string();
     let file = dir.path().join("devices.csv");
     let ca = certs_dir.path().join("ca.pem");
     let (ok, out, err) = load(&[
         "simulate",
         "--url",
-        &base,
+        base,
         "--api-key",
         token,
         "--mqtt-port",
