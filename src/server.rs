@@ -234,7 +234,8 @@ pub async fn start_with_clock(
     let pipeline = Arc::new(
         Pipeline::new(config.telemetry.payload_limits())
             .with_writers(writers.clone())
-            .with_observer(rules.router.clone().recipient()),
+            .with_observer(rules.router.clone().recipient())
+            .with_live(Arc::new(hub.clone())),
     );
     let shadow_store = shadow_store(&config, &registry);
     let settings = SupervisorSettings {

@@ -24,6 +24,7 @@ use crate::pipeline::{Pipeline, TelemetryAccepted};
 use crate::presence::PresenceSink;
 use crate::shadow::{ShadowDocument, ShadowError};
 use crate::telemetry::schema::DeviceTypeSchema;
+use crate::telemetry::store::PointBatch;
 use crate::telemetry::{TelemetryPoint, parse_payload};
 use crate::telemetry_writer::{Backpressure, WriteError};
 
@@ -495,20 +496,35 @@ impl DeviceActor {
             .flat_map(|m| m.into_points(&self.tenant, &self.device, &record.device_type))
             .collect();
         let count = points.len();
+        let watched = self.pipeline.watched(&self.tenant, &self.device);
+        let shared: Option<PointBatch> =
+            (watched || self.pipeline.has_observers()).then(|| points.clone().into());
         let accepted = self.pipeline.has_observers().then(|| TelemetryAccepted {
             tenant: self.tenant.clone(),
             device: self.device.clone(),
             device_type: record.device_type.clone(),
             metadata: Arc::new(record.metadata.clone()),
             shadow: self.shadow_view.clone(),
-            points: points.clone().into(),
+            points: shared.clone().unwrap_or_else(|| Arc::from([])),
         });
+        let live = shared
+            .filter(|_| watched)
+            .map(|points| (points, record.device_type.clone()));
         let pipeline = self.pipeline.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
         self.in_flight += 1;
         let commit = async move {
-            match &pipeline.writers {
-                Some(writers) => writers.submit(&tenant, &device, points, backpressure).await,
+            let queued = match &pipeline.writers {
+                Some(writers) => Some(writers.enqueue(&tenant, &device, points, backpressure).await?),
+                None => None,
+            };
+            // Shown live once queued: what is queued gets committed (or spooled), and the
+            // dashboard need not wait for the batch.
+            if let Some((points, device_type)) = &live {
+                pipeline.show_live(&tenant, &device, device_type, points);
+            }
+            match queued {
+                Some(queued) => queued.committed().await,
                 None => Ok(()),
             }
         };

@@ -1,5 +1,6 @@
 //! Where a device's accepted telemetry goes after its actor validated it: to the batching
-//! writers that commit it, then to the observers that act on it (rule actors, live views).
+//! writers that commit it, to the live view once queued (dashboard sessions), and after the
+//! commit to the observers that act on it (rule actors).
 //!
 //! Observers get a [`TelemetryAccepted`] per message batch, with the device's metadata and
 //! shadow at that moment, so a rule can look at them without asking the registry. Sends are
@@ -14,6 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::ids::{DeviceId, TenantId};
 use crate::telemetry::PayloadLimits;
+use crate::telemetry::TelemetryPoint;
 use crate::telemetry::store::PointBatch;
 use crate::telemetry_writer::WriterPool;
 
@@ -31,6 +33,15 @@ pub struct TelemetryAccepted {
     pub points: PointBatch,
 }
 
+/// Where accepted telemetry is shown as it arrives (the dashboard's WebSocket sessions).
+/// Device actors ask [`LiveTelemetry::watching`] for every message, so it must be cheap, and
+/// call [`LiveTelemetry::show`] once the message is queued for its writer: before its commit,
+/// which only delays acknowledgements, never the live view.
+pub trait LiveTelemetry: Send + Sync + 'static {
+    fn watching(&self, tenant: &TenantId, device: &DeviceId) -> bool;
+    fn show(&self, tenant: &TenantId, device: &DeviceId, device_type: &str, points: &[TelemetryPoint]);
+}
+
 /// What device actors share about telemetry: the payload rules, the writers that commit it,
 /// and the observers.
 pub struct Pipeline {
@@ -38,6 +49,7 @@ pub struct Pipeline {
     /// Where accepted points are committed; `None` only in tests that need no store.
     pub writers: Option<WriterPool>,
     observers: Vec<Recipient<TelemetryAccepted>>,
+    live: Option<Arc<dyn LiveTelemetry>>,
     dropped: AtomicU64,
     counts: Mutex<HashMap<TenantId, TenantTelemetry>>,
 }
@@ -70,6 +82,7 @@ impl Pipeline {
             limits,
             writers: None,
             observers: Vec::new(),
+            live: None,
             dropped: AtomicU64::new(0),
             counts: Mutex::new(HashMap::new()),
         }
@@ -85,6 +98,32 @@ impl Pipeline {
     pub fn with_observer(mut self, observer: Recipient<TelemetryAccepted>) -> Pipeline {
         self.observers.push(observer);
         self
+    }
+
+    /// Shows accepted telemetry live through `live` (before the pipeline is shared).
+    pub fn with_live(mut self, live: Arc<dyn LiveTelemetry>) -> Pipeline {
+        self.live = Some(live);
+        self
+    }
+
+    /// Whether someone watches `device` live now (asked for every message: cheap).
+    pub fn watched(&self, tenant: &TenantId, device: &DeviceId) -> bool {
+        self.live
+            .as_ref()
+            .is_some_and(|live| live.watching(tenant, device))
+    }
+
+    /// Shows a message of `device` to those who watch it live.
+    pub fn show_live(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        device_type: &str,
+        points: &[TelemetryPoint],
+    ) {
+        if let Some(live) = &self.live {
+            live.show(tenant, device, device_type, points);
+        }
     }
 
     /// Counts a committed telemetry message of `tenant`.

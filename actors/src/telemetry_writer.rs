@@ -64,6 +64,23 @@ pub enum WriteError {
     Unavailable(String),
 }
 
+/// Points in a writer's queue. With `Drop` nobody waits for their commit.
+#[derive(Debug)]
+pub struct Queued(Option<oneshot::Receiver<Result<(), WriteError>>>);
+
+impl Queued {
+    /// Resolves when the points are committed (to the store, or the spool while the store is
+    /// away); at once for points queued with `Drop`.
+    pub async fn committed(self) -> Result<(), WriteError> {
+        match self.0 {
+            Some(reply) => reply
+                .await
+                .unwrap_or_else(|_| Err(WriteError::Unavailable("the telemetry writer stopped".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
 // ---- state -------------------------------------------------------------------------------
 
 /// Tuning shared by the writers.
@@ -390,8 +407,24 @@ impl WriterPool {
         points: Vec<TelemetryPoint>,
         backpressure: Backpressure,
     ) -> Result<(), WriteError> {
+        self.enqueue(tenant, device, points, backpressure)
+            .await?
+            .committed()
+            .await
+    }
+
+    /// Puts a device's points in its writer's queue, waiting for room (`Wait`) or refusing
+    /// when there is none (`Refuse`, `Drop`). What is queued will be committed or spooled;
+    /// [`Queued::committed`] tells when.
+    pub async fn enqueue(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        points: Vec<TelemetryPoint>,
+        backpressure: Backpressure,
+    ) -> Result<Queued, WriteError> {
         if points.is_empty() {
-            return Ok(());
+            return Ok(Queued(None));
         }
         let count = points.len();
         let (writer, room) = self.writer_for(tenant, device);
@@ -429,12 +462,7 @@ impl WriterPool {
                 permits: Some(permits),
             })
             .map_err(|_| WriteError::Unavailable("the telemetry writers stopped".into()))?;
-        match reply {
-            Some(reply) => reply
-                .await
-                .unwrap_or_else(|_| Err(WriteError::Unavailable("the telemetry writer stopped".into()))),
-            None => Ok(()),
-        }
+        Ok(Queued(reply))
     }
 
     pub async fn inspect(&self) -> Vec<WriterSnapshot> {

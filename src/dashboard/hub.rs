@@ -1,19 +1,30 @@
-//! `DashboardHub`: where live events (alarms opening, escalating, clearing) are published for
-//! the `/ws` sessions. A broadcast channel: a session that falls behind skips events (it is told
-//! how many) rather than holding memory for them.
+//! `DashboardHub`: where live events are published for the `/ws` sessions.
+//!
+//! Alarms (opening, escalating, clearing) go through a broadcast channel every session of the
+//! tenant reads. Telemetry is far more: a session receives only the devices it subscribed to
+//! (or its whole tenant when it asked for `*`), through a bounded channel of its own that device
+//! actors fill directly (see [`LiveTelemetry`]). Either way a session that falls behind skips
+//! events (it is told how many) rather than holding memory for them or slowing ingestion.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
-use drover_actors::TenantId;
+use drover_actors::pipeline::LiveTelemetry;
+use drover_actors::telemetry::{MetricValue, TelemetryPoint};
+use drover_actors::{DeviceId, TenantId};
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::rules::view::AlarmView;
+
+/// Telemetry frames a session may have waiting before it misses some.
+const TELEMETRY_BACKLOG: usize = 1024;
 
 /// What the live stream carries (one JSON text frame each).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
-pub enum LiveMessage {
+pub enum LiveMessage<'a> {
     /// Sent first: whose stream this is.
     Hello { tenant: String },
     /// An alarm changed: `event` is opened, updated, escalated, acknowledged or cleared.
@@ -21,8 +32,33 @@ pub enum LiveMessage {
         event: &'static str,
         alarm: Box<AlarmView>,
     },
-    /// The session fell behind and missed `missed` events.
-    Lagged { missed: u64 },
+    /// A message of a watched device: its points grouped by timestamp.
+    #[serde(rename_all = "camelCase")]
+    Telemetry {
+        device_id: &'a str,
+        device_type: &'a str,
+        messages: Vec<LiveReading<'a>>,
+    },
+    /// What the session watches now (the answer to subscribe and unsubscribe).
+    #[serde(rename_all = "camelCase")]
+    Subscribed { all: bool, devices: Vec<String> },
+    /// A request of the session was refused.
+    Error {
+        code: &'static str,
+        message: String,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        devices: Vec<String>,
+    },
+    /// The session fell behind and missed `missed` events of `stream` (`alarms` or `telemetry`).
+    Lagged { stream: &'static str, missed: u64 },
+}
+
+/// One timestamp of a live telemetry message.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveReading<'a> {
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+    pub metrics: BTreeMap<&'a str, &'a MetricValue>,
 }
 
 /// One event of one tenant, serialised once for every session.
@@ -35,7 +71,51 @@ pub struct LiveEvent {
 #[derive(Debug, Clone)]
 pub struct DashboardHub {
     sender: broadcast::Sender<LiveEvent>,
+    watchers: Arc<Watchers>,
 }
+
+/// Who watches which devices' telemetry, per tenant.
+#[derive(Debug, Default)]
+struct Watchers {
+    /// Watch entries in all tenants: device actors skip the lock while it is 0.
+    entries: AtomicUsize,
+    next_session: AtomicU64,
+    tenants: RwLock<HashMap<TenantId, TenantWatchers>>,
+}
+
+#[derive(Debug, Default)]
+struct TenantWatchers {
+    /// Sessions watching every device of the tenant.
+    all: Vec<Watcher>,
+    devices: HashMap<DeviceId, Vec<Watcher>>,
+}
+
+impl TenantWatchers {
+    fn is_empty(&self) -> bool {
+        self.all.is_empty() && self.devices.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Watcher {
+    session: u64,
+    frames: mpsc::Sender<Arc<str>>,
+    missed: Arc<AtomicU64>,
+}
+
+/// What one session watches, and where its telemetry frames arrive.
+#[derive(Debug)]
+pub struct TelemetryWatch {
+    hub: DashboardHub,
+    tenant: TenantId,
+    watcher: Watcher,
+    pub frames: mpsc::Receiver<Arc<str>>,
+    all: bool,
+    devices: Vec<DeviceId>,
+}
+
+/// What a session may watch at once (besides `*`).
+pub const MAX_WATCHED_DEVICES: usize = 1000;
 
 impl Default for DashboardHub {
     fn default() -> Self {
@@ -47,10 +127,37 @@ impl DashboardHub {
     pub fn new(capacity: usize) -> DashboardHub {
         DashboardHub {
             sender: broadcast::channel(capacity).0,
+            watchers: Arc::default(),
         }
     }
 
-    pub fn publish(&self, tenant: &TenantId, message: &LiveMessage) {
+    /// A session's telemetry subscription, watching nothing yet.
+    pub fn telemetry_watch(&self, tenant: &TenantId) -> TelemetryWatch {
+        let (tx, rx) = mpsc::channel(TELEMETRY_BACKLOG);
+        TelemetryWatch {
+            hub: self.clone(),
+            tenant: tenant.clone(),
+            watcher: Watcher {
+                session: self.watchers.next_session.fetch_add(1, Ordering::Relaxed),
+                frames: tx,
+                missed: Arc::default(),
+            },
+            frames: rx,
+            all: false,
+            devices: Vec::new(),
+        }
+    }
+
+    /// Sessions watching telemetry, and their watch entries (devices, or `*`).
+    pub fn telemetry_watchers(&self) -> usize {
+        self.watchers.entries.load(Ordering::Relaxed)
+    }
+
+    fn tenants(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TenantId, TenantWatchers>> {
+        self.watchers.tenants.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn publish(&self, tenant: &TenantId, message: &LiveMessage<'_>) {
         if self.sender.receiver_count() == 0 {
             return;
         }
@@ -79,5 +186,178 @@ impl DashboardHub {
 
     pub fn sessions(&self) -> usize {
         self.sender.receiver_count()
+    }
+}
+
+impl LiveTelemetry for DashboardHub {
+    fn watching(&self, tenant: &TenantId, device: &DeviceId) -> bool {
+        if self.watchers.entries.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let tenants = self.watchers.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .get(tenant)
+            .is_some_and(|w| !w.all.is_empty() || w.devices.contains_key(device))
+    }
+
+    fn show(&self, tenant: &TenantId, device: &DeviceId, device_type: &str, points: &[TelemetryPoint]) {
+        let targets: Vec<Watcher> = {
+            let tenants = self.watchers.tenants.read().unwrap_or_else(|e| e.into_inner());
+            let Some(watchers) = tenants.get(tenant) else {
+                return;
+            };
+            watchers
+                .all
+                .iter()
+                .chain(watchers.devices.get(device).into_iter().flatten())
+                .cloned()
+                .collect()
+        };
+        if targets.is_empty() {
+            return;
+        }
+        let frame: Arc<str> = match serde_json::to_string(&telemetry_message(device, device_type, points)) {
+            Ok(json) => json.into(),
+            Err(_) => return,
+        };
+        for watcher in targets {
+            if let Err(mpsc::error::TrySendError::Full(_)) = watcher.frames.try_send(frame.clone()) {
+                watcher.missed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A message's points as the live stream shows them: one reading per timestamp.
+fn telemetry_message<'a>(
+    device: &'a DeviceId,
+    device_type: &'a str,
+    points: &'a [TelemetryPoint],
+) -> LiveMessage<'a> {
+    let mut messages: Vec<LiveReading<'a>> = Vec::new();
+    for point in points {
+        match messages.iter_mut().find(|m| m.ts == point.ts_ms) {
+            Some(reading) => {
+                reading.metrics.insert(point.metric.as_str(), &point.value);
+            }
+            None => messages.push(LiveReading {
+                ts: point.ts_ms,
+                metrics: BTreeMap::from([(point.metric.as_str(), &point.value)]),
+            }),
+        }
+    }
+    LiveMessage::Telemetry {
+        device_id: device.as_str(),
+        device_type,
+        messages,
+    }
+}
+
+impl TelemetryWatch {
+    /// Watches every device of the tenant.
+    pub fn watch_all(&mut self) {
+        if !self.all {
+            self.all = true;
+            self.hub
+                .tenants()
+                .entry(self.tenant.clone())
+                .or_default()
+                .all
+                .push(self.watcher.clone());
+            self.hub.watchers.entries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Watches `devices` too; refuses (and changes nothing) past [`MAX_WATCHED_DEVICES`].
+    pub fn watch(&mut self, devices: &[DeviceId]) -> Result<(), usize> {
+        let new: Vec<&DeviceId> = devices.iter().filter(|d| !self.devices.contains(d)).collect();
+        let mut unique = new.clone();
+        unique.sort();
+        unique.dedup();
+        if self.devices.len() + unique.len() > MAX_WATCHED_DEVICES {
+            return Err(MAX_WATCHED_DEVICES);
+        }
+        let mut tenants = self.hub.tenants();
+        let watchers = tenants.entry(self.tenant.clone()).or_default();
+        for device in unique {
+            watchers
+                .devices
+                .entry(device.clone())
+                .or_default()
+                .push(self.watcher.clone());
+            self.devices.push(device.clone());
+            self.hub.watchers.entries.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Stops watching the whole tenant (devices named one by one stay watched).
+    pub fn unwatch_all(&mut self) {
+        if self.all {
+            self.all = false;
+            let session = self.watcher.session;
+            self.edit(|w| {
+                w.all.retain(|x| x.session != session);
+                1
+            });
+        }
+    }
+
+    /// Stops watching `devices`.
+    pub fn unwatch(&mut self, devices: &[DeviceId]) {
+        let gone: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|d| devices.contains(d))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.devices.retain(|d| !gone.contains(d));
+        let session = self.watcher.session;
+        self.edit(|w| {
+            for device in &gone {
+                if let Some(list) = w.devices.get_mut(device) {
+                    list.retain(|x| x.session != session);
+                    if list.is_empty() {
+                        w.devices.remove(device);
+                    }
+                }
+            }
+            gone.len()
+        });
+    }
+
+    /// Whether the tenant as a whole is watched, and the devices named one by one (sorted).
+    pub fn watched(&self) -> (bool, Vec<String>) {
+        let mut devices: Vec<String> = self.devices.iter().map(|d| d.to_string()).collect();
+        devices.sort();
+        (self.all, devices)
+    }
+
+    /// Frames missed since the last call (the session was too slow for them).
+    pub fn take_missed(&self) -> u64 {
+        self.watcher.missed.swap(0, Ordering::Relaxed)
+    }
+
+    /// Applies `change` to the tenant's watchers; it returns how many entries it removed.
+    fn edit(&self, change: impl FnOnce(&mut TenantWatchers) -> usize) {
+        let mut tenants = self.hub.tenants();
+        if let Some(watchers) = tenants.get_mut(&self.tenant) {
+            let removed = change(watchers);
+            self.hub.watchers.entries.fetch_sub(removed, Ordering::Relaxed);
+            if watchers.is_empty() {
+                tenants.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+impl Drop for TelemetryWatch {
+    fn drop(&mut self) {
+        self.unwatch_all();
+        let devices = self.devices.clone();
+        self.unwatch(&devices);
     }
 }

@@ -29,6 +29,7 @@ pub async fn live(
         tenant: principal.tenant.clone(),
         session,
         hub: state.hub.clone(),
+        registry: state.registry.clone(),
     };
     actix_rt::spawn(dashboard.run(stream));
     Ok(response)

@@ -635,6 +635,29 @@ impl RegistryStore {
         self.db.read(move |conn| load_device(conn, &tenant, &id)).await
     }
 
+    /// Which of `ids` are registered devices of `tenant` (one query).
+    pub async fn registered_devices(
+        &self,
+        tenant: &TenantId,
+        ids: &[DeviceId],
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        let tenant = tenant.clone();
+        let wanted: Vec<String> = ids.iter().map(|d| d.to_string()).collect();
+        self.db
+            .read(move |conn| {
+                let found: Vec<String> = devices::table
+                    .filter(devices::tenant_id.eq(tenant.as_str()))
+                    .filter(devices::device_id.eq_any(&wanted))
+                    .select(devices::device_id)
+                    .load(conn)?;
+                Ok(found
+                    .into_iter()
+                    .filter_map(|id| DeviceId::parse(id).ok())
+                    .collect())
+            })
+            .await
+    }
+
     pub async fn list_devices(
         &self,
         tenant: &TenantId,
