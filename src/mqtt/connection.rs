@@ -829,14 +829,9 @@ async fn run_outbound(
     let qos2_queue: Rc<RefCell<VecDeque<(u64, Delivery)>>> = Rc::new(RefCell::new(VecDeque::new()));
     let qos2_wake = Rc::new(tokio::sync::Notify::new());
     let stop = Rc::new(Cell::new(false));
-    let qos2_task = ntex::rt::spawn(qos2_sender(
-        conn.clone(),
-        sink.clone(),
-        inflight.clone(),
-        qos2_queue.clone(),
-        qos2_wake.clone(),
-        stop.clone(),
-    ));
+    // The QoS 2 sender starts with the first QoS 2 delivery: most connections never get one,
+    // and an idle sender task cost about 0.9 KiB per connection.
+    let mut qos2_task = None;
     let mut seq: u64 = 0;
     loop {
         let next = tokio::select! {
@@ -860,6 +855,16 @@ async fn run_outbound(
         seq += 1;
         if delivery.qos == QoS::ExactlyOnce {
             qos2_queue.borrow_mut().push_back((seq, delivery));
+            if qos2_task.is_none() {
+                qos2_task = Some(ntex::rt::spawn(qos2_sender(
+                    conn.clone(),
+                    sink.clone(),
+                    inflight.clone(),
+                    qos2_queue.clone(),
+                    qos2_wake.clone(),
+                    stop.clone(),
+                )));
+            }
             qos2_wake.notify_one();
             continue;
         }
@@ -871,7 +876,9 @@ async fn run_outbound(
     }
     stop.set(true);
     qos2_wake.notify_one();
-    let _ = qos2_task.await;
+    if let Some(task) = qos2_task {
+        let _ = task.await;
+    }
     // What did not make it: unacknowledged first (oldest), then queued QoS 2, then the channel.
     rx.close();
     let mut unsent: Vec<Delivery> = std::mem::take(&mut *inflight.borrow_mut())
