@@ -32,6 +32,11 @@ impl Api {
         }
     }
 
+    /// The API key or login token the calls carry.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The server's base URL, without a trailing slash.
     pub fn base(&self) -> &str {
         &self.base

@@ -78,6 +78,10 @@ struct IngestLoad {
     /// Unacknowledged QoS 1 publishes per device.
     #[arg(long, default_value_t = 100)]
     inflight: u16,
+    /// Devices (the first N) a dashboard session watches over `/ws` while the load runs:
+    /// reports the publish-to-dashboard latency of their messages (0: no dashboard).
+    #[arg(long, default_value_t = 0)]
+    watch: u32,
 }
 
 impl IngestLoad {
@@ -90,6 +94,7 @@ impl IngestLoad {
             rate: self.rate,
             metrics: self.metrics,
             inflight: self.inflight,
+            watch: self.watch,
         }
     }
 }

@@ -267,6 +267,8 @@ fn bench_ingest_reads_back_what_was_acknowledged_and_bench_query_times_each_shap
         "2",
         "--rate",
         "200",
+        "--watch",
+        "2",
         "--devices-file",
         file.to_str().unwrap(),
     ]);
@@ -274,6 +276,11 @@ fn bench_ingest_reads_back_what_was_acknowledged_and_bench_query_times_each_shap
     let report = json_line(&out);
     let r = &report["results"];
     assert!(r["sent"].as_u64().unwrap() >= 300, "{out}");
+    // The dashboard watching two of the four devices saw each of their messages, once.
+    assert_eq!(r["dashboard_devices"], 2, "{out}");
+    assert!(r["dashboard_expected"].as_u64().unwrap() >= 150, "{out}");
+    assert_eq!(r["dashboard_received"], r["dashboard_expected"], "{out}");
+    assert!(r["dashboard_latency_p99_ms"].as_f64().unwrap() > 0.0, "{out}");
     assert_eq!(r["acked"], r["sent"], "{out}");
     assert_eq!(
         r["stored"], r["sent"],

@@ -172,7 +172,10 @@ impl DashboardSession {
                     let known = match self.registry.registered_devices(&self.tenant, &ids).await {
                         Ok(known) => known,
                         Err(e) => {
-                            return refusal("unavailable", format!("the device registry did not answer: {e}"));
+                            return refusal(
+                                "unavailable",
+                                format!("the device registry did not answer: {e}"),
+                            );
                         }
                     };
                     let unknown: Vec<String> = ids

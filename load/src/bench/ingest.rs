@@ -1,7 +1,8 @@
 //! Sustained telemetry from many devices over MQTT at QoS 0 or 1: accepted messages per
 //! second, acknowledgement latency (QoS 1, where Drover acknowledges only after the commit),
 //! and the number of messages read back from the store afterwards, so "accepted" is checked
-//! against "stored".
+//! against "stored". With `watch`, a dashboard session (`/ws`) subscribes to the first devices
+//! and the time from each of their publishes to its live frame is measured too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +30,95 @@ pub struct IngestOptions {
     pub metrics: u32,
     /// Unacknowledged QoS 1 publishes a client may have in flight.
     pub inflight: u16,
+    /// Devices (the first N) a dashboard session watches; 0: none.
+    pub watch: u32,
+}
+
+/// When each watched device's messages were published, by sequence number.
+type SentAt = Arc<Vec<std::sync::Mutex<HashMap<u64, Instant>>>>;
+
+/// The dashboard side of the run: frames received, frames the server said it skipped, and
+/// the publish-to-frame latencies in microseconds.
+#[derive(Default)]
+struct Dashboard {
+    received: u64,
+    missed: u64,
+    latency: Option<Histogram<u64>>,
+}
+
+/// Opens a dashboard session watching `devices` and measures each telemetry frame against the
+/// time its message was published.
+async fn watch_dashboard(
+    api: &Api,
+    devices: Vec<String>,
+    sent_at: SentAt,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<Dashboard>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let index: HashMap<String, usize> = devices.iter().cloned().enumerate().map(|(i, d)| (d, i)).collect();
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(crate::monitor::stream_url(api.base(), api.key())).await?;
+    socket
+        .send(Message::text(
+            json!({"type": "subscribe", "devices": devices}).to_string(),
+        ))
+        .await?;
+    // Up to the answer to the subscription (the hello comes first).
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text)?;
+                match frame["type"].as_str() {
+                    Some("subscribed") => break,
+                    Some("error") => anyhow::bail!("the dashboard refused the subscription: {frame}"),
+                    _ => {}
+                }
+            }
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("the dashboard stream ended: {other:?}"),
+        }
+    }
+    Ok(tokio::spawn(async move {
+        let mut dashboard = Dashboard {
+            latency: Histogram::new(3).ok(),
+            ..Dashboard::default()
+        };
+        loop {
+            let message = tokio::select! {
+                message = socket.next() => message,
+                _ = &mut stop => break,
+            };
+            let Some(Ok(message)) = message else { break };
+            let Message::Text(text) = message else { continue };
+            let arrived = Instant::now();
+            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            match frame["type"].as_str() {
+                Some("telemetry") => {
+                    let Some(&device) = frame["deviceId"].as_str().and_then(|d| index.get(d)) else {
+                        continue;
+                    };
+                    for reading in frame["messages"].as_array().into_iter().flatten() {
+                        let Some(seq) = reading["metrics"]["seq"].as_u64() else {
+                            continue;
+                        };
+                        let published = sent_at[device].lock().ok().and_then(|mut m| m.remove(&seq));
+                        if let (Some(published), Some(histogram)) = (published, dashboard.latency.as_mut()) {
+                            dashboard.received += 1;
+                            let _ = histogram
+                                .record((arrived.duration_since(published).as_micros() as u64).max(1));
+                        }
+                    }
+                }
+                Some("lagged") => dashboard.missed += frame["missed"].as_u64().unwrap_or(0),
+                _ => {}
+            }
+        }
+        dashboard
+    }))
 }
 
 pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -> anyhow::Result<Report> {
@@ -40,6 +130,15 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     let started = Instant::now();
     let until = started + Duration::from_secs(o.seconds);
     let per_device_rate = (o.rate > 0).then(|| f64::from(o.rate) / devices.len().max(1) as f64);
+    let watched = (o.watch as usize).min(devices.len());
+    let sent_at: SentAt = Arc::new((0..watched).map(|_| std::sync::Mutex::default()).collect());
+    let (stop_dashboard, stopped) = tokio::sync::oneshot::channel();
+    let dashboard = if watched > 0 {
+        let ids = devices[..watched].iter().map(|d| d.id.clone()).collect();
+        Some(watch_dashboard(api, ids, sent_at.clone(), stopped).await?)
+    } else {
+        None
+    };
     let mut tasks = Vec::new();
     for (index, device) in devices.iter().enumerate() {
         let mut opts = options(&device.id, &o.host, o.port, Some(&device.id), Some(&device.token));
@@ -68,6 +167,7 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
         });
         let id = device.id.clone();
         let metrics = o.metrics.max(1);
+        let sent_at = sent_at.clone();
         tasks.push(tokio::spawn(async move {
             let topic = format!("devices/{id}/telemetry");
             let interval = per_device_rate.map(|r| Duration::from_secs_f64(1.0 / r));
@@ -88,6 +188,11 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
                     values.insert(format!("m{m}"), json!(20.0 + (seq % 100) as f64 / 10.0));
                 }
                 let payload = json!({"metrics": values}).to_string();
+                if let Some(times) = sent_at.get(index)
+                    && let Ok(mut times) = times.lock()
+                {
+                    times.insert(seq, Instant::now());
+                }
                 if client
                     .publish(topic.as_str(), qos_level, false, payload)
                     .await
@@ -117,6 +222,12 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
         let _ = client.disconnect().await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The last live frames have arrived by now.
+    let _ = stop_dashboard.send(());
+    let dashboard = match dashboard {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
 
     // Read back: how many messages of each device the store holds.
     // Messages carry no timestamp: the server stamps each device's messages with distinct,
@@ -142,7 +253,7 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     let mut report = Report::new(
         "ingest",
         "drover",
-        json!({"qos": o.qos, "devices": devices.len(), "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight}),
+        json!({"qos": o.qos, "devices": devices.len(), "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight, "watch": o.watch}),
     );
     report.set("sent", sent_total);
     report.set("sent_per_second", sent_total as f64 / published_for.as_secs_f64());
@@ -150,6 +261,21 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
         report.set("acked", acked_total);
         report.set("acked_per_second", acked_total as f64 / acked_for.as_secs_f64());
         latencies(&mut report, "ack_latency", &*histogram.lock().await);
+    }
+    if let Some(dashboard) = dashboard {
+        // Messages of the watched devices that were sent: the dashboard should show each.
+        let expected: usize = sent_at
+            .iter()
+            .map(|m| m.lock().map(|m| m.len()).unwrap_or(0))
+            .sum::<usize>()
+            + dashboard.received as usize;
+        report.set("dashboard_devices", watched as u64);
+        report.set("dashboard_expected", expected as u64);
+        report.set("dashboard_received", dashboard.received);
+        report.set("dashboard_missed", dashboard.missed);
+        if let Some(histogram) = &dashboard.latency {
+            latencies(&mut report, "dashboard_latency", histogram);
+        }
     }
     report.set("stored", stored);
     report.set("stored_ratio", stored as f64 / sent_total.max(1) as f64);
