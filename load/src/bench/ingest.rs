@@ -102,7 +102,8 @@ async fn watch_dashboard(
                         continue;
                     };
                     for reading in frame["messages"].as_array().into_iter().flatten() {
-                        let Some(seq) = reading["metrics"]["seq"].as_u64() else {
+                        // Numbers arrive as JSON floats (Drover stores metrics as f64).
+                        let Some(seq) = reading["metrics"]["seq"].as_f64().map(|v| v as u64) else {
                             continue;
                         };
                         let published = sent_at[device].lock().ok().and_then(|mut m| m.remove(&seq));
