@@ -7,6 +7,7 @@
 #   MESSAGES=500000 SUBSCRIBERS=4 load/compare.sh
 #   CONNECT_DEVICES=10000 load/compare.sh   # also ramp 10,000 device connections to Drover
 #   INGEST_DEVICES=0 QUERY_POINTS=0 load/compare.sh   # fanout only
+#   DASHBOARD_WATCH=0 load/compare.sh     # without the publish-to-dashboard latency runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,9 @@ CONNECT_DEVICES=${CONNECT_DEVICES:-0}
 INGEST_DEVICES=${INGEST_DEVICES:-100}
 INGEST_SECONDS=${INGEST_SECONDS:-10}
 QUERY_POINTS=${QUERY_POINTS:-1000000}
+# Publish-to-dashboard latency at half the ingestion targets of DESIGN.md §8 (100,000 msg/s at
+# QoS 0, 50,000 at QoS 1), a /ws session watching DASHBOARD_WATCH of the devices (0: skip).
+DASHBOARD_WATCH=${DASHBOARD_WATCH:-100}
 # Latency is compared at the same fixed rate, below either broker's saturation.
 LATENCY_RATE=${LATENCY_RATE:-20000}
 DROVER_HTTP=${DROVER_HTTP:-18180}
@@ -102,6 +106,14 @@ if [ "$INGEST_DEVICES" -gt 0 ]; then
     "$LOAD" bench ingest --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$INGEST_DEVICES" \
       --prefix "ingest-q$QOS-" --devices-file "$WORK/ingest-q$QOS.csv" --qos "$QOS" --seconds "$INGEST_SECONDS" --record "$RUN_FILE" | tail -n 1 >/dev/null
   done
+  if [ "$DASHBOARD_WATCH" -gt 0 ]; then
+    for QOS in 0 1; do
+      RATE=$([ "$QOS" = 0 ] && echo 50000 || echo 25000)
+      "$LOAD" bench ingest --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$INGEST_DEVICES" \
+        --prefix "ingest-q$QOS-" --devices-file "$WORK/ingest-q$QOS.csv" --qos "$QOS" --seconds "$INGEST_SECONDS" \
+        --rate "$RATE" --watch "$DASHBOARD_WATCH" --record "$RUN_FILE" | tail -n 1 >/dev/null
+    done
+  fi
 fi
 cat "$RUN_FILE" >>"$RESULTS"
 
@@ -138,6 +150,10 @@ for r in rows:
         acked = f", {x['acked_per_second']:.0f} acked/s, ack p50 {x.get('ack_latency_p50_ms', 0):.1f} / p99 {x.get('ack_latency_p99_ms', 0):.1f} ms" if p["qos"] else ""
         print(f"ingest QoS {p['qos']}: {p['devices']} devices, {x['sent_per_second']:.0f} sent/s{acked}, "
               f"{x['stored']} of {x['sent']} read back from the store ({x['stored_ratio']:.3f})")
+        if "dashboard_received" in x:
+            print(f"  dashboard watching {x['dashboard_devices']} devices at {p['rate']} msg/s: {x['dashboard_received']} of "
+                  f"{x['dashboard_expected']} shown, publish-to-dashboard p50 {x.get('dashboard_latency_p50_ms', 0):.2f} / "
+                  f"p99 {x.get('dashboard_latency_p99_ms', 0):.2f} / max {x.get('dashboard_latency_max_ms', 0):.2f} ms")
     if r["scenario"] == "query":
         x = r["results"]
         print(f"query over {r['parameters']['points']} points (loaded at {x['load_points_per_second']:.0f} points/s over HTTP):")

@@ -302,6 +302,9 @@ pub async fn start_with_clock(
     let server = HttpServer::new(move || http::app(app_state.clone()))
         .workers(config.http_workers())
         .disable_signals()
+        // Live frames (/ws) are small and frequent: Nagle's algorithm would hold each one
+        // until the previous is acknowledged (up to the client's 40 ms delayed ACK).
+        .tcp_nodelay(true)
         .shutdown_timeout(config.http.shutdown_timeout_secs)
         .bind((config.http.bind.as_str(), config.http.port))
         .map_err(|error| StartError::Bind {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -39,6 +39,17 @@ pub fn qos(level: u8) -> anyhow::Result<QoS> {
     })
 }
 
+/// A client and its event loop, with Nagle's algorithm off as latency-minded MQTT clients
+/// run (small publishes would otherwise wait for the previous segment's acknowledgement,
+/// up to the peer's 40 ms delayed ACK).
+pub fn client(options: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut events) = AsyncClient::new(options, capacity);
+    let mut network = events.network_options();
+    network.set_tcp_nodelay(true);
+    events.set_network_options(network);
+    (client, events)
+}
+
 pub fn options(
     id: &str,
     host: &str,
@@ -68,7 +79,7 @@ pub async fn run(o: FanoutOptions) -> anyhow::Result<Report> {
     // Subscribers first, each acknowledged before anything is published.
     let mut subscribed = Vec::new();
     for s in 0..o.subscribers {
-        let (client, mut events) = AsyncClient::new(
+        let (client, mut events) = client(
             options(
                 &format!("bench-sub-{run_id}-{s}"),
                 &o.host,
@@ -124,7 +135,7 @@ pub async fn run(o: FanoutOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut publishers = Vec::new();
     for p in 0..o.publishers {
-        let (client, mut events) = AsyncClient::new(
+        let (client, mut events) = client(
             options(
                 &format!("bench-pub-{run_id}-{p}"),
                 &o.host,

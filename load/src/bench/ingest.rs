@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, Event, Outgoing, Packet};
+use rumqttc::{Event, Outgoing, Packet};
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use super::fanout::{options, qos};
+use super::fanout::{client, options, qos};
 use super::report::{Report, latencies};
 use crate::api::{Api, DeviceCredentials};
 
@@ -144,7 +144,7 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     for (index, device) in devices.iter().enumerate() {
         let mut opts = options(&device.id, &o.host, o.port, Some(&device.id), Some(&device.token));
         opts.set_inflight(o.inflight.max(1));
-        let (client, mut events) = AsyncClient::new(opts, 256);
+        let (client, mut events) = client(opts, 256);
         let (sent, acked, histogram) = (sent.clone(), acked.clone(), histogram.clone());
         // Acknowledgements: the time from the publish leaving the client to its PUBACK.
         let acks = tokio::spawn(async move {
