@@ -48,6 +48,8 @@ listener $MOSQUITTO_PORT 127.0.0.1
 allow_anonymous true
 persistence false
 log_dest none
+# As Drover's listeners, and as a latency-minded Mosquitto is run: no Nagle delays.
+set_tcp_nodelay true
 CONF
 mosquitto -c "$WORK/mosquitto.conf" & MOSQUITTO_PID=$!
 
@@ -110,7 +112,7 @@ if [ "$INGEST_DEVICES" -gt 0 ]; then
     for QOS in 0 1; do
       RATE=$([ "$QOS" = 0 ] && echo 50000 || echo 25000)
       "$LOAD" bench ingest --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$INGEST_DEVICES" \
-        --prefix "ingest-q$QOS-" --devices-file "$WORK/ingest-q$QOS.csv" --qos "$QOS" --seconds "$INGEST_SECONDS" \
+        --prefix "dash-q$QOS-" --devices-file "$WORK/dash-q$QOS.csv" --qos "$QOS" --seconds "$INGEST_SECONDS" \
         --rate "$RATE" --watch "$DASHBOARD_WATCH" --record "$RUN_FILE" | tail -n 1 >/dev/null
     done
   fi
