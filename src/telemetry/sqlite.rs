@@ -84,6 +84,11 @@ PRAGMA user_version = 1;
 
 /// Series rolled up per maintenance transaction, so ingestion waits at most one chunk.
 const MAINTENANCE_CHUNK: usize = 200;
+/// A rollup transaction commits (and lets the writers in) once it has worked this long, even
+/// before `MAINTENANCE_CHUNK` series: series with many fresh points (a fast device's minute
+/// can hold tens of thousands) would otherwise hold the write lock for a second or more, and
+/// every acknowledgement with it.
+const MAINTENANCE_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 4;
 
@@ -360,7 +365,8 @@ fn maintain(
             .collect::<Result<_, _>>()
             .map_err(classify)?
     };
-    for chunk in dirty.chunks(MAINTENANCE_CHUNK) {
+    let mut remaining = dirty.as_slice();
+    while !remaining.is_empty() {
         let mut guard = writer.lock().unwrap_or_else(|e| e.into_inner());
         let Writer {
             conn, dirty_upper, ..
@@ -368,7 +374,13 @@ fn maintain(
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(classify)?;
-        for id in chunk {
+        let started = std::time::Instant::now();
+        let mut done = 0;
+        for id in remaining.iter().take(MAINTENANCE_CHUNK) {
+            if done > 0 && started.elapsed() >= MAINTENANCE_SLICE {
+                break;
+            }
+            done += 1;
             // Read again under the writer lock: a write since the listing may have lowered them.
             let (dirty_1m, dirty_1h): (Option<i64>, Option<i64>) = tx
                 .prepare_cached("SELECT dirty_1m, dirty_1h FROM series WHERE id = ?1")
@@ -397,6 +409,7 @@ fn maintain(
             report.series_rolled_up += 1;
         }
         tx.commit().map_err(classify)?;
+        remaining = &remaining[done..];
     }
 
     // Every series is now rolled up to these points (late writes mark their series again).
