@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::mosquitto::{args, mosquitto};
+use common::ws::{self, Socket};
 use common::{Backend, TestServer};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
@@ -15,8 +16,6 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A server whose writers hold points for 10 s (or 1,000 points) before committing them.
 fn slow_batching_server(backend: Backend) -> Option<TestServer> {
@@ -34,25 +33,13 @@ async fn open(server: &TestServer, token: &str) -> Socket {
     socket
 }
 
-/// The next JSON frame (alarms and telemetry alike), within `WAIT` (pings do not count).
+/// The next JSON frame (alarms and telemetry alike).
 async fn next_frame(socket: &mut Socket) -> Value {
-    let text = tokio::time::timeout(WAIT, async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(text))) => return text,
-                Some(Ok(_)) => continue,
-                other => panic!("the socket ended: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a frame in time");
-    serde_json::from_str(&text).expect("JSON frame")
+    ws::next_json(socket, WAIT).await
 }
 
 async fn request(socket: &mut Socket, frame: Value) -> Value {
-    socket.send(Message::text(frame.to_string())).await.unwrap();
-    next_frame(socket).await
+    ws::request(socket, &frame.to_string(), WAIT).await
 }
 
 /// No frame arrives within `quiet`.

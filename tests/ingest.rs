@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mosquitto::{args, mosquitto, publish, with};
+use common::ws::Socket;
 use common::{ADMIN_PASSWORD, Backend, TestServer, eventually, services_required, tool_available};
-use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -273,20 +273,8 @@ async fn websocket_ingestion_replies_per_frame_after_commit() {
     // A browser cannot set headers on a WebSocket: the token goes in the query string.
     let url = format!("ws://{}/ws/devices/sensor-001?token={token}", server.addr);
     let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    let reply = async |socket: &mut tokio_tungstenite::WebSocketStream<_>, frame: &str| -> Value {
-        socket
-            .send(tokio_tungstenite::tungstenite::Message::text(frame))
-            .await
-            .unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
-                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => {
-                    return serde_json::from_str(&text).unwrap();
-                }
-                Ok(Some(Ok(_))) => continue,
-                other => panic!("no reply to {frame}: {other:?}"),
-            }
-        }
+    let reply = async |socket: &mut Socket, frame: &str| -> Value {
+        common::ws::request(socket, frame, Duration::from_secs(10)).await
     };
     let answer = reply(&mut socket, r#"{"metrics":{"temperature":23.5}}"#).await;
     assert_eq!(answer, json!({"ok": true, "points": 1}));

@@ -6,7 +6,7 @@
 //! actors fill directly (see [`LiveTelemetry`]). Either way a session that falls behind skips
 //! events (it is told how many) rather than holding memory for them or slowing ingestion.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -111,7 +111,7 @@ pub struct TelemetryWatch {
     watcher: Watcher,
     pub frames: mpsc::Receiver<Arc<str>>,
     all: bool,
-    devices: Vec<DeviceId>,
+    devices: BTreeSet<DeviceId>,
 }
 
 /// What a session may watch at once (besides `*`).
@@ -144,7 +144,7 @@ impl DashboardHub {
             },
             frames: rx,
             all: false,
-            devices: Vec::new(),
+            devices: BTreeSet::new(),
         }
     }
 
@@ -270,22 +270,19 @@ impl TelemetryWatch {
 
     /// Watches `devices` too; refuses (and changes nothing) past [`MAX_WATCHED_DEVICES`].
     pub fn watch(&mut self, devices: &[DeviceId]) -> Result<(), usize> {
-        let new: Vec<&DeviceId> = devices.iter().filter(|d| !self.devices.contains(d)).collect();
-        let mut unique = new.clone();
-        unique.sort();
-        unique.dedup();
-        if self.devices.len() + unique.len() > MAX_WATCHED_DEVICES {
+        let new: BTreeSet<&DeviceId> = devices.iter().filter(|d| !self.devices.contains(*d)).collect();
+        if self.devices.len() + new.len() > MAX_WATCHED_DEVICES {
             return Err(MAX_WATCHED_DEVICES);
         }
         let mut tenants = self.hub.tenants();
         let watchers = tenants.entry(self.tenant.clone()).or_default();
-        for device in unique {
+        for device in new {
             watchers
                 .devices
                 .entry(device.clone())
                 .or_default()
                 .push(self.watcher.clone());
-            self.devices.push(device.clone());
+            self.devices.insert(device.clone());
             self.hub.watchers.entries.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -305,16 +302,14 @@ impl TelemetryWatch {
 
     /// Stops watching `devices`.
     pub fn unwatch(&mut self, devices: &[DeviceId]) {
-        let gone: Vec<DeviceId> = self
-            .devices
+        let gone: Vec<DeviceId> = devices
             .iter()
-            .filter(|d| devices.contains(d))
+            .filter(|d| self.devices.remove(*d))
             .cloned()
             .collect();
         if gone.is_empty() {
             return;
         }
-        self.devices.retain(|d| !gone.contains(d));
         let session = self.watcher.session;
         self.edit(|w| {
             for device in &gone {
@@ -331,9 +326,7 @@ impl TelemetryWatch {
 
     /// Whether the tenant as a whole is watched, and the devices named one by one (sorted).
     pub fn watched(&self) -> (bool, Vec<String>) {
-        let mut devices: Vec<String> = self.devices.iter().map(|d| d.to_string()).collect();
-        devices.sort();
-        (self.all, devices)
+        (self.all, self.devices.iter().map(|d| d.to_string()).collect())
     }
 
     /// Frames missed since the last call (the session was too slow for them).
@@ -357,7 +350,7 @@ impl TelemetryWatch {
 impl Drop for TelemetryWatch {
     fn drop(&mut self) {
         self.unwatch_all();
-        let devices = self.devices.clone();
+        let devices: Vec<DeviceId> = self.devices.iter().cloned().collect();
         self.unwatch(&devices);
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mosquitto;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::time::Duration;
