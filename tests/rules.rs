@@ -220,6 +220,8 @@ async fn alarms_flow(backend: Backend) {
         c.rules.retry_backoff_ms = 20;
         c.rules.delivery_attempts = 3;
         c.rules.http_timeout_ms = 3000;
+        // The receivers are on loopback, which webhooks may only reach when allowed.
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
         c.smtp.host = if smtp_port.is_some() {
             "127.0.0.1".into()
         } else {
@@ -550,6 +552,7 @@ async fn alarms_and_escalation_survive_a_restart(backend: Backend) {
     let (hook_addr, mut hooks, _) = http_receiver(200).await;
     let Some(mut server) = TestServer::start_with_clock(backend, clock.clone(), |c| {
         c.rules.tick_ms = 50;
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
     }) else {
         return;
     };
@@ -820,7 +823,11 @@ async fn mqtt_command_and_shadow_patch_actions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_and_quiet_period_hold_notifications_back() {
     let (hook_addr, mut hooks, hits) = http_receiver(200).await;
-    let server = TestServer::start_with(Backend::Sqlite, |c| c.rules.tick_ms = 50).unwrap();
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.rules.tick_ms = 50;
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
+    })
+    .unwrap();
     let admin = server.admin_token().await;
     let mut devices = Vec::new();
     for id in ["fan-1", "fan-2"] {
