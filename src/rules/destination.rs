@@ -49,7 +49,11 @@ impl DestinationPolicy {
             }
             if let Ok(net) = entry.parse::<IpNet>() {
                 policy.networks.push(net.trunc());
-            } else if let Ok(ip) = entry.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            } else if let Ok(ip) = entry
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
                 policy.networks.push(IpNet::from(ip));
             } else if is_host_name(entry) {
                 policy.hosts.push(normalize_host(entry));
@@ -70,7 +74,7 @@ impl DestinationPolicy {
     /// Whether `host` (a name, not an address) is allowed whatever it resolves to.
     pub fn allows_host(&self, host: &str) -> bool {
         let host = normalize_host(host);
-        self.hosts.iter().any(|allowed| *allowed == host)
+        self.hosts.contains(&host)
     }
 
     /// Whether a URL's host may be connected to as far as can be told without resolving it: a
@@ -100,7 +104,9 @@ fn is_host_name(entry: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
 }
 
@@ -268,7 +274,10 @@ mod tests {
         ])
         .unwrap();
         assert!(policy.allows_ip(ip("127.0.0.1")));
-        assert!(policy.allows_ip(ip("::ffff:127.0.0.1")), "mapped like the IPv4 address");
+        assert!(
+            policy.allows_ip(ip("::ffff:127.0.0.1")),
+            "mapped like the IPv4 address"
+        );
         assert!(!policy.allows_ip(ip("127.0.0.2")));
         assert!(policy.allows_ip(ip("10.200.0.1")));
         assert!(!policy.allows_ip(ip("192.168.0.1")));
@@ -303,7 +312,11 @@ mod tests {
         ] {
             assert!(!policy.allows_url(&host(url)), "{url}");
         }
-        for url in ["https://hooks.example.com/x", "http://localhost:1/", "http://93.184.216.34/"] {
+        for url in [
+            "https://hooks.example.com/x",
+            "http://localhost:1/",
+            "http://93.184.216.34/",
+        ] {
             assert!(policy.allows_url(&host(url)), "{url}");
         }
     }
@@ -317,9 +330,16 @@ mod tests {
         };
         assert!(is_not_allowed(error.as_ref()));
         let opened = VettedResolver::new(Arc::new(DestinationPolicy::parse(&["127.0.0.0/8"]).unwrap()));
-        let addrs: Vec<SocketAddr> = opened.resolve("localhost".parse().unwrap()).await.unwrap().collect();
+        let addrs: Vec<SocketAddr> = opened
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
         assert!(!addrs.is_empty());
-        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()), "{addrs:?}");
+        assert!(
+            addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()),
+            "{addrs:?}"
+        );
         let by_name = VettedResolver::new(Arc::new(DestinationPolicy::parse(&["LOCALHOST"]).unwrap()));
         assert!(by_name.resolve("localhost".parse().unwrap()).await.is_ok());
     }

@@ -172,7 +172,9 @@ pub struct ActionBody {
     /// A channel of `/api/channels` (webhook, email, sms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
-    /// Webhook URL (inline).
+    /// Webhook URL (inline): a public address unless the operator allows others
+    /// (`NOTIFY_ALLOWED_NETWORKS`; else 400 `destination_not_allowed`). A password in it is
+    /// shown masked (`user:***@host`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Webhook HMAC key (inline, write-only).
@@ -202,7 +204,9 @@ pub struct ChannelBody {
     /// webhook, email or sms.
     #[serde(rename = "type")]
     pub kind: ActionKind,
-    /// Webhook URL.
+    /// Webhook URL: a public address unless the operator allows others
+    /// (`NOTIFY_ALLOWED_NETWORKS`; else 400 `destination_not_allowed`). A password in it is
+    /// shown masked (`user:***@host`); sent back masked, the stored one is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Recipients (email addresses, phone numbers).
@@ -799,7 +803,10 @@ mod tests {
             "actions": [{"type": "webhook", "url": "https://u:pw@hooks.example.com/h"}],
             "escalation": [{"afterSecs": 5, "actions": [{"type": "webhook", "url": "http://[::1]:9/"}]}]}));
         let e = b.check_destinations(&DestinationPolicy::default()).unwrap_err();
-        assert_eq!((e.code, e.field.as_str()), ("destination_not_allowed", "escalation[0].actions[0].url"));
+        assert_eq!(
+            (e.code, e.field.as_str()),
+            ("destination_not_allowed", "escalation[0].actions[0].url")
+        );
         let open = DestinationPolicy::parse(&["::1"]).unwrap();
         b.check_destinations(&open).unwrap();
         assert_eq!(b.view()["actions"][0]["url"], "https://u:***@hooks.example.com/h");
@@ -807,9 +814,24 @@ mod tests {
         let mut sent = b.clone();
         sent.actions[0].url = Some("https://u:***@hooks.example.com/h".into());
         sent.restore_masked_urls(&b);
-        assert_eq!(sent.actions[0].url.as_deref(), Some("https://u:pw@hooks.example.com/h"));
-        assert_eq!(unmask_url("https://u:new@hooks.example.com/h", ["https://u:pw@hooks.example.com/h"]), None);
-        assert_eq!(unmask_url("https://u:***@other.example.com/h", ["https://u:pw@hooks.example.com/h"]), None);
+        assert_eq!(
+            sent.actions[0].url.as_deref(),
+            Some("https://u:pw@hooks.example.com/h")
+        );
+        assert_eq!(
+            unmask_url(
+                "https://u:new@hooks.example.com/h",
+                ["https://u:pw@hooks.example.com/h"]
+            ),
+            None
+        );
+        assert_eq!(
+            unmask_url(
+                "https://u:***@other.example.com/h",
+                ["https://u:pw@hooks.example.com/h"]
+            ),
+            None
+        );
     }
 
     #[test]

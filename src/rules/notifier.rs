@@ -358,7 +358,8 @@ impl Notifier {
                     .url
                     .as_deref()
                     .ok_or_else(|| DeliveryError::Permanent("no URL".into()))?;
-                let url = reqwest::Url::parse(url).map_err(|_| DeliveryError::Permanent("not a URL".into()))?;
+                let url =
+                    reqwest::Url::parse(url).map_err(|_| DeliveryError::Permanent("not a URL".into()))?;
                 // A literal address is connected to without resolving: the resolver never sees it.
                 if !self.destinations.allows_url(&url) {
                     return Err(DeliveryError::NotAllowed);
