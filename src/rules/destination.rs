@@ -343,4 +343,35 @@ mod tests {
         let by_name = VettedResolver::new(Arc::new(DestinationPolicy::parse(&["LOCALHOST"]).unwrap()));
         assert!(by_name.resolve("localhost".parse().unwrap()).await.is_ok());
     }
+
+    #[tokio::test]
+    async fn a_client_connects_through_the_resolver_to_allowed_addresses_only() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                // A GET without a body fits one read.
+                let _ = stream.read(&mut [0u8; 4096]).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let client = |policy: DestinationPolicy| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .dns_resolver(Arc::new(VettedResolver::new(Arc::new(policy))))
+                .build()
+                .unwrap()
+        };
+        let url = format!("http://localhost:{port}/");
+        // Only the IPv4 loopback is opened: an IPv6 answer for localhost is dropped, not tried.
+        let opened = client(DestinationPolicy::parse(&["127.0.0.1"]).unwrap());
+        let response = opened.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::NO_CONTENT);
+        let refused = client(DestinationPolicy::default());
+        let error = refused.get(&url).send().await.unwrap_err();
+        assert!(is_not_allowed(&error), "{error:?}");
+    }
 }
