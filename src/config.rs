@@ -262,6 +262,10 @@ pub struct RulesConfig {
     pub retry_backoff_ms: u64,
     /// Timeout of one webhook or SMS gateway request, in milliseconds.
     pub http_timeout_ms: u64,
+    /// Destinations webhooks may reach besides public addresses: CIDRs, addresses or host
+    /// names. Loopback, private, link-local, unique-local, multicast and unspecified addresses
+    /// are refused unless listed here.
+    pub notify_allowed_networks: Vec<String>,
     /// Telemetry events a tenant's rule actor may have waiting before new ones are dropped.
     pub mailbox: usize,
 }
@@ -376,6 +380,7 @@ impl Default for Config {
                 delivery_attempts: 4,
                 retry_backoff_ms: 500,
                 http_timeout_ms: 5000,
+                notify_allowed_networks: Vec::new(),
                 mailbox: 4096,
             },
             smtp: SmtpConfig {
@@ -1106,6 +1111,19 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "NOTIFY_ALLOWED_NETWORKS",
+        key: "rules.notify_allowed_networks",
+        apply: |c, v| {
+            c.rules.notify_allowed_networks = v
+                .split(',')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .map(String::from)
+                .collect();
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "RULES_MAILBOX",
         key: "rules.mailbox",
         apply: |c, v| {
@@ -1407,6 +1425,12 @@ impl Config {
                 "at most 20",
             ));
         }
+        crate::rules::destination::DestinationPolicy::parse(&r.notify_allowed_networks).map_err(|e| {
+            ConfigError::new(
+                "rules.notify_allowed_networks (NOTIFY_ALLOWED_NETWORKS)",
+                e.to_string(),
+            )
+        })?;
         if !["none", "starttls", "tls"].contains(&self.smtp.tls.as_str()) {
             return Err(ConfigError::new(
                 "smtp.tls (SMTP_TLS)",
@@ -1810,6 +1834,10 @@ delivery_attempts = 4
 retry_backoff_ms = 500
 # Timeout of one webhook or SMS gateway request, in milliseconds.  (RULES_HTTP_TIMEOUT_MS)
 http_timeout_ms = 5000
+# Where webhooks may go besides public addresses: CIDRs ("10.0.0.0/8"), addresses or host names
+# (comma-separated in the variable). Loopback, private, link-local, unique-local, multicast and
+# unspecified addresses are refused unless listed.  (NOTIFY_ALLOWED_NETWORKS)
+notify_allowed_networks = []
 # Telemetry events a tenant's rule actor may have waiting before new ones are dropped.  (RULES_MAILBOX)
 mailbox = 4096
 
@@ -1960,10 +1988,15 @@ mod tests {
                 ("SMTP_PASSWORD", "smtp-password-value"),
                 ("SMS_AUTH_TOKEN", "sms-token-value"),
                 ("SMS_BASE_URL", "http://127.0.0.1:9999"),
+                ("NOTIFY_ALLOWED_NETWORKS", "127.0.0.1/32, hooks.internal,"),
             ]),
         )
         .unwrap();
         assert_eq!(config.rules.anomaly_threshold, 2.5);
+        assert_eq!(
+            config.rules.notify_allowed_networks,
+            vec!["127.0.0.1/32".to_string(), "hooks.internal".to_string()]
+        );
         assert_eq!(config.rules.secret_key.expose(), "rules-key-value");
         assert_eq!(config.smtp.tls, "tls");
         let shown = format!("{config:?}");
@@ -1978,6 +2011,7 @@ mod tests {
             ("SMS_BASE_URL", "ftp://gateway"),
             ("RULES_DELIVERY_ATTEMPTS", "0"),
             ("RULES_TICK_MS", "0"),
+            ("NOTIFY_ALLOWED_NETWORKS", "10.0.0.0/8, not a host"),
         ] {
             let err = Config::load_with_env(None, env(&[(var, value)])).unwrap_err();
             assert!(err.to_string().contains(var), "{var}={value}: {err}");

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mosquitto;
+pub mod receiver;
 pub mod ws;
 
 use std::net::SocketAddr;
