@@ -19,6 +19,7 @@ use drover_actors::{Fleet, ShadowLimits, ShadowServices, ShadowStore};
 
 use crate::audit::{AuditSink, AuditWriter};
 use crate::auth::secrets;
+use crate::auth::throttle::ThrottleLimits;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
@@ -276,10 +277,12 @@ pub async fn start_with_clock(
     let state = web::Data::new(AppState {
         health: HealthChecker::new(&config, registry.clone())
             .with_telemetry(telemetry.store.clone(), telemetry.spool.clone()),
-        login_throttle: LoginThrottle::new(
-            config.auth.max_failed_logins,
-            Duration::from_secs(config.auth.login_lockout_secs),
-        ),
+        login_throttle: LoginThrottle::new(ThrottleLimits {
+            max_failures: config.auth.max_failed_logins,
+            max_failures_per_source: config.auth.max_failed_logins_per_source,
+            lockout: Duration::from_secs(config.auth.login_lockout_secs),
+            max_entries: config.auth.login_throttle_entries,
+        }),
         config: config.clone(),
         registry,
         fleet,

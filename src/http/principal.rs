@@ -100,13 +100,28 @@ impl Principal {
     }
 }
 
+/// Longest login token or API key accepted, in bytes. Login tokens are about 400 bytes and API
+/// keys 47; anything longer is refused before it is hashed or decoded.
+pub const MAX_CREDENTIAL_BYTES: usize = 4096;
+
 /// The credential a request carries.
 enum Credential {
     Jwt(String),
     ApiKey(String),
+    /// Longer than [`MAX_CREDENTIAL_BYTES`]; the field it came in.
+    TooLong(&'static str),
 }
 
 fn credential(req: &HttpRequest) -> Option<Credential> {
+    let credential = carried_credential(req)?;
+    Some(match credential {
+        Credential::ApiKey(key) if key.len() > MAX_CREDENTIAL_BYTES => Credential::TooLong("apiKey"),
+        Credential::Jwt(token) if token.len() > MAX_CREDENTIAL_BYTES => Credential::TooLong("token"),
+        other => other,
+    })
+}
+
+fn carried_credential(req: &HttpRequest) -> Option<Credential> {
     if let Some(key) = req.headers().get("X-API-Key").and_then(|v| v.to_str().ok()) {
         return Some(Credential::ApiKey(key.trim().to_string()));
     }
@@ -191,6 +206,12 @@ async fn authenticate(
             return Err(ApiError::unauthorized(
                 "unauthenticated",
                 "missing credentials: send `Authorization: Bearer <login token or API key>`",
+            ));
+        }
+        Some(Credential::TooLong(field)) => {
+            return Err(ApiError::bad_request(
+                "field_too_long",
+                format!("{field}: must be at most {MAX_CREDENTIAL_BYTES} bytes"),
             ));
         }
         Some(Credential::ApiKey(key)) => {
