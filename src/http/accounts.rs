@@ -350,6 +350,7 @@ async fn login(
             tenant: user.tenant.as_str(),
             role: user.role,
             platform_admin: user.platform_admin,
+            generation: user.token_generation,
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
     state.audit.submit(AuditEvent {

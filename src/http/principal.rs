@@ -3,7 +3,8 @@
 //! `Principal` is an extractor. Every API handler takes one, so no handler can forget to
 //! authenticate, and every query it makes is scoped to `principal.tenant`. Roles and the
 //! platform-admin flag are read from the registry on each request, so a demotion, a disabled
-//! user or a revoked key takes effect at once rather than when a token expires.
+//! user, a revoked key or a password change (which ends every earlier login token) takes effect
+//! at once rather than when a token expires.
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, web};
@@ -294,6 +295,19 @@ async fn authenticate(
                     ));
                 }
             };
+            // The user row is read on every request anyway (roles take effect at once), so this
+            // check costs nothing more.
+            if claims.generation != user.token_generation {
+                return Err(refuse(
+                    "token",
+                    ApiError::unauthorized(
+                        "token_revoked",
+                        "this login ended when the password was changed; log in again",
+                    ),
+                    Some(user.tenant),
+                    actor,
+                ));
+            }
             if tenant_disabled {
                 return Err(refuse(
                     "token",
