@@ -51,6 +51,11 @@ pub fn private_sqlite(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Tightens an existing file to 0600 if it allows more.
+pub fn restrict_file(path: &Path) -> io::Result<()> {
+    tighten(path, FILE_MODE)
+}
+
 /// Sets `mode` when the path allows more than it.
 fn tighten(path: &Path, mode: u32) -> io::Result<()> {
     let current = fs::metadata(path)?.permissions().mode() & 0o777;

@@ -1256,6 +1256,36 @@ impl RegistryStore {
             })
             .await
     }
+
+    /// The stored value of a platform setting.
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.db
+            .read(move |conn| {
+                Ok(platform_settings::table
+                    .filter(platform_settings::name.eq(&name))
+                    .select(platform_settings::value)
+                    .first::<String>(conn)
+                    .optional()?)
+            })
+            .await
+    }
+
+    /// Deletes a platform setting if it still holds `value` (another node may have changed it).
+    pub async fn delete_setting(&self, name: &str, value: &str) -> Result<bool, StoreError> {
+        let (name, value) = (name.to_string(), value.to_string());
+        self.db
+            .write(move |conn| {
+                let deleted = diesel::delete(
+                    platform_settings::table
+                        .filter(platform_settings::name.eq(&name))
+                        .filter(platform_settings::value.eq(&value)),
+                )
+                .execute(conn)?;
+                Ok(deleted > 0)
+            })
+            .await
+    }
 }
 
 #[async_trait]
