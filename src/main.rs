@@ -282,14 +282,20 @@ fn password_from_env() -> anyhow::Result<(String, bool)> {
 
 fn rotate_jwt_key(config: &Config) -> anyhow::Result<()> {
     let path = drover::bootstrap::key_file_path(config);
-    let mut file = KeyFile::load(&path)?
-        .with_context(|| format!("no key file at {}; start the server once to create it", path.display()))?;
+    let mut file = KeyFile::load(&path)?.with_context(|| {
+        format!(
+            "no key file at {}; start the server once to create it",
+            path.display()
+        )
+    })?;
     // Tokens signed by a retired key stay valid for at most their lifetime plus the clock skew.
     let keep = (config.auth.token_ttl_secs + config.auth.clock_skew_secs) as i64;
     let kid = file.rotate_jwt(chrono::Utc::now().timestamp(), keep);
     file.save(&path)?;
     println!("new login token key {kid} written to {}", path.display());
-    println!("restart every node to sign with it; tokens signed by the previous key keep working until they expire");
+    println!(
+        "restart every node to sign with it; tokens signed by the previous key keep working until they expire"
+    );
     if !config.auth.jwt_secret.is_empty() {
         println!("note: JWT_SECRET is set and takes precedence over the key file");
     }

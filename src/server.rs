@@ -18,8 +18,8 @@ use drover_actors::tenant_supervisor::SupervisorSettings;
 use drover_actors::{Fleet, ShadowLimits, ShadowServices, ShadowStore};
 
 use crate::audit::{AuditSink, AuditWriter};
-use crate::auth::throttle::ThrottleLimits;
 use crate::auth::LoginThrottle;
+use crate::auth::throttle::ThrottleLimits;
 use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
 use crate::dashboard::DashboardHub;

@@ -66,10 +66,16 @@ async fn logins_are_throttled_per_username_and_source_in_bounded_memory() {
     let (status, body) = login_from(&server, &x, &"u".repeat(900_000), "whatever-password").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "field_too_long");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("username"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("username"),
+        "{body}"
+    );
     let (status, body) = login_from(&server, &x, "admin", &"p".repeat(10_000)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("password"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("password"),
+        "{body}"
+    );
 
     // Five bad logins for admin from X lock admin from X only: the owner logs in from Y.
     for _ in 0..5 {
@@ -165,7 +171,10 @@ async fn a_password_change_ends_earlier_logins_and_health_hides_details() {
     assert_eq!(status, StatusCode::OK);
     assert!(body["version"].is_string(), "{body}");
     assert!(
-        body["checks"]["registry"]["target"].as_str().unwrap().contains(&data_dir),
+        body["checks"]["registry"]["target"]
+            .as_str()
+            .unwrap()
+            .contains(&data_dir),
         "{body}"
     );
 }
@@ -173,7 +182,8 @@ async fn a_password_change_ends_earlier_logins_and_health_hides_details() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_keys_live_in_a_private_key_file_and_rotate() {
     // No JWT_SECRET: the keys come from the key file, as on a default installation.
-    let mut server = TestServer::start_with(Backend::Sqlite, |c| c.auth.jwt_secret = Secret::default()).unwrap();
+    let mut server =
+        TestServer::start_with(Backend::Sqlite, |c| c.auth.jwt_secret = Secret::default()).unwrap();
     let dir = server.data_dir.path().to_path_buf();
     let key_file = dir.join("keys.json");
     assert_eq!(mode(&dir), 0o700);
@@ -205,7 +215,11 @@ async fn signing_keys_live_in_a_private_key_file_and_rotate() {
         })
         .await
         .unwrap();
-    let fingerprint = registry.setting("rules_secret_key_fingerprint").await.unwrap().unwrap();
+    let fingerprint = registry
+        .setting("rules_secret_key_fingerprint")
+        .await
+        .unwrap()
+        .unwrap();
     registry
         .delete_setting("rules_secret_key_fingerprint", &fingerprint)
         .await
@@ -230,7 +244,10 @@ async fn signing_keys_live_in_a_private_key_file_and_rotate() {
         platform_admin: true,
         generation: 0,
     };
-    let legacy_token = JwtKeys::new(legacy_jwt.as_bytes(), 3600, 60).issue(subject()).unwrap().0;
+    let legacy_token = JwtKeys::new(legacy_jwt.as_bytes(), 3600, 60)
+        .issue(subject())
+        .unwrap()
+        .0;
     let (status, _) = server.get("/api/auth/me", &legacy_token).await;
     assert_eq!(status, StatusCode::OK);
 
@@ -243,14 +260,22 @@ async fn signing_keys_live_in_a_private_key_file_and_rotate() {
         .env("DATA_DIR", &dir)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let rotated = KeyFile::load(&key_file).unwrap().unwrap();
     let new_kid = rotated.jwt_keys.last().unwrap().kid.clone();
     assert_eq!(rotated.jwt_keys.len(), 2);
     assert_eq!(mode(&key_file), 0o600);
     server.restart();
     let (status, body) = server.get("/api/auth/me", &before).await;
-    assert_eq!(status, StatusCode::OK, "a rotated-out key verifies its tokens: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a rotated-out key verifies its tokens: {body}"
+    );
     let after = server.admin_token().await;
     let header = jsonwebtoken::decode_header(&after).unwrap();
     assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
@@ -260,13 +285,20 @@ async fn signing_keys_live_in_a_private_key_file_and_rotate() {
         .0;
     let (status, body) = server.get("/api/auth/me", &unknown).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(body["error"]["message"].as_str().unwrap().contains("unknown key id"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown key id"),
+        "{body}"
+    );
 }
 
 #[test]
 fn dev_certs_private_keys_are_private() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = drover::devcerts::generate("test CA", &["localhost".to_string()], &["d1".to_string()]).unwrap();
+    let certs =
+        drover::devcerts::generate("test CA", &["localhost".to_string()], &["d1".to_string()]).unwrap();
     for path in certs.write(dir.path()).unwrap() {
         let expected = if path.extension().is_some_and(|e| e == "key") {
             0o600

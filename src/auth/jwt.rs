@@ -171,8 +171,8 @@ impl JwtKeys {
     /// Checks key id, signature, algorithm, issuer, expiry and not-before (with the configured
     /// skew). A token without a key id predates key ids and is checked with the signing key.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| TokenError::Invalid("malformed token".into()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("malformed token".into()))?;
         let kid = header.kid.unwrap_or_else(|| self.kid.clone());
         let key = self
             .verifying

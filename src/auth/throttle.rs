@@ -275,8 +275,15 @@ mod tests {
                 retry_after: Duration::from_secs(60)
             }
         );
-        assert!(throttle.check_at("bob", X, t0).is_ok(), "other users are not affected");
-        assert!(throttle.check_at("alice", X, t0 + Duration::from_secs(61)).is_ok());
+        assert!(
+            throttle.check_at("bob", X, t0).is_ok(),
+            "other users are not affected"
+        );
+        assert!(
+            throttle
+                .check_at("alice", X, t0 + Duration::from_secs(61))
+                .is_ok()
+        );
     }
 
     #[test]
@@ -361,6 +368,9 @@ mod tests {
         // alice fails again: she becomes the most recent, and the next newcomer evicts bob.
         throttle.failed_at("alice", X, t0);
         throttle.failed_at("dave", X, t0);
-        assert!(throttle.check_at("alice", X, t0).is_err(), "alice's lock survived");
+        assert!(
+            throttle.check_at("alice", X, t0).is_err(),
+            "alice's lock survived"
+        );
     }
 }

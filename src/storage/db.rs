@@ -159,9 +159,8 @@ impl Database {
                         StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
                     })?;
                 }
-                super::files::private_sqlite(path).map_err(|e| {
-                    StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
-                })?;
+                super::files::private_sqlite(path)
+                    .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
                 (Backend::Sqlite, format!("sqlite:{}", path.display()), 8)
             }
             DatabaseTarget::Postgres(url) => (Backend::Postgres, mask_url(url), 16),

@@ -39,7 +39,11 @@ pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// A SQLite database: creates the file 0600 before SQLite opens it (SQLite then gives its `-wal`
 /// and `-shm` files the database's mode), and tightens an existing file and its companions.
 pub fn private_sqlite(path: &Path) -> io::Result<()> {
-    private_file_options().write(true).create(true).truncate(false).open(path)?;
+    private_file_options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
