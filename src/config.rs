@@ -1799,7 +1799,7 @@ max_failed_logins = 5
 login_lockout_secs = 300
 # Failed logins from one address, across usernames, before the address is locked.  (MAX_FAILED_LOGINS_PER_SOURCE)
 max_failed_logins_per_source = 50
-# Entries each failed-login table holds at most (a fixed 128 bytes each).  (LOGIN_THROTTLE_ENTRIES)
+# Entries each failed-login table holds at most (about 120 bytes each).  (LOGIN_THROTTLE_ENTRIES)
 login_throttle_entries = 50000
 
 [log]
