@@ -168,14 +168,22 @@ pub struct LimitsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HMAC key for JWTs. Empty: a random key is generated once and kept in the registry.
+    /// HMAC key for JWTs. Empty: keys come from `key_file`.
     pub jwt_secret: Secret,
+    /// Signing keys (JWT keys with ids, the rules' secrets key), created 0600 on first start.
+    /// Empty: `keys.json` in the data directory.
+    pub key_file: PathBuf,
     pub token_ttl_secs: u64,
     /// Tolerated clock difference when checking `exp`/`nbf`.
     pub clock_skew_secs: u64,
-    /// Failed logins per username before it is locked for `login_lockout_secs`.
+    /// Failed logins per username from one source before that pair is locked for
+    /// `login_lockout_secs`.
     pub max_failed_logins: u32,
     pub login_lockout_secs: u64,
+    /// Failed logins from one source, across usernames, before the source is locked.
+    pub max_failed_logins_per_source: u32,
+    /// Entries each failed-login table holds at most (fixed size each).
+    pub login_throttle_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,7 +258,7 @@ pub struct TelemetryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RulesConfig {
     /// Key (any string; its SHA-256 is the AES-256-GCM key) that seals channel secrets. Empty:
-    /// one is generated on first start and kept in the registry.
+    /// one is generated on first start and kept in `auth.key_file`.
     pub secret_key: Secret,
     /// |z-score| above which a statistical condition fires when the rule sets no threshold.
     pub anomaly_threshold: f64,
@@ -345,6 +353,9 @@ impl Default for Config {
                 clock_skew_secs: 60,
                 max_failed_logins: 5,
                 login_lockout_secs: 300,
+                max_failed_logins_per_source: 50,
+                login_throttle_entries: 50_000,
+                key_file: PathBuf::new(),
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -546,10 +557,13 @@ impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
             .field("jwt_secret", &self.jwt_secret)
+            .field("key_file", &self.key_file)
             .field("token_ttl_secs", &self.token_ttl_secs)
             .field("clock_skew_secs", &self.clock_skew_secs)
             .field("max_failed_logins", &self.max_failed_logins)
             .field("login_lockout_secs", &self.login_lockout_secs)
+            .field("max_failed_logins_per_source", &self.max_failed_logins_per_source)
+            .field("login_throttle_entries", &self.login_throttle_entries)
             .finish()
     }
 }
@@ -851,6 +865,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "AUTH_KEY_FILE",
+        key: "auth.key_file",
+        apply: |c, v| {
+            c.auth.key_file = PathBuf::from(v);
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "JWT_TTL_SECS",
         key: "auth.token_ttl_secs",
         apply: |c, v| {
@@ -879,6 +901,22 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "auth.login_lockout_secs",
         apply: |c, v| {
             c.auth.login_lockout_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MAX_FAILED_LOGINS_PER_SOURCE",
+        key: "auth.max_failed_logins_per_source",
+        apply: |c, v| {
+            c.auth.max_failed_logins_per_source = parse(v, "a number of attempts")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "LOGIN_THROTTLE_ENTRIES",
+        key: "auth.login_throttle_entries",
+        apply: |c, v| {
+            c.auth.login_throttle_entries = parse(v, "a number of entries")?;
             Ok(())
         },
     },
@@ -1382,6 +1420,18 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.auth.max_failed_logins_per_source < self.auth.max_failed_logins {
+            return Err(ConfigError::new(
+                "auth.max_failed_logins_per_source (MAX_FAILED_LOGINS_PER_SOURCE)",
+                "must be at least max_failed_logins (MAX_FAILED_LOGINS)",
+            ));
+        }
+        if !(100..=10_000_000).contains(&self.auth.login_throttle_entries) {
+            return Err(ConfigError::new(
+                "auth.login_throttle_entries (LOGIN_THROTTLE_ENTRIES)",
+                "must be 100 to 10000000",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::new(
                 "log.level (LOG_LEVEL)",
@@ -1756,17 +1806,25 @@ url = ""
 max_devices = 50000
 
 [auth]
-# HMAC key (32+ characters) signing login tokens. Empty: a random key is generated on first
-# start and kept in the registry, so every node sharing the registry uses the same one.  (JWT_SECRET)
+# HMAC key (32+ characters) signing login tokens. Empty: the keys of key_file are used
+# (rotated with `drover admin rotate-jwt-key`).  (JWT_SECRET)
 jwt_secret = ""
+# File holding the signing keys (login token keys with ids, the rules' secrets key), created
+# with mode 0600 on first start. Empty: keys.json in data_dir. Nodes sharing a registry must
+# share this file's content.  (AUTH_KEY_FILE)
+key_file = ""
 # Lifetime of a login token, in seconds.  (JWT_TTL_SECS)
 token_ttl_secs = 3600
 # Clock difference tolerated when checking a token's expiry.  (JWT_CLOCK_SKEW_SECS)
 clock_skew_secs = 60
-# Failed logins for one username before it is locked.  (MAX_FAILED_LOGINS)
+# Failed logins for one username from one address before that pair is locked.  (MAX_FAILED_LOGINS)
 max_failed_logins = 5
-# How long a locked username stays locked, in seconds.  (LOGIN_LOCKOUT_SECS)
+# How long failures are remembered and a lock lasts, in seconds.  (LOGIN_LOCKOUT_SECS)
 login_lockout_secs = 300
+# Failed logins from one address, across usernames, before the address is locked.  (MAX_FAILED_LOGINS_PER_SOURCE)
+max_failed_logins_per_source = 50
+# Entries each failed-login table holds at most (about 120 bytes each).  (LOGIN_THROTTLE_ENTRIES)
+login_throttle_entries = 50000
 
 [log]
 # "text" for people, "json" for log pipelines.  (LOG_FORMAT)
@@ -1822,7 +1880,7 @@ sqlite_cache_mib = 64
 [rules]
 # Key that seals channel secrets stored in the registry (webhook HMAC keys, SMS gateway tokens) with
 # AES-256-GCM; any string, its SHA-256 is the key. Empty: generated on first start and kept in
-# the registry.  (RULES_SECRET_KEY)  Also read from (DROVER_SECRET_KEY)
+# the key file ([auth] key_file).  (RULES_SECRET_KEY)  Also read from (DROVER_SECRET_KEY)
 secret_key = ""
 # |z-score| above which a statistical condition fires unless the rule sets its own.  (ANOMALY_THRESHOLD)
 anomaly_threshold = 3.0

@@ -91,7 +91,13 @@ impl DevCerts {
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, DevCertError> {
         let write = |name: String, text: &str| {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|source| DevCertError::Write {
+            // Private keys are for the server's user only; certificates may be read by anyone.
+            let written = if path.extension().is_some_and(|e| e == "key") {
+                crate::storage::files::write_private(&path, text.as_bytes())
+            } else {
+                std::fs::write(&path, text)
+            };
+            written.map_err(|source| DevCertError::Write {
                 path: path.clone(),
                 source,
             })?;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use drover::auth::keyfile::KeyFile;
 use drover::auth::secrets;
 use drover::config::{Config, DEFAULT_CONFIG_TOML};
 use drover::storage::records::{AuditActor, NewApiKey, NewUser, UserPatch};
@@ -92,6 +93,9 @@ enum AdminCommand {
         #[arg(long, default_value = "operator")]
         role: Role,
     },
+    /// Add a new login token signing key to the key file; it signs from the next start on,
+    /// and tokens signed by the previous key keep working until they expire.
+    RotateJwtKey,
 }
 
 /// mimalloc rather than glibc's allocator: ingestion allocates and frees many small buffers
@@ -276,6 +280,28 @@ fn password_from_env() -> anyhow::Result<(String, bool)> {
     }
 }
 
+fn rotate_jwt_key(config: &Config) -> anyhow::Result<()> {
+    let path = drover::bootstrap::key_file_path(config);
+    let mut file = KeyFile::load(&path)?.with_context(|| {
+        format!(
+            "no key file at {}; start the server once to create it",
+            path.display()
+        )
+    })?;
+    // Tokens signed by a retired key stay valid for at most their lifetime plus the clock skew.
+    let keep = (config.auth.token_ttl_secs + config.auth.clock_skew_secs) as i64;
+    let kid = file.rotate_jwt(chrono::Utc::now().timestamp(), keep);
+    file.save(&path)?;
+    println!("new login token key {kid} written to {}", path.display());
+    println!(
+        "restart every node to sign with it; tokens signed by the previous key keep working until they expire"
+    );
+    if !config.auth.jwt_secret.is_empty() {
+        println!("note: JWT_SECRET is set and takes precedence over the key file");
+    }
+    Ok(())
+}
+
 async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()> {
     if let AdminCommand::DevCerts { out, hosts, devices } = &command {
         let certs = drover::devcerts::generate("Drover development CA", hosts, devices)?;
@@ -291,6 +317,9 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
             out.display()
         );
         return Ok(());
+    }
+    if let AdminCommand::RotateJwtKey = &command {
+        return rotate_jwt_key(&config);
     }
     let registry = server::open_registry(&config).await?;
     let by = AuditActor {
@@ -357,7 +386,9 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
                 println!("password: {password}");
             }
         }
-        AdminCommand::DevCerts { .. } => unreachable!("handled before the registry is opened"),
+        AdminCommand::DevCerts { .. } | AdminCommand::RotateJwtKey => {
+            unreachable!("handled before the registry is opened")
+        }
         AdminCommand::CreateApiKey { tenant, name, role } => {
             let key = secrets::new_secret(secrets::API_KEY_PREFIX);
             let new = NewApiKey {

@@ -18,8 +18,8 @@ use drover_actors::tenant_supervisor::SupervisorSettings;
 use drover_actors::{Fleet, ShadowLimits, ShadowServices, ShadowStore};
 
 use crate::audit::{AuditSink, AuditWriter};
-use crate::auth::secrets;
-use crate::auth::{JwtKeys, LoginThrottle};
+use crate::auth::LoginThrottle;
+use crate::auth::throttle::ThrottleLimits;
 use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
 use crate::dashboard::DashboardHub;
@@ -154,19 +154,8 @@ pub async fn start_with_clock(
     let registry = open_registry(&config).await?;
     let first_start = bootstrap::ensure_first_tenant(&registry, admin_password).await?;
 
-    let jwt_secret = if config.auth.jwt_secret.is_empty() {
-        // Kept in the registry so every node that shares it signs and checks with the same key.
-        registry
-            .setting_or_insert("jwt_secret", || secrets::new_secret(""))
-            .await?
-    } else {
-        config.auth.jwt_secret.expose().to_string()
-    };
-    let jwt = JwtKeys::new(
-        jwt_secret.as_bytes(),
-        config.auth.token_ttl_secs,
-        config.auth.clock_skew_secs,
-    );
+    let keys = bootstrap::signing_keys(&config, &registry).await?;
+    let jwt = keys.jwt;
 
     // Bound first, so a port 0 is known (it names this node in presence records).
     let listeners = listener::bind(&config)?;
@@ -208,13 +197,6 @@ pub async fn start_with_clock(
         BrokerMetrics::new(&metrics),
     ));
     let shadow_patcher = Arc::new(FleetShadowPatcher::default());
-    let rules_secret_key = if config.rules.secret_key.is_empty() {
-        registry
-            .setting_or_insert("rules_secret_key", || secrets::new_secret(""))
-            .await?
-    } else {
-        config.rules.secret_key.expose().to_string()
-    };
     let hub = DashboardHub::default();
     let rules = Arc::new(
         RulesEngine::start(
@@ -226,7 +208,7 @@ pub async fn start_with_clock(
                 hub: hub.clone(),
                 clock,
                 patcher: shadow_patcher.clone(),
-                secret_key: rules_secret_key,
+                secret_key: keys.rules_secret_key,
             },
         )
         .map_err(StartError::Rules)?,
@@ -276,10 +258,12 @@ pub async fn start_with_clock(
     let state = web::Data::new(AppState {
         health: HealthChecker::new(&config, registry.clone())
             .with_telemetry(telemetry.store.clone(), telemetry.spool.clone()),
-        login_throttle: LoginThrottle::new(
-            config.auth.max_failed_logins,
-            Duration::from_secs(config.auth.login_lockout_secs),
-        ),
+        login_throttle: LoginThrottle::new(ThrottleLimits {
+            max_failures: config.auth.max_failed_logins,
+            max_failures_per_source: config.auth.max_failed_logins_per_source,
+            lockout: Duration::from_secs(config.auth.login_lockout_secs),
+            max_entries: config.auth.login_throttle_entries,
+        }),
         config: config.clone(),
         registry,
         fleet,

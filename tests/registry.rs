@@ -756,6 +756,7 @@ async fn expired_forged_and_missing_tokens_are_refused(backend: Backend) {
         tenant: "default",
         role: Role::Admin,
         platform_admin: true,
+        generation: 0,
     };
 
     let keys = JwtKeys::new(JWT_SECRET.as_bytes(), 3600, 60);

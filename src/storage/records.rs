@@ -23,6 +23,8 @@ pub struct User {
     pub disabled: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Raised by every password change; login tokens of an earlier generation are refused.
+    pub token_generation: i64,
 }
 
 /// A user with the password hash, only for checking a login.

@@ -68,6 +68,7 @@ struct UserRow {
     disabled: bool,
     created_at: i64,
     updated_at: i64,
+    token_generation: i64,
 }
 
 impl UserRow {
@@ -81,6 +82,7 @@ impl UserRow {
             disabled: self.disabled,
             created_at: from_ms(self.created_at),
             updated_at: from_ms(self.updated_at),
+            token_generation: self.token_generation,
         };
         Ok((user, self.password_hash))
     }
@@ -434,7 +436,13 @@ impl RegistryStore {
                     diesel::update(target).set(users::role.eq(role.as_str())).execute(conn)?;
                 }
                 if let Some(hash) = &patch.password_hash {
-                    diesel::update(target).set(users::password_hash.eq(hash)).execute(conn)?;
+                    // Ends every login of this user (see `token_generation`).
+                    diesel::update(target)
+                        .set((
+                            users::password_hash.eq(hash),
+                            users::token_generation.eq(users::token_generation + 1),
+                        ))
+                        .execute(conn)?;
                 }
                 if let Some(disabled) = patch.disabled {
                     diesel::update(target).set(users::disabled.eq(disabled)).execute(conn)?;
@@ -1245,6 +1253,36 @@ impl RegistryStore {
                     ))
                     .execute(conn)?;
                 Ok(value)
+            })
+            .await
+    }
+
+    /// The stored value of a platform setting.
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.db
+            .read(move |conn| {
+                Ok(platform_settings::table
+                    .filter(platform_settings::name.eq(&name))
+                    .select(platform_settings::value)
+                    .first::<String>(conn)
+                    .optional()?)
+            })
+            .await
+    }
+
+    /// Deletes a platform setting if it still holds `value` (another node may have changed it).
+    pub async fn delete_setting(&self, name: &str, value: &str) -> Result<bool, StoreError> {
+        let (name, value) = (name.to_string(), value.to_string());
+        self.db
+            .write(move |conn| {
+                let deleted = diesel::delete(
+                    platform_settings::table
+                        .filter(platform_settings::name.eq(&name))
+                        .filter(platform_settings::value.eq(&value)),
+                )
+                .execute(conn)?;
+                Ok(deleted > 0)
             })
             .await
     }

@@ -21,6 +21,7 @@ diesel::table! {
         disabled -> Bool,
         created_at -> BigInt,
         updated_at -> BigInt,
+        token_generation -> BigInt,
     }
 }
 
