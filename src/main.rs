@@ -149,41 +149,7 @@ fn generate_config(output: Option<&PathBuf>, force: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Every MQTT connection is a file descriptor: raise the soft limit as far as allowed, and say
-/// so when it stays below what `MAX_DEVICES` needs.
-fn raise_fd_limit(wanted_connections: u64) {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    let limit = unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: 1 << 20,
-            rlim_max: limit.rlim_max.max(1 << 20),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            raised.rlim_cur
-        } else {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            limit.rlim_max
-        }
-    };
-    if limit < wanted_connections + 256 {
-        tracing::warn!(
-            open_files = limit,
-            max_devices = wanted_connections,
-            "the open-file limit is below MAX_DEVICES; raise it (ulimit -n) to accept that many connections"
-        );
-    }
-}
-
 async fn serve(config: Config) -> anyhow::Result<()> {
-    raise_fd_limit(config.limits.max_devices);
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok();
     // Installed before anything announces readiness, so an early SIGTERM is a graceful stop.
     let mut signals = Signals::install()?;
