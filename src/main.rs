@@ -1,12 +1,12 @@
 //! The `drover` command: run the platform, migrate, write a default configuration, administer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use drover::auth::secrets;
-use drover::config::{Config, DEFAULT_CONFIG_TOML};
+use drover::config::{Config, DEFAULT_CONFIG_TOML, DatabaseTarget};
 use drover::storage::records::{AuditActor, NewApiKey, NewUser, UserPatch};
 use drover::{logging, server};
 use drover_actors::{Role, TenantId};
@@ -105,6 +105,7 @@ fn main() -> ExitCode {
     if let Command::GenerateConfig { output, force } = &command {
         return report(generate_config(output.as_ref(), *force));
     }
+    let config_file = Config::file_to_read(cli.config.as_deref(), |name| std::env::var(name).ok());
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
@@ -118,7 +119,7 @@ fn main() -> ExitCode {
         match command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::Admin(admin) => administer(config, admin).await,
+            Command::Admin(admin) => administer(config, config_file, admin).await,
             Command::GenerateConfig { .. } => unreachable!("handled before the configuration is loaded"),
         }
     }))
@@ -242,7 +243,36 @@ fn password_from_env() -> anyhow::Result<(String, bool)> {
     }
 }
 
-async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()> {
+/// Admin commands act on the registry the server uses. A SQLite file that is missing means
+/// they were pointed elsewhere (the default `./data` is relative to the working directory), and
+/// creating an empty registry there would make every command quietly act on the wrong one.
+fn require_existing_registry(config: &Config, config_file: Option<&Path>) -> anyhow::Result<()> {
+    let DatabaseTarget::Sqlite(path) = config.database_target()? else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+    let read = match config_file {
+        Some(file) => format!("configuration file {}", file.display()),
+        None => "no configuration file".to_string(),
+    };
+    bail!(
+        "no registry database at {} (data directory {:?}, {read}). Admin commands work on an \
+         existing registry and never create one: run them in the directory where `drover serve` \
+         runs, or point them at its data directory with DATA_DIR=<dir>, or at its configuration \
+         with --config <file> or DROVER_CONFIG. (`drover migrate` creates an empty registry.)",
+        shown.display(),
+        config.storage.data_dir.display().to_string()
+    )
+}
+
+async fn administer(
+    config: Config,
+    config_file: Option<PathBuf>,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
     if let AdminCommand::DevCerts { out, hosts, devices } = &command {
         let certs = drover::devcerts::generate("Drover development CA", hosts, devices)?;
         for path in certs.write(out)? {
@@ -258,6 +288,7 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
         );
         return Ok(());
     }
+    require_existing_registry(&config, config_file.as_deref())?;
     let registry = server::open_registry(&config).await?;
     let by = AuditActor {
         tenant: None,
@@ -266,7 +297,11 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
     };
     match command {
         AdminCommand::ListTenants => {
-            for t in registry.list_tenants().await? {
+            let tenants = registry.list_tenants().await?;
+            if tenants.is_empty() {
+                eprintln!("no tenants in {}", registry.database().description());
+            }
+            for t in tenants {
                 println!(
                     "{}\t{}\t{}",
                     t.id,
