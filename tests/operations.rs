@@ -733,9 +733,6 @@ fn a_start_raises_the_open_file_limit_and_tls_clients_by_ip_log_no_warnings() {
     let (status, _, err) = process.terminate();
     assert!(status.success());
     for line in &err {
-        assert!(
-            !line.contains("SNI") && !line.contains("open-file"),
-            "{line}"
-        );
+        assert!(!line.contains("SNI") && !line.contains("open-file"), "{line}");
     }
 }
