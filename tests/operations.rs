@@ -688,15 +688,22 @@ fn a_start_raises_the_open_file_limit_and_tls_clients_by_ip_log_no_warnings() {
         ("MQTT_ALLOW_ANONYMOUS", "true"),
         ("MAX_DEVICES", "1000"),
     ];
-    let mut process = Process::spawn_with(dir.path(), &env, |command| {
+    // A soft limit far below the hard one, as most systems start processes.
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) }, 0);
+    let hard = ours.rlim_max.min(4096);
+    let mut process = Process::spawn_with(dir.path(), &env, move |command| {
         use std::os::unix::process::CommandExt;
-        // A soft limit far below the hard one, as most systems start processes.
         // SAFETY: setrlimit is async-signal-safe and touches only the child about to exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 let limit = libc::rlimit {
-                    rlim_cur: 512,
-                    rlim_max: 4096,
+                    rlim_cur: hard.min(512),
+                    rlim_max: hard,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -708,7 +715,7 @@ fn a_start_raises_the_open_file_limit_and_tls_clients_by_ip_log_no_warnings() {
     process.base_url();
     assert_eq!(
         open_file_limits(process.child.id()),
-        ("4096".to_string(), "4096".to_string()),
+        (hard.to_string(), hard.to_string()),
         "the soft limit is raised to the hard one"
     );
 
