@@ -1277,20 +1277,25 @@ impl Config {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let default_path = Path::new("drover.toml");
-        let file = match path {
-            Some(p) => Some(p.to_path_buf()),
-            None => env("DROVER_CONFIG")
-                .map(PathBuf::from)
-                .or_else(|| default_path.exists().then(|| default_path.to_path_buf())),
-        };
-        let mut config = match file {
+        let mut config = match Self::file_to_read(path, &env) {
             Some(file) => Self::from_file(&file)?,
             None => Config::default(),
         };
         config.apply_env(env)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration file [`Config::load_with_env`] reads: `path`, else `$DROVER_CONFIG`,
+    /// else `./drover.toml` when it exists; `None` means defaults and environment only.
+    pub fn file_to_read(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        let default_path = Path::new("drover.toml");
+        match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => env("DROVER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| default_path.exists().then(|| default_path.to_path_buf())),
+        }
     }
 
     pub fn from_file(file: &Path) -> Result<Config, ConfigError> {

@@ -1,13 +1,13 @@
 //! The `drover` command: run the platform, migrate, write a default configuration, administer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use drover::auth::keyfile::KeyFile;
 use drover::auth::secrets;
-use drover::config::{Config, DEFAULT_CONFIG_TOML};
+use drover::config::{Config, DEFAULT_CONFIG_TOML, DatabaseTarget};
 use drover::storage::records::{AuditActor, NewApiKey, NewUser, UserPatch};
 use drover::{logging, server};
 use drover_actors::{Role, TenantId};
@@ -109,6 +109,7 @@ fn main() -> ExitCode {
     if let Command::GenerateConfig { output, force } = &command {
         return report(generate_config(output.as_ref(), *force));
     }
+    let config_file = Config::file_to_read(cli.config.as_deref(), |name| std::env::var(name).ok());
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
@@ -122,7 +123,7 @@ fn main() -> ExitCode {
         match command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::Admin(admin) => administer(config, admin).await,
+            Command::Admin(admin) => administer(config, config_file, admin).await,
             Command::GenerateConfig { .. } => unreachable!("handled before the configuration is loaded"),
         }
     }))
@@ -153,41 +154,7 @@ fn generate_config(output: Option<&PathBuf>, force: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Every MQTT connection is a file descriptor: raise the soft limit as far as allowed, and say
-/// so when it stays below what `MAX_DEVICES` needs.
-fn raise_fd_limit(wanted_connections: u64) {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    let limit = unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: 1 << 20,
-            rlim_max: limit.rlim_max.max(1 << 20),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            raised.rlim_cur
-        } else {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            limit.rlim_max
-        }
-    };
-    if limit < wanted_connections + 256 {
-        tracing::warn!(
-            open_files = limit,
-            max_devices = wanted_connections,
-            "the open-file limit is below MAX_DEVICES; raise it (ulimit -n) to accept that many connections"
-        );
-    }
-}
-
 async fn serve(config: Config) -> anyhow::Result<()> {
-    raise_fd_limit(config.limits.max_devices);
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok();
     // Installed before anything announces readiness, so an early SIGTERM is a graceful stop.
     let mut signals = Signals::install()?;
@@ -302,7 +269,36 @@ fn rotate_jwt_key(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()> {
+/// Admin commands act on the registry the server uses. A SQLite file that is missing means
+/// they were pointed elsewhere (the default `./data` is relative to the working directory), and
+/// creating an empty registry there would make every command quietly act on the wrong one.
+fn require_existing_registry(config: &Config, config_file: Option<&Path>) -> anyhow::Result<()> {
+    let DatabaseTarget::Sqlite(path) = config.database_target()? else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+    let read = match config_file {
+        Some(file) => format!("configuration file {}", file.display()),
+        None => "no configuration file".to_string(),
+    };
+    bail!(
+        "no registry database at {} (data directory {:?}, {read}). Admin commands work on an \
+         existing registry and never create one: run them in the directory where `drover serve` \
+         runs, or point them at its data directory with DATA_DIR=<dir>, or at its configuration \
+         with --config <file> or DROVER_CONFIG. (`drover migrate` creates an empty registry.)",
+        shown.display(),
+        config.storage.data_dir.display().to_string()
+    )
+}
+
+async fn administer(
+    config: Config,
+    config_file: Option<PathBuf>,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
     if let AdminCommand::DevCerts { out, hosts, devices } = &command {
         let certs = drover::devcerts::generate("Drover development CA", hosts, devices)?;
         for path in certs.write(out)? {
@@ -321,6 +317,7 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
     if let AdminCommand::RotateJwtKey = &command {
         return rotate_jwt_key(&config);
     }
+    require_existing_registry(&config, config_file.as_deref())?;
     let registry = server::open_registry(&config).await?;
     let by = AuditActor {
         tenant: None,
@@ -329,7 +326,11 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
     };
     match command {
         AdminCommand::ListTenants => {
-            for t in registry.list_tenants().await? {
+            let tenants = registry.list_tenants().await?;
+            if tenants.is_empty() {
+                eprintln!("no tenants in {}", registry.database().description());
+            }
+            for t in tenants {
                 println!(
                     "{}\t{}\t{}",
                     t.id,
