@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mosquitto::{args, mosquitto, publish, spawn_lines, with};
+use common::wire::{connect_packet, remaining_length};
 use common::{Backend, TestServer, eventually};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -779,55 +780,6 @@ async fn keep_alive_is_enforced_and_a_silent_client_loses_its_connection() {
         fleet.device_status("sensor-002").await == "offline"
     })
     .await;
-}
-
-/// An MQTT 3.1.1 CONNECT with username, password, keep-alive and an optional will.
-fn connect_packet(
-    client_id: &str,
-    username: &str,
-    password: &str,
-    keep_alive: u16,
-    will: Option<(&str, &str)>,
-) -> Vec<u8> {
-    let string = |s: &str| {
-        let mut v = (s.len() as u16).to_be_bytes().to_vec();
-        v.extend_from_slice(s.as_bytes());
-        v
-    };
-    let mut flags = 0b1100_0010u8; // username, password, clean session
-    if will.is_some() {
-        flags |= 0b0000_0100;
-    }
-    let mut body = string("MQTT");
-    body.push(4);
-    body.push(flags);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend(string(client_id));
-    if let Some((topic, message)) = will {
-        body.extend(string(topic));
-        body.extend(string(message));
-    }
-    body.extend(string(username));
-    body.extend(string(password));
-    let mut packet = vec![0x10];
-    packet.extend(remaining_length(body.len()));
-    packet.extend(body);
-    packet
-}
-
-fn remaining_length(mut len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            return out;
-        }
-    }
 }
 
 /// A raw MQTT 3.1.1 PUBLISH (QoS 0).

@@ -111,6 +111,7 @@ diesel::table! {
         outcome -> Text,
         detail -> Nullable<Text>,
         source_ip -> Nullable<Text>,
+        occurrences -> BigInt,
     }
 }
 

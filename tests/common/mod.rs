@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mosquitto;
+pub mod wire;
 pub mod ws;
 
 use std::net::SocketAddr;
