@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::ca::register_ca;
 use common::mosquitto::{args, mosquitto, publish, spawn_lines, with};
 use common::wire::{connect_packet, remaining_length};
 use common::{Backend, TestServer, eventually};
@@ -1701,10 +1702,7 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
     };
     let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
     assert_ne!(code, 0, "no CA registered yet");
-    let (status, ca) = fleet
-        .server
-        .post("/api/mqtt/cas", &fleet.admin, json!({"pem": certs.ca.cert}))
-        .await;
+    let (status, ca) = register_ca(&fleet.server, &fleet.admin, &certs.ca).await;
     assert_eq!(status, StatusCode::CREATED, "{ca}");
     assert_eq!(ca["fingerprint"].as_str().unwrap().len(), 64);
     let (code, out) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
@@ -1722,10 +1720,7 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
     assert_ne!(code, 0);
     // Another tenant cannot register the same (public) CA certificate to claim these devices.
     let globex = fleet.server.tenant_admin(&fleet.admin, "globex").await;
-    let (status, body) = fleet
-        .server
-        .post("/api/mqtt/cas", &globex, json!({"pem": certs.ca.cert}))
-        .await;
+    let (status, body) = register_ca(&fleet.server, &globex, &certs.ca).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(
         body["error"]["message"]

@@ -116,6 +116,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    ca_registration_codes (tenant_id) {
+        tenant_id -> Text,
+        code -> Text,
+        expires_at -> BigInt,
+    }
+}
+
+diesel::table! {
     platform_settings (name) {
         name -> Text,
         value -> Text,

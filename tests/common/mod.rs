@@ -2,6 +2,7 @@
 //! (a temporary SQLite file, or a throwaway PostgreSQL database) and talks to it over HTTP.
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod mosquitto;
 pub mod wire;
 pub mod ws;
