@@ -125,7 +125,9 @@ struct EscapedVisitor<'a> {
 
 impl EscapedVisitor<'_> {
     fn write_field(&mut self, name: &str, value: &str) {
-        if self.result.is_err() {
+        // `log` records bridged into tracing carry their metadata as `log.*` fields, which
+        // the event's header already shows (tracing-subscriber's own formatter skips them too).
+        if self.result.is_err() || name.starts_with("log.") {
             return;
         }
         let mut escaped = String::with_capacity(value.len().min(TEXT_FIELD_BYTES) + 8);
