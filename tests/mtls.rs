@@ -9,7 +9,11 @@ use std::time::Duration;
 use common::ca::{register_ca, registration_code};
 use common::mosquitto::{args, mosquitto, publish};
 use common::{Backend, TestServer, eventually};
-use drover::devcerts::{DevCerts, generate, verification_certificate};
+use drover::devcerts::{DevCerts, PemPair, generate, verification_certificate};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -158,6 +162,35 @@ async fn a_certificate_never_logs_into_another_tenant_with_the_same_device_id() 
     })
     .await;
 
+    // B's CA is an intermediate that A's CA signed: B's certificates (sent with the
+    // intermediate) still identify B's devices only, since B's CA issued them.
+    let (intermediate, leaf) = intermediate_and_leaf(&a_certs, "b-dev-2");
+    let chain_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        chain_dir.path().join("device-b-dev-2.pem"),
+        format!("{}{}", leaf.cert, intermediate.cert),
+    )
+    .unwrap();
+    std::fs::write(chain_dir.path().join("device-b-dev-2.key"), &leaf.key).unwrap();
+    let (status, body) = register_ca(&server, &b, &intermediate).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for token in [&a, &b] {
+        server
+            .register(token, json!({"deviceId": "b-dev-2", "type": "sensor"}))
+            .await;
+    }
+    let (code, out) = publish(&tls_port, &cert_login(&server_ca, &chain_dir, "b-dev-2"));
+    assert_eq!(code, 0, "{out}");
+    eventually(Duration::from_secs(10), "B's b-dev-2 seen", || async {
+        last_seen(&server, &b, "b-dev-2").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        last_seen(&server, &a, "b-dev-2").await,
+        None,
+        "B's certificate reached tenant A"
+    );
+
     // Once B removes its CA, B's certificate logs in nowhere (A's CA did not issue it).
     let (_, cas) = server.get("/api/mqtt/cas", &b).await;
     let id = cas["cas"][0]["id"].as_str().unwrap().to_string();
@@ -165,4 +198,34 @@ async fn a_certificate_never_logs_into_another_tenant_with_the_same_device_id() 
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (code, _) = publish(&tls_port, &cert_login(&server_ca, &b_dir, &device));
     assert_ne!(code, 0);
+}
+
+/// An intermediate CA signed by `root`'s CA, and a client certificate for `device` it signed.
+fn intermediate_and_leaf(root: &DevCerts, device: &str) -> (PemPair, PemPair) {
+    let root = Issuer::from_ca_cert_pem(&root.ca.cert, KeyPair::from_pem(&root.ca.key).unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Tenant B intermediate CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.signed_by(&key, &root).unwrap();
+    let intermediate = PemPair {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    };
+    let issuer = Issuer::new(params, key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, device);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    (
+        intermediate,
+        PemPair {
+            cert: leaf.pem(),
+            key: leaf_key.serialize_pem(),
+        },
+    )
 }
