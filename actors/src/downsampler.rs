@@ -230,4 +230,31 @@ mod tests {
         assert_eq!(state.last_report.unwrap().series_rolled_up, 1);
         assert!(state.last_error.is_none());
     }
+
+    #[derive(Default)]
+    struct CountingChore {
+        runs: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Housekeeping for CountingChore {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn run(&self, _now_ms: i64) -> Result<u64, String> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Err("always fails".into())
+        }
+    }
+
+    #[actix_rt::test]
+    async fn housekeeping_runs_in_every_pass_even_when_the_store_fails() {
+        let chore = Arc::new(CountingChore::default());
+        let addr = Downsampler::new(Arc::new(CountingStore::default()), Duration::from_secs(3600))
+            .with_housekeeping(chore.clone())
+            .start();
+        addr.send(RunMaintenance {}).await.unwrap();
+        addr.send(RunMaintenance {}).await.unwrap();
+        assert_eq!(chore.runs.load(Ordering::SeqCst), 2);
+    }
 }
