@@ -130,6 +130,8 @@ pub struct MqttConfig {
     pub max_session_expiry_secs: u32,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_secs: u16,
+    /// Longest client identifier accepted, in bytes; longer ones are refused (v5 0x85, v3 0x02).
+    pub max_client_id_len: usize,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +142,8 @@ pub struct StorageConfig {
     pub database_url: Secret,
     /// Registry connection pool size; 0 picks a size for the backend.
     pub pool_size: u32,
+    /// Days audit log entries are kept (enforced by the maintenance pass).
+    pub audit_retention_days: u32,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -332,11 +336,13 @@ impl Default for Config {
                 max_publish_rate: 0,
                 max_session_expiry_secs: 7 * 86_400,
                 connect_timeout_secs: 10,
+                max_client_id_len: 128,
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from("./data"),
                 database_url: Secret::default(),
                 pool_size: 0,
+                audit_retention_days: 90,
             },
             influx: InfluxConfig {
                 url: String::new(),
@@ -525,6 +531,7 @@ impl fmt::Debug for StorageConfig {
             .field("data_dir", &self.data_dir)
             .field("database_url", &mask_url(self.database_url.expose()))
             .field("pool_size", &self.pool_size)
+            .field("audit_retention_days", &self.audit_retention_days)
             .finish()
     }
 }
@@ -793,6 +800,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "MQTT_MAX_CLIENT_ID_LEN",
+        key: "mqtt.max_client_id_len",
+        apply: |c, v| {
+            c.mqtt.max_client_id_len = parse(v, "a length in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "DATA_DIR",
         key: "storage.data_dir",
         apply: |c, v| {
@@ -813,6 +828,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "storage.pool_size",
         apply: |c, v| {
             c.storage.pool_size = parse(v, "a number of connections")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "AUDIT_RETENTION_DAYS",
+        key: "storage.audit_retention_days",
+        apply: |c, v| {
+            c.storage.audit_retention_days = parse(v, "a number of days")?;
             Ok(())
         },
     },
@@ -1400,6 +1423,12 @@ impl Config {
                 format!("expected a redis:// or rediss:// URL, got {:?}", mask_url(redis)),
             ));
         }
+        if self.storage.audit_retention_days == 0 {
+            return Err(ConfigError::new(
+                "storage.audit_retention_days (AUDIT_RETENTION_DAYS)",
+                "must be at least 1",
+            ));
+        }
         if self.limits.max_devices == 0 {
             return Err(ConfigError::new(
                 "limits.max_devices (MAX_DEVICES)",
@@ -1649,6 +1678,16 @@ impl Config {
                 return Err(ConfigError::new(key, "must be at least 1"));
             }
         }
+        // A device connects with its device id as client id: every device id must fit.
+        if !(drover_actors::DeviceId::MAX_LEN..=65_535).contains(&m.max_client_id_len) {
+            return Err(ConfigError::new(
+                "mqtt.max_client_id_len (MQTT_MAX_CLIENT_ID_LEN)",
+                format!(
+                    "must be {} (the longest device id) to 65535",
+                    drover_actors::DeviceId::MAX_LEN
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1781,6 +1820,9 @@ max_publish_rate = 0
 max_session_expiry_secs = 604800
 # Seconds a new connection has to send CONNECT.  (MQTT_CONNECT_TIMEOUT)
 connect_timeout_secs = 10
+# Longest client identifier accepted, in bytes (at least 128, the longest device id); longer
+# ones are refused with CONNACK 0x85 (MQTT 5) or 0x02 (3.1.1).  (MQTT_MAX_CLIENT_ID_LEN)
+max_client_id_len = 128
 
 [storage]
 # Where the embedded databases live; created on first start.  (DATA_DIR)
@@ -1791,6 +1833,8 @@ data_dir = "./data"
 database_url = ""
 # Registry connection pool size; 0 picks one for the backend.  (DATABASE_POOL_SIZE)
 pool_size = 0
+# Days audit log entries are kept; older ones are deleted by the maintenance pass.  (AUDIT_RETENTION_DAYS)
+audit_retention_days = 90
 
 [influx]
 # InfluxDB 1.x HTTP API (or 2.x/3.x through its 1.x-compatible API) for telemetry.

@@ -83,6 +83,22 @@ enum AdminCommand {
         #[arg(long = "device")]
         devices: Vec<String>,
     },
+    /// Sign a verification certificate for registering a CA (proof that you hold its key):
+    /// CN = the tenant's code from `GET /api/mqtt/cas/registration-code`, signed by the CA.
+    VerificationCert {
+        /// The tenant's registration code.
+        #[arg(long)]
+        code: String,
+        /// The CA certificate (PEM).
+        #[arg(long, default_value = "certs/ca.pem")]
+        ca: PathBuf,
+        /// The CA's private key (PEM).
+        #[arg(long, default_value = "certs/ca.key")]
+        ca_key: PathBuf,
+        /// Where to write the verification certificate.
+        #[arg(long, default_value = "certs/verification.pem")]
+        out: PathBuf,
+    },
     /// Create an API key for a tenant and print it once.
     CreateApiKey {
         #[arg(long)]
@@ -309,13 +325,36 @@ async fn administer(
             out.display()
         );
         println!(
-            "register {0}/ca.pem with POST /api/mqtt/cas so device certificates it signed can log in.",
+            "register {0}/ca.pem with POST /api/mqtt/cas (with a verification certificate from \
+             `drover admin verification-cert`) so device certificates it signed can log in.",
             out.display()
         );
         return Ok(());
     }
     if let AdminCommand::RotateJwtKey = &command {
         return rotate_jwt_key(&config);
+    }
+    if let AdminCommand::VerificationCert {
+        code,
+        ca,
+        ca_key,
+        out,
+    } = &command
+    {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let ca = drover::devcerts::PemPair {
+            cert: read(ca)?,
+            key: read(ca_key)?,
+        };
+        let proof = drover::devcerts::verification_certificate(&ca, code)?;
+        std::fs::write(out, proof.cert).with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+        println!(
+            "register the CA with POST /api/mqtt/cas {{\"pem\": <CA PEM>, \"verificationPem\": <this file>}}."
+        );
+        return Ok(());
     }
     require_existing_registry(&config, config_file.as_deref())?;
     let registry = server::open_registry(&config).await?;
@@ -387,7 +426,9 @@ async fn administer(
                 println!("password: {password}");
             }
         }
-        AdminCommand::DevCerts { .. } | AdminCommand::RotateJwtKey => {
+        AdminCommand::DevCerts { .. }
+        | AdminCommand::RotateJwtKey
+        | AdminCommand::VerificationCert { .. } => {
             unreachable!("handled before the registry is opened")
         }
         AdminCommand::CreateApiKey { tenant, name, role } => {

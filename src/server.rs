@@ -17,7 +17,7 @@ use drover_actors::telemetry_writer::{SpoolReplayer, StopReplayer, WriterPool, W
 use drover_actors::tenant_supervisor::SupervisorSettings;
 use drover_actors::{Fleet, ShadowLimits, ShadowServices, ShadowStore};
 
-use crate::audit::{AuditSink, AuditWriter};
+use crate::audit::{AuditRetention, AuditSink, AuditWriter};
 use crate::auth::LoginThrottle;
 use crate::auth::throttle::ThrottleLimits;
 use crate::bootstrap::{self, BootstrapError, FirstStart};
@@ -327,6 +327,10 @@ pub async fn start_with_clock(
         telemetry.store.clone(),
         Duration::from_secs(config.telemetry.maintenance_interval_secs),
     )
+    .with_housekeeping(Arc::new(AuditRetention::new(
+        registry.clone(),
+        config.storage.audit_retention_days,
+    )))
     .start();
 
     let state = web::Data::new(AppState {

@@ -162,6 +162,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/mqtt/cas", "get"),
         ("/api/mqtt/cas", "post"),
         ("/api/mqtt/cas/{id}", "delete"),
+        ("/api/mqtt/cas/registration-code", "get"),
         ("/api/telemetry/{deviceId}", "get"),
         ("/api/devices/{deviceId}/telemetry", "post"),
         ("/api/device-types", "get"),

@@ -230,6 +230,9 @@ pub struct AuditView {
     #[schema(value_type = Option<Object>)]
     pub detail: Option<serde_json::Value>,
     pub source_ip: Option<String>,
+    /// How many times it happened: repeated refusals of one kind from one source within a
+    /// minute are one entry.
+    pub count: u64,
 }
 
 impl From<AuditEntry> for AuditView {
@@ -244,6 +247,7 @@ impl From<AuditEntry> for AuditView {
             outcome: e.outcome,
             detail: e.detail,
             source_ip: e.source_ip,
+            count: e.count,
         }
     }
 }

@@ -194,6 +194,9 @@ pub struct AuditEntry {
     pub outcome: String,
     pub detail: Option<Value>,
     pub source_ip: Option<String>,
+    /// How many times this happened: repeated refusals of one kind from one source within a
+    /// minute are one entry (see `crate::audit`).
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -153,6 +153,7 @@ struct AuditRow {
     outcome: String,
     detail: Option<String>,
     source_ip: Option<String>,
+    occurrences: i64,
 }
 
 fn parse_stored<T>(value: Result<T, drover_actors::IdError>) -> Result<T, StoreError> {
@@ -1166,9 +1167,71 @@ impl RegistryStore {
 
     // ---- audit -----------------------------------------------------------------------------
 
-    /// Records an event outside any other change (denials, logins).
-    pub async fn record(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.db.write(move |conn| insert_audit(conn, &event)).await
+    /// Records an event outside any other change (denials, logins); answers its row's id.
+    pub async fn record(&self, event: AuditEvent) -> Result<i64, StoreError> {
+        self.db
+            .write(move |conn| {
+                Ok(diesel::insert_into(audit_log::table)
+                    .values((
+                        audit_log::at.eq(now_ms()),
+                        audit_log::tenant_id.eq(event.actor.tenant.as_ref().map(|t| t.as_str().to_string())),
+                        audit_log::actor.eq(&event.actor.actor),
+                        audit_log::action.eq(&event.action),
+                        audit_log::target.eq(event.target.as_deref()),
+                        audit_log::outcome.eq(event.outcome.as_str()),
+                        audit_log::detail.eq(event.detail.as_ref().map(Value::to_string)),
+                        audit_log::source_ip.eq(event.actor.source_ip.as_deref()),
+                    ))
+                    .returning(audit_log::id)
+                    .get_result::<i64>(conn)?)
+            })
+            .await
+    }
+
+    /// Adds repeated occurrences to recorded events: `(row id, how many more)`.
+    pub async fn add_audit_occurrences(&self, counts: Vec<(i64, u64)>) -> Result<(), StoreError> {
+        self.db
+            .write(move |conn| {
+                for (id, more) in &counts {
+                    let more = i64::try_from(*more).unwrap_or(i64::MAX);
+                    diesel::update(audit_log::table.filter(audit_log::id.eq(id)))
+                        .set(audit_log::occurrences.eq(audit_log::occurrences + more))
+                        .execute(conn)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes audit entries recorded before `cutoff_ms`; answers how many. Deletes in chunks,
+    /// each its own transaction, so a large backlog never holds the write lock for long.
+    pub async fn prune_audit(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        const CHUNK: i64 = 5000;
+        let mut removed = 0u64;
+        loop {
+            let deleted = self
+                .db
+                .write(move |conn| {
+                    let oldest = audit_log::table
+                        .filter(audit_log::at.lt(cutoff_ms))
+                        .select(audit_log::id)
+                        .order(audit_log::id)
+                        .limit(CHUNK)
+                        .load::<i64>(conn)?;
+                    if oldest.is_empty() {
+                        return Ok(0);
+                    }
+                    Ok(
+                        diesel::delete(audit_log::table.filter(audit_log::id.eq_any(&oldest)))
+                            .execute(conn)?,
+                    )
+                })
+                .await?;
+            removed += deleted as u64;
+            if (deleted as i64) < CHUNK {
+                return Ok(removed);
+            }
+        }
     }
 
     /// Audit entries, newest first; `tenant` `None` lists every tenant's (platform admins).
@@ -1219,6 +1282,7 @@ impl RegistryStore {
                         outcome: r.outcome,
                         detail: r.detail.and_then(|d| serde_json::from_str(&d).ok()),
                         source_ip: r.source_ip,
+                        count: u64::try_from(r.occurrences).unwrap_or(1),
                     })
                     .collect())
             })
