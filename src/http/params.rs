@@ -1,4 +1,5 @@
-//! Parsing of query parameters shared by several endpoints.
+//! Parsing of request parts shared by several endpoints: query parameters and the body's
+//! content type.
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 
@@ -30,6 +31,23 @@ pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
     Err(format!(
         "{value:?} is not a time: use RFC 3339 (2024-01-31T12:00:00Z), a date (2024-01-31) or epoch seconds/milliseconds"
     ))
+}
+
+/// Refuses (415) a body that says it is not JSON, as `web::Json` does for the typed endpoints;
+/// endpoints that read raw bytes (shadow updates, telemetry) call this before parsing. A body
+/// without `Content-Type` is taken as JSON: devices with minimal HTTP stacks often send none.
+pub fn require_json_content(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
+    use actix_web::HttpMessage;
+    use actix_web::mime::JSON;
+    match req.mime_type() {
+        Ok(None) => Ok(()),
+        Ok(Some(mime)) if mime.subtype() == JSON || mime.suffix() == Some(JSON) => Ok(()),
+        _ => Err(ApiError::new(
+            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a JSON body (Content-Type: application/json)",
+        )),
+    }
 }
 
 /// A time query parameter, or a 400 naming the parameter.

@@ -111,7 +111,8 @@ async fn get_shadow(
         (status = 403, description = "Viewers may not update shadows", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "version_conflict", body = ErrorBody),
-        (status = 413, description = "payload_too_large or state_too_large", body = ErrorBody)
+        (status = 413, description = "payload_too_large or state_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: a body whose Content-Type is not JSON", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -120,9 +121,11 @@ async fn update_shadow(
     state: web::Data<AppState>,
     principal: Principal,
     id: web::Path<String>,
+    req: actix_web::HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(Role::Operator, "shadow.update")?;
+    crate::http::params::require_json_content(&req)?;
     let addr = device_actor(&state, &principal, &id).await?;
     let accepted = ask(addr, ShadowAction::Update { payload: body }).await?;
     tracing::info!(tenant = %principal.tenant, device = %id, actor = %principal.actor(), version = %accepted["version"], "shadow updated through the API");
