@@ -176,7 +176,6 @@ pub async fn ingest_telemetry(
 ) -> Result<web::Json<IngestAccepted>, ApiError> {
     let device = device_id(&path)?;
     let tenant = sender_tenant(&req, &state, &device).await?;
-    crate::http::params::require_json_content(&req)?;
     let body = read_body(body, state.config.http.max_body_bytes).await?;
     let addr = device_actor(&state, &tenant, &device).await?;
     let points = commit(&addr, body).await?;

@@ -104,6 +104,19 @@ pub fn app(
         .app_data(web::QueryConfig::default().error_handler(error::query_error))
         .app_data(web::PathConfig::default().error_handler(error::path_error))
         .app_data(web::PayloadConfig::new(body_limit))
+        .wrap_fn(|req, srv| {
+            use actix_web::ResponseError;
+            use actix_web::dev::Service;
+            use futures_util::FutureExt;
+            use futures_util::future::{Either, ready};
+            // One check for every endpoint, whether it reads its body typed, raw or streamed.
+            match params::refuse_non_json_body(req.request()) {
+                Err(refused) => {
+                    Either::Left(ready(Ok(req.into_response(refused.error_response()).map_into_right_body())))
+                }
+                Ok(()) => Either::Right(srv.call(req).map(|res| res.map(ServiceResponse::map_into_left_body))),
+            }
+        })
         .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(error::json_error_response))
         .wrap_fn(|req, srv| {
             use actix_web::dev::Service;

@@ -33,19 +33,32 @@ pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
-/// Refuses (415) a body that says it is not JSON, as `web::Json` does for the typed endpoints;
-/// endpoints that read raw bytes (shadow updates, telemetry) call this before parsing. A body
-/// without `Content-Type` is taken as JSON: devices with minimal HTTP stacks often send none.
-pub fn require_json_content(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
+/// Refuses (415) a request body that says it is not JSON: every body of the API is JSON, and
+/// a form, XML or multipart body read as JSON would only fail later with a misleading
+/// `invalid_json`. A body without `Content-Type` is taken as JSON (devices with minimal HTTP
+/// stacks often send none); `application/json` and any `+json` type are accepted. Requests
+/// without a body (GET, WebSocket upgrades, POSTs that take none) are not checked.
+pub fn refuse_non_json_body(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
     use actix_web::HttpMessage;
+    use actix_web::http::header;
     use actix_web::mime::JSON;
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|length| length > 0);
+    if !has_body {
+        return Ok(());
+    }
     match req.mime_type() {
         Ok(None) => Ok(()),
         Ok(Some(mime)) if mime.subtype() == JSON || mime.suffix() == Some(JSON) => Ok(()),
         _ => Err(ApiError::new(
             actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "expected a JSON body (Content-Type: application/json)",
+            "the body must be JSON: send it with Content-Type: application/json",
         )),
     }
 }

@@ -121,11 +121,9 @@ async fn update_shadow(
     state: web::Data<AppState>,
     principal: Principal,
     id: web::Path<String>,
-    req: actix_web::HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(Role::Operator, "shadow.update")?;
-    crate::http::params::require_json_content(&req)?;
     let addr = device_actor(&state, &principal, &id).await?;
     let accepted = ask(addr, ShadowAction::Update { payload: body }).await?;
     tracing::info!(tenant = %principal.tenant, device = %id, actor = %principal.actor(), version = %accepted["version"], "shadow updated through the API");
