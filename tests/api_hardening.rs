@@ -429,6 +429,7 @@ async fn admin_actor_records_are_camel_case(server: &TestServer, admin: &str) {
     for path in ["/admin/actors", "/admin/actors/default/sensor-001"] {
         let (status, body) = server.get(path, admin).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_millisecond_times(path, &body);
         let mut keys = Vec::new();
         snake_keys(&body, &mut keys);
         assert!(keys.is_empty(), "{path} has snake_case keys {keys:?}: {body}");

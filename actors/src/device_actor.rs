@@ -194,6 +194,7 @@ pub struct DeviceActorExited {
 pub struct ConnectionInfo {
     pub connection: u64,
     pub protocol: &'static str,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub since: DateTime<Utc>,
 }
 
@@ -218,8 +219,10 @@ pub struct DeviceSnapshot {
     pub device: DeviceId,
     pub record: Option<DeviceRecord>,
     pub connection: Option<ConnectionInfo>,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms_opt")]
     pub last_seen: Option<DateTime<Utc>>,
     pub inbound: InboundCounts,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub started_at: DateTime<Utc>,
     pub messages_handled: u64,
     pub generation: u64,

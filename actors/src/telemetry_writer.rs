@@ -130,6 +130,7 @@ pub struct WriterCounters {
 #[serde(rename_all = "camelCase")]
 pub struct WriterSnapshot {
     pub index: usize,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub started_at: DateTime<Utc>,
     /// Points waiting for the next write.
     pub queued_points: usize,
