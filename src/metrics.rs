@@ -171,7 +171,10 @@ mod tests {
         assert_eq!(method_label(&Method::GET), "GET");
         assert_eq!(method_label(&Method::PATCH), "PATCH");
         for custom in ["FOO", "get", "PROPFIND"] {
-            assert_eq!(method_label(&Method::from_bytes(custom.as_bytes()).unwrap()), "other");
+            assert_eq!(
+                method_label(&Method::from_bytes(custom.as_bytes()).unwrap()),
+                "other"
+            );
         }
     }
 }

@@ -22,8 +22,8 @@ const MAX_BODY: usize = 16 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_hardening() {
-    let server = TestServer::start_with(Backend::Sqlite, |c| c.http.max_body_bytes = MAX_BODY)
-        .expect("SQLite server");
+    let server =
+        TestServer::start_with(Backend::Sqlite, |c| c.http.max_body_bytes = MAX_BODY).expect("SQLite server");
     let admin = server.admin_token().await;
     let operator = server.api_key(&admin, "operator").await;
     let device_token = server
@@ -134,7 +134,10 @@ async fn send(
 
 async fn every_refusal_is_a_json_error(server: &TestServer, admin: &str) {
     // The shadow update reads raw bytes: its 413 came from actix as plain text.
-    let oversized = format!("{{\"state\": {{\"desired\": {{\"blob\": \"{}\"}}}}}}", "x".repeat(MAX_BODY));
+    let oversized = format!(
+        "{{\"state\": {{\"desired\": {{\"blob\": \"{}\"}}}}}}",
+        "x".repeat(MAX_BODY)
+    );
     let (status, body) = send(
         server,
         Method::PATCH,
@@ -144,8 +147,20 @@ async fn every_refusal_is_a_json_error(server: &TestServer, admin: &str) {
         oversized.clone(),
     )
     .await;
-    assert_json_error("oversized shadow update", status, &body, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
-    assert!(body["error"]["message"].as_str().unwrap().contains(&MAX_BODY.to_string()), "{body}");
+    assert_json_error(
+        "oversized shadow update",
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&MAX_BODY.to_string()),
+        "{body}"
+    );
     // The same through the typed JSON extractor and the streamed telemetry body.
     let (status, body) = send(
         server,
@@ -156,7 +171,13 @@ async fn every_refusal_is_a_json_error(server: &TestServer, admin: &str) {
         oversized.clone(),
     )
     .await;
-    assert_json_error("oversized registration", status, &body, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert_json_error(
+        "oversized registration",
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
     let (status, body) = send(
         server,
         Method::POST,
@@ -166,14 +187,32 @@ async fn every_refusal_is_a_json_error(server: &TestServer, admin: &str) {
         oversized,
     )
     .await;
-    assert_json_error("oversized telemetry", status, &body, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert_json_error(
+        "oversized telemetry",
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
     // Malformed JSON, a bad query, a bad path, a method the route does not take.
     let (status, body) = server
         .call_raw(Method::POST, "/api/groups", admin, "{\"name\": ")
         .await;
-    assert_json_error("malformed JSON", status, &body, StatusCode::BAD_REQUEST, "invalid_json");
+    assert_json_error(
+        "malformed JSON",
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
     let (status, body) = server.get("/api/devices?limit=many", admin).await;
-    assert_json_error("bad query", status, &body, StatusCode::BAD_REQUEST, "invalid_query");
+    assert_json_error(
+        "bad query",
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
     let (status, body) = server.call(Method::PUT, "/health", None, None).await;
     assert!(status.is_client_error(), "PUT /health: {status}");
     assert!(body["error"]["code"].is_string(), "PUT /health: {body}");
@@ -196,7 +235,13 @@ async fn bodies_that_are_not_json_get_415(server: &TestServer, admin: &str, devi
             registration,
         )
         .await;
-        assert_json_error(content_type, status, &body, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+        assert_json_error(
+            content_type,
+            status,
+            &body,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        );
         let (status, body) = send(
             server,
             Method::POST,
@@ -206,7 +251,13 @@ async fn bodies_that_are_not_json_get_415(server: &TestServer, admin: &str, devi
             r#"{"metrics": {"temperature": 1}}"#,
         )
         .await;
-        assert_json_error(content_type, status, &body, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+        assert_json_error(
+            content_type,
+            status,
+            &body,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        );
         let (status, body) = send(
             server,
             Method::PATCH,
@@ -216,7 +267,13 @@ async fn bodies_that_are_not_json_get_415(server: &TestServer, admin: &str, devi
             r#"{"state": {"desired": {"led": "on"}}}"#,
         )
         .await;
-        assert_json_error(content_type, status, &body, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+        assert_json_error(
+            content_type,
+            status,
+            &body,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        );
     }
     // JSON by another name is JSON.
     let (status, body) = send(
@@ -230,7 +287,15 @@ async fn bodies_that_are_not_json_get_415(server: &TestServer, admin: &str, devi
     .await;
     assert_eq!(status, StatusCode::OK, "+json suffix: {body}");
     // No Content-Type at all is read as JSON, as README says.
-    let (status, body) = send(server, Method::POST, "/api/devices/register", admin, None, registration).await;
+    let (status, body) = send(
+        server,
+        Method::POST,
+        "/api/devices/register",
+        admin,
+        None,
+        registration,
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "no Content-Type: {body}");
     let (status, body) = send(
         server,
@@ -253,22 +318,37 @@ async fn unknown_fields_are_refused(server: &TestServer, admin: &str) {
         )
         .await;
     assert_json_error("metdata", status, &body, StatusCode::BAD_REQUEST, "unknown_field");
-    assert!(body["error"]["message"].as_str().unwrap().contains("metdata"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("metdata"),
+        "{body}"
+    );
     let (status, _) = server.get("/api/devices/typo-1", admin).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "a refused registration writes nothing");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a refused registration writes nothing"
+    );
 }
 
 async fn dot_segment_device_ids_are_refused(server: &TestServer, admin: &str) {
     for id in [".", ".."] {
         let (status, body) = server
-            .post("/api/devices/register", admin, json!({"deviceId": id, "type": "temperature"}))
+            .post(
+                "/api/devices/register",
+                admin,
+                json!({"deviceId": id, "type": "temperature"}),
+            )
             .await;
         assert_json_error(id, status, &body, StatusCode::BAD_REQUEST, "invalid_device_id");
     }
-    let (status, body) = server
-        .post("/api/groups", admin, json!({"name": ".."}))
-        .await;
-    assert_json_error("group ..", status, &body, StatusCode::BAD_REQUEST, "invalid_group_name");
+    let (status, body) = server.post("/api/groups", admin, json!({"name": ".."})).await;
+    assert_json_error(
+        "group ..",
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "invalid_group_name",
+    );
 }
 
 async fn overflowing_sums_say_why(server: &TestServer, admin: &str, device_token: &str) {
@@ -287,20 +367,33 @@ async fn overflowing_sums_say_why(server: &TestServer, admin: &str, device_token
     let range = format!("start={}&end={}", now - 60_000, now + 60_000);
     for agg in ["sum", "mean"] {
         let (status, body) = server
-            .get(&format!("/api/telemetry/sensor-001?metric=huge&agg={agg}&{range}"), admin)
+            .get(
+                &format!("/api/telemetry/sensor-001?metric=huge&agg={agg}&{range}"),
+                admin,
+            )
             .await;
         assert_json_error(agg, status, &body, StatusCode::BAD_REQUEST, "aggregate_overflow");
     }
     let (status, body) = server
-        .get(&format!("/api/telemetry/sensor-001?metric=huge&agg=max&{range}"), admin)
+        .get(
+            &format!("/api/telemetry/sensor-001?metric=huge&agg=max&{range}"),
+            admin,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["series"][0]["points"][0]["v"], json!(f64::MAX), "{body}");
     let (status, body) = server
-        .get(&format!("/api/telemetry/sensor-001?metric=big&agg=sum&{range}"), admin)
+        .get(
+            &format!("/api/telemetry/sensor-001?metric=big&agg=sum&{range}"),
+            admin,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["series"][0]["points"][0]["v"], json!(2.0 * i64::MAX as f64), "{body}");
+    assert_eq!(
+        body["series"][0]["points"][0]["v"],
+        json!(2.0 * i64::MAX as f64),
+        "{body}"
+    );
 }
 
 /// `drover_telemetry_ingested_points_total{outcome="refused"}`.
@@ -347,8 +440,8 @@ async fn device_socket_takes_an_api_key_in_the_query(server: &TestServer, operat
     match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED.as_u16());
-            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default())
-                .expect("a JSON error");
+            let body: Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).expect("a JSON error");
             assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
             assert_eq!(body["error"]["message"], "unknown API key", "{body}");
         }
@@ -392,10 +485,16 @@ async fn timestamps_are_milliseconds_everywhere(server: &TestServer, admin: &str
         .iter()
         .find(|r| &r["id"] == id)
         .expect("the rule is listed");
-    assert_eq!(stored["createdAt"], created["rule"]["createdAt"], "POST and GET agree");
+    assert_eq!(
+        stored["createdAt"], created["rule"]["createdAt"],
+        "POST and GET agree"
+    );
     for (path, body) in [
         ("/api/groups", json!({"name": "ms-group"})),
-        ("/api/keys", json!({"name": "ms-key", "role": "viewer", "expiresInDays": 1})),
+        (
+            "/api/keys",
+            json!({"name": "ms-key", "role": "viewer", "expiresInDays": 1}),
+        ),
         ("/api/devices/register", json!({"deviceId": "ms-1", "type": "t"})),
         ("/api/tenants", json!({"id": "ms-tenant", "name": "ms"})),
     ] {
@@ -444,6 +543,9 @@ async fn documents_and_links_answer(server: &TestServer) {
     let (status, doc) = server.call(Method::GET, "/api/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
     for path in ["/ws", "/ws/devices/{deviceId}"] {
-        assert!(doc["paths"][path]["get"].is_object(), "{path} is not in the OpenAPI document");
+        assert!(
+            doc["paths"][path]["get"].is_object(),
+            "{path} is not in the OpenAPI document"
+        );
     }
 }

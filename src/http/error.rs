@@ -8,9 +8,9 @@ use std::fmt;
 
 use actix_web::dev::ServiceResponse;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
-use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use drover_actors::IdError;
 use drover_actors::telemetry::PayloadError;
@@ -261,9 +261,7 @@ fn code_for_status(status: StatusCode) -> &'static str {
 /// an error hook (`web::Bytes` and `web::Payload` over their limit answer a plain-text 413),
 /// actix's own method and routing refusals and any other error that is not an [`ApiError`]
 /// pass through here; answers already in JSON are left as they are.
-pub fn json_error_response<B>(
-    res: ServiceResponse<B>,
-) -> actix_web::Result<ErrorHandlerResponse<B>> {
+pub fn json_error_response<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
     let is_json = res
         .headers()
         .get(header::CONTENT_TYPE)

@@ -109,14 +109,16 @@ async fn sender_tenant(
     }
     // A refused credential keeps its own answer (invalid_api_key, token_expired…); only a
     // request with none is told what a device may send.
-    let principal = Principal::extract(req).await.map_err(|e| match e.as_error::<ApiError>() {
-        Some(refused) if refused.code != "unauthenticated" => refused.clone(),
-        _ => ApiError::unauthorized(
-            "unauthenticated",
-            "missing credentials: send the device token (`Authorization: Bearer dvt_…`, \
+    let principal = Principal::extract(req)
+        .await
+        .map_err(|e| match e.as_error::<ApiError>() {
+            Some(refused) if refused.code != "unauthenticated" => refused.clone(),
+            _ => ApiError::unauthorized(
+                "unauthenticated",
+                "missing credentials: send the device token (`Authorization: Bearer dvt_…`, \
              `X-Device-Token` or `?token=`) or an API key or login token of the device's tenant",
-        ),
-    })?;
+            ),
+        })?;
     principal.require(Role::Operator, "telemetry.ingest")?;
     Ok(principal.tenant)
 }

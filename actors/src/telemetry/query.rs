@@ -683,7 +683,13 @@ mod tests {
             );
         }
         // Opposite overflows make NaN: refused too.
-        assert!(sum_of(&[f64::MAX, f64::MAX, -f64::MAX, -f64::MAX, -f64::MAX], Aggregation::Sum).is_err());
+        assert!(
+            sum_of(
+                &[f64::MAX, f64::MAX, -f64::MAX, -f64::MAX, -f64::MAX],
+                Aggregation::Sum
+            )
+            .is_err()
+        );
         // Min, max and count of the same values are fine.
         assert_eq!(
             sum_of(&[f64::MAX, f64::MAX], Aggregation::Max),
