@@ -56,7 +56,7 @@ async fn random_requests(server: &TestServer, seed: u64, count: u64) {
                 2 => format!("/api/devices/dev-{n}/nothing"),
                 _ => format!("/api/devices/dev-{n}"),
             };
-            let method = if n % 3 == 0 { Method::GET } else { method };
+            let method = if n.is_multiple_of(3) { Method::GET } else { method };
             client.request(method, server.url(&path)).send()
         });
         for response in join_all(requests).await {

@@ -131,8 +131,8 @@ pub fn app(
                         Ok(res) => (res.request().match_pattern().unwrap_or_else(|| "unmatched".into()), res.status()),
                         Err(e) => ("unmatched".into(), e.as_response_error().status_code()),
                     };
-                    state.metrics.http_requests.with_label_values(&[&method, &route, status.as_str()]).inc();
-                    state.metrics.http_duration.with_label_values(&[&method, &route]).observe(start.elapsed().as_secs_f64());
+                    state.metrics.http_requests.with_label_values(&[method, &route, status.as_str()]).inc();
+                    state.metrics.http_duration.with_label_values(&[method, &route]).observe(start.elapsed().as_secs_f64());
                     if status.is_server_error() {
                         tracing::warn!(%method, %route, status = status.as_u16(), "request failed");
                     } else {
