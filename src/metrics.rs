@@ -122,6 +122,25 @@ impl Metrics {
     }
 }
 
+/// The `method` label of an HTTP request: the standard methods by name, anything else `other`.
+/// Labels must come from a closed set: a client inventing methods would otherwise add a time
+/// series per request and grow `/metrics` (and memory) without bound.
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Counts device actors' shadow updates in `drover_shadow_updates_total`.
 pub struct ShadowUpdateCounter(pub IntCounterVec);
 
@@ -138,5 +157,24 @@ impl drover_actors::outbound::ShadowMetrics for ShadowUpdateCounter {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::Method;
+
+    use super::method_label;
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for custom in ["FOO", "get", "PROPFIND"] {
+            assert_eq!(
+                method_label(&Method::from_bytes(custom.as_bytes()).unwrap()),
+                "other"
+            );
+        }
     }
 }

@@ -185,6 +185,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/alerts/{id}/clear", "post"),
         ("/api/alerts/{id}/comments", "post"),
         ("/ws", "get"),
+        ("/ws/devices/{deviceId}", "get"),
         ("/health", "get"),
         ("/metrics", "get"),
         ("/stats", "get"),

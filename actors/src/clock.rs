@@ -57,3 +57,40 @@ impl Clock for ManualClock {
 
 /// The clock every component shares.
 pub type SharedClock = Arc<dyn Clock>;
+
+/// Serialises a time as RFC 3339 with milliseconds, the precision the registry stores and the
+/// API shows everywhere (`2026-01-31T12:00:00.123Z`); live snapshots hold nanoseconds.
+pub fn rfc3339_ms<S: serde::Serializer>(t: &chrono::DateTime<chrono::Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// [`rfc3339_ms`] for an optional time (`null` when absent).
+pub fn rfc3339_ms_opt<S: serde::Serializer>(
+    t: &Option<chrono::DateTime<chrono::Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339_ms(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    use chrono::TimeZone;
+
+    #[derive(serde::Serialize)]
+    struct At {
+        #[serde(serialize_with = "super::rfc3339_ms")]
+        at: chrono::DateTime<chrono::Utc>,
+        #[serde(serialize_with = "super::rfc3339_ms_opt")]
+        maybe: Option<chrono::DateTime<chrono::Utc>>,
+    }
+
+    #[test]
+    fn times_show_milliseconds() {
+        let at = chrono::Utc.timestamp_nanos(1_764_331_267_112_345_678);
+        let json = serde_json::to_string(&At { at, maybe: None }).unwrap();
+        assert_eq!(json, r#"{"at":"2025-11-28T12:01:07.112Z","maybe":null}"#);
+    }
+}

@@ -43,6 +43,7 @@ impl std::str::FromStr for ConnectionStatus {
 
 /// A registered device with everything the registry knows about it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeviceRecord {
     pub tenant: TenantId,
     pub id: DeviceId,

@@ -194,6 +194,7 @@ pub struct DeviceActorExited {
 pub struct ConnectionInfo {
     pub connection: u64,
     pub protocol: &'static str,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub since: DateTime<Utc>,
 }
 
@@ -218,8 +219,10 @@ pub struct DeviceSnapshot {
     pub device: DeviceId,
     pub record: Option<DeviceRecord>,
     pub connection: Option<ConnectionInfo>,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms_opt")]
     pub last_seen: Option<DateTime<Utc>>,
     pub inbound: InboundCounts,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub started_at: DateTime<Utc>,
     pub messages_handled: u64,
     pub generation: u64,
@@ -468,18 +471,22 @@ impl DeviceActor {
             return refused(InboundError::Unavailable("device state not loaded".into()));
         };
         let parsed = parse_payload(payload, at.timestamp_millis(), &self.pipeline.limits)
-            .map_err(|e| (e.code(), e.to_string()))
+            .map_err(|e| (e.code(), e.to_string(), 1))
             .and_then(|mut messages| match &self.schema {
-                Some(schema) => schema
-                    .apply(&mut messages)
-                    .map(|()| messages)
-                    .map_err(|e| (e.code(), e.to_string())),
+                Some(schema) => match schema.apply(&mut messages) {
+                    Ok(()) => Ok(messages),
+                    Err(e) => {
+                        let points = messages.iter().map(|m| m.metrics.len()).sum();
+                        Err((e.code(), e.to_string(), points))
+                    }
+                },
                 None => Ok(messages),
             });
         let messages = match parsed {
             Ok(messages) => messages,
-            Err((code, message)) => {
+            Err((code, message, points)) => {
                 self.inbound.refused += 1;
+                self.pipeline.count_refused(points);
                 return refused(InboundError::Rejected { code, message });
             }
         };

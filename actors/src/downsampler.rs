@@ -51,6 +51,7 @@ pub struct DownsamplerSnapshot {
     pub interval_secs: u64,
     pub passes: u64,
     pub failures: u64,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms_opt")]
     pub last_started_at: Option<DateTime<Utc>>,
     pub last_report: Option<MaintenanceReport>,
     pub last_error: Option<String>,

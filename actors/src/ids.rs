@@ -26,15 +26,20 @@ pub enum IdError {
         found: char,
         position: usize,
     },
+    /// `.` and `..` are path segments with a meaning in URLs (clients and proxies normalise
+    /// `/devices/..` away), so such an id could not be addressed through the API.
+    #[error("{what} must not be \".\" or \"..\"")]
+    DotSegment { what: &'static str },
 }
 
 impl IdError {
     /// Which kind of identifier failed (`"deviceId"`, `"tenant id"`…), for error codes.
     pub fn what(&self) -> &'static str {
         match self {
-            IdError::Empty { what } | IdError::TooLong { what, .. } | IdError::InvalidChar { what, .. } => {
-                what
-            }
+            IdError::Empty { what }
+            | IdError::TooLong { what, .. }
+            | IdError::InvalidChar { what, .. }
+            | IdError::DotSegment { what } => what,
         }
     }
 }
@@ -60,6 +65,9 @@ fn check(
             found,
             position,
         });
+    }
+    if value == "." || value == ".." {
+        return Err(IdError::DotSegment { what });
     }
     Ok(())
 }
@@ -189,6 +197,19 @@ mod tests {
             }
         ));
         assert!(DeviceId::parse("x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn rejects_dot_segments() {
+        for bad in [".", ".."] {
+            assert_eq!(
+                DeviceId::parse(bad).unwrap_err(),
+                IdError::DotSegment { what: "deviceId" }
+            );
+            assert!(GroupName::parse(bad).is_err());
+        }
+        assert!(DeviceId::parse("...").is_ok());
+        assert!(DeviceId::parse(".hidden").is_ok());
     }
 
     #[test]

@@ -126,6 +126,18 @@ impl Pipeline {
         }
     }
 
+    /// Counts the points of a message refused before it reached the writers (malformed, or
+    /// against the device type's schema) with the points the writers refused, so that one
+    /// figure tells every refusal. A message whose points cannot be read counts as one.
+    pub fn count_refused(&self, points: usize) {
+        if let Some(writers) = &self.writers {
+            writers
+                .counters
+                .points_refused
+                .fetch_add(points.max(1) as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Counts a committed telemetry message of `tenant`.
     pub fn count(&self, tenant: &TenantId, points: usize) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());

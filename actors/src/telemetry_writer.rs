@@ -118,7 +118,8 @@ pub struct WriterCounters {
     pub write_retries: AtomicU64,
     /// Points neither the store nor the spool took (their senders got an error).
     pub points_failed: AtomicU64,
-    /// Points refused because a writer's queue was full (HTTP 503).
+    /// Points refused because a writer's queue was full (HTTP 503), and those of messages the
+    /// device actors refused as invalid ([`Pipeline::count_refused`](crate::pipeline::Pipeline::count_refused)).
     pub points_refused: AtomicU64,
     /// Points dropped because a writer's queue was full (MQTT QoS 0).
     pub points_dropped: AtomicU64,
@@ -129,6 +130,7 @@ pub struct WriterCounters {
 #[serde(rename_all = "camelCase")]
 pub struct WriterSnapshot {
     pub index: usize,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub started_at: DateTime<Utc>,
     /// Points waiting for the next write.
     pub queued_points: usize,

@@ -52,6 +52,7 @@ pub struct InspectTenant {}
 #[serde(rename_all = "camelCase")]
 pub struct ChildInfo {
     pub device: DeviceId,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub started_at: DateTime<Utc>,
     pub restarts: u32,
     pub mailbox_capacity: usize,
@@ -61,6 +62,7 @@ pub struct ChildInfo {
 #[serde(rename_all = "camelCase")]
 pub struct TenantSnapshot {
     pub tenant: TenantId,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
     pub started_at: DateTime<Utc>,
     pub devices: Vec<ChildInfo>,
     pub restarts_total: u64,

@@ -25,7 +25,7 @@ const TELEMETRY_BACKLOG: usize = 1024;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum LiveMessage<'a> {
-    /// Sent first: whose stream this is.
+    /// Sent first, once: the stream is open, and whose it is (README, "Live telemetry").
     Hello { tenant: String },
     /// An alarm changed: `event` is opened, updated, escalated, acknowledged or cleared.
     Alarm {

@@ -2,6 +2,10 @@
 //! devices it subscribed to as text frames, answers pings, and ends when the client closes or
 //! stops answering.
 //!
+//! The first frame of every session is `{"type":"hello","tenant":"…"}`: it tells the client
+//! the stream is open and whose it is (`drover-load monitor` and the tests wait for it before
+//! subscribing).
+//!
 //! The client subscribes with text frames:
 //! `{"type":"subscribe","devices":["pump-1","pump-2"]}` (or `"devices":"*"` for every device
 //! of the tenant) and `{"type":"unsubscribe","devices":[…]|"*"}`; each is answered with

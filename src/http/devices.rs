@@ -69,7 +69,7 @@ impl From<DeviceRecord> for DeviceView {
 
 /// Body of `POST /api/devices/register`.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegisterDevice {
     /// 1–128 of letters, digits, `-`, `_`, `.`, `:`; unique in the tenant.
     #[schema(example = "sensor-001")]

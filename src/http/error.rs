@@ -6,9 +6,11 @@
 
 use std::fmt;
 
+use actix_web::dev::ServiceResponse;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use drover_actors::IdError;
 use drover_actors::telemetry::PayloadError;
@@ -161,6 +163,9 @@ impl From<TelemetryStoreError> for ApiError {
                 "too_many_points",
                 format!("more than {limit} points; aggregate with agg and every, or narrow the range"),
             ),
+            TelemetryStoreError::Overflow(overflow) => {
+                ApiError::bad_request("aggregate_overflow", overflow.to_string())
+            }
             TelemetryStoreError::Internal(message) => {
                 tracing::error!(%message, "telemetry store error");
                 ApiError::internal("internal error")
@@ -231,6 +236,65 @@ pub fn classify_json(error: &serde_json::Error) -> ApiError {
         }
         Category::Data => ApiError::bad_request("validation_failed", message),
     }
+}
+
+/// The code of an error response that did not come from an [`ApiError`], by its status.
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "invalid_body",
+        StatusCode::UNAUTHORIZED => "unauthenticated",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    }
+}
+
+/// Gives every error response the API's JSON shape, whatever produced it. Extractors without
+/// an error hook (`web::Bytes` and `web::Payload` over their limit answer a plain-text 413),
+/// actix's own method and routing refusals and any other error that is not an [`ApiError`]
+/// pass through here; answers already in JSON are left as they are.
+pub fn json_error_response<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let limit = res
+        .request()
+        .app_data::<actix_web::web::Data<crate::state::AppState>>()
+        .map(|state| state.config.http.max_body_bytes);
+    let message = match (res.response().error(), limit) {
+        (Some(error), Some(limit)) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            tracing::debug!(%error, "request body over the limit");
+            format!("request body exceeds the limit of {limit} bytes")
+        }
+        (Some(error), _) => error.to_string(),
+        (None, _) => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let api = ApiError::new(status, code_for_status(status), message);
+    let (req, original) = res.into_parts();
+    let mut response = api.error_response();
+    // Keep what the original answer told (`Allow`, `Retry-After`…), not its body's type.
+    for (name, value) in original.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, response).map_into_right_body(),
+    ))
 }
 
 pub fn query_error(error: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {

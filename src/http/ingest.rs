@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{FromRequest, HttpRequest, HttpResponse, post, web};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, get, post, web};
 use chrono::Utc;
 use drover_actors::device_actor::{
     DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
@@ -107,12 +107,18 @@ async fn sender_tenant(
         }
         return Ok(login.tenant);
     }
-    let principal = Principal::extract(req).await.map_err(|e| {
-        ApiError::unauthorized(
-            "unauthenticated",
-            format!("send the device token (`Authorization: Bearer dvt_…`) or an API key: {e}"),
-        )
-    })?;
+    // A refused credential keeps its own answer (invalid_api_key, token_expired…); only a
+    // request with none is told what a device may send.
+    let principal = Principal::extract(req)
+        .await
+        .map_err(|e| match e.as_error::<ApiError>() {
+            Some(refused) if refused.code != "unauthenticated" => refused.clone(),
+            _ => ApiError::unauthorized(
+                "unauthenticated",
+                "missing credentials: send the device token (`Authorization: Bearer dvt_…`, \
+             `X-Device-Token` or `?token=`) or an API key or login token of the device's tenant",
+            ),
+        })?;
     principal.require(Role::Operator, "telemetry.ingest")?;
     Ok(principal.tenant)
 }
@@ -158,6 +164,7 @@ fn refusal(error: InboundError) -> ApiError {
         (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody, description = "No such device in the caller's tenant"),
         (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody, description = "unsupported_media_type: a body whose Content-Type is not JSON"),
         (status = 503, body = ErrorBody, description = "Writers full or store and spool unavailable; see Retry-After"),
     ),
     security(("bearer" = []))
@@ -232,6 +239,22 @@ struct FrameReply<'a> {
 /// payload. Each frame gets one text reply, in order, once its points are committed:
 /// `{"ok":true,"points":N}` or `{"ok":false,"code":…,"message":…}` (with `retryAfter` when
 /// the writers are full). The device counts as connected while the socket is open.
+#[utoipa::path(
+    tag = "telemetry",
+    params(
+        ("deviceId" = String, Path, description = "The device"),
+        ("token" = Option<String>, Query, description = "The device token, or an API key or login token with the operator role, when no Authorization header can be sent")
+    ),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol; every frame is a telemetry payload answered with {\"ok\":true,\"points\":N} or {\"ok\":false,\"code\":…,\"message\":…}"),
+        (status = 400, body = ErrorBody, description = "websocket_required: not a WebSocket upgrade"),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "No such device in the caller's tenant"),
+    ),
+    security(("bearer" = []))
+)]
+#[get("/ws/devices/{deviceId}")]
 pub async fn device_socket(
     req: HttpRequest,
     state: web::Data<AppState>,

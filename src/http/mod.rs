@@ -92,8 +92,10 @@ pub fn app(
         InitError = (),
     >,
 > {
+    // One body limit for JSON, raw (`web::Bytes`, shadow updates) and streamed bodies.
+    let body_limit = state.config.http.max_body_bytes;
     let json = web::JsonConfig::default()
-        .limit(state.config.http.max_body_bytes)
+        .limit(body_limit)
         .content_type_required(false)
         .error_handler(error::json_error);
     let (app, api) = App::new()
@@ -101,10 +103,25 @@ pub fn app(
         .app_data(json)
         .app_data(web::QueryConfig::default().error_handler(error::query_error))
         .app_data(web::PathConfig::default().error_handler(error::path_error))
+        .app_data(web::PayloadConfig::new(body_limit))
+        .wrap_fn(|req, srv| {
+            use actix_web::ResponseError;
+            use actix_web::dev::Service;
+            use futures_util::FutureExt;
+            use futures_util::future::{Either, ready};
+            // One check for every endpoint, whether it reads its body typed, raw or streamed.
+            match params::refuse_non_json_body(req.request()) {
+                Err(refused) => {
+                    Either::Left(ready(Ok(req.into_response(refused.error_response()).map_into_right_body())))
+                }
+                Ok(()) => Either::Right(srv.call(req).map(|res| res.map(ServiceResponse::map_into_left_body))),
+            }
+        })
+        .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(error::json_error_response))
         .wrap_fn(|req, srv| {
             use actix_web::dev::Service;
             let start = Instant::now();
-            let method = req.method().to_string();
+            let method = crate::metrics::method_label(req.method());
             let state = req.app_data::<web::Data<AppState>>().cloned();
             let fut = srv.call(req);
             async move {
@@ -114,8 +131,8 @@ pub fn app(
                         Ok(res) => (res.request().match_pattern().unwrap_or_else(|| "unmatched".into()), res.status()),
                         Err(e) => ("unmatched".into(), e.as_response_error().status_code()),
                     };
-                    state.metrics.http_requests.with_label_values(&[&method, &route, status.as_str()]).inc();
-                    state.metrics.http_duration.with_label_values(&[&method, &route]).observe(start.elapsed().as_secs_f64());
+                    state.metrics.http_requests.with_label_values(&[method, &route, status.as_str()]).inc();
+                    state.metrics.http_duration.with_label_values(&[method, &route]).observe(start.elapsed().as_secs_f64());
                     if status.is_server_error() {
                         tracing::warn!(%method, %route, status = status.as_u16(), "request failed");
                     } else {
@@ -141,7 +158,9 @@ pub fn app(
                 .configure(rules::routes)
                 .configure(alerts::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
-                .route("/openapi.json", web::get().to(openapi_json)),
+                .route("/openapi.json", web::get().to(openapi_json))
+                // `/api` itself (the start banner's link) answers the index of the API.
+                .route("", web::get().to(index)),
         )
         .service(ops::health)
         .service(ops::metrics)
@@ -149,10 +168,10 @@ pub fn app(
         .service(ops::actors)
         .service(ops::device_actor)
         .service(ws::live)
+        .service(ingest::device_socket)
         .split_for_parts();
     let document = OpenApiJson(api.to_json().unwrap_or_else(|_| "{}".into()));
     app.app_data(web::Data::new(document))
-        .route("/ws/devices/{deviceId}", web::get().to(ingest::device_socket))
         .route("/", web::get().to(index))
         .default_service(web::to(not_found))
 }

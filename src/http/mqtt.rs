@@ -2,7 +2,7 @@
 //! sign a tenant's device certificates.
 
 use actix_web::{HttpResponse, delete, get, post, web};
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, SubsecRound, TimeZone, Utc};
 use drover_actors::Role;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -221,7 +221,8 @@ async fn create_rule(
         topic: body.topic,
         effect,
         priority: body.priority,
-        created_at: Utc::now(),
+        // Milliseconds, as the registry stores it: the answer shows what a later GET will.
+        created_at: Utc::now().trunc_subsecs(3),
     };
     let rule = state
         .registry
@@ -414,7 +415,7 @@ async fn add_ca(
         subject: parsed.subject().to_string(),
         pem,
         not_after,
-        created_at: Utc::now(),
+        created_at: Utc::now().trunc_subsecs(3),
     };
     let ca = state
         .registry

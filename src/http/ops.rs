@@ -1,7 +1,7 @@
 //! Operations: health, Prometheus metrics, platform statistics and the live actor tree.
 
 use actix_web::{HttpResponse, get, web};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -142,7 +142,8 @@ pub async fn stats(
     let uptime = state.started.elapsed();
     Ok(web::Json(StatsView {
         version: env!("CARGO_PKG_VERSION").into(),
-        started_at: Utc::now() - chrono::Duration::from_std(uptime).unwrap_or_default(),
+        // Milliseconds, like every other time the API shows.
+        started_at: (Utc::now() - chrono::Duration::from_std(uptime).unwrap_or_default()).trunc_subsecs(3),
         uptime_seconds: uptime.as_secs(),
         tenant: principal.tenant.to_string(),
         devices: devices.into(),

@@ -1,4 +1,5 @@
-//! Parsing of query parameters shared by several endpoints.
+//! Parsing of request parts shared by several endpoints: query parameters and the body's
+//! content type.
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 
@@ -30,6 +31,36 @@ pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
     Err(format!(
         "{value:?} is not a time: use RFC 3339 (2024-01-31T12:00:00Z), a date (2024-01-31) or epoch seconds/milliseconds"
     ))
+}
+
+/// Refuses (415) a request body that says it is not JSON: every body of the API is JSON, and
+/// a form, XML or multipart body read as JSON would only fail later with a misleading
+/// `invalid_json`. A body without `Content-Type` is taken as JSON (devices with minimal HTTP
+/// stacks often send none); `application/json` and any `+json` type are accepted. Requests
+/// without a body (GET, WebSocket upgrades, POSTs that take none) are not checked.
+pub fn refuse_non_json_body(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
+    use actix_web::HttpMessage;
+    use actix_web::http::header;
+    use actix_web::mime::JSON;
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|length| length > 0);
+    if !has_body {
+        return Ok(());
+    }
+    match req.mime_type() {
+        Ok(None) => Ok(()),
+        Ok(Some(mime)) if mime.subtype() == JSON || mime.suffix() == Some(JSON) => Ok(()),
+        _ => Err(ApiError::new(
+            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON: send it with Content-Type: application/json",
+        )),
+    }
 }
 
 /// A time query parameter, or a 400 naming the parameter.

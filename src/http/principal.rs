@@ -131,8 +131,9 @@ fn carried_credential(req: &HttpRequest) -> Option<Credential> {
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     else {
-        // Browsers cannot set headers on a WebSocket: the live stream takes `?token=`.
-        if req.path() == "/ws" {
+        // Browsers cannot set headers on a WebSocket: the live stream and the device sockets
+        // take `?token=`.
+        if req.path() == "/ws" || req.path().starts_with("/ws/") {
             let token =
                 web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
                     .ok()

@@ -111,7 +111,8 @@ async fn get_shadow(
         (status = 403, description = "Viewers may not update shadows", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "version_conflict", body = ErrorBody),
-        (status = 413, description = "payload_too_large or state_too_large", body = ErrorBody)
+        (status = 413, description = "payload_too_large or state_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: a body whose Content-Type is not JSON", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]

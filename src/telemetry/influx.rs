@@ -698,7 +698,7 @@ impl InfluxTelemetryStore {
             }
         }
         for (s, p) in series.iter_mut().zip(partials) {
-            s.samples = q::finish_partials(p, aggregation, query.start_ms, bucketing.every_ms);
+            s.samples = q::finish_partials(p, aggregation, query.start_ms, bucketing.every_ms)?;
         }
         Ok(QueryResult {
             series,

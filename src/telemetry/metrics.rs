@@ -193,7 +193,7 @@ impl Collector for WriterCollector {
 }
 
 /// Registers the writers' figures: points by outcome (committed to the store, spooled while
-/// it was away, refused with 503, dropped at QoS 0, failed), write retries, and whether new
+/// it was away, refused as invalid or with 503, dropped at QoS 0, failed), write retries, and whether new
 /// batches currently go to the spool.
 pub fn register_writers(metrics: &Metrics, writers: &WriterPool) {
     let points = IntCounterVec::new(

@@ -682,7 +682,8 @@ fn aggregate_series(
         raw_rows(conn, id, query.start_ms, query.end_ms, |ts_ms, value| {
             let bucket = bucket_of(ts_ms);
             if let Some((b, samples)) = current.as_mut().filter(|(b, _)| *b != bucket) {
-                if let Some(value) = q::aggregate_bucket(samples, aggregation) {
+                // Last and percentiles pick a stored value: they cannot overflow.
+                if let Ok(Some(value)) = q::aggregate_bucket(samples, aggregation) {
                     out.push(Sample { ts_ms: *b, value });
                 }
                 samples.clear();
@@ -694,7 +695,7 @@ fn aggregate_series(
                 .push(Sample { ts_ms, value });
         })?;
         if let Some((b, samples)) = current
-            && let Some(value) = q::aggregate_bucket(&samples, aggregation)
+            && let Some(value) = q::aggregate_bucket(&samples, aggregation)?
         {
             out.push(Sample { ts_ms: b, value });
         }
@@ -764,7 +765,7 @@ fn aggregate_series(
         aggregation,
         query.start_ms,
         bucketing.every_ms,
-    ))
+    )?)
 }
 
 #[async_trait]

@@ -289,23 +289,45 @@ impl Partial {
 
     /// The aggregate, or `None` when it is undefined for these values (a mean of no numbers).
     /// Only for aggregations that [`Aggregation::from_rollups`].
-    pub fn finish(&self, aggregation: Aggregation) -> Option<MetricValue> {
+    ///
+    /// Sums are f64 from the first value on (and so are the stored rollups), so values near the
+    /// i64 limits add up without wrapping; a sum past f64's range (±1.8e308) is infinite, and
+    /// its sum or mean is refused with [`AggregateOverflow`] rather than left out of the answer
+    /// as if the bucket had no values.
+    pub fn finish(&self, aggregation: Aggregation) -> Result<Option<MetricValue>, AggregateOverflow> {
         let numeric = self.num_count > 0;
         let value = match aggregation {
             Aggregation::Count if self.count > 0 => self.count as f64,
+            Aggregation::Mean | Aggregation::Sum if numeric && !self.sum.is_finite() => {
+                return Err(AggregateOverflow { aggregation });
+            }
             Aggregation::Mean if numeric => self.sum / self.num_count as f64,
             Aggregation::Sum if numeric => self.sum,
             Aggregation::Min if numeric => self.min,
             Aggregation::Max if numeric => self.max,
-            _ => return None,
+            _ => return Ok(None),
         };
-        MetricValue::number(value)
+        Ok(MetricValue::number(value))
     }
+}
+
+/// A sum (or the sum a mean divides) beyond the range of a 64-bit float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the {} of these values is beyond the range of a 64-bit float (±1.8e308): narrow the time range or the bucket (every), or ask for min or max",
+    aggregation.as_str()
+)]
+pub struct AggregateOverflow {
+    pub aggregation: Aggregation,
 }
 
 /// Aggregates raw samples (oldest first) per bucket. Buckets without a defined value (no
 /// numbers for a numeric aggregation) are left out.
-pub fn aggregate(samples: &[Sample], bucketing: Bucketing, start_ms: i64) -> Vec<Sample> {
+pub fn aggregate(
+    samples: &[Sample],
+    bucketing: Bucketing,
+    start_ms: i64,
+) -> Result<Vec<Sample>, AggregateOverflow> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < samples.len() {
@@ -314,23 +336,26 @@ pub fn aggregate(samples: &[Sample], bucketing: Bucketing, start_ms: i64) -> Vec
         while j < samples.len() && bucket_start(samples[j].ts_ms, start_ms, bucketing.every_ms) == bucket {
             j += 1;
         }
-        if let Some(value) = aggregate_bucket(&samples[i..j], bucketing.aggregation) {
+        if let Some(value) = aggregate_bucket(&samples[i..j], bucketing.aggregation)? {
             out.push(Sample { ts_ms: bucket, value });
         }
         i = j;
     }
-    out
+    Ok(out)
 }
 
 /// The aggregate of one bucket's samples (oldest first).
-pub fn aggregate_bucket(samples: &[Sample], aggregation: Aggregation) -> Option<MetricValue> {
+pub fn aggregate_bucket(
+    samples: &[Sample],
+    aggregation: Aggregation,
+) -> Result<Option<MetricValue>, AggregateOverflow> {
     if let Some(p) = aggregation.percentile() {
         let mut numbers: Vec<f64> = samples.iter().filter_map(|s| s.value.as_f64()).collect();
         numbers.sort_by(f64::total_cmp);
-        return percentile(&numbers, p).and_then(MetricValue::number);
+        return Ok(percentile(&numbers, p).and_then(MetricValue::number));
     }
     if aggregation == Aggregation::Last {
-        return samples.last().map(|s| s.value.clone());
+        return Ok(samples.last().map(|s| s.value.clone()));
     }
     let mut partial = Partial::default();
     samples.iter().for_each(|s| partial.add(&s.value));
@@ -343,7 +368,7 @@ pub fn finish_partials(
     aggregation: Aggregation,
     start_ms: i64,
     every_ms: Option<i64>,
-) -> Vec<Sample> {
+) -> Result<Vec<Sample>, AggregateOverflow> {
     for (ts, _) in partials.iter_mut() {
         *ts = bucket_start(*ts, start_ms, every_ms);
     }
@@ -355,10 +380,13 @@ pub fn finish_partials(
             _ => merged.push((ts, partial)),
         }
     }
-    merged
-        .into_iter()
-        .filter_map(|(ts_ms, p)| p.finish(aggregation).map(|value| Sample { ts_ms, value }))
-        .collect()
+    let mut out = Vec::with_capacity(merged.len());
+    for (ts_ms, p) in merged {
+        if let Some(value) = p.finish(aggregation)? {
+            out.push(Sample { ts_ms, value });
+        }
+    }
+    Ok(out)
 }
 
 /// A rollup table (or InfluxDB retention policy) of per-bucket partial aggregates.
@@ -563,6 +591,7 @@ mod tests {
                 },
                 0,
             )
+            .unwrap()
         };
         assert_eq!(run(Aggregation::Mean), vec![n(0, 2.0), n(60_000, 1.0)]);
         assert_eq!(run(Aggregation::Sum), vec![n(0, 4.0), n(60_000, 2.0)]);
@@ -594,7 +623,8 @@ mod tests {
                 every_ms: None,
             },
             5,
-        );
+        )
+        .unwrap();
         assert_eq!(whole, vec![n(5, 6.0)]);
     }
 
@@ -615,16 +645,60 @@ mod tests {
         assert_eq!(left, whole);
         assert_eq!(
             whole.finish(Aggregation::Mean),
-            Some(MetricValue::Number(12.75 / 5.0))
+            Ok(Some(MetricValue::Number(12.75 / 5.0)))
         );
-        assert_eq!(Partial::default().finish(Aggregation::Mean), None);
+        assert_eq!(Partial::default().finish(Aggregation::Mean), Ok(None));
         let samples = finish_partials(
             vec![(120_000, left), (0, whole), (60_000, whole)],
             Aggregation::Count,
             0,
             Some(120_000),
-        );
+        )
+        .unwrap();
         assert_eq!(samples, vec![n(0, 10.0), n(120_000, 5.0)]);
+    }
+
+    #[test]
+    fn sums_near_the_limits() {
+        let sum_of = |values: &[f64], aggregation: Aggregation| {
+            let mut p = Partial::default();
+            values.iter().for_each(|v| p.add(&MetricValue::Number(*v)));
+            p.finish(aggregation)
+        };
+        // Past i64::MAX: no wrapping, no error.
+        let big = i64::MAX as f64;
+        assert_eq!(
+            sum_of(&[big, big], Aggregation::Sum),
+            Ok(Some(MetricValue::Number(2.0 * big)))
+        );
+        assert_eq!(
+            sum_of(&[-big, -big], Aggregation::Mean),
+            Ok(Some(MetricValue::Number(-big)))
+        );
+        // Past f64::MAX: refused with the reason, for the sum and the mean alike.
+        for aggregation in [Aggregation::Sum, Aggregation::Mean] {
+            assert_eq!(
+                sum_of(&[f64::MAX, f64::MAX], aggregation),
+                Err(AggregateOverflow { aggregation })
+            );
+        }
+        // Opposite overflows make NaN: refused too.
+        assert!(
+            sum_of(
+                &[f64::MAX, f64::MAX, -f64::MAX, -f64::MAX, -f64::MAX],
+                Aggregation::Sum
+            )
+            .is_err()
+        );
+        // Min, max and count of the same values are fine.
+        assert_eq!(
+            sum_of(&[f64::MAX, f64::MAX], Aggregation::Max),
+            Ok(Some(MetricValue::Number(f64::MAX)))
+        );
+        // Finishing partials reports it too.
+        let mut p = Partial::default();
+        p.add(&MetricValue::Number(f64::MAX));
+        assert!(finish_partials(vec![(0, p), (0, p)], Aggregation::Sum, 0, None).is_err());
     }
 
     fn cov(until_ms: i64) -> Vec<RollupCoverage> {

@@ -32,6 +32,9 @@ pub enum TelemetryStoreError {
     /// A raw query matched more points than its limit.
     #[error("the query matches more than {limit} points")]
     TooManyPoints { limit: usize },
+    /// A sum or mean past the range of f64; the same query cannot succeed.
+    #[error(transparent)]
+    Overflow(#[from] crate::telemetry::query::AggregateOverflow),
     /// Anything else (corrupt data, a bug). Not retried.
     #[error("telemetry store error: {0}")]
     Internal(String),
