@@ -15,8 +15,9 @@ use actix::prelude::*;
 use crate::clock::SharedClock;
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
-use crate::rules::evaluator::{StatsBoard, TenantRules};
+use crate::rules::evaluator::TenantRules;
 use crate::rules::script::Sandbox;
+use crate::rules::stats::StatsBoard;
 use crate::rules::{AlarmSignal, RuleSource};
 
 /// Re-read the tenant's rules from the source.

@@ -7,7 +7,7 @@
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
 use drover_actors::Role;
-use drover_actors::rules::evaluator::RuleStatsView;
+use drover_actors::rules::stats::RuleStatsView;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use drover_actors::rule_actor::RuleCounters;
-use drover_actors::rules::evaluator::StatsBoard;
+use drover_actors::rules::stats::StatsBoard;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, Opts};

@@ -23,8 +23,8 @@ use drover_actors::clock::SharedClock;
 use drover_actors::rule_actor::{AlarmClosed, ReloadRules, RuleCounters, RuleSettings};
 use drover_actors::rule_router::{RuleRouter, StopRules};
 use drover_actors::rules::DesiredStatePatcher;
-use drover_actors::rules::evaluator::StatsBoard;
 use drover_actors::rules::script::Sandbox;
+use drover_actors::rules::stats::StatsBoard;
 use drover_actors::{DeviceId, TenantId};
 
 use crate::config::Config;
