@@ -73,6 +73,7 @@ fn rule_view(state: &AppState, record: &RuleRecord) -> RuleView {
             skipped: 0,
             errors: 0,
             limit_hits: 0,
+            timeouts: 0,
             status: "idle",
             last_error: None,
         });

@@ -1,8 +1,10 @@
 //! Evaluation of one tenant's rules: pure state machines, no actors, no I/O.
 //!
 //! [`TenantRules::on_telemetry`] takes one accepted batch and the server time it arrived at and
-//! returns the alarm changes it causes; [`TenantRules::on_tick`] fires time-based conditions
-//! (absence). Window statistics are per (device, metric) and cover the values that arrived before
+//! returns the alarm changes it causes; [`TenantRules::on_telemetry_until`] does the same in
+//! steps, pausing between two rule evaluations when its caller's time is up (so one tenant's
+//! slow rules cannot hold an evaluation thread that other tenants wait for);
+//! [`TenantRules::on_tick`] fires time-based conditions (absence). Window statistics are per (device, metric) and cover the values that arrived before
 //! the message being evaluated. A rule whose expression hits a sandbox limit at run time is
 //! stopped (its stats say why) and the tenant's other rules carry on. The condition types
 //! themselves are in `condition`, the per-rule counters in `stats`.
@@ -35,6 +37,23 @@ pub struct TenantRules {
     /// Longest window any rule needs (values older than this are dropped).
     keep_ms: i64,
     board: StatsBoard,
+    /// Where the batch that paused resumes.
+    cursor: Option<Cursor>,
+}
+
+/// A position in a batch: the message (in timestamp order) and the rule to judge it next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Cursor {
+    message: usize,
+    rule: usize,
+}
+
+/// Whether [`TenantRules::on_telemetry_until`] judged the whole batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Done,
+    /// Time was up: the same batch must be passed again, before anything else of the tenant.
+    Paused,
 }
 
 /// Why a rule could not be loaded.
@@ -66,6 +85,7 @@ impl TenantRules {
             devices: HashMap::new(),
             keep_ms: 0,
             board,
+            cursor: None,
         }
     }
 
@@ -77,6 +97,9 @@ impl TenantRules {
     /// starts afresh (and runs again if it had been stopped). Rules that fail to compile are
     /// left out and reported.
     pub fn set_rules(&mut self, specs: Vec<RuleSpec>, active: &[(DeviceId, String)]) -> Vec<LoadError> {
+        debug_assert!(self.cursor.is_none(), "rules changed while a batch was paused");
+        // Indexes of a paused batch mean nothing in the new set.
+        self.cursor = None;
         let mut previous: HashMap<String, CompiledRule> =
             self.rules.drain(..).map(|r| (r.spec.id.clone(), r)).collect();
         let mut errors = Vec::new();
@@ -156,6 +179,22 @@ impl TenantRules {
 
     /// Evaluates every rule in scope on each message of the batch, in timestamp order.
     pub fn on_telemetry(&mut self, event: &TelemetryAccepted, now_ms: i64) -> Vec<AlarmSignal> {
+        let mut out = Vec::new();
+        self.on_telemetry_until(event, now_ms, &mut out, &mut || false);
+        out
+    }
+
+    /// As [`TenantRules::on_telemetry`], asking `out_of_time` after each rule evaluation: when
+    /// it answers `true`, evaluation pauses there and the next call with the same batch resumes
+    /// at the next rule (at least one evaluation runs per call, so a batch always moves on).
+    /// Between a `Paused` and the call that resumes it, nothing else may change these rules.
+    pub fn on_telemetry_until(
+        &mut self,
+        event: &TelemetryAccepted,
+        now_ms: i64,
+        out: &mut Vec<AlarmSignal>,
+        out_of_time: &mut dyn FnMut() -> bool,
+    ) -> Progress {
         let mut by_ts: BTreeMap<i64, Vec<(&str, &MetricValue)>> = BTreeMap::new();
         for p in event.points.iter() {
             by_ts
@@ -163,15 +202,36 @@ impl TenantRules {
                 .or_default()
                 .push((p.metric.as_str(), &p.value));
         }
-        let mut out = Vec::new();
-        for (_, metrics) in by_ts {
+        let messages = by_ts.len();
+        let start = self.cursor.take().unwrap_or_default();
+        for (index, (_, metrics)) in by_ts.into_iter().enumerate().skip(start.message) {
+            let first_rule = if index == start.message { start.rule } else { 0 };
             let message = Message { event, metrics };
-            self.on_message(&message, now_ms, &mut out);
+            if let Some(rule) = self.on_message(&message, now_ms, first_rule, out, out_of_time) {
+                self.cursor = Some(Cursor { message: index, rule });
+                return Progress::Paused;
+            }
+            if index + 1 < messages && out_of_time() {
+                self.cursor = Some(Cursor {
+                    message: index + 1,
+                    rule: 0,
+                });
+                return Progress::Paused;
+            }
         }
-        out
+        Progress::Done
     }
 
-    fn on_message(&mut self, message: &Message, now_ms: i64, out: &mut Vec<AlarmSignal>) {
+    /// Judges one message from rule `first_rule` on; `Some(next rule)` when time ran out before
+    /// the last rule (the message then joins the windows when it is finished).
+    fn on_message(
+        &mut self,
+        message: &Message,
+        now_ms: i64,
+        first_rule: usize,
+        out: &mut Vec<AlarmSignal>,
+        out_of_time: &mut dyn FnMut() -> bool,
+    ) -> Option<usize> {
         let event = message.event;
         let device = self.devices.entry(event.device.clone()).or_default();
         device.last_seen_ms = now_ms;
@@ -195,7 +255,8 @@ impl TenantRules {
             metadata: None,
             shadow: None,
         };
-        for rule in &mut self.rules {
+        let count = self.rules.len();
+        for (index, rule) in self.rules.iter_mut().enumerate().skip(first_rule) {
             if !rule.spec.enabled
                 || rule.stats.stopped.load(Ordering::Relaxed)
                 || !rule.spec.scope.matches(&event.device, &event.device_type)
@@ -204,6 +265,9 @@ impl TenantRules {
             }
             if let Some(signal) = evaluate(rule, &mut ctx, &self.tenant) {
                 out.push(signal);
+            }
+            if index + 1 < count && out_of_time() {
+                return Some(index + 1);
             }
         }
         // The message joins the windows after it was judged against them.
@@ -218,6 +282,7 @@ impl TenantRules {
                 }
             }
         }
+        None
     }
 
     /// Reports coalesced repeats, fires time-based conditions (absence) and drops window values
@@ -717,5 +782,53 @@ mod tests {
         let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, StatsBoard::default());
         t.set_rules(vec![hot], &[(DeviceId::parse("d1").unwrap(), "hot".into())]);
         assert_eq!(temp(&mut t, "d1", 20.0, 0), vec![CLEAR]);
+    }
+
+    #[test]
+    fn a_paused_batch_resumes_where_it_stopped_and_judges_like_an_uninterrupted_one() {
+        let rules = vec![
+            rule("hot", expr("temperature > 30")),
+            rule(
+                "spike",
+                expr("metrics.temperature.count >= 2 && current > metrics.temperature.avg"),
+            ),
+            rule(
+                "dur",
+                ConditionSpec::Duration {
+                    expression: "temperature > 20".into(),
+                    for_ms: 1,
+                },
+            ),
+        ];
+        let mut batch = event("d1", &[("temperature", 25.0)]);
+        let points: Vec<TelemetryPoint> = [(1, 25.0), (2, 31.0), (3, 40.0), (4, 10.0)]
+            .into_iter()
+            .map(|(ts, v)| TelemetryPoint {
+                ts_ms: ts,
+                value: MetricValue::Number(v),
+                ..batch.points[0].clone()
+            })
+            .collect();
+        batch.points = points.into();
+        let mut whole = engine(rules.clone());
+        let expected = whole.on_telemetry(&batch, 1_000);
+        assert!(expected.len() >= 2, "{expected:?}");
+
+        // Out of time after every evaluation: one rule per call.
+        let board = StatsBoard::default();
+        let mut stepped = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
+        stepped.set_rules(rules, &[]);
+        let mut got = Vec::new();
+        let mut calls = 0;
+        while stepped.on_telemetry_until(&batch, 1_000, &mut got, &mut || true) == Progress::Paused {
+            calls += 1;
+            assert!(calls < 100, "no progress");
+        }
+        assert_eq!(calls + 1, 4 * 3, "one evaluation per call");
+        assert_eq!(got, expected);
+        let stats = board.lock().unwrap();
+        for id in ["hot", "spike", "dur"] {
+            assert_eq!(stats[id].view().evaluations, 4, "{id} judged each message once");
+        }
     }
 }

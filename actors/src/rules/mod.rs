@@ -9,6 +9,7 @@
 
 mod condition;
 pub mod evaluator;
+pub mod names;
 pub mod script;
 pub mod stats;
 pub mod window;

@@ -18,6 +18,9 @@ pub struct RuleStats {
     pub skipped: AtomicU64,
     pub errors: AtomicU64,
     pub limit_hits: AtomicU64,
+    /// Evaluations stopped by the wall-time limit (the rule keeps running: wall time depends on
+    /// the machine's load).
+    pub timeouts: AtomicU64,
     /// Set when a sandbox limit was hit: the rule no longer runs until it is changed.
     pub stopped: AtomicBool,
     pub last_error: Mutex<Option<String>>,
@@ -32,6 +35,7 @@ pub struct RuleStatsView {
     pub skipped: u64,
     pub errors: u64,
     pub limit_hits: u64,
+    pub timeouts: u64,
     /// `running`, `stopped` (a limit was hit) or `idle` (not loaded yet).
     pub status: &'static str,
     pub last_error: Option<String>,
@@ -45,6 +49,7 @@ impl RuleStats {
             skipped: self.skipped.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             limit_hits: self.limit_hits.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
             status: if self.stopped.load(Ordering::Relaxed) {
                 "stopped"
             } else {
@@ -64,6 +69,9 @@ impl RuleStats {
                 self.limit_hits.fetch_add(1, Ordering::Relaxed);
                 self.stopped.store(true, Ordering::Relaxed);
             }
+            ScriptError::Timeout { .. } => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
             _ => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -74,5 +82,5 @@ impl RuleStats {
     }
 }
 
-/// Stats of every loaded rule by id, shared between the rule actors and the API.
+/// Stats of every loaded rule by id, shared between the evaluation threads and the API.
 pub type StatsBoard = Arc<Mutex<HashMap<String, Arc<RuleStats>>>>;
