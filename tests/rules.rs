@@ -220,12 +220,10 @@ async fn alarms_flow(backend: Backend) {
         c.rules.retry_backoff_ms = 20;
         c.rules.delivery_attempts = 3;
         c.rules.http_timeout_ms = 3000;
-        c.smtp.host = if smtp_port.is_some() {
-            "127.0.0.1".into()
-        } else {
-            String::new()
-        };
-        c.smtp.port = smtp_port.unwrap_or(25);
+        // Without aiosmtpd email goes to a port nobody listens on: an email channel needs an
+        // SMTP server configured to be accepted at all.
+        c.smtp.host = "127.0.0.1".into();
+        c.smtp.port = smtp_port.unwrap_or(9);
         c.smtp.tls = "none".into();
         c.smtp.from = "drover@example.com".into();
         c.sms.base_url = format!("http://{sms_addr}");

@@ -11,6 +11,7 @@ mod condition;
 pub mod evaluator;
 pub mod names;
 pub mod script;
+pub mod seen_metrics;
 pub mod stats;
 pub mod window;
 

@@ -34,6 +34,17 @@ const UNAVAILABLE: &[(&str, &str)] = &[
     ("exit", "a rule may not stop evaluation"),
 ];
 
+/// Variables the evaluator provides besides the message's metrics.
+pub const CONTEXT_VARIABLES: &[&str] = &[
+    "current",
+    "device",
+    "deviceType",
+    "metadata",
+    "shadow",
+    "metrics",
+    "zscore",
+];
+
 /// How often (in operations) an evaluation looks at its deadline: reading the clock on every
 /// operation would cost more than most expressions.
 const DEADLINE_CHECK_OPERATIONS: u64 = 256;
