@@ -1440,8 +1440,16 @@ impl Config {
         }
         for (value, max, key) in [
             (r.workers as u64, 64, "rules.workers (RULES_WORKERS)"),
-            (r.tenant_slice_ms, 10_000, "rules.tenant_slice_ms (RULES_TENANT_SLICE_MS)"),
-            (r.eval_timeout_ms, 10_000, "rules.eval_timeout_ms (RULES_EVAL_TIMEOUT_MS)"),
+            (
+                r.tenant_slice_ms,
+                10_000,
+                "rules.tenant_slice_ms (RULES_TENANT_SLICE_MS)",
+            ),
+            (
+                r.eval_timeout_ms,
+                10_000,
+                "rules.eval_timeout_ms (RULES_EVAL_TIMEOUT_MS)",
+            ),
         ] {
             if value > max {
                 return Err(ConfigError::new(key, format!("at most {max}")));

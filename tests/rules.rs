@@ -638,12 +638,24 @@ async fn rules_crud_and_validation() {
     // runs (two `sleep(15)` rules used to hold both HTTP workers for 15 s).
     for (condition, name, at) in [
         ("sleep(15); false", "sleep", "line 1, column 1"),
-        ("temperature > 30 &&\n sleep(1.5) == ()", "sleep", "line 2, column 2"),
-        ("let t = timestamp(); while t.elapsed() < 10.0 {} true", "timestamp", "line 1, column 9"),
+        (
+            "temperature > 30 &&\n sleep(1.5) == ()",
+            "sleep",
+            "line 2, column 2",
+        ),
+        (
+            "let t = timestamp(); while t.elapsed() < 10.0 {} true",
+            "timestamp",
+            "line 1, column 9",
+        ),
     ] {
         let started = std::time::Instant::now();
         let (status, body) = server
-            .post("/api/rules", &admin, json!({"name": "Sleepy", "condition": condition}))
+            .post(
+                "/api/rules",
+                &admin,
+                json!({"name": "Sleepy", "condition": condition}),
+            )
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{condition}: {body}");
         assert_eq!(body["error"]["code"], "invalid_expression", "{body}");
@@ -652,12 +664,21 @@ async fn rules_crud_and_validation() {
             message.contains(&format!("`{name}` is not available")) && message.contains(at),
             "{condition}: {message}"
         );
-        assert!(started.elapsed() < Duration::from_secs(1), "refused without running");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused without running"
+        );
     }
     // What could never be delivered is refused: this server has no SMTP server and no SMS account.
     for (channel, code) in [
-        (json!({"name": "m", "type": "email", "to": ["ops@example.com"]}), "email_not_configured"),
-        (json!({"name": "s", "type": "sms", "to": ["+15550001"]}), "sms_not_configured"),
+        (
+            json!({"name": "m", "type": "email", "to": ["ops@example.com"]}),
+            "email_not_configured",
+        ),
+        (
+            json!({"name": "s", "type": "sms", "to": ["+15550001"]}),
+            "sms_not_configured",
+        ),
     ] {
         let (status, body) = server.post("/api/channels", &admin, channel).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
@@ -680,7 +701,11 @@ async fn rules_crud_and_validation() {
             json!({"name": "own-sms", "type": "sms", "to": ["+15550001"], "accountSid": "AC1", "secret": "t"}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "an SMS channel with its own account: {body}");
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "an SMS channel with its own account: {body}"
+    );
     let (status, body) = server
         .post(
             "/api/rules",
@@ -766,7 +791,7 @@ async fn rules_crud_and_validation() {
             Some(json!({"metrics": {"temperature": {"type": "number"}}})),
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, typo) = server
         .post(
             "/api/rules",
@@ -780,7 +805,10 @@ async fn rules_crud_and_validation() {
     assert_eq!(warnings[0]["code"], "unknown_metric");
     assert_eq!(warnings[0]["field"], "condition");
     let message = warnings[0]["message"].as_str().unwrap();
-    assert!(message.contains("`temprature`") && message.contains("temperature"), "{message}");
+    assert!(
+        message.contains("`temprature`") && message.contains("temperature"),
+        "{message}"
+    );
     let typo_id = typo["id"].as_str().unwrap().to_string();
     let (status, fixed) = server
         .patch(
@@ -1241,8 +1269,13 @@ async fn one_tenants_slow_rules_delay_neither_another_tenants_alarm_nor_health()
         opened_after < Duration::from_secs(1),
         "the quiet tenant's alarm opened after {opened_after:?}"
     );
-    eprintln!("alarm after {opened_after:?}, /health at most {slowest_health:?} over {polls} polls, {backlog} events waiting");
-    assert!(backlog >= 1.0, "the noisy tenant still had work waiting ({backlog})");
+    eprintln!(
+        "alarm after {opened_after:?}, /health at most {slowest_health:?} over {polls} polls, {backlog} events waiting"
+    );
+    assert!(
+        backlog >= 1.0,
+        "the noisy tenant still had work waiting ({backlog})"
+    );
     assert!(
         metric(&server, "drover_rule_slices_exhausted_total").await >= 1.0,
         "the noisy tenant used up its slices"

@@ -24,10 +24,10 @@ use actix::Recipient;
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
 use crate::rule_actor::{AlarmSignals, RuleCounters};
-use crate::rules::{AlarmSignal, RuleSpec};
 use crate::rules::evaluator::{Progress, TenantRules};
 use crate::rules::script::Sandbox;
 use crate::rules::stats::StatsBoard;
+use crate::rules::{AlarmSignal, RuleSpec};
 
 /// What a tenant's rules are asked to do, in the order its rule actor asked.
 #[derive(Debug)]
@@ -238,14 +238,17 @@ impl RuleWorkers {
     pub fn push(&self, tenant: &TenantId, work: RuleWork) -> bool {
         let settings = &self.shared.settings;
         let telemetry = matches!(work, RuleWork::Telemetry { .. });
-        let result = self.shared.lock().push(tenant, work, settings.queue_capacity, || {
-            TenantRules::new(
-                tenant.clone(),
-                settings.sandbox.clone(),
-                settings.anomaly_threshold,
-                settings.board.clone(),
-            )
-        });
+        let result = self
+            .shared
+            .lock()
+            .push(tenant, work, settings.queue_capacity, || {
+                TenantRules::new(
+                    tenant.clone(),
+                    settings.sandbox.clone(),
+                    settings.anomaly_threshold,
+                    settings.board.clone(),
+                )
+            });
         match result {
             Ok(()) => {
                 if telemetry {
@@ -315,7 +318,9 @@ fn work(shared: &Shared) {
                             settings.counters.queued.fetch_sub(1, Ordering::Relaxed);
                         }
                         Progress::Paused => {
-                            shared.lock().put_back(&tenant, RuleWork::Telemetry { event, now_ms });
+                            shared
+                                .lock()
+                                .put_back(&tenant, RuleWork::Telemetry { event, now_ms });
                             exhausted = true;
                             break;
                         }
@@ -372,7 +377,12 @@ mod tests {
     }
 
     fn rules(id: &str) -> TenantRules {
-        TenantRules::new(tenant(id), Arc::new(Sandbox::default()), 3.0, StatsBoard::default())
+        TenantRules::new(
+            tenant(id),
+            Arc::new(Sandbox::default()),
+            3.0,
+            StatsBoard::default(),
+        )
     }
 
     fn tick(now_ms: i64) -> RuleWork {
@@ -399,7 +409,11 @@ mod tests {
         s.push(&b, closed("b0"), 10, || rules("b")).unwrap();
         assert!(s.next_work(&a).is_some());
         assert!(s.end_turn(&a, rules_a), "a still has work");
-        assert_eq!(s.start_turn().map(|t| t.0), Some(b), "b does not wait for a's backlog");
+        assert_eq!(
+            s.start_turn().map(|t| t.0),
+            Some(b),
+            "b does not wait for a's backlog"
+        );
         assert_eq!(s.start_turn().map(|t| t.0), Some(a));
         assert!(s.start_turn().is_none());
     }
@@ -411,7 +425,10 @@ mod tests {
         s.push(&a, closed("x"), 10, || rules("a")).unwrap();
         let (_, held) = s.start_turn().unwrap();
         s.push(&a, closed("y"), 10, || rules("a")).unwrap();
-        assert!(s.start_turn().is_none(), "pushing to a held tenant does not ring it again");
+        assert!(
+            s.start_turn().is_none(),
+            "pushing to a held tenant does not ring it again"
+        );
         assert!(s.next_work(&a).is_some());
         assert!(s.next_work(&a).is_some());
         assert!(s.next_work(&a).is_none());
@@ -441,13 +458,20 @@ mod tests {
         assert_eq!(s.push(&a, batch(), 2, || rules("a")), Err(Refused::Full));
         assert_eq!(s.push(&a, tick(1), 2, || rules("a")), Ok(()));
         assert_eq!(s.push(&a, tick(2), 2, || rules("a")), Err(Refused::Duplicate));
-        assert_eq!(s.push(&a, closed("r"), 2, || rules("a")), Ok(()), "control work is never refused");
+        assert_eq!(
+            s.push(&a, closed("r"), 2, || rules("a")),
+            Ok(()),
+            "control work is never refused"
+        );
         assert_eq!(s.telemetry_queued(), 2);
         let (_, _held) = s.start_turn().unwrap();
         let first = s.next_work(&a).unwrap();
         assert_eq!(s.telemetry_queued(), 1);
         s.put_back(&a, first);
         assert_eq!(s.telemetry_queued(), 2);
-        assert!(matches!(s.next_work(&a), Some(RuleWork::Telemetry { .. })), "a paused batch resumes first");
+        assert!(
+            matches!(s.next_work(&a), Some(RuleWork::Telemetry { .. })),
+            "a paused batch resumes first"
+        );
     }
 }

@@ -173,7 +173,11 @@ fn parse_rule(value: Value) -> Result<RuleBody, ApiError> {
 #[utoipa::path(
     tag = "rules",
     request_body(content = RuleBody, description = "A rule: name, condition (expression or typed), actions, scope, severity, clear, escalation, notify"),
-    responses((status = 201, body = RuleView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses(
+        (status = 201, body = RuleView, description = "Created; `warnings` names what will not fire as written (`unknown_metric`)"),
+        (status = 400, body = ErrorBody, description = "`invalid_expression` (syntax, a sandbox limit, or a function rules may not call such as `sleep` or `timestamp`, with line and column), `unknown_channel`, `channel_type_mismatch`, `email_not_configured`, `sms_not_configured`, `validation_failed`, `invalid_field`"),
+        (status = 409, body = ErrorBody)
+    ),
     security(("bearer" = []))
 )]
 #[post("/rules")]
@@ -239,7 +243,11 @@ async fn get_rule(
     tag = "rules",
     params(("id" = String, Path, description = "Rule id")),
     request_body(content = Object, description = "Fields of the rule to replace"),
-    responses((status = 200, body = RuleView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses(
+        (status = 200, body = RuleView, description = "Updated; `warnings` names what will not fire as written (`unknown_metric`)"),
+        (status = 400, body = ErrorBody, description = "As for creation"),
+        (status = 404, body = ErrorBody)
+    ),
     security(("bearer" = []))
 )]
 #[patch("/rules/{id}")]
@@ -355,7 +363,7 @@ impl From<ChannelRecord> for ChannelView {
 #[utoipa::path(
     tag = "rules",
     request_body = ChannelBody,
-    responses((status = 201, body = ChannelView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses((status = 201, body = ChannelView), (status = 400, body = ErrorBody, description = "Invalid settings; `email_not_configured` (no SMTP server), `sms_not_configured` (no SMS gateway account)"), (status = 409, body = ErrorBody)),
     security(("bearer" = []))
 )]
 #[post("/channels")]
@@ -415,7 +423,7 @@ async fn get_channel(
     tag = "rules",
     params(("id" = String, Path, description = "Channel id or name")),
     request_body = ChannelBody,
-    responses((status = 200, body = ChannelView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = ChannelView), (status = 400, body = ErrorBody, description = "As for creation"), (status = 404, body = ErrorBody)),
     security(("bearer" = []))
 )]
 #[patch("/channels/{id}")]

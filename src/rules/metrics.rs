@@ -143,7 +143,8 @@ impl Collector for EngineCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let (mut evaluations, mut errors, mut limits, mut timeouts, mut stopped) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut evaluations, mut errors, mut limits, mut timeouts, mut stopped) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
         if let Ok(board) = self.board.lock() {
             for stats in board.values() {
                 let v = stats.view();

@@ -313,15 +313,11 @@ impl RuleBody {
             }
         };
         Ok(match typed {
-            TypedCondition::Expression { expression } => {
-                ConditionSpec::Expression { expression }
-            }
-            TypedCondition::Duration { expression, for_secs } => {
-                ConditionSpec::Duration {
-                    expression,
-                    for_ms: positive("condition.forSecs", for_secs)?,
-                }
-            }
+            TypedCondition::Expression { expression } => ConditionSpec::Expression { expression },
+            TypedCondition::Duration { expression, for_secs } => ConditionSpec::Duration {
+                expression,
+                for_ms: positive("condition.forSecs", for_secs)?,
+            },
             TypedCondition::Repeating {
                 expression,
                 count,
@@ -358,13 +354,11 @@ impl RuleBody {
                 first,
                 then,
                 within_secs,
-            } => {
-                ConditionSpec::Pattern {
-                    first,
-                    then,
-                    within_ms: positive("condition.withinSecs", within_secs)?,
-                }
-            }
+            } => ConditionSpec::Pattern {
+                first,
+                then,
+                within_ms: positive("condition.withinSecs", within_secs)?,
+            },
             TypedCondition::Group {
                 expression,
                 min_devices,
@@ -806,7 +800,11 @@ impl RuleBody {
             "no device of this tenant has reported a metric since the server started".to_string()
         } else {
             let shown: Vec<&str> = known.names.iter().take(20).map(String::as_str).collect();
-            let more = if known.names.len() > shown.len() { ", …" } else { "" };
+            let more = if known.names.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            };
             format!("known metrics: {}{more}", shown.join(", "))
         };
         read.into_iter()
@@ -862,9 +860,7 @@ mod tests {
             "actions": [{"type": "webhook", "url": "https://alerts.example.com/webhook"}]
         }));
         b.validate(&Sandbox::default()).unwrap();
-        let spec = b
-            .to_spec("r1", &TenantId::parse("t").unwrap(), None)
-            .unwrap();
+        let spec = b.to_spec("r1", &TenantId::parse("t").unwrap(), None).unwrap();
         assert_eq!(spec.severity, Severity::Major);
         assert_eq!(spec.scope, RuleScope::All);
     }
@@ -913,9 +909,15 @@ mod tests {
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].code, "unknown_metric");
         assert_eq!(warnings[0].field, "condition");
-        assert!(warnings[0].message.contains("`temprature`"), "{}", warnings[0].message);
         assert!(
-            warnings[0].message.contains("known metrics: humidity, temperature"),
+            warnings[0].message.contains("`temprature`"),
+            "{}",
+            warnings[0].message
+        );
+        assert!(
+            warnings[0]
+                .message
+                .contains("known metrics: humidity, temperature"),
             "{}",
             warnings[0].message
         );
@@ -957,7 +959,11 @@ mod tests {
                 has_account: true,
             },
         ];
-        let rule = |actions: Value| body(json!({"name": "x", "condition": "t > 1", "escalation": [{"afterSecs": 60, "actions": actions}]}));
+        let rule = |actions: Value| {
+            body(
+                json!({"name": "x", "condition": "t > 1", "escalation": [{"afterSecs": 60, "actions": actions}]}),
+            )
+        };
         let code = |r: &RuleBody, d| r.check_deliverable(&channels, d).err().map(|e| e.code);
         let mail = rule(json!([{"type": "email", "channel": "mail"}]));
         assert_eq!(code(&mail, none), Some("email_not_configured"));
@@ -978,10 +984,16 @@ mod tests {
 
         let channel = |v: Value| serde_json::from_value::<ChannelBody>(v).unwrap();
         let email = channel(json!({"name": "m", "type": "email", "to": ["a@example.com"]}));
-        assert_eq!(email.check_deliverable(none).unwrap_err().code, "email_not_configured");
+        assert_eq!(
+            email.check_deliverable(none).unwrap_err().code,
+            "email_not_configured"
+        );
         assert!(email.check_deliverable(all).is_ok());
         let sms = channel(json!({"name": "s", "type": "sms", "to": ["+1555"]}));
-        assert_eq!(sms.check_deliverable(none).unwrap_err().code, "sms_not_configured");
+        assert_eq!(
+            sms.check_deliverable(none).unwrap_err().code,
+            "sms_not_configured"
+        );
         let own = channel(json!({"name": "s", "type": "sms", "to": ["+1555"], "accountSid": "AC1"}));
         assert!(own.check_deliverable(none).is_ok());
     }

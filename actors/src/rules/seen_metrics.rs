@@ -88,7 +88,13 @@ mod tests {
     fn names_are_kept_per_tenant_and_bounded() {
         let seen = SeenMetrics::default();
         let (a, b) = (TenantId::parse("a").unwrap(), TenantId::parse("b").unwrap());
-        assert_eq!(seen.reported(&a), ReportedMetrics { names: BTreeSet::new(), complete: true });
+        assert_eq!(
+            seen.reported(&a),
+            ReportedMetrics {
+                names: BTreeSet::new(),
+                complete: true
+            }
+        );
         seen.observe(&a, ["temperature", "humidity", "temperature"].into_iter());
         seen.observe(&b, ["door"].into_iter());
         let reported = seen.reported(&a);
