@@ -186,7 +186,8 @@ impl TenantRules {
 
     /// As [`TenantRules::on_telemetry`], asking `out_of_time` after each rule evaluation: when
     /// it answers `true`, evaluation pauses there and the next call with the same batch resumes
-    /// at the next rule (at least one evaluation runs per call, so a batch always moves on).
+    /// at the next rule (each call judges at least one rule or one message, so a batch always
+    /// moves on).
     /// Between a `Paused` and the call that resumes it, nothing else may change these rules.
     pub fn on_telemetry_until(
         &mut self,
