@@ -18,7 +18,9 @@ use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::Principal;
-use crate::rules::model::{ChannelBody, ChannelSummary, KnownMetrics, ModelError, RuleBody, RuleWarning};
+use crate::rules::model::{
+    ChannelBody, ChannelSummary, KnownMetrics, ModelError, RuleBody, RuleWarning, unmask_url,
+};
 use crate::state::AppState;
 use crate::storage::registry::from_ms;
 use crate::storage::rules::{ChannelRecord, RuleRecord};
@@ -190,6 +192,7 @@ async fn create_rule(
     let body = body.into_inner();
     no_sealed(&body)?;
     let mut rule = validated(&state, parse_rule(body)?).await?;
+    rule.check_destinations(&state.rules.destinations)?;
     check_channels(&state, &principal.tenant, &rule).await?;
     let warnings = rule.warnings(&known_metrics(&state, &principal.tenant).await?);
     rule.seal_secrets(&state.rules.secrets);
@@ -276,8 +279,12 @@ async fn patch_rule(
     for (key, value) in patch {
         merged[key] = value;
     }
-    let mut rule = validated(&state, parse_rule(merged)?).await?;
+    let mut rule = parse_rule(merged)?;
+    rule.restore_masked_urls(&current.body);
+    let mut rule = validated(&state, rule).await?;
     if touches_actions {
+        // Only new actions: a rule stored before the policy can still be disabled.
+        rule.check_destinations(&state.rules.destinations)?;
         check_channels(&state, &principal.tenant, &rule).await?;
     }
     let warnings = rule.warnings(&known_metrics(&state, &principal.tenant).await?);
@@ -351,7 +358,7 @@ impl From<ChannelRecord> for ChannelView {
     fn from(c: ChannelRecord) -> Self {
         ChannelView {
             id: c.id,
-            channel: c.body.without_secret(),
+            channel: c.body.view(),
             secret_set: c.secret_sealed.is_some(),
             created_at: from_ms(c.created_at),
             updated_at: from_ms(c.updated_at),
@@ -375,6 +382,7 @@ async fn create_channel(
     principal.require(Role::Admin, "channel.create")?;
     let body = body.into_inner();
     body.validate()?;
+    body.check_destination(&state.rules.destinations)?;
     body.check_deliverable(state.rules.delivery)?;
     let sealed = body.secret.as_deref().map(|s| state.rules.secrets.seal(s));
     let record = state
@@ -434,9 +442,17 @@ async fn patch_channel(
     body: web::Json<ChannelBody>,
 ) -> Result<web::Json<ChannelView>, ApiError> {
     principal.require(Role::Admin, "channel.update")?;
-    let body = body.into_inner();
+    let mut body = body.into_inner();
     body.validate()?;
+    body.check_destination(&state.rules.destinations)?;
     body.check_deliverable(state.rules.delivery)?;
+    // A URL sent back as shown (password masked) keeps the stored password.
+    if let Some(sent) = body.url.as_deref()
+        && let Some(current) = state.registry.get_channel(&principal.tenant, &id).await?
+        && let Some(stored) = unmask_url(sent, current.body.url.as_deref())
+    {
+        body.url = Some(stored);
+    }
     let sealed = body.secret.as_deref().map(|s| state.rules.secrets.seal(s));
     let record = state
         .registry
