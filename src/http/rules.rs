@@ -128,7 +128,7 @@ async fn check_channels(
         .map(|c| ChannelSummary {
             name: &c.body.name,
             kind: c.body.kind,
-            has_account: c.body.account_sid.is_some(),
+            has_account: c.body.account_sid.as_deref().is_some_and(|a| !a.is_empty()),
         })
         .collect();
     rule.check_deliverable(&summaries, state.rules.delivery)?;

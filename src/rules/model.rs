@@ -800,7 +800,9 @@ impl ChannelBody {
     pub fn check_deliverable(&self, delivery: DeliveryConfig) -> Result<(), ModelError> {
         match self.kind {
             ActionKind::Email if !delivery.email => Err(email_not_configured("type")),
-            ActionKind::Sms if self.account_sid.is_none() && !delivery.sms_account => {
+            ActionKind::Sms
+                if self.account_sid.as_deref().is_none_or(str::is_empty) && !delivery.sms_account =>
+            {
                 Err(sms_not_configured("accountSid"))
             }
             _ => Ok(()),
@@ -1138,6 +1140,11 @@ mod tests {
         );
         let own = channel(json!({"name": "s", "type": "sms", "to": ["+1555"], "accountSid": "AC1"}));
         assert!(own.check_deliverable(none).is_ok());
+        let blank = channel(json!({"name": "s", "type": "sms", "to": ["+1555"], "accountSid": ""}));
+        assert_eq!(
+            blank.check_deliverable(none).unwrap_err().code,
+            "sms_not_configured"
+        );
     }
 
     #[test]
