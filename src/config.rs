@@ -280,6 +280,13 @@ pub struct RulesConfig {
     pub notify_allowed_networks: Vec<String>,
     /// Telemetry events a tenant's rule actor may have waiting before new ones are dropped.
     pub mailbox: usize,
+    /// Threads that evaluate rules, shared fairly between tenants.
+    pub workers: usize,
+    /// Time a tenant's rules may use per turn before the next tenant with work gets the thread,
+    /// in milliseconds.
+    pub tenant_slice_ms: u64,
+    /// Wall time one rule evaluation may take, in milliseconds.
+    pub eval_timeout_ms: u64,
 }
 
 /// The SMTP server email notifications go through.
@@ -399,6 +406,9 @@ impl Default for Config {
                 http_timeout_ms: 5000,
                 notify_allowed_networks: Vec::new(),
                 mailbox: 4096,
+                workers: 2,
+                tenant_slice_ms: 20,
+                eval_timeout_ms: 50,
             },
             smtp: SmtpConfig {
                 host: String::new(),
@@ -1193,6 +1203,30 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "RULES_WORKERS",
+        key: "rules.workers",
+        apply: |c, v| {
+            c.rules.workers = parse(v, "a number of threads")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_TENANT_SLICE_MS",
+        key: "rules.tenant_slice_ms",
+        apply: |c, v| {
+            c.rules.tenant_slice_ms = parse(v, "milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_EVAL_TIMEOUT_MS",
+        key: "rules.eval_timeout_ms",
+        apply: |c, v| {
+            c.rules.eval_timeout_ms = parse(v, "milliseconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "SMTP_HOST",
         key: "smtp.host",
         apply: |c, v| {
@@ -1498,9 +1532,29 @@ impl Config {
                 "rules.delivery_attempts (RULES_DELIVERY_ATTEMPTS)",
             ),
             (r.mailbox as u64, "rules.mailbox (RULES_MAILBOX)"),
+            (r.workers as u64, "rules.workers (RULES_WORKERS)"),
+            (r.tenant_slice_ms, "rules.tenant_slice_ms (RULES_TENANT_SLICE_MS)"),
+            (r.eval_timeout_ms, "rules.eval_timeout_ms (RULES_EVAL_TIMEOUT_MS)"),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        for (value, max, key) in [
+            (r.workers as u64, 64, "rules.workers (RULES_WORKERS)"),
+            (
+                r.tenant_slice_ms,
+                10_000,
+                "rules.tenant_slice_ms (RULES_TENANT_SLICE_MS)",
+            ),
+            (
+                r.eval_timeout_ms,
+                10_000,
+                "rules.eval_timeout_ms (RULES_EVAL_TIMEOUT_MS)",
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError::new(key, format!("at most {max}")));
             }
         }
         if r.delivery_attempts > 20 {
@@ -1947,6 +2001,13 @@ http_timeout_ms = 5000
 notify_allowed_networks = []
 # Telemetry events a tenant's rule actor may have waiting before new ones are dropped.  (RULES_MAILBOX)
 mailbox = 4096
+# Threads that evaluate rules, shared fairly between tenants.  (RULES_WORKERS)
+workers = 2
+# Time a tenant's rules may use per turn before the next tenant with work gets the thread, in
+# milliseconds.  (RULES_TENANT_SLICE_MS)
+tenant_slice_ms = 20
+# Wall time one rule evaluation may take, in milliseconds.  (RULES_EVAL_TIMEOUT_MS)
+eval_timeout_ms = 50
 
 [smtp]
 # SMTP server for email notifications; empty disables email.  (SMTP_HOST)

@@ -7,7 +7,8 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::receiver::http_receiver;
@@ -146,12 +147,10 @@ async fn alarms_flow(backend: Backend) {
         c.rules.http_timeout_ms = 3000;
         // The receivers are on loopback, which webhooks may only reach when allowed.
         c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
-        c.smtp.host = if smtp_port.is_some() {
-            "127.0.0.1".into()
-        } else {
-            String::new()
-        };
-        c.smtp.port = smtp_port.unwrap_or(25);
+        // Without aiosmtpd email goes to a port nobody listens on: an email channel needs an
+        // SMTP server configured to be accepted at all.
+        c.smtp.host = "127.0.0.1".into();
+        c.smtp.port = smtp_port.unwrap_or(9);
         c.smtp.tls = "none".into();
         c.smtp.from = "drover@example.com".into();
         c.sms.base_url = format!("http://{sms_addr}");
@@ -563,6 +562,88 @@ async fn rules_crud_and_validation() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "unknown_channel", "{body}");
+    // Functions that block or read the clock are refused with their position, before anything
+    // runs (two `sleep(15)` rules used to hold both HTTP workers for 15 s).
+    for (condition, name, at) in [
+        ("sleep(15); false", "sleep", "line 1, column 1"),
+        (
+            "temperature > 30 &&\n sleep(1.5) == ()",
+            "sleep",
+            "line 2, column 2",
+        ),
+        (
+            "let t = timestamp(); while t.elapsed() < 10.0 {} true",
+            "timestamp",
+            "line 1, column 9",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = server
+            .post(
+                "/api/rules",
+                &admin,
+                json!({"name": "Sleepy", "condition": condition}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{condition}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_expression", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("`{name}` is not available")) && message.contains(at),
+            "{condition}: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused without running"
+        );
+    }
+    // What could never be delivered is refused: this server has no SMTP server and no SMS account.
+    for (channel, code) in [
+        (
+            json!({"name": "m", "type": "email", "to": ["ops@example.com"]}),
+            "email_not_configured",
+        ),
+        (
+            json!({"name": "s", "type": "sms", "to": ["+15550001"]}),
+            "sms_not_configured",
+        ),
+    ] {
+        let (status, body) = server.post("/api/channels", &admin, channel).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Mail me", "condition": "temperature > 30",
+                   "actions": [{"type": "email", "to": ["ops@example.com"]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "email_not_configured", "{body}");
+    let (status, body) = server
+        .post(
+            "/api/channels",
+            &admin,
+            json!({"name": "own-sms", "type": "sms", "to": ["+15550001"], "accountSid": "AC1", "secret": "t"}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "an SMS channel with its own account: {body}"
+    );
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Wrong kind", "condition": "temperature > 30",
+                   "actions": [{"type": "webhook", "channel": "own-sms"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "channel_type_mismatch", "{body}");
     // The multi-line script.
     let (status, body) = server
         .post(
@@ -628,6 +709,70 @@ async fn rules_crud_and_validation() {
         json!(true),
         "untouched actions keep their secret"
     );
+    // A misspelled metric is accepted with a warning naming it; what a device type declares or
+    // a device reported is known.
+    let (status, body) = server
+        .call(
+            reqwest::Method::PUT,
+            "/api/device-types/thermo",
+            Some(&admin),
+            Some(json!({"metrics": {"temperature": {"type": "number"}}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, typo) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Typo", "condition": "temprature > 30 || temperature > 60"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{typo}");
+    let warnings = typo["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{typo}");
+    assert_eq!(warnings[0]["code"], "unknown_metric");
+    assert_eq!(warnings[0]["field"], "condition");
+    let message = warnings[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`temprature`") && message.contains("temperature"),
+        "{message}"
+    );
+    let typo_id = typo["id"].as_str().unwrap().to_string();
+    let (status, fixed) = server
+        .patch(
+            &format!("/api/rules/{typo_id}"),
+            &admin,
+            json!({"condition": "temperature > 30"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{fixed}");
+    assert!(fixed.get("warnings").is_none(), "{fixed}");
+    let device = server
+        .register(&admin, json!({"deviceId": "hygro-1", "type": "hygro"}))
+        .await;
+    let (status, body) = server
+        .post(
+            "/api/devices/hygro-1/telemetry",
+            &device,
+            json!({"metrics": {"humidity": 40}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(WAIT, "a reported metric is known", || async {
+        let (status, body) = server
+            .patch(
+                &format!("/api/rules/{typo_id}"),
+                &admin,
+                json!({"condition": "humidity > 80"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body.get("warnings").is_none()
+    })
+    .await;
+    let (status, _) = server.delete(&format!("/api/rules/{typo_id}"), &admin).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
     let (_, list) = server.get("/api/rules", &admin).await;
     assert_eq!(list["rules"].as_array().unwrap().len(), 2);
     let (status, _) = server.delete(&format!("/api/rules/{id}"), &admin).await;
@@ -635,7 +780,7 @@ async fn rules_crud_and_validation() {
     let (status, _) = server.get(&format!("/api/rules/{id}"), &admin).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, audit) = server.get("/api/audit?action=rule.create", &admin).await;
-    assert_eq!(audit["entries"].as_array().map(|a| a.len()), Some(2), "{audit}");
+    assert_eq!(audit["entries"].as_array().map(|a| a.len()), Some(3), "{audit}");
     // Alerts of another tenant are invisible.
     let other = server.tenant_admin(&admin, "other").await;
     let (_, alerts) = server.get("/api/alerts", &other).await;
@@ -920,4 +1065,160 @@ async fn absence_opens_an_offline_alarm_and_telemetry_clears_it() {
         alert_of(&server, &admin, "meter-1").await.unwrap()["status"] == "CLEARED_UNACK"
     })
     .await;
+}
+
+/// A figure of `/metrics` (0 when absent).
+async fn metric(server: &TestServer, name: &str) -> f64 {
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One tenant's rules burn their whole time slice on every message of a flood; another tenant's
+/// alarm still opens within 1 s, and `/health` answers within 100 ms all along (the rules used to
+/// share one thread, and the creation-time dry run ran on the HTTP workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_slow_rules_delay_neither_another_tenants_alarm_nor_health() {
+    let server = TestServer::start(Backend::Sqlite).unwrap();
+    let platform = server.admin_token().await;
+    let noisy = server.tenant_admin(&platform, "noisy").await;
+    let quiet = server.tenant_admin(&platform, "quiet").await;
+    let noisy_device = server
+        .register(&noisy, json!({"deviceId": "n-1", "type": "thermo"}))
+        .await;
+    let quiet_device = server
+        .register(&quiet, json!({"deviceId": "q-1", "type": "thermo"}))
+        .await;
+
+    // /health, polled from the start to the end.
+    let done = Arc::new(AtomicBool::new(false));
+    let health = {
+        let client = server.client.clone();
+        let url = server.url("/health");
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut polls = 0;
+            while !done.load(Ordering::SeqCst) {
+                let started = std::time::Instant::now();
+                let response = client.get(&url).send().await.unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                response.bytes().await.unwrap();
+                slowest = slowest.max(started.elapsed());
+                polls += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (slowest, polls)
+        })
+    };
+
+    // Each rule spends about half the operation limit on every message, then does not fire:
+    // far more than a time slice per message, never stopped.
+    for i in 0..5 {
+        let (status, body) = server
+            .post(
+                "/api/rules",
+                &noisy,
+                json!({"name": format!("Busy {i}"),
+                       "condition": "let i = 0; while i < 4000 { i += 1; } temperature > 1000"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &quiet,
+            json!({"name": "Hot", "condition": "temperature > 30"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // The flood: batches of 100 messages, each a few seconds of the noisy tenant's rules.
+    let flood = {
+        let client = server.client.clone();
+        let url = server.url("/api/devices/n-1/telemetry");
+        let done = done.clone();
+        tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                let now = chrono::Utc::now().timestamp_millis();
+                let batch: Vec<Value> = (0..100)
+                    .map(|i| json!({"timestamp": now - 1000 + i, "metrics": {"temperature": 20}}))
+                    .collect();
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&noisy_device)
+                    .json(&batch)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    eventually(WAIT, "the noisy tenant's rules at work", || async {
+        let (_, rules) = server.get("/api/rules", &noisy).await;
+        let evaluations: u64 = rules["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["stats"]["evaluations"].as_u64().unwrap_or(0))
+            .sum();
+        evaluations >= 50
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let (status, body) = server
+        .post(
+            "/api/devices/q-1/telemetry",
+            &quiet_device,
+            json!({"metrics": {"temperature": 31}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(WAIT, "the quiet tenant's alarm", || async {
+        alert_of(&server, &quiet, "q-1").await.is_some()
+    })
+    .await;
+    let opened_after = started.elapsed();
+    let backlog = metric(&server, "drover_rule_events_queued").await;
+
+    done.store(true, Ordering::SeqCst);
+    flood.await.unwrap();
+    let (slowest_health, polls) = health.await.unwrap();
+    assert!(
+        opened_after < Duration::from_secs(1),
+        "the quiet tenant's alarm opened after {opened_after:?}"
+    );
+    eprintln!(
+        "alarm after {opened_after:?}, /health at most {slowest_health:?} over {polls} polls, {backlog} events waiting"
+    );
+    assert!(
+        backlog >= 1.0,
+        "the noisy tenant still had work waiting ({backlog})"
+    );
+    assert!(
+        metric(&server, "drover_rule_slices_exhausted_total").await >= 1.0,
+        "the noisy tenant used up its slices"
+    );
+    assert!(polls >= 10, "{polls} health polls");
+    assert!(
+        slowest_health < Duration::from_millis(100),
+        "/health took {slowest_health:?}"
+    );
+    let (_, rules) = server.get("/api/rules", &noisy).await;
+    for rule in rules["rules"].as_array().unwrap() {
+        assert_eq!(rule["stats"]["status"], "running", "{rule}");
+    }
 }

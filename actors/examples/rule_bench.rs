@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use drover_actors::pipeline::TelemetryAccepted;
-use drover_actors::rules::evaluator::{StatsBoard, TenantRules};
+use drover_actors::rules::evaluator::TenantRules;
 use drover_actors::rules::script::Sandbox;
+use drover_actors::rules::stats::StatsBoard;
 use drover_actors::rules::{ConditionSpec, RuleScope, RuleSpec, Severity};
 use drover_actors::telemetry::{MetricName, MetricValue, TelemetryPoint};
 use drover_actors::{DeviceId, TenantId};

@@ -18,6 +18,7 @@ pub mod presence;
 pub mod role;
 pub mod rule_actor;
 pub mod rule_router;
+pub mod rule_workers;
 pub mod rules;
 pub mod shadow;
 pub mod telemetry;

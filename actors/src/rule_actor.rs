@@ -1,13 +1,14 @@
-//! `RuleActor`: one per tenant. Owns the tenant's [`TenantRules`] (rules, windows, per-device
-//! condition state), evaluates every accepted telemetry batch of the tenant's devices, fires
-//! time-based conditions on a tick, re-reads its rules every minute (group and tag members
-//! change without a rule changing), and hands the resulting alarm changes to the alarm sink.
+//! `RuleActor`: one per tenant. Loads the tenant's rules (re-reading them every minute, since
+//! group and tag members change without a rule changing), and hands the tenant's telemetry,
+//! rule changes, operator clears and ticks to the [`RuleWorkers`] in the order they came, where
+//! the tenant's rules are evaluated. The actor itself runs no script: it shares its thread with
+//! the other tenants' actors.
 //!
 //! Messages: [`TelemetryAccepted`] (from the router), [`ReloadRules`] (a rule changed),
 //! [`AlarmClosed`] (an operator cleared an alarm).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -15,8 +16,8 @@ use actix::prelude::*;
 use crate::clock::SharedClock;
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
-use crate::rules::evaluator::{StatsBoard, TenantRules};
-use crate::rules::script::Sandbox;
+use crate::rule_workers::{RuleWork, RuleWorkers};
+use crate::rules::seen_metrics::SeenMetrics;
 use crate::rules::{AlarmSignal, RuleSource};
 
 /// Re-read the tenant's rules from the source.
@@ -45,8 +46,14 @@ pub struct AlarmSignals {
 /// Counters the rules engine exposes in `/metrics`.
 #[derive(Debug, Default)]
 pub struct RuleCounters {
-    /// Telemetry events a rule actor missed because its mailbox was full.
+    /// Telemetry events not evaluated because the tenant's queue (or its actor's mailbox) was
+    /// full.
     pub dropped: AtomicU64,
+    /// Telemetry events waiting for an evaluation thread.
+    pub queued: AtomicU64,
+    /// Turns in which a tenant used its whole time slice with work left, and went behind the
+    /// other tenants with work.
+    pub slices_exhausted: AtomicU64,
     /// Alarm changes handed to the alarm service.
     pub signals: AtomicU64,
     /// Alarm changes the alarm service could not take (its mailbox was full).
@@ -59,13 +66,12 @@ pub struct RuleCounters {
 #[derive(Clone)]
 pub struct RuleSettings {
     pub source: Arc<dyn RuleSource>,
-    pub sink: Recipient<AlarmSignals>,
+    pub workers: Arc<RuleWorkers>,
+    /// Metric names each tenant reported (fed by the router, read when rules are created).
+    pub seen: Arc<SeenMetrics>,
     pub clock: SharedClock,
-    pub sandbox: Arc<Sandbox>,
-    pub anomaly_threshold: f64,
     /// How often absence timers are checked.
     pub tick: Duration,
-    pub board: StatsBoard,
     pub counters: Arc<RuleCounters>,
     pub mailbox: usize,
 }
@@ -77,37 +83,15 @@ pub const SCOPE_REFRESH: Duration = Duration::from_secs(60);
 pub struct RuleActor {
     tenant: TenantId,
     settings: RuleSettings,
-    rules: TenantRules,
 }
 
 impl RuleActor {
     pub fn new(tenant: TenantId, settings: RuleSettings) -> RuleActor {
-        let rules = TenantRules::new(
-            tenant.clone(),
-            settings.sandbox.clone(),
-            settings.anomaly_threshold,
-            settings.board.clone(),
-        );
-        RuleActor {
-            tenant,
-            settings,
-            rules,
-        }
+        RuleActor { tenant, settings }
     }
 
-    fn emit(&self, signals: Vec<AlarmSignal>) {
-        if signals.is_empty() {
-            return;
-        }
-        let n = signals.len() as u64;
-        if self.settings.sink.try_send(AlarmSignals { signals }).is_err() {
-            self.settings
-                .counters
-                .signals_dropped
-                .fetch_add(n, Ordering::Relaxed);
-        } else {
-            self.settings.counters.signals.fetch_add(n, Ordering::Relaxed);
-        }
+    fn push(&self, work: RuleWork) {
+        self.settings.workers.push(&self.tenant, work);
     }
 
     /// Loads the rules; the mailbox waits meanwhile, so no telemetry is judged by a stale set.
@@ -120,18 +104,7 @@ impl RuleActor {
             Ok::<_, String>((rules, active))
         };
         ctx.wait(fut.into_actor(self).map(|result, actor, _| match result {
-            Ok((rules, active)) => {
-                let errors = actor.rules.set_rules(rules, &active);
-                for error in &errors {
-                    tracing::warn!(tenant = %actor.tenant, %error, "rule not loaded");
-                }
-                actor
-                    .settings
-                    .counters
-                    .load_errors
-                    .fetch_add(errors.len() as u64, Ordering::Relaxed);
-                tracing::debug!(tenant = %actor.tenant, rules = actor.rules.rule_count(), "rules loaded");
-            }
+            Ok((rules, active)) => actor.push(RuleWork::SetRules { rules, active }),
             Err(error) => tracing::warn!(tenant = %actor.tenant, %error, "cannot load rules"),
         }));
     }
@@ -145,9 +118,8 @@ impl Actor for RuleActor {
         self.load(ctx);
         ctx.run_interval(SCOPE_REFRESH, |actor, ctx| actor.load(ctx));
         ctx.run_interval(self.settings.tick, |actor, _| {
-            let now = actor.settings.clock.now_ms();
-            let signals = actor.rules.on_tick(now);
-            actor.emit(signals);
+            let now_ms = actor.settings.clock.now_ms();
+            actor.push(RuleWork::Tick { now_ms });
         });
     }
 }
@@ -156,9 +128,8 @@ impl Handler<TelemetryAccepted> for RuleActor {
     type Result = ();
 
     fn handle(&mut self, msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
-        let now = self.settings.clock.now_ms();
-        let signals = self.rules.on_telemetry(&msg, now);
-        self.emit(signals);
+        let now_ms = self.settings.clock.now_ms();
+        self.push(RuleWork::Telemetry { event: msg, now_ms });
     }
 }
 
@@ -174,6 +145,9 @@ impl Handler<AlarmClosed> for RuleActor {
     type Result = ();
 
     fn handle(&mut self, msg: AlarmClosed, _ctx: &mut Context<Self>) {
-        self.rules.alarm_closed(&msg.rule_id, &msg.device);
+        self.push(RuleWork::AlarmClosed {
+            rule_id: msg.rule_id,
+            device: msg.device,
+        });
     }
 }

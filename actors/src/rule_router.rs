@@ -1,7 +1,8 @@
 //! `RuleRouter`: the telemetry pipeline's rules observer. Runs on an arbiter thread of its own,
 //! starts one [`RuleActor`] per tenant on that tenant's first event, and routes telemetry,
-//! rule reloads and operator clears to it. A rule actor that falls behind loses events
-//! (counted); ingestion never waits for rules.
+//! rule reloads and operator clears to it; it also notes the metric names each tenant reports
+//! ([`SeenMetrics`](crate::rules::seen_metrics::SeenMetrics)). A tenant whose rules fall behind loses events (counted); ingestion never
+//! waits for rules. Scripts run on the `RuleWorkers`' threads, never on this one.
 //!
 //! Messages: [`TelemetryAccepted`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`].
 
@@ -56,6 +57,9 @@ impl Handler<TelemetryAccepted> for RuleRouter {
 
     fn handle(&mut self, msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
         let tenant = msg.tenant.clone();
+        self.settings
+            .seen
+            .observe(&tenant, msg.points.iter().map(|p| p.metric.as_str()));
         if self.actor(&tenant).try_send(msg).is_err() {
             self.settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -1,13 +1,16 @@
 //! Rules (`/api/rules`) and named notification channels (`/api/channels`).
 //!
-//! Every change is validated first (expressions compiled and dry-run in the sandbox: a syntax
-//! error or a limit hit is a 400 `invalid_expression` with line and column), written with its
-//! audit entry, and then the tenant's rule actor reloads. Secrets are write-only.
+//! Every change is validated first (expressions compiled and dry-run in the sandbox, on the
+//! blocking pool and never on an HTTP worker: a syntax error, a limit hit or a call to a
+//! function rules may not use is a 400 `invalid_expression` with line and column; an action
+//! that could never be delivered is a 400 too), written with its audit entry, and then the
+//! tenant's rule actor reloads. The answer carries `warnings` for what will not fire as
+//! written (a metric no device reports). Secrets are write-only.
 
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
 use drover_actors::Role;
-use drover_actors::rules::evaluator::RuleStatsView;
+use drover_actors::rules::stats::RuleStatsView;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -15,7 +18,9 @@ use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::Principal;
-use crate::rules::model::{ChannelBody, ModelError, RuleBody, unmask_url};
+use crate::rules::model::{
+    ChannelBody, ChannelSummary, KnownMetrics, ModelError, RuleBody, RuleWarning, unmask_url,
+};
 use crate::state::AppState;
 use crate::storage::registry::from_ms;
 use crate::storage::rules::{ChannelRecord, RuleRecord};
@@ -53,6 +58,11 @@ pub struct RuleView {
     /// status (running, stopped after a limit hit, idle before its first event), lastError.
     #[schema(value_type = Object)]
     pub stats: RuleStatsView,
+    /// In the answers to create and update only, when the rule will not fire as written:
+    /// `unknown_metric` for a metric no device of the tenant has reported since the server
+    /// started and no device type declares.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<RuleWarning>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -73,6 +83,7 @@ fn rule_view(state: &AppState, record: &RuleRecord) -> RuleView {
             skipped: 0,
             errors: 0,
             limit_hits: 0,
+            timeouts: 0,
             status: "idle",
             last_error: None,
         });
@@ -82,6 +93,7 @@ fn rule_view(state: &AppState, record: &RuleRecord) -> RuleView {
         created_at: from_ms(record.created_at),
         updated_at: from_ms(record.updated_at),
         stats,
+        warnings: Vec::new(),
     }
 }
 
@@ -93,33 +105,66 @@ fn no_sealed(body: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Refuses a rule whose actions name a channel the tenant does not have: found now, not when
-/// an alarm fails to notify anybody.
+/// Refuses a rule whose actions could never be delivered (a channel the tenant does not have or
+/// of another type, email without SMTP, SMS without an account): found now, not when an alarm
+/// fails to notify anybody.
 async fn check_channels(
     state: &AppState,
     tenant: &drover_actors::TenantId,
     rule: &RuleBody,
 ) -> Result<(), ApiError> {
-    let named: Vec<&str> = rule
+    let names_channel = rule
         .actions
         .iter()
         .chain(rule.escalation.iter().flat_map(|step| step.actions.iter()))
-        .filter_map(|action| action.channel.as_deref())
-        .collect();
-    if named.is_empty() {
-        return Ok(());
-    }
-    let channels = state.registry.list_channels(tenant).await?;
-    if let Some(missing) = named
+        .any(|action| action.channel.is_some());
+    let channels = if names_channel {
+        state.registry.list_channels(tenant).await?
+    } else {
+        Vec::new()
+    };
+    let summaries: Vec<ChannelSummary> = channels
         .iter()
-        .find(|name| !channels.iter().any(|c| c.body.name == **name))
-    {
-        return Err(ApiError::bad_request(
-            "unknown_channel",
-            format!("no channel named {missing:?}: create it with POST /api/channels first"),
-        ));
-    }
+        .map(|c| ChannelSummary {
+            name: &c.body.name,
+            kind: c.body.kind,
+            has_account: c.body.account_sid.as_deref().is_some_and(|a| !a.is_empty()),
+        })
+        .collect();
+    rule.check_deliverable(&summaries, state.rules.delivery)?;
     Ok(())
+}
+
+/// Compiles and dry-runs the rule's expressions on the blocking pool: a script never runs on an
+/// HTTP worker (each run is bounded by the sandbox's wall-time limit).
+async fn validated(state: &AppState, rule: RuleBody) -> Result<RuleBody, ApiError> {
+    let sandbox = state.rules.sandbox.clone();
+    web::block(move || rule.validate(&sandbox).map(|()| rule))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// The metric names the tenant is known to have: reported by its devices since the server
+/// started, or declared by its device types (declared metrics, rename and conversion targets).
+async fn known_metrics(state: &AppState, tenant: &drover_actors::TenantId) -> Result<KnownMetrics, ApiError> {
+    let reported = state.rules.seen.reported(tenant);
+    let mut names = reported.names;
+    for device_type in state.registry.list_device_types(tenant).await? {
+        let schema = &device_type.schema;
+        names.extend(schema.metrics.keys().map(|m| m.as_str().to_string()));
+        names.extend(schema.rename.values().map(|m| m.as_str().to_string()));
+        names.extend(
+            schema
+                .convert
+                .iter()
+                .map(|(from, c)| c.to.as_ref().unwrap_or(from).as_str().to_string()),
+        );
+    }
+    Ok(KnownMetrics {
+        names,
+        complete: reported.complete,
+    })
 }
 
 fn parse_rule(value: Value) -> Result<RuleBody, ApiError> {
@@ -130,7 +175,11 @@ fn parse_rule(value: Value) -> Result<RuleBody, ApiError> {
 #[utoipa::path(
     tag = "rules",
     request_body(content = RuleBody, description = "A rule: name, condition (expression or typed), actions, scope, severity, clear, escalation, notify"),
-    responses((status = 201, body = RuleView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses(
+        (status = 201, body = RuleView, description = "Created; `warnings` names what will not fire as written (`unknown_metric`)"),
+        (status = 400, body = ErrorBody, description = "`invalid_expression` (syntax, a sandbox limit, or a function rules may not call such as `sleep` or `timestamp`, with line and column), `unknown_channel`, `channel_type_mismatch`, `email_not_configured`, `sms_not_configured`, `validation_failed`, `invalid_field`"),
+        (status = 409, body = ErrorBody)
+    ),
     security(("bearer" = []))
 )]
 #[post("/rules")]
@@ -142,17 +191,19 @@ async fn create_rule(
     principal.require(Role::Operator, "rule.create")?;
     let body = body.into_inner();
     no_sealed(&body)?;
-    let mut rule = parse_rule(body)?;
-    rule.validate(&state.rules.sandbox)?;
+    let mut rule = validated(&state, parse_rule(body)?).await?;
     rule.check_destinations(&state.rules.destinations)?;
     check_channels(&state, &principal.tenant, &rule).await?;
+    let warnings = rule.warnings(&known_metrics(&state, &principal.tenant).await?);
     rule.seal_secrets(&state.rules.secrets);
     let record = state
         .registry
         .create_rule(principal.tenant.clone(), rule, principal.audit_actor())
         .await?;
     state.rules.reload(&principal.tenant);
-    Ok(HttpResponse::Created().json(rule_view(&state, &record)))
+    let mut view = rule_view(&state, &record);
+    view.warnings = warnings;
+    Ok(HttpResponse::Created().json(view))
 }
 
 /// The tenant's rules.
@@ -195,7 +246,11 @@ async fn get_rule(
     tag = "rules",
     params(("id" = String, Path, description = "Rule id")),
     request_body(content = Object, description = "Fields of the rule to replace"),
-    responses((status = 200, body = RuleView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses(
+        (status = 200, body = RuleView, description = "Updated; `warnings` names what will not fire as written (`unknown_metric`)"),
+        (status = 400, body = ErrorBody, description = "As for creation"),
+        (status = 404, body = ErrorBody)
+    ),
     security(("bearer" = []))
 )]
 #[patch("/rules/{id}")]
@@ -226,12 +281,13 @@ async fn patch_rule(
     }
     let mut rule = parse_rule(merged)?;
     rule.restore_masked_urls(&current.body);
-    rule.validate(&state.rules.sandbox)?;
+    let mut rule = validated(&state, rule).await?;
     if touches_actions {
         // Only new actions: a rule stored before the policy can still be disabled.
         rule.check_destinations(&state.rules.destinations)?;
         check_channels(&state, &principal.tenant, &rule).await?;
     }
+    let warnings = rule.warnings(&known_metrics(&state, &principal.tenant).await?);
     if touches_actions {
         rule.seal_secrets(&state.rules.secrets);
     }
@@ -245,7 +301,9 @@ async fn patch_rule(
         )
         .await?;
     state.rules.reload(&principal.tenant);
-    Ok(web::Json(rule_view(&state, &record)))
+    let mut view = rule_view(&state, &record);
+    view.warnings = warnings;
+    Ok(web::Json(view))
 }
 
 /// Delete a rule; its active alarms are cleared.
@@ -312,7 +370,7 @@ impl From<ChannelRecord> for ChannelView {
 #[utoipa::path(
     tag = "rules",
     request_body = ChannelBody,
-    responses((status = 201, body = ChannelView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses((status = 201, body = ChannelView), (status = 400, body = ErrorBody, description = "Invalid settings; `email_not_configured` (no SMTP server), `sms_not_configured` (no SMS gateway account)"), (status = 409, body = ErrorBody)),
     security(("bearer" = []))
 )]
 #[post("/channels")]
@@ -325,6 +383,7 @@ async fn create_channel(
     let body = body.into_inner();
     body.validate()?;
     body.check_destination(&state.rules.destinations)?;
+    body.check_deliverable(state.rules.delivery)?;
     let sealed = body.secret.as_deref().map(|s| state.rules.secrets.seal(s));
     let record = state
         .registry
@@ -372,7 +431,7 @@ async fn get_channel(
     tag = "rules",
     params(("id" = String, Path, description = "Channel id or name")),
     request_body = ChannelBody,
-    responses((status = 200, body = ChannelView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = ChannelView), (status = 400, body = ErrorBody, description = "As for creation"), (status = 404, body = ErrorBody)),
     security(("bearer" = []))
 )]
 #[patch("/channels/{id}")]
@@ -386,6 +445,7 @@ async fn patch_channel(
     let mut body = body.into_inner();
     body.validate()?;
     body.check_destination(&state.rules.destinations)?;
+    body.check_deliverable(state.rules.delivery)?;
     // A URL sent back as shown (password masked) keeps the stored password.
     if let Some(sent) = body.url.as_deref()
         && let Some(current) = state.registry.get_channel(&principal.tenant, &id).await?

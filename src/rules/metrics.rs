@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use drover_actors::rule_actor::RuleCounters;
-use drover_actors::rules::evaluator::StatsBoard;
+use drover_actors::rules::stats::StatsBoard;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, Opts};
@@ -76,7 +76,15 @@ struct EngineCollector {
 const ENGINE_FIGURES: &[(&str, &str)] = &[
     (
         "drover_rule_events_dropped_total",
-        "Telemetry events rule actors missed because they were behind",
+        "Telemetry events not evaluated because their tenant's rule queue was full",
+    ),
+    (
+        "drover_rule_events_queued",
+        "Telemetry events waiting for a rule evaluation thread",
+    ),
+    (
+        "drover_rule_slices_exhausted_total",
+        "Turns in which a tenant's rules used their whole time slice and waited behind the other tenants",
     ),
     (
         "drover_rule_signals_total",
@@ -96,11 +104,15 @@ const ENGINE_FIGURES: &[(&str, &str)] = &[
     ),
     (
         "drover_rule_errors_total",
-        "Rule evaluations that failed at run time (limit hits included)",
+        "Rule evaluations that failed at run time (limit hits and timeouts included)",
     ),
     (
         "drover_rule_limit_hits_total",
         "Rule evaluations stopped by a sandbox limit",
+    ),
+    (
+        "drover_rule_evaluation_timeouts_total",
+        "Rule evaluations stopped by the wall-time limit (RULES_EVAL_TIMEOUT_MS)",
     ),
     (
         "drover_rules_stopped",
@@ -131,25 +143,30 @@ impl Collector for EngineCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let (mut evaluations, mut errors, mut limits, mut stopped) = (0u64, 0u64, 0u64, 0u64);
+        let (mut evaluations, mut errors, mut limits, mut timeouts, mut stopped) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
         if let Ok(board) = self.board.lock() {
             for stats in board.values() {
                 let v = stats.view();
                 evaluations += v.evaluations;
-                errors += v.errors + v.limit_hits;
+                errors += v.errors + v.limit_hits + v.timeouts;
                 limits += v.limit_hits;
+                timeouts += v.timeouts;
                 stopped += u64::from(v.status == "stopped");
             }
         }
         let c = &self.counters;
         let values = [
             c.dropped.load(Ordering::Relaxed),
+            c.queued.load(Ordering::Relaxed),
+            c.slices_exhausted.load(Ordering::Relaxed),
             c.signals.load(Ordering::Relaxed),
             c.signals_dropped.load(Ordering::Relaxed),
             c.load_errors.load(Ordering::Relaxed),
             evaluations,
             errors,
             limits,
+            timeouts,
             stopped,
         ];
         ENGINE_FIGURES

@@ -2,7 +2,8 @@
 //! notifications and escalation around the pure evaluation of `drover_actors::rules`.
 //!
 //! [`RulesEngine::start`] wires it: the `RuleRouter` (pipeline observer, own arbiter thread) →
-//! per-tenant `RuleActor`s → [`alarms::AlarmService`] → [`notifier::Notifier`], plus the
+//! per-tenant `RuleActor`s → the `RuleWorkers` (the threads that run scripts, shared fairly
+//! between tenants) → [`alarms::AlarmService`] → [`notifier::Notifier`], plus the
 //! [`scheduler::EscalationScheduler`] task.
 
 pub mod alarms;
@@ -23,9 +24,11 @@ use actix::prelude::*;
 use drover_actors::clock::SharedClock;
 use drover_actors::rule_actor::{AlarmClosed, ReloadRules, RuleCounters, RuleSettings};
 use drover_actors::rule_router::{RuleRouter, StopRules};
+use drover_actors::rule_workers::{RuleWorkers, WorkerSettings};
 use drover_actors::rules::DesiredStatePatcher;
-use drover_actors::rules::evaluator::StatsBoard;
-use drover_actors::rules::script::Sandbox;
+use drover_actors::rules::script::{Sandbox, ScriptLimits};
+use drover_actors::rules::seen_metrics::SeenMetrics;
+use drover_actors::rules::stats::StatsBoard;
 use drover_actors::{DeviceId, TenantId};
 
 use crate::config::Config;
@@ -45,6 +48,11 @@ pub struct RulesEngine {
     pub clock: SharedClock,
     pub hub: DashboardHub,
     pub counters: Arc<RuleCounters>,
+    /// Metric names each tenant's devices reported since the start (for rule warnings).
+    pub seen: Arc<SeenMetrics>,
+    /// What the configuration lets notifications reach.
+    pub delivery: model::DeliveryConfig,
+    workers: Arc<RuleWorkers>,
     arbiter: Mutex<Option<Arbiter>>,
     scheduler: Mutex<Option<actix_rt::task::JoinHandle<()>>>,
 }
@@ -70,7 +78,10 @@ impl RulesEngine {
     /// Starts the alarm service, the escalation scheduler and the rule router. Must run inside
     /// an actix system.
     pub fn start(config: &Config, deps: RulesDeps) -> Result<RulesEngine, String> {
-        let sandbox = Arc::new(Sandbox::default());
+        let sandbox = Arc::new(Sandbox::new(ScriptLimits {
+            max_wall: Duration::from_millis(config.rules.eval_timeout_ms),
+            ..ScriptLimits::default()
+        }));
         let board = StatsBoard::default();
         let counters = Arc::new(RuleCounters::default());
         let metrics = metrics::RulesMetrics::new(&deps.metrics, counters.clone(), board.clone());
@@ -107,17 +118,26 @@ impl RulesEngine {
             tick,
         };
         let scheduler = actix_rt::spawn(scheduler.run());
+        let workers = RuleWorkers::start(WorkerSettings {
+            threads: config.rules.workers,
+            slice: Duration::from_millis(config.rules.tenant_slice_ms),
+            queue_capacity: config.rules.mailbox,
+            sandbox: sandbox.clone(),
+            anomaly_threshold: config.rules.anomaly_threshold,
+            board: board.clone(),
+            sink: alarms.recipient(),
+            counters: counters.clone(),
+        })
+        .map_err(|e| format!("cannot start the rule evaluation threads: {e}"))?;
+        let seen = Arc::new(SeenMetrics::default());
         let settings = RuleSettings {
             source: Arc::new(source::RegistryRuleSource {
                 registry: deps.registry,
-                sandbox: sandbox.clone(),
             }),
-            sink: alarms.recipient(),
+            workers: workers.clone(),
+            seen: seen.clone(),
             clock: deps.clock.clone(),
-            sandbox: sandbox.clone(),
-            anomaly_threshold: config.rules.anomaly_threshold,
             tick,
-            board: board.clone(),
             counters: counters.clone(),
             mailbox: config.rules.mailbox,
         };
@@ -131,6 +151,12 @@ impl RulesEngine {
             clock: deps.clock,
             hub: deps.hub,
             counters,
+            seen,
+            delivery: model::DeliveryConfig {
+                email: !config.smtp.host.is_empty(),
+                sms_account: !config.sms.account_sid.is_empty(),
+            },
+            workers,
             arbiter: Mutex::new(Some(arbiter)),
             scheduler: Mutex::new(Some(scheduler)),
         })
@@ -154,7 +180,7 @@ impl RulesEngine {
         }
     }
 
-    /// Stops the scheduler, the rule actors and their thread.
+    /// Stops the scheduler, the rule actors and their thread, then the evaluation threads.
     pub async fn shutdown(&self) {
         if let Some(task) = self.scheduler.lock().ok().and_then(|mut s| s.take()) {
             task.abort();
@@ -164,5 +190,7 @@ impl RulesEngine {
             arbiter.stop();
             let _ = arbiter.join();
         }
+        let workers = self.workers.clone();
+        let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     }
 }

@@ -6,7 +6,8 @@
 //! expression string or an object with a `type`. Secrets in actions and channels are write-only:
 //! they are sealed before storage and views show `secretSet: true` instead.
 
-use drover_actors::rules::script::{Sandbox, ScriptError};
+use drover_actors::rules::names;
+use drover_actors::rules::script::{CONTEXT_VARIABLES, Sandbox, ScriptError};
 use drover_actors::rules::{ClearSpec, ConditionSpec, RuleScope, RuleSpec, Severity};
 use drover_actors::{DeviceId, GroupName, TenantId};
 use serde::{Deserialize, Serialize};
@@ -323,13 +324,9 @@ struct ClearObject {
 const S: i64 = 1000;
 
 impl RuleBody {
-    fn condition_spec(&self, sandbox: &Sandbox) -> Result<ConditionSpec, ModelError> {
-        let check = |field: &str, e: &str| {
-            sandbox
-                .check(e)
-                .map(|_| ())
-                .map_err(|x| expression_error(field, x))
-        };
+    /// The condition as the evaluator takes it. Runs no script: expressions are checked by
+    /// [`RuleBody::validate`].
+    fn condition_spec(&self) -> Result<ConditionSpec, ModelError> {
         let typed = match &self.condition {
             Value::String(e) => TypedCondition::Expression {
                 expression: e.clone(),
@@ -351,23 +348,16 @@ impl RuleBody {
             }
         };
         Ok(match typed {
-            TypedCondition::Expression { expression } => {
-                check("condition", &expression)?;
-                ConditionSpec::Expression { expression }
-            }
-            TypedCondition::Duration { expression, for_secs } => {
-                check("condition.expression", &expression)?;
-                ConditionSpec::Duration {
-                    expression,
-                    for_ms: positive("condition.forSecs", for_secs)?,
-                }
-            }
+            TypedCondition::Expression { expression } => ConditionSpec::Expression { expression },
+            TypedCondition::Duration { expression, for_secs } => ConditionSpec::Duration {
+                expression,
+                for_ms: positive("condition.forSecs", for_secs)?,
+            },
             TypedCondition::Repeating {
                 expression,
                 count,
                 within_secs,
             } => {
-                check("condition.expression", &expression)?;
                 if !(1..=10_000).contains(&count) {
                     return Err(invalid("condition.count", "between 1 and 10000"));
                 }
@@ -399,21 +389,16 @@ impl RuleBody {
                 first,
                 then,
                 within_secs,
-            } => {
-                check("condition.first", &first)?;
-                check("condition.then", &then)?;
-                ConditionSpec::Pattern {
-                    first,
-                    then,
-                    within_ms: positive("condition.withinSecs", within_secs)?,
-                }
-            }
+            } => ConditionSpec::Pattern {
+                first,
+                then,
+                within_ms: positive("condition.withinSecs", within_secs)?,
+            },
             TypedCondition::Group {
                 expression,
                 min_devices,
                 within_secs,
             } => {
-                check("condition.expression", &expression)?;
                 if min_devices == 0 {
                     return Err(invalid("condition.minDevices", "at least 1"));
                 }
@@ -429,7 +414,7 @@ impl RuleBody {
         })
     }
 
-    fn clear_spec(&self, sandbox: &Sandbox) -> Result<Option<ClearSpec>, ModelError> {
+    fn clear_spec(&self) -> Result<Option<ClearSpec>, ModelError> {
         let Some(clear) = &self.clear else { return Ok(None) };
         let (expression, for_secs) = match clear {
             Value::String(e) => (e.clone(), 0),
@@ -446,16 +431,37 @@ impl RuleBody {
                 ));
             }
         };
-        sandbox
-            .check(&expression)
-            .map_err(|e| expression_error("clear", e))?;
         Ok(Some(ClearSpec {
             expression,
             for_ms: for_secs as i64 * S,
         }))
     }
 
-    /// Checks everything that does not need the registry; compiles and dry-runs expressions.
+    /// The expressions of the rule, each with the field it came from.
+    fn expressions(&self) -> Result<Vec<(&'static str, String)>, ModelError> {
+        let condition_field = if self.condition.is_string() {
+            "condition"
+        } else {
+            "condition.expression"
+        };
+        let mut found = match self.condition_spec()? {
+            ConditionSpec::Expression { expression }
+            | ConditionSpec::Duration { expression, .. }
+            | ConditionSpec::Repeating { expression, .. }
+            | ConditionSpec::Group { expression, .. } => vec![(condition_field, expression)],
+            ConditionSpec::Pattern { first, then, .. } => {
+                vec![("condition.first", first), ("condition.then", then)]
+            }
+            ConditionSpec::Statistical { .. } | ConditionSpec::Absence { .. } => Vec::new(),
+        };
+        if let Some(clear) = self.clear_spec()? {
+            found.push(("clear", clear.expression));
+        }
+        Ok(found)
+    }
+
+    /// Checks everything that does not need the registry; compiles and dry-runs expressions, so
+    /// it runs scripts: call it off the HTTP workers.
     pub fn validate(&self, sandbox: &Sandbox) -> Result<(), ModelError> {
         check_name("name", &self.name)?;
         if self.description.chars().count() > 1024 {
@@ -470,8 +476,11 @@ impl RuleBody {
             drover_actors::MetricName::parse(m.clone()).map_err(|e| invalid("metric", e))?;
         }
         self.scope_kind()?;
-        self.condition_spec(sandbox)?;
-        self.clear_spec(sandbox)?;
+        for (field, expression) in self.expressions()? {
+            sandbox
+                .check(&expression)
+                .map_err(|e| expression_error(field, e))?;
+        }
         if self.actions.len() > 16 {
             return Err(invalid("actions", "at most 16"));
         }
@@ -584,12 +593,12 @@ impl RuleBody {
         }
     }
 
-    /// The evaluator's view; group and tag members come from the registry.
+    /// The evaluator's view; group and tag members come from the registry. Runs no script (the
+    /// stored rule was checked when it was written).
     pub fn to_spec(
         &self,
         id: &str,
         tenant: &TenantId,
-        sandbox: &Sandbox,
         members: Option<std::sync::Arc<std::collections::HashSet<DeviceId>>>,
     ) -> Result<RuleSpec, ModelError> {
         let value = self.scope.value.clone().unwrap_or_default();
@@ -616,8 +625,8 @@ impl RuleBody {
             severity: Severity::parse(&self.severity).unwrap_or(Severity::Major),
             metric: self.metric.clone(),
             window_ms: self.window_secs as i64 * S,
-            condition: self.condition_spec(sandbox)?,
-            clear: self.clear_spec(sandbox)?,
+            condition: self.condition_spec()?,
+            clear: self.clear_spec()?,
             scope,
         })
     }
@@ -755,6 +764,191 @@ impl ChannelBody {
     }
 }
 
+/// What this server can deliver, from its configuration: an email or SMS action it cannot
+/// deliver is refused when it is written rather than failing at every alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// An SMTP server is configured (`SMTP_HOST`).
+    pub email: bool,
+    /// A default SMS gateway account is configured (`SMS_ACCOUNT_SID`).
+    pub sms_account: bool,
+}
+
+fn email_not_configured(field: &str) -> ModelError {
+    ModelError {
+        code: "email_not_configured",
+        field: field.into(),
+        message: format!(
+            "{field}: email cannot be delivered, no SMTP server is configured on this server (SMTP_HOST)"
+        ),
+    }
+}
+
+fn sms_not_configured(field: &str) -> ModelError {
+    ModelError {
+        code: "sms_not_configured",
+        field: field.into(),
+        message: format!(
+            "{field}: SMS cannot be delivered without a gateway account: set the channel's \
+             accountSid and secret, or SMS_ACCOUNT_SID and SMS_AUTH_TOKEN on the server"
+        ),
+    }
+}
+
+impl ChannelBody {
+    /// Refuses a channel this server could never deliver through.
+    pub fn check_deliverable(&self, delivery: DeliveryConfig) -> Result<(), ModelError> {
+        match self.kind {
+            ActionKind::Email if !delivery.email => Err(email_not_configured("type")),
+            ActionKind::Sms
+                if self.account_sid.as_deref().is_none_or(str::is_empty) && !delivery.sms_account =>
+            {
+                Err(sms_not_configured("accountSid"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A named channel as a rule's actions see it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelSummary<'a> {
+    pub name: &'a str,
+    pub kind: ActionKind,
+    pub has_account: bool,
+}
+
+impl RuleBody {
+    /// Refuses actions that could never be delivered: a channel the tenant does not have or of
+    /// another type, email without SMTP, SMS without a gateway account.
+    pub fn check_deliverable(
+        &self,
+        channels: &[ChannelSummary],
+        delivery: DeliveryConfig,
+    ) -> Result<(), ModelError> {
+        let steps = std::iter::once(("actions".to_string(), &self.actions)).chain(
+            self.escalation
+                .iter()
+                .enumerate()
+                .map(|(i, step)| (format!("escalation[{i}].actions"), &step.actions)),
+        );
+        for (prefix, actions) in steps {
+            for (j, action) in actions.iter().enumerate() {
+                let field = format!("{prefix}[{j}]");
+                let has_account = match &action.channel {
+                    Some(name) => {
+                        let channel = channels.iter().find(|c| c.name == name).ok_or_else(|| ModelError {
+                            code: "unknown_channel",
+                            field: field.clone(),
+                            message: format!(
+                                "{field}: no channel named {name:?}: create it with POST /api/channels first"
+                            ),
+                        })?;
+                        if channel.kind != action.kind {
+                            return Err(ModelError {
+                                code: "channel_type_mismatch",
+                                field: field.clone(),
+                                message: format!(
+                                    "{field}: channel {name:?} is a {} channel, not {}",
+                                    channel.kind.as_str(),
+                                    action.kind.as_str()
+                                ),
+                            });
+                        }
+                        channel.has_account
+                    }
+                    None => false,
+                };
+                match action.kind {
+                    ActionKind::Email if !delivery.email => return Err(email_not_configured(&field)),
+                    ActionKind::Sms if !has_account && !delivery.sms_account => {
+                        return Err(sms_not_configured(&field));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of metrics the rule reads, each with the fields that read it: the variables its
+    /// expressions read (the evaluator's own variables aside), the metrics of their window
+    /// statistics and the rule's `metric`.
+    fn metrics_read(&self) -> Result<std::collections::BTreeMap<String, Vec<&'static str>>, ModelError> {
+        let mut read: std::collections::BTreeMap<String, Vec<&'static str>> = Default::default();
+        for (field, expression) in self.expressions()? {
+            let names = names::free_variables(&expression)
+                .into_iter()
+                .filter(|n| !CONTEXT_VARIABLES.contains(&n.as_str()))
+                .chain(names::window_metrics(&expression));
+            for name in names {
+                let fields = read.entry(name).or_default();
+                if !fields.contains(&field) {
+                    fields.push(field);
+                }
+            }
+        }
+        if let Some(metric) = &self.metric {
+            read.entry(metric.clone()).or_default().push("metric");
+        }
+        Ok(read)
+    }
+
+    /// What will never fire as written, for the answer to a create or update: metrics the
+    /// tenant's devices have not reported and no device type declares.
+    pub fn warnings(&self, known: &KnownMetrics) -> Vec<RuleWarning> {
+        if !known.complete {
+            return Vec::new();
+        }
+        let Ok(read) = self.metrics_read() else {
+            return Vec::new();
+        };
+        let reported = if known.names.is_empty() {
+            "no device of this tenant has reported a metric since the server started".to_string()
+        } else {
+            let shown: Vec<&str> = known.names.iter().take(20).map(String::as_str).collect();
+            let more = if known.names.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            };
+            format!("known metrics: {}{more}", shown.join(", "))
+        };
+        read.into_iter()
+            .filter(|(name, _)| !known.names.contains(name))
+            .map(|(name, fields)| RuleWarning {
+                code: "unknown_metric",
+                field: fields.join(", "),
+                message: format!(
+                    "{}: no device of this tenant has reported `{name}` since the server started and \
+                     no device type declares it; evaluations that need it are skipped until a device \
+                     reports it ({reported})",
+                    fields.join(", ")
+                ),
+            })
+            .collect()
+    }
+}
+
+/// Metric names a tenant is known to have: reported by its devices since the server started, or
+/// declared by its device types.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownMetrics {
+    pub names: std::collections::BTreeSet<String>,
+    /// `false` when the list was cut short (then no name is reported as unknown).
+    pub complete: bool,
+}
+
+/// Something a rule was accepted with that will not work as it probably should.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct RuleWarning {
+    /// `unknown_metric`.
+    pub code: &'static str,
+    /// The fields concerned (`condition`, `clear`, `metric`…).
+    pub field: String,
+    pub message: String,
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -773,9 +967,7 @@ mod tests {
             "actions": [{"type": "webhook", "url": "https://alerts.example.com/webhook"}]
         }));
         b.validate(&Sandbox::default()).unwrap();
-        let spec = b
-            .to_spec("r1", &TenantId::parse("t").unwrap(), &Sandbox::default(), None)
-            .unwrap();
+        let spec = b.to_spec("r1", &TenantId::parse("t").unwrap(), None).unwrap();
         assert_eq!(spec.severity, Severity::Major);
         assert_eq!(spec.scope, RuleScope::All);
     }
@@ -843,5 +1035,128 @@ mod tests {
         let v = b.view();
         assert_eq!(v["actions"][0]["secretSet"], json!(true));
         assert!(!v.to_string().contains("secretSealed"));
+    }
+
+    fn known(names: &[&str]) -> KnownMetrics {
+        KnownMetrics {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            complete: true,
+        }
+    }
+
+    #[test]
+    fn a_misspelled_metric_is_warned_about_and_known_ones_are_not() {
+        let b = body(json!({"name": "x", "metric": "temperature",
+            "condition": "let limit = 30; temprature > limit && metrics.humidity.avg > 3 && current > 1 && device != \"\"",
+            "clear": {"expression": "temperature < 25 && shadow.reported.on", "forSecs": 5}}));
+        let warnings = b.warnings(&known(&["temperature", "humidity"]));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].code, "unknown_metric");
+        assert_eq!(warnings[0].field, "condition");
+        assert!(
+            warnings[0].message.contains("`temprature`"),
+            "{}",
+            warnings[0].message
+        );
+        assert!(
+            warnings[0]
+                .message
+                .contains("known metrics: humidity, temperature"),
+            "{}",
+            warnings[0].message
+        );
+        // The rule's metric, window metrics and the clear expression count too.
+        let warnings = b.warnings(&known(&["temprature"]));
+        let fields: Vec<(&str, &str)> = warnings
+            .iter()
+            .map(|w| (w.field.as_str(), w.message.split('`').nth(1).unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            vec![("condition", "humidity"), ("clear, metric", "temperature")]
+        );
+        // A list cut short proves nothing.
+        let mut partial = known(&[]);
+        partial.complete = false;
+        assert!(b.warnings(&partial).is_empty());
+    }
+
+    #[test]
+    fn actions_that_could_never_be_delivered_are_refused() {
+        let none = DeliveryConfig {
+            email: false,
+            sms_account: false,
+        };
+        let all = DeliveryConfig {
+            email: true,
+            sms_account: true,
+        };
+        let channels = [
+            ChannelSummary {
+                name: "mail",
+                kind: ActionKind::Email,
+                has_account: false,
+            },
+            ChannelSummary {
+                name: "pager",
+                kind: ActionKind::Sms,
+                has_account: true,
+            },
+        ];
+        let rule = |actions: Value| {
+            body(
+                json!({"name": "x", "condition": "t > 1", "escalation": [{"afterSecs": 60, "actions": actions}]}),
+            )
+        };
+        let code = |r: &RuleBody, d| r.check_deliverable(&channels, d).err().map(|e| e.code);
+        let mail = rule(json!([{"type": "email", "channel": "mail"}]));
+        assert_eq!(code(&mail, none), Some("email_not_configured"));
+        assert_eq!(code(&mail, all), None);
+        let inline = rule(json!([{"type": "email", "to": ["a@example.com"]}]));
+        assert_eq!(code(&inline, none), Some("email_not_configured"));
+        let pager = rule(json!([{"type": "sms", "channel": "pager"}]));
+        assert_eq!(code(&pager, none), None, "the channel has its own account");
+        let sms = rule(json!([{"type": "sms", "to": ["+1555"]}]));
+        assert_eq!(code(&sms, none), Some("sms_not_configured"));
+        assert_eq!(code(&sms, all), None);
+        let wrong = rule(json!([{"type": "webhook", "channel": "mail"}]));
+        assert_eq!(code(&wrong, all), Some("channel_type_mismatch"));
+        let missing = rule(json!([{"type": "webhook", "channel": "nope"}]));
+        assert_eq!(code(&missing, all), Some("unknown_channel"));
+        let err = mail.check_deliverable(&channels, none).unwrap_err();
+        assert_eq!(err.field, "escalation[0].actions[0]");
+
+        let channel = |v: Value| serde_json::from_value::<ChannelBody>(v).unwrap();
+        let email = channel(json!({"name": "m", "type": "email", "to": ["a@example.com"]}));
+        assert_eq!(
+            email.check_deliverable(none).unwrap_err().code,
+            "email_not_configured"
+        );
+        assert!(email.check_deliverable(all).is_ok());
+        let sms = channel(json!({"name": "s", "type": "sms", "to": ["+1555"]}));
+        assert_eq!(
+            sms.check_deliverable(none).unwrap_err().code,
+            "sms_not_configured"
+        );
+        let own = channel(json!({"name": "s", "type": "sms", "to": ["+1555"], "accountSid": "AC1"}));
+        assert!(own.check_deliverable(none).is_ok());
+        let blank = channel(json!({"name": "s", "type": "sms", "to": ["+1555"], "accountSid": ""}));
+        assert_eq!(
+            blank.check_deliverable(none).unwrap_err().code,
+            "sms_not_configured"
+        );
+    }
+
+    #[test]
+    fn loading_a_stored_rule_runs_no_script() {
+        // A stored body from before the sandbox refused `sleep` still converts (and is then
+        // refused by the evaluator's compile, counted as a load error) without running.
+        let b = body(json!({"name": "x", "condition": "sleep(15); true"}));
+        let started = std::time::Instant::now();
+        b.to_spec("r1", &TenantId::parse("t").unwrap(), None).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let e = b.validate(&Sandbox::default()).unwrap_err();
+        assert_eq!(e.code, "invalid_expression");
+        assert!(e.message.contains("`sleep` is not available"), "{}", e.message);
     }
 }

@@ -1,11 +1,11 @@
 //! The rule actors' [`RuleSource`]: rules from the registry, with group and tag scopes resolved
-//! to their member devices at load time.
+//! to their member devices at load time. Loading runs no script (the rule actors' thread is
+//! shared by every tenant); the evaluation threads compile what is loaded.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use drover_actors::rules::script::Sandbox;
 use drover_actors::rules::{RuleSource, RuleSpec};
 use drover_actors::{DeviceId, TenantId};
 
@@ -13,7 +13,6 @@ use crate::storage::RegistryStore;
 
 pub struct RegistryRuleSource {
     pub registry: RegistryStore,
-    pub sandbox: Arc<Sandbox>,
 }
 
 #[async_trait]
@@ -44,7 +43,7 @@ impl RuleSource for RegistryRuleSource {
                 Ok(m) => m.map(|m| Arc::new(m.into_iter().collect::<HashSet<DeviceId>>())),
                 Err(e) => return Err(e.to_string()),
             };
-            match body.to_spec(&record.id, tenant, &self.sandbox, members) {
+            match body.to_spec(&record.id, tenant, members) {
                 Ok(spec) => specs.push(spec),
                 Err(error) => {
                     tracing::warn!(rule = %record.id, %error, "stored rule is invalid; not evaluated")

@@ -1,174 +1,31 @@
 //! Evaluation of one tenant's rules: pure state machines, no actors, no I/O.
 //!
 //! [`TenantRules::on_telemetry`] takes one accepted batch and the server time it arrived at and
-//! returns the alarm changes it causes; [`TenantRules::on_tick`] fires time-based conditions
-//! (absence). Window statistics are per (device, metric) and cover the values that arrived before
+//! returns the alarm changes it causes; [`TenantRules::on_telemetry_until`] does the same in
+//! steps, pausing between two rule evaluations when its caller's time is up (so one tenant's
+//! slow rules cannot hold an evaluation thread that other tenants wait for);
+//! [`TenantRules::on_tick`] fires time-based conditions (absence). Window statistics are per (device, metric) and cover the values that arrived before
 //! the message being evaluated. A rule whose expression hits a sandbox limit at run time is
-//! stopped (its stats say why) and the tenant's other rules carry on.
+//! stopped (its stats say why) and the tenant's other rules carry on. The condition types
+//! themselves are in `condition`, the per-rule counters in `stats`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use rhai::{Dynamic, Map, Scope};
-use serde::Serialize;
-use serde_json::{Value, json};
+use rhai::Scope;
+use serde_json::json;
 
-use super::script::{Expression, Sandbox, ScriptError, Verdict};
-use super::window::MetricWindow;
-use super::{AlarmChange, AlarmSignal, ConditionSpec, RuleSpec, Severity};
+use super::condition::{
+    CompiledRule, Condition, DeviceRuleState, DeviceState, EvalContext, GroupState, Message,
+    compile_condition, evaluate, metric_dynamic,
+};
+use super::script::{Sandbox, ScriptError};
+use super::stats::{RuleStats, StatsBoard};
+use super::{AlarmChange, AlarmSignal, RuleSpec};
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
 use crate::telemetry::MetricValue;
-
-/// Counters of one rule, shared with the API (`GET /api/rules/{id}` shows them).
-#[derive(Debug, Default)]
-pub struct RuleStats {
-    pub evaluations: AtomicU64,
-    pub matches: AtomicU64,
-    /// Messages that lacked a value the rule reads.
-    pub skipped: AtomicU64,
-    pub errors: AtomicU64,
-    pub limit_hits: AtomicU64,
-    /// Set when a sandbox limit was hit: the rule no longer runs until it is changed.
-    pub stopped: AtomicBool,
-    pub last_error: Mutex<Option<String>>,
-}
-
-/// [`RuleStats`] as JSON.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct RuleStatsView {
-    pub evaluations: u64,
-    pub matches: u64,
-    pub skipped: u64,
-    pub errors: u64,
-    pub limit_hits: u64,
-    /// `running`, `stopped` (a limit was hit) or `idle` (not loaded yet).
-    pub status: &'static str,
-    pub last_error: Option<String>,
-}
-
-impl RuleStats {
-    pub fn view(&self) -> RuleStatsView {
-        RuleStatsView {
-            evaluations: self.evaluations.load(Ordering::Relaxed),
-            matches: self.matches.load(Ordering::Relaxed),
-            skipped: self.skipped.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            limit_hits: self.limit_hits.load(Ordering::Relaxed),
-            status: if self.stopped.load(Ordering::Relaxed) {
-                "stopped"
-            } else {
-                "running"
-            },
-            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
-        }
-    }
-
-    fn error(&self, error: &ScriptError) {
-        match error {
-            ScriptError::Missing(_) => {
-                self.skipped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            ScriptError::Limit { .. } => {
-                self.limit_hits.fetch_add(1, Ordering::Relaxed);
-                self.stopped.store(true, Ordering::Relaxed);
-            }
-            _ => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(error.to_string());
-        }
-    }
-}
-
-/// Stats of every loaded rule by id, shared between the rule actors and the API.
-pub type StatsBoard = Arc<Mutex<HashMap<String, Arc<RuleStats>>>>;
-
-enum Condition {
-    Expression(Expression),
-    Duration {
-        expr: Expression,
-        for_ms: i64,
-    },
-    Repeating {
-        expr: Expression,
-        count: u32,
-        within_ms: i64,
-    },
-    Statistical {
-        threshold: f64,
-        min_samples: u32,
-    },
-    Pattern {
-        first: Expression,
-        then: Expression,
-        within_ms: i64,
-    },
-    Group {
-        expr: Expression,
-        min_devices: u32,
-        within_ms: i64,
-    },
-    Absence {
-        for_ms: i64,
-    },
-}
-
-/// Where one (device, rule) stands.
-#[derive(Debug, Default, Clone)]
-struct DeviceRuleState {
-    active: bool,
-    /// Duration: since when the expression has held.
-    since: Option<i64>,
-    /// Repeating: when it held, within the window.
-    hits: VecDeque<i64>,
-    /// Pattern: when `first` last held.
-    first_at: Option<i64>,
-    /// Clear with a duration: since when the clear expression has held.
-    clear_since: Option<i64>,
-    /// The severity last reported for the active alarm.
-    severity: Option<Severity>,
-    /// Repeats of the active alarm not reported yet (flushed on the next tick).
-    pending: Option<Pending>,
-}
-
-/// Repeats of an active alarm, coalesced so an alarm that holds on every message costs one
-/// registry write per tick rather than one per message.
-#[derive(Debug, Clone, Default)]
-struct Pending {
-    count: u32,
-    value: Option<f64>,
-    details: Value,
-    at_ms: i64,
-}
-
-#[derive(Debug, Default)]
-struct GroupState {
-    held_at: HashMap<DeviceId, i64>,
-    /// The device the group alarm was raised on, while it is active.
-    active_device: Option<DeviceId>,
-}
-
-struct CompiledRule {
-    spec: RuleSpec,
-    condition: Condition,
-    clear: Option<(Expression, i64)>,
-    stats: Arc<RuleStats>,
-    devices: HashMap<DeviceId, DeviceRuleState>,
-    group: GroupState,
-}
-
-#[derive(Debug, Default)]
-struct DeviceState {
-    device_type: String,
-    last_seen_ms: i64,
-    windows: HashMap<String, MetricWindow>,
-}
 
 /// One tenant's rules and everything they remember.
 pub struct TenantRules {
@@ -180,6 +37,23 @@ pub struct TenantRules {
     /// Longest window any rule needs (values older than this are dropped).
     keep_ms: i64,
     board: StatsBoard,
+    /// Where the batch that paused resumes.
+    cursor: Option<Cursor>,
+}
+
+/// A position in a batch: the message (in timestamp order) and the rule to judge it next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Cursor {
+    message: usize,
+    rule: usize,
+}
+
+/// Whether [`TenantRules::on_telemetry_until`] judged the whole batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Done,
+    /// Time was up: the same batch must be passed again, before anything else of the tenant.
+    Paused,
 }
 
 /// Why a rule could not be loaded.
@@ -190,104 +64,10 @@ pub struct LoadError {
     pub error: ScriptError,
 }
 
-fn compile_condition(
-    sandbox: &Sandbox,
-    spec: &RuleSpec,
-    anomaly_threshold: f64,
-) -> Result<Condition, ScriptError> {
-    Ok(match &spec.condition {
-        ConditionSpec::Expression { expression } => Condition::Expression(sandbox.compile(expression)?),
-        ConditionSpec::Duration { expression, for_ms } => Condition::Duration {
-            expr: sandbox.compile(expression)?,
-            for_ms: *for_ms,
-        },
-        ConditionSpec::Repeating {
-            expression,
-            count,
-            within_ms,
-        } => Condition::Repeating {
-            expr: sandbox.compile(expression)?,
-            count: (*count).max(1),
-            within_ms: *within_ms,
-        },
-        ConditionSpec::Statistical {
-            threshold,
-            min_samples,
-        } => Condition::Statistical {
-            threshold: threshold.unwrap_or(anomaly_threshold),
-            min_samples: (*min_samples).max(2),
-        },
-        ConditionSpec::Pattern {
-            first,
-            then,
-            within_ms,
-        } => Condition::Pattern {
-            first: sandbox.compile(first)?,
-            then: sandbox.compile(then)?,
-            within_ms: *within_ms,
-        },
-        ConditionSpec::Group {
-            expression,
-            min_devices,
-            within_ms,
-        } => Condition::Group {
-            expr: sandbox.compile(expression)?,
-            min_devices: (*min_devices).max(1),
-            within_ms: *within_ms,
-        },
-        ConditionSpec::Absence { for_ms } => Condition::Absence { for_ms: *for_ms },
-    })
-}
-
-/// Converts JSON to what scripts see (objects become maps).
-pub fn json_to_dynamic(value: &Value) -> Dynamic {
-    match value {
-        Value::Null => Dynamic::UNIT,
-        Value::Bool(b) => Dynamic::from_bool(*b),
-        Value::Number(n) => Dynamic::from_float(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Dynamic::from(s.clone()),
-        Value::Array(items) => Dynamic::from_array(items.iter().map(json_to_dynamic).collect()),
-        Value::Object(map) => Dynamic::from_map(
-            map.iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect::<Map>(),
-        ),
-    }
-}
-
-fn metric_dynamic(value: &MetricValue) -> Dynamic {
-    match value {
-        MetricValue::Number(n) => Dynamic::from_float(*n),
-        MetricValue::Bool(b) => Dynamic::from_bool(*b),
-        MetricValue::Text(s) => Dynamic::from(s.clone()),
-    }
-}
-
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// One message of a batch as rules see it.
-struct Message<'a> {
-    event: &'a TelemetryAccepted,
-    metrics: Vec<(&'a str, &'a MetricValue)>,
-}
-
-impl Message<'_> {
-    fn value(&self, name: &str) -> Option<&MetricValue> {
-        self.metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
-    }
-
-    fn details(&self) -> Value {
-        let metrics: serde_json::Map<String, Value> = self
-            .metrics
-            .iter()
-            .map(|(n, v)| (n.to_string(), serde_json::to_value(v).unwrap_or(Value::Null)))
-            .collect();
-        json!({ "metrics": metrics })
-    }
 }
 
 impl TenantRules {
@@ -305,6 +85,7 @@ impl TenantRules {
             devices: HashMap::new(),
             keep_ms: 0,
             board,
+            cursor: None,
         }
     }
 
@@ -316,6 +97,9 @@ impl TenantRules {
     /// starts afresh (and runs again if it had been stopped). Rules that fail to compile are
     /// left out and reported.
     pub fn set_rules(&mut self, specs: Vec<RuleSpec>, active: &[(DeviceId, String)]) -> Vec<LoadError> {
+        debug_assert!(self.cursor.is_none(), "rules changed while a batch was paused");
+        // Indexes of a paused batch mean nothing in the new set.
+        self.cursor = None;
         let mut previous: HashMap<String, CompiledRule> =
             self.rules.drain(..).map(|r| (r.spec.id.clone(), r)).collect();
         let mut errors = Vec::new();
@@ -395,6 +179,23 @@ impl TenantRules {
 
     /// Evaluates every rule in scope on each message of the batch, in timestamp order.
     pub fn on_telemetry(&mut self, event: &TelemetryAccepted, now_ms: i64) -> Vec<AlarmSignal> {
+        let mut out = Vec::new();
+        self.on_telemetry_until(event, now_ms, &mut out, &mut || false);
+        out
+    }
+
+    /// As [`TenantRules::on_telemetry`], asking `out_of_time` after each rule evaluation: when
+    /// it answers `true`, evaluation pauses there and the next call with the same batch resumes
+    /// at the next rule (each call judges at least one rule or one message, so a batch always
+    /// moves on).
+    /// Between a `Paused` and the call that resumes it, nothing else may change these rules.
+    pub fn on_telemetry_until(
+        &mut self,
+        event: &TelemetryAccepted,
+        now_ms: i64,
+        out: &mut Vec<AlarmSignal>,
+        out_of_time: &mut dyn FnMut() -> bool,
+    ) -> Progress {
         let mut by_ts: BTreeMap<i64, Vec<(&str, &MetricValue)>> = BTreeMap::new();
         for p in event.points.iter() {
             by_ts
@@ -402,15 +203,36 @@ impl TenantRules {
                 .or_default()
                 .push((p.metric.as_str(), &p.value));
         }
-        let mut out = Vec::new();
-        for (_, metrics) in by_ts {
+        let messages = by_ts.len();
+        let start = self.cursor.take().unwrap_or_default();
+        for (index, (_, metrics)) in by_ts.into_iter().enumerate().skip(start.message) {
+            let first_rule = if index == start.message { start.rule } else { 0 };
             let message = Message { event, metrics };
-            self.on_message(&message, now_ms, &mut out);
+            if let Some(rule) = self.on_message(&message, now_ms, first_rule, out, out_of_time) {
+                self.cursor = Some(Cursor { message: index, rule });
+                return Progress::Paused;
+            }
+            if index + 1 < messages && out_of_time() {
+                self.cursor = Some(Cursor {
+                    message: index + 1,
+                    rule: 0,
+                });
+                return Progress::Paused;
+            }
         }
-        out
+        Progress::Done
     }
 
-    fn on_message(&mut self, message: &Message, now_ms: i64, out: &mut Vec<AlarmSignal>) {
+    /// Judges one message from rule `first_rule` on; `Some(next rule)` when time ran out before
+    /// the last rule (the message then joins the windows when it is finished).
+    fn on_message(
+        &mut self,
+        message: &Message,
+        now_ms: i64,
+        first_rule: usize,
+        out: &mut Vec<AlarmSignal>,
+        out_of_time: &mut dyn FnMut() -> bool,
+    ) -> Option<usize> {
         let event = message.event;
         let device = self.devices.entry(event.device.clone()).or_default();
         device.last_seen_ms = now_ms;
@@ -434,7 +256,8 @@ impl TenantRules {
             metadata: None,
             shadow: None,
         };
-        for rule in &mut self.rules {
+        let count = self.rules.len();
+        for (index, rule) in self.rules.iter_mut().enumerate().skip(first_rule) {
             if !rule.spec.enabled
                 || rule.stats.stopped.load(Ordering::Relaxed)
                 || !rule.spec.scope.matches(&event.device, &event.device_type)
@@ -443,6 +266,9 @@ impl TenantRules {
             }
             if let Some(signal) = evaluate(rule, &mut ctx, &self.tenant) {
                 out.push(signal);
+            }
+            if index + 1 < count && out_of_time() {
+                return Some(index + 1);
             }
         }
         // The message joins the windows after it was judged against them.
@@ -457,6 +283,7 @@ impl TenantRules {
                 }
             }
         }
+        None
     }
 
     /// Reports coalesced repeats, fires time-based conditions (absence) and drops window values
@@ -526,365 +353,12 @@ impl TenantRules {
     }
 }
 
-struct EvalContext<'a> {
-    sandbox: &'a Sandbox,
-    /// The message's variables; each evaluation pushes its extras and rewinds.
-    scope: Scope<'static>,
-    message: &'a Message<'a>,
-    device: &'a DeviceState,
-    now_ms: i64,
-    metadata: Option<Dynamic>,
-    shadow: Option<Dynamic>,
-}
-
-impl EvalContext<'_> {
-    fn run(
-        &mut self,
-        expr: &Expression,
-        rule: &RuleSpec,
-        extra: &[(&str, f64)],
-    ) -> Result<Verdict, ScriptError> {
-        let base_len = self.scope.len();
-        if let Some(metric) = &rule.metric {
-            match self.message.value(metric) {
-                Some(v) => {
-                    self.scope.push_constant_dynamic("current", metric_dynamic(v));
-                }
-                None => return Err(ScriptError::Missing(metric.clone())),
-            }
-        }
-        if expr.reads_metadata {
-            let metadata = self.metadata.get_or_insert_with(|| {
-                json_to_dynamic(&Value::Object((*self.message.event.metadata).clone()))
-            });
-            self.scope.push_constant_dynamic("metadata", metadata.clone());
-        }
-        if expr.reads_shadow {
-            let shadow = self.shadow.get_or_insert_with(|| {
-                self.message
-                    .event
-                    .shadow
-                    .as_deref()
-                    .map(json_to_dynamic)
-                    .unwrap_or_else(|| Dynamic::from_map(Map::new()))
-            });
-            self.scope.push_constant_dynamic("shadow", shadow.clone());
-        }
-        if !expr.window_metrics.is_empty() {
-            let mut metrics = Map::new();
-            for name in &expr.window_metrics {
-                let stats = self
-                    .device
-                    .windows
-                    .get(name)
-                    .map(|w| w.stats(self.now_ms, rule.window_ms))
-                    .unwrap_or_default();
-                // One value has no spread: statistics need two before they mean anything.
-                if stats.count < 2 {
-                    self.scope.rewind(base_len);
-                    return Err(ScriptError::Missing(format!("window of {name}")));
-                }
-                let mut m = Map::new();
-                m.insert("avg".into(), Dynamic::from_float(stats.avg));
-                m.insert("std".into(), Dynamic::from_float(stats.std));
-                m.insert(
-                    "min".into(),
-                    Dynamic::from_float(if stats.count > 0 { stats.min } else { 0.0 }),
-                );
-                m.insert(
-                    "max".into(),
-                    Dynamic::from_float(if stats.count > 0 { stats.max } else { 0.0 }),
-                );
-                m.insert("last".into(), Dynamic::from_float(stats.last));
-                m.insert("sum".into(), Dynamic::from_float(stats.sum));
-                m.insert("count".into(), Dynamic::from_int(stats.count as i64));
-                metrics.insert(name.as_str().into(), Dynamic::from_map(m));
-            }
-            self.scope.push_constant("metrics", metrics);
-        }
-        for (name, value) in extra {
-            self.scope.push_constant(name.to_string(), *value);
-        }
-        let result = self.sandbox.eval(expr, &mut self.scope);
-        self.scope.rewind(base_len);
-        result
-    }
-}
-
-/// The condition held for an alarm: `Some(occurrences)` to report now (it opens, or its severity
-/// rises, with the repeats not reported yet), `None` when the repeat waits for the next tick.
-fn report(
-    state: &mut DeviceRuleState,
-    severity: Severity,
-    value: Option<f64>,
-    details: &Value,
-    now: i64,
-) -> Option<u32> {
-    if state.active && state.severity.is_some_and(|reported| severity <= reported) {
-        let pending = state.pending.get_or_insert_with(Pending::default);
-        pending.count += 1;
-        pending.value = value;
-        pending.details = details.clone();
-        pending.at_ms = now;
-        return None;
-    }
-    state.active = true;
-    state.severity = Some(state.severity.map_or(severity, |s| s.max(severity)));
-    Some(1 + state.pending.take().map_or(0, |p| p.count))
-}
-
-fn severity_of(verdict: Verdict, rule: &RuleSpec) -> Severity {
-    match verdict {
-        Verdict::Severity(s) => s,
-        _ => rule.severity,
-    }
-}
-
-/// Runs one rule on one message; returns the alarm change it causes.
-fn evaluate(rule: &mut CompiledRule, ctx: &mut EvalContext, tenant: &TenantId) -> Option<AlarmSignal> {
-    let now = ctx.now_ms;
-    let device = ctx.message.event.device.clone();
-    rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
-    let current = rule
-        .spec
-        .metric
-        .as_ref()
-        .and_then(|m| ctx.message.value(m))
-        .and_then(MetricValue::as_f64);
-    let signal = |rule: &CompiledRule, device: DeviceId, change: AlarmChange, details: Value| AlarmSignal {
-        tenant: tenant.clone(),
-        device,
-        rule_id: rule.spec.id.clone(),
-        rule_name: rule.spec.name.clone(),
-        change,
-        at_ms: now,
-        details,
-    };
-    let mut details = ctx.message.details();
-
-    // Group conditions keep their state across devices.
-    if let Condition::Group {
-        expr,
-        min_devices,
-        within_ms,
-    } = &rule.condition
-    {
-        let verdict = match ctx.run(expr, &rule.spec, &[]) {
-            Ok(v) => v,
-            Err(e) => {
-                rule.stats.error(&e);
-                return None;
-            }
-        };
-        if verdict.holds() {
-            rule.group.held_at.insert(device.clone(), now);
-        } else {
-            rule.group.held_at.remove(&device);
-        }
-        rule.group.held_at.retain(|_, at| now - *at <= *within_ms);
-        let holding = rule.group.held_at.len() as u32;
-        let mut members: Vec<&str> = rule.group.held_at.keys().map(|d| d.as_str()).collect();
-        members.sort_unstable();
-        details["devices"] = json!(members);
-        if holding >= *min_devices {
-            let origin = rule
-                .group
-                .active_device
-                .get_or_insert_with(|| device.clone())
-                .clone();
-            rule.stats.matches.fetch_add(1, Ordering::Relaxed);
-            let severity = severity_of(verdict, &rule.spec);
-            // The group alarm's repeats are kept on its originator's state.
-            let state = rule.devices.entry(origin.clone()).or_default();
-            let occurrences = report(state, severity, current, &details, now)?;
-            return Some(signal(
-                rule,
-                origin,
-                AlarmChange::Raise {
-                    severity,
-                    value: current,
-                    occurrences,
-                },
-                details,
-            ));
-        }
-        if rule.clear.is_some()
-            && let Some(origin) = rule.group.active_device.take()
-        {
-            let state = rule.devices.remove(&origin).unwrap_or_default();
-            let repeats = state.pending.map_or(0, |p| p.count);
-            return Some(signal(rule, origin, AlarmChange::Clear { repeats }, details));
-        }
-        return None;
-    }
-
-    let state = rule.devices.entry(device.clone()).or_default();
-
-    // Absence alarms clear as soon as the device speaks again.
-    if let Condition::Absence { .. } = rule.condition {
-        if state.active {
-            state.active = false;
-            return Some(signal(rule, device, AlarmChange::Clear { repeats: 0 }, details));
-        }
-        return None;
-    }
-
-    // Statistical conditions score `current` against the window before it.
-    let mut extra: Vec<(&str, f64)> = Vec::new();
-    if let Condition::Statistical { .. } = rule.condition {
-        let metric = rule.spec.metric.as_ref()?;
-        let Some(x) = current else {
-            rule.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        let stats = ctx
-            .device
-            .windows
-            .get(metric)
-            .map(|w| w.stats(now, rule.spec.window_ms))
-            .unwrap_or_default();
-        let z = if stats.std > 0.0 {
-            (x - stats.avg) / stats.std
-        } else {
-            0.0
-        };
-        details["zscore"] = json!(z);
-        details["avg"] = json!(stats.avg);
-        details["std"] = json!(stats.std);
-        details["samples"] = json!(stats.count);
-        extra.push(("zscore", z));
-        if let Condition::Statistical { min_samples, .. } = rule.condition
-            && stats.count < u64::from(min_samples)
-        {
-            return None;
-        }
-    }
-
-    // An active alarm: does the clear condition hold?
-    if state.active
-        && let Some((clear, for_ms)) = &rule.clear
-    {
-        match ctx.run(clear, &rule.spec, &extra) {
-            Ok(v) if v.holds() => {
-                let since = *state.clear_since.get_or_insert(now);
-                if now - since >= *for_ms {
-                    let repeats = state.pending.take().map_or(0, |p| p.count);
-                    *state = DeviceRuleState::default();
-                    return Some(signal(rule, device, AlarmChange::Clear { repeats }, details));
-                }
-            }
-            Ok(_) => state.clear_since = None,
-            Err(e) => rule.stats.error(&e),
-        }
-        if rule.stats.stopped.load(Ordering::Relaxed) {
-            return None;
-        }
-    }
-
-    let fired: Option<Severity> = match &rule.condition {
-        Condition::Expression(expr) => match ctx.run(expr, &rule.spec, &extra) {
-            Ok(v) => v.holds().then(|| severity_of(v, &rule.spec)),
-            Err(e) => {
-                rule.stats.error(&e);
-                None
-            }
-        },
-        Condition::Duration { expr, for_ms } => match ctx.run(expr, &rule.spec, &extra) {
-            Ok(v) if v.holds() => {
-                let since = *state.since.get_or_insert(now);
-                details["heldForMs"] = json!(now - since);
-                (now - since >= *for_ms).then(|| severity_of(v, &rule.spec))
-            }
-            Ok(_) => {
-                state.since = None;
-                None
-            }
-            Err(e) => {
-                rule.stats.error(&e);
-                None
-            }
-        },
-        Condition::Repeating {
-            expr,
-            count,
-            within_ms,
-        } => match ctx.run(expr, &rule.spec, &extra) {
-            Ok(v) => {
-                if v.holds() {
-                    state.hits.push_back(now);
-                }
-                while state.hits.front().is_some_and(|t| now - *t > *within_ms) {
-                    state.hits.pop_front();
-                }
-                while state.hits.len() > *count as usize * 2 {
-                    state.hits.pop_front();
-                }
-                details["occurrences"] = json!(state.hits.len());
-                (v.holds() && state.hits.len() >= *count as usize).then(|| severity_of(v, &rule.spec))
-            }
-            Err(e) => {
-                rule.stats.error(&e);
-                None
-            }
-        },
-        Condition::Statistical { threshold, .. } => {
-            let z = extra.first().map(|(_, z)| *z).unwrap_or(0.0);
-            (z.abs() > *threshold).then_some(rule.spec.severity)
-        }
-        Condition::Pattern {
-            first,
-            then,
-            within_ms,
-        } => {
-            let mut fired = None;
-            if let Some(at) = state.first_at {
-                if now - at > *within_ms {
-                    state.first_at = None;
-                } else {
-                    match ctx.run(then, &rule.spec, &extra) {
-                        Ok(v) if v.holds() => {
-                            details["firstAtMs"] = json!(at);
-                            state.first_at = None;
-                            fired = Some(severity_of(v, &rule.spec));
-                        }
-                        Ok(_) => {}
-                        Err(e) => rule.stats.error(&e),
-                    }
-                }
-            }
-            if fired.is_none() {
-                match ctx.run(first, &rule.spec, &extra) {
-                    Ok(v) if v.holds() => state.first_at = Some(now),
-                    Ok(_) => {}
-                    Err(e) => rule.stats.error(&e),
-                }
-            }
-            fired
-        }
-        Condition::Group { .. } | Condition::Absence { .. } => None,
-    };
-    let severity = fired?;
-    state.clear_since = None;
-    rule.stats.matches.fetch_add(1, Ordering::Relaxed);
-    let occurrences = report(state, severity, current, &details, now)?;
-    Some(signal(
-        rule,
-        device,
-        AlarmChange::Raise {
-            severity,
-            value: current,
-            occurrences,
-        },
-        details,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::rules::{ClearSpec, RuleScope};
+    use crate::rules::{ClearSpec, ConditionSpec, RuleScope, Severity};
     use crate::telemetry::{MetricName, TelemetryPoint};
 
     fn tenant() -> TenantId {
@@ -1309,5 +783,53 @@ mod tests {
         let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, StatsBoard::default());
         t.set_rules(vec![hot], &[(DeviceId::parse("d1").unwrap(), "hot".into())]);
         assert_eq!(temp(&mut t, "d1", 20.0, 0), vec![CLEAR]);
+    }
+
+    #[test]
+    fn a_paused_batch_resumes_where_it_stopped_and_judges_like_an_uninterrupted_one() {
+        let rules = vec![
+            rule("hot", expr("temperature > 30")),
+            rule(
+                "spike",
+                expr("metrics.temperature.count >= 2 && current > metrics.temperature.avg"),
+            ),
+            rule(
+                "dur",
+                ConditionSpec::Duration {
+                    expression: "temperature > 20".into(),
+                    for_ms: 1,
+                },
+            ),
+        ];
+        let mut batch = event("d1", &[("temperature", 25.0)]);
+        let points: Vec<TelemetryPoint> = [(1, 25.0), (2, 31.0), (3, 40.0), (4, 10.0)]
+            .into_iter()
+            .map(|(ts, v)| TelemetryPoint {
+                ts_ms: ts,
+                value: MetricValue::Number(v),
+                ..batch.points[0].clone()
+            })
+            .collect();
+        batch.points = points.into();
+        let mut whole = engine(rules.clone());
+        let expected = whole.on_telemetry(&batch, 1_000);
+        assert!(expected.len() >= 2, "{expected:?}");
+
+        // Out of time after every evaluation: one rule per call.
+        let board = StatsBoard::default();
+        let mut stepped = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
+        stepped.set_rules(rules, &[]);
+        let mut got = Vec::new();
+        let mut calls = 0;
+        while stepped.on_telemetry_until(&batch, 1_000, &mut got, &mut || true) == Progress::Paused {
+            calls += 1;
+            assert!(calls < 100, "no progress");
+        }
+        assert_eq!(calls + 1, 4 * 3, "one evaluation per call");
+        assert_eq!(got, expected);
+        let stats = board.lock().unwrap();
+        for id in ["hot", "spike", "dur"] {
+            assert_eq!(stats[id].view().evaluations, 4, "{id} judged each message once");
+        }
     }
 }

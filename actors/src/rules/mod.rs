@@ -3,11 +3,16 @@
 //! ([`RuleSource`] to load rules, [`DesiredStatePatcher`] to act on device shadows).
 //!
 //! The pure parts live beside this file: `script` (the rhai sandbox), `window` (window
-//! statistics) and `evaluator` (per-tenant state machines). `RuleActor` and `RuleRouter` only
-//! add mailboxes and timers around them.
+//! statistics), `evaluator` (per-tenant state machines), `condition` (each condition type) and
+//! `stats` (per-rule counters). `RuleActor` and `RuleRouter` only add mailboxes and timers
+//! around them.
 
+mod condition;
 pub mod evaluator;
+pub mod names;
 pub mod script;
+pub mod seen_metrics;
+pub mod stats;
 pub mod window;
 
 use std::collections::HashSet;

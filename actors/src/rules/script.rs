@@ -1,17 +1,74 @@
 //! Rule expressions: rhai scripts compiled once into an AST and run in a sandbox.
 //!
-//! The sandbox bounds what one evaluation may cost (operations, call depth, expression depth,
-//! string, array and map sizes), has no module resolver (`import` fails), and drops `print` and
-//! `debug`. [`Sandbox::check`] runs a freshly compiled expression once on dummy values, so an
-//! unconditional infinite loop or a runaway string build is refused at creation rather than
-//! discovered on live telemetry.
+//! The sandbox bounds what one evaluation may cost (operations, wall time, call depth,
+//! expression depth, string, array and map sizes), has no module resolver (`import` fails), and
+//! drops `print` and `debug`. Its engine starts from `Engine::new_raw` with only the packages a
+//! condition needs: rhai's core language package (`sleep`, `exit`, `parse_json`, reflection) and
+//! its time package (`timestamp`, `elapsed`) are left out, so a script can neither block its
+//! thread nor read the clock (time reaches rules only through the server's clock: windows,
+//! durations). [`Sandbox::check`] refuses calls to those functions with their position and
+//! runs a freshly compiled expression once on dummy values, so an unconditional infinite loop
+//! or a runaway string build is refused at creation rather than discovered on live telemetry.
 
-use std::collections::BTreeSet;
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use rhai::packages::{
+    ArithmeticPackage, BasicArrayPackage, BasicFnPackage, BasicIteratorPackage, BasicMapPackage,
+    BasicMathPackage, BasicStringPackage, BitFieldPackage, LogicPackage, MoreStringPackage, Package,
+};
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
 
 use super::Severity;
+use super::names::{self, identifiers, window_metrics};
+
+/// Functions of rhai's standard library that rules may not call, and why. They are not in the
+/// sandbox's engine at all; naming them here turns a run-time "function not found" into a
+/// refusal at creation that says why.
+const UNAVAILABLE: &[(&str, &str)] = &[
+    ("sleep", "a rule may not block"),
+    ("timestamp", "a rule may not read the clock"),
+    ("elapsed", "a rule may not read the clock"),
+    ("time_diff", "a rule may not read the clock"),
+    ("exit", "a rule may not stop evaluation"),
+];
+
+/// Variables the evaluator provides besides the message's metrics.
+pub const CONTEXT_VARIABLES: &[&str] = &[
+    "current",
+    "device",
+    "deviceType",
+    "metadata",
+    "shadow",
+    "metrics",
+    "zscore",
+];
+
+/// How often (in operations) an evaluation looks at its deadline: reading the clock on every
+/// operation would cost more than most expressions.
+const DEADLINE_CHECK_OPERATIONS: u64 = 256;
+
+thread_local! {
+    /// When the evaluation running on this thread must stop (the engine is shared between
+    /// threads, the deadline is per evaluation).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Sets this thread's evaluation deadline and restores the previous one when dropped.
+struct DeadlineGuard(Option<Instant>);
+
+impl DeadlineGuard {
+    fn set(deadline: Instant) -> DeadlineGuard {
+        DeadlineGuard(DEADLINE.with(|d| d.replace(Some(deadline))))
+    }
+}
+
+impl Drop for DeadlineGuard {
+    fn drop(&mut self) {
+        DEADLINE.with(|d| d.set(self.0));
+    }
+}
 
 /// What one evaluation may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +81,9 @@ pub struct ScriptLimits {
     pub max_map_len: usize,
     /// Bytes of expression source.
     pub max_source_bytes: usize,
+    /// Wall time of one evaluation (operations that are each expensive, like string searches
+    /// over 16 KiB, can take long within the operation limit; a preempted thread too).
+    pub max_wall: Duration,
 }
 
 impl Default for ScriptLimits {
@@ -36,6 +96,7 @@ impl Default for ScriptLimits {
             max_array_len: 1024,
             max_map_len: 256,
             max_source_bytes: 8 * 1024,
+            max_wall: Duration::from_millis(50),
         }
     }
 }
@@ -53,6 +114,18 @@ pub enum ScriptError {
     #[error("limit reached at line {line}, column {column}: {message}")]
     Limit {
         message: String,
+        line: usize,
+        column: usize,
+    },
+    /// The evaluation ran past its wall-time limit. Unlike the other limits this one depends on
+    /// the machine's load, so it does not stop the rule at run time.
+    #[error("time limit of {ms} ms reached at line {line}, column {column}")]
+    Timeout { ms: u64, line: usize, column: usize },
+    /// The expression calls a function the sandbox does not offer.
+    #[error("`{name}` is not available in rule expressions ({why}), at line {line}, column {column}")]
+    Unavailable {
+        name: String,
+        why: &'static str,
         line: usize,
         column: usize,
     },
@@ -75,6 +148,8 @@ impl ScriptError {
         match self {
             ScriptError::Syntax { line, column, .. }
             | ScriptError::Limit { line, column, .. }
+            | ScriptError::Timeout { line, column, .. }
+            | ScriptError::Unavailable { line, column, .. }
             | ScriptError::Runtime { line, column, .. } => Some((*line, *column)),
             _ => None,
         }
@@ -132,7 +207,28 @@ fn line_col(pos: Position) -> (usize, usize) {
 
 impl Sandbox {
     pub fn new(limits: ScriptLimits) -> Sandbox {
-        let mut engine = Engine::new();
+        let mut engine = Engine::new_raw();
+        for package in [
+            LogicPackage::new().as_shared_module(),
+            ArithmeticPackage::new().as_shared_module(),
+            BasicMathPackage::new().as_shared_module(),
+            BitFieldPackage::new().as_shared_module(),
+            BasicStringPackage::new().as_shared_module(),
+            MoreStringPackage::new().as_shared_module(),
+            BasicArrayPackage::new().as_shared_module(),
+            BasicMapPackage::new().as_shared_module(),
+            BasicIteratorPackage::new().as_shared_module(),
+            BasicFnPackage::new().as_shared_module(),
+        ] {
+            engine.register_global_module(package);
+        }
+        engine.on_progress(|operations| {
+            if operations % DEADLINE_CHECK_OPERATIONS != 0 {
+                return None;
+            }
+            let deadline = DEADLINE.with(Cell::get)?;
+            (Instant::now() >= deadline).then_some(Dynamic::UNIT)
+        });
         engine.set_max_operations(limits.max_operations);
         engine.set_max_call_levels(limits.max_call_levels);
         engine.set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth);
@@ -175,6 +271,22 @@ impl Sandbox {
                 column,
             }
         })?;
+        if let Some(word) = names::words(source)
+            .into_iter()
+            .find(|w| w.call && UNAVAILABLE.iter().any(|(name, _)| *name == w.text))
+        {
+            let (line, column) = names::line_column(source, word.at);
+            let why = UNAVAILABLE
+                .iter()
+                .find(|(name, _)| *name == word.text)
+                .map_or("", |(_, why)| why);
+            return Err(ScriptError::Unavailable {
+                name: word.text.to_string(),
+                why,
+                line,
+                column,
+            });
+        }
         let identifiers = identifiers(source);
         Ok(Expression {
             source: source.into(),
@@ -210,17 +322,21 @@ impl Sandbox {
             };
         }
         match self.eval(&expression, &mut scope) {
-            Err(e @ (ScriptError::Limit { .. } | ScriptError::Syntax { .. })) => Err(e),
+            Err(
+                e @ (ScriptError::Limit { .. } | ScriptError::Syntax { .. } | ScriptError::Timeout { .. }),
+            ) => Err(e),
             _ => Ok(expression),
         }
     }
 
     /// Runs an expression against `scope` (which holds the message's variables).
     pub fn eval(&self, expression: &Expression, scope: &mut Scope) -> Result<Verdict, ScriptError> {
-        let value = self
-            .engine
-            .eval_ast_with_scope::<Dynamic>(scope, &expression.ast)
-            .map_err(|e| classify(*e))?;
+        let value = {
+            let _deadline = DeadlineGuard::set(Instant::now() + self.limits.max_wall);
+            self.engine
+                .eval_ast_with_scope::<Dynamic>(scope, &expression.ast)
+                .map_err(|e| self.classify(*e))?
+        };
         if value.is_unit() {
             return Ok(Verdict::False);
         }
@@ -240,143 +356,50 @@ impl Sandbox {
     }
 }
 
-fn classify(error: EvalAltResult) -> ScriptError {
-    let (line, column) = line_col(error.position());
-    match error {
-        EvalAltResult::ErrorTooManyOperations(_)
-        | EvalAltResult::ErrorDataTooLarge(..)
-        | EvalAltResult::ErrorStackOverflow(_)
-        | EvalAltResult::ErrorTooManyModules(_)
-        | EvalAltResult::ErrorTooManyVariables(_) => ScriptError::Limit {
-            message: error.to_string(),
-            line,
-            column,
-        },
-        EvalAltResult::ErrorVariableNotFound(name, _) => ScriptError::Missing(name),
-        // A property the map lacks reads as `()`; comparing it is a "function not found".
-        EvalAltResult::ErrorFunctionNotFound(ref sig, _) if sig.contains("()") => {
-            ScriptError::Missing(error.to_string())
-        }
-        EvalAltResult::ErrorPropertyNotFound(..) | EvalAltResult::ErrorDotExpr(..) => {
-            ScriptError::Missing(error.to_string())
-        }
-        EvalAltResult::ErrorMismatchDataType(_, ref actual, _) if actual.contains("()") => {
-            ScriptError::Missing(error.to_string())
-        }
-        EvalAltResult::ErrorParsing(ref e, pos) => {
-            let (line, column) = line_col(pos);
-            ScriptError::Syntax {
-                message: e.to_string(),
+impl Sandbox {
+    fn classify(&self, error: EvalAltResult) -> ScriptError {
+        let (line, column) = line_col(error.position());
+        match error {
+            EvalAltResult::ErrorTerminated(..) => ScriptError::Timeout {
+                ms: self.limits.max_wall.as_millis() as u64,
                 line,
                 column,
+            },
+            EvalAltResult::ErrorTooManyOperations(_)
+            | EvalAltResult::ErrorDataTooLarge(..)
+            | EvalAltResult::ErrorStackOverflow(_)
+            | EvalAltResult::ErrorTooManyModules(_)
+            | EvalAltResult::ErrorTooManyVariables(_) => ScriptError::Limit {
+                message: error.to_string(),
+                line,
+                column,
+            },
+            EvalAltResult::ErrorVariableNotFound(name, _) => ScriptError::Missing(name),
+            // A property the map lacks reads as `()`; comparing it is a "function not found".
+            EvalAltResult::ErrorFunctionNotFound(ref sig, _) if sig.contains("()") => {
+                ScriptError::Missing(error.to_string())
             }
-        }
-        other => ScriptError::Runtime {
-            message: other.to_string(),
-            line,
-            column,
-        },
-    }
-}
-
-/// Names that look like identifiers, outside string literals and comments (a superset of the
-/// variables the script reads; keywords and functions are harmless extras).
-fn identifiers(source: &str) -> Vec<String> {
-    let mut found = BTreeSet::new();
-    let bytes = source.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
-        if c == b'"' || c == b'`' || c == b'\'' {
-            i += 1;
-            while i < bytes.len() && bytes[i] != c {
-                if bytes[i] == b'\\' {
-                    i += 1;
+            EvalAltResult::ErrorPropertyNotFound(..) | EvalAltResult::ErrorDotExpr(..) => {
+                ScriptError::Missing(error.to_string())
+            }
+            EvalAltResult::ErrorMismatchDataType(_, ref actual, _) if actual.contains("()") => {
+                ScriptError::Missing(error.to_string())
+            }
+            EvalAltResult::ErrorParsing(ref e, pos) => {
+                let (line, column) = line_col(pos);
+                ScriptError::Syntax {
+                    message: e.to_string(),
+                    line,
+                    column,
                 }
-                i += 1;
             }
-            i += 1;
-        } else if c == b'/' && bytes.get(i + 1) == Some(&b'/') {
-            while i < bytes.len() && bytes[i] != b'\n' {
-                i += 1;
-            }
-        } else if c.is_ascii_alphabetic() || c == b'_' {
-            let start = i;
-            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
-                i += 1;
-            }
-            // A property (`x.name`) is not a variable.
-            let after_dot = start > 0 && bytes[start - 1] == b'.';
-            if !after_dot && !is_keyword(&source[start..i]) {
-                found.insert(source[start..i].to_string());
-            }
-        } else {
-            i += 1;
+            other => ScriptError::Runtime {
+                message: other.to_string(),
+                line,
+                column,
+            },
         }
     }
-    found.into_iter().collect()
-}
-
-fn is_keyword(word: &str) -> bool {
-    matches!(
-        word,
-        "true"
-            | "false"
-            | "let"
-            | "const"
-            | "if"
-            | "else"
-            | "while"
-            | "loop"
-            | "for"
-            | "in"
-            | "do"
-            | "until"
-            | "break"
-            | "continue"
-            | "return"
-            | "fn"
-            | "switch"
-            | "throw"
-            | "try"
-            | "catch"
-            | "this"
-            | "private"
-            | "import"
-            | "export"
-            | "as"
-            | "global"
-            | "Fn"
-            | "call"
-            | "curry"
-            | "type_of"
-            | "print"
-            | "debug"
-            | "is_def_var"
-            | "is_def_fn"
-            | "is_shared"
-    )
-}
-
-/// Names `<name>` of `metrics.<name>` in the source.
-fn window_metrics(source: &str) -> Vec<String> {
-    let mut found = BTreeSet::new();
-    for (at, _) in source.match_indices("metrics.") {
-        if at > 0 {
-            let before = source.as_bytes()[at - 1];
-            if before.is_ascii_alphanumeric() || before == b'_' || before == b'.' {
-                continue;
-            }
-        }
-        let rest = &source[at + "metrics.".len()..];
-        let end = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(rest.len());
-        if end > 0 {
-            found.insert(rest[..end].to_string());
-        }
-    }
-    found.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -447,7 +470,12 @@ mod tests {
 
     #[test]
     fn infinite_loops_and_huge_strings_hit_limits_at_creation() {
-        let sandbox = Sandbox::default();
+        // Without a wall-time limit: these must hit the deterministic limits even on a busy
+        // machine.
+        let sandbox = Sandbox::new(ScriptLimits {
+            max_wall: Duration::from_secs(60),
+            ..ScriptLimits::default()
+        });
         let err = sandbox.check("loop { }\ntrue").unwrap_err();
         assert!(matches!(err, ScriptError::Limit { .. }), "{err:?}");
         let err = sandbox
@@ -502,14 +530,75 @@ mod tests {
     }
 
     #[test]
-    fn identifiers_skip_strings_properties_and_keywords() {
+    fn blocking_and_clock_functions_are_refused_at_creation_with_their_position() {
+        let sandbox = Sandbox::default();
+        for (source, name, line, column) in [
+            ("sleep(15); false", "sleep", 1, 1),
+            ("temperature > 3 &&\n  sleep (0.5) == ()", "sleep", 2, 3),
+            ("let t = timestamp(); t.elapsed() > 1.0", "timestamp", 1, 9),
+            ("let t = 0; while t.elapsed() < 1.0 { } true", "elapsed", 1, 20),
+            ("exit(true)", "exit", 1, 1),
+        ] {
+            match sandbox.check(source) {
+                Err(ScriptError::Unavailable {
+                    name: found,
+                    line: l,
+                    column: c,
+                    ..
+                }) => assert_eq!((found.as_str(), l, c), (name, line, column), "{source}"),
+                other => panic!("{source}: {other:?}"),
+            }
+        }
+        // A metric or a local may be called `timestamp`: only calls are refused.
+        assert!(sandbox.check("timestamp > 3").is_ok());
+    }
+
+    #[test]
+    fn the_engine_has_no_blocking_or_clock_function_at_all() {
+        // Reached through a function pointer, the scan cannot see the name: the engine itself
+        // must not know the function.
+        for source in [
+            "call(Fn(\"sl\" + \"eep\"), 5); true",
+            "call(Fn(\"timestamp\")); true",
+            "call(Fn(\"exit\")); true",
+        ] {
+            let started = Instant::now();
+            let err = run(source, &[]).unwrap_err();
+            assert!(err.to_string().contains("not found"), "{source}: {err:?}");
+            assert!(started.elapsed() < Duration::from_secs(1), "{source} blocked");
+        }
+        // What conditions use is still there.
         assert_eq!(
-            identifiers("let x = metadata.site == \"a b\"; x && t > 1 // c"),
-            vec!["metadata", "t", "x"]
+            run(
+                "let x = [3.0, 1.0]; x.sort(); abs(-2) == 2 && x[0] == 1.0 && \"ab\".contains(\"b\") && max(1, 2) == 2 && #{a: 1}.len() == 1",
+                &[]
+            ),
+            Ok(Verdict::True)
         );
-        assert_eq!(
-            window_metrics("metrics.a.avg + metrics.b_2.std + xmetrics.c.avg"),
-            vec!["a", "b_2"]
+    }
+
+    #[test]
+    fn an_evaluation_past_its_wall_time_is_stopped() {
+        let sandbox = Sandbox::new(ScriptLimits {
+            max_wall: Duration::ZERO,
+            ..ScriptLimits::default()
+        });
+        let long = sandbox
+            .compile("let i = 0; while i < 1000 { i += 1; } true")
+            .unwrap();
+        let err = sandbox.eval(&long, &mut Scope::new()).unwrap_err();
+        assert!(matches!(err, ScriptError::Timeout { ms: 0, .. }), "{err:?}");
+        // The deadline is checked every few hundred operations: a short expression finishes.
+        let short = sandbox.compile("1 < 2").unwrap();
+        assert_eq!(sandbox.eval(&short, &mut Scope::new()), Ok(Verdict::True));
+        // At creation a timeout is a refusal like the other limits.
+        assert!(matches!(
+            sandbox.check("let i = 0; while i < 1000 { i += 1; } true"),
+            Err(ScriptError::Timeout { .. })
+        ));
+        assert!(
+            DEADLINE.with(Cell::get).is_none(),
+            "the deadline does not outlive its evaluation"
         );
     }
 }

@@ -1,0 +1,477 @@
+//! `RuleWorkers`: the threads that run rule scripts, shared fairly between tenants.
+//!
+//! No script runs on an HTTP worker or on an actor thread: each tenant's [`TenantRules`] lives
+//! here, with a queue of [`RuleWork`] its `RuleActor` pushes. A worker takes the tenant at the
+//! head of the ready ring, works through its queue for at most one time slice (evaluation
+//! pauses between two rule evaluations when the slice is used up, see
+//! [`TenantRules::on_telemetry_until`]), and puts the tenant back at the end of the ring if it
+//! still has work. So a tenant whose rules are slow delays its own alarms, not another
+//! tenant's: with `n` tenants that have work and `w` workers, a tenant waits at most about
+//! `n / w` slices (plus one evaluation's wall-time limit each) for its turn.
+//!
+//! A tenant keeps at most `queue_capacity` telemetry events waiting; more are dropped and
+//! counted (`RuleCounters::dropped`), like an actor's full mailbox. Rule changes, operator
+//! clears and ticks are never dropped (a tick is not queued twice).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::Recipient;
+
+use crate::ids::{DeviceId, TenantId};
+use crate::pipeline::TelemetryAccepted;
+use crate::rule_actor::{AlarmSignals, RuleCounters};
+use crate::rules::evaluator::{Progress, TenantRules};
+use crate::rules::script::Sandbox;
+use crate::rules::stats::StatsBoard;
+use crate::rules::{AlarmSignal, RuleSpec};
+
+/// What a tenant's rules are asked to do, in the order its rule actor asked.
+#[derive(Debug)]
+pub enum RuleWork {
+    /// Judge an accepted batch (`now_ms`: the server time it arrived at).
+    Telemetry { event: TelemetryAccepted, now_ms: i64 },
+    /// Replace the rule set (the (device, rule id) pairs of the active alarms seed it).
+    SetRules {
+        rules: Vec<RuleSpec>,
+        active: Vec<(DeviceId, String)>,
+    },
+    /// An operator closed an alarm: its condition may raise it again.
+    AlarmClosed { rule_id: String, device: DeviceId },
+    /// Report coalesced repeats and fire time-based conditions.
+    Tick { now_ms: i64 },
+}
+
+/// How the workers run.
+#[derive(Clone)]
+pub struct WorkerSettings {
+    /// Evaluation threads.
+    pub threads: usize,
+    /// Time a tenant may use per turn before the next tenant with work gets a worker.
+    pub slice: Duration,
+    /// Telemetry events one tenant may have waiting.
+    pub queue_capacity: usize,
+    pub sandbox: Arc<Sandbox>,
+    pub anomaly_threshold: f64,
+    pub board: StatsBoard,
+    pub sink: Recipient<AlarmSignals>,
+    pub counters: Arc<RuleCounters>,
+}
+
+/// One tenant's rules and the work waiting for them.
+struct TenantSlot {
+    /// `None` while a worker has them.
+    rules: Option<Box<TenantRules>>,
+    queue: VecDeque<RuleWork>,
+    telemetry_queued: usize,
+    tick_queued: bool,
+    /// In the ready ring, or held by a worker.
+    scheduled: bool,
+}
+
+/// The tenants' queues and the order in which tenants with work get a worker.
+#[derive(Default)]
+struct Schedule {
+    tenants: HashMap<TenantId, TenantSlot>,
+    /// Tenants with work that no worker holds, in the order they get one.
+    ready: VecDeque<TenantId>,
+    stopping: bool,
+}
+
+/// Why work was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// The tenant already has `queue_capacity` telemetry events waiting.
+    Full,
+    /// The same work is already waiting (a tick).
+    Duplicate,
+}
+
+impl Schedule {
+    /// Queues `work` for `tenant`; the tenant joins the ready ring unless it is already in it or
+    /// held by a worker.
+    fn push(
+        &mut self,
+        tenant: &TenantId,
+        work: RuleWork,
+        capacity: usize,
+        new_rules: impl FnOnce() -> TenantRules,
+    ) -> Result<(), Refused> {
+        let slot = self.tenants.entry(tenant.clone()).or_insert_with(|| TenantSlot {
+            rules: Some(Box::new(new_rules())),
+            queue: VecDeque::new(),
+            telemetry_queued: 0,
+            tick_queued: false,
+            scheduled: false,
+        });
+        match work {
+            RuleWork::Telemetry { .. } if slot.telemetry_queued >= capacity => return Err(Refused::Full),
+            RuleWork::Telemetry { .. } => slot.telemetry_queued += 1,
+            RuleWork::Tick { .. } if slot.tick_queued => return Err(Refused::Duplicate),
+            RuleWork::Tick { .. } => slot.tick_queued = true,
+            _ => {}
+        }
+        slot.queue.push_back(work);
+        if !slot.scheduled {
+            slot.scheduled = true;
+            self.ready.push_back(tenant.clone());
+        }
+        Ok(())
+    }
+
+    /// The next tenant's turn: its id and its rules (which stay out until [`Schedule::end_turn`]).
+    fn start_turn(&mut self) -> Option<(TenantId, Box<TenantRules>)> {
+        while let Some(tenant) = self.ready.pop_front() {
+            if let Some(rules) = self.tenants.get_mut(&tenant).and_then(|slot| slot.rules.take()) {
+                return Some((tenant, rules));
+            }
+        }
+        None
+    }
+
+    /// The tenant's next piece of work, if it has one.
+    fn next_work(&mut self, tenant: &TenantId) -> Option<RuleWork> {
+        let slot = self.tenants.get_mut(tenant)?;
+        let work = slot.queue.pop_front()?;
+        match work {
+            RuleWork::Telemetry { .. } => slot.telemetry_queued -= 1,
+            RuleWork::Tick { .. } => slot.tick_queued = false,
+            _ => {}
+        }
+        Some(work)
+    }
+
+    /// A batch that paused goes back to the head of its tenant's queue, to resume first.
+    fn put_back(&mut self, tenant: &TenantId, work: RuleWork) {
+        if let Some(slot) = self.tenants.get_mut(tenant) {
+            if matches!(work, RuleWork::Telemetry { .. }) {
+                slot.telemetry_queued += 1;
+            }
+            slot.queue.push_front(work);
+        }
+    }
+
+    /// Returns the rules; a tenant with work left goes to the end of the ready ring. `true` when
+    /// it did (so another worker may be woken).
+    fn end_turn(&mut self, tenant: &TenantId, rules: Box<TenantRules>) -> bool {
+        let Some(slot) = self.tenants.get_mut(tenant) else {
+            return false;
+        };
+        slot.rules = Some(rules);
+        if slot.queue.is_empty() {
+            slot.scheduled = false;
+            false
+        } else {
+            self.ready.push_back(tenant.clone());
+            true
+        }
+    }
+
+    #[cfg(test)]
+    fn telemetry_queued(&self) -> usize {
+        self.tenants.values().map(|s| s.telemetry_queued).sum()
+    }
+}
+
+struct Shared {
+    schedule: Mutex<Schedule>,
+    wake: Condvar,
+    settings: WorkerSettings,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Schedule> {
+        // A worker that panicked left the schedule consistent (every change is one call).
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The evaluation threads and the tenants' queues.
+pub struct RuleWorkers {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RuleWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleWorkers")
+            .field("threads", &self.shared.settings.threads)
+            .field("slice", &self.shared.settings.slice)
+            .finish()
+    }
+}
+
+impl RuleWorkers {
+    /// Starts `settings.threads` evaluation threads (at least one).
+    pub fn start(settings: WorkerSettings) -> std::io::Result<Arc<RuleWorkers>> {
+        let threads = settings.threads.max(1);
+        let shared = Arc::new(Shared {
+            schedule: Mutex::new(Schedule::default()),
+            wake: Condvar::new(),
+            settings,
+        });
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let for_thread = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("rules-{i}"))
+                .spawn(move || work(&for_thread));
+            match handle {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop(&shared, handles);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Arc::new(RuleWorkers {
+            shared,
+            threads: Mutex::new(handles),
+        }))
+    }
+
+    /// Queues work for a tenant. Telemetry beyond the tenant's queue capacity is dropped and
+    /// counted; `false` when it was.
+    pub fn push(&self, tenant: &TenantId, work: RuleWork) -> bool {
+        let settings = &self.shared.settings;
+        let telemetry = matches!(work, RuleWork::Telemetry { .. });
+        let result = self
+            .shared
+            .lock()
+            .push(tenant, work, settings.queue_capacity, || {
+                TenantRules::new(
+                    tenant.clone(),
+                    settings.sandbox.clone(),
+                    settings.anomaly_threshold,
+                    settings.board.clone(),
+                )
+            });
+        match result {
+            Ok(()) => {
+                if telemetry {
+                    settings.counters.queued.fetch_add(1, Ordering::Relaxed);
+                }
+                self.shared.wake.notify_one();
+                true
+            }
+            Err(Refused::Full) => {
+                settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(Refused::Duplicate) => true,
+        }
+    }
+
+    /// Stops the threads once each has finished its current step (at most a slice and one
+    /// evaluation); work still queued is dropped. Blocks until they have stopped.
+    pub fn stop(&self) {
+        let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        stop(&self.shared, handles);
+    }
+}
+
+impl Drop for RuleWorkers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stop(shared: &Shared, handles: Vec<JoinHandle<()>>) {
+    shared.lock().stopping = true;
+    shared.wake.notify_all();
+    for handle in handles {
+        let _ = handle.join();
+    }
+}
+
+/// One evaluation thread: takes turns until the workers stop.
+fn work(shared: &Shared) {
+    let settings = &shared.settings;
+    loop {
+        let (tenant, mut rules) = {
+            let mut schedule = shared.lock();
+            loop {
+                if schedule.stopping {
+                    return;
+                }
+                if let Some(turn) = schedule.start_turn() {
+                    break turn;
+                }
+                schedule = shared.wake.wait(schedule).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let deadline = Instant::now() + settings.slice;
+        let mut out_of_time = || Instant::now() >= deadline;
+        let mut signals = Vec::new();
+        let mut exhausted = false;
+        loop {
+            // The schedule's lock is released before the work runs.
+            let next = shared.lock().next_work(&tenant);
+            let Some(item) = next else { break };
+            match item {
+                RuleWork::Telemetry { event, now_ms } => {
+                    match rules.on_telemetry_until(&event, now_ms, &mut signals, &mut out_of_time) {
+                        Progress::Done => {
+                            settings.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        Progress::Paused => {
+                            shared
+                                .lock()
+                                .put_back(&tenant, RuleWork::Telemetry { event, now_ms });
+                            exhausted = true;
+                            break;
+                        }
+                    }
+                }
+                RuleWork::SetRules { rules: specs, active } => {
+                    let errors = rules.set_rules(specs, &active);
+                    for error in &errors {
+                        tracing::warn!(%tenant, %error, "rule not loaded");
+                    }
+                    settings
+                        .counters
+                        .load_errors
+                        .fetch_add(errors.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(%tenant, rules = rules.rule_count(), "rules loaded");
+                }
+                RuleWork::AlarmClosed { rule_id, device } => rules.alarm_closed(&rule_id, &device),
+                RuleWork::Tick { now_ms } => signals.extend(rules.on_tick(now_ms)),
+            }
+            if out_of_time() {
+                exhausted = true;
+                break;
+            }
+        }
+        emit(settings, signals);
+        let more = shared.lock().end_turn(&tenant, rules);
+        if more {
+            if exhausted {
+                settings.counters.slices_exhausted.fetch_add(1, Ordering::Relaxed);
+            }
+            shared.wake.notify_one();
+        }
+    }
+}
+
+fn emit(settings: &WorkerSettings, signals: Vec<AlarmSignal>) {
+    if signals.is_empty() {
+        return;
+    }
+    let n = signals.len() as u64;
+    if settings.sink.try_send(AlarmSignals { signals }).is_err() {
+        settings.counters.signals_dropped.fetch_add(n, Ordering::Relaxed);
+    } else {
+        settings.counters.signals.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(id: &str) -> TenantId {
+        TenantId::parse(id).unwrap()
+    }
+
+    fn rules(id: &str) -> TenantRules {
+        TenantRules::new(
+            tenant(id),
+            Arc::new(Sandbox::default()),
+            3.0,
+            StatsBoard::default(),
+        )
+    }
+
+    fn tick(now_ms: i64) -> RuleWork {
+        RuleWork::Tick { now_ms }
+    }
+
+    fn closed(rule: &str) -> RuleWork {
+        RuleWork::AlarmClosed {
+            rule_id: rule.into(),
+            device: DeviceId::parse("d").unwrap(),
+        }
+    }
+
+    #[test]
+    fn tenants_with_work_take_turns_and_a_busy_one_goes_behind_the_others() {
+        let (a, b) = (tenant("a"), tenant("b"));
+        let mut s = Schedule::default();
+        for i in 0..3 {
+            s.push(&a, closed(&format!("a{i}")), 10, || rules("a")).unwrap();
+        }
+        // b arrives while a has work: a's first turn, then b's, then a's again.
+        let (first, rules_a) = s.start_turn().unwrap();
+        assert_eq!(first, a);
+        s.push(&b, closed("b0"), 10, || rules("b")).unwrap();
+        assert!(s.next_work(&a).is_some());
+        assert!(s.end_turn(&a, rules_a), "a still has work");
+        assert_eq!(
+            s.start_turn().map(|t| t.0),
+            Some(b),
+            "b does not wait for a's backlog"
+        );
+        assert_eq!(s.start_turn().map(|t| t.0), Some(a));
+        assert!(s.start_turn().is_none());
+    }
+
+    #[test]
+    fn a_tenant_is_held_by_one_worker_at_a_time() {
+        let a = tenant("a");
+        let mut s = Schedule::default();
+        s.push(&a, closed("x"), 10, || rules("a")).unwrap();
+        let (_, held) = s.start_turn().unwrap();
+        s.push(&a, closed("y"), 10, || rules("a")).unwrap();
+        assert!(
+            s.start_turn().is_none(),
+            "pushing to a held tenant does not ring it again"
+        );
+        assert!(s.next_work(&a).is_some());
+        assert!(s.next_work(&a).is_some());
+        assert!(s.next_work(&a).is_none());
+        assert!(!s.end_turn(&a, held), "nothing left");
+        assert!(s.start_turn().is_none());
+        s.push(&a, closed("z"), 10, || rules("a")).unwrap();
+        assert_eq!(s.start_turn().map(|t| t.0), Some(a));
+    }
+
+    #[test]
+    fn telemetry_beyond_the_capacity_is_refused_and_ticks_are_not_queued_twice() {
+        let a = tenant("a");
+        let mut s = Schedule::default();
+        let batch = || RuleWork::Telemetry {
+            event: TelemetryAccepted {
+                tenant: tenant("a"),
+                device: DeviceId::parse("d").unwrap(),
+                device_type: "t".into(),
+                metadata: Arc::default(),
+                shadow: None,
+                points: Vec::new().into(),
+            },
+            now_ms: 0,
+        };
+        s.push(&a, batch(), 2, || rules("a")).unwrap();
+        s.push(&a, batch(), 2, || rules("a")).unwrap();
+        assert_eq!(s.push(&a, batch(), 2, || rules("a")), Err(Refused::Full));
+        assert_eq!(s.push(&a, tick(1), 2, || rules("a")), Ok(()));
+        assert_eq!(s.push(&a, tick(2), 2, || rules("a")), Err(Refused::Duplicate));
+        assert_eq!(
+            s.push(&a, closed("r"), 2, || rules("a")),
+            Ok(()),
+            "control work is never refused"
+        );
+        assert_eq!(s.telemetry_queued(), 2);
+        let (_, _held) = s.start_turn().unwrap();
+        let first = s.next_work(&a).unwrap();
+        assert_eq!(s.telemetry_queued(), 1);
+        s.put_back(&a, first);
+        assert_eq!(s.telemetry_queued(), 2);
+        assert!(
+            matches!(s.next_work(&a), Some(RuleWork::Telemetry { .. })),
+            "a paused batch resumes first"
+        );
+    }
+}

@@ -1,0 +1,550 @@
+//! The condition types of a rule (expression, duration, repeating, statistical, pattern, group,
+//! absence) and how one of them judges one message: the per-(device, rule) state machines that
+//! [`super::evaluator::TenantRules`] drives.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rhai::{Dynamic, Map, Scope};
+use serde_json::{Value, json};
+
+use super::script::{Expression, Sandbox, ScriptError, Verdict};
+use super::stats::RuleStats;
+use super::window::MetricWindow;
+use super::{AlarmChange, AlarmSignal, ConditionSpec, RuleSpec, Severity};
+use crate::ids::{DeviceId, TenantId};
+use crate::pipeline::TelemetryAccepted;
+use crate::telemetry::MetricValue;
+
+pub(super) enum Condition {
+    Expression(Expression),
+    Duration {
+        expr: Expression,
+        for_ms: i64,
+    },
+    Repeating {
+        expr: Expression,
+        count: u32,
+        within_ms: i64,
+    },
+    Statistical {
+        threshold: f64,
+        min_samples: u32,
+    },
+    Pattern {
+        first: Expression,
+        then: Expression,
+        within_ms: i64,
+    },
+    Group {
+        expr: Expression,
+        min_devices: u32,
+        within_ms: i64,
+    },
+    Absence {
+        for_ms: i64,
+    },
+}
+
+/// Where one (device, rule) stands.
+#[derive(Debug, Default, Clone)]
+pub(super) struct DeviceRuleState {
+    pub(super) active: bool,
+    /// Duration: since when the expression has held.
+    pub(super) since: Option<i64>,
+    /// Repeating: when it held, within the window.
+    pub(super) hits: VecDeque<i64>,
+    /// Pattern: when `first` last held.
+    pub(super) first_at: Option<i64>,
+    /// Clear with a duration: since when the clear expression has held.
+    pub(super) clear_since: Option<i64>,
+    /// The severity last reported for the active alarm.
+    pub(super) severity: Option<Severity>,
+    /// Repeats of the active alarm not reported yet (flushed on the next tick).
+    pub(super) pending: Option<Pending>,
+}
+
+/// Repeats of an active alarm, coalesced so an alarm that holds on every message costs one
+/// registry write per tick rather than one per message.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Pending {
+    pub(super) count: u32,
+    pub(super) value: Option<f64>,
+    pub(super) details: Value,
+    pub(super) at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct GroupState {
+    pub(super) held_at: HashMap<DeviceId, i64>,
+    /// The device the group alarm was raised on, while it is active.
+    pub(super) active_device: Option<DeviceId>,
+}
+
+pub(super) struct CompiledRule {
+    pub(super) spec: RuleSpec,
+    pub(super) condition: Condition,
+    pub(super) clear: Option<(Expression, i64)>,
+    pub(super) stats: Arc<RuleStats>,
+    pub(super) devices: HashMap<DeviceId, DeviceRuleState>,
+    pub(super) group: GroupState,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct DeviceState {
+    pub(super) device_type: String,
+    pub(super) last_seen_ms: i64,
+    pub(super) windows: HashMap<String, MetricWindow>,
+}
+
+pub(super) fn compile_condition(
+    sandbox: &Sandbox,
+    spec: &RuleSpec,
+    anomaly_threshold: f64,
+) -> Result<Condition, ScriptError> {
+    Ok(match &spec.condition {
+        ConditionSpec::Expression { expression } => Condition::Expression(sandbox.compile(expression)?),
+        ConditionSpec::Duration { expression, for_ms } => Condition::Duration {
+            expr: sandbox.compile(expression)?,
+            for_ms: *for_ms,
+        },
+        ConditionSpec::Repeating {
+            expression,
+            count,
+            within_ms,
+        } => Condition::Repeating {
+            expr: sandbox.compile(expression)?,
+            count: (*count).max(1),
+            within_ms: *within_ms,
+        },
+        ConditionSpec::Statistical {
+            threshold,
+            min_samples,
+        } => Condition::Statistical {
+            threshold: threshold.unwrap_or(anomaly_threshold),
+            min_samples: (*min_samples).max(2),
+        },
+        ConditionSpec::Pattern {
+            first,
+            then,
+            within_ms,
+        } => Condition::Pattern {
+            first: sandbox.compile(first)?,
+            then: sandbox.compile(then)?,
+            within_ms: *within_ms,
+        },
+        ConditionSpec::Group {
+            expression,
+            min_devices,
+            within_ms,
+        } => Condition::Group {
+            expr: sandbox.compile(expression)?,
+            min_devices: (*min_devices).max(1),
+            within_ms: *within_ms,
+        },
+        ConditionSpec::Absence { for_ms } => Condition::Absence { for_ms: *for_ms },
+    })
+}
+
+/// Converts JSON to what scripts see (objects become maps).
+pub fn json_to_dynamic(value: &Value) -> Dynamic {
+    match value {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => Dynamic::from_float(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Dynamic::from(s.clone()),
+        Value::Array(items) => Dynamic::from_array(items.iter().map(json_to_dynamic).collect()),
+        Value::Object(map) => Dynamic::from_map(
+            map.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect::<Map>(),
+        ),
+    }
+}
+
+pub(super) fn metric_dynamic(value: &MetricValue) -> Dynamic {
+    match value {
+        MetricValue::Number(n) => Dynamic::from_float(*n),
+        MetricValue::Bool(b) => Dynamic::from_bool(*b),
+        MetricValue::Text(s) => Dynamic::from(s.clone()),
+    }
+}
+
+/// One message of a batch as rules see it.
+pub(super) struct Message<'a> {
+    pub(super) event: &'a TelemetryAccepted,
+    pub(super) metrics: Vec<(&'a str, &'a MetricValue)>,
+}
+
+impl Message<'_> {
+    pub(super) fn value(&self, name: &str) -> Option<&MetricValue> {
+        self.metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    fn details(&self) -> Value {
+        let metrics: serde_json::Map<String, Value> = self
+            .metrics
+            .iter()
+            .map(|(n, v)| (n.to_string(), serde_json::to_value(v).unwrap_or(Value::Null)))
+            .collect();
+        json!({ "metrics": metrics })
+    }
+}
+
+pub(super) struct EvalContext<'a> {
+    pub(super) sandbox: &'a Sandbox,
+    /// The message's variables; each evaluation pushes its extras and rewinds.
+    pub(super) scope: Scope<'static>,
+    pub(super) message: &'a Message<'a>,
+    pub(super) device: &'a DeviceState,
+    pub(super) now_ms: i64,
+    pub(super) metadata: Option<Dynamic>,
+    pub(super) shadow: Option<Dynamic>,
+}
+
+impl EvalContext<'_> {
+    fn run(
+        &mut self,
+        expr: &Expression,
+        rule: &RuleSpec,
+        extra: &[(&str, f64)],
+    ) -> Result<Verdict, ScriptError> {
+        let base_len = self.scope.len();
+        if let Some(metric) = &rule.metric {
+            match self.message.value(metric) {
+                Some(v) => {
+                    self.scope.push_constant_dynamic("current", metric_dynamic(v));
+                }
+                None => return Err(ScriptError::Missing(metric.clone())),
+            }
+        }
+        if expr.reads_metadata {
+            let metadata = self.metadata.get_or_insert_with(|| {
+                json_to_dynamic(&Value::Object((*self.message.event.metadata).clone()))
+            });
+            self.scope.push_constant_dynamic("metadata", metadata.clone());
+        }
+        if expr.reads_shadow {
+            let shadow = self.shadow.get_or_insert_with(|| {
+                self.message
+                    .event
+                    .shadow
+                    .as_deref()
+                    .map(json_to_dynamic)
+                    .unwrap_or_else(|| Dynamic::from_map(Map::new()))
+            });
+            self.scope.push_constant_dynamic("shadow", shadow.clone());
+        }
+        if !expr.window_metrics.is_empty() {
+            let mut metrics = Map::new();
+            for name in &expr.window_metrics {
+                let stats = self
+                    .device
+                    .windows
+                    .get(name)
+                    .map(|w| w.stats(self.now_ms, rule.window_ms))
+                    .unwrap_or_default();
+                // One value has no spread: statistics need two before they mean anything.
+                if stats.count < 2 {
+                    self.scope.rewind(base_len);
+                    return Err(ScriptError::Missing(format!("window of {name}")));
+                }
+                let mut m = Map::new();
+                m.insert("avg".into(), Dynamic::from_float(stats.avg));
+                m.insert("std".into(), Dynamic::from_float(stats.std));
+                m.insert(
+                    "min".into(),
+                    Dynamic::from_float(if stats.count > 0 { stats.min } else { 0.0 }),
+                );
+                m.insert(
+                    "max".into(),
+                    Dynamic::from_float(if stats.count > 0 { stats.max } else { 0.0 }),
+                );
+                m.insert("last".into(), Dynamic::from_float(stats.last));
+                m.insert("sum".into(), Dynamic::from_float(stats.sum));
+                m.insert("count".into(), Dynamic::from_int(stats.count as i64));
+                metrics.insert(name.as_str().into(), Dynamic::from_map(m));
+            }
+            self.scope.push_constant("metrics", metrics);
+        }
+        for (name, value) in extra {
+            self.scope.push_constant(name.to_string(), *value);
+        }
+        let result = self.sandbox.eval(expr, &mut self.scope);
+        self.scope.rewind(base_len);
+        result
+    }
+}
+
+/// The condition held for an alarm: `Some(occurrences)` to report now (it opens, or its severity
+/// rises, with the repeats not reported yet), `None` when the repeat waits for the next tick.
+fn report(
+    state: &mut DeviceRuleState,
+    severity: Severity,
+    value: Option<f64>,
+    details: &Value,
+    now: i64,
+) -> Option<u32> {
+    if state.active && state.severity.is_some_and(|reported| severity <= reported) {
+        let pending = state.pending.get_or_insert_with(Pending::default);
+        pending.count += 1;
+        pending.value = value;
+        pending.details = details.clone();
+        pending.at_ms = now;
+        return None;
+    }
+    state.active = true;
+    state.severity = Some(state.severity.map_or(severity, |s| s.max(severity)));
+    Some(1 + state.pending.take().map_or(0, |p| p.count))
+}
+
+fn severity_of(verdict: Verdict, rule: &RuleSpec) -> Severity {
+    match verdict {
+        Verdict::Severity(s) => s,
+        _ => rule.severity,
+    }
+}
+
+/// Runs one rule on one message; returns the alarm change it causes.
+pub(super) fn evaluate(
+    rule: &mut CompiledRule,
+    ctx: &mut EvalContext,
+    tenant: &TenantId,
+) -> Option<AlarmSignal> {
+    let now = ctx.now_ms;
+    let device = ctx.message.event.device.clone();
+    rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+    let current = rule
+        .spec
+        .metric
+        .as_ref()
+        .and_then(|m| ctx.message.value(m))
+        .and_then(MetricValue::as_f64);
+    let signal = |rule: &CompiledRule, device: DeviceId, change: AlarmChange, details: Value| AlarmSignal {
+        tenant: tenant.clone(),
+        device,
+        rule_id: rule.spec.id.clone(),
+        rule_name: rule.spec.name.clone(),
+        change,
+        at_ms: now,
+        details,
+    };
+    let mut details = ctx.message.details();
+
+    // Group conditions keep their state across devices.
+    if let Condition::Group {
+        expr,
+        min_devices,
+        within_ms,
+    } = &rule.condition
+    {
+        let verdict = match ctx.run(expr, &rule.spec, &[]) {
+            Ok(v) => v,
+            Err(e) => {
+                rule.stats.error(&e);
+                return None;
+            }
+        };
+        if verdict.holds() {
+            rule.group.held_at.insert(device.clone(), now);
+        } else {
+            rule.group.held_at.remove(&device);
+        }
+        rule.group.held_at.retain(|_, at| now - *at <= *within_ms);
+        let holding = rule.group.held_at.len() as u32;
+        let mut members: Vec<&str> = rule.group.held_at.keys().map(|d| d.as_str()).collect();
+        members.sort_unstable();
+        details["devices"] = json!(members);
+        if holding >= *min_devices {
+            let origin = rule
+                .group
+                .active_device
+                .get_or_insert_with(|| device.clone())
+                .clone();
+            rule.stats.matches.fetch_add(1, Ordering::Relaxed);
+            let severity = severity_of(verdict, &rule.spec);
+            // The group alarm's repeats are kept on its originator's state.
+            let state = rule.devices.entry(origin.clone()).or_default();
+            let occurrences = report(state, severity, current, &details, now)?;
+            return Some(signal(
+                rule,
+                origin,
+                AlarmChange::Raise {
+                    severity,
+                    value: current,
+                    occurrences,
+                },
+                details,
+            ));
+        }
+        if rule.clear.is_some()
+            && let Some(origin) = rule.group.active_device.take()
+        {
+            let state = rule.devices.remove(&origin).unwrap_or_default();
+            let repeats = state.pending.map_or(0, |p| p.count);
+            return Some(signal(rule, origin, AlarmChange::Clear { repeats }, details));
+        }
+        return None;
+    }
+
+    let state = rule.devices.entry(device.clone()).or_default();
+
+    // Absence alarms clear as soon as the device speaks again.
+    if let Condition::Absence { .. } = rule.condition {
+        if state.active {
+            state.active = false;
+            return Some(signal(rule, device, AlarmChange::Clear { repeats: 0 }, details));
+        }
+        return None;
+    }
+
+    // Statistical conditions score `current` against the window before it.
+    let mut extra: Vec<(&str, f64)> = Vec::new();
+    if let Condition::Statistical { .. } = rule.condition {
+        let metric = rule.spec.metric.as_ref()?;
+        let Some(x) = current else {
+            rule.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let stats = ctx
+            .device
+            .windows
+            .get(metric)
+            .map(|w| w.stats(now, rule.spec.window_ms))
+            .unwrap_or_default();
+        let z = if stats.std > 0.0 {
+            (x - stats.avg) / stats.std
+        } else {
+            0.0
+        };
+        details["zscore"] = json!(z);
+        details["avg"] = json!(stats.avg);
+        details["std"] = json!(stats.std);
+        details["samples"] = json!(stats.count);
+        extra.push(("zscore", z));
+        if let Condition::Statistical { min_samples, .. } = rule.condition
+            && stats.count < u64::from(min_samples)
+        {
+            return None;
+        }
+    }
+
+    // An active alarm: does the clear condition hold?
+    if state.active
+        && let Some((clear, for_ms)) = &rule.clear
+    {
+        match ctx.run(clear, &rule.spec, &extra) {
+            Ok(v) if v.holds() => {
+                let since = *state.clear_since.get_or_insert(now);
+                if now - since >= *for_ms {
+                    let repeats = state.pending.take().map_or(0, |p| p.count);
+                    *state = DeviceRuleState::default();
+                    return Some(signal(rule, device, AlarmChange::Clear { repeats }, details));
+                }
+            }
+            Ok(_) => state.clear_since = None,
+            Err(e) => rule.stats.error(&e),
+        }
+        if rule.stats.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+    }
+
+    let fired: Option<Severity> = match &rule.condition {
+        Condition::Expression(expr) => match ctx.run(expr, &rule.spec, &extra) {
+            Ok(v) => v.holds().then(|| severity_of(v, &rule.spec)),
+            Err(e) => {
+                rule.stats.error(&e);
+                None
+            }
+        },
+        Condition::Duration { expr, for_ms } => match ctx.run(expr, &rule.spec, &extra) {
+            Ok(v) if v.holds() => {
+                let since = *state.since.get_or_insert(now);
+                details["heldForMs"] = json!(now - since);
+                (now - since >= *for_ms).then(|| severity_of(v, &rule.spec))
+            }
+            Ok(_) => {
+                state.since = None;
+                None
+            }
+            Err(e) => {
+                rule.stats.error(&e);
+                None
+            }
+        },
+        Condition::Repeating {
+            expr,
+            count,
+            within_ms,
+        } => match ctx.run(expr, &rule.spec, &extra) {
+            Ok(v) => {
+                if v.holds() {
+                    state.hits.push_back(now);
+                }
+                while state.hits.front().is_some_and(|t| now - *t > *within_ms) {
+                    state.hits.pop_front();
+                }
+                while state.hits.len() > *count as usize * 2 {
+                    state.hits.pop_front();
+                }
+                details["occurrences"] = json!(state.hits.len());
+                (v.holds() && state.hits.len() >= *count as usize).then(|| severity_of(v, &rule.spec))
+            }
+            Err(e) => {
+                rule.stats.error(&e);
+                None
+            }
+        },
+        Condition::Statistical { threshold, .. } => {
+            let z = extra.first().map(|(_, z)| *z).unwrap_or(0.0);
+            (z.abs() > *threshold).then_some(rule.spec.severity)
+        }
+        Condition::Pattern {
+            first,
+            then,
+            within_ms,
+        } => {
+            let mut fired = None;
+            if let Some(at) = state.first_at {
+                if now - at > *within_ms {
+                    state.first_at = None;
+                } else {
+                    match ctx.run(then, &rule.spec, &extra) {
+                        Ok(v) if v.holds() => {
+                            details["firstAtMs"] = json!(at);
+                            state.first_at = None;
+                            fired = Some(severity_of(v, &rule.spec));
+                        }
+                        Ok(_) => {}
+                        Err(e) => rule.stats.error(&e),
+                    }
+                }
+            }
+            if fired.is_none() {
+                match ctx.run(first, &rule.spec, &extra) {
+                    Ok(v) if v.holds() => state.first_at = Some(now),
+                    Ok(_) => {}
+                    Err(e) => rule.stats.error(&e),
+                }
+            }
+            fired
+        }
+        Condition::Group { .. } | Condition::Absence { .. } => None,
+    };
+    let severity = fired?;
+    state.clear_since = None;
+    rule.stats.matches.fetch_add(1, Ordering::Relaxed);
+    let occurrences = report(state, severity, current, &details, now)?;
+    Some(signal(
+        rule,
+        device,
+        AlarmChange::Raise {
+            severity,
+            value: current,
+            occurrences,
+        },
+        details,
+    ))
+}
