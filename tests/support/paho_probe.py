@@ -45,7 +45,7 @@ def client(args, client_id, clean_start=True, session_expiry=None, keepalive=60,
     return c, connack
 
 
-def collector(c, topic, qos=1, subscription_id=None):
+def collector(c, topic, qos=1, subscription_id=None, no_local=False, wait=True):
     got = []
     subscribed = threading.Event()
 
@@ -63,8 +63,8 @@ def collector(c, topic, qos=1, subscription_id=None):
     if subscription_id:
         sub_props = Properties(PacketTypes.SUBSCRIBE)
         sub_props.SubscriptionIdentifier = subscription_id
-    c.subscribe(topic, qos=qos, properties=sub_props)
-    if not subscribed.wait(10):
+    c.subscribe(topic, options=mqtt.SubscribeOptions(qos=qos, noLocal=no_local), properties=sub_props)
+    if wait and not subscribed.wait(10):
         raise SystemExit("no SUBACK")
     return got
 
@@ -199,7 +199,28 @@ def takeover(args):
     return {"first_disconnects": info.get("disconnects", [])}
 
 
-SCENARIOS = {f.__name__: f for f in [shared, connack, properties, expiry, will_delay, reason_codes, oversize, rate, takeover]}
+def subscribe_then_publish(args):
+    """Rounds of: A subscribes; B subscribes and, without waiting for B's SUBACK, A publishes.
+    Reports, per round, what B received."""
+    no_local = args.get("no_local", True)
+    a, _ = client(args, "order-a")
+    b, _ = client(args, "order-b")
+    rounds = []
+    for i in range(args.get("rounds", 1)):
+        topic = f"order/{i}"
+        got_a = collector(a, topic, no_local=no_local)
+        time.sleep(args.get("pause", 0.2))
+        got_b = collector(b, topic, no_local=no_local, wait=False)
+        # paho writes from its network thread: wait until B's SUBSCRIBE is on the wire (on
+        # loopback, in the broker's receive buffer) so that A's PUBLISH is read after it.
+        wait_for(lambda: not b._out_packet, 2)
+        a.publish(topic, f"m{i}", qos=1).wait_for_publish(5)
+        wait_for(lambda: len(got_b) >= 1, 2)
+        rounds.append({"a": [m["payload"] for m in got_a], "b": [m["payload"] for m in got_b]})
+    return {"rounds": rounds}
+
+
+SCENARIOS = {f.__name__: f for f in [shared, connack, properties, expiry, will_delay, reason_codes, oversize, rate, takeover, subscribe_then_publish]}
 
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
