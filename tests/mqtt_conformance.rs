@@ -43,3 +43,84 @@ async fn a_subscription_read_before_a_publish_receives_it() {
         }
     }
 }
+
+/// A narrow deny rule does not refuse the wildcard subscriptions that overlap it: they are
+/// granted, get every other topic, and never the denied one (live or retained). Only a
+/// subscription wholly inside the denied filter is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrow_deny_rule_withholds_its_topic_from_wildcard_subscribers() {
+    if !common::paho_available() {
+        return;
+    }
+    let (server, key) = start_with(|c| c.mqtt.allow_anonymous = true).await;
+    let platform = server.admin_token().await;
+    let (status, rule) = server
+        .post(
+            "/api/mqtt/acl",
+            &platform,
+            json!({"subject": "anonymous", "action": "subscribe", "topic": "test/nosubscribe", "effect": "deny"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{rule}");
+    let result = common::paho_probe(
+        server.mqtt,
+        &key,
+        "withheld",
+        json!({
+            "anonymous": true,
+            "filters": ["#", "+/+", "test/#", "test/nosubscribe", "test/other"],
+            "topics": ["test/nosubscribe", "test/other", "other/x"],
+            "last": "test/last",
+            "see_last": ["#", "+/+", "test/#"],
+        }),
+    );
+    let subscriber = |filter: &str| {
+        result["subscribers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["filter"] == filter)
+            .unwrap()
+            .clone()
+    };
+    let topics = |filter: &str| -> Vec<(String, bool)> {
+        subscriber(filter)["got"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["topic"].as_str().unwrap().to_string(), m["retain"].as_bool().unwrap()))
+            .collect()
+    };
+    let expect = |list: &[(&str, bool)]| -> Vec<(String, bool)> {
+        list.iter().map(|(t, r)| (t.to_string(), *r)).collect()
+    };
+    for filter in ["#", "+/+"] {
+        assert_eq!(subscriber(filter)["code"], 1, "granted QoS 1: {result}");
+        let mut got = topics(filter);
+        got.sort();
+        assert_eq!(
+            got,
+            expect(&[
+                ("other/x", false),
+                ("other/x", true),
+                ("test/last", false),
+                ("test/other", false),
+                ("test/other", true),
+            ]),
+            "{filter}: {result}"
+        );
+    }
+    assert_eq!(subscriber("test/#")["code"], 1);
+    let mut got = topics("test/#");
+    got.sort();
+    assert_eq!(
+        got,
+        expect(&[("test/last", false), ("test/other", false), ("test/other", true)])
+    );
+    assert_eq!(
+        subscriber("test/nosubscribe")["code"],
+        0x87,
+        "wholly inside the denied filter: {result}"
+    );
+    assert_eq!(subscriber("test/other")["code"], 1);
+}

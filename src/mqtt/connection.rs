@@ -618,11 +618,19 @@ impl Connection {
         if sub.share.is_some() && options.no_local {
             return SubscribeResult::TopicFilterInvalid;
         }
-        if let acl::Decision::Deny(why) = self.authorize(Access::Subscribe, &sub.filter) {
-            self.ctx
-                .audit_denial(Some(&self.identity), "mqtt.subscribe", raw, &why);
-            return SubscribeResult::NotAuthorized;
-        }
+        let rules = self.ctx.broker.acl_rules(&self.namespace).unwrap_or_default();
+        let options = match acl::subscription(&self.identity, &sub.filter, &rules) {
+            acl::SubscribeDecision::Deny(why) => {
+                self.ctx
+                    .audit_denial(Some(&self.identity), "mqtt.subscribe", raw, &why);
+                return SubscribeResult::NotAuthorized;
+            }
+            acl::SubscribeDecision::Allow => options,
+            acl::SubscribeDecision::AllowChecked => SubOptions {
+                read_checked: true,
+                ..options
+            },
+        };
         match self.ctx.broker.subscribe(&self.session, &sub, options) {
             Ok(outcome) => {
                 retained.extend(outcome.retained.into_iter().map(|p| (p, options.qos)));
@@ -1085,6 +1093,7 @@ pub fn sub_options(options: &v5::codec::SubscriptionOptions, id: Option<NonZeroU
         retain_as_published: options.retain_as_published,
         retain_handling: options.retain_handling as u8,
         subscription_id: id,
+        read_checked: false,
     }
 }
 
@@ -1096,5 +1105,6 @@ pub fn v3_sub_options(qos: QoS) -> SubOptions {
         retain_as_published: false,
         retain_handling: 0,
         subscription_id: None,
+        read_checked: false,
     }
 }

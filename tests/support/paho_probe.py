@@ -18,7 +18,8 @@ def client(args, client_id, clean_start=True, session_expiry=None, keepalive=60,
     if on_message:
         # Set before connecting: a resumed session's queue arrives right after CONNACK.
         c.on_message = on_message
-    c.username_pw_set(args.get("username", "app"), args["password"])
+    if not args.get("anonymous"):
+        c.username_pw_set(args.get("username", "app"), args["password"])
     if will:
         c.will_set(will["topic"], will["payload"], qos=will.get("qos", 1), properties=will.get("properties"))
     connack = {}
@@ -220,7 +221,40 @@ def subscribe_then_publish(args):
     return {"rounds": rounds}
 
 
-SCENARIOS = {f.__name__: f for f in [shared, connack, properties, expiry, will_delay, reason_codes, oversize, rate, takeover, subscribe_then_publish]}
+def withheld(args):
+    """Subscribes one client per filter, publishes each topic (retained first, then live), and
+    reports the SUBACK reason code and the messages each subscriber got."""
+    pub, _ = client(args, "withheld-pub")
+    for topic in args["topics"]:
+        pub.publish(topic, "retained " + topic, qos=1, retain=True).wait_for_publish(5)
+    subscribers = []
+    for i, topic_filter in enumerate(args["filters"]):
+        c, _ = client(args, f"withheld-sub-{i}")
+        got, codes = [], []
+        subscribed = threading.Event()
+        c.on_message = lambda cl, u, msg, got=got: got.append(
+            {"topic": msg.topic, "retain": bool(msg.retain), "payload": msg.payload.decode()})
+
+        def on_subscribe(cl, userdata, mid, reason_codes, properties, codes=codes, done=subscribed):
+            codes.extend(rc.value for rc in reason_codes)
+            done.set()
+
+        c.on_subscribe = on_subscribe
+        c.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(10):
+            raise SystemExit("no SUBACK")
+        subscribers.append({"filter": topic_filter, "got": got, "codes": codes})
+    for topic in args["topics"] + [args["last"]]:
+        pub.publish(topic, "live " + topic, qos=1).wait_for_publish(5)
+    # Each subscriber that could see the last topic has seen everything before it.
+    for s in subscribers:
+        if s["codes"] and s["codes"][0] < 0x80 and s["filter"] in args.get("see_last", []):
+            wait_for(lambda s=s: any(m["topic"] == args["last"] for m in s["got"]), 5)
+    time.sleep(0.2)
+    return {"subscribers": [{"filter": s["filter"], "code": s["codes"][0], "got": s["got"]} for s in subscribers]}
+
+
+SCENARIOS = {f.__name__: f for f in [shared, connack, properties, expiry, will_delay, reason_codes, oversize, rate, takeover, subscribe_then_publish, withheld]}
 
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
