@@ -32,6 +32,7 @@ use super::auth::{Authenticator, Credentials, Refusal};
 use super::broker::{Broker, SubscribeError};
 use super::message::{Delivery, MessageProperties, Outbound, Publication};
 use super::metrics::BrokerMetrics;
+use super::qos2::Qos2Link;
 use super::session::{ClientClass, Inbox, Outbox, Session, SessionKey, SubOptions};
 use super::topic::{self, DeviceTopic, Subscription, TopicError};
 use crate::audit::AuditSink;
@@ -117,6 +118,8 @@ pub struct ConnectRequest<'a> {
     pub session_expiry_secs: Option<u32>,
     pub keep_alive: u16,
     pub will: Option<Will>,
+    /// The connection's QoS 2 layer (see [`super::qos2`]), absent in tests without one.
+    pub qos2: Option<Qos2Link>,
 }
 
 /// Why a CONNECT is refused.
@@ -226,6 +229,7 @@ pub struct Connection {
     pub client_id: Arc<str>,
     device: Option<Addr<DeviceActor>>,
     will: RefCell<Option<Will>>,
+    qos2: Option<Qos2Link>,
     graceful: Cell<bool>,
     closed: Cell<bool>,
     rate: RefCell<Option<RateLimit>>,
@@ -338,6 +342,7 @@ pub async fn connect(
         client_id: client_id.as_str().into(),
         device,
         will: RefCell::new(request.will),
+        qos2: request.qos2,
         graceful: Cell::new(false),
         closed: Cell::new(false),
         rate: RefCell::new(RateLimit::new(config.max_publish_rate)),
@@ -348,6 +353,9 @@ pub async fn connect(
         ctx: ctx.clone(),
         _slot: slot,
     });
+    if let Some(link) = &connection.qos2 {
+        link.attach(connection.session.clone());
+    }
     if session_present {
         connection.resume_shadow_delta();
     }
@@ -573,6 +581,17 @@ impl Connection {
         addr.send(request)
             .await
             .map_err(|mailbox| PublishRefusal::Unavailable(format!("device actor: {mailbox}")))
+    }
+
+    /// The QoS of an inbound PUBLISH: the QoS 2 layer hands QoS 2 messages to ntex-mqtt as
+    /// QoS 1 and completes their exchange itself.
+    pub fn inbound_qos(&self, decoded: QoS, packet_id: Option<NonZeroU16>) -> QoS {
+        match (&self.qos2, packet_id) {
+            (Some(link), Some(id)) if decoded == QoS::AtLeastOnce && link.exactly_once(id.get()) => {
+                QoS::ExactlyOnce
+            }
+            _ => decoded,
+        }
     }
 
     /// PUBREL: the QoS 2 exchange of `packet_id` is complete.
