@@ -34,7 +34,11 @@ async fn a_subscription_read_before_a_publish_receives_it() {
             json!({"no_local": no_local, "rounds": 10, "pause": 0.05}),
         );
         for (i, round) in result["rounds"].as_array().unwrap().iter().enumerate() {
-            assert_eq!(round["b"], json!([format!("m{i}")]), "no_local={no_local}: {result}");
+            assert_eq!(
+                round["b"],
+                json!([format!("m{i}")]),
+                "no_local={no_local}: {result}"
+            );
             if no_local {
                 assert_eq!(round["a"], json!([]), "No Local: {result}");
             } else {
@@ -88,7 +92,12 @@ async fn a_narrow_deny_rule_withholds_its_topic_from_wildcard_subscribers() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| (m["topic"].as_str().unwrap().to_string(), m["retain"].as_bool().unwrap()))
+            .map(|m| {
+                (
+                    m["topic"].as_str().unwrap().to_string(),
+                    m["retain"].as_bool().unwrap(),
+                )
+            })
             .collect()
     };
     let expect = |list: &[(&str, bool)]| -> Vec<(String, bool)> {
@@ -192,7 +201,9 @@ fn read_packet(stream: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
 fn raw_client(server: &TestServer, level: u8, client_id: &str) -> std::net::TcpStream {
     use std::io::Write;
     let mut stream = std::net::TcpStream::connect(server.mqtt).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
     stream.write_all(&connect(level, client_id)).unwrap();
     let (first, body) = read_packet(&mut stream).expect("CONNACK");
     assert_eq!((first, body[1]), (0x20, 0), "CONNACK accepted: {body:?}");
@@ -216,9 +227,15 @@ async fn a_qos2_resend_before_pubrel_gets_pubrec_again_and_is_delivered_once() {
         let id = 10u16;
         let pubrec = |p: Option<(u8, Vec<u8>)>, what: &str| {
             let (first, body) = p.unwrap_or_else(|| panic!("level {level}: {what}: connection closed"));
-            assert_eq!(first, 0x50, "level {level}: {what}: PUBREC expected, got {first:#x} {body:?}");
+            assert_eq!(
+                first, 0x50,
+                "level {level}: {what}: PUBREC expected, got {first:#x} {body:?}"
+            );
             assert_eq!(&body[..2], &id.to_be_bytes(), "level {level}: {what}");
-            assert!(body.len() == 2 || body[2] < 0x80, "level {level}: {what}: success {body:?}");
+            assert!(
+                body.len() == 2 || body[2] < 0x80,
+                "level {level}: {what}: success {body:?}"
+            );
         };
         publisher
             .write_all(&publish_qos2(level, &topic, id, false, b"once"))
@@ -233,7 +250,11 @@ async fn a_qos2_resend_before_pubrel_gets_pubrec_again_and_is_delivered_once() {
         }
         publisher.write_all(&packet(0x62, &id.to_be_bytes())).unwrap();
         let (first, body) = read_packet(&mut publisher).expect("PUBCOMP");
-        assert_eq!((first, &body[..2]), (0x70, &id.to_be_bytes()[..]), "level {level}");
+        assert_eq!(
+            (first, &body[..2]),
+            (0x70, &id.to_be_bytes()[..]),
+            "level {level}"
+        );
         // The id is free again: a new message with it is a new message.
         publisher
             .write_all(&publish_qos2(level, &topic, id, false, b"again"))
@@ -272,9 +293,15 @@ async fn qos2_packet_ids_are_freed_by_pubrel() {
     let mut publisher = raw_client(&server, 5, "many");
     for n in 0..200u16 {
         let id = 1 + n % 3;
-        publisher.write_all(&publish_qos2(5, "many", id, false, b"x")).unwrap();
+        publisher
+            .write_all(&publish_qos2(5, "many", id, false, b"x"))
+            .unwrap();
         let p = read_packet(&mut publisher);
-        assert_eq!(p.as_ref().map(|p| (p.0, p.1[..2].to_vec())), Some((0x50, id.to_be_bytes().to_vec())), "message {n}: {p:?}");
+        assert_eq!(
+            p.as_ref().map(|p| (p.0, p.1[..2].to_vec())),
+            Some((0x50, id.to_be_bytes().to_vec())),
+            "message {n}: {p:?}"
+        );
         publisher.write_all(&packet(0x62, &id.to_be_bytes())).unwrap();
         let p = read_packet(&mut publisher);
         assert_eq!(p.as_ref().map(|p| p.0), Some(0x70), "message {n}: {p:?}");

@@ -441,7 +441,10 @@ mod tests {
         };
         assert!(!authorize(&other_op, Access::Subscribe, "alerts/fire", &rules).is_allowed());
         // A broader filter overlapping a denied one is granted; the denied topics are withheld.
-        assert_eq!(subscription(&other_op, "#", &rules), SubscribeDecision::AllowChecked);
+        assert_eq!(
+            subscription(&other_op, "#", &rules),
+            SubscribeDecision::AllowChecked
+        );
         assert!(!may_read(&other_op, "alerts/fire", &rules));
         assert!(may_read(&other_op, "devices/s1/telemetry", &rules));
         assert_eq!(subscription(&op, "#", &rules), SubscribeDecision::AllowChecked);
@@ -520,14 +523,22 @@ mod tests {
         )];
         let anon = Identity::Anonymous;
         for filter in ["#", "+/+", "test/#", "test/+", "+/nosubscribe"] {
-            assert_eq!(subscription(&anon, filter, &rules), SubscribeDecision::AllowChecked, "{filter}");
+            assert_eq!(
+                subscription(&anon, filter, &rules),
+                SubscribeDecision::AllowChecked,
+                "{filter}"
+            );
         }
         assert!(matches!(
             subscription(&anon, "test/nosubscribe", &rules),
             SubscribeDecision::Deny(_)
         ));
         for filter in ["test/other", "other/#", "+", "$SYS/#"] {
-            assert_eq!(subscription(&anon, filter, &rules), SubscribeDecision::Allow, "{filter}");
+            assert_eq!(
+                subscription(&anon, filter, &rules),
+                SubscribeDecision::Allow,
+                "{filter}"
+            );
         }
         assert!(!may_read(&anon, "test/nosubscribe", &rules));
         assert!(may_read(&anon, "test/other", &rules));
@@ -541,28 +552,79 @@ mod tests {
         let viewer = app(Role::Viewer);
         // Allow a/b, deny a/#: a/+ is granted for a/b only.
         let rules = vec![
-            rule(AclSubject::Role(Role::Viewer), AclAction::Subscribe, "a/b", AclEffect::Allow, 1),
-            rule(AclSubject::Role(Role::Viewer), AclAction::All, "a/#", AclEffect::Deny, 2),
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::Subscribe,
+                "a/b",
+                AclEffect::Allow,
+                1,
+            ),
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::All,
+                "a/#",
+                AclEffect::Deny,
+                2,
+            ),
         ];
-        assert_eq!(subscription(&viewer, "a/+", &rules), SubscribeDecision::AllowChecked);
+        assert_eq!(
+            subscription(&viewer, "a/+", &rules),
+            SubscribeDecision::AllowChecked
+        );
         assert!(may_read(&viewer, "a/b", &rules));
         assert!(!may_read(&viewer, "a/c", &rules));
-        assert!(matches!(subscription(&viewer, "a/c/#", &rules), SubscribeDecision::Deny(_)));
+        assert!(matches!(
+            subscription(&viewer, "a/c/#", &rules),
+            SubscribeDecision::Deny(_)
+        ));
         assert_eq!(subscription(&viewer, "a/b", &rules), SubscribeDecision::Allow);
         // Deny a/secret, allow a/#: a/# is granted without a/secret.
         let rules = vec![
-            rule(AclSubject::Role(Role::Viewer), AclAction::Subscribe, "a/secret", AclEffect::Deny, 1),
-            rule(AclSubject::Role(Role::Viewer), AclAction::Subscribe, "a/#", AclEffect::Allow, 2),
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::Subscribe,
+                "a/secret",
+                AclEffect::Deny,
+                1,
+            ),
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::Subscribe,
+                "a/#",
+                AclEffect::Allow,
+                2,
+            ),
         ];
-        assert_eq!(subscription(&viewer, "a/#", &rules), SubscribeDecision::AllowChecked);
+        assert_eq!(
+            subscription(&viewer, "a/#", &rules),
+            SubscribeDecision::AllowChecked
+        );
         assert!(!may_read(&viewer, "a/secret", &rules));
         // Rules of other subjects and publish rules do not count.
-        assert_eq!(subscription(&app(Role::Operator), "a/#", &rules), SubscribeDecision::Allow);
-        let publish_only = vec![rule(AclSubject::Role(Role::Viewer), AclAction::Publish, "#", AclEffect::Deny, 1)];
-        assert_eq!(subscription(&viewer, "#", &publish_only), SubscribeDecision::Allow);
+        assert_eq!(
+            subscription(&app(Role::Operator), "a/#", &rules),
+            SubscribeDecision::Allow
+        );
+        let publish_only = vec![rule(
+            AclSubject::Role(Role::Viewer),
+            AclAction::Publish,
+            "#",
+            AclEffect::Deny,
+            1,
+        )];
+        assert_eq!(
+            subscription(&viewer, "#", &publish_only),
+            SubscribeDecision::Allow
+        );
         assert!(may_read(&viewer, "x", &publish_only));
         // Devices follow their own rule.
-        assert_eq!(subscription(&device("s1"), "devices/s1/#", &rules), SubscribeDecision::Allow);
-        assert!(matches!(subscription(&device("s1"), "#", &[]), SubscribeDecision::Deny(_)));
+        assert_eq!(
+            subscription(&device("s1"), "devices/s1/#", &rules),
+            SubscribeDecision::Allow
+        );
+        assert!(matches!(
+            subscription(&device("s1"), "#", &[]),
+            SubscribeDecision::Deny(_)
+        ));
     }
 }

@@ -420,10 +420,9 @@ impl Broker {
     /// Whether `session` may read `topic`, decided once per topic and rules generation.
     fn may_read(&self, session: &Session, topic: &str, rules: &[AclRule]) -> bool {
         let generation = self.acl_generation.load(Ordering::Acquire);
-        let allowed = session
-            .read_decisions
-            .lock()
-            .may_read(generation, topic, || acl::may_read(&session.identity, topic, rules));
+        let allowed = session.read_decisions.lock().may_read(generation, topic, || {
+            acl::may_read(&session.identity, topic, rules)
+        });
         if !allowed {
             self.metrics.dropped.with_label_values(&["not_authorized"]).inc();
         }
@@ -539,7 +538,14 @@ impl Broker {
                     acl::SubscribeDecision::AllowChecked => true,
                 };
                 if read_checked != options.read_checked {
-                    self.replace_options(&session, &sub, SubOptions { read_checked, ..options });
+                    self.replace_options(
+                        &session,
+                        &sub,
+                        SubOptions {
+                            read_checked,
+                            ..options
+                        },
+                    );
                 }
             }
         }
@@ -805,8 +811,12 @@ mod tests {
         let s = b.attach(key, id, true, Duration::ZERO, tx).session;
         b.subscribe(&s, &Subscription::parse("#").unwrap(), opts(QoS::AtMostOnce))
             .unwrap();
-        b.subscribe(&s, &Subscription::parse("alerts/fire").unwrap(), opts(QoS::AtMostOnce))
-            .unwrap();
+        b.subscribe(
+            &s,
+            &Subscription::parse("alerts/fire").unwrap(),
+            opts(QoS::AtMostOnce),
+        )
+        .unwrap();
         let deny = |topic: &str| AclRule {
             id: format!("deny-{topic}"),
             tenant: None,
@@ -819,13 +829,22 @@ mod tests {
         };
         // `alerts/fire` lies wholly inside the rule and is dropped; `#` stays, checked.
         assert_eq!(b.set_acl_rules(tenant(), vec![deny("alerts/#")]), 1);
-        assert_eq!(b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)), 0);
-        assert_eq!(b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)), 0);
+        assert_eq!(
+            b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)),
+            0
+        );
+        assert_eq!(
+            b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)),
+            0
+        );
         assert_eq!(b.publish(&tenant(), publication("status/ok", QoS::AtMostOnce)), 1);
         assert_eq!(received(&mut rx).len(), 1);
         // New rules, new decisions: the cached ones do not outlive them.
         assert_eq!(b.set_acl_rules(tenant(), vec![deny("status/ok")]), 0);
-        assert_eq!(b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)), 1);
+        assert_eq!(
+            b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)),
+            1
+        );
         assert_eq!(b.publish(&tenant(), publication("status/ok", QoS::AtMostOnce)), 0);
         // Without rules the subscription is no longer checked.
         b.set_acl_rules(tenant(), vec![]);

@@ -233,9 +233,13 @@ fn mqtt_service<F: Filter>(
 }
 
 /// Puts the layer that answers inbound QoS 2 retransmissions under the MQTT codec.
-fn with_qos2_layer<F: Filter>()
--> impl ServiceFactory<Io<F>, SharedCfg, Response = Io<Layer<Qos2Layer, F>>, Error = MqttError<BrokerError>, InitError = ()>
-{
+fn with_qos2_layer<F: Filter>() -> impl ServiceFactory<
+    Io<F>,
+    SharedCfg,
+    Response = Io<Layer<Qos2Layer, F>>,
+    Error = MqttError<BrokerError>,
+    InitError = (),
+> {
     fn_service(async |io: Io<F>| Ok(io.add_filter(Qos2Layer::default())))
 }
 
@@ -285,9 +289,9 @@ pub fn serve(
                         chain_factory(with_qos2_layer())
                             .and_then(mqtt_service(plain_ctx.clone()))
                             .map_err(|e: MqttError<BrokerError>| {
-                            tracing::debug!(error = %e, "MQTT connection ended with an error");
-                            e
-                        })
+                                tracing::debug!(error = %e, "MQTT connection ended with an error");
+                                e
+                            })
                     })?
                     .config("mqtt", cfg.clone());
                 if let Some((listener, tls_config)) = tls {

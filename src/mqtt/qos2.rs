@@ -81,6 +81,8 @@ pub struct Qos2Exchange {
     outbound: Position,
     mqtt5: bool,
     ids: HashMap<u16, IdState>,
+    /// How many of `ids` are [`IdState::Processing`]: without one, writes pass unscanned.
+    processing: usize,
     /// Answers waiting for the outbound stream to reach a packet boundary.
     pending: Vec<u8>,
 }
@@ -92,6 +94,7 @@ impl Default for Qos2Exchange {
             outbound: Position::Boundary,
             mqtt5: false,
             ids: HashMap::new(),
+            processing: 0,
             pending: Vec::new(),
         }
     }
@@ -117,12 +120,20 @@ impl Qos2Exchange {
                     let n = left.min(src.len());
                     dst.extend_from_slice(&src[..n]);
                     src.advance_to(n);
-                    self.inbound = if n == left { Position::Boundary } else { Position::Forward(left - n) };
+                    self.inbound = if n == left {
+                        Position::Boundary
+                    } else {
+                        Position::Forward(left - n)
+                    };
                 }
                 Position::Drop(left) => {
                     let n = left.min(src.len());
                     src.advance_to(n);
-                    self.inbound = if n == left { Position::Boundary } else { Position::Drop(left - n) };
+                    self.inbound = if n == left {
+                        Position::Boundary
+                    } else {
+                        Position::Drop(left - n)
+                    };
                 }
                 Position::Boundary => {
                     let Some(header) = fixed_header(src) else { return };
@@ -158,6 +169,7 @@ impl Qos2Exchange {
                             match self.ids.get(&id) {
                                 None => {
                                     self.ids.insert(id, IdState::Processing);
+                                    self.processing += 1;
                                     // QoS 1 for ntex-mqtt: QoS bits 10 become 01.
                                     dst.extend_from_slice(&[(first & !0b0110) | 0b0010]);
                                     src.advance_to(1);
@@ -209,7 +221,7 @@ impl Qos2Exchange {
     /// then the answers queued by [`Qos2Exchange::read`].
     pub fn write(&mut self, src: &mut BytePages, dst: &mut BytePages) {
         // Nothing in flight: nothing to rewrite (the common case, no scanning).
-        if self.outbound == Position::Boundary && !self.ids.values().any(|s| *s == IdState::Processing) {
+        if self.outbound == Position::Boundary && self.processing == 0 {
             src.move_to(dst);
         }
         while !src.is_empty() {
@@ -218,7 +230,11 @@ impl Qos2Exchange {
                 Position::Forward(left) | Position::Drop(left) => {
                     let n = left.min(src.len());
                     src.split_into(n, dst);
-                    self.outbound = if n == left { Position::Boundary } else { Position::Forward(left - n) };
+                    self.outbound = if n == left {
+                        Position::Boundary
+                    } else {
+                        Position::Forward(left - n)
+                    };
                 }
                 Position::Boundary => {
                     let head = peek(src, 5);
@@ -235,6 +251,7 @@ impl Qos2Exchange {
                         }
                         let id = u16::from_be_bytes([packet[header_len], packet[header_len + 1]]);
                         if self.exactly_once(id) {
+                            self.processing -= 1;
                             let refused = remaining > 2 && packet[header_len + 2] >= 0x80;
                             if refused {
                                 // A refusal ends the exchange (MQTT 5 §4.3.3).
@@ -314,7 +331,8 @@ impl std::fmt::Debug for Qos2Layer {
 
 impl FilterLayer for Qos2Layer {
     fn query(&self, id: std::any::TypeId) -> Option<Box<dyn std::any::Any>> {
-        (id == std::any::TypeId::of::<Qos2Link>()).then(|| Box::new(self.link.clone()) as Box<dyn std::any::Any>)
+        (id == std::any::TypeId::of::<Qos2Link>())
+            .then(|| Box::new(self.link.clone()) as Box<dyn std::any::Any>)
     }
 
     fn process_read_buf(&self, buf: &FilterBuf<'_>) -> io::Result<()> {
@@ -443,15 +461,29 @@ mod tests {
     #[test]
     fn a_refused_qos2_message_frees_its_id() {
         let mut x = Qos2Exchange::default();
-        read(&mut x, &[connect(5), publish(2, 9, false, b"x")].concat(), 100, &[]);
+        read(
+            &mut x,
+            &[connect(5), publish(2, 9, false, b"x")].concat(),
+            100,
+            &[],
+        );
         assert_eq!(write(&mut x, &ack(0x40, 9, Some(0x87))), ack(0x50, 9, Some(0x87)));
-        assert_eq!(read(&mut x, &publish(2, 9, false, b"y"), 100, &[]), publish(1, 9, false, b"y"));
+        assert_eq!(
+            read(&mut x, &publish(2, 9, false, b"y"), 100, &[]),
+            publish(1, 9, false, b"y")
+        );
     }
 
     #[test]
     fn everything_else_passes_unchanged() {
         let big = publish(1, 3, false, &vec![b'z'; 300_000]);
-        let input = [connect(4), big.clone(), publish(0, 0, false, b"q0"), vec![0xC0, 0]].concat();
+        let input = [
+            connect(4),
+            big.clone(),
+            publish(0, 0, false, b"q0"),
+            vec![0xC0, 0],
+        ]
+        .concat();
         for chunk in [7, 4096, 1 << 20] {
             assert_eq!(read(&mut Qos2Exchange::default(), &input, chunk, &[]), input);
         }

@@ -287,7 +287,10 @@ mod tests {
             }));
         }
         assert_eq!(asked, 1);
-        assert!(cache.may_read(2, "test/secret", || true), "new rules, new decision");
+        assert!(
+            cache.may_read(2, "test/secret", || true),
+            "new rules, new decision"
+        );
         assert!(cache.may_read(2, "test/secret", || unreachable!()));
         for i in 0..ReadDecisions::MAX_TOPICS * 2 {
             cache.may_read(2, &format!("t/{i}"), || true);

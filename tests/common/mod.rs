@@ -376,7 +376,10 @@ pub fn paho_probe(mqtt: SocketAddr, password: &str, scenario: &str, mut argument
         arguments["password"] = json!(password);
     }
     let output = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/paho_probe.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/paho_probe.py"
+        ))
         .arg(scenario)
         .arg(arguments.to_string())
         .output()
