@@ -110,16 +110,15 @@ impl Qos2Exchange {
     /// an id in the session and tells whether it was accepted there (a PUBREL for a message
     /// taken before a reconnect). Bytes of a packet head too short to decide on stay in `src`.
     pub fn read(&mut self, src: &mut BytesMut, dst: &mut BytesMut, mut release: impl FnMut(u16) -> bool) {
-        while !src.is_empty() {
+        // Bytes at the front of `src` that go up unchanged, moved in one piece (usually the
+        // whole read, without a copy).
+        let mut passed = 0;
+        while passed < src.len() {
             match self.inbound {
-                Position::Opaque => {
-                    dst.extend_from_slice(src);
-                    src.clear();
-                }
+                Position::Opaque => passed = src.len(),
                 Position::Forward(left) => {
-                    let n = left.min(src.len());
-                    dst.extend_from_slice(&src[..n]);
-                    src.advance_to(n);
+                    let n = left.min(src.len() - passed);
+                    passed += n;
                     self.inbound = if n == left {
                         Position::Boundary
                     } else {
@@ -127,6 +126,7 @@ impl Qos2Exchange {
                     };
                 }
                 Position::Drop(left) => {
+                    pass_up(src, dst, &mut passed);
                     let n = left.min(src.len());
                     src.advance_to(n);
                     self.inbound = if n == left {
@@ -136,25 +136,26 @@ impl Qos2Exchange {
                     };
                 }
                 Position::Boundary => {
-                    let Some(header) = fixed_header(src) else { return };
+                    let view = &src[passed..];
+                    let Some(header) = fixed_header(view) else { break };
                     let Ok((first, header_len, remaining)) = header else {
                         self.inbound = Position::Opaque;
                         continue;
                     };
                     let total = header_len + remaining;
-                    let body = &src[header_len..];
+                    let body = &view[header_len..];
                     match first >> 4 {
                         CONNECT => {
                             // Protocol name "MQTT" (2 + 4 bytes), then the level.
                             if body.len() < 7 && remaining >= 7 {
-                                return;
+                                break;
                             }
                             self.mqtt5 = body.get(6) == Some(&5);
                             self.inbound = Position::Forward(total);
                         }
                         PUBLISH if (first >> 1) & 0b11 == 2 => {
                             if body.len() < 2 {
-                                return;
+                                break;
                             }
                             let id_at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
                             if id_at + 2 > remaining {
@@ -163,13 +164,14 @@ impl Qos2Exchange {
                                 continue;
                             }
                             if body.len() < id_at + 2 {
-                                return;
+                                break;
                             }
                             let id = u16::from_be_bytes([body[id_at], body[id_at + 1]]);
                             match self.ids.get(&id) {
                                 None => {
                                     self.ids.insert(id, IdState::Processing);
                                     self.processing += 1;
+                                    pass_up(src, dst, &mut passed);
                                     // QoS 1 for ntex-mqtt: QoS bits 10 become 01.
                                     dst.extend_from_slice(&[(first & !0b0110) | 0b0010]);
                                     src.advance_to(1);
@@ -185,7 +187,7 @@ impl Qos2Exchange {
                         }
                         PUBREL if remaining >= 2 => {
                             if body.len() < 2 {
-                                return;
+                                break;
                             }
                             let id = u16::from_be_bytes([body[0], body[1]]);
                             let known = match self.ids.get(&id) {
@@ -207,6 +209,7 @@ impl Qos2Exchange {
                 }
             }
         }
+        pass_up(src, dst, &mut passed);
     }
 
     fn answer(&mut self, kind: u8, id: u16, reason: Option<u8>) {
@@ -275,6 +278,21 @@ impl Qos2Exchange {
             self.pending.clear();
         }
     }
+}
+
+/// Moves the first `passed` bytes of `src` to `dst`: the whole buffer without a copy when it
+/// can.
+fn pass_up(src: &mut BytesMut, dst: &mut BytesMut, passed: &mut usize) {
+    if *passed == 0 {
+        return;
+    }
+    if dst.is_empty() && *passed == src.len() {
+        std::mem::swap(src, dst);
+    } else {
+        dst.extend_from_slice(&src[..*passed]);
+        src.advance_to(*passed);
+    }
+    *passed = 0;
 }
 
 /// Up to `n` bytes from the front of `pages`.
