@@ -130,6 +130,8 @@ pub struct MqttConfig {
     pub max_session_expiry_secs: u32,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_secs: u16,
+    /// Longest client identifier accepted, in bytes; longer ones are refused (v5 0x85, v3 0x02).
+    pub max_client_id_len: usize,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +142,8 @@ pub struct StorageConfig {
     pub database_url: Secret,
     /// Registry connection pool size; 0 picks a size for the backend.
     pub pool_size: u32,
+    /// Days audit log entries are kept (enforced by the maintenance pass).
+    pub audit_retention_days: u32,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -168,14 +172,22 @@ pub struct LimitsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HMAC key for JWTs. Empty: a random key is generated once and kept in the registry.
+    /// HMAC key for JWTs. Empty: keys come from `key_file`.
     pub jwt_secret: Secret,
+    /// Signing keys (JWT keys with ids, the rules' secrets key), created 0600 on first start.
+    /// Empty: `keys.json` in the data directory.
+    pub key_file: PathBuf,
     pub token_ttl_secs: u64,
     /// Tolerated clock difference when checking `exp`/`nbf`.
     pub clock_skew_secs: u64,
-    /// Failed logins per username before it is locked for `login_lockout_secs`.
+    /// Failed logins per username from one source before that pair is locked for
+    /// `login_lockout_secs`.
     pub max_failed_logins: u32,
     pub login_lockout_secs: u64,
+    /// Failed logins from one source, across usernames, before the source is locked.
+    pub max_failed_logins_per_source: u32,
+    /// Entries each failed-login table holds at most (fixed size each).
+    pub login_throttle_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,7 +262,7 @@ pub struct TelemetryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RulesConfig {
     /// Key (any string; its SHA-256 is the AES-256-GCM key) that seals channel secrets. Empty:
-    /// one is generated on first start and kept in the registry.
+    /// one is generated on first start and kept in `auth.key_file`.
     pub secret_key: Secret,
     /// |z-score| above which a statistical condition fires when the rule sets no threshold.
     pub anomaly_threshold: f64,
@@ -262,6 +274,10 @@ pub struct RulesConfig {
     pub retry_backoff_ms: u64,
     /// Timeout of one webhook or SMS gateway request, in milliseconds.
     pub http_timeout_ms: u64,
+    /// Destinations webhooks may reach besides public addresses: CIDRs, addresses or host
+    /// names. Loopback, private, link-local, unique-local, multicast and unspecified addresses
+    /// are refused unless listed here.
+    pub notify_allowed_networks: Vec<String>,
     /// Telemetry events a tenant's rule actor may have waiting before new ones are dropped.
     pub mailbox: usize,
 }
@@ -320,11 +336,13 @@ impl Default for Config {
                 max_publish_rate: 0,
                 max_session_expiry_secs: 7 * 86_400,
                 connect_timeout_secs: 10,
+                max_client_id_len: 128,
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from("./data"),
                 database_url: Secret::default(),
                 pool_size: 0,
+                audit_retention_days: 90,
             },
             influx: InfluxConfig {
                 url: String::new(),
@@ -341,6 +359,9 @@ impl Default for Config {
                 clock_skew_secs: 60,
                 max_failed_logins: 5,
                 login_lockout_secs: 300,
+                max_failed_logins_per_source: 50,
+                login_throttle_entries: 50_000,
+                key_file: PathBuf::new(),
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -376,6 +397,7 @@ impl Default for Config {
                 delivery_attempts: 4,
                 retry_backoff_ms: 500,
                 http_timeout_ms: 5000,
+                notify_allowed_networks: Vec::new(),
                 mailbox: 4096,
             },
             smtp: SmtpConfig {
@@ -509,6 +531,7 @@ impl fmt::Debug for StorageConfig {
             .field("data_dir", &self.data_dir)
             .field("database_url", &mask_url(self.database_url.expose()))
             .field("pool_size", &self.pool_size)
+            .field("audit_retention_days", &self.audit_retention_days)
             .finish()
     }
 }
@@ -541,10 +564,13 @@ impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
             .field("jwt_secret", &self.jwt_secret)
+            .field("key_file", &self.key_file)
             .field("token_ttl_secs", &self.token_ttl_secs)
             .field("clock_skew_secs", &self.clock_skew_secs)
             .field("max_failed_logins", &self.max_failed_logins)
             .field("login_lockout_secs", &self.login_lockout_secs)
+            .field("max_failed_logins_per_source", &self.max_failed_logins_per_source)
+            .field("login_throttle_entries", &self.login_throttle_entries)
             .finish()
     }
 }
@@ -774,6 +800,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "MQTT_MAX_CLIENT_ID_LEN",
+        key: "mqtt.max_client_id_len",
+        apply: |c, v| {
+            c.mqtt.max_client_id_len = parse(v, "a length in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "DATA_DIR",
         key: "storage.data_dir",
         apply: |c, v| {
@@ -794,6 +828,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "storage.pool_size",
         apply: |c, v| {
             c.storage.pool_size = parse(v, "a number of connections")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "AUDIT_RETENTION_DAYS",
+        key: "storage.audit_retention_days",
+        apply: |c, v| {
+            c.storage.audit_retention_days = parse(v, "a number of days")?;
             Ok(())
         },
     },
@@ -846,6 +888,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "AUTH_KEY_FILE",
+        key: "auth.key_file",
+        apply: |c, v| {
+            c.auth.key_file = PathBuf::from(v);
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "JWT_TTL_SECS",
         key: "auth.token_ttl_secs",
         apply: |c, v| {
@@ -874,6 +924,22 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "auth.login_lockout_secs",
         apply: |c, v| {
             c.auth.login_lockout_secs = parse(v, "a number of seconds")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MAX_FAILED_LOGINS_PER_SOURCE",
+        key: "auth.max_failed_logins_per_source",
+        apply: |c, v| {
+            c.auth.max_failed_logins_per_source = parse(v, "a number of attempts")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "LOGIN_THROTTLE_ENTRIES",
+        key: "auth.login_throttle_entries",
+        apply: |c, v| {
+            c.auth.login_throttle_entries = parse(v, "a number of entries")?;
             Ok(())
         },
     },
@@ -1106,6 +1172,19 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "NOTIFY_ALLOWED_NETWORKS",
+        key: "rules.notify_allowed_networks",
+        apply: |c, v| {
+            c.rules.notify_allowed_networks = v
+                .split(',')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .map(String::from)
+                .collect();
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "RULES_MAILBOX",
         key: "rules.mailbox",
         apply: |c, v| {
@@ -1221,20 +1300,25 @@ impl Config {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let default_path = Path::new("drover.toml");
-        let file = match path {
-            Some(p) => Some(p.to_path_buf()),
-            None => env("DROVER_CONFIG")
-                .map(PathBuf::from)
-                .or_else(|| default_path.exists().then(|| default_path.to_path_buf())),
-        };
-        let mut config = match file {
+        let mut config = match Self::file_to_read(path, &env) {
             Some(file) => Self::from_file(&file)?,
             None => Config::default(),
         };
         config.apply_env(env)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration file [`Config::load_with_env`] reads: `path`, else `$DROVER_CONFIG`,
+    /// else `./drover.toml` when it exists; `None` means defaults and environment only.
+    pub fn file_to_read(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        let default_path = Path::new("drover.toml");
+        match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => env("DROVER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| default_path.exists().then(|| default_path.to_path_buf())),
+        }
     }
 
     pub fn from_file(file: &Path) -> Result<Config, ConfigError> {
@@ -1339,6 +1423,12 @@ impl Config {
                 format!("expected a redis:// or rediss:// URL, got {:?}", mask_url(redis)),
             ));
         }
+        if self.storage.audit_retention_days == 0 {
+            return Err(ConfigError::new(
+                "storage.audit_retention_days (AUDIT_RETENTION_DAYS)",
+                "must be at least 1",
+            ));
+        }
         if self.limits.max_devices == 0 {
             return Err(ConfigError::new(
                 "limits.max_devices (MAX_DEVICES)",
@@ -1362,6 +1452,18 @@ impl Config {
             return Err(ConfigError::new(
                 "auth.max_failed_logins (MAX_FAILED_LOGINS)",
                 "must be at least 1",
+            ));
+        }
+        if self.auth.max_failed_logins_per_source < self.auth.max_failed_logins {
+            return Err(ConfigError::new(
+                "auth.max_failed_logins_per_source (MAX_FAILED_LOGINS_PER_SOURCE)",
+                "must be at least max_failed_logins (MAX_FAILED_LOGINS)",
+            ));
+        }
+        if !(100..=10_000_000).contains(&self.auth.login_throttle_entries) {
+            return Err(ConfigError::new(
+                "auth.login_throttle_entries (LOGIN_THROTTLE_ENTRIES)",
+                "must be 100 to 10000000",
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -1407,6 +1509,12 @@ impl Config {
                 "at most 20",
             ));
         }
+        crate::rules::destination::DestinationPolicy::parse(&r.notify_allowed_networks).map_err(|e| {
+            ConfigError::new(
+                "rules.notify_allowed_networks (NOTIFY_ALLOWED_NETWORKS)",
+                e.to_string(),
+            )
+        })?;
         if !["none", "starttls", "tls"].contains(&self.smtp.tls.as_str()) {
             return Err(ConfigError::new(
                 "smtp.tls (SMTP_TLS)",
@@ -1570,6 +1678,16 @@ impl Config {
                 return Err(ConfigError::new(key, "must be at least 1"));
             }
         }
+        // A device connects with its device id as client id: every device id must fit.
+        if !(drover_actors::DeviceId::MAX_LEN..=65_535).contains(&m.max_client_id_len) {
+            return Err(ConfigError::new(
+                "mqtt.max_client_id_len (MQTT_MAX_CLIENT_ID_LEN)",
+                format!(
+                    "must be {} (the longest device id) to 65535",
+                    drover_actors::DeviceId::MAX_LEN
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1702,6 +1820,9 @@ max_publish_rate = 0
 max_session_expiry_secs = 604800
 # Seconds a new connection has to send CONNECT.  (MQTT_CONNECT_TIMEOUT)
 connect_timeout_secs = 10
+# Longest client identifier accepted, in bytes (at least 128, the longest device id); longer
+# ones are refused with CONNACK 0x85 (MQTT 5) or 0x02 (3.1.1).  (MQTT_MAX_CLIENT_ID_LEN)
+max_client_id_len = 128
 
 [storage]
 # Where the embedded databases live; created on first start.  (DATA_DIR)
@@ -1712,6 +1833,8 @@ data_dir = "./data"
 database_url = ""
 # Registry connection pool size; 0 picks one for the backend.  (DATABASE_POOL_SIZE)
 pool_size = 0
+# Days audit log entries are kept; older ones are deleted by the maintenance pass.  (AUDIT_RETENTION_DAYS)
+audit_retention_days = 90
 
 [influx]
 # InfluxDB 1.x HTTP API (or 2.x/3.x through its 1.x-compatible API) for telemetry.
@@ -1732,17 +1855,25 @@ url = ""
 max_devices = 50000
 
 [auth]
-# HMAC key (32+ characters) signing login tokens. Empty: a random key is generated on first
-# start and kept in the registry, so every node sharing the registry uses the same one.  (JWT_SECRET)
+# HMAC key (32+ characters) signing login tokens. Empty: the keys of key_file are used
+# (rotated with `drover admin rotate-jwt-key`).  (JWT_SECRET)
 jwt_secret = ""
+# File holding the signing keys (login token keys with ids, the rules' secrets key), created
+# with mode 0600 on first start. Empty: keys.json in data_dir. Nodes sharing a registry must
+# share this file's content.  (AUTH_KEY_FILE)
+key_file = ""
 # Lifetime of a login token, in seconds.  (JWT_TTL_SECS)
 token_ttl_secs = 3600
 # Clock difference tolerated when checking a token's expiry.  (JWT_CLOCK_SKEW_SECS)
 clock_skew_secs = 60
-# Failed logins for one username before it is locked.  (MAX_FAILED_LOGINS)
+# Failed logins for one username from one address before that pair is locked.  (MAX_FAILED_LOGINS)
 max_failed_logins = 5
-# How long a locked username stays locked, in seconds.  (LOGIN_LOCKOUT_SECS)
+# How long failures are remembered and a lock lasts, in seconds.  (LOGIN_LOCKOUT_SECS)
 login_lockout_secs = 300
+# Failed logins from one address, across usernames, before the address is locked.  (MAX_FAILED_LOGINS_PER_SOURCE)
+max_failed_logins_per_source = 50
+# Entries each failed-login table holds at most (about 120 bytes each).  (LOGIN_THROTTLE_ENTRIES)
+login_throttle_entries = 50000
 
 [log]
 # "text" for people, "json" for log pipelines.  (LOG_FORMAT)
@@ -1798,7 +1929,7 @@ sqlite_cache_mib = 64
 [rules]
 # Key that seals channel secrets stored in the registry (webhook HMAC keys, SMS gateway tokens) with
 # AES-256-GCM; any string, its SHA-256 is the key. Empty: generated on first start and kept in
-# the registry.  (RULES_SECRET_KEY)  Also read from (DROVER_SECRET_KEY)
+# the key file ([auth] key_file).  (RULES_SECRET_KEY)  Also read from (DROVER_SECRET_KEY)
 secret_key = ""
 # |z-score| above which a statistical condition fires unless the rule sets its own.  (ANOMALY_THRESHOLD)
 anomaly_threshold = 3.0
@@ -1810,6 +1941,10 @@ delivery_attempts = 4
 retry_backoff_ms = 500
 # Timeout of one webhook or SMS gateway request, in milliseconds.  (RULES_HTTP_TIMEOUT_MS)
 http_timeout_ms = 5000
+# Where webhooks may go besides public addresses: CIDRs ("10.0.0.0/8"), addresses or host names
+# (comma-separated in the variable). Loopback, private, link-local, unique-local, multicast and
+# unspecified addresses are refused unless listed.  (NOTIFY_ALLOWED_NETWORKS)
+notify_allowed_networks = []
 # Telemetry events a tenant's rule actor may have waiting before new ones are dropped.  (RULES_MAILBOX)
 mailbox = 4096
 
@@ -1960,10 +2095,15 @@ mod tests {
                 ("SMTP_PASSWORD", "smtp-password-value"),
                 ("SMS_AUTH_TOKEN", "sms-token-value"),
                 ("SMS_BASE_URL", "http://127.0.0.1:9999"),
+                ("NOTIFY_ALLOWED_NETWORKS", "127.0.0.1/32, hooks.internal,"),
             ]),
         )
         .unwrap();
         assert_eq!(config.rules.anomaly_threshold, 2.5);
+        assert_eq!(
+            config.rules.notify_allowed_networks,
+            vec!["127.0.0.1/32".to_string(), "hooks.internal".to_string()]
+        );
         assert_eq!(config.rules.secret_key.expose(), "rules-key-value");
         assert_eq!(config.smtp.tls, "tls");
         let shown = format!("{config:?}");
@@ -1978,6 +2118,7 @@ mod tests {
             ("SMS_BASE_URL", "ftp://gateway"),
             ("RULES_DELIVERY_ATTEMPTS", "0"),
             ("RULES_TICK_MS", "0"),
+            ("NOTIFY_ALLOWED_NETWORKS", "10.0.0.0/8, not a host"),
         ] {
             let err = Config::load_with_env(None, env(&[(var, value)])).unwrap_err();
             assert!(err.to_string().contains(var), "{var}={value}: {err}");

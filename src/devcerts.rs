@@ -1,12 +1,13 @@
 //! Development certificates for MQTT over TLS: a CA, a server certificate it signs, and
 //! device certificates (CN = device id) it signs. For trying TLS and mTLS locally and for the
-//! tests; production uses certificates from the operator's own PKI.
+//! tests; production uses certificates from the operator's own PKI. Also the verification
+//! certificate that registering a CA takes (proof of possession of its key).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +87,33 @@ pub fn generate(ca_name: &str, hosts: &[String], devices: &[String]) -> Result<D
     })
 }
 
+/// A verification certificate for CA registration: CN = `code` (the tenant's registration code,
+/// `GET /api/mqtt/cas/registration-code`), signed by the key of `ca`. It proves that whoever
+/// registers the CA holds its private key. The certificate's own key is thrown away.
+pub fn verification_certificate(ca: &PemPair, code: &str) -> Result<PemPair, DevCertError> {
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, KeyPair::from_pem(&ca.key)?)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, code);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(PemPair {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
 impl DevCerts {
     /// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key` and `device-<id>.pem/.key`.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, DevCertError> {
         let write = |name: String, text: &str| {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|source| DevCertError::Write {
+            // Private keys are for the server's user only; certificates may be read by anyone.
+            let written = if path.extension().is_some_and(|e| e == "key") {
+                crate::storage::files::write_private(&path, text.as_bytes())
+            } else {
+                std::fs::write(&path, text)
+            };
+            written.map_err(|source| DevCertError::Write {
                 path: path.clone(),
                 source,
             })?;

@@ -1,6 +1,8 @@
 //! Backend health for `GET /health`: the registry always, Redis and InfluxDB when configured,
 //! and the telemetry store (embedded or InfluxDB) with the depth of its spool.
 //! A configured backend is required: if it is down the platform reports itself unhealthy.
+//! Anyone may ask, but only a platform admin sees the details (addresses, paths, errors, the
+//! version): the rest get each backend's status, which is what a load balancer needs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +53,32 @@ impl HealthReport {
     pub fn healthy(&self) -> bool {
         self.status == "ok"
     }
+
+    /// What a caller who is not a platform admin sees.
+    pub fn public(&self) -> PublicHealthReport {
+        PublicHealthReport {
+            status: self.status,
+            checks: self
+                .checks
+                .iter()
+                .map(|(name, check)| (*name, PublicCheck { status: check.status }))
+                .collect(),
+        }
+    }
+}
+
+/// `GET /health` for anyone but a platform admin: statuses only.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicHealthReport {
+    /// `ok` when every required backend is up, `unavailable` otherwise.
+    pub status: &'static str,
+    pub checks: std::collections::BTreeMap<&'static str, PublicCheck>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PublicCheck {
+    pub status: CheckStatus,
 }
 
 pub struct HealthChecker {

@@ -1,12 +1,13 @@
 //! The `drover` command: run the platform, migrate, write a default configuration, administer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use drover::auth::keyfile::KeyFile;
 use drover::auth::secrets;
-use drover::config::{Config, DEFAULT_CONFIG_TOML};
+use drover::config::{Config, DEFAULT_CONFIG_TOML, DatabaseTarget};
 use drover::storage::records::{AuditActor, NewApiKey, NewUser, UserPatch};
 use drover::{logging, server};
 use drover_actors::{Role, TenantId};
@@ -82,6 +83,22 @@ enum AdminCommand {
         #[arg(long = "device")]
         devices: Vec<String>,
     },
+    /// Sign a verification certificate for registering a CA (proof that you hold its key):
+    /// CN = the tenant's code from `GET /api/mqtt/cas/registration-code`, signed by the CA.
+    VerificationCert {
+        /// The tenant's registration code.
+        #[arg(long)]
+        code: String,
+        /// The CA certificate (PEM).
+        #[arg(long, default_value = "certs/ca.pem")]
+        ca: PathBuf,
+        /// The CA's private key (PEM).
+        #[arg(long, default_value = "certs/ca.key")]
+        ca_key: PathBuf,
+        /// Where to write the verification certificate.
+        #[arg(long, default_value = "certs/verification.pem")]
+        out: PathBuf,
+    },
     /// Create an API key for a tenant and print it once.
     CreateApiKey {
         #[arg(long)]
@@ -92,6 +109,9 @@ enum AdminCommand {
         #[arg(long, default_value = "operator")]
         role: Role,
     },
+    /// Add a new login token signing key to the key file; it signs from the next start on,
+    /// and tokens signed by the previous key keep working until they expire.
+    RotateJwtKey,
 }
 
 /// mimalloc rather than glibc's allocator: ingestion allocates and frees many small buffers
@@ -105,6 +125,7 @@ fn main() -> ExitCode {
     if let Command::GenerateConfig { output, force } = &command {
         return report(generate_config(output.as_ref(), *force));
     }
+    let config_file = Config::file_to_read(cli.config.as_deref(), |name| std::env::var(name).ok());
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
@@ -118,7 +139,7 @@ fn main() -> ExitCode {
         match command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::Admin(admin) => administer(config, admin).await,
+            Command::Admin(admin) => administer(config, config_file, admin).await,
             Command::GenerateConfig { .. } => unreachable!("handled before the configuration is loaded"),
         }
     }))
@@ -149,41 +170,7 @@ fn generate_config(output: Option<&PathBuf>, force: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Every MQTT connection is a file descriptor: raise the soft limit as far as allowed, and say
-/// so when it stays below what `MAX_DEVICES` needs.
-fn raise_fd_limit(wanted_connections: u64) {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    let limit = unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: 1 << 20,
-            rlim_max: limit.rlim_max.max(1 << 20),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            raised.rlim_cur
-        } else {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            limit.rlim_max
-        }
-    };
-    if limit < wanted_connections + 256 {
-        tracing::warn!(
-            open_files = limit,
-            max_devices = wanted_connections,
-            "the open-file limit is below MAX_DEVICES; raise it (ulimit -n) to accept that many connections"
-        );
-    }
-}
-
 async fn serve(config: Config) -> anyhow::Result<()> {
-    raise_fd_limit(config.limits.max_devices);
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok();
     // Installed before anything announces readiness, so an early SIGTERM is a graceful stop.
     let mut signals = Signals::install()?;
@@ -276,7 +263,58 @@ fn password_from_env() -> anyhow::Result<(String, bool)> {
     }
 }
 
-async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()> {
+fn rotate_jwt_key(config: &Config) -> anyhow::Result<()> {
+    let path = drover::bootstrap::key_file_path(config);
+    let mut file = KeyFile::load(&path)?.with_context(|| {
+        format!(
+            "no key file at {}; start the server once to create it",
+            path.display()
+        )
+    })?;
+    // Tokens signed by a retired key stay valid for at most their lifetime plus the clock skew.
+    let keep = (config.auth.token_ttl_secs + config.auth.clock_skew_secs) as i64;
+    let kid = file.rotate_jwt(chrono::Utc::now().timestamp(), keep);
+    file.save(&path)?;
+    println!("new login token key {kid} written to {}", path.display());
+    println!(
+        "restart every node to sign with it; tokens signed by the previous key keep working until they expire"
+    );
+    if !config.auth.jwt_secret.is_empty() {
+        println!("note: JWT_SECRET is set and takes precedence over the key file");
+    }
+    Ok(())
+}
+
+/// Admin commands act on the registry the server uses. A SQLite file that is missing means
+/// they were pointed elsewhere (the default `./data` is relative to the working directory), and
+/// creating an empty registry there would make every command quietly act on the wrong one.
+fn require_existing_registry(config: &Config, config_file: Option<&Path>) -> anyhow::Result<()> {
+    let DatabaseTarget::Sqlite(path) = config.database_target()? else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+    let read = match config_file {
+        Some(file) => format!("configuration file {}", file.display()),
+        None => "no configuration file".to_string(),
+    };
+    bail!(
+        "no registry database at {} (data directory {:?}, {read}). Admin commands work on an \
+         existing registry and never create one: run them in the directory where `drover serve` \
+         runs, or point them at its data directory with DATA_DIR=<dir>, or at its configuration \
+         with --config <file> or DROVER_CONFIG. (`drover migrate` creates an empty registry.)",
+        shown.display(),
+        config.storage.data_dir.display().to_string()
+    )
+}
+
+async fn administer(
+    config: Config,
+    config_file: Option<PathBuf>,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
     if let AdminCommand::DevCerts { out, hosts, devices } = &command {
         let certs = drover::devcerts::generate("Drover development CA", hosts, devices)?;
         for path in certs.write(out)? {
@@ -287,11 +325,38 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
             out.display()
         );
         println!(
-            "register {0}/ca.pem with POST /api/mqtt/cas so device certificates it signed can log in.",
+            "register {0}/ca.pem with POST /api/mqtt/cas (with a verification certificate from \
+             `drover admin verification-cert`) so device certificates it signed can log in.",
             out.display()
         );
         return Ok(());
     }
+    if let AdminCommand::RotateJwtKey = &command {
+        return rotate_jwt_key(&config);
+    }
+    if let AdminCommand::VerificationCert {
+        code,
+        ca,
+        ca_key,
+        out,
+    } = &command
+    {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let ca = drover::devcerts::PemPair {
+            cert: read(ca)?,
+            key: read(ca_key)?,
+        };
+        let proof = drover::devcerts::verification_certificate(&ca, code)?;
+        std::fs::write(out, proof.cert).with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+        println!(
+            "register the CA with POST /api/mqtt/cas {{\"pem\": <CA PEM>, \"verificationPem\": <this file>}}."
+        );
+        return Ok(());
+    }
+    require_existing_registry(&config, config_file.as_deref())?;
     let registry = server::open_registry(&config).await?;
     let by = AuditActor {
         tenant: None,
@@ -300,7 +365,11 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
     };
     match command {
         AdminCommand::ListTenants => {
-            for t in registry.list_tenants().await? {
+            let tenants = registry.list_tenants().await?;
+            if tenants.is_empty() {
+                eprintln!("no tenants in {}", registry.database().description());
+            }
+            for t in tenants {
                 println!(
                     "{}\t{}\t{}",
                     t.id,
@@ -357,7 +426,11 @@ async fn administer(config: Config, command: AdminCommand) -> anyhow::Result<()>
                 println!("password: {password}");
             }
         }
-        AdminCommand::DevCerts { .. } => unreachable!("handled before the registry is opened"),
+        AdminCommand::DevCerts { .. }
+        | AdminCommand::RotateJwtKey
+        | AdminCommand::VerificationCert { .. } => {
+            unreachable!("handled before the registry is opened")
+        }
         AdminCommand::CreateApiKey { tenant, name, role } => {
             let key = secrets::new_secret(secrets::API_KEY_PREFIX);
             let new = NewApiKey {

@@ -17,9 +17,9 @@ use drover_actors::telemetry_writer::{SpoolReplayer, StopReplayer, WriterPool, W
 use drover_actors::tenant_supervisor::SupervisorSettings;
 use drover_actors::{Fleet, ShadowLimits, ShadowServices, ShadowStore};
 
-use crate::audit::{AuditSink, AuditWriter};
-use crate::auth::secrets;
-use crate::auth::{JwtKeys, LoginThrottle};
+use crate::audit::{AuditRetention, AuditSink, AuditWriter};
+use crate::auth::LoginThrottle;
+use crate::auth::throttle::ThrottleLimits;
 use crate::bootstrap::{self, BootstrapError, FirstStart};
 use crate::config::{Config, ConfigError};
 use crate::dashboard::DashboardHub;
@@ -91,6 +91,79 @@ fn node_id(mqtt_port: u16) -> String {
     format!("{host}:{mqtt_port}")
 }
 
+/// The process's open-file limits (RLIMIT_NOFILE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Descriptors kept for what is not a device connection: databases, spool, HTTP, logs.
+const RESERVED_FILES: u64 = 256;
+
+/// Every MQTT connection holds a file descriptor, and most systems start processes with a soft
+/// limit (often 1024) far below the hard limit they allow: raise the soft limit to the hard one.
+pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // An unlimited hard limit still caps the soft one at the kernel's fs.nr_open.
+    let ceiling = if limit.rlim_max == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        limit.rlim_max
+    };
+    if limit.rlim_cur < ceiling {
+        let raised = libc::rlimit {
+            rlim_cur: ceiling,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = ceiling;
+    }
+    Ok(OpenFileLimit {
+        soft: limit.rlim_cur,
+        hard: limit.rlim_max,
+    })
+}
+
+/// The MQTT connections `limit` leaves room for, when that is fewer than `max_devices`.
+fn connection_room_below(limit: OpenFileLimit, max_devices: u64) -> Option<u64> {
+    let room = limit.soft.saturating_sub(RESERVED_FILES);
+    (room < max_devices).then_some(room)
+}
+
+/// Raises the open-file limit and warns, with the numbers, only when it stays too low for
+/// `MAX_DEVICES` connections.
+fn ensure_open_file_limit(max_devices: u64) {
+    match raise_open_file_limit() {
+        Ok(limit) => {
+            if let Some(room) = connection_room_below(limit, max_devices) {
+                tracing::warn!(
+                    open_files_soft = limit.soft,
+                    open_files_hard = limit.hard,
+                    max_devices,
+                    "the open-file limit leaves room for about {room} MQTT connections, fewer than \
+                     MAX_DEVICES: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower \
+                     MAX_DEVICES"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+}
+
 /// Opens the registry (creating and migrating it if needed) and applies pending migrations.
 pub async fn open_registry(config: &Config) -> Result<RegistryStore, StartError> {
     let data_dir = &config.storage.data_dir;
@@ -150,23 +223,13 @@ pub async fn start_with_clock(
     clock: SharedClock,
 ) -> Result<RunningServer, StartError> {
     let started = Instant::now();
+    ensure_open_file_limit(config.limits.max_devices);
     let config = Arc::new(config);
     let registry = open_registry(&config).await?;
     let first_start = bootstrap::ensure_first_tenant(&registry, admin_password).await?;
 
-    let jwt_secret = if config.auth.jwt_secret.is_empty() {
-        // Kept in the registry so every node that shares it signs and checks with the same key.
-        registry
-            .setting_or_insert("jwt_secret", || secrets::new_secret(""))
-            .await?
-    } else {
-        config.auth.jwt_secret.expose().to_string()
-    };
-    let jwt = JwtKeys::new(
-        jwt_secret.as_bytes(),
-        config.auth.token_ttl_secs,
-        config.auth.clock_skew_secs,
-    );
+    let keys = bootstrap::signing_keys(&config, &registry).await?;
+    let jwt = keys.jwt;
 
     // Bound first, so a port 0 is known (it names this node in presence records).
     let listeners = listener::bind(&config)?;
@@ -208,13 +271,6 @@ pub async fn start_with_clock(
         BrokerMetrics::new(&metrics),
     ));
     let shadow_patcher = Arc::new(FleetShadowPatcher::default());
-    let rules_secret_key = if config.rules.secret_key.is_empty() {
-        registry
-            .setting_or_insert("rules_secret_key", || secrets::new_secret(""))
-            .await?
-    } else {
-        config.rules.secret_key.expose().to_string()
-    };
     let hub = DashboardHub::default();
     let rules = Arc::new(
         RulesEngine::start(
@@ -226,7 +282,7 @@ pub async fn start_with_clock(
                 hub: hub.clone(),
                 clock,
                 patcher: shadow_patcher.clone(),
-                secret_key: rules_secret_key,
+                secret_key: keys.rules_secret_key,
             },
         )
         .map_err(StartError::Rules)?,
@@ -271,15 +327,21 @@ pub async fn start_with_clock(
         telemetry.store.clone(),
         Duration::from_secs(config.telemetry.maintenance_interval_secs),
     )
+    .with_housekeeping(Arc::new(AuditRetention::new(
+        registry.clone(),
+        config.storage.audit_retention_days,
+    )))
     .start();
 
     let state = web::Data::new(AppState {
         health: HealthChecker::new(&config, registry.clone())
             .with_telemetry(telemetry.store.clone(), telemetry.spool.clone()),
-        login_throttle: LoginThrottle::new(
-            config.auth.max_failed_logins,
-            Duration::from_secs(config.auth.login_lockout_secs),
-        ),
+        login_throttle: LoginThrottle::new(ThrottleLimits {
+            max_failures: config.auth.max_failed_logins,
+            max_failures_per_source: config.auth.max_failed_logins_per_source,
+            lockout: Duration::from_secs(config.auth.login_lockout_secs),
+            max_entries: config.auth.login_throttle_entries,
+        }),
         config: config.clone(),
         registry,
         fleet,
@@ -464,5 +526,20 @@ impl ServerThread {
 impl Drop for ServerThread {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_short_only_below_max_devices_plus_the_reserve() {
+        let limit = |soft| OpenFileLimit { soft, hard: soft };
+        assert_eq!(connection_room_below(limit(1024), 50_000), Some(768));
+        assert_eq!(connection_room_below(limit(20_000), 50_000), Some(19_744));
+        assert_eq!(connection_room_below(limit(50_256), 50_000), None);
+        assert_eq!(connection_room_below(limit(1 << 20), 50_000), None);
+        assert_eq!(connection_room_below(limit(100), 10), Some(0));
     }
 }

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::ca::register_ca;
 use common::mosquitto::{args, mosquitto, publish, spawn_lines, with};
+use common::wire::{connect_packet, remaining_length};
 use common::{Backend, TestServer, eventually};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -779,55 +781,6 @@ async fn keep_alive_is_enforced_and_a_silent_client_loses_its_connection() {
         fleet.device_status("sensor-002").await == "offline"
     })
     .await;
-}
-
-/// An MQTT 3.1.1 CONNECT with username, password, keep-alive and an optional will.
-fn connect_packet(
-    client_id: &str,
-    username: &str,
-    password: &str,
-    keep_alive: u16,
-    will: Option<(&str, &str)>,
-) -> Vec<u8> {
-    let string = |s: &str| {
-        let mut v = (s.len() as u16).to_be_bytes().to_vec();
-        v.extend_from_slice(s.as_bytes());
-        v
-    };
-    let mut flags = 0b1100_0010u8; // username, password, clean session
-    if will.is_some() {
-        flags |= 0b0000_0100;
-    }
-    let mut body = string("MQTT");
-    body.push(4);
-    body.push(flags);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend(string(client_id));
-    if let Some((topic, message)) = will {
-        body.extend(string(topic));
-        body.extend(string(message));
-    }
-    body.extend(string(username));
-    body.extend(string(password));
-    let mut packet = vec![0x10];
-    packet.extend(remaining_length(body.len()));
-    packet.extend(body);
-    packet
-}
-
-fn remaining_length(mut len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            return out;
-        }
-    }
 }
 
 /// A raw MQTT 3.1.1 PUBLISH (QoS 0).
@@ -1728,10 +1681,7 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
     };
     let (code, _) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
     assert_ne!(code, 0, "no CA registered yet");
-    let (status, ca) = fleet
-        .server
-        .post("/api/mqtt/cas", &fleet.admin, json!({"pem": certs.ca.cert}))
-        .await;
+    let (status, ca) = register_ca(&fleet.server, &fleet.admin, &certs.ca).await;
     assert_eq!(status, StatusCode::CREATED, "{ca}");
     assert_eq!(ca["fingerprint"].as_str().unwrap().len(), 64);
     let (code, out) = publish(&tls_port, &cert_args(&certs_dir, "sensor-001"));
@@ -1749,10 +1699,7 @@ async fn tls_logins_with_a_token_and_with_a_client_certificate() {
     assert_ne!(code, 0);
     // Another tenant cannot register the same (public) CA certificate to claim these devices.
     let globex = fleet.server.tenant_admin(&fleet.admin, "globex").await;
-    let (status, body) = fleet
-        .server
-        .post("/api/mqtt/cas", &globex, json!({"pem": certs.ca.cert}))
-        .await;
+    let (status, body) = register_ca(&fleet.server, &globex, &certs.ca).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(
         body["error"]["message"]

@@ -40,7 +40,12 @@ async fn health_is_503_when_a_configured_backend_is_down() {
     assert_eq!(body["checks"]["redis"]["status"], "down");
     assert_eq!(body["checks"]["influxdb"]["status"], "down");
     assert_eq!(body["checks"]["registry"]["status"], "up");
-    assert!(body["checks"]["redis"]["error"].as_str().is_some());
+    // Why it is down is for the platform admin.
+    assert!(body["checks"]["redis"].get("error").is_none(), "{body}");
+    let admin = server.admin_token().await;
+    let (status, body) = server.get("/health", &admin).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["checks"]["redis"]["error"].as_str().is_some(), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,6 +162,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/mqtt/cas", "get"),
         ("/api/mqtt/cas", "post"),
         ("/api/mqtt/cas/{id}", "delete"),
+        ("/api/mqtt/cas/registration-code", "get"),
         ("/api/telemetry/{deviceId}", "get"),
         ("/api/devices/{deviceId}/telemetry", "post"),
         ("/api/device-types", "get"),
@@ -226,6 +232,15 @@ struct Process {
 
 impl Process {
     fn spawn(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Process {
+        Process::spawn_with(data_dir, env, |_| {})
+    }
+
+    /// As [`Process::spawn`], with a last change to the command (limits, for instance).
+    fn spawn_with(
+        data_dir: &std::path::Path,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Process {
         let mut command = Command::new(BINARY);
         command
             .env_clear()
@@ -241,6 +256,7 @@ impl Process {
         for (k, v) in env {
             command.env(k, v);
         }
+        adjust(&mut command);
         let mut child = command.spawn().expect("drover starts");
         let stdout = lines(child.stdout.take().unwrap());
         let stderr = lines(child.stderr.take().unwrap());
@@ -599,4 +615,137 @@ fn migrate_and_admin_commands_work_on_the_registry() {
     assert_eq!(response.status(), StatusCode::OK);
     let (status, _, _) = process.terminate();
     assert!(status.success());
+}
+
+#[test]
+fn admin_commands_refuse_to_create_a_registry_and_say_where_they_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, &std::path::Path)]| {
+        let mut command = Command::new(BINARY);
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(dir.path());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    // From a directory the server never ran in: the default ./data is not there.
+    let (ok, out, err) = run(&["admin", "list-tenants"], &[]);
+    assert!(!ok, "{out}");
+    let expected = dir.path().join("data").join("drover.db");
+    assert!(err.contains(&expected.display().to_string()), "{err}");
+    assert!(err.contains("DATA_DIR") && err.contains("--config"), "{err}");
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+
+    let elsewhere = dir.path().join("elsewhere");
+    let (ok, _, err) = run(&["admin", "create-tenant", "acme"], &[("DATA_DIR", &elsewhere)]);
+    assert!(!ok && err.contains("elsewhere"), "{err}");
+    assert!(!elsewhere.exists(), "nothing was created");
+
+    // A registry created on purpose, with no tenant yet: the listing says it is empty.
+    let (ok, _, err) = run(&["migrate"], &[("DATA_DIR", &elsewhere)]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["admin", "list-tenants"], &[("DATA_DIR", &elsewhere)]);
+    assert!(ok, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("no tenants"), "{err}");
+}
+
+/// The open-file limit of a process, as /proc shows it: (soft, hard).
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let mut numbers = line.split_whitespace().skip(3);
+    (
+        numbers.next().unwrap().to_string(),
+        numbers.next().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn a_start_raises_the_open_file_limit_and_tls_clients_by_ip_log_no_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = drover::devcerts::generate("Test CA", &["127.0.0.1".to_string()], &[]).unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs.write(&certs_dir).unwrap();
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let (cert, key) = (certs_dir.join("server.pem"), certs_dir.join("server.key"));
+    let env = [
+        ("MQTT_TLS_CERT", cert.to_str().unwrap()),
+        ("MQTT_TLS_KEY", key.to_str().unwrap()),
+        ("MQTT_TLS_PORT", tls_port.as_str()),
+        ("MQTT_ALLOW_ANONYMOUS", "true"),
+        ("MAX_DEVICES", "1000"),
+    ];
+    // A soft limit far below the hard one, as most systems start processes.
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) }, 0);
+    let hard = ours.rlim_max.min(4096);
+    let mut process = Process::spawn_with(dir.path(), &env, move |command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and touches only the child about to exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: hard.min(512),
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    process.base_url();
+    assert_eq!(
+        open_file_limits(process.child.id()),
+        (hard.to_string(), hard.to_string()),
+        "the soft limit is raised to the hard one"
+    );
+
+    if common::mosquitto::mosquitto() {
+        // As README shows it: the host as an IP address, which mosquitto sends as the SNI.
+        let ca = certs_dir.join("ca.pem");
+        for n in 0..3 {
+            let (code, output) = common::mosquitto::publish(
+                &tls_port,
+                &common::mosquitto::args(&[
+                    "--cafile",
+                    ca.to_str().unwrap(),
+                    "-t",
+                    "test/sni",
+                    "-m",
+                    &n.to_string(),
+                ]),
+            );
+            assert_eq!(code, 0, "{output}");
+        }
+    }
+    let (status, _, err) = process.terminate();
+    assert!(status.success());
+    for line in &err {
+        assert!(!line.contains("SNI") && !line.contains("open-file"), "{line}");
+    }
 }

@@ -5,97 +5,21 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::receiver::http_receiver;
 use common::{Backend, TestServer, eventually, services_required};
 use drover_actors::clock::ManualClock;
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// One HTTP request a receiver got.
-#[derive(Debug, Clone)]
-struct Received {
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-/// A minimal HTTP/1.1 server answering every request with `status`.
-async fn http_receiver(status: u16) -> (SocketAddr, mpsc::UnboundedReceiver<Received>, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let header_end = loop {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
-                let mut lines = head.lines();
-                let path = lines
-                    .next()
-                    .unwrap_or("")
-                    .split(' ')
-                    .nth(1)
-                    .unwrap_or("")
-                    .to_string();
-                let headers: HashMap<String, String> = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                    .collect();
-                let length: usize = headers
-                    .get("content-length")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                while buf.len() < header_end + length {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let _ = tx.send(Received {
-                    path,
-                    headers,
-                    body: buf[header_end..].to_vec(),
-                });
-                let reply =
-                    format!("HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
-                let _ = stream.write_all(reply.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    (addr, rx, hits)
-}
 
 /// Python's aiosmtpd on a free port; each received message is a line `MAIL <from> <to,…> <subject>`.
 struct SmtpServer {
@@ -220,6 +144,8 @@ async fn alarms_flow(backend: Backend) {
         c.rules.retry_backoff_ms = 20;
         c.rules.delivery_attempts = 3;
         c.rules.http_timeout_ms = 3000;
+        // The receivers are on loopback, which webhooks may only reach when allowed.
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
         c.smtp.host = if smtp_port.is_some() {
             "127.0.0.1".into()
         } else {
@@ -550,6 +476,7 @@ async fn alarms_and_escalation_survive_a_restart(backend: Backend) {
     let (hook_addr, mut hooks, _) = http_receiver(200).await;
     let Some(mut server) = TestServer::start_with_clock(backend, clock.clone(), |c| {
         c.rules.tick_ms = 50;
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
     }) else {
         return;
     };
@@ -820,7 +747,11 @@ async fn mqtt_command_and_shadow_patch_actions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_and_quiet_period_hold_notifications_back() {
     let (hook_addr, mut hooks, hits) = http_receiver(200).await;
-    let server = TestServer::start_with(Backend::Sqlite, |c| c.rules.tick_ms = 50).unwrap();
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.rules.tick_ms = 50;
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
+    })
+    .unwrap();
     let admin = server.admin_token().await;
     let mut devices = Vec::new();
     for id in ["fan-1", "fan-2"] {

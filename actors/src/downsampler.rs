@@ -3,11 +3,14 @@
 //! It owns nothing but its schedule and the outcome of the last pass. A pass that is still
 //! running when the timer fires again is not doubled; a failed pass is logged and retried at
 //! the next tick, since maintenance always picks up where the last successful pass stopped.
+//! Other periodic housekeeping (the registry's audit retention) runs in the same pass, after
+//! the telemetry store's, through [`Housekeeping`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -30,6 +33,16 @@ pub struct StopDownsampler {}
 #[rtype(result = "DownsamplerSnapshot")]
 pub struct GetDownsamplerState {}
 
+/// A chore the maintenance pass runs besides the telemetry store's (defined by the crate
+/// that owns the data, e.g. the registry's audit retention).
+#[async_trait]
+pub trait Housekeeping: Send + Sync + 'static {
+    /// Names the chore in logs.
+    fn name(&self) -> &'static str;
+    /// Does one round of it; answers how many records it removed or changed.
+    async fn run(&self, now_ms: i64) -> Result<u64, String>;
+}
+
 // ---- state -------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Serialize)]
@@ -45,6 +58,7 @@ pub struct DownsamplerSnapshot {
 
 pub struct Downsampler {
     store: Arc<dyn TelemetryStore>,
+    chores: Vec<Arc<dyn Housekeeping>>,
     interval: Duration,
     running: bool,
     state: DownsamplerSnapshot,
@@ -54,6 +68,7 @@ impl Downsampler {
     pub fn new(store: Arc<dyn TelemetryStore>, interval: Duration) -> Self {
         Downsampler {
             store,
+            chores: Vec::new(),
             interval,
             running: false,
             state: DownsamplerSnapshot {
@@ -67,6 +82,12 @@ impl Downsampler {
         }
     }
 
+    /// Also runs `chore` in every pass.
+    pub fn with_housekeeping(mut self, chore: Arc<dyn Housekeeping>) -> Self {
+        self.chores.push(chore);
+        self
+    }
+
     fn pass(&mut self) -> ResponseActFuture<Self, ()> {
         if self.running {
             return Box::pin(fut::ready(()));
@@ -75,8 +96,22 @@ impl Downsampler {
         let started = Utc::now();
         self.state.last_started_at = Some(started);
         let store = self.store.clone();
+        let chores = self.chores.clone();
         Box::pin(
-            async move { store.maintain(started.timestamp_millis()).await }
+            async move {
+                let now_ms = started.timestamp_millis();
+                let report = store.maintain(now_ms).await;
+                // A failed chore is retried next pass like the store's maintenance.
+                for chore in &chores {
+                    match chore.run(now_ms).await {
+                        Ok(changed) => tracing::debug!(chore = chore.name(), changed, "housekeeping done"),
+                        Err(error) => {
+                            tracing::warn!(chore = chore.name(), %error, "housekeeping failed; retried next pass")
+                        }
+                    }
+                }
+                report
+            }
                 .into_actor(self)
                 .map(move |result, act, _ctx| {
                     act.running = false;
@@ -194,5 +229,32 @@ mod tests {
         assert_eq!((state.passes, state.failures), (2, 1));
         assert_eq!(state.last_report.unwrap().series_rolled_up, 1);
         assert!(state.last_error.is_none());
+    }
+
+    #[derive(Default)]
+    struct CountingChore {
+        runs: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Housekeeping for CountingChore {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn run(&self, _now_ms: i64) -> Result<u64, String> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Err("always fails".into())
+        }
+    }
+
+    #[actix_rt::test]
+    async fn housekeeping_runs_in_every_pass_even_when_the_store_fails() {
+        let chore = Arc::new(CountingChore::default());
+        let addr = Downsampler::new(Arc::new(CountingStore::default()), Duration::from_secs(3600))
+            .with_housekeeping(chore.clone())
+            .start();
+        addr.send(RunMaintenance {}).await.unwrap();
+        addr.send(RunMaintenance {}).await.unwrap();
+        assert_eq!(chore.runs.load(Ordering::SeqCst), 2);
     }
 }

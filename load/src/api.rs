@@ -208,8 +208,25 @@ pub fn write_credentials(path: &Path, devices: &[DeviceCredentials]) -> anyhow::
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The credentials file after a run: every row it had, with the tokens of `fleet` replacing
+/// those of the same ids, then the ids it did not have yet, in `fleet`'s order. Rows of devices
+/// outside this run (a larger earlier run, another prefix) are kept: their tokens are the only
+/// copy.
+pub fn merge_credentials(known: &[DeviceCredentials], fleet: &[DeviceCredentials]) -> Vec<DeviceCredentials> {
+    let current: HashMap<&str, &DeviceCredentials> = fleet.iter().map(|d| (d.id.as_str(), d)).collect();
+    let mut merged: Vec<DeviceCredentials> = known
+        .iter()
+        .map(|d| (*current.get(d.id.as_str()).unwrap_or(&d)).clone())
+        .collect();
+    let had: std::collections::HashSet<&str> = known.iter().map(|d| d.id.as_str()).collect();
+    merged.extend(fleet.iter().filter(|d| !had.contains(d.id.as_str())).cloned());
+    merged
+}
+
 /// Devices `<prefix>00001…` ready to connect: tokens from `file` when it has them, new
-/// registrations for the rest, and new tokens for ids registered before without a file entry.
+/// registrations for the rest, and new tokens for ids registered before without a file entry
+/// (the server keeps only digests, so rotating is the only way to get one; the summary says
+/// how many). `file` keeps every row it had.
 pub async fn fleet(
     api: &Api,
     prefix: &str,
@@ -218,33 +235,79 @@ pub async fn fleet(
     file: &Path,
 ) -> anyhow::Result<Vec<DeviceCredentials>> {
     let started = Instant::now();
-    let known: HashMap<String, String> = if file.exists() {
+    let known = if file.exists() {
         read_credentials(file)?
-            .into_iter()
-            .map(|d| (d.id, d.token))
-            .collect()
     } else {
-        HashMap::new()
+        Vec::new()
     };
+    let tokens: HashMap<&str, &str> = known.iter().map(|d| (d.id.as_str(), d.token.as_str())).collect();
     let (created, _) = api.register_devices(prefix, count, device_type, 32).await?;
     let created: HashMap<String, String> = created.into_iter().map(|d| (d.id, d.token)).collect();
     let width = count.to_string().len().max(5);
     let mut devices = Vec::with_capacity(count as usize);
+    let mut rotated = 0;
     for n in 1..=count {
         let id = format!("{prefix}{n:0width$}");
-        let token = match created.get(&id).or_else(|| known.get(&id)) {
-            Some(t) => t.clone(),
-            None => api.rotate_token(&id).await?,
+        // Registered now (a new id, or a file older than the server's registry): the new token.
+        let token = match created
+            .get(&id)
+            .map(String::as_str)
+            .or(tokens.get(id.as_str()).copied())
+        {
+            Some(t) => t.to_string(),
+            None => {
+                rotated += 1;
+                api.rotate_token(&id).await?
+            }
         };
         devices.push(DeviceCredentials { id, token });
     }
-    write_credentials(file, &devices)?;
+    write_credentials(file, &merge_credentials(&known, &devices))?;
+    let rotated = if rotated > 0 {
+        format!(
+            ", {rotated} registered before without a token in {} got new tokens (their old ones no longer work)",
+            file.display()
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{} devices ready in {:.1} s ({} new); tokens in {}",
+        "{} devices ready in {:.1} s ({} new{rotated}); tokens in {}",
         devices.len(),
         started.elapsed().as_secs_f64(),
         created.len(),
         file.display()
     );
     Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, token: &str) -> DeviceCredentials {
+        DeviceCredentials {
+            id: id.into(),
+            token: token.into(),
+        }
+    }
+
+    #[test]
+    fn merging_keeps_rows_outside_the_run_and_replaces_tokens_inside_it() {
+        let known = [row("sim-1", "a"), row("sim-2", "b"), row("sim-3", "c")];
+        // A smaller run drops nothing.
+        assert_eq!(merge_credentials(&known, &known[..1]), known);
+        // New tokens replace old ones in place; new ids come after.
+        let run = [row("sim-2", "B"), row("sim-4", "d")];
+        assert_eq!(
+            merge_credentials(&known, &run),
+            [
+                row("sim-1", "a"),
+                row("sim-2", "B"),
+                row("sim-3", "c"),
+                row("sim-4", "d")
+            ]
+        );
+        assert_eq!(merge_credentials(&[], &run), run);
+    }
 }

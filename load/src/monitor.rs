@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,8 +34,23 @@ pub fn stream_url(base: &str, token: &str) -> String {
     format!("{ws}/ws?token={token}")
 }
 
-/// One printed line for an alarm frame, or `None` for frames that are not shown.
-pub fn format_line(frame: &Value, updates: bool) -> Option<String> {
+/// When the event a frame reports happened, from the alarm's own fields: an acknowledgement or a
+/// clear is dated by `ackedAt` or `clearedAt`, not by when the condition was last seen.
+/// Escalations carry no time of their own.
+fn event_time<'a>(event: &str, alarm: &'a Value) -> Option<&'a str> {
+    let field = match event {
+        "opened" => "firstSeen",
+        "updated" => "lastSeen",
+        "acknowledged" => "ackedAt",
+        "cleared" => "clearedAt",
+        _ => return None,
+    };
+    alarm[field].as_str()
+}
+
+/// One printed line for an alarm frame, or `None` for frames that are not shown. `received`
+/// dates the events whose frame carries no time of their own.
+pub fn format_line(frame: &Value, updates: bool, received: DateTime<Utc>) -> Option<String> {
     match frame["type"].as_str()? {
         "hello" => Some(format!(
             "connected to tenant {}",
@@ -50,13 +66,17 @@ pub fn format_line(frame: &Value, updates: bool) -> Option<String> {
                 return None;
             }
             let a = &frame["alarm"];
+            let at = event_time(event, a).map_or_else(
+                || received.to_rfc3339_opts(SecondsFormat::Millis, true),
+                str::to_string,
+            );
             let value = a["value"]
                 .as_f64()
                 .map(|v| format!(" value={v}"))
                 .unwrap_or_default();
             Some(format!(
                 "{:<25} {:<12} {:<9} {:<14} {:<20} {} count={}{} step={} id={}",
-                a["lastSeen"].as_str().unwrap_or(""),
+                at,
                 event.to_uppercase(),
                 a["severity"].as_str().unwrap_or(""),
                 a["status"].as_str().unwrap_or(""),
@@ -99,7 +119,7 @@ pub async fn run(options: MonitorOptions) -> anyhow::Result<()> {
                 continue;
             }
             let value: Value = serde_json::from_str(&frame).context("a frame that is not JSON")?;
-            if let Some(line) = format_line(&value, options.updates) {
+            if let Some(line) = format_line(&value, options.updates, Utc::now()) {
                 println!("{line}");
                 if value["type"] == "alarm" {
                     printed += 1;
@@ -124,16 +144,36 @@ mod tests {
     fn urls_and_lines() {
         assert_eq!(stream_url("http://h:8080/", "t"), "ws://h:8080/ws?token=t");
         assert_eq!(stream_url("https://h", "t"), "wss://h/ws?token=t");
+        let received = "2026-01-01T00:09:00Z".parse().unwrap();
         let frame = json!({"type": "alarm", "event": "escalated", "alarm": {
-            "lastSeen": "2026-01-01T00:00:00Z", "severity": "major", "status": "ACTIVE_UNACK",
+            "firstSeen": "2026-01-01T00:00:00Z", "lastSeen": "2026-01-01T00:01:00Z",
+            "severity": "major", "status": "ACTIVE_UNACK",
             "deviceId": "d1", "ruleName": "Hot", "count": 2, "value": 31.0, "escalationStep": 1, "id": "a"}});
-        let line = format_line(&frame, false).unwrap();
+        let line = format_line(&frame, false, received).unwrap();
         assert!(
             line.contains("ESCALATED") && line.contains("d1") && line.contains("step=1"),
             "{line}"
         );
+        assert!(line.starts_with("2026-01-01T00:09:00.000Z"), "{line}");
         let update = json!({"type": "alarm", "event": "updated", "alarm": {}});
-        assert!(format_line(&update, false).is_none());
-        assert!(format_line(&update, true).is_some());
+        assert!(format_line(&update, false, received).is_none());
+        assert!(format_line(&update, true, received).is_some());
+    }
+
+    #[test]
+    fn each_event_is_dated_by_its_own_time() {
+        let alarm = json!({"firstSeen": "T-opened", "lastSeen": "T-seen",
+            "ackedAt": "T-acked", "clearedAt": "T-cleared"});
+        let received = Utc::now();
+        for (event, time) in [
+            ("opened", "T-opened"),
+            ("updated", "T-seen"),
+            ("acknowledged", "T-acked"),
+            ("cleared", "T-cleared"),
+        ] {
+            let frame = json!({"type": "alarm", "event": event, "alarm": alarm});
+            let line = format_line(&frame, true, received).unwrap();
+            assert!(line.starts_with(time), "{event}: {line}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! `drover-load monitor` against a real server: it connects to the live stream and prints the
-//! alarm that a device's telemetry opens.
+//! alarm that a device's telemetry opens, then its acknowledgement and clear, each dated by the
+//! time it happened.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -10,7 +11,7 @@ use drover::server::ServerThread;
 use serde_json::{Value, json};
 
 #[test]
-fn monitor_prints_an_alarm_as_it_opens() {
+fn monitor_prints_an_alarm_as_it_opens_is_acknowledged_and_clears() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.http.bind = "127.0.0.1".into();
@@ -49,7 +50,7 @@ fn monitor_prints_an_alarm_as_it_opens() {
     );
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_drover-load"))
-        .args(["monitor", "--url", &base, "--api-key", &token, "--count", "1"])
+        .args(["monitor", "--url", &base, "--api-key", &token, "--count", "3"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -82,7 +83,29 @@ fn monitor_prints_an_alarm_as_it_opens() {
         line.contains("critical") && line.contains("boiler-7") && line.contains("Hot"),
         "{line}"
     );
+    let id = line
+        .rsplit("id=")
+        .next()
+        .expect("the line names the alarm")
+        .to_string();
+
+    for (action, event, field) in [
+        ("ack", "ACKNOWLEDGED", "ackedAt"),
+        ("clear", "CLEARED", "clearedAt"),
+    ] {
+        let response = http
+            .post(format!("{base}/api/alerts/{id}/{action}"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{action}: {}", response.status());
+        let alarm: Value = response.json().unwrap();
+        let at = alarm[field].as_str().expect("the time of the change");
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("an alarm line");
+        assert!(line.contains(event), "{line}");
+        assert!(line.starts_with(at), "dated by {field} {at}: {line}");
+    }
     let status = child.wait().unwrap();
-    assert!(status.success(), "monitor exits after --count 1");
+    assert!(status.success(), "monitor exits after --count 3");
     server.stop();
 }

@@ -111,6 +111,44 @@ fn provision_registers_devices_and_reuses_them() {
     );
     let again = std::fs::read_to_string(file).unwrap();
     assert!(again.contains(rows[0]), "existing tokens are kept");
+
+    // A smaller run keeps the other rows: their tokens are the only copy.
+    let provision = |devices: &str| {
+        load(&[
+            "provision",
+            "--url",
+            &s.base,
+            "--api-key",
+            &s.token,
+            "--devices",
+            devices,
+            "--devices-file",
+            file,
+        ])
+    };
+    let (ok, _, err) = provision("5");
+    assert!(ok, "{err}");
+    assert!(err.contains("(0 new)"), "{err}");
+    assert_eq!(std::fs::read_to_string(file).unwrap(), again, "no row dropped");
+    let (ok, _, err) = provision("30");
+    assert!(ok && err.contains("(0 new)"), "nothing rotated: {err}");
+    assert_eq!(std::fs::read_to_string(file).unwrap(), again);
+
+    // Devices registered before but missing from the file can only get new tokens: said so.
+    let first_ten: String = again.lines().take(11).map(|l| format!("{l}\n")).collect();
+    std::fs::write(file, &first_ten).unwrap();
+    let (ok, _, err) = provision("12");
+    assert!(ok, "{err}");
+    assert!(err.contains("(0 new, 2 registered before"), "{err}");
+    let now = std::fs::read_to_string(file).unwrap();
+    assert!(now.starts_with(&first_ten), "{now}");
+    let old: Vec<&str> = again.lines().collect();
+    let new: Vec<&str> = now.lines().collect();
+    assert_eq!(new.len(), 13);
+    assert!(
+        new[11].starts_with("sim-00011,") && new[11] != old[11],
+        "rotated: {now}"
+    );
 }
 
 #[test]

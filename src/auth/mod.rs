@@ -2,6 +2,7 @@
 //! failed-login throttle. Transport-free; the HTTP layer turns these into a caller identity.
 
 pub mod jwt;
+pub mod keyfile;
 pub mod secrets;
 pub mod throttle;
 

@@ -1,5 +1,6 @@
 //! Logins, users and API keys.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::auth::jwt::TokenSubject;
 use crate::auth::secrets::{self, API_KEY_PREFIX};
+use crate::auth::throttle::Locked;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::{Principal, Subject};
 use crate::state::AppState;
@@ -191,9 +193,30 @@ pub struct ApiKeyList {
 
 // ---- rules -----------------------------------------------------------------------------------
 
+/// Longest username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 64;
+/// Longest password, in characters (argon2 hashes whatever it is given: a megabyte password
+/// costs CPU on every login attempt).
+pub const MAX_PASSWORD_CHARS: usize = 256;
+/// Longest API key name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// 400 `field_too_long` naming the field, checked before anything else reads the value.
+pub fn check_length(field: &str, value: &str, max_chars: usize) -> Result<(), ApiError> {
+    // Bytes first: a value longer in bytes than 4 × max cannot fit, without counting its chars.
+    if value.len() > max_chars * 4 || value.chars().count() > max_chars {
+        return Err(ApiError::bad_request(
+            "field_too_long",
+            format!("{field}: must be at most {max_chars} characters"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_username(username: &str) -> Result<(), ApiError> {
+    check_length("username", username, MAX_USERNAME_CHARS)?;
     let len = username.chars().count();
-    if !(3..=64).contains(&len) {
+    if !(3..=MAX_USERNAME_CHARS).contains(&len) {
         return Err(ApiError::invalid("username", "must be 3 to 64 characters"));
     }
     if let Some(c) = username
@@ -209,8 +232,8 @@ pub fn check_username(username: &str) -> Result<(), ApiError> {
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
-    let len = name.chars().count();
-    if name.trim().is_empty() || len > 128 || name.chars().any(char::is_control) {
+    check_length(field, name, MAX_NAME_CHARS)?;
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
         return Err(ApiError::invalid(field, "must be 1 to 128 printable characters"));
     }
     Ok(())
@@ -218,6 +241,7 @@ fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
 
 /// Hashes on the blocking pool: argon2 is deliberately slow.
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    check_length("password", &password, MAX_PASSWORD_CHARS)?;
     secrets::check_password_strength(&password).map_err(|m| ApiError::invalid("password", m))?;
     web::block(move || secrets::hash_password(&password))
         .await
@@ -246,9 +270,10 @@ fn decoy_hash() -> &'static str {
     request_body = LoginRequest,
     responses(
         (status = 200, body = LoginResponse),
+        (status = 400, description = "A field is too long (`field_too_long`)", body = ErrorBody),
         (status = 401, description = "Wrong username or password", body = ErrorBody),
         (status = 403, description = "Account or tenant disabled", body = ErrorBody),
-        (status = 429, description = "Too many failed attempts", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts for this username from this address, or from this address", body = ErrorBody),
     )
 )]
 #[post("/auth/login")]
@@ -258,17 +283,25 @@ async fn login(
     body: web::Json<LoginRequest>,
 ) -> Result<web::Json<LoginResponse>, ApiError> {
     let LoginRequest { username, password } = body.into_inner();
-    let source_ip = req.peer_addr().map(|a| a.ip().to_string());
-    if let Err(wait) = state.login_throttle.check(&username) {
+    check_length("username", &username, MAX_USERNAME_CHARS)?;
+    check_length("password", &password, MAX_PASSWORD_CHARS)?;
+    // The peer address: no proxy header is trusted, so a client cannot pick its own source.
+    let source = req
+        .peer_addr()
+        .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |a| a.ip());
+    let source_ip = Some(source.to_string());
+    if let Err(locked) = state.login_throttle.check(&username, source) {
+        let wait = locked.retry_after().as_secs().max(1);
+        let what = match locked {
+            Locked::Username { .. } => "for this username from this address",
+            Locked::Source { .. } => "from this address",
+        };
         let mut error = ApiError::new(
             actix_web::http::StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
-            format!(
-                "too many failed logins for this username; try again in {} s",
-                wait.as_secs().max(1)
-            ),
+            format!("too many failed logins {what}; try again in {wait} s"),
         );
-        error.retry_after = Some(wait.as_secs().max(1));
+        error.retry_after = Some(wait);
         return Err(error);
     }
     let found = state.registry.user_credentials(&username).await?;
@@ -277,7 +310,7 @@ async fn login(
         .map_or_else(|| decoy_hash().to_string(), |c| c.password_hash.clone());
     let matches = verify_password(password, hash).await && found.is_some();
     let Some(credentials) = found.filter(|_| matches) else {
-        state.login_throttle.failed(&username);
+        state.login_throttle.failed(&username, source);
         state.metrics.auth_failures.with_label_values(&["login"]).inc();
         state.audit.submit(AuditEvent {
             actor: AuditActor {
@@ -295,7 +328,7 @@ async fn login(
             "wrong username or password",
         ));
     };
-    state.login_throttle.succeeded(&username);
+    state.login_throttle.succeeded(&username, source);
     let user = credentials.user;
     if user.disabled || credentials.tenant_disabled {
         let what = if user.disabled {
@@ -317,6 +350,7 @@ async fn login(
             tenant: user.tenant.as_str(),
             role: user.role,
             platform_admin: user.platform_admin,
+            generation: user.token_generation,
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
     state.audit.submit(AuditEvent {
@@ -462,6 +496,7 @@ async fn patch_user(
             .current_password
             .clone()
             .ok_or_else(|| ApiError::invalid("currentPassword", "needed to change your own password"))?;
+        check_length("currentPassword", &current, MAX_PASSWORD_CHARS)?;
         let stored = state
             .registry
             .user_credentials(username)

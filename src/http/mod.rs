@@ -41,6 +41,8 @@ use crate::state::AppState;
         license(name = "MIT")
     ),
     modifiers(&BearerAuth),
+    // What a platform admin gets from /health (the path declares what everyone gets).
+    components(schemas(crate::health::HealthReport)),
     tags(
         (name = "auth", description = "Logins"),
         (name = "devices", description = "Device registry"),

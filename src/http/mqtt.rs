@@ -12,7 +12,7 @@ use utoipa_actix_web::service_config::ServiceConfig;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::Principal;
 use crate::mqtt::acl::Namespace;
-use crate::mqtt::auth::parse_pem_certificates;
+use crate::mqtt::auth::{parse_pem_certificates, verify_possession};
 use crate::mqtt::topic;
 use crate::state::AppState;
 use crate::storage::records::{AclAction, AclEffect, AclRule, AclSubject, CaCertificate};
@@ -22,6 +22,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(create_rule)
         .service(delete_rule)
         .service(list_cas)
+        .service(ca_registration_code)
         .service(add_ca)
         .service(delete_ca);
 }
@@ -285,10 +286,25 @@ impl From<CaCertificate> for CaView {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AddCa {
     /// The CA certificate, PEM.
     pub pem: String,
+    /// Proof of possession of the CA's key: a certificate whose subject CN is the tenant's
+    /// current registration code (`GET /api/mqtt/cas/registration-code`), signed by the CA, PEM.
+    pub verification_pem: Option<String>,
+}
+
+/// How long a CA registration code may be used.
+const REGISTRATION_CODE_TTL: chrono::Duration = chrono::Duration::hours(1);
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRegistrationCode {
+    /// The subject CN a verification certificate must carry.
+    pub registration_code: String,
+    /// After this, ask again for a new code. A code also serves for one registration only.
+    pub expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -310,8 +326,37 @@ async fn list_cas(state: web::Data<AppState>, principal: Principal) -> Result<we
     }))
 }
 
+/// The tenant's CA registration code: sign a verification certificate with this CN using the
+/// CA's private key, and register the CA with it. The same code is answered until it expires
+/// (an hour) or is used.
+#[utoipa::path(
+    tag = "mqtt",
+    responses((status = 200, body = CaRegistrationCode)),
+    security(("bearer" = []))
+)]
+#[get("/mqtt/cas/registration-code")]
+async fn ca_registration_code(
+    state: web::Data<AppState>,
+    principal: Principal,
+) -> Result<web::Json<CaRegistrationCode>, ApiError> {
+    principal.require(Role::Admin, "ca.registration_code")?;
+    let (registration_code, expires_at) = state
+        .registry
+        // 64 hex digits: as long as a CN may be, and safe in any shell command line.
+        .ca_registration_code(&principal.tenant, REGISTRATION_CODE_TTL, || {
+            hex::encode(rand::random::<[u8; 32]>())
+        })
+        .await?;
+    Ok(web::Json(CaRegistrationCode {
+        registration_code,
+        expires_at,
+    }))
+}
+
 /// Register a CA: devices presenting a certificate it signed, with their device id as CN,
-/// connect without a token.
+/// connect without a token. Takes proof that the caller holds the CA's private key (a
+/// verification certificate for the tenant's registration code), and a CA identifies the
+/// devices of the tenant that registered it only.
 #[utoipa::path(
     tag = "mqtt",
     request_body = AddCa,
@@ -325,7 +370,10 @@ async fn add_ca(
     body: web::Json<AddCa>,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(Role::Admin, "ca.add")?;
-    let pem = body.into_inner().pem;
+    let AddCa {
+        pem,
+        verification_pem,
+    } = body.into_inner();
     let der = parse_pem_certificates(&pem)
         .map_err(|m| ApiError::invalid("pem", m))?
         .remove(0);
@@ -349,6 +397,17 @@ async fn add_ca(
     if not_after <= Utc::now() {
         return Err(ApiError::invalid("pem", "the certificate has expired"));
     }
+    let verification_pem = verification_pem.ok_or_else(|| {
+        ApiError::invalid(
+            "verificationPem",
+            "required: a certificate with CN = the code from GET /api/mqtt/cas/registration-code, \
+             signed by this CA's private key (proof that you hold it)",
+        )
+    })?;
+    let verification = parse_pem_certificates(&verification_pem)
+        .map_err(|m| ApiError::invalid("verificationPem", m))?
+        .remove(0);
+    let code = verify_possession(&der, &verification).map_err(|e| ApiError::invalid("verificationPem", e))?;
     let ca = CaCertificate {
         id: uuid::Uuid::now_v7().to_string(),
         tenant: principal.tenant.clone(),
@@ -360,7 +419,7 @@ async fn add_ca(
     };
     let ca = state
         .registry
-        .add_ca_certificate(ca, principal.audit_actor())
+        .add_ca_certificate(ca, code, principal.audit_actor())
         .await?;
     state.mqtt.auth.reload_cas().await?;
     Ok(HttpResponse::Created().json(CaView::from(ca)))

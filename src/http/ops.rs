@@ -5,24 +5,35 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::health::HealthReport;
+use crate::health::PublicHealthReport;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::Principal;
 use crate::state::AppState;
 use crate::storage::records::DeviceCounts;
 
-/// Health of each backend; 503 when a required one is down.
+/// Health of each backend; 503 when a required one is down. Anyone gets each backend's status
+/// (`PublicHealthReport`); a platform admin's credentials add targets, latencies, errors and the
+/// version (`HealthReport`).
 #[utoipa::path(
     tag = "operations",
-    responses((status = 200, body = HealthReport), (status = 503, description = "A required backend is down", body = HealthReport))
+    responses(
+        (status = 200, body = PublicHealthReport, description = "Statuses; a platform admin gets a HealthReport"),
+        (status = 503, description = "A required backend is down", body = PublicHealthReport)
+    ),
+    security((), ("bearer" = []))
 )]
 #[get("/health")]
-pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+pub async fn health(state: web::Data<AppState>, principal: Option<Principal>) -> HttpResponse {
     let report = state.health.check(state.started.elapsed()).await;
-    if report.healthy() {
-        HttpResponse::Ok().json(report)
+    let mut response = if report.healthy() {
+        HttpResponse::Ok()
     } else {
-        HttpResponse::ServiceUnavailable().json(report)
+        HttpResponse::ServiceUnavailable()
+    };
+    if principal.is_some_and(|p| p.platform_admin) {
+        response.json(report)
+    } else {
+        response.json(report.public())
     }
 }
 

@@ -3,7 +3,8 @@
 //! `Principal` is an extractor. Every API handler takes one, so no handler can forget to
 //! authenticate, and every query it makes is scoped to `principal.tenant`. Roles and the
 //! platform-admin flag are read from the registry on each request, so a demotion, a disabled
-//! user or a revoked key takes effect at once rather than when a token expires.
+//! user, a revoked key or a password change (which ends every earlier login token) takes effect
+//! at once rather than when a token expires.
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, web};
@@ -100,13 +101,28 @@ impl Principal {
     }
 }
 
+/// Longest login token or API key accepted, in bytes. Login tokens are about 400 bytes and API
+/// keys 47; anything longer is refused before it is hashed or decoded.
+pub const MAX_CREDENTIAL_BYTES: usize = 4096;
+
 /// The credential a request carries.
 enum Credential {
     Jwt(String),
     ApiKey(String),
+    /// Longer than [`MAX_CREDENTIAL_BYTES`]; the field it came in.
+    TooLong(&'static str),
 }
 
 fn credential(req: &HttpRequest) -> Option<Credential> {
+    let credential = carried_credential(req)?;
+    Some(match credential {
+        Credential::ApiKey(key) if key.len() > MAX_CREDENTIAL_BYTES => Credential::TooLong("apiKey"),
+        Credential::Jwt(token) if token.len() > MAX_CREDENTIAL_BYTES => Credential::TooLong("token"),
+        other => other,
+    })
+}
+
+fn carried_credential(req: &HttpRequest) -> Option<Credential> {
     if let Some(key) = req.headers().get("X-API-Key").and_then(|v| v.to_str().ok()) {
         return Some(Credential::ApiKey(key.trim().to_string()));
     }
@@ -193,6 +209,12 @@ async fn authenticate(
                 "missing credentials: send `Authorization: Bearer <login token or API key>`",
             ));
         }
+        Some(Credential::TooLong(field)) => {
+            return Err(ApiError::bad_request(
+                "field_too_long",
+                format!("{field}: must be at most {MAX_CREDENTIAL_BYTES} bytes"),
+            ));
+        }
         Some(Credential::ApiKey(key)) => {
             let found = state.registry.api_key_by_digest(&digest(&key)).await?;
             let Some(found) = found else {
@@ -273,6 +295,19 @@ async fn authenticate(
                     ));
                 }
             };
+            // The user row is read on every request anyway (roles take effect at once), so this
+            // check costs nothing more.
+            if claims.generation != user.token_generation {
+                return Err(refuse(
+                    "token",
+                    ApiError::unauthorized(
+                        "token_revoked",
+                        "this login ended when the password was changed; log in again",
+                    ),
+                    Some(user.tenant),
+                    actor,
+                ));
+            }
             if tenant_disabled {
                 return Err(refuse(
                     "token",

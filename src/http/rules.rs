@@ -15,7 +15,7 @@ use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::Principal;
-use crate::rules::model::{ChannelBody, ModelError, RuleBody};
+use crate::rules::model::{ChannelBody, ModelError, RuleBody, unmask_url};
 use crate::state::AppState;
 use crate::storage::registry::from_ms;
 use crate::storage::rules::{ChannelRecord, RuleRecord};
@@ -144,6 +144,7 @@ async fn create_rule(
     no_sealed(&body)?;
     let mut rule = parse_rule(body)?;
     rule.validate(&state.rules.sandbox)?;
+    rule.check_destinations(&state.rules.destinations)?;
     check_channels(&state, &principal.tenant, &rule).await?;
     rule.seal_secrets(&state.rules.secrets);
     let record = state
@@ -224,8 +225,11 @@ async fn patch_rule(
         merged[key] = value;
     }
     let mut rule = parse_rule(merged)?;
+    rule.restore_masked_urls(&current.body);
     rule.validate(&state.rules.sandbox)?;
     if touches_actions {
+        // Only new actions: a rule stored before the policy can still be disabled.
+        rule.check_destinations(&state.rules.destinations)?;
         check_channels(&state, &principal.tenant, &rule).await?;
     }
     if touches_actions {
@@ -296,7 +300,7 @@ impl From<ChannelRecord> for ChannelView {
     fn from(c: ChannelRecord) -> Self {
         ChannelView {
             id: c.id,
-            channel: c.body.without_secret(),
+            channel: c.body.view(),
             secret_set: c.secret_sealed.is_some(),
             created_at: from_ms(c.created_at),
             updated_at: from_ms(c.updated_at),
@@ -320,6 +324,7 @@ async fn create_channel(
     principal.require(Role::Admin, "channel.create")?;
     let body = body.into_inner();
     body.validate()?;
+    body.check_destination(&state.rules.destinations)?;
     let sealed = body.secret.as_deref().map(|s| state.rules.secrets.seal(s));
     let record = state
         .registry
@@ -378,8 +383,16 @@ async fn patch_channel(
     body: web::Json<ChannelBody>,
 ) -> Result<web::Json<ChannelView>, ApiError> {
     principal.require(Role::Admin, "channel.update")?;
-    let body = body.into_inner();
+    let mut body = body.into_inner();
     body.validate()?;
+    body.check_destination(&state.rules.destinations)?;
+    // A URL sent back as shown (password masked) keeps the stored password.
+    if let Some(sent) = body.url.as_deref()
+        && let Some(current) = state.registry.get_channel(&principal.tenant, &id).await?
+        && let Some(stored) = unmask_url(sent, current.body.url.as_deref())
+    {
+        body.url = Some(stored);
+    }
     let sealed = body.secret.as_deref().map(|s| state.rules.secrets.seal(s));
     let record = state
         .registry

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_actix_web::service_config::ServiceConfig;
 
-use crate::http::accounts::{UserView, check_username, hash_password};
+use crate::http::accounts::{UserView, check_length, check_username, hash_password};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::params::{limit_param, time_param};
 use crate::http::principal::Principal;
@@ -87,7 +87,8 @@ fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
 }
 
 fn check_tenant_name(name: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+    check_length("name", name, 128)?;
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 128 printable characters"));
     }
     Ok(())
@@ -229,6 +230,9 @@ pub struct AuditView {
     #[schema(value_type = Option<Object>)]
     pub detail: Option<serde_json::Value>,
     pub source_ip: Option<String>,
+    /// How many times it happened: repeated refusals of one kind from one source within a
+    /// minute are one entry.
+    pub count: u64,
 }
 
 impl From<AuditEntry> for AuditView {
@@ -243,6 +247,7 @@ impl From<AuditEntry> for AuditView {
             outcome: e.outcome,
             detail: e.detail,
             source_ip: e.source_ip,
+            count: e.count,
         }
     }
 }

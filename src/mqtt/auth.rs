@@ -1,6 +1,11 @@
 //! Who is connecting: a device (token, or a client certificate signed by a CA of its tenant),
 //! an application (API key), or an anonymous client when that is allowed.
 //!
+//! A client certificate identifies a device of one tenant only: the tenant that registered the
+//! CA which issued it. CA certificates are public, so registering one takes proof that the
+//! tenant holds its private key ([`verify_possession`]), and a login by certificate looks the
+//! device up in the issuing CA's tenant and nowhere else.
+//!
 //! Tokens and API keys are checked by their SHA-256 digest, one indexed lookup: fast enough
 //! for connect storms, where argon2 would not be. No secret is ever logged.
 
@@ -10,6 +15,7 @@ use chrono::Utc;
 use drover_actors::{DeviceId, TenantId};
 use parking_lot::RwLock;
 use rustls::pki_types::{CertificateDer, UnixTime};
+use x509_parser::certificate::X509Certificate;
 
 use super::acl::Identity;
 use crate::auth::secrets::{API_KEY_PREFIX, digest};
@@ -142,7 +148,8 @@ impl Authenticator {
     }
 
     /// A client certificate: its chain must lead to a CA registered for a tenant, and its CN
-    /// must be the id of an enabled device of that tenant.
+    /// must be the id of an enabled device of that tenant (never of another tenant, even one
+    /// with a device of that id).
     async fn by_certificate(
         &self,
         chain: &[CertificateDer<'static>],
@@ -154,57 +161,101 @@ impl Authenticator {
         if username.is_some_and(|u| u != device.as_str()) {
             return Err(Refusal::BadCredentials("username_differs_from_certificate"));
         }
-        let tenants = self.tenants_trusting(chain);
-        if tenants.is_empty() {
-            return Err(Refusal::BadCredentials("certificate_not_signed_by_a_tenant_ca"));
+        let tenant = self.issuing_tenant(chain)?;
+        let Some(login) = self.registry.device_login(&tenant, &device).await? else {
+            return Err(Refusal::BadCredentials("certificate_for_unknown_device"));
+        };
+        if !login.enabled {
+            return Err(Refusal::NotAuthorized("device_disabled"));
         }
-        for tenant in tenants {
-            if let Some(login) = self.registry.device_login(&tenant, &device).await? {
-                if !login.enabled {
-                    return Err(Refusal::NotAuthorized("device_disabled"));
-                }
-                if login.tenant_disabled {
-                    return Err(Refusal::NotAuthorized("tenant_disabled"));
-                }
-                return Ok(Identity::Device {
-                    tenant: login.tenant,
-                    device: login.device,
-                });
-            }
+        if login.tenant_disabled {
+            return Err(Refusal::NotAuthorized("tenant_disabled"));
         }
-        Err(Refusal::BadCredentials("certificate_for_unknown_device"))
+        Ok(Identity::Device {
+            tenant: login.tenant,
+            device: login.device,
+        })
     }
 
-    /// Tenants with a CA that the chain verifies against, for client authentication, now.
-    fn tenants_trusting(&self, chain: &[CertificateDer<'static>]) -> Vec<TenantId> {
+    /// The tenant owning the registered CA that issued the leaf, for client authentication,
+    /// now. The CA that signed the leaf itself decides; only when none did is the chain
+    /// followed through the intermediates the client sent. A chain leading to CAs of more
+    /// than one tenant identifies nobody.
+    fn issuing_tenant(&self, chain: &[CertificateDer<'static>]) -> Result<TenantId, Refusal> {
+        let not_signed = Refusal::BadCredentials("certificate_not_signed_by_a_tenant_ca");
         let Ok(leaf) = webpki::EndEntityCert::try_from(&chain[0]) else {
-            return Vec::new();
+            return Err(not_signed);
         };
-        let intermediates = &chain[1..];
         let cas = self.cas.read().clone();
-        let mut tenants: Vec<TenantId> = Vec::new();
-        for ca in cas.iter() {
-            let Ok(anchor) = webpki::anchor_from_trusted_cert(&ca.der) else {
-                continue;
-            };
-            let anchors = [anchor];
-            let verified = leaf
-                .verify_for_usage(
-                    webpki::ALL_VERIFICATION_ALGS,
-                    &anchors,
-                    intermediates,
-                    UnixTime::now(),
-                    webpki::KeyUsage::client_auth(),
-                    None,
-                    None,
-                )
-                .is_ok();
-            if verified && !tenants.contains(&ca.tenant) {
-                tenants.push(ca.tenant.clone());
+        let tenants_verifying = |intermediates: &[CertificateDer<'static>]| {
+            let mut tenants: Vec<TenantId> = Vec::new();
+            for ca in cas.iter() {
+                let Ok(anchor) = webpki::anchor_from_trusted_cert(&ca.der) else {
+                    continue;
+                };
+                let verified = leaf
+                    .verify_for_usage(
+                        webpki::ALL_VERIFICATION_ALGS,
+                        &[anchor],
+                        intermediates,
+                        UnixTime::now(),
+                        webpki::KeyUsage::client_auth(),
+                        None,
+                        None,
+                    )
+                    .is_ok();
+                if verified && !tenants.contains(&ca.tenant) {
+                    tenants.push(ca.tenant.clone());
+                }
             }
+            tenants
+        };
+        let mut tenants = tenants_verifying(&[]);
+        if tenants.is_empty() && chain.len() > 1 {
+            tenants = tenants_verifying(&chain[1..]);
         }
-        tenants
+        match tenants.len() {
+            0 => Err(not_signed),
+            1 => Ok(tenants.remove(0)),
+            _ => Err(Refusal::BadCredentials("certificate_issuer_ambiguous")),
+        }
     }
+}
+
+/// Why a verification certificate does not prove possession of a CA's key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PossessionError {
+    #[error("the verification certificate is not an X.509 certificate: {0}")]
+    NotACertificate(String),
+    #[error("the verification certificate has no subject CN (it must be the registration code)")]
+    NoCommonName,
+    #[error("the verification certificate is not signed by this CA's private key")]
+    NotSignedByCa,
+}
+
+/// Checks that `verification` is signed by the key of `ca` and answers its subject CN, which
+/// the caller compares with the tenant's registration code. This is how a tenant proves it
+/// holds the CA's private key (AWS IoT's verification certificates work the same way).
+pub fn verify_possession(
+    ca: &CertificateDer<'_>,
+    verification: &CertificateDer<'_>,
+) -> Result<String, PossessionError> {
+    fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, PossessionError> {
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map(|(_, cert)| cert)
+            .map_err(|e| PossessionError::NotACertificate(e.to_string()))
+    }
+    let (ca, verification) = (parse(ca)?, parse(verification)?);
+    verification
+        .verify_signature(Some(ca.public_key()))
+        .map_err(|_| PossessionError::NotSignedByCa)?;
+    verification
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or(PossessionError::NoCommonName)
 }
 
 fn trusted(ca: &CaCertificate) -> Option<TrustedCa> {
@@ -237,4 +288,31 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
         .as_str()
         .ok()
         .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devcerts;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        parse_pem_certificates(pem).unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_verification_certificate_proves_possession_of_the_ca_key_only() {
+        let hosts = vec!["localhost".to_string()];
+        let ours = devcerts::generate("Ours", &hosts, &[]).unwrap();
+        let theirs = devcerts::generate("Theirs", &hosts, &[]).unwrap();
+        let proof = devcerts::verification_certificate(&ours.ca, "code-123").unwrap();
+        assert_eq!(
+            verify_possession(&der(&ours.ca.cert), &der(&proof.cert)),
+            Ok("code-123".to_string())
+        );
+        // Signed by another key (whoever holds a copy of our public CA certificate).
+        assert_eq!(
+            verify_possession(&der(&theirs.ca.cert), &der(&proof.cert)),
+            Err(PossessionError::NotSignedByCa)
+        );
+    }
 }

@@ -127,7 +127,7 @@ pub struct ConnectRequest<'a> {
 pub enum ConnectRefusal {
     ConnectionLimit,
     Auth(Refusal),
-    /// A device must use its device id as client id.
+    /// The client id is too long, or a device's is not its device id.
     ClientId(&'static str),
     /// The keep-alive is above the maximum (MQTT 3.1.1 has no way to negotiate it).
     KeepAlive,
@@ -247,6 +247,11 @@ pub async fn connect(
     request: ConnectRequest<'_>,
 ) -> Result<Accepted, ConnectRefusal> {
     let config = &ctx.config;
+    // Before anything else: a client id is stored, logged and audited, so its size is bounded
+    // for clients that never authenticate too.
+    if request.client_id.len() > config.max_client_id_len {
+        return Err(ConnectRefusal::ClientId("client identifier too long"));
+    }
     let unlimited_keep_alive = config.max_keep_alive_secs == u16::MAX;
     if request.protocol == Protocol::V3
         && !unlimited_keep_alive
@@ -441,7 +446,7 @@ impl Connection {
             return Err(PublishRefusal::RateTooHigh);
         }
         if let acl::Decision::Deny(why) = self.authorize(Access::Publish, publish.topic) {
-            tracing::info!(client = %self.client_id, identity = %self.identity.label(), topic = %publish.topic, reason = %why, "MQTT publish refused");
+            tracing::info!(client = %self.client_id, identity = %self.identity.label(), topic = %crate::logging::clip(publish.topic), reason = %why, "MQTT publish refused");
             self.ctx
                 .audit_denial(Some(&self.identity), "mqtt.publish", publish.topic, &why);
             return Err(PublishRefusal::NotAuthorized(why));
@@ -619,7 +624,7 @@ impl Connection {
                 .refused
                 .with_label_values(&["subscribe", reason])
                 .inc();
-            tracing::info!(client = %self.client_id, identity = %self.identity.label(), filter = %raw, reason, "MQTT subscribe refused");
+            tracing::info!(client = %self.client_id, identity = %self.identity.label(), filter = %crate::logging::clip(raw), reason, "MQTT subscribe refused");
         }
         result
     }
@@ -773,7 +778,7 @@ impl Connection {
     /// Publishes the will now or after its delay, unless the client is back by then.
     fn publish_will(&self, will: Will) {
         if let acl::Decision::Deny(why) = self.authorize(Access::Publish, &will.publication.topic) {
-            tracing::info!(client = %self.client_id, topic = %will.publication.topic, reason = %why, "will not published: not allowed");
+            tracing::info!(client = %self.client_id, topic = %crate::logging::clip(&will.publication.topic), reason = %why, "will not published: not allowed");
             return;
         }
         let broker = self.ctx.broker.clone();

@@ -15,6 +15,7 @@ use super::connection::{
 };
 use super::message::{MessageProperties, Publication};
 use super::qos2::Qos2Link;
+use crate::logging::clip;
 
 type Session = v3::Session<Rc<Connection>>;
 
@@ -71,7 +72,7 @@ pub async fn handshake(
             Ok(ack)
         }
         Err(refusal) => {
-            refused(&ctx, &client_id, &refusal);
+            refused(&ctx, &client_id, peer_ip(hs.io()), &refusal);
             Ok(match refusal {
                 ConnectRefusal::ConnectionLimit | ConnectRefusal::Auth(Refusal::Unavailable) => {
                     hs.service_unavailable()
@@ -84,8 +85,17 @@ pub async fn handshake(
     }
 }
 
-/// Counts, logs and audits a refused CONNECT (never with the credentials).
-pub fn refused(ctx: &MqttContext, client_id: &str, refusal: &ConnectRefusal) {
+/// The address a connection comes from, as the audit log records it.
+pub fn peer_ip(io: &ntex::io::IoBoxed) -> Option<String> {
+    io.query::<ntex::io::types::PeerAddr>()
+        .get()
+        .map(|peer| peer.0.ip().to_string())
+}
+
+/// Counts, logs and audits a refused CONNECT (never with the credentials). The client id is
+/// clipped: a refused client is not identified, and what it sends must not fill the disk.
+/// Repeated refusals from one source are aggregated by the audit writer.
+pub fn refused(ctx: &MqttContext, client_id: &str, source_ip: Option<String>, refusal: &ConnectRefusal) {
     let reason = match refusal {
         ConnectRefusal::ConnectionLimit => "connection_limit",
         ConnectRefusal::Auth(r) => r.label(),
@@ -97,12 +107,13 @@ pub fn refused(ctx: &MqttContext, client_id: &str, refusal: &ConnectRefusal) {
         .refused
         .with_label_values(&["connect", reason])
         .inc();
-    tracing::warn!(client = %client_id, reason, "MQTT connect refused");
+    let client = clip(client_id);
+    tracing::warn!(%client, source = source_ip.as_deref().unwrap_or("-"), reason, "MQTT connect refused");
     ctx.audit.submit(crate::storage::records::AuditEvent {
         actor: crate::storage::records::AuditActor {
             tenant: None,
-            actor: format!("mqtt:{client_id}"),
-            source_ip: None,
+            actor: format!("mqtt:{client}"),
+            source_ip,
         },
         action: "mqtt.connect".into(),
         target: None,

@@ -136,7 +136,7 @@ pub async fn handshake(
                 }))
         }
         Err(refusal) => {
-            super::v3::refused(&ctx, &client_id, &refusal);
+            super::v3::refused(&ctx, &client_id, super::v3::peer_ip(hs.io()), &refusal);
             let (reason_code, text) = match &refusal {
                 ConnectRefusal::ConnectionLimit => {
                     (ConnectAckReason::QuotaExceeded, "connection limit reached")

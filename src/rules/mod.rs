@@ -7,6 +7,7 @@
 
 pub mod alarms;
 pub mod crypto;
+pub mod destination;
 pub mod metrics;
 pub mod model;
 pub mod notifier;
@@ -39,6 +40,8 @@ pub struct RulesEngine {
     pub board: StatsBoard,
     pub sandbox: Arc<Sandbox>,
     pub secrets: crypto::SecretBox,
+    /// Where webhooks may go (`NOTIFY_ALLOWED_NETWORKS`); literal addresses are checked on write.
+    pub destinations: Arc<destination::DestinationPolicy>,
     pub clock: SharedClock,
     pub hub: DashboardHub,
     pub counters: Arc<RuleCounters>,
@@ -72,8 +75,13 @@ impl RulesEngine {
         let counters = Arc::new(RuleCounters::default());
         let metrics = metrics::RulesMetrics::new(&deps.metrics, counters.clone(), board.clone());
         let secrets = crypto::SecretBox::from_passphrase(&deps.secret_key);
+        let destinations = Arc::new(
+            destination::DestinationPolicy::parse(&config.rules.notify_allowed_networks)
+                .map_err(|e| format!("rules.notify_allowed_networks (NOTIFY_ALLOWED_NETWORKS): {e}"))?,
+        );
         let notifier = Arc::new(notifier::Notifier::new(
             config,
+            destinations.clone(),
             deps.registry.clone(),
             secrets.clone(),
             deps.broker,
@@ -119,6 +127,7 @@ impl RulesEngine {
             board,
             sandbox,
             secrets,
+            destinations,
             clock: deps.clock,
             hub: deps.hub,
             counters,

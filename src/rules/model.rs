@@ -14,6 +14,8 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::crypto::SecretBox;
+use super::destination::DestinationPolicy;
+use crate::config::mask_url;
 
 /// Why a definition was refused (the API answers 400 with `code`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -170,7 +172,9 @@ pub struct ActionBody {
     /// A channel of `/api/channels` (webhook, email, sms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
-    /// Webhook URL (inline).
+    /// Webhook URL (inline): a public address unless the operator allows others
+    /// (`NOTIFY_ALLOWED_NETWORKS`; else 400 `destination_not_allowed`). A password in it is
+    /// shown masked (`user:***@host`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Webhook HMAC key (inline, write-only).
@@ -200,7 +204,9 @@ pub struct ChannelBody {
     /// webhook, email or sms.
     #[serde(rename = "type")]
     pub kind: ActionKind,
-    /// Webhook URL.
+    /// Webhook URL: a public address unless the operator allows others
+    /// (`NOTIFY_ALLOWED_NETWORKS`; else 400 `destination_not_allowed`). A password in it is
+    /// shown masked (`user:***@host`); sent back masked, the stored one is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Recipients (email addresses, phone numbers).
@@ -236,6 +242,35 @@ fn check_url(field: &str, url: &str) -> Result<(), ModelError> {
         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
         _ => Err(invalid(field, "an http:// or https:// URL")),
     }
+}
+
+/// Refuses a webhook URL naming an address the policy does not allow. A host name passes here
+/// and is judged on the addresses it resolves to at delivery.
+fn check_destination(field: &str, url: &str, policy: &DestinationPolicy) -> Result<(), ModelError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if !policy.allows_url(&u) => Err(ModelError {
+            code: "destination_not_allowed",
+            field: field.into(),
+            message: format!(
+                "{field}: notifications may not go to this address (loopback, private, \
+                 link-local, unique-local, multicast and unspecified addresses are refused unless \
+                 the operator allows them with NOTIFY_ALLOWED_NETWORKS)"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A URL sent back as the API showed it (`user:***@host`) means "keep the stored one": returns
+/// the stored URL it masks, if any.
+pub fn unmask_url<'a>(sent: &str, stored: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    if !sent.contains(":***@") {
+        return None;
+    }
+    stored
+        .into_iter()
+        .find(|s| *s != sent && mask_url(s) == sent)
+        .map(String::from)
 }
 
 #[derive(Deserialize)]
@@ -481,6 +516,49 @@ impl RuleBody {
         }
     }
 
+    /// Refuses inline webhook URLs naming an address the policy does not allow (400
+    /// `destination_not_allowed`).
+    pub fn check_destinations(&self, policy: &DestinationPolicy) -> Result<(), ModelError> {
+        let steps = std::iter::once(("actions".to_string(), &self.actions)).chain(
+            self.escalation
+                .iter()
+                .enumerate()
+                .map(|(i, step)| (format!("escalation[{i}].actions"), &step.actions)),
+        );
+        for (field, actions) in steps {
+            for (j, action) in actions.iter().enumerate() {
+                if let (ActionKind::Webhook, Some(url)) = (action.kind, &action.url) {
+                    check_destination(&format!("{field}[{j}].url"), url, policy)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the stored URLs of `previous` that were sent as the API shows them (password
+    /// masked), so that a rule read and written back keeps its webhook credentials.
+    pub fn restore_masked_urls(&mut self, previous: &RuleBody) {
+        let stored: Vec<&str> = previous
+            .actions
+            .iter()
+            .chain(previous.escalation.iter().flat_map(|s| s.actions.iter()))
+            .filter_map(|a| a.url.as_deref())
+            .collect();
+        let actions = self
+            .actions
+            .iter_mut()
+            .chain(self.escalation.iter_mut().flat_map(|s| s.actions.iter_mut()));
+        for action in actions {
+            if let Some(url) = action
+                .url
+                .as_deref()
+                .and_then(|sent| unmask_url(sent, stored.iter().copied()))
+            {
+                action.url = Some(url);
+            }
+        }
+    }
+
     /// Seals inline secrets (and keeps the sealed ones of `previous` when a secret is not resent).
     pub fn seal_secrets(&mut self, secrets: &SecretBox) {
         let seal = |a: &mut ActionBody| {
@@ -544,7 +622,7 @@ impl RuleBody {
         })
     }
 
-    /// The body as the API shows it: secrets replaced by `secretSet`.
+    /// The body as the API shows it: secrets replaced by `secretSet`, passwords in URLs masked.
     pub fn view(&self) -> Value {
         let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
         let hide = |actions: &mut Value| {
@@ -553,6 +631,9 @@ impl RuleBody {
                     if let Some(obj) = a.as_object_mut() {
                         let set = obj.remove("secretSealed").is_some();
                         obj.remove("secret");
+                        if let Some(Value::String(url)) = obj.get_mut("url") {
+                            *url = mask_url(url);
+                        }
                         if obj.get("type").and_then(Value::as_str) == Some("webhook") {
                             obj.insert("secretSet".into(), Value::Bool(set));
                         }
@@ -635,17 +716,41 @@ impl ChannelBody {
                 if self.to.is_empty() {
                     return Err(invalid("to", "at least one phone number"));
                 }
+                // The account is a segment of the gateway's URL path: nothing may steer the
+                // request elsewhere on the gateway (`../`, `?`, `#`).
+                if let Some(sid) = &self.account_sid
+                    && (sid.is_empty() || sid.len() > 64 || !sid.chars().all(|c| c.is_ascii_alphanumeric()))
+                {
+                    return Err(invalid("accountSid", "1 to 64 letters and digits"));
+                }
                 Ok(())
             }
             _ => Err(invalid("type", "webhook, email or sms")),
         }
     }
 
-    /// The body as the API shows it (and as stored besides the sealed secret).
+    /// The body as stored besides the sealed secret.
     pub fn without_secret(&self) -> ChannelBody {
         ChannelBody {
             secret: None,
             ..self.clone()
+        }
+    }
+
+    /// The body as the API shows it: no secret, the password of the URL masked.
+    pub fn view(&self) -> ChannelBody {
+        ChannelBody {
+            url: self.url.as_deref().map(mask_url),
+            ..self.without_secret()
+        }
+    }
+
+    /// Refuses a webhook URL naming an address the policy does not allow (400
+    /// `destination_not_allowed`).
+    pub fn check_destination(&self, policy: &DestinationPolicy) -> Result<(), ModelError> {
+        match (self.kind, &self.url) {
+            (ActionKind::Webhook, Some(url)) => check_destination("url", url, policy),
+            _ => Ok(()),
         }
     }
 }
@@ -690,6 +795,43 @@ mod tests {
         );
         let b = body(json!({"name": "x", "condition": {"type": "statistical"}}));
         assert_eq!(b.validate(&Sandbox::default()).unwrap_err().field, "metric");
+    }
+
+    #[test]
+    fn literal_destinations_are_refused_and_passwords_masked() {
+        let b = body(json!({"name": "x", "condition": "a > 1",
+            "actions": [{"type": "webhook", "url": "https://u:pw@hooks.example.com/h"}],
+            "escalation": [{"afterSecs": 5, "actions": [{"type": "webhook", "url": "http://[::1]:9/"}]}]}));
+        let e = b.check_destinations(&DestinationPolicy::default()).unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_str()),
+            ("destination_not_allowed", "escalation[0].actions[0].url")
+        );
+        let open = DestinationPolicy::parse(&["::1"]).unwrap();
+        b.check_destinations(&open).unwrap();
+        assert_eq!(b.view()["actions"][0]["url"], "https://u:***@hooks.example.com/h");
+        // Written back as shown, the stored password is kept; a new one replaces it.
+        let mut sent = b.clone();
+        sent.actions[0].url = Some("https://u:***@hooks.example.com/h".into());
+        sent.restore_masked_urls(&b);
+        assert_eq!(
+            sent.actions[0].url.as_deref(),
+            Some("https://u:pw@hooks.example.com/h")
+        );
+        assert_eq!(
+            unmask_url(
+                "https://u:new@hooks.example.com/h",
+                ["https://u:pw@hooks.example.com/h"]
+            ),
+            None
+        );
+        assert_eq!(
+            unmask_url(
+                "https://u:***@other.example.com/h",
+                ["https://u:pw@hooks.example.com/h"]
+            ),
+            None
+        );
     }
 
     #[test]

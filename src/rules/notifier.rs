@@ -3,6 +3,13 @@
 //! state patch of the device's shadow. Each action is delivered on its own task, retried with
 //! exponential backoff while the failure is retryable, and recorded in the alarm's delivery log
 //! whatever the outcome; a receiver that is down never holds up the alarm flow.
+//!
+//! Webhooks connect only to addresses [`DestinationPolicy`] allows (checked on the address
+//! actually connected to) and never follow redirects. The delivery log, which the tenant reads,
+//! tells "destination not allowed" and "delivery failed" (with the HTTP status when a response
+//! came) but never why a connection failed: "connection refused" against "timed out" against
+//! "200 OK" would make webhooks a port scanner of whatever they can reach. The reason goes to the
+//! server log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +27,11 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::crypto::SecretBox;
+use super::destination::{self, DestinationPolicy, VettedResolver};
 use super::metrics::RulesMetrics;
 use super::model::{ActionBody, ActionKind};
 use super::view::AlarmView;
-use crate::config::{Config, SmsConfig};
+use crate::config::{Config, SmsConfig, mask_url};
 use crate::mqtt::acl::Namespace;
 use crate::mqtt::broker::Broker;
 use crate::mqtt::message::Publication;
@@ -36,27 +44,50 @@ pub const SIGNATURE_HEADER: &str = "X-Drover-Signature";
 /// Why one attempt failed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryError {
-    /// Worth another attempt (connection refused, timeout, 5xx, 429, SMTP transient).
+    /// Worth another attempt (5xx, 429, SMTP transient).
     Retryable(String),
-    /// Retrying cannot help (4xx, bad address, channel missing, not configured).
+    /// Retrying cannot help (4xx, 3xx, bad address, channel missing, not configured).
     Permanent(String),
+    /// The destination's address is not allowed (`NOTIFY_ALLOWED_NETWORKS`); never attempted.
+    NotAllowed,
+    /// No HTTP response came (refused, reset, timed out, not HTTP, TLS failed); worth another
+    /// attempt. `cause` is for the server log only.
+    NoResponse { cause: String },
 }
 
 impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DeliveryError::Retryable(_))
+        matches!(
+            self,
+            DeliveryError::Retryable(_) | DeliveryError::NoResponse { .. }
+        )
     }
 
+    /// What the delivery log (read by the tenant) says.
     fn message(&self) -> &str {
         match self {
             DeliveryError::Retryable(m) | DeliveryError::Permanent(m) => m,
+            DeliveryError::NotAllowed => "destination not allowed",
+            DeliveryError::NoResponse { .. } => "delivery failed",
+        }
+    }
+
+    /// What the server log says: the network detail the tenant is not shown.
+    fn cause(&self) -> &str {
+        match self {
+            DeliveryError::NoResponse { cause } => cause,
+            other => other.message(),
         }
     }
 }
 
 pub struct Notifier {
     registry: RegistryStore,
+    /// Webhooks: resolves through the destination policy, never follows redirects.
     http: reqwest::Client,
+    /// The SMS gateway the operator configured (`sms.base_url`), which no tenant can change.
+    sms_http: reqwest::Client,
+    destinations: Arc<DestinationPolicy>,
     smtp: Option<(AsyncSmtpTransport<Tokio1Executor>, Mailbox)>,
     sms: SmsConfig,
     secrets: SecretBox,
@@ -80,18 +111,26 @@ struct Target {
     timeout: Option<Duration>,
 }
 
+/// A request that got no response. Its URL is left out of the cause: it may hold credentials.
 fn http_error(error: reqwest::Error) -> DeliveryError {
-    DeliveryError::Retryable(if error.is_timeout() {
-        "timed out".to_string()
-    } else if error.is_connect() {
-        format!("cannot connect: {error}")
-    } else {
-        error.to_string()
-    })
+    if destination::is_not_allowed(&error) {
+        return DeliveryError::NotAllowed;
+    }
+    let error = error.without_url();
+    let mut cause = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(inner) = source {
+        cause.push_str(": ");
+        cause.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    DeliveryError::NoResponse { cause }
 }
 
-fn status_error(status: reqwest::StatusCode, body: &str) -> DeliveryError {
-    let message = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
+/// A response that is not a success. Only the status is recorded: the body is the receiver's
+/// (and a redirect is not followed, so 3xx fails too).
+fn status_error(status: reqwest::StatusCode) -> DeliveryError {
+    let message = format!("delivery failed: HTTP {status}");
     if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
         DeliveryError::Retryable(message)
     } else {
@@ -134,6 +173,7 @@ impl Notifier {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
+        destinations: Arc<DestinationPolicy>,
         registry: RegistryStore,
         secrets: SecretBox,
         broker: Arc<Broker>,
@@ -142,12 +182,21 @@ impl Notifier {
         clock: SharedClock,
     ) -> Result<Notifier, String> {
         let timeout = Duration::from_millis(config.rules.http_timeout_ms);
+        // A proxy would be the address connected to, defeating the policy: connect directly.
+        let client = || {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+        };
         Ok(Notifier {
             registry,
-            http: reqwest::Client::builder()
-                .timeout(timeout)
+            http: client()
+                .dns_resolver(Arc::new(VettedResolver::new(destinations.clone())))
                 .build()
                 .map_err(|e| e.to_string())?,
+            sms_http: client().build().map_err(|e| e.to_string())?,
+            destinations,
             smtp: smtp_transport(config)?,
             sms: config.sms.clone(),
             secrets,
@@ -190,7 +239,7 @@ impl Notifier {
                         Ok(_) => break,
                         Err(error) => {
                             self.metrics.attempt_failures.with_label_values(&[kind]).inc();
-                            tracing::info!(alarm = %alarm.id, kind, attempt = attempts, error = error.message(), "notification attempt failed");
+                            tracing::info!(alarm = %alarm.id, kind, channel = %target.label, attempt = attempts, error = error.cause(), "notification attempt failed");
                             if !error.is_retryable() || attempts == self.attempts {
                                 break;
                             }
@@ -265,7 +314,7 @@ impl Notifier {
             });
         }
         let label = match action.kind {
-            ActionKind::Webhook => action.url.clone().unwrap_or_default(),
+            ActionKind::Webhook => mask_url(action.url.as_deref().unwrap_or_default()),
             ActionKind::Email | ActionKind::Sms => action.to.join(", "),
             ActionKind::MqttCommand => format!("command {}", action.command.clone().unwrap_or_default()),
             ActionKind::ShadowPatch => "shadow desired".into(),
@@ -309,6 +358,12 @@ impl Notifier {
                     .url
                     .as_deref()
                     .ok_or_else(|| DeliveryError::Permanent("no URL".into()))?;
+                let url =
+                    reqwest::Url::parse(url).map_err(|_| DeliveryError::Permanent("not a URL".into()))?;
+                // A literal address is connected to without resolving: the resolver never sees it.
+                if !self.destinations.allows_url(&url) {
+                    return Err(DeliveryError::NotAllowed);
+                }
                 let body = serde_json::to_vec(&Self::payload(alarm, step, event)).unwrap_or_default();
                 let mut request = self
                     .http
@@ -324,7 +379,7 @@ impl Notifier {
                 if status.is_success() {
                     Ok(format!("HTTP {status}"))
                 } else {
-                    Err(status_error(status, &response.text().await.unwrap_or_default()))
+                    Err(status_error(status))
                 }
             }
             ActionKind::Email => {
@@ -380,7 +435,7 @@ impl Notifier {
                 let mut sent = Vec::new();
                 for to in &target.to {
                     let response = self
-                        .http
+                        .sms_http
                         .post(&url)
                         .basic_auth(&sid, Some(&token))
                         .form(&[
@@ -393,7 +448,7 @@ impl Notifier {
                         .map_err(http_error)?;
                     let status = response.status();
                     if !status.is_success() {
-                        return Err(status_error(status, &response.text().await.unwrap_or_default()));
+                        return Err(status_error(status));
                     }
                     sent.push(to.clone());
                 }
@@ -452,8 +507,15 @@ mod tests {
 
     #[test]
     fn http_failures_are_classified() {
-        assert!(status_error(reqwest::StatusCode::BAD_GATEWAY, "").is_retryable());
-        assert!(status_error(reqwest::StatusCode::TOO_MANY_REQUESTS, "").is_retryable());
-        assert!(!status_error(reqwest::StatusCode::UNAUTHORIZED, "").is_retryable());
+        assert!(status_error(reqwest::StatusCode::BAD_GATEWAY).is_retryable());
+        assert!(status_error(reqwest::StatusCode::TOO_MANY_REQUESTS).is_retryable());
+        assert!(!status_error(reqwest::StatusCode::UNAUTHORIZED).is_retryable());
+        assert!(!status_error(reqwest::StatusCode::FOUND).is_retryable());
+        assert!(!DeliveryError::NotAllowed.is_retryable());
+        let no_response = DeliveryError::NoResponse {
+            cause: "tcp connect error: Connection refused (os error 111)".into(),
+        };
+        assert!(no_response.is_retryable());
+        assert_eq!(no_response.message(), "delivery failed");
     }
 }

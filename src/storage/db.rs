@@ -155,10 +155,12 @@ impl Database {
         let (backend, description, default_size) = match target {
             DatabaseTarget::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| {
+                    super::files::private_dir(dir).map_err(|e| {
                         StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
                     })?;
                 }
+                super::files::private_sqlite(path)
+                    .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
                 (Backend::Sqlite, format!("sqlite:{}", path.display()), 8)
             }
             DatabaseTarget::Postgres(url) => (Backend::Postgres, mask_url(url), 16),

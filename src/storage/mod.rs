@@ -3,6 +3,7 @@
 
 pub mod db;
 pub mod device_types;
+pub mod files;
 pub mod mqtt;
 pub mod records;
 pub mod registry;

@@ -322,13 +322,68 @@ impl RegistryStore {
             .await
     }
 
+    /// The tenant's current CA registration code and when it expires: the unexpired one if
+    /// there is one (two admins asking at once get the same), else `new_code()`, valid for `ttl`.
+    pub async fn ca_registration_code(
+        &self,
+        tenant: &TenantId,
+        ttl: chrono::Duration,
+        new_code: impl FnOnce() -> String + Send + 'static,
+    ) -> Result<(String, chrono::DateTime<chrono::Utc>), StoreError> {
+        let tenant = tenant.clone();
+        self.database()
+            .write(move |conn| {
+                let now = chrono::Utc::now();
+                let current: Option<(String, i64)> = ca_registration_codes::table
+                    .filter(ca_registration_codes::tenant_id.eq(tenant.as_str()))
+                    .filter(ca_registration_codes::expires_at.gt(now.timestamp_millis()))
+                    .select((ca_registration_codes::code, ca_registration_codes::expires_at))
+                    .first(conn)
+                    .optional()?;
+                if let Some((code, expires_at)) = current {
+                    return Ok((code, from_ms(expires_at)));
+                }
+                let (code, expires_at) = (new_code(), now + ttl);
+                diesel::delete(
+                    ca_registration_codes::table.filter(ca_registration_codes::tenant_id.eq(tenant.as_str())),
+                )
+                .execute(conn)?;
+                diesel::insert_into(ca_registration_codes::table)
+                    .values((
+                        ca_registration_codes::tenant_id.eq(tenant.as_str()),
+                        ca_registration_codes::code.eq(&code),
+                        ca_registration_codes::expires_at.eq(expires_at.timestamp_millis()),
+                    ))
+                    .execute(conn)?;
+                Ok((code, expires_at))
+            })
+            .await
+    }
+
+    /// Registers a CA whose key signed a verification certificate for `code`, which must be the
+    /// tenant's current registration code; the code is used up in the same transaction.
     pub async fn add_ca_certificate(
         &self,
         ca: CaCertificate,
+        code: String,
         by: AuditActor,
     ) -> Result<CaCertificate, StoreError> {
         self.database()
             .write(move |conn| {
+                let used = diesel::delete(
+                    ca_registration_codes::table
+                        .filter(ca_registration_codes::tenant_id.eq(ca.tenant.as_str()))
+                        .filter(ca_registration_codes::code.eq(&code))
+                        .filter(ca_registration_codes::expires_at.gt(chrono::Utc::now().timestamp_millis())),
+                )
+                .execute(conn)?;
+                if used == 0 {
+                    return Err(StoreError::Invalid(
+                        "the verification certificate's CN is not this tenant's current registration code \
+                         (GET /api/mqtt/cas/registration-code; a code expires after an hour and serves once)"
+                            .into(),
+                    ));
+                }
                 // A CA identifies the devices of one tenant only: CA certificates are public, so
                 // another tenant registering the same one could otherwise claim its devices.
                 let elsewhere: i64 = tenant_ca_certificates::table

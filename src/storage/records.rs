@@ -23,6 +23,8 @@ pub struct User {
     pub disabled: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Raised by every password change; login tokens of an earlier generation are refused.
+    pub token_generation: i64,
 }
 
 /// A user with the password hash, only for checking a login.
@@ -192,6 +194,9 @@ pub struct AuditEntry {
     pub outcome: String,
     pub detail: Option<Value>,
     pub source_ip: Option<String>,
+    /// How many times this happened: repeated refusals of one kind from one source within a
+    /// minute are one entry (see `crate::audit`).
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Default)]

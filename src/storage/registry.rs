@@ -68,6 +68,7 @@ struct UserRow {
     disabled: bool,
     created_at: i64,
     updated_at: i64,
+    token_generation: i64,
 }
 
 impl UserRow {
@@ -81,6 +82,7 @@ impl UserRow {
             disabled: self.disabled,
             created_at: from_ms(self.created_at),
             updated_at: from_ms(self.updated_at),
+            token_generation: self.token_generation,
         };
         Ok((user, self.password_hash))
     }
@@ -151,6 +153,7 @@ struct AuditRow {
     outcome: String,
     detail: Option<String>,
     source_ip: Option<String>,
+    occurrences: i64,
 }
 
 fn parse_stored<T>(value: Result<T, drover_actors::IdError>) -> Result<T, StoreError> {
@@ -434,7 +437,13 @@ impl RegistryStore {
                     diesel::update(target).set(users::role.eq(role.as_str())).execute(conn)?;
                 }
                 if let Some(hash) = &patch.password_hash {
-                    diesel::update(target).set(users::password_hash.eq(hash)).execute(conn)?;
+                    // Ends every login of this user (see `token_generation`).
+                    diesel::update(target)
+                        .set((
+                            users::password_hash.eq(hash),
+                            users::token_generation.eq(users::token_generation + 1),
+                        ))
+                        .execute(conn)?;
                 }
                 if let Some(disabled) = patch.disabled {
                     diesel::update(target).set(users::disabled.eq(disabled)).execute(conn)?;
@@ -1158,9 +1167,71 @@ impl RegistryStore {
 
     // ---- audit -----------------------------------------------------------------------------
 
-    /// Records an event outside any other change (denials, logins).
-    pub async fn record(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.db.write(move |conn| insert_audit(conn, &event)).await
+    /// Records an event outside any other change (denials, logins); answers its row's id.
+    pub async fn record(&self, event: AuditEvent) -> Result<i64, StoreError> {
+        self.db
+            .write(move |conn| {
+                Ok(diesel::insert_into(audit_log::table)
+                    .values((
+                        audit_log::at.eq(now_ms()),
+                        audit_log::tenant_id.eq(event.actor.tenant.as_ref().map(|t| t.as_str().to_string())),
+                        audit_log::actor.eq(&event.actor.actor),
+                        audit_log::action.eq(&event.action),
+                        audit_log::target.eq(event.target.as_deref()),
+                        audit_log::outcome.eq(event.outcome.as_str()),
+                        audit_log::detail.eq(event.detail.as_ref().map(Value::to_string)),
+                        audit_log::source_ip.eq(event.actor.source_ip.as_deref()),
+                    ))
+                    .returning(audit_log::id)
+                    .get_result::<i64>(conn)?)
+            })
+            .await
+    }
+
+    /// Adds repeated occurrences to recorded events: `(row id, how many more)`.
+    pub async fn add_audit_occurrences(&self, counts: Vec<(i64, u64)>) -> Result<(), StoreError> {
+        self.db
+            .write(move |conn| {
+                for (id, more) in &counts {
+                    let more = i64::try_from(*more).unwrap_or(i64::MAX);
+                    diesel::update(audit_log::table.filter(audit_log::id.eq(id)))
+                        .set(audit_log::occurrences.eq(audit_log::occurrences + more))
+                        .execute(conn)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes audit entries recorded before `cutoff_ms`; answers how many. Deletes in chunks,
+    /// each its own transaction, so a large backlog never holds the write lock for long.
+    pub async fn prune_audit(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        const CHUNK: i64 = 5000;
+        let mut removed = 0u64;
+        loop {
+            let deleted = self
+                .db
+                .write(move |conn| {
+                    let oldest = audit_log::table
+                        .filter(audit_log::at.lt(cutoff_ms))
+                        .select(audit_log::id)
+                        .order(audit_log::id)
+                        .limit(CHUNK)
+                        .load::<i64>(conn)?;
+                    if oldest.is_empty() {
+                        return Ok(0);
+                    }
+                    Ok(
+                        diesel::delete(audit_log::table.filter(audit_log::id.eq_any(&oldest)))
+                            .execute(conn)?,
+                    )
+                })
+                .await?;
+            removed += deleted as u64;
+            if (deleted as i64) < CHUNK {
+                return Ok(removed);
+            }
+        }
     }
 
     /// Audit entries, newest first; `tenant` `None` lists every tenant's (platform admins).
@@ -1211,6 +1282,7 @@ impl RegistryStore {
                         outcome: r.outcome,
                         detail: r.detail.and_then(|d| serde_json::from_str(&d).ok()),
                         source_ip: r.source_ip,
+                        count: u64::try_from(r.occurrences).unwrap_or(1),
                     })
                     .collect())
             })
@@ -1245,6 +1317,36 @@ impl RegistryStore {
                     ))
                     .execute(conn)?;
                 Ok(value)
+            })
+            .await
+    }
+
+    /// The stored value of a platform setting.
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.db
+            .read(move |conn| {
+                Ok(platform_settings::table
+                    .filter(platform_settings::name.eq(&name))
+                    .select(platform_settings::value)
+                    .first::<String>(conn)
+                    .optional()?)
+            })
+            .await
+    }
+
+    /// Deletes a platform setting if it still holds `value` (another node may have changed it).
+    pub async fn delete_setting(&self, name: &str, value: &str) -> Result<bool, StoreError> {
+        let (name, value) = (name.to_string(), value.to_string());
+        self.db
+            .write(move |conn| {
+                let deleted = diesel::delete(
+                    platform_settings::table
+                        .filter(platform_settings::name.eq(&name))
+                        .filter(platform_settings::value.eq(&value)),
+                )
+                .execute(conn)?;
+                Ok(deleted > 0)
             })
             .await
     }

@@ -21,6 +21,7 @@ diesel::table! {
         disabled -> Bool,
         created_at -> BigInt,
         updated_at -> BigInt,
+        token_generation -> BigInt,
     }
 }
 
@@ -111,6 +112,15 @@ diesel::table! {
         outcome -> Text,
         detail -> Nullable<Text>,
         source_ip -> Nullable<Text>,
+        occurrences -> BigInt,
+    }
+}
+
+diesel::table! {
+    ca_registration_codes (tenant_id) {
+        tenant_id -> Text,
+        code -> Text,
+        expires_at -> BigInt,
     }
 }
 

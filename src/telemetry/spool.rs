@@ -23,6 +23,8 @@ use async_trait::async_trait;
 use drover_actors::telemetry::TelemetryPoint;
 use drover_actors::telemetry::store::{PointBatch, SpoolDepth, SpoolError, SpooledBatch, TelemetrySpool};
 
+use crate::storage::files::{private_dir, private_file_options, write_private};
+
 const MAGIC: &[u8; 4] = b"DRSP";
 const HEADER_LEN: u64 = 16;
 const SUFFIX: &str = ".batch";
@@ -80,7 +82,7 @@ impl FileSpool {
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<FileSpool, SpoolError> {
         let dir = dir.into();
         for sub in [dir.clone(), dir.join("tmp"), dir.join("rejected")] {
-            fs::create_dir_all(&sub).map_err(|e| io("cannot create", &sub, e))?;
+            private_dir(&sub).map_err(|e| io("cannot create", &sub, e))?;
         }
         let tmp = dir.join("tmp");
         for entry in fs::read_dir(&tmp).map_err(|e| io("cannot list", &tmp, e))? {
@@ -165,7 +167,7 @@ fn move_aside(dir: &Path, id: u64, reason: &str) -> Result<(), SpoolError> {
     tracing::warn!(file = %from.display(), %reason, "telemetry spool batch set aside");
     fs::rename(&from, &to).map_err(|e| io("cannot move", &from, e))?;
     let note = dir.join("rejected").join(format!("{id:020}.reason"));
-    fs::write(&note, format!("{reason}\n")).map_err(|e| io("cannot write", &note, e))?;
+    write_private(&note, format!("{reason}\n").as_bytes()).map_err(|e| io("cannot write", &note, e))?;
     fsync_dir(dir)
 }
 
@@ -229,7 +231,12 @@ impl TelemetrySpool for FileSpool {
                 header.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                 header.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
                 let tmp = dir.join("tmp").join(file_name(id));
-                let mut file = File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
+                let mut file = private_file_options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+                    .map_err(|e| io("cannot create", &tmp, e))?;
                 file.write_all(&header)
                     .and_then(|_| file.write_all(&payload))
                     .and_then(|_| file.sync_all())

@@ -196,10 +196,13 @@ impl SqliteTelemetryStore {
     /// blocking pool or at start.
     pub fn open(settings: SqliteSettings) -> Result<SqliteTelemetryStore, TelemetryStoreError> {
         if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            crate::storage::files::private_dir(dir).map_err(|e| {
                 TelemetryStoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        crate::storage::files::private_sqlite(&settings.path).map_err(|e| {
+            TelemetryStoreError::Unavailable(format!("cannot create {}: {e}", settings.path.display()))
+        })?;
         let conn = Connection::open(&settings.path).map_err(classify)?;
         let cache_kib = i64::from(settings.cache_mib) * 1024;
         // Small pages for a new file: a batch from many devices touches one leaf page per series,

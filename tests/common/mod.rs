@@ -2,7 +2,10 @@
 //! (a temporary SQLite file, or a throwaway PostgreSQL database) and talks to it over HTTP.
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod mosquitto;
+pub mod receiver;
+pub mod wire;
 pub mod ws;
 
 use std::net::SocketAddr;
