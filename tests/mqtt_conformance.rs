@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::wire::{self, packet, read_packet, string};
 use common::{Backend, TestServer};
 use serde_json::json;
 
@@ -136,65 +137,23 @@ async fn a_narrow_deny_rule_withholds_its_topic_from_wildcard_subscribers() {
 
 // ---- raw MQTT packets --------------------------------------------------------------------
 
-/// A packet: first byte, remaining length, body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { byte | 0x80 } else { byte });
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str) -> Vec<u8> {
-    [&(s.len() as u16).to_be_bytes()[..], s.as_bytes()].concat()
-}
-
 /// An anonymous CONNECT, clean start, for protocol level 4 (3.1.1) or 5.
 fn connect(level: u8, client_id: &str) -> Vec<u8> {
-    let mut body = [string("MQTT"), vec![level, 0x02, 0, 60]].concat();
     if level == 5 {
-        body.push(0); // no properties
+        return wire::connect_v5_packet(client_id, 60);
     }
-    body.extend(string(client_id));
-    packet(0x10, &body)
+    let body = [string("MQTT"), vec![level, 0x02, 0, 60], string(client_id)].concat();
+    packet(0x10, body)
 }
 
 /// A QoS 2 PUBLISH with packet id `id`, DUP as given.
 fn publish_qos2(level: u8, topic: &str, id: u16, dup: bool, payload: &[u8]) -> Vec<u8> {
     let mut body = [string(topic), id.to_be_bytes().to_vec()].concat();
     if level == 5 {
-        body.push(0);
+        body.push(0); // no properties
     }
     body.extend_from_slice(payload);
-    packet(0x34 | if dup { 0x08 } else { 0 }, &body)
-}
-
-/// Reads one packet: (first byte, body). `None` when the broker closed the connection or
-/// nothing came within the stream's read timeout.
-fn read_packet(stream: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
-    use std::io::Read;
-    let mut first = [0u8; 1];
-    stream.read_exact(&mut first).ok()?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).ok()?;
-        len |= usize::from(byte[0] & 0x7f) << shift;
-        shift += 7;
-        if byte[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).ok()?;
-    Some((first[0], body))
+    packet(0x34 | if dup { 0x08 } else { 0 }, body)
 }
 
 /// Connects and waits for a successful CONNACK.
@@ -218,7 +177,7 @@ async fn a_qos2_resend_before_pubrel_gets_pubrec_again_and_is_delivered_once() {
     let (server, _) = start_with(|c| c.mqtt.allow_anonymous = true).await;
     let mut subscriber = raw_client(&server, 4, "dup-watch");
     subscriber
-        .write_all(&packet(0x82, &[&[0, 1][..], &string("dup/#"), &[2]].concat()))
+        .write_all(&packet(0x82, [&[0, 1][..], &string("dup/#"), &[2]].concat()))
         .unwrap();
     assert_eq!(read_packet(&mut subscriber).map(|p| p.0), Some(0x90), "SUBACK");
     for level in [4u8, 5] {
@@ -248,7 +207,9 @@ async fn a_qos2_resend_before_pubrel_gets_pubrec_again_and_is_delivered_once() {
                 .unwrap();
             pubrec(read_packet(&mut publisher), "resent PUBLISH");
         }
-        publisher.write_all(&packet(0x62, &id.to_be_bytes())).unwrap();
+        publisher
+            .write_all(&packet(0x62, id.to_be_bytes().to_vec()))
+            .unwrap();
         let (first, body) = read_packet(&mut publisher).expect("PUBCOMP");
         assert_eq!(
             (first, &body[..2]),
@@ -260,7 +221,9 @@ async fn a_qos2_resend_before_pubrel_gets_pubrec_again_and_is_delivered_once() {
             .write_all(&publish_qos2(level, &topic, id, false, b"again"))
             .unwrap();
         pubrec(read_packet(&mut publisher), "new PUBLISH with the released id");
-        publisher.write_all(&packet(0x62, &id.to_be_bytes())).unwrap();
+        publisher
+            .write_all(&packet(0x62, id.to_be_bytes().to_vec()))
+            .unwrap();
         assert_eq!(read_packet(&mut publisher).map(|p| p.0), Some(0x70));
         // The subscriber got each message once, at QoS 2: `once`, then `again`.
         let mut got = Vec::new();
@@ -270,9 +233,9 @@ async fn a_qos2_resend_before_pubrel_gets_pubrec_again_and_is_delivered_once() {
             let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
             let id = [body[2 + topic_len], body[3 + topic_len]];
             got.push(String::from_utf8_lossy(&body[4 + topic_len..]).to_string());
-            subscriber.write_all(&packet(0x50, &id)).unwrap();
+            subscriber.write_all(&packet(0x50, id.to_vec())).unwrap();
             assert_eq!(read_packet(&mut subscriber), Some((0x62, id.to_vec())), "PUBREL");
-            subscriber.write_all(&packet(0x70, &id)).unwrap();
+            subscriber.write_all(&packet(0x70, id.to_vec())).unwrap();
         }
         assert_eq!(got, ["once", "again"], "level {level}");
     }
@@ -302,10 +265,12 @@ async fn qos2_packet_ids_are_freed_by_pubrel() {
             Some((0x50, id.to_be_bytes().to_vec())),
             "message {n}: {p:?}"
         );
-        publisher.write_all(&packet(0x62, &id.to_be_bytes())).unwrap();
+        publisher
+            .write_all(&packet(0x62, id.to_be_bytes().to_vec()))
+            .unwrap();
         let p = read_packet(&mut publisher);
         assert_eq!(p.as_ref().map(|p| p.0), Some(0x70), "message {n}: {p:?}");
     }
-    publisher.write_all(&packet(0x62, &[0, 99])).unwrap();
+    publisher.write_all(&packet(0x62, vec![0, 99])).unwrap();
     assert_eq!(read_packet(&mut publisher), Some((0x70, vec![0, 99, 0x92])));
 }
