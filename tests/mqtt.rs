@@ -1326,29 +1326,8 @@ async fn connection_subscription_and_rate_limits_refuse_specifically() {
 // ---- MQTT 5 details, with paho-mqtt --------------------------------------------------------
 
 /// Runs a scenario of tests/support/paho_probe.py against the fleet's broker.
-fn paho(fleet: &Fleet, scenario: &str, mut arguments: serde_json::Value) -> serde_json::Value {
-    arguments["host"] = json!("127.0.0.1");
-    arguments["port"] = json!(fleet.server.mqtt.port());
-    if arguments.get("password").is_none() {
-        arguments["password"] = json!(fleet.key);
-    }
-    let output = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/paho_probe.py"
-        ))
-        .arg(scenario)
-        .arg(arguments.to_string())
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{scenario}: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("{scenario}: {e}: {stdout}"))
+fn paho(fleet: &Fleet, scenario: &str, arguments: serde_json::Value) -> serde_json::Value {
+    common::paho_probe(fleet.server.mqtt, &fleet.key, scenario, arguments)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,7 +91,8 @@ pub struct AclRuleList {
 #[serde(rename_all = "camelCase")]
 pub struct AclChange {
     pub rule: Option<AclRuleView>,
-    /// Live subscriptions the new rules refused, and that were removed.
+    /// Live subscriptions lying wholly inside a filter the new rules deny, removed; those
+    /// that only overlap one stay and no longer receive the denied topics.
     pub subscriptions_dropped: usize,
 }
 

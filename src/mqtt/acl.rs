@@ -6,6 +6,11 @@
 //! first matching rule by priority; without a matching rule applications may subscribe to
 //! anything in their tenant and publish if their role is operator or admin, and anonymous
 //! clients may do anything in their own namespace. Nobody publishes to `$` topics.
+//!
+//! As in Mosquitto and EMQX, a deny rule refuses a subscription only when the subscription lies
+//! wholly inside the denied filter; a subscription that merely overlaps one (`#` and a rule on
+//! `test/secret`) is granted, and the denied topics' messages are withheld at delivery
+//! ([`may_read`], decided once per session and topic by the broker).
 
 use drover_actors::{DeviceId, Role, TenantId};
 
@@ -79,33 +84,132 @@ impl Decision {
     }
 }
 
+/// What the access rules say about a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeDecision {
+    /// Every topic the filter matches may be read.
+    Allow,
+    /// Some topics the filter matches are denied: the subscription is granted and each topic
+    /// is checked with [`may_read`] before a message on it is delivered.
+    AllowChecked,
+    /// Every topic the filter matches is denied.
+    Deny(String),
+}
+
 /// Decides one publish (`topic` is a topic name) or subscribe (`topic` is a filter, without
 /// any `$share/<group>/` prefix). `rules` are the rules of the client's namespace, in order.
+/// A subscription is denied only when all of it is (see [`subscription`]).
 pub fn authorize(identity: &Identity, access: Access, topic: &str, rules: &[AclRule]) -> Decision {
-    if access == Access::Publish && topic.starts_with('$') {
+    if access == Access::Subscribe {
+        return match subscription(identity, topic, rules) {
+            SubscribeDecision::Deny(why) => Decision::Deny(why),
+            SubscribeDecision::Allow | SubscribeDecision::AllowChecked => Decision::Allow,
+        };
+    }
+    if topic.starts_with('$') {
         return Decision::Deny("topics starting with $ are reserved".into());
     }
-    if access == Access::Publish && is_platform_reply(topic) {
+    if is_platform_reply(topic) {
         return Decision::Deny("shadow replies are published by the platform only".into());
     }
-    match identity {
-        Identity::Device { device, .. } => device_rule(device.as_str(), access, topic),
-        Identity::Application { key_id, role, .. } => {
-            let applies = |s: &AclSubject| match s {
-                AclSubject::Role(r) => r == role,
-                AclSubject::ApiKey(id) => id == key_id,
-                AclSubject::Anonymous => false,
+    let (subject, default) = match identity {
+        Identity::Device { device, .. } => return device_rule(device.as_str(), access, topic),
+        Identity::Application { key_id, role, .. } => (
+            SubjectMatch::Application { key_id, role },
+            if role.allows(Role::Operator) {
+                Decision::Allow
+            } else {
+                Decision::Deny("viewer keys may not publish".into())
+            },
+        ),
+        Identity::Anonymous => (SubjectMatch::Anonymous, Decision::Allow),
+    };
+    rules
+        .iter()
+        .filter(|r| subject.applies(&r.subject) && matches!(r.action, AclAction::All | AclAction::Publish))
+        .find(|r| topic::matches(&r.topic, topic))
+        .map_or(default, |r| match r.effect {
+            AclEffect::Allow => Decision::Allow,
+            AclEffect::Deny => Decision::Deny(format!("denied by access rule {}", r.id)),
+        })
+}
+
+/// Decides a subscription to a valid `filter` (without any `$share/<group>/` prefix): the
+/// rules apply in order, and the first one containing the whole filter decides what is left;
+/// rules before it that merely overlap the filter allow or deny part of it.
+pub fn subscription(identity: &Identity, filter: &str, rules: &[AclRule]) -> SubscribeDecision {
+    let applies = match identity {
+        Identity::Device { device, .. } => {
+            return match device_rule(device.as_str(), Access::Subscribe, filter) {
+                Decision::Allow => SubscribeDecision::Allow,
+                Decision::Deny(why) => SubscribeDecision::Deny(why),
             };
-            first_rule(rules, applies, access, topic).unwrap_or_else(|| match access {
-                Access::Subscribe => Decision::Allow,
-                Access::Publish if role.allows(Role::Operator) => Decision::Allow,
-                Access::Publish => Decision::Deny("viewer keys may not publish".into()),
-            })
         }
-        Identity::Anonymous => {
-            first_rule(rules, |s| *s == AclSubject::Anonymous, access, topic).unwrap_or(Decision::Allow)
+        Identity::Application { key_id, role, .. } => SubjectMatch::Application { key_id, role },
+        Identity::Anonymous => SubjectMatch::Anonymous,
+    };
+    let mut partly_denied = false;
+    let mut partly_allowed = false;
+    for rule in read_rules(rules, &applies) {
+        if filter_contains(&rule.topic, filter) {
+            return match rule.effect {
+                AclEffect::Allow if partly_denied => SubscribeDecision::AllowChecked,
+                AclEffect::Allow => SubscribeDecision::Allow,
+                AclEffect::Deny if partly_allowed => SubscribeDecision::AllowChecked,
+                AclEffect::Deny => SubscribeDecision::Deny(format!("denied by access rule {}", rule.id)),
+            };
+        }
+        if filters_overlap(&rule.topic, filter) {
+            match rule.effect {
+                AclEffect::Allow => partly_allowed = true,
+                AclEffect::Deny => partly_denied = true,
+            }
         }
     }
+    // Without a rule, applications and anonymous clients may subscribe to anything.
+    if partly_denied {
+        SubscribeDecision::AllowChecked
+    } else {
+        SubscribeDecision::Allow
+    }
+}
+
+/// Whether a message on topic `name` may be delivered to a subscriber (Mosquitto's read
+/// check): the first rule whose filter matches the name decides; without one, it may.
+/// Devices read only under their own prefix, which their subscriptions already ensure.
+pub fn may_read(identity: &Identity, name: &str, rules: &[AclRule]) -> bool {
+    let applies = match identity {
+        Identity::Device { .. } => return true,
+        Identity::Application { key_id, role, .. } => SubjectMatch::Application { key_id, role },
+        Identity::Anonymous => SubjectMatch::Anonymous,
+    };
+    read_rules(rules, &applies)
+        .find(|rule| topic::matches(&rule.topic, name))
+        .is_none_or(|rule| rule.effect == AclEffect::Allow)
+}
+
+/// Who the rules are matched against.
+enum SubjectMatch<'a> {
+    Application { key_id: &'a str, role: &'a Role },
+    Anonymous,
+}
+
+impl SubjectMatch<'_> {
+    fn applies(&self, subject: &AclSubject) -> bool {
+        match (self, subject) {
+            (SubjectMatch::Application { role, .. }, AclSubject::Role(r)) => r == *role,
+            (SubjectMatch::Application { key_id, .. }, AclSubject::ApiKey(id)) => id == key_id,
+            (SubjectMatch::Anonymous, AclSubject::Anonymous) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The rules about reading (subscribe or all) that apply to a subject, in order.
+fn read_rules<'r>(rules: &'r [AclRule], subject: &SubjectMatch<'_>) -> impl Iterator<Item = &'r AclRule> {
+    rules.iter().filter(move |r| {
+        subject.applies(&r.subject) && matches!(r.action, AclAction::All | AclAction::Subscribe)
+    })
 }
 
 /// `devices/{id}/shadow/…/accepted|rejected|delta|documents`.
@@ -138,55 +242,47 @@ fn device_rule(device: &str, access: Access, topic: &str) -> Decision {
     }
 }
 
-fn first_rule(
-    rules: &[AclRule],
-    applies: impl Fn(&AclSubject) -> bool,
-    access: Access,
-    topic: &str,
-) -> Option<Decision> {
-    rules
-        .iter()
-        .filter(|r| applies(&r.subject))
-        .filter(|r| {
-            matches!(
-                (r.action, access),
-                (AclAction::All, _)
-                    | (AclAction::Publish, Access::Publish)
-                    | (AclAction::Subscribe, Access::Subscribe)
-            )
-        })
-        .find(|r| match (access, r.effect) {
-            (Access::Publish, _) => topic::matches(&r.topic, topic),
-            // Allowing a subscription needs a rule covering all of it; refusing it, any overlap.
-            (Access::Subscribe, AclEffect::Allow) => filter_covers(&r.topic, topic),
-            (Access::Subscribe, AclEffect::Deny) => filters_overlap(&r.topic, topic),
-        })
-        .map(|r| match r.effect {
-            AclEffect::Allow => Decision::Allow,
-            AclEffect::Deny => Decision::Deny(format!("denied by access rule {}", r.id)),
-        })
+/// Whether a topic filter level is a wildcard.
+fn is_wildcard(level: &str) -> bool {
+    level == "+" || level == "#"
 }
 
-/// Whether every topic that `specific` matches is matched by `general` (both valid filters).
-pub fn filter_covers(general: &str, specific: &str) -> bool {
-    let mut g = general.split('/');
-    let mut s = specific.split('/');
+/// Whether a filter can only match `$` topics (its first level is literal and starts with `$`),
+/// which filters starting with a wildcard never match (MQTT 5.0 §4.7.2).
+fn dollar_only(filter: &str) -> bool {
+    filter.starts_with('$')
+}
+
+/// Whether every topic name that the valid filter `inner` matches is matched by the valid
+/// filter `outer` too: `#` contains everything but `$` topics, `a/+` contains `a/b`, `a/#`
+/// contains `a`.
+pub fn filter_contains(outer: &str, inner: &str) -> bool {
+    let outer_first = outer.split('/').next().unwrap_or_default();
+    if dollar_only(inner) && is_wildcard(outer_first) {
+        return false;
+    }
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
     loop {
-        match (g.next(), s.next()) {
+        match (o.next(), i.next()) {
             (Some("#"), _) => return true,
             (_, Some("#")) => return false,
             (Some("+"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
             (None, None) => return true,
-            // `a/#` covers `a`.
-            (Some(rest), None) => return rest == "#" && g.next().is_none(),
+            // `a/#` contains `a`.
+            (Some(rest), None) => return rest == "#" && o.next().is_none(),
             _ => return false,
         }
     }
 }
 
-/// Whether some topic name is matched by both filters.
+/// Whether some topic name is matched by both valid filters.
 pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let first = |f: &str| f.split('/').next().unwrap_or_default().to_string();
+    if (dollar_only(a) && is_wildcard(&first(b))) || (dollar_only(b) && is_wildcard(&first(a))) {
+        return false;
+    }
     let mut x = a.split('/');
     let mut y = b.split('/');
     loop {
@@ -344,8 +440,15 @@ mod tests {
             role: Role::Operator,
         };
         assert!(!authorize(&other_op, Access::Subscribe, "alerts/fire", &rules).is_allowed());
-        // A broader filter overlapping a denied one is refused.
-        assert!(!authorize(&other_op, Access::Subscribe, "#", &rules).is_allowed());
+        // A broader filter overlapping a denied one is granted; the denied topics are withheld.
+        assert_eq!(
+            subscription(&other_op, "#", &rules),
+            SubscribeDecision::AllowChecked
+        );
+        assert!(!may_read(&other_op, "alerts/fire", &rules));
+        assert!(may_read(&other_op, "devices/s1/telemetry", &rules));
+        assert_eq!(subscription(&op, "#", &rules), SubscribeDecision::AllowChecked);
+        assert!(may_read(&op, "alerts/fire", &rules), "key rule first");
         assert!(!authorize(&op, Access::Publish, "devices/s1/commands/reboot", &rules).is_allowed());
         assert!(authorize(&op, Access::Publish, "devices/s1/events", &rules).is_allowed());
         assert!(authorize(&app(Role::Viewer), Access::Publish, "public/news", &rules).is_allowed());
@@ -366,21 +469,162 @@ mod tests {
     }
 
     #[test]
-    fn covering_and_overlapping_filters() {
-        assert!(filter_covers("#", "a/b"));
-        assert!(filter_covers("a/#", "a"));
-        assert!(filter_covers("a/#", "a/+/c"));
-        assert!(filter_covers("a/+", "a/b"));
-        assert!(filter_covers("a/+", "a/+"));
-        assert!(!filter_covers("a/b", "a/+"));
-        assert!(!filter_covers("a/+", "a/#"));
-        assert!(!filter_covers("a/+", "a/b/c"));
-        assert!(!filter_covers("a/b", "a"));
+    fn containment_of_filters() {
+        // `#` contains everything but `$` topics.
+        for inner in ["a", "a/b", "+", "+/b", "#", "a/#", "/"] {
+            assert!(filter_contains("#", inner), "{inner}");
+        }
+        assert!(!filter_contains("#", "$SYS/#"));
+        assert!(!filter_contains("#", "$SYS"));
+        assert!(!filter_contains("+/broker", "$SYS/broker"));
+        assert!(filter_contains("$SYS/#", "$SYS/broker/+"));
+        assert!(filter_contains("$SYS/+", "$SYS/broker"));
+        assert!(!filter_contains("$SYS/#", "#"));
+        // `+` is one level; `a/+` contains `a/b` and itself, not the reverse.
+        assert!(filter_contains("a/+", "a/b"));
+        assert!(filter_contains("a/+", "a/+"));
+        assert!(!filter_contains("a/b", "a/+"));
+        assert!(!filter_contains("a/+", "a/b/c"));
+        assert!(!filter_contains("a/+", "a"));
+        assert!(!filter_contains("a/+", "a/#"));
+        // `a/#` contains `a` and everything below it.
+        assert!(filter_contains("a/#", "a"));
+        assert!(filter_contains("a/#", "a/+/c"));
+        assert!(filter_contains("a/#", "a/#"));
+        assert!(!filter_contains("a/b/#", "a/#"));
+        assert!(!filter_contains("a/b", "a"));
+        assert!(!filter_contains("a", "a/b"));
+        assert!(filter_contains("test/nosubscribe", "test/nosubscribe"));
+        assert!(!filter_contains("test/nosubscribe", "+/+"));
+    }
+
+    #[test]
+    fn overlap_of_filters() {
         assert!(filters_overlap("#", "x"));
         assert!(filters_overlap("a/+", "+/b"));
         assert!(filters_overlap("a/#", "a"));
         assert!(!filters_overlap("a/b", "a/c"));
         assert!(!filters_overlap("a/+", "a/b/c"));
         assert!(filters_overlap("a/+/c", "a/b/#"));
+        assert!(filters_overlap("test/nosubscribe", "+/+"));
+        assert!(filters_overlap("$SYS/#", "$SYS/+"));
+        assert!(!filters_overlap("#", "$SYS/#"));
+        assert!(!filters_overlap("$SYS/a", "+/a"));
+    }
+
+    #[test]
+    fn a_narrow_deny_rule_withholds_topics_without_refusing_wildcards() {
+        let rules = vec![rule(
+            AclSubject::Anonymous,
+            AclAction::Subscribe,
+            "test/nosubscribe",
+            AclEffect::Deny,
+            1,
+        )];
+        let anon = Identity::Anonymous;
+        for filter in ["#", "+/+", "test/#", "test/+", "+/nosubscribe"] {
+            assert_eq!(
+                subscription(&anon, filter, &rules),
+                SubscribeDecision::AllowChecked,
+                "{filter}"
+            );
+        }
+        assert!(matches!(
+            subscription(&anon, "test/nosubscribe", &rules),
+            SubscribeDecision::Deny(_)
+        ));
+        for filter in ["test/other", "other/#", "+", "$SYS/#"] {
+            assert_eq!(
+                subscription(&anon, filter, &rules),
+                SubscribeDecision::Allow,
+                "{filter}"
+            );
+        }
+        assert!(!may_read(&anon, "test/nosubscribe", &rules));
+        assert!(may_read(&anon, "test/other", &rules));
+        assert!(may_read(&anon, "test/nosubscribe/deeper", &rules));
+        // Publishing is another action.
+        assert!(authorize(&anon, Access::Publish, "test/nosubscribe", &rules).is_allowed());
+    }
+
+    #[test]
+    fn earlier_rules_carve_out_parts_of_a_later_one() {
+        let viewer = app(Role::Viewer);
+        // Allow a/b, deny a/#: a/+ is granted for a/b only.
+        let rules = vec![
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::Subscribe,
+                "a/b",
+                AclEffect::Allow,
+                1,
+            ),
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::All,
+                "a/#",
+                AclEffect::Deny,
+                2,
+            ),
+        ];
+        assert_eq!(
+            subscription(&viewer, "a/+", &rules),
+            SubscribeDecision::AllowChecked
+        );
+        assert!(may_read(&viewer, "a/b", &rules));
+        assert!(!may_read(&viewer, "a/c", &rules));
+        assert!(matches!(
+            subscription(&viewer, "a/c/#", &rules),
+            SubscribeDecision::Deny(_)
+        ));
+        assert_eq!(subscription(&viewer, "a/b", &rules), SubscribeDecision::Allow);
+        // Deny a/secret, allow a/#: a/# is granted without a/secret.
+        let rules = vec![
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::Subscribe,
+                "a/secret",
+                AclEffect::Deny,
+                1,
+            ),
+            rule(
+                AclSubject::Role(Role::Viewer),
+                AclAction::Subscribe,
+                "a/#",
+                AclEffect::Allow,
+                2,
+            ),
+        ];
+        assert_eq!(
+            subscription(&viewer, "a/#", &rules),
+            SubscribeDecision::AllowChecked
+        );
+        assert!(!may_read(&viewer, "a/secret", &rules));
+        // Rules of other subjects and publish rules do not count.
+        assert_eq!(
+            subscription(&app(Role::Operator), "a/#", &rules),
+            SubscribeDecision::Allow
+        );
+        let publish_only = vec![rule(
+            AclSubject::Role(Role::Viewer),
+            AclAction::Publish,
+            "#",
+            AclEffect::Deny,
+            1,
+        )];
+        assert_eq!(
+            subscription(&viewer, "#", &publish_only),
+            SubscribeDecision::Allow
+        );
+        assert!(may_read(&viewer, "x", &publish_only));
+        // Devices follow their own rule.
+        assert_eq!(
+            subscription(&device("s1"), "devices/s1/#", &rules),
+            SubscribeDecision::Allow
+        );
+        assert!(matches!(
+            subscription(&device("s1"), "#", &[]),
+            SubscribeDecision::Deny(_)
+        ));
     }
 }

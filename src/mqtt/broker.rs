@@ -16,7 +16,7 @@ use drover_actors::{DeviceId, TenantId};
 use ntex_mqtt::QoS;
 use parking_lot::{Mutex, RwLock};
 
-use super::acl::{self, Access, Identity, Namespace};
+use super::acl::{self, Identity, Namespace};
 use super::message::{Delivery, Publication};
 use super::metrics::BrokerMetrics;
 use super::retained::RetainedStore;
@@ -85,6 +85,8 @@ pub struct Broker {
     by_key: Mutex<HashMap<SessionKey, Arc<Session>>>,
     retained: RwLock<HashMap<Namespace, RetainedStore>>,
     acl: RwLock<HashMap<Namespace, Arc<Vec<AclRule>>>>,
+    /// Changes whenever access rules are installed, so cached read decisions start over.
+    acl_generation: AtomicU64,
     next_id: AtomicU64,
     connections: AtomicUsize,
 }
@@ -99,6 +101,7 @@ impl Broker {
             by_key: Mutex::new(HashMap::new()),
             retained: RwLock::new(HashMap::new()),
             acl: RwLock::new(HashMap::new()),
+            acl_generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
         }
@@ -300,7 +303,7 @@ impl Broker {
         // MQTT 5 §4.8.2: retained messages are not sent for shared subscriptions.
         let send_retained = sub.share.is_none()
             && (options.retain_handling == 0 || (options.retain_handling == 1 && !existed));
-        let retained = if send_retained {
+        let mut retained = if send_retained {
             self.retained
                 .read()
                 .get(&namespace)
@@ -309,6 +312,10 @@ impl Broker {
         } else {
             Vec::new()
         };
+        if options.read_checked && !retained.is_empty() {
+            let rules = self.acl_rules(&namespace).unwrap_or_default();
+            retained.retain(|p| self.may_read(session, &p.topic, &rules));
+        }
         Ok(SubscribeOutcome { existed, retained })
     }
 
@@ -368,6 +375,13 @@ impl Broker {
                 }
             }
         }
+        // Subscriptions overlapping a deny rule do not get the denied topics.
+        if targets.iter().any(|(_, options)| options.read_checked) {
+            let rules = self.acl_rules(namespace).unwrap_or_default();
+            targets.retain(|(session, options)| {
+                !options.read_checked || self.may_read(session, &publication.topic, &rules)
+            });
+        }
         // One delivery per session, with the highest QoS of its matching subscriptions.
         targets.sort_by_key(|(s, _)| s.id);
         let mut handed = 0;
@@ -401,6 +415,18 @@ impl Broker {
             }
         }
         handed
+    }
+
+    /// Whether `session` may read `topic`, decided once per topic and rules generation.
+    fn may_read(&self, session: &Session, topic: &str, rules: &[AclRule]) -> bool {
+        let generation = self.acl_generation.load(Ordering::Acquire);
+        let allowed = session.read_decisions.lock().may_read(generation, topic, || {
+            acl::may_read(&session.identity, topic, rules)
+        });
+        if !allowed {
+            self.metrics.dropped.with_label_values(&["not_authorized"]).inc();
+        }
+        allowed
     }
 
     /// Hands a message to one session (retained messages at subscribe time).
@@ -476,11 +502,13 @@ impl Broker {
         self.acl.read().get(namespace).cloned()
     }
 
-    /// Installs a namespace's access rules and drops the live subscriptions they now refuse.
-    /// Returns how many subscriptions were dropped.
+    /// Installs a namespace's access rules: drops the live subscriptions they now refuse
+    /// wholly and marks those they refuse in part for checks at delivery. Returns how many
+    /// subscriptions were dropped.
     pub fn set_acl_rules(&self, namespace: Namespace, rules: Vec<AclRule>) -> usize {
         let rules = Arc::new(rules);
         self.acl.write().insert(namespace.clone(), rules.clone());
+        self.acl_generation.fetch_add(1, Ordering::AcqRel);
         let sessions: Vec<Arc<Session>> = self
             .sessions
             .read()
@@ -490,24 +518,51 @@ impl Broker {
             .collect();
         let mut dropped = 0;
         for session in sessions {
-            let refused: Vec<Subscription> = session
+            let subscriptions: Vec<(Subscription, SubOptions)> = session
                 .state
                 .lock()
                 .subscriptions
-                .keys()
-                .filter(|sub| {
-                    !acl::authorize(&session.identity, Access::Subscribe, &sub.filter, &rules).is_allowed()
-                })
-                .cloned()
+                .iter()
+                .map(|(sub, options)| (sub.clone(), *options))
                 .collect();
-            for sub in refused {
-                if self.unsubscribe(&session, &sub) {
-                    tracing::info!(client = %session.key.client_id, subscription = %sub, "subscription dropped: no longer allowed by the access rules");
-                    dropped += 1;
+            for (sub, options) in subscriptions {
+                let read_checked = match acl::subscription(&session.identity, &sub.filter, &rules) {
+                    acl::SubscribeDecision::Deny(_) => {
+                        if self.unsubscribe(&session, &sub) {
+                            tracing::info!(client = %session.key.client_id, subscription = %sub, "subscription dropped: no longer allowed by the access rules");
+                            dropped += 1;
+                        }
+                        continue;
+                    }
+                    acl::SubscribeDecision::Allow => false,
+                    acl::SubscribeDecision::AllowChecked => true,
+                };
+                if read_checked != options.read_checked {
+                    self.replace_options(
+                        &session,
+                        &sub,
+                        SubOptions {
+                            read_checked,
+                            ..options
+                        },
+                    );
                 }
             }
         }
         dropped
+    }
+
+    /// Changes the options of an existing subscription in place.
+    fn replace_options(&self, session: &Arc<Session>, sub: &Subscription, options: SubOptions) {
+        let mut state = session.state.lock();
+        let Some(current) = state.subscriptions.get_mut(sub) else {
+            return;
+        };
+        *current = options;
+        let namespace = session.identity.namespace();
+        if let Some(tree) = self.trees.write().get_mut(&namespace) {
+            tree.insert(&sub.filter, sub.share.as_deref(), session.id, options);
+        }
     }
 
     pub fn retained_count(&self) -> usize {
@@ -564,6 +619,7 @@ mod tests {
             retain_as_published: false,
             retain_handling: 0,
             subscription_id: None,
+            read_checked: false,
         }
     }
 
@@ -744,6 +800,56 @@ mod tests {
         assert_eq!(b.publish(&tenant(), own), 0);
         assert_eq!(b.publish(&tenant(), publication("t", QoS::AtMostOnce)), 1);
         assert_eq!(received(&mut rx).len(), 1);
+    }
+
+    #[test]
+    fn rules_installed_later_withhold_denied_topics_from_live_wildcard_subscriptions() {
+        use crate::storage::records::{AclAction, AclEffect, AclSubject};
+        let b = broker();
+        let (key, id) = app("c1");
+        let (tx, mut rx) = Outbox::new();
+        let s = b.attach(key, id, true, Duration::ZERO, tx).session;
+        b.subscribe(&s, &Subscription::parse("#").unwrap(), opts(QoS::AtMostOnce))
+            .unwrap();
+        b.subscribe(
+            &s,
+            &Subscription::parse("alerts/fire").unwrap(),
+            opts(QoS::AtMostOnce),
+        )
+        .unwrap();
+        let deny = |topic: &str| AclRule {
+            id: format!("deny-{topic}"),
+            tenant: None,
+            subject: AclSubject::Role(drover_actors::Role::Operator),
+            action: AclAction::Subscribe,
+            topic: topic.into(),
+            effect: AclEffect::Deny,
+            priority: 1,
+            created_at: chrono::Utc::now(),
+        };
+        // `alerts/fire` lies wholly inside the rule and is dropped; `#` stays, checked.
+        assert_eq!(b.set_acl_rules(tenant(), vec![deny("alerts/#")]), 1);
+        assert_eq!(
+            b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)),
+            0
+        );
+        assert_eq!(
+            b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)),
+            0
+        );
+        assert_eq!(b.publish(&tenant(), publication("status/ok", QoS::AtMostOnce)), 1);
+        assert_eq!(received(&mut rx).len(), 1);
+        // New rules, new decisions: the cached ones do not outlive them.
+        assert_eq!(b.set_acl_rules(tenant(), vec![deny("status/ok")]), 0);
+        assert_eq!(
+            b.publish(&tenant(), publication("alerts/fire", QoS::AtMostOnce)),
+            1
+        );
+        assert_eq!(b.publish(&tenant(), publication("status/ok", QoS::AtMostOnce)), 0);
+        // Without rules the subscription is no longer checked.
+        b.set_acl_rules(tenant(), vec![]);
+        assert!(!s.state.lock().subscriptions.values().any(|o| o.read_checked));
+        assert_eq!(b.publish(&tenant(), publication("status/ok", QoS::AtMostOnce)), 1);
     }
 
     #[test]

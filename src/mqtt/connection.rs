@@ -32,6 +32,7 @@ use super::auth::{Authenticator, Credentials, Refusal};
 use super::broker::{Broker, SubscribeError};
 use super::message::{Delivery, MessageProperties, Outbound, Publication};
 use super::metrics::BrokerMetrics;
+use super::qos2::Qos2Link;
 use super::session::{ClientClass, Inbox, Outbox, Session, SessionKey, SubOptions};
 use super::topic::{self, DeviceTopic, Subscription, TopicError};
 use crate::audit::AuditSink;
@@ -117,6 +118,8 @@ pub struct ConnectRequest<'a> {
     pub session_expiry_secs: Option<u32>,
     pub keep_alive: u16,
     pub will: Option<Will>,
+    /// The connection's QoS 2 layer (see [`super::qos2`]), absent in tests without one.
+    pub qos2: Option<Qos2Link>,
 }
 
 /// Why a CONNECT is refused.
@@ -226,6 +229,7 @@ pub struct Connection {
     pub client_id: Arc<str>,
     device: Option<Addr<DeviceActor>>,
     will: RefCell<Option<Will>>,
+    qos2: Option<Qos2Link>,
     graceful: Cell<bool>,
     closed: Cell<bool>,
     rate: RefCell<Option<RateLimit>>,
@@ -343,6 +347,7 @@ pub async fn connect(
         client_id: client_id.as_str().into(),
         device,
         will: RefCell::new(request.will),
+        qos2: request.qos2,
         graceful: Cell::new(false),
         closed: Cell::new(false),
         rate: RefCell::new(RateLimit::new(config.max_publish_rate)),
@@ -353,6 +358,9 @@ pub async fn connect(
         ctx: ctx.clone(),
         _slot: slot,
     });
+    if let Some(link) = &connection.qos2 {
+        link.attach(connection.session.clone());
+    }
     if session_present {
         connection.resume_shadow_delta();
     }
@@ -580,6 +588,17 @@ impl Connection {
             .map_err(|mailbox| PublishRefusal::Unavailable(format!("device actor: {mailbox}")))
     }
 
+    /// The QoS of an inbound PUBLISH: the QoS 2 layer hands QoS 2 messages to ntex-mqtt as
+    /// QoS 1 and completes their exchange itself.
+    pub fn inbound_qos(&self, decoded: QoS, packet_id: Option<NonZeroU16>) -> QoS {
+        match (&self.qos2, packet_id) {
+            (Some(link), Some(id)) if decoded == QoS::AtLeastOnce && link.exactly_once(id.get()) => {
+                QoS::ExactlyOnce
+            }
+            _ => decoded,
+        }
+    }
+
     /// PUBREL: the QoS 2 exchange of `packet_id` is complete.
     pub fn released(&self, packet_id: u16) {
         self.session.state.lock().qos2_pending.remove(&packet_id);
@@ -623,11 +642,19 @@ impl Connection {
         if sub.share.is_some() && options.no_local {
             return SubscribeResult::TopicFilterInvalid;
         }
-        if let acl::Decision::Deny(why) = self.authorize(Access::Subscribe, &sub.filter) {
-            self.ctx
-                .audit_denial(Some(&self.identity), "mqtt.subscribe", raw, &why);
-            return SubscribeResult::NotAuthorized;
-        }
+        let rules = self.ctx.broker.acl_rules(&self.namespace).unwrap_or_default();
+        let options = match acl::subscription(&self.identity, &sub.filter, &rules) {
+            acl::SubscribeDecision::Deny(why) => {
+                self.ctx
+                    .audit_denial(Some(&self.identity), "mqtt.subscribe", raw, &why);
+                return SubscribeResult::NotAuthorized;
+            }
+            acl::SubscribeDecision::Allow => options,
+            acl::SubscribeDecision::AllowChecked => SubOptions {
+                read_checked: true,
+                ..options
+            },
+        };
         match self.ctx.broker.subscribe(&self.session, &sub, options) {
             Ok(outcome) => {
                 retained.extend(outcome.retained.into_iter().map(|p| (p, options.qos)));
@@ -1090,6 +1117,7 @@ pub fn sub_options(options: &v5::codec::SubscriptionOptions, id: Option<NonZeroU
         retain_as_published: options.retain_as_published,
         retain_handling: options.retain_handling as u8,
         subscription_id: id,
+        read_checked: false,
     }
 }
 
@@ -1101,5 +1129,6 @@ pub fn v3_sub_options(qos: QoS) -> SubOptions {
         retain_as_published: false,
         retain_handling: 0,
         subscription_id: None,
+        read_checked: false,
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ntex::io::{Filter, Io, IoConfig};
+use ntex::io::{Filter, Io, IoConfig, Layer};
 use ntex::server::rustls::TlsAcceptor;
 use ntex::service::cfg::SharedCfg;
 use ntex::service::{ServiceFactory, chain_factory, fn_factory_with_config, fn_service};
@@ -25,6 +25,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::broker::reason;
 use super::connection::{BrokerError, Connection, MqttContext};
+use super::qos2::Qos2Layer;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +232,17 @@ fn mqtt_service<F: Filter>(
         )
 }
 
+/// Puts the layer that answers inbound QoS 2 retransmissions under the MQTT codec.
+fn with_qos2_layer<F: Filter>() -> impl ServiceFactory<
+    Io<F>,
+    SharedCfg,
+    Response = Io<Layer<Qos2Layer, F>>,
+    Error = MqttError<BrokerError>,
+    InitError = (),
+> {
+    fn_service(async |io: Io<F>| Ok(io.add_filter(Qos2Layer::default())))
+}
+
 /// The running MQTT server.
 pub struct MqttListener {
     pub addr: SocketAddr,
@@ -274,10 +286,12 @@ pub fn serve(
                     .disable_signals()
                     .shutdown_timeout(Seconds(5))
                     .listen("mqtt", plain, async move |_| {
-                        chain_factory(mqtt_service(plain_ctx.clone())).map_err(|e: MqttError<BrokerError>| {
-                            tracing::debug!(error = %e, "MQTT connection ended with an error");
-                            e
-                        })
+                        chain_factory(with_qos2_layer())
+                            .and_then(mqtt_service(plain_ctx.clone()))
+                            .map_err(|e: MqttError<BrokerError>| {
+                                tracing::debug!(error = %e, "MQTT connection ended with an error");
+                                e
+                            })
                     })?
                     .config("mqtt", cfg.clone());
                 if let Some((listener, tls_config)) = tls {
@@ -286,6 +300,7 @@ pub fn serve(
                         .listen("mqtts", listener, async move |_| {
                             chain_factory(TlsAcceptor::new(tls_config.clone()))
                                 .map_err(|e| MqttError::Service(BrokerError::Internal(format!("TLS: {e}"))))
+                                .and_then(with_qos2_layer())
                                 .and_then(mqtt_service(tls_ctx.clone()))
                         })?
                         .config("mqtts", cfg);

@@ -49,7 +49,7 @@ impl BrokerMetrics {
             ),
             dropped: counter_vec(
                 "drover_mqtt_messages_dropped_total",
-                "Messages not delivered: queue_full (slow subscriber), offline_qos0, expired, too_large (for the client), rate_limited",
+                "Messages not delivered: queue_full (slow subscriber), offline_qos0, expired, too_large (for the client), rate_limited, not_authorized (withheld by an access rule)",
                 &["reason"],
             ),
             refused: counter_vec(

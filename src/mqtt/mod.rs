@@ -7,6 +7,7 @@ pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod outbound;
+pub mod qos2;
 pub mod retained;
 pub mod session;
 pub mod subscriptions;

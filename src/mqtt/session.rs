@@ -40,6 +40,38 @@ pub struct SubOptions {
     /// 0: send retained messages at subscribe; 1: only for a new subscription; 2: never.
     pub retain_handling: u8,
     pub subscription_id: Option<NonZeroU32>,
+    /// An access rule denies some of the topics the filter matches: each topic is checked at
+    /// delivery (see [`ReadDecisions`]).
+    pub read_checked: bool,
+}
+
+/// Whether this session may read a topic, as the access rules of one generation decided it:
+/// a subscription that overlaps a deny rule checks each topic once, not each message.
+#[derive(Default)]
+pub struct ReadDecisions {
+    generation: u64,
+    allowed: HashMap<Box<str>, bool>,
+}
+
+impl ReadDecisions {
+    /// Topics remembered per session; past that the cache starts over (topic names come from
+    /// clients and are unbounded).
+    const MAX_TOPICS: usize = 4096;
+
+    /// The decision for `topic` under the rules of `generation`, computed by `decide` the
+    /// first time.
+    pub fn may_read(&mut self, generation: u64, topic: &str, decide: impl FnOnce() -> bool) -> bool {
+        if self.generation != generation || self.allowed.len() >= Self::MAX_TOPICS {
+            self.allowed.clear();
+            self.generation = generation;
+        }
+        if let Some(allowed) = self.allowed.get(topic) {
+            return *allowed;
+        }
+        let allowed = decide();
+        self.allowed.insert(topic.into(), allowed);
+        allowed
+    }
 }
 
 /// What a delivery costs in a queue: its payload and topic plus bookkeeping.
@@ -176,6 +208,8 @@ pub struct Session {
     pub identity: Identity,
     connected: AtomicBool,
     pub state: Mutex<SessionState>,
+    /// Taken alone, never while another lock is acquired.
+    pub read_decisions: Mutex<ReadDecisions>,
 }
 
 impl Session {
@@ -194,6 +228,7 @@ impl Session {
                 generation: 0,
                 qos2_pending: HashSet::new(),
             }),
+            read_decisions: Mutex::new(ReadDecisions::default()),
         }
     }
 
@@ -234,5 +269,32 @@ impl Session {
         }
         state.queue.push_back(delivery);
         Handoff::Queued
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadDecisions;
+
+    #[test]
+    fn read_decisions_are_taken_once_per_topic_and_rules_generation() {
+        let mut cache = ReadDecisions::default();
+        let mut asked = 0;
+        for _ in 0..3 {
+            assert!(!cache.may_read(1, "test/secret", || {
+                asked += 1;
+                false
+            }));
+        }
+        assert_eq!(asked, 1);
+        assert!(
+            cache.may_read(2, "test/secret", || true),
+            "new rules, new decision"
+        );
+        assert!(cache.may_read(2, "test/secret", || unreachable!()));
+        for i in 0..ReadDecisions::MAX_TOPICS * 2 {
+            cache.may_read(2, &format!("t/{i}"), || true);
+        }
+        assert!(cache.allowed.len() <= ReadDecisions::MAX_TOPICS);
     }
 }

@@ -14,6 +14,7 @@ use super::connection::{
     MqttContext, Protocol, PublishRefusal, Sink, SubscribeResult, Will,
 };
 use super::message::{MessageProperties, Publication};
+use super::qos2::Qos2Link;
 use crate::logging::clip;
 
 type Session = v3::Session<Rc<Connection>>;
@@ -57,6 +58,7 @@ pub async fn handshake(
         session_expiry_secs: None,
         keep_alive,
         will,
+        qos2: hs.io().query::<Qos2Link>().as_ref().cloned(),
     };
     match connection::connect(&ctx, slot, request).await {
         Ok(accepted) => {
@@ -123,7 +125,7 @@ pub fn refused(ctx: &MqttContext, client_id: &str, source_ip: Option<String>, re
 pub async fn publish(session: Session, p: v3::Publish) -> Result<(), BrokerError> {
     let inbound = InboundPublish {
         topic: &p.packet().topic,
-        qos: p.qos(),
+        qos: session.inbound_qos(p.qos(), p.id()),
         retain: p.retain(),
         packet_id: p.id(),
         payload_size: p.payload_size(),

@@ -18,6 +18,7 @@ use super::connection::{
     MqttContext, Protocol, PublishRefusal, Sink, SubscribeResult, Will,
 };
 use super::message::{MessageProperties, Publication};
+use super::qos2::Qos2Link;
 
 type Session = v5::Session<Rc<Connection>>;
 
@@ -108,6 +109,7 @@ pub async fn handshake(
         session_expiry_secs: Some(pkt.session_expiry_interval_secs),
         keep_alive: client_keep_alive,
         will,
+        qos2: hs.io().query::<Qos2Link>().as_ref().cloned(),
     };
     let requested_expiry = pkt.session_expiry_interval_secs;
     match connection::connect(&ctx, slot, request).await {
@@ -167,7 +169,7 @@ pub async fn publish(session: Session, p: v5::Publish) -> Result<v5::PublishAck,
     let props = &p.packet().properties;
     let inbound = InboundPublish {
         topic: &p.packet().topic,
-        qos: p.qos(),
+        qos: session.inbound_qos(p.qos(), p.id()),
         retain: p.retain(),
         packet_id: p.id(),
         payload_size: p.payload_size(),

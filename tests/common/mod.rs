@@ -370,6 +370,33 @@ pub fn paho_available() -> bool {
     found
 }
 
+/// Runs a scenario of tests/support/paho_probe.py against the MQTT broker at `mqtt` and
+/// returns the JSON it printed. `arguments` without a password get `password`.
+pub fn paho_probe(mqtt: SocketAddr, password: &str, scenario: &str, mut arguments: Value) -> Value {
+    arguments["host"] = json!(mqtt.ip().to_string());
+    arguments["port"] = json!(mqtt.port());
+    if arguments.get("password").is_none() {
+        arguments["password"] = json!(password);
+    }
+    let output = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/paho_probe.py"
+        ))
+        .arg(scenario)
+        .arg(arguments.to_string())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{scenario}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{scenario}: {e}: {stdout}"))
+}
+
 /// Polls `condition` until it holds or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
 where

@@ -54,15 +54,37 @@ pub fn remaining_length(mut len: usize) -> Vec<u8> {
 }
 
 /// A UTF-8 string as MQTT encodes it: a two-byte length, then the bytes.
-fn string(s: &str) -> Vec<u8> {
+pub fn string(s: &str) -> Vec<u8> {
     let mut v = (s.len() as u16).to_be_bytes().to_vec();
     v.extend_from_slice(s.as_bytes());
     v
 }
 
-fn packet(first_byte: u8, body: Vec<u8>) -> Vec<u8> {
+/// A packet: first byte, remaining length, body.
+pub fn packet(first_byte: u8, body: Vec<u8>) -> Vec<u8> {
     let mut packet = vec![first_byte];
     packet.extend(remaining_length(body.len()));
     packet.extend(body);
     packet
+}
+
+/// Reads one packet: (first byte, body). `None` when the peer closed the connection or nothing
+/// came within the stream's read timeout.
+pub fn read_packet(stream: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).ok()?;
+        len |= usize::from(byte[0] & 0x7f) << shift;
+        shift += 7;
+        if byte[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).ok()?;
+    Some((first[0], body))
 }

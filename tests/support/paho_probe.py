@@ -18,7 +18,8 @@ def client(args, client_id, clean_start=True, session_expiry=None, keepalive=60,
     if on_message:
         # Set before connecting: a resumed session's queue arrives right after CONNACK.
         c.on_message = on_message
-    c.username_pw_set(args.get("username", "app"), args["password"])
+    if not args.get("anonymous"):
+        c.username_pw_set(args.get("username", "app"), args["password"])
     if will:
         c.will_set(will["topic"], will["payload"], qos=will.get("qos", 1), properties=will.get("properties"))
     connack = {}
@@ -45,7 +46,7 @@ def client(args, client_id, clean_start=True, session_expiry=None, keepalive=60,
     return c, connack
 
 
-def collector(c, topic, qos=1, subscription_id=None):
+def collector(c, topic, qos=1, subscription_id=None, no_local=False, wait=True):
     got = []
     subscribed = threading.Event()
 
@@ -63,8 +64,8 @@ def collector(c, topic, qos=1, subscription_id=None):
     if subscription_id:
         sub_props = Properties(PacketTypes.SUBSCRIBE)
         sub_props.SubscriptionIdentifier = subscription_id
-    c.subscribe(topic, qos=qos, properties=sub_props)
-    if not subscribed.wait(10):
+    c.subscribe(topic, options=mqtt.SubscribeOptions(qos=qos, noLocal=no_local), properties=sub_props)
+    if wait and not subscribed.wait(10):
         raise SystemExit("no SUBACK")
     return got
 
@@ -199,7 +200,61 @@ def takeover(args):
     return {"first_disconnects": info.get("disconnects", [])}
 
 
-SCENARIOS = {f.__name__: f for f in [shared, connack, properties, expiry, will_delay, reason_codes, oversize, rate, takeover]}
+def subscribe_then_publish(args):
+    """Rounds of: A subscribes; B subscribes and, without waiting for B's SUBACK, A publishes.
+    Reports, per round, what B received."""
+    no_local = args.get("no_local", True)
+    a, _ = client(args, "order-a")
+    b, _ = client(args, "order-b")
+    rounds = []
+    for i in range(args.get("rounds", 1)):
+        topic = f"order/{i}"
+        got_a = collector(a, topic, no_local=no_local)
+        time.sleep(args.get("pause", 0.2))
+        got_b = collector(b, topic, no_local=no_local, wait=False)
+        # paho writes from its network thread: wait until B's SUBSCRIBE is on the wire (on
+        # loopback, in the broker's receive buffer) so that A's PUBLISH is read after it.
+        wait_for(lambda: not b._out_packet, 2)
+        a.publish(topic, f"m{i}", qos=1).wait_for_publish(5)
+        wait_for(lambda: len(got_b) >= 1 and (no_local or len(got_a) >= 1), 2)
+        rounds.append({"a": [m["payload"] for m in got_a], "b": [m["payload"] for m in got_b]})
+    return {"rounds": rounds}
+
+
+def withheld(args):
+    """Subscribes one client per filter, publishes each topic (retained first, then live), and
+    reports the SUBACK reason code and the messages each subscriber got."""
+    pub, _ = client(args, "withheld-pub")
+    for topic in args["topics"]:
+        pub.publish(topic, "retained " + topic, qos=1, retain=True).wait_for_publish(5)
+    subscribers = []
+    for i, topic_filter in enumerate(args["filters"]):
+        c, _ = client(args, f"withheld-sub-{i}")
+        got, codes = [], []
+        subscribed = threading.Event()
+        c.on_message = lambda cl, u, msg, got=got: got.append(
+            {"topic": msg.topic, "retain": bool(msg.retain), "payload": msg.payload.decode()})
+
+        def on_subscribe(cl, userdata, mid, reason_codes, properties, codes=codes, done=subscribed):
+            codes.extend(rc.value for rc in reason_codes)
+            done.set()
+
+        c.on_subscribe = on_subscribe
+        c.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(10):
+            raise SystemExit("no SUBACK")
+        subscribers.append({"filter": topic_filter, "got": got, "codes": codes})
+    for topic in args["topics"] + [args["last"]]:
+        pub.publish(topic, "live " + topic, qos=1).wait_for_publish(5)
+    # Each subscriber that could see the last topic has seen everything before it.
+    for s in subscribers:
+        if s["codes"] and s["codes"][0] < 0x80 and s["filter"] in args.get("see_last", []):
+            wait_for(lambda s=s: any(m["topic"] == args["last"] for m in s["got"]), 5)
+    time.sleep(0.2)
+    return {"subscribers": [{"filter": s["filter"], "code": s["codes"][0], "got": s["got"]} for s in subscribers]}
+
+
+SCENARIOS = {f.__name__: f for f in [shared, connack, properties, expiry, will_delay, reason_codes, oversize, rate, takeover, subscribe_then_publish, withheld]}
 
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
