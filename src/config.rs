@@ -1323,6 +1323,29 @@ const HOST_SHORTHANDS: &[(&str, &str)] = &[
     ("POSTGRES_HOST", "DATABASE_URL"),
 ];
 
+/// Environment variables that look like a misspelling of one Drover reads, each with the one it
+/// most resembles: an override that is silently ignored (`MQTT_MAX_KEEPALIVE` for
+/// `MQTT_MAX_KEEP_ALIVE`) is worse than a warning. Only near misses count (at most two edits),
+/// so other programs' variables stay quiet.
+pub fn misspelled_env_vars(names: impl IntoIterator<Item = String>) -> Vec<(String, &'static str)> {
+    let known = || {
+        ENV_KEYS
+            .iter()
+            .map(|key| key.env)
+            .chain(HOST_SHORTHANDS.iter().map(|(host, _)| *host))
+    };
+    names
+        .into_iter()
+        .filter(|name| name.len() >= 6 && !known().any(|k| k == name))
+        .filter_map(|name| {
+            let closest = known()
+                .map(|k| (strsim::damerau_levenshtein(&name, k), k))
+                .min()?;
+            (closest.0 <= 2).then_some((name, closest.1))
+        })
+        .collect()
+}
+
 impl Config {
     /// Loads defaults, then `path` (or `./drover.toml` if present), then the environment, and validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -2070,6 +2093,26 @@ mod tests {
                 key.key
             );
         }
+    }
+
+    #[test]
+    fn near_misses_of_known_variables_are_reported() {
+        let names = [
+            "MQTT_MAX_KEEPALIVE",
+            "MQTT_MAX_KEEP_ALIVE",
+            "PATH",
+            "HOSTNAME",
+            "REDIS_URLS",
+            "CARGO_HOME",
+        ];
+        let found = misspelled_env_vars(names.iter().map(|n| n.to_string()));
+        assert_eq!(
+            found,
+            vec![
+                ("MQTT_MAX_KEEPALIVE".to_string(), "MQTT_MAX_KEEP_ALIVE"),
+                ("REDIS_URLS".to_string(), "REDIS_URL"),
+            ]
+        );
     }
 
     #[test]

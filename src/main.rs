@@ -134,6 +134,9 @@ fn main() -> ExitCode {
         }
     };
     logging::init(&config.log);
+    for (name, known) in drover::config::misspelled_env_vars(std::env::vars().map(|(name, _)| name)) {
+        tracing::warn!(variable = %name, did_you_mean = known, "environment variable ignored: not a Drover setting");
+    }
     let system = actix_rt::System::new();
     report(system.block_on(async move {
         match command {
