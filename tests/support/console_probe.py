@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Drives the web console in headless Chromium (Debian's chromium and chromium-driver) with
+Selenium, against a server the Rust test started and filled (tests/console.rs).
+
+Usage: console_probe.py '<json settings>'; the settings name the server, the users, the device
+and its token, the MQTT port and where screenshots go. Every wait has a deadline; nothing sleeps
+for a fixed time. On success the last line printed is a JSON object the Rust test checks further
+over the API ({"alarm": "<id acknowledged in the console>"}); on failure it exits non-zero after
+saving a screenshot of the page it was on.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+S = json.loads(sys.argv[1])
+BASE = S["base"]
+SHOTS = S["screenshots"]
+os.makedirs(SHOTS, exist_ok=True)
+
+
+def log(message):
+    print(f"[console_probe] {message}", flush=True)
+
+
+def browser():
+    options = Options()
+    options.binary_location = S.get("chromium", "/usr/bin/chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,800", "--force-prefers-reduced-motion"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=S.get("chromedriver", "/usr/bin/chromedriver"))
+    return webdriver.Chrome(service=service, options=options)
+
+
+def wait(driver, what, condition, timeout=10):
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(d))
+    except TimeoutException:
+        raise AssertionError(f"timed out after {timeout} s waiting for: {what}") from None
+
+
+def shot(driver, name):
+    path = os.path.join(SHOTS, f"{name}.png")
+    driver.save_screenshot(path)
+    log(f"screenshot {path}")
+
+
+def exists(driver, css):
+    return len(driver.find_elements(By.CSS_SELECTOR, css)) > 0
+
+
+def texts(driver, css):
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def sign_in(driver, username, password):
+    wait(driver, "the sign-in form", lambda d: exists(d, "#username"))
+    user = driver.find_element(By.ID, "username")
+    user.clear()
+    user.send_keys(username)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "signin").click()
+    wait(driver, "signed in", lambda d: exists(d, "#top:not([hidden])") and not exists(d, "#username"))
+
+
+def shown_devices(driver):
+    return [e.get_attribute("data-device") for e in driver.find_elements(By.CSS_SELECTOR, "#devices tbody tr")]
+
+
+def publish(payload):
+    """QoS 0, so mosquitto_pub returns without waiting for the batch commit."""
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(S["mqttPort"]), "-q", "0",
+         "-i", S["device"], "-u", S["device"], "-P", S["deviceToken"],
+         "-t", f"devices/{S['device']}/telemetry", "-m", json.dumps(payload)],
+        check=True, timeout=10, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def chart_points(driver, metric):
+    found = driver.find_elements(By.CSS_SELECTOR, f'.chart[data-metric="{metric}"]')
+    return int(found[0].get_attribute("data-points") or 0) if found else 0
+
+
+def severe_console_messages(driver):
+    """Script errors and CSP violations; answers such as a 404 for a device without a shadow
+    are expected and handled by the page."""
+    return [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"
+            and "Failed to load resource" not in e["message"]]
+
+
+def run(driver):
+    device = S["device"]
+    started = time.monotonic()
+
+    # Sign-in: a deep link while signed out goes to sign-in and comes back after it.
+    driver.get(f"{BASE}/#/devices?type={S['deviceType']}")
+    wait(driver, "the sign-in form", lambda d: exists(d, "#username"))
+    shot(driver, "signin")
+    sign_in(driver, S["admin"], S["adminPassword"])
+    wait(driver, "the filtered device list", lambda d: d.execute_script("return location.hash").startswith("#/devices?type=")
+         and shown_devices(d) == [device])
+    log("signed in; the list filtered by type shows only " + device)
+
+    # Filtering with the form: a tag no device has, then the tag of the other device.
+    driver.find_element(By.ID, "filter-type").clear()
+    tag = driver.find_element(By.ID, "filter-tag")
+    tag.send_keys(S["otherTag"])
+    driver.find_element(By.ID, "apply-filters").click()
+    wait(driver, "the list filtered by tag", lambda d: shown_devices(d) == [S["otherDevice"]])
+    tag.clear()
+    tag.send_keys("no-such-tag")
+    driver.find_element(By.ID, "apply-filters").click()
+    wait(driver, "the empty state", lambda d: exists(d, "#device-list .empty"))
+    tag.clear()
+    driver.find_element(By.ID, "apply-filters").click()
+    wait(driver, "every device", lambda d: len(shown_devices(d)) == 2)
+    shot(driver, "devices")
+
+    # A reading published over MQTT is on the device's live chart within a second.
+    driver.get(f"{BASE}/#/devices/{device}")
+    wait(driver, "the live stream watching the device",
+         lambda d: device in (d.execute_script("return document.body.dataset.watching") or "").split(" "))
+    before = chart_points(driver, "pressure")
+    sent = time.monotonic()
+    publish({"metrics": {"pressure": 3.5}})
+    wait(driver, "the reading on the chart", lambda d: chart_points(d, "pressure") > before
+         and "3.5" in " ".join(texts(d, '#latest tr[data-metric="pressure"] td')), timeout=5)
+    elapsed = time.monotonic() - sent
+    log(f"mosquitto_pub to chart: {elapsed * 1000:.0f} ms")
+    assert elapsed < 1.0, f"the reading took {elapsed:.2f} s to reach the chart"
+    shot(driver, "device")
+
+    # The rule fires: the alarm appears live in the alarms console; acknowledging it there.
+    driver.get(f"{BASE}/#/alarms")
+    wait(driver, "the alarms console", lambda d: exists(d, "#alarm-list .empty") or exists(d, "#alarms"))
+    publish({"metrics": {"pressure": 42}})
+    row_css = f'#alarms tr[data-status="ACTIVE_UNACK"] a[href="#/devices/{device}"]'
+    wait(driver, "the alarm in the console", lambda d: exists(d, row_css))
+    row = driver.find_element(By.CSS_SELECTOR, row_css).find_element(By.XPATH, "./ancestor::tr")
+    alarm = row.get_attribute("data-alarm")
+    row.find_element(By.CSS_SELECTOR, 'button[data-action="ack"]').click()
+    wait(driver, "the alarm acknowledged",
+         lambda d: exists(d, f'#alarms tr[data-alarm="{alarm}"][data-status="ACTIVE_ACK"]'))
+    shot(driver, "alarms")
+
+    # The overview, at desktop and at phone width.
+    driver.get(f"{BASE}/#/")
+    wait(driver, "the overview's counts", lambda d: d.find_element(By.ID, "registered").text == "2")
+    wait(driver, "the active alarm counted", lambda d: exists(d, '.severity[data-severity="major"] .count')
+         and d.find_element(By.CSS_SELECTOR, '.severity[data-severity="major"] .count').text == "1")
+    shot(driver, "overview")
+    driver.set_window_size(390, 844)
+    driver.get(f"{BASE}/#/devices/{device}")
+    wait(driver, "the device page at phone width", lambda d: chart_points(d, "pressure") >= 2)
+    shot(driver, "device-phone")
+    driver.set_window_size(1280, 800)
+
+    # An expired or revoked token: back to sign-in, then to the page the user was on.
+    driver.execute_script("sessionStorage.setItem('drover.token', 'not-a-valid-token')")
+    driver.get(f"{BASE}/#/alarms")
+    wait(driver, "sign-in after a refused token", lambda d: exists(d, "#username"))
+    sign_in(driver, S["viewer"], S["viewerPassword"])
+    wait(driver, "back on the alarms page", lambda d: d.execute_script("return location.hash") == "#/alarms"
+         and exists(d, "#alarms"))
+
+    # A viewer sees no write controls.
+    assert not exists(driver, "#alarms button"), "a viewer sees ack/clear buttons"
+    driver.get(f"{BASE}/#/devices")
+    wait(driver, "the device list for a viewer", lambda d: len(shown_devices(d)) == 2)
+    assert not exists(driver, "#register-open"), "a viewer sees the register button"
+    assert not exists(driver, '[data-action="delete"]'), "a viewer sees delete buttons"
+    driver.get(f"{BASE}/#/devices/{device}")
+    wait(driver, "the shadow for a viewer", lambda d: exists(d, "#shadow-desired"))
+    assert not exists(driver, "#desired-editor"), "a viewer sees the shadow editor"
+    assert not exists(driver, "#delete-device"), "a viewer sees the delete button"
+    shot(driver, "viewer-device")
+
+    problems = severe_console_messages(driver)
+    assert not problems, f"the browser reported errors: {problems}"
+    log(f"done in {time.monotonic() - started:.1f} s")
+    print(json.dumps({"alarm": alarm}), flush=True)
+
+
+def main():
+    driver = browser()
+    try:
+        run(driver)
+    except Exception:
+        try:
+            shot(driver, "failure")
+            for entry in driver.get_log("browser"):
+                log(f"browser: {entry.get('level')} {entry.get('message')}")
+        except Exception:
+            pass
+        raise
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()
