@@ -14,7 +14,9 @@ use std::time::Duration;
 use common::mosquitto::mosquitto;
 use common::{ADMIN_PASSWORD, Backend, TestServer, eventually, services_required};
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use reqwest::header::{
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_SECURITY_POLICY, CONTENT_TYPE,
+};
 use serde_json::{Value, json};
 
 /// Chromium, its WebDriver and Python's Selenium, or a notice (a failure when services are
@@ -29,7 +31,10 @@ fn browser_available() -> bool {
             .is_ok_and(|s| s.success())
     };
     let missing: Vec<&str> = [
-        (found("chromium", &["--version"]), "chromium (apt-get install chromium)"),
+        (
+            found("chromium", &["--version"]),
+            "chromium (apt-get install chromium)",
+        ),
         (
             found("chromedriver", &["--version"]),
             "chromedriver (apt-get install chromium-driver)",
@@ -47,7 +52,10 @@ fn browser_available() -> bool {
         return true;
     }
     if services_required() {
-        panic!("{} not available but DROVER_REQUIRE_SERVICES=1", missing.join(", "));
+        panic!(
+            "{} not available but DROVER_REQUIRE_SERVICES=1",
+            missing.join(", ")
+        );
     }
     eprintln!("skipped: browser tests need {}", missing.join(", "));
     false
@@ -72,7 +80,10 @@ async fn console_is_served_and_works_in_a_browser() {
     assert_eq!(headers[CONTENT_ENCODING], "gzip");
     let csp = headers[CONTENT_SECURITY_POLICY].to_str().unwrap();
     assert!(csp.contains("script-src 'self';"), "{csp}");
-    assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
     // This client does not decompress: read the page again without gzip.
     let html = server
         .client
@@ -86,7 +97,10 @@ async fn console_is_served_and_works_in_a_browser() {
     let start = html.find("/console/").expect("assets under /console/{build}/") + "/console/".len();
     let build = &html[start..start + 16];
     assert!(build.chars().all(|c| c.is_ascii_hexdigit()), "{build}");
-    assert!(!html.contains("<script>") && !html.contains(" style="), "nothing inline: {html}");
+    assert!(
+        !html.contains("<script>") && !html.contains(" style="),
+        "nothing inline: {html}"
+    );
 
     // Fingerprinted files: cached for a year; another build's prefix is not served.
     let module = server
@@ -97,7 +111,10 @@ async fn console_is_served_and_works_in_a_browser() {
         .unwrap();
     assert_eq!(module.status(), StatusCode::OK);
     assert_eq!(module.headers()[CONTENT_TYPE], "text/javascript; charset=utf-8");
-    assert_eq!(module.headers()[CACHE_CONTROL], "public, max-age=31536000, immutable");
+    assert_eq!(
+        module.headers()[CACHE_CONTROL],
+        "public, max-age=31536000, immutable"
+    );
     for stale in [
         "/console/0000000000000000/app.js".to_string(),
         format!("/console/{build}/vendor/refresh.sh"),
@@ -125,7 +142,10 @@ async fn console_is_served_and_works_in_a_browser() {
         )
         .await;
     server
-        .register(&admin, json!({"deviceId": "fan-1", "type": "fan", "tags": ["north"]}))
+        .register(
+            &admin,
+            json!({"deviceId": "fan-1", "type": "fan", "tags": ["north"]}),
+        )
         .await;
     let (status, rule) = server
         .post(
@@ -172,7 +192,10 @@ async fn console_is_served_and_works_in_a_browser() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprintln!("{stdout}{stderr}");
-    assert!(output.status.success(), "the browser test failed (screenshots in {screenshots})");
+    assert!(
+        output.status.success(),
+        "the browser test failed (screenshots in {screenshots})"
+    );
 
     // What the console did is what the API says: the alarm it acknowledged is acknowledged.
     let result: Value = stdout
@@ -191,4 +214,13 @@ async fn console_is_served_and_works_in_a_browser() {
         }
     })
     .await;
+    // The desired state saved in the shadow editor (the conflicting edit changed nothing).
+    let (status, shadow) = server.get("/api/devices/pump-1/shadow", &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        shadow["state"]["desired"],
+        json!({"led": "on", "fan": 2}),
+        "{shadow}"
+    );
+    assert_eq!(shadow["version"], 2, "{shadow}");
 }

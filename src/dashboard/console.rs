@@ -110,7 +110,10 @@ fn with_security_headers(mut response: HttpResponse) -> HttpResponse {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),
     );
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response
@@ -184,8 +187,14 @@ mod tests {
     #[test]
     fn only_web_files_are_served() {
         assert_eq!(content_type("app.js"), Some("text/javascript; charset=utf-8"));
-        assert_eq!(content_type("vendor/uplot/uPlot.min.css"), Some("text/css; charset=utf-8"));
-        assert_eq!(content_type("vendor/uplot/LICENSE"), Some("text/plain; charset=utf-8"));
+        assert_eq!(
+            content_type("vendor/uplot/uPlot.min.css"),
+            Some("text/css; charset=utf-8")
+        );
+        assert_eq!(
+            content_type("vendor/uplot/LICENSE"),
+            Some("text/plain; charset=utf-8")
+        );
         assert_eq!(content_type("vendor/refresh.sh"), None);
         assert_eq!(content_type("README"), None);
     }
@@ -210,7 +219,12 @@ mod tests {
         // Strict CSP: nothing inline for it to allow.
         assert!(!page.contains(" style="), "no inline style attribute");
         assert!(!page.contains("<style"), "no inline stylesheet");
-        for needed in ["app.js", "console.css", "vendor/uplot/uPlot.esm.js", "vendor/uplot/LICENSE"] {
+        for needed in [
+            "app.js",
+            "console.css",
+            "vendor/uplot/uPlot.esm.js",
+            "vendor/uplot/LICENSE",
+        ] {
             assert!(Assets::get(needed).is_some(), "{needed} is embedded");
         }
         assert_eq!(build_id().len(), 16);

@@ -16,11 +16,11 @@ import sys
 import time
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 S = json.loads(sys.argv[1])
 BASE = S["base"]
@@ -45,7 +45,9 @@ def browser():
 
 def wait(driver, what, condition, timeout=10):
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(d))
+        # The page re-renders lists as data arrives: an element read mid-render is read again.
+        return WebDriverWait(driver, timeout, poll_frequency=0.02,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition(d))
     except TimeoutException:
         raise AssertionError(f"timed out after {timeout} s waiting for: {what}") from None
 
@@ -75,7 +77,8 @@ def sign_in(driver, username, password):
 
 
 def shown_devices(driver):
-    return [e.get_attribute("data-device") for e in driver.find_elements(By.CSS_SELECTOR, "#devices tbody tr")]
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#devices tbody tr')].map((r) => r.dataset.device)")
 
 
 def publish(payload):
@@ -127,6 +130,22 @@ def run(driver):
     wait(driver, "every device", lambda d: len(shown_devices(d)) == 2)
     shot(driver, "devices")
 
+    # Register a device: its token is shown once; then delete it, confirming.
+    driver.find_element(By.ID, "register-open").click()
+    wait(driver, "the register form", lambda d: exists(d, "#reg-id"))
+    driver.find_element(By.ID, "reg-id").send_keys("valve-9")
+    driver.find_element(By.ID, "reg-type").send_keys("valve")
+    driver.find_element(By.ID, "register-submit").click()
+    wait(driver, "the token shown once",
+         lambda d: exists(d, "#device-token") and d.find_element(By.ID, "device-token").get_attribute("value").startswith("dvt_"))
+    shot(driver, "register-token")
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="token-done"]').click()
+    wait(driver, "the new device listed", lambda d: "valve-9" in shown_devices(d))
+    driver.find_element(By.CSS_SELECTOR, '#devices tr[data-device="valve-9"] [data-action="delete"]').click()
+    wait(driver, "the confirmation", lambda d: exists(d, '[data-testid="confirm-delete"]'))
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="confirm-delete"]').click()
+    wait(driver, "the device gone", lambda d: "valve-9" not in shown_devices(d) and len(shown_devices(d)) == 2)
+
     # A reading published over MQTT is on the device's live chart within a second.
     driver.get(f"{BASE}/#/devices/{device}")
     wait(driver, "the live stream watching the device",
@@ -140,6 +159,13 @@ def run(driver):
     log(f"mosquitto_pub to chart: {elapsed * 1000:.0f} ms")
     assert elapsed < 1.0, f"the reading took {elapsed:.2f} s to reach the chart"
     shot(driver, "device")
+
+    # The time-range picker reads aggregates from /api/telemetry.
+    Select(driver.find_element(By.ID, "range")).select_by_value("1h")
+    wait(driver, "the hourly range, aggregated", lambda d: chart_points(d, "pressure") >= 1
+         and not d.find_element(By.ID, "agg").get_attribute("disabled"))
+    Select(driver.find_element(By.ID, "range")).select_by_value("live")
+    wait(driver, "live again", lambda d: d.find_element(By.ID, "agg").get_attribute("disabled") is not None)
 
     # The rule fires: the alarm appears live in the alarms console; acknowledging it there.
     driver.get(f"{BASE}/#/alarms")
@@ -163,8 +189,57 @@ def run(driver):
     driver.set_window_size(390, 844)
     driver.get(f"{BASE}/#/devices/{device}")
     wait(driver, "the device page at phone width", lambda d: chart_points(d, "pressure") >= 2)
+    driver.execute_script("document.getElementById('charts').scrollIntoView()")
     shot(driver, "device-phone")
     driver.set_window_size(1280, 800)
+
+    # The shadow editor: a change of desired state reaches the device, subscribed over MQTT,
+    # as a delta; an edit of a version changed meanwhile is refused as a conflict.
+    sub = subprocess.Popen(
+        # Line-buffered: its debug lines (the SUBACK) arrive as they are printed.
+        ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(S["mqttPort"]), "-d", "-q", "1", "-C", "1", "-W", "20",
+         "-i", device, "-u", device, "-P", S["deviceToken"], "-t", f"devices/{device}/shadow/update/delta"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        for line in sub.stdout:
+            if "SUBACK" in line:
+                break
+            assert time.monotonic() < deadline, "mosquitto_sub did not subscribe"
+        wait(driver, "the shadow editor", lambda d: exists(d, "#desired-editor"))
+        editor = driver.find_element(By.ID, "desired-editor")
+        editor.clear()
+        editor.send_keys('{"led": "on"')
+        wait(driver, "the editor's validation", lambda d: exists(d, "#shadow-message .note.error")
+             and d.find_element(By.ID, "desired-save").get_attribute("disabled") is not None)
+        editor.send_keys("}")
+        wait(driver, "valid again", lambda d: d.find_element(By.ID, "desired-save").get_attribute("disabled") is None)
+        driver.find_element(By.ID, "desired-save").click()
+        wait(driver, "the saved shadow", lambda d: d.find_element(By.ID, "shadow-version").text.startswith("Version 1")
+             and '"led"' in d.find_element(By.ID, "shadow-delta").text)
+        delta = None
+        for line in sub.stdout:
+            if line.startswith("{"):
+                delta = json.loads(line)
+                break
+            assert time.monotonic() < deadline + 10, "no delta reached the device"
+        assert delta and delta["state"] == {"led": "on"}, f"the device got {delta}"
+        log("the device got the delta " + json.dumps(delta["state"]))
+    finally:
+        sub.kill()
+        sub.wait()
+    driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch('/api/devices/%s/shadow', {method: 'PATCH', headers: {'Content-Type': 'application/json',
+          Authorization: 'Bearer ' + sessionStorage.getItem('drover.token')},
+          body: JSON.stringify({state: {desired: {fan: 2}}})}).then(r => done(r.status));
+    """ % device)
+    editor = driver.find_element(By.ID, "desired-editor")
+    editor.clear()
+    editor.send_keys('{"led": "off"}')
+    driver.find_element(By.ID, "desired-save").click()
+    wait(driver, "the version conflict", lambda d: "changed since it was loaded" in d.find_element(By.ID, "shadow-message").text)
+    shot(driver, "shadow-conflict")
 
     # An expired or revoked token: back to sign-in, then to the page the user was on.
     driver.execute_script("sessionStorage.setItem('drover.token', 'not-a-valid-token')")

@@ -71,6 +71,9 @@ export class TimeChart {
     schedule(this);
   }
 
+  /// Redraws on the next frame (a live window slides even without new points).
+  refresh() { schedule(this); }
+
   get length() { return this.xs.length; }
 
   draw() {

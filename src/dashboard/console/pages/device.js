@@ -217,7 +217,8 @@ export async function renderDevice(main, ctx) {
       try {
         await api.patch(`${path}/shadow`, { state: { desired }, version: shadow.version });
         await loadShadow();
-        shadowBox.append(note('ok', 'Saved; a connected device is sent the delta.'));
+        const saved = document.getElementById('shadow-message');
+        if (saved) clear(saved, note('ok', `Saved as version ${shadow.version}; a connected device is sent the delta.`));
       } catch (error) {
         save.disabled = false;
         if (error.code === 'version_conflict') {
@@ -261,7 +262,9 @@ export async function renderDevice(main, ctx) {
   }
 
   await Promise.all([reload(), loadShadow(), loadAlarms()]);
+  const slide = setInterval(() => { for (const entry of series.values()) if (entry.chart.live) entry.chart.refresh(); }, 5000);
   return () => {
+    clearInterval(slide);
     unwatch();
     offTelemetry();
     offOpen();
