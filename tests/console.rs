@@ -214,6 +214,21 @@ async fn console_is_served_and_works_in_a_browser() {
         }
     })
     .await;
+    // The rule disabled in the console; its expression left as it was (the edit was refused).
+    let rule_id = rule["id"].as_str().unwrap();
+    let (status, now) = server.get(&format!("/api/rules/{rule_id}"), &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(now["rule"]["enabled"], false, "{now}");
+    assert_eq!(now["rule"]["condition"], "pressure > 10", "{now}");
+    // The API key created and revoked in the console.
+    let (_, keys) = server.get("/api/keys", &admin).await;
+    let key = keys["apiKeys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "console-key")
+        .expect("the key created in the console");
+    assert_eq!(key["status"], "revoked", "{key}");
     // The desired state saved in the shadow editor (the conflicting edit changed nothing).
     let (status, shadow) = server.get("/api/devices/pump-1/shadow", &admin).await;
     assert_eq!(status, StatusCode::OK);

@@ -180,6 +180,40 @@ def run(driver):
          lambda d: exists(d, f'#alarms tr[data-alarm="{alarm}"][data-status="ACTIVE_ACK"]'))
     shot(driver, "alarms")
 
+    # Rules: an expression error is shown at its line and column; disabling a rule.
+    driver.get(f"{BASE}/#/rules")
+    wait(driver, "the rule list", lambda d: exists(d, "#rules tr[data-rule]"))
+    rule_row = '#rules tr[data-rule]'
+    driver.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="edit"]').click()
+    wait(driver, "the rule editor", lambda d: exists(d, "#rule-json"))
+    body = json.loads(driver.find_element(By.ID, "rule-json").get_attribute("value"))
+    body["condition"] = "pressure > 10 &&\n  pressure <"
+    driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(By.ID, "rule-json"), json.dumps(body, indent=2))
+    driver.find_element(By.ID, "rule-save").click()
+    wait(driver, "the expression error marked", lambda d: exists(d, "#rule-marker"))
+    marker = driver.find_element(By.ID, "rule-marker").text
+    assert marker.startswith("condition, line 2:"), marker
+    shot(driver, "rule-error")
+    driver.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="toggle"]').click()
+    wait(driver, "the rule disabled", lambda d: d.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="toggle"]').text == "Enable")
+
+    # Administration: an API key created (shown once) and revoked; the actor tree.
+    driver.get(f"{BASE}/#/admin")
+    wait(driver, "the admin page", lambda d: exists(d, "#key-form") and exists(d, "#tenant-actors tbody tr"))
+    driver.find_element(By.ID, "key-name").send_keys("console-key")
+    Select(driver.find_element(By.ID, "key-role")).select_by_value("operator")
+    driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    wait(driver, "the key shown once",
+         lambda d: exists(d, "#new-key") and d.find_element(By.ID, "new-key").get_attribute("value").startswith("drv_"))
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="key-done"]').click()
+    key_row = '#key-table tr[data-key="console-key"]'
+    wait(driver, "the key listed", lambda d: exists(d, f'{key_row} [data-action="revoke"]'))
+    driver.find_element(By.CSS_SELECTOR, f'{key_row} [data-action="revoke"]').click()
+    wait(driver, "the confirmation", lambda d: exists(d, '[data-testid="confirm-revoke"]'))
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="confirm-revoke"]').click()
+    wait(driver, "the key revoked", lambda d: exists(d, key_row) and not exists(d, f'{key_row} [data-action="revoke"]'))
+    shot(driver, "admin")
+
     # The overview, at desktop and at phone width.
     driver.get(f"{BASE}/#/")
     wait(driver, "the overview's counts", lambda d: d.find_element(By.ID, "registered").text == "2")
@@ -251,6 +285,10 @@ def run(driver):
 
     # A viewer sees no write controls.
     assert not exists(driver, "#alarms button"), "a viewer sees ack/clear buttons"
+    assert not driver.find_element(By.CSS_SELECTOR, '[data-nav="admin"]').is_displayed(), "a viewer sees Admin"
+    driver.get(f"{BASE}/#/rules")
+    wait(driver, "the rules for a viewer", lambda d: exists(d, "#rules tr[data-rule]"))
+    assert not exists(driver, "#rule-new") and not exists(driver, "#rules button"), "a viewer sees rule controls"
     driver.get(f"{BASE}/#/devices")
     wait(driver, "the device list for a viewer", lambda d: len(shown_devices(d)) == 2)
     assert not exists(driver, "#register-open"), "a viewer sees the register button"

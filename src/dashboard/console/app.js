@@ -9,6 +9,8 @@ import { renderOverview } from './pages/overview.js';
 import { renderDevices } from './pages/devices.js';
 import { renderDevice } from './pages/device.js';
 import { renderAlarms } from './pages/alarms.js';
+import { renderRules } from './pages/rules.js';
+import { renderAdmin } from './pages/admin.js';
 
 const routes = [
   { pattern: /^#\/signin$/, page: renderSignIn, nav: null, public: true },
@@ -16,6 +18,8 @@ const routes = [
   { pattern: /^#\/devices$/, page: renderDevices, nav: 'devices' },
   { pattern: /^#\/devices\/([^/]+)$/, page: renderDevice, nav: 'devices' },
   { pattern: /^#\/alarms$/, page: renderAlarms, nav: 'alarms' },
+  { pattern: /^#\/rules$/, page: renderRules, nav: 'rules' },
+  { pattern: /^#\/admin$/, page: renderAdmin, nav: 'admin' },
 ];
 
 let me = null;
@@ -49,6 +53,7 @@ async function loadMe() {
   const role = me.role;
   me.canWrite = role === 'operator' || role === 'admin';
   document.body.dataset.role = role;
+  document.querySelector('[data-nav="admin"]').hidden = role !== 'admin';
   clear(document.getElementById('who'), `${me.name} · ${role} · ${me.tenant}`);
   return me;
 }
