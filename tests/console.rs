@@ -229,6 +229,10 @@ async fn console_is_served_and_works_in_a_browser() {
         .find(|k| k["name"] == "console-key")
         .expect("the key created in the console");
     assert_eq!(key["status"], "revoked", "{key}");
+    // Tags replaced and metadata merged from the edit dialog.
+    let (_, device) = server.get("/api/devices/pump-1", &admin).await;
+    assert_eq!(device["tags"], json!(["line-2", "south"]), "{device}");
+    assert_eq!(device["metadata"], json!({"floor": 3}), "{device}");
     // The desired state saved in the shadow editor (the conflicting edit changed nothing).
     let (status, shadow) = server.get("/api/devices/pump-1/shadow", &admin).await;
     assert_eq!(status, StatusCode::OK);

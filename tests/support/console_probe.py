@@ -167,6 +167,17 @@ def run(driver):
     Select(driver.find_element(By.ID, "range")).select_by_value("live")
     wait(driver, "live again", lambda d: d.find_element(By.ID, "agg").get_attribute("disabled") is not None)
 
+    # Tags and metadata edited (a key removed, one added).
+    driver.find_element(By.ID, "edit-device").click()
+    wait(driver, "the edit dialog", lambda d: exists(d, "#edit-metadata"))
+    tags = driver.find_element(By.ID, "edit-tags")
+    tags.clear()
+    tags.send_keys("south, line-2")
+    driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(By.ID, "edit-metadata"), '{"floor": 3}')
+    driver.find_element(By.ID, "edit-save").click()
+    wait(driver, "the edited device", lambda d: "line-2" in d.find_element(By.CSS_SELECTOR, ".facts").text
+         and "floor" in d.find_element(By.CSS_SELECTOR, ".facts").text and "plant-a" not in d.find_element(By.CSS_SELECTOR, ".facts").text)
+
     # The rule fires: the alarm appears live in the alarms console; acknowledging it there.
     driver.get(f"{BASE}/#/alarms")
     wait(driver, "the alarms console", lambda d: exists(d, "#alarm-list .empty") or exists(d, "#alarms"))
@@ -179,6 +190,11 @@ def run(driver):
     wait(driver, "the alarm acknowledged",
          lambda d: exists(d, f'#alarms tr[data-alarm="{alarm}"][data-status="ACTIVE_ACK"]'))
     shot(driver, "alarms")
+    driver.find_element(By.CSS_SELECTOR, f'#alarms tr[data-alarm="{alarm}"] [data-action="history"]').click()
+    wait(driver, "the alarm's history", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#alarm-events tbody tr")) >= 2)
+    shot(driver, "alarm-history")
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="history-close"]').click()
+    wait(driver, "the history closed", lambda d: not exists(d, "#alarm-history"))
 
     # Rules: an expression error is shown at its line and column; disabling a rule.
     driver.get(f"{BASE}/#/rules")
@@ -220,12 +236,15 @@ def run(driver):
     wait(driver, "the active alarm counted", lambda d: exists(d, '.severity[data-severity="major"] .count')
          and d.find_element(By.CSS_SELECTOR, '.severity[data-severity="major"] .count').text == "1")
     shot(driver, "overview")
+    # Phone width, in the dark theme.
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
     driver.set_window_size(390, 844)
     driver.get(f"{BASE}/#/devices/{device}")
     wait(driver, "the device page at phone width", lambda d: chart_points(d, "pressure") >= 2)
     driver.execute_script("document.getElementById('charts').scrollIntoView()")
-    shot(driver, "device-phone")
+    shot(driver, "device-phone-dark")
     driver.set_window_size(1280, 800)
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
     # The shadow editor: a change of desired state reaches the device, subscribed over MQTT,
     # as a delta; an edit of a version changed meanwhile is refused as a conflict.
@@ -284,7 +303,7 @@ def run(driver):
          and exists(d, "#alarms"))
 
     # A viewer sees no write controls.
-    assert not exists(driver, "#alarms button"), "a viewer sees ack/clear buttons"
+    assert not exists(driver, '#alarms [data-action="ack"], #alarms [data-action="clear"]'), "a viewer sees ack/clear buttons"
     assert not driver.find_element(By.CSS_SELECTOR, '[data-nav="admin"]').is_displayed(), "a viewer sees Admin"
     driver.get(f"{BASE}/#/rules")
     wait(driver, "the rules for a viewer", lambda d: exists(d, "#rules tr[data-rule]"))
@@ -296,7 +315,7 @@ def run(driver):
     driver.get(f"{BASE}/#/devices/{device}")
     wait(driver, "the shadow for a viewer", lambda d: exists(d, "#shadow-desired"))
     assert not exists(driver, "#desired-editor"), "a viewer sees the shadow editor"
-    assert not exists(driver, "#delete-device"), "a viewer sees the delete button"
+    assert not exists(driver, "#delete-device, #edit-device, #rotate-token"), "a viewer sees device controls"
     shot(driver, "viewer-device")
 
     problems = severe_console_messages(driver)

@@ -86,7 +86,7 @@ export async function route() {
   }
   const el = main();
   try {
-    const ctx = { params: match.m.slice(1).map(decodeURIComponent), banner };
+    const ctx = { params: match.m.slice(1).map(decodeURIComponent), banner, rerender: route };
     if (!match.r.public) {
       ctx.me = await loadMe();
       live.start();

@@ -3,7 +3,7 @@
 
 import * as api from '../api.js';
 import * as live from '../live.js';
-import { h, clear, note, errorText, fmtAge, fmtTime, fmtNumber, emptyState, severityBadge } from '../ui.js';
+import { h, clear, note, errorText, fmtAge, fmtTime, fmtNumber, emptyState, severityBadge, dialog } from '../ui.js';
 
 const SEVERITY_ORDER = { critical: 0, major: 1, minor: 2, warning: 3 };
 
@@ -53,6 +53,23 @@ export async function renderAlarms(main, ctx) {
     }
   }
 
+  async function history(alarm) {
+    let detail;
+    try {
+      detail = await api.get(`/api/alerts/${encodeURIComponent(alarm.id)}`);
+    } catch (error) {
+      clear(message, note('error', errorText(error)));
+      return;
+    }
+    const events = detail.events.map((e) => h('tr', {}, h('td', { text: fmtTime(e.at) }), h('td', { text: e.kind }), h('td', { text: e.actor || '—' }), h('td', { class: 'wrap', text: e.message })));
+    const deliveries = detail.deliveries.map((d) => h('tr', {}, h('td', { text: fmtTime(d.at) }), h('td', { text: `${d.channel} (${d.kind})` }), h('td', { class: 'num', text: String(d.step) }), h('td', { class: 'num', text: String(d.attempts) }), h('td', { text: d.outcome }), h('td', { class: 'wrap', text: d.detail })));
+    const table = (id, heads, rows, empty) => (rows.length ? h('div', { class: 'table-wrap' }, h('table', { id }, h('thead', {}, h('tr', {}, heads.map((t) => h('th', { scope: 'col', text: t })))), h('tbody', {}, rows))) : h('p', { class: 'muted', text: empty }));
+    await dialog(`${alarm.ruleName} on ${alarm.deviceId}`, h('div', { class: 'stack wide', id: 'alarm-history' },
+      h('h3', { text: 'History' }), table('alarm-events', ['At', 'Event', 'By', 'Message'], events, 'No events.'),
+      h('h3', { text: 'Notifications' }), table('alarm-deliveries', ['At', 'Channel', 'Step', 'Attempts', 'Outcome', 'Detail'], deliveries, 'The rule notifies no channel.')),
+    [{ label: 'Close', value: 'ok', class: 'primary', testid: 'history-close' }]);
+  }
+
   function render() {
     const shown = [...alarms.values()].filter(matches)
       .sort((a, b) => (a.active === b.active ? 0 : a.active ? -1 : 1)
@@ -63,8 +80,7 @@ export async function renderAlarms(main, ctx) {
       return;
     }
     clear(list, h('div', { class: 'table-wrap' }, h('table', { id: 'alarms' },
-      h('thead', {}, h('tr', {}, ['Severity', 'Device', 'Rule', 'State', 'Value', 'Count', 'Age', ctx.me.canWrite ? 'Actions' : null]
-        .filter((t) => t !== null).map((t) => h('th', { scope: 'col', text: t })))),
+      h('thead', {}, h('tr', {}, ['Severity', 'Device', 'Rule', 'State', 'Value', 'Count', 'Age', ''].map((t) => h('th', { scope: 'col', text: t })))),
       h('tbody', {}, shown.map((a) => h('tr', { 'data-alarm': a.id, 'data-status': a.status },
         h('td', {}, severityBadge(a.severity)),
         h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(a.deviceId)}`, text: a.deviceId })),
@@ -73,9 +89,10 @@ export async function renderAlarms(main, ctx) {
         h('td', { class: 'num', text: fmtNumber(a.value) }),
         h('td', { class: 'num', text: String(a.count) }),
         h('td', { title: fmtTime(a.firstSeen), text: fmtAge(a.firstSeen) }),
-        ctx.me.canWrite ? h('td', { class: 'actions' },
-          !a.acknowledged ? h('button', { type: 'button', class: 'small', 'data-action': 'ack', onclick: () => act(a, 'ack') }, 'Acknowledge') : null,
-          a.active ? h('button', { type: 'button', class: 'small', 'data-action': 'clear', onclick: () => act(a, 'clear') }, 'Clear') : null) : null))))));
+        h('td', { class: 'actions' },
+          h('button', { type: 'button', class: 'small', 'data-action': 'history', onclick: () => history(a) }, 'History'),
+          ctx.me.canWrite && !a.acknowledged ? h('button', { type: 'button', class: 'small', 'data-action': 'ack', onclick: () => act(a, 'ack') }, 'Acknowledge') : null,
+          ctx.me.canWrite && a.active ? h('button', { type: 'button', class: 'small', 'data-action': 'clear', onclick: () => act(a, 'clear') }, 'Clear') : null)))))));
   }
 
   const offAlarm = live.on('alarm', (frame) => {

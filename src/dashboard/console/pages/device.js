@@ -68,7 +68,10 @@ export async function renderDevice(main, ctx) {
   const dot = statusDot(device.connected, device.status);
   const header = h('div', { class: 'title-row' },
     h('h1', {}, dot, ' ', device.deviceId),
-    ctx.me.canWrite ? h('button', { type: 'button', class: 'danger', id: 'delete-device', onclick: remove }, 'Delete') : null);
+    ctx.me.canWrite ? h('div', { class: 'actions-row' },
+      h('button', { type: 'button', id: 'edit-device', onclick: editDevice }, 'Edit tags and metadata'),
+      h('button', { type: 'button', id: 'rotate-token', onclick: rotate }, 'New token'),
+      h('button', { type: 'button', class: 'danger', id: 'delete-device', onclick: remove }, 'Delete')) : null);
   const facts = h('dl', { class: 'facts' },
     h('dt', { text: 'Type' }), h('dd', { text: device.type }),
     h('dt', { text: 'Status' }), h('dd', { id: 'device-status', text: device.status }),
@@ -247,6 +250,52 @@ export async function renderDevice(main, ctx) {
     }
   }
   const offAlarm = live.on('alarm', (frame) => { if (frame.alarm.deviceId === device.deviceId) loadAlarms(); });
+
+  async function editDevice() {
+    const tags = h('input', { id: 'edit-tags', value: device.tags.join(', ') });
+    const meta = h('textarea', { id: 'edit-metadata', rows: 6, class: 'mono', spellcheck: 'false' });
+    meta.value = JSON.stringify(device.metadata, null, 2);
+    const problems = h('div', { id: 'edit-problems', 'aria-live': 'polite' });
+    const box = h('dialog', { class: 'dialog', 'aria-label': `Edit ${device.deviceId}` }, h('h2', { text: `Edit ${device.deviceId}` }),
+      h('div', { class: 'stack' }, h('label', { for: 'edit-tags' }, 'Tags (comma separated; replaces the list)'), tags,
+        h('label', { for: 'edit-metadata' }, 'Metadata (JSON object)'), meta, problems),
+      h('div', { class: 'actions' }, h('button', { type: 'button', onclick: () => box.close() }, 'Cancel'),
+        h('button', { type: 'button', class: 'primary', id: 'edit-save', onclick: save }, 'Save')));
+    async function save() {
+      let edited;
+      try {
+        edited = JSON.parse(meta.value);
+        if (edited === null || typeof edited !== 'object' || Array.isArray(edited)) throw new Error('metadata must be a JSON object');
+      } catch (e) { clear(problems, note('error', e.message)); return; }
+      // Metadata merges key by key on the server: removed keys are sent as null.
+      const metadata = {};
+      for (const key of Object.keys(device.metadata)) if (!(key in edited)) metadata[key] = null;
+      for (const [key, value] of Object.entries(edited)) if (JSON.stringify(value) !== JSON.stringify(device.metadata[key])) metadata[key] = value;
+      try {
+        await api.patch(path, { tags: tags.value.split(',').map((t) => t.trim()).filter(Boolean), metadata });
+        box.close();
+        ctx.rerender();
+      } catch (error) { clear(problems, note('error', errorText(error))); }
+    }
+    box.addEventListener('close', () => box.remove());
+    document.body.append(box);
+    box.showModal();
+  }
+
+  async function rotate() {
+    const answer = await dialog(`New token for ${device.deviceId}?`,
+      h('p', {}, 'The current token stops working at once and the device is disconnected until it uses the new one.'),
+      [{ label: 'Cancel', value: 'cancel' }, { label: 'Make a new token', value: 'rotate', class: 'danger', testid: 'confirm-rotate' }]);
+    if (answer !== 'rotate') return;
+    try {
+      const { token } = await api.post(`${path}/token`);
+      await dialog(`New token for ${device.deviceId}`, h('div', { class: 'stack' },
+        h('p', {}, 'It is shown only now.'), h('input', { id: 'device-token', readonly: true, value: token, class: 'mono', 'aria-label': 'Device token' })),
+      [{ label: 'Done', value: 'ok', class: 'primary', testid: 'token-done' }]);
+    } catch (error) {
+      main.prepend(note('error', errorText(error)));
+    }
+  }
 
   async function remove() {
     const answer = await dialog(`Delete ${device.deviceId}?`,
