@@ -229,4 +229,14 @@ mod tests {
         }
         assert_eq!(build_id().len(), 16);
     }
+
+    #[test]
+    fn the_page_preloads_every_module() {
+        let page = Assets::get("index.html").expect("index.html is embedded");
+        let page = String::from_utf8_lossy(&page.data);
+        for name in Assets::iter().filter(|n| n.ends_with(".js") && n.as_ref() != "app.js") {
+            let link = format!(r#"<link rel="modulepreload" href="__ASSETS__/{name}">"#);
+            assert!(page.contains(&link), "index.html lacks {link}");
+        }
+    }
 }

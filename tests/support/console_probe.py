@@ -109,6 +109,15 @@ def run(driver):
     # Sign-in: a deep link while signed out goes to sign-in and comes back after it.
     driver.get(f"{BASE}/#/devices?type={S['deviceType']}")
     wait(driver, "the sign-in form", lambda d: exists(d, "#username"))
+    ready_ms = driver.execute_script("return performance.now()")
+    # What the first load transferred: the page and every file it loaded (gzipped, headers
+    # included), from the browser's Resource Timing.
+    first_load = driver.execute_script("""
+        const entries = [...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')];
+        return entries.filter((e) => !new URL(e.name).pathname.startsWith('/api/'))
+                      .reduce((n, e) => n + (e.transferSize || 0), 0);""")
+    log(f"first load: {first_load / 1024:.1f} KiB transferred, sign-in form shown after {ready_ms:.0f} ms")
+    assert 0 < first_load < 300 * 1024, f"the first load transferred {first_load} bytes"
     shot(driver, "signin")
     sign_in(driver, S["admin"], S["adminPassword"])
     wait(driver, "the filtered device list", lambda d: d.execute_script("return location.hash").startswith("#/devices?type=")
