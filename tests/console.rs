@@ -15,7 +15,7 @@ use common::mosquitto::mosquitto;
 use common::{ADMIN_PASSWORD, Backend, TestServer, eventually, services_required};
 use reqwest::StatusCode;
 use reqwest::header::{
-    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_SECURITY_POLICY, CONTENT_TYPE,
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_SECURITY_POLICY, CONTENT_TYPE, IF_NONE_MATCH,
 };
 use serde_json::{Value, json};
 
@@ -101,6 +101,16 @@ async fn console_is_served_and_works_in_a_browser() {
         !html.contains("<script>") && !html.contains(" style="),
         "nothing inline: {html}"
     );
+
+    // A reload of an unchanged build is answered 304 without the page.
+    let again = server
+        .client
+        .get(server.url("/"))
+        .header(IF_NONE_MATCH, format!("\"{build}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
 
     // Fingerprinted files: cached for a year; another build's prefix is not served.
     let module = server

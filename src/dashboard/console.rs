@@ -82,9 +82,12 @@ fn fingerprint(files: impl Iterator<Item = (String, [u8; 32])>) -> String {
     hex::encode(&hasher.finalize()[..8])
 }
 
-/// The media type of a file the console serves; `None` for anything else in the folder (the
-/// vendor refresh script, licences are served as text).
+/// The media type of a file the console serves (licences as text); `None` for anything else in
+/// the folder, such as the vendor refresh script.
 fn content_type(path: &str) -> Option<&'static str> {
+    if path.rsplit('/').next() == Some("LICENSE") {
+        return Some("text/plain; charset=utf-8");
+    }
     let extension = path.rsplit_once('.')?.1;
     Some(match extension {
         "html" => "text/html; charset=utf-8",
@@ -94,7 +97,6 @@ fn content_type(path: &str) -> Option<&'static str> {
         "png" => "image/png",
         "ico" => "image/x-icon",
         "json" => "application/json",
-        _ if path.ends_with("LICENSE") => "text/plain; charset=utf-8",
         _ => return None,
     })
 }

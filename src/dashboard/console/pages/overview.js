@@ -83,7 +83,7 @@ export async function renderOverview(main, ctx) {
         h('td', { text: w.lastWriteMs == null ? '—' : `${fmtNumber(w.lastWriteMs)} ms` })));
       clear(writers,
         h('p', {}, tree.spooling ? h('strong', { class: 'warn-text', text: 'Spooling: the telemetry store is unavailable. ' }) : 'Writing to the store. ',
-          `Spool depth: ${fmtNumber(tree.spool?.points ?? tree.spool?.depth ?? tree.spool ?? 0)}`),
+          `Spool: ${fmtNumber(tree.spool?.points ?? 0)} points in ${fmtNumber(tree.spool?.batches ?? 0)} batches.`),
         h('div', { class: 'table-wrap' }, h('table', {},
           h('thead', {}, h('tr', {}, ['Writer', 'Queued points', 'Held', 'Batches', 'Last write'].map((t) => h('th', { scope: 'col', text: t })))),
           h('tbody', {}, rows))));
