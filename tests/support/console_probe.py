@@ -157,8 +157,14 @@ def run(driver):
 
     # A reading published over MQTT is on the device's live chart within a second.
     driver.get(f"{BASE}/#/devices/{device}")
-    wait(driver, "the live stream watching the device",
-         lambda d: device in (d.execute_script("return document.body.dataset.watching") or "").split(" "))
+    # The page is loaded (it asked to watch the device before loading the rest), and every
+    # subscription request it sent is answered, the last one including the device.
+    def watching(d):
+        pending, devices = d.execute_script(
+            "return [document.body.dataset.watchPending, document.body.dataset.watching || '']")
+        return pending == "0" and device in devices.split(" ")
+
+    wait(driver, "the live stream watching the device", lambda d: exists(d, "#shadow-version") and watching(d))
     before = chart_points(driver, "pressure")
     sent = time.monotonic()
     publish({"metrics": {"pressure": 3.5}})

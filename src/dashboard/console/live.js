@@ -59,6 +59,7 @@ function connect() {
     if (socket !== ws) return;
     attempt = 0;
     sent = new Set();
+    pending = 0;
     setState('open');
     sendSubscriptions();
     emit('open');
@@ -71,6 +72,7 @@ function connect() {
       case 'telemetry': emit('telemetry', frame); break;
       case 'lagged': setState('lagged', { stream: frame.stream, missed: frame.missed }); setState('open'); break;
       case 'error':
+        answered();
         // A device deleted meanwhile refuses the whole request: ask again without it.
         if (frame.code === 'unknown_device' && Array.isArray(frame.devices)) {
           for (const id of frame.devices) { wanted.delete(id); sent.delete(id); }
@@ -79,8 +81,10 @@ function connect() {
         }
         break;
       case 'subscribed':
-        // What the session watches, readable by people debugging and by the browser tests.
-        document.body.dataset.watching = frame.all ? '*' : frame.devices.join(' ');
+        answered();
+        // What the session watches once every request is answered, readable by people
+        // debugging and by the browser tests.
+        if (pending === 0) document.body.dataset.watching = frame.all ? '*' : frame.devices.join(' ');
         break;
       default: break; // hello: nothing to show
     }
@@ -98,14 +102,27 @@ function connect() {
 
 // What this session was asked to watch (a new session starts with nothing).
 let sent = new Set();
+// Requests sent and not answered yet (each is answered once, in order).
+let pending = 0;
+
+function answered() {
+  pending = Math.max(0, pending - 1);
+  document.body.dataset.watchPending = String(pending);
+}
+
+function request(body) {
+  pending += 1;
+  document.body.dataset.watchPending = String(pending);
+  socket.send(JSON.stringify(body));
+}
 
 function sendSubscriptions() {
   flushQueued = false;
   if (!socket || socket.readyState !== WebSocket.OPEN) return;
   const gone = [...sent].filter((id) => !wanted.has(id));
   const fresh = [...wanted.keys()].filter((id) => !sent.has(id)).slice(0, 1000 - (sent.size - gone.length));
-  if (gone.length) socket.send(JSON.stringify({ type: 'unsubscribe', devices: gone }));
-  if (fresh.length) socket.send(JSON.stringify({ type: 'subscribe', devices: fresh }));
+  if (gone.length) request({ type: 'unsubscribe', devices: gone });
+  if (fresh.length) request({ type: 'subscribe', devices: fresh });
   for (const id of gone) sent.delete(id);
   for (const id of fresh) sent.add(id);
 }
