@@ -19,7 +19,9 @@ from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 S = json.loads(sys.argv[1])
@@ -258,8 +260,16 @@ def run(driver):
     wait(driver, "the device page at phone width", lambda d: chart_points(d, "pressure") >= 2)
     driver.execute_script("document.getElementById('charts').scrollIntoView()")
     shot(driver, "device-phone-dark")
+    driver.get(f"{BASE}/#/devices")
+    wait(driver, "the device list at phone width", lambda d: len(shown_devices(d)) == 2)
+    # Keyboard: what Tab reaches shows its focus.
+    ActionChains(driver).send_keys(Keys.TAB, Keys.TAB, Keys.TAB).perform()
+    wait(driver, "a visible focus", lambda d: d.execute_script(
+        "const e = document.activeElement; return e !== document.body && getComputedStyle(e).outlineStyle !== 'none'"))
+    shot(driver, "devices-phone-dark")
     driver.set_window_size(1280, 800)
     driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+    driver.get(f"{BASE}/#/devices/{device}")
 
     # The shadow editor: a change of desired state reaches the device, subscribed over MQTT,
     # as a delta; an edit of a version changed meanwhile is refused as a conflict.
