@@ -130,8 +130,9 @@ async fn console_is_served_and_works_in_a_browser() {
         format!("/console/{build}/vendor/refresh.sh"),
         format!("/console/{build}/../console.rs"),
     ] {
-        let response = server.client.get(server.url(&stale)).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{stale}");
+        let (status, body) = server.call(reqwest::Method::GET, &stale, None, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{stale}");
+        assert_eq!(body["error"]["code"], "not_found", "{stale}: {body}");
     }
     // The JSON index moved to /api for programs.
     let (status, index) = server.call(reqwest::Method::GET, "/api", None, None).await;

@@ -15,9 +15,11 @@ use std::sync::OnceLock;
 
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::Compress;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use rust_embed::RustEmbed;
 use sha2::{Digest, Sha256};
+
+use crate::http::error::ApiError;
 
 #[derive(RustEmbed)]
 #[folder = "src/dashboard/console/"]
@@ -161,10 +163,15 @@ async fn asset(path: web::Path<(String, String)>) -> HttpResponse {
             .content_type(media_type)
             .insert_header((header::CACHE_CONTROL, IMMUTABLE))
             .body(data.data.into_owned()),
-        None => HttpResponse::NotFound()
-            .insert_header((header::CACHE_CONTROL, "no-store"))
-            .content_type("text/plain; charset=utf-8")
-            .body("not found"),
+        // The API's JSON error, as for any other unknown path.
+        None => {
+            let mut response =
+                ApiError::not_found(format!("no file {file} in this build of the console")).error_response();
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
     };
     with_security_headers(response)
 }
