@@ -225,12 +225,12 @@ async fn console_is_served_and_works_in_a_browser() {
         }
     })
     .await;
-    // The rule disabled in the console; its expression left as it was (the edit was refused).
+    // The rule edited (after a refused expression) and disabled in the console.
     let rule_id = rule["id"].as_str().unwrap();
     let (status, now) = server.get(&format!("/api/rules/{rule_id}"), &admin).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(now["rule"]["enabled"], false, "{now}");
-    assert_eq!(now["rule"]["condition"], "pressure > 10", "{now}");
+    assert_eq!(now["rule"]["condition"], "pressure > 20", "{now}");
     // The API key created and revoked in the console.
     let (_, keys) = server.get("/api/keys", &admin).await;
     let key = keys["apiKeys"]

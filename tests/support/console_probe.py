@@ -227,6 +227,10 @@ def run(driver):
     marker = driver.find_element(By.ID, "rule-marker").text
     assert marker.startswith("condition, line 2:"), marker
     shot(driver, "rule-error")
+    body["condition"] = "pressure > 20"
+    driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(By.ID, "rule-json"), json.dumps(body, indent=2))
+    driver.find_element(By.ID, "rule-save").click()
+    wait(driver, "the rule saved", lambda d: not exists(d, "#rule-json") and "Rule saved." in d.find_element(By.ID, "main").text)
     driver.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="toggle"]').click()
     wait(driver, "the rule disabled", lambda d: d.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="toggle"]').text == "Enable")
 
