@@ -172,7 +172,7 @@ pub fn app(
         .split_for_parts();
     let document = OpenApiJson(api.to_json().unwrap_or_else(|_| "{}".into()));
     app.app_data(web::Data::new(document))
-        .route("/", web::get().to(index))
+        .configure(crate::dashboard::console::routes)
         .default_service(web::to(not_found))
 }
 
@@ -187,6 +187,7 @@ async fn index() -> HttpResponse {
         "name": "drover",
         "version": env!("CARGO_PKG_VERSION"),
         "api": "/api/openapi.json",
+        "console": "/",
         "health": "/health",
         "metrics": "/metrics",
     }))

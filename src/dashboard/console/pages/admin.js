@@ -1,0 +1,121 @@
+// Administration (tenant admins): users, API keys (the key shown once, revoke with
+// confirmation) and the audit log; for platform admins also the live actor tree.
+
+import * as api from '../api.js';
+import { h, clear, note, errorText, fmtTime, fmtAge, fmtNumber, dialog } from '../ui.js';
+
+const ROLES = ['viewer', 'operator', 'admin'];
+
+function table(id, headings, rows) {
+  return h('div', { class: 'table-wrap' }, h('table', { id },
+    h('thead', {}, h('tr', {}, headings.map((t) => h('th', { scope: 'col', text: t })))),
+    h('tbody', {}, rows)));
+}
+
+function roleSelect(id) {
+  return h('select', { id, name: 'role' }, ROLES.map((r) => h('option', { value: r }, r)));
+}
+
+export async function renderAdmin(main, ctx) {
+  if (ctx.me.role !== 'admin') {
+    main.append(h('h1', { text: 'Administration' }), note('info', 'Administration needs the admin role.'));
+    return null;
+  }
+  const users = h('div', { id: 'users' });
+  const keys = h('div', { id: 'keys' });
+  const audit = h('div', { id: 'audit' });
+  const actors = h('div', { id: 'actors' });
+  const message = h('div', { 'aria-live': 'polite' });
+
+  const userForm = h('form', { class: 'filters', id: 'user-form', onsubmit: async (event) => {
+    event.preventDefault();
+    const data = Object.fromEntries(new FormData(userForm));
+    try {
+      await api.post('/api/users', data);
+      userForm.reset();
+      clear(message, note('ok', `User ${data.username} created.`));
+      loadUsers();
+    } catch (error) { clear(message, note('error', errorText(error))); }
+  } },
+  h('div', { class: 'field' }, h('label', { for: 'new-username' }, 'Username'), h('input', { id: 'new-username', name: 'username', required: true, maxlength: 64 })),
+  h('div', { class: 'field' }, h('label', { for: 'new-password' }, 'Password'), h('input', { id: 'new-password', name: 'password', type: 'password', required: true, autocomplete: 'new-password', maxlength: 256 })),
+  h('div', { class: 'field' }, h('label', { for: 'new-role' }, 'Role'), roleSelect('new-role')),
+  h('button', { type: 'submit' }, 'Create user'));
+
+  const keyForm = h('form', { class: 'filters', id: 'key-form', onsubmit: async (event) => {
+    event.preventDefault();
+    const data = Object.fromEntries(new FormData(keyForm));
+    try {
+      const answer = await api.post('/api/keys', data);
+      keyForm.reset();
+      loadKeys();
+      const value = h('input', { id: 'new-key', readonly: true, value: answer.key, class: 'mono', 'aria-label': 'API key' });
+      await dialog(`API key ${answer.apiKey.name}`, h('div', { class: 'stack' },
+        h('p', {}, 'Send it as Authorization: Bearer <key>. It is shown only now.'), value),
+      [{ label: 'Done', value: 'ok', class: 'primary', testid: 'key-done' }]);
+    } catch (error) { clear(message, note('error', errorText(error))); }
+  } },
+  h('div', { class: 'field' }, h('label', { for: 'key-name' }, 'Name'), h('input', { id: 'key-name', name: 'name', required: true, maxlength: 128 })),
+  h('div', { class: 'field' }, h('label', { for: 'key-role' }, 'Role'), roleSelect('key-role')),
+  h('button', { type: 'submit' }, 'Create API key'));
+
+  main.append(h('h1', { text: 'Administration' }), message,
+    ctx.me.platformAdmin ? h('section', { class: 'card' }, h('h2', { text: 'Actors' }), actors) : null,
+    h('section', { class: 'card' }, h('h2', { text: 'Users' }), userForm, users),
+    h('section', { class: 'card' }, h('h2', { text: 'API keys' }), keyForm, keys),
+    h('section', { class: 'card' }, h('h2', { text: 'Audit log (latest 50)' }), audit));
+
+  async function guarded(el, fn) {
+    try { await fn(); } catch (error) { if (error.status !== 401) clear(el, note('error', errorText(error))); }
+  }
+
+  const loadUsers = () => guarded(users, async () => {
+    const answer = await api.get('/api/users');
+    clear(users, table('user-table', ['Username', 'Role', 'State', 'Created'], answer.users.map((u) => h('tr', { 'data-user': u.username },
+      h('td', { text: u.username + (u.platformAdmin ? ' (platform admin)' : '') }), h('td', { text: u.role }),
+      h('td', { text: u.disabled ? 'disabled' : 'active' }), h('td', { text: fmtTime(u.createdAt) })))));
+  });
+
+  const loadKeys = () => guarded(keys, async () => {
+    const answer = await api.get('/api/keys');
+    if (answer.apiKeys.length === 0) { clear(keys, h('p', { class: 'muted', text: 'No API keys. Applications and load generators authenticate with one.' })); return; }
+    clear(keys, table('key-table', ['Name', 'Role', 'Prefix', 'State', 'Created', ''], answer.apiKeys.map((k) => h('tr', { 'data-key': k.name },
+      h('td', { text: k.name }), h('td', { text: k.role }), h('td', { class: 'mono', text: k.prefix }), h('td', { text: k.status }),
+      h('td', { text: fmtTime(k.createdAt) }),
+      h('td', {}, k.status === 'active' ? h('button', { type: 'button', class: 'danger small', 'data-action': 'revoke', onclick: () => revoke(k) }, 'Revoke') : null)))));
+  });
+
+  async function revoke(k) {
+    const answer = await dialog(`Revoke ${k.name}?`, h('p', {}, 'Every request with this key is refused from now on.'),
+      [{ label: 'Cancel', value: 'cancel' }, { label: 'Revoke', value: 'revoke', class: 'danger', testid: 'confirm-revoke' }]);
+    if (answer !== 'revoke') return;
+    try { await api.del(`/api/keys/${encodeURIComponent(k.id)}`); loadKeys(); } catch (error) { clear(message, note('error', errorText(error))); }
+  }
+
+  const loadAudit = () => guarded(audit, async () => {
+    const answer = await api.get('/api/audit?limit=50');
+    clear(audit, table('audit-table', ['At', 'Actor', 'Action', 'Target', 'Outcome'], answer.entries.map((e) => h('tr', {},
+      h('td', { text: fmtTime(e.at) }), h('td', { text: e.actor }), h('td', { text: e.action }),
+      h('td', { text: e.target || '—' }), h('td', { text: e.outcome })))));
+  });
+
+  const loadActors = () => guarded(actors, async () => {
+    const tree = await api.get('/admin/actors');
+    const tenants = (tree.tenants || []).map((t) => h('tr', {},
+      h('td', { text: t.tenant }), h('td', { class: 'num', text: fmtNumber(t.devices.length) }),
+      h('td', { class: 'num', text: fmtNumber(t.devices.reduce((n, d) => n + d.restarts, 0)) }),
+      h('td', { class: 'num', text: fmtNumber(t.restartsTotal) }), h('td', { text: fmtAge(t.startedAt) })));
+    const writers = (tree.writers || []).map((w) => h('tr', {},
+      h('td', { text: `writer ${w.index}` }), h('td', { class: 'num', text: `${fmtNumber(w.queuedPoints)} / ${fmtNumber(w.queuePoints)}` }),
+      h('td', { class: 'num', text: fmtNumber(w.messagesHandled) }), h('td', { class: 'num', text: fmtNumber(w.batchesWritten) }),
+      h('td', { text: fmtAge(w.startedAt) })));
+    clear(actors,
+      table('tenant-actors', ['Tenant supervisor', 'Device actors', 'Device restarts', 'Restarts (total)', 'Age'], tenants),
+      table('writer-actors', ['Telemetry writer', 'Queued / capacity', 'Messages', 'Batches', 'Age'], writers),
+      h('p', { class: 'muted small', text: tree.spooling ? 'Spooling: the telemetry store is unavailable.' : 'The telemetry store is accepting writes.' }));
+  });
+
+  await Promise.all([loadUsers(), loadKeys(), loadAudit(), ctx.me.platformAdmin ? loadActors() : null]);
+  const timer = ctx.me.platformAdmin ? setInterval(loadActors, 5000) : null;
+  return () => clearInterval(timer);
+}
