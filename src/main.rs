@@ -195,6 +195,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             first.tenant, first.username
         );
         println!("  Password: {password}");
+        println!("  Console:  {base}/  (sign in as \"{}\")", first.username);
         println!("  Log in:   curl -s -X POST {base}/api/auth/login -H 'Content-Type: application/json' \\");
         println!(
             "              -d '{{\"username\": \"{}\", \"password\": \"<password>\"}}'",
@@ -207,7 +208,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => format!("MQTT {}", running.mqtt_addr),
     };
     println!(
-        "Drover {} is running: API {base}/api, health {base}/health, {mqtt}. Ctrl-C stops it.",
+        "Drover {} is running: console {base}/, API {base}/api, health {base}/health, {mqtt}. Ctrl-C stops it.",
         env!("CARGO_PKG_VERSION")
     );
     signals.next().await;
