@@ -28,7 +28,7 @@ use super::broker::{Broker, SubscribeError};
 pub use super::delivery::Sink;
 use super::message::{Delivery, MessageProperties, Publication};
 use super::metrics::BrokerMetrics;
-use super::session::{ClientClass, Inbox, Outbox, Session, SessionKey, SubOptions};
+use super::session::{ClientClass, Inbox, Outbox, SLOW_SUBSCRIBER_STALL, Session, SessionKey, SubOptions};
 use super::topic::{self, DeviceTopic, Subscription, TopicError};
 use crate::audit::AuditSink;
 use crate::config::MqttConfig;
@@ -113,6 +113,8 @@ pub struct ConnectRequest<'a> {
     pub session_expiry_secs: Option<u32>,
     pub keep_alive: u16,
     pub will: Option<Will>,
+    /// MQTT 5 Topic Alias Maximum: aliases the client accepts from the broker (0: none).
+    pub topic_alias_max: u16,
 }
 
 /// Why a CONNECT is refused.
@@ -220,6 +222,10 @@ pub struct Connection {
     pub namespace: Namespace,
     pub protocol: Protocol,
     pub client_id: Arc<str>,
+    /// Topic aliases the client accepts from the broker (MQTT 5).
+    pub topic_alias_max: u16,
+    /// The sending side of this connection's own queue.
+    own_queue: Outbox,
     device: Option<Addr<DeviceActor>>,
     will: RefCell<Option<Will>>,
     graceful: Cell<bool>,
@@ -303,7 +309,8 @@ pub async fn connect(
         (Protocol::V3, _) if request.clean_start => 0,
         (Protocol::V3, _) => config.max_session_expiry_secs,
     };
-    let (outbox, inbox) = Outbox::new();
+    let (outbox, inbox) = Outbox::with_policy(config.slow_subscriber);
+    let own_queue = outbox.clone();
     let key = SessionKey {
         namespace: namespace.clone(),
         class,
@@ -332,6 +339,8 @@ pub async fn connect(
         namespace,
         protocol: request.protocol,
         client_id: client_id.as_str().into(),
+        topic_alias_max: request.topic_alias_max,
+        own_queue,
         device,
         will: RefCell::new(request.will),
         graceful: Cell::new(false),
@@ -460,11 +469,28 @@ impl Connection {
             received_at: Instant::now(),
             origin: Some(self.session.id),
         };
-        self.ctx.broker.publish(&self.namespace, publication);
+        let mut backlogged = Vec::new();
+        self.ctx
+            .broker
+            .route(&self.namespace, publication, &mut backlogged);
         if let Some(id) = qos2_id {
             self.session.state.lock().qos2_pending.insert(id);
         }
+        self.wait_for_room(backlogged).await;
         Ok(())
+    }
+
+    /// Backpressure: the acknowledgement waits until every queue the message went into past
+    /// its limit is within it again (or its client is disconnected for taking nothing).
+    /// Not for this connection's own queue: its client empties it by reading, and an MQTT
+    /// 3.1.1 connection stops reading while its publishes wait.
+    async fn wait_for_room(&self, backlogged: Vec<Outbox>) {
+        let max = self.ctx.broker.limits.max_queued_bytes;
+        let waits = backlogged
+            .iter()
+            .filter(|queue| !queue.same_queue(&self.own_queue))
+            .map(|queue| queue.room(max, SLOW_SUBSCRIBER_STALL));
+        futures_util::future::join_all(waits).await;
     }
 
     /// Platform topics of a device go to its actor first; QoS 1/2 wait until it took the

@@ -9,11 +9,18 @@ use std::time::{Duration, Instant};
 
 use ntex_mqtt::QoS;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::acl::{Identity, Namespace};
 use super::message::{Delivery, Outbound};
 use super::topic::Subscription;
+use crate::config::SlowSubscriber;
+
+/// Under `MQTT_SLOW_SUBSCRIBER=backpressure`, how long a publisher waits for a client that
+/// takes nothing from its queue before that client is disconnected (its session is kept).
+/// Long enough for a congested mobile link to recover, short enough that one stuck client
+/// cannot hold publishers for long.
+pub const SLOW_SUBSCRIBER_STALL: Duration = Duration::from_secs(10);
 
 /// Devices, applications and anonymous clients have separate client-id spaces, so an
 /// application cannot take over a device's session by reusing its id.
@@ -47,6 +54,15 @@ pub fn cost(delivery: &Delivery) -> usize {
     delivery.publication.payload.len() + delivery.publication.topic.len() + 64
 }
 
+/// A delivery that was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    WithinLimit,
+    /// Queued past `max_bytes` (backpressure): the publisher waits for room before it
+    /// acknowledges the message.
+    OverLimit,
+}
+
 /// Why a delivery was not queued.
 pub enum PushError {
     /// `max_queued_bytes` are waiting already.
@@ -61,49 +77,158 @@ pub enum PushError {
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Outbound>,
-    pending: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
+    policy: SlowSubscriber,
 }
 
 /// The receiving side, drained by the connection's outbound task.
 pub struct Inbox {
     rx: mpsc::UnboundedReceiver<Outbound>,
-    pending: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
+}
+
+/// What waits for one connection, shared by everyone who queues for it and its outbound task.
+/// A delivery counts from the moment it is queued until it is written (or given up), so QoS 2
+/// deliveries waiting for their turn count too.
+#[derive(Default)]
+pub struct Backlog {
+    pending: AtomicUsize,
+    /// Publishers waiting for room; the outbound task wakes them only when there are some.
+    waiting: AtomicUsize,
+    progress: Notify,
+    /// Set by a publisher that gave up on the client; the outbound task then closes the
+    /// connection.
+    evicted: AtomicBool,
+    evict: Notify,
+    /// The outbound task has ended.
+    closed: AtomicBool,
+}
+
+impl Backlog {
+    /// A delivery has been written to the client, or given up.
+    pub fn release(&self, delivery: &Delivery) {
+        self.pending.fetch_sub(cost(delivery), Ordering::AcqRel);
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// Resolves once a publisher has given up on the client.
+    pub async fn evicted(&self) {
+        let notified = self.evict.notified();
+        if self.evicted.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.progress.notify_waiters();
+    }
+}
+
+/// How a publisher's wait for room in a subscriber's queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// At most `max_bytes` wait again.
+    Available,
+    /// The connection is gone (its queue went back to the session).
+    Closed,
+    /// The client took nothing for [`SLOW_SUBSCRIBER_STALL`]; it is being disconnected.
+    Stalled,
 }
 
 impl Outbox {
+    /// A queue that drops what does not fit (`MQTT_SLOW_SUBSCRIBER=drop`).
     pub fn new() -> (Outbox, Inbox) {
+        Self::with_policy(SlowSubscriber::Drop)
+    }
+
+    pub fn with_policy(policy: SlowSubscriber) -> (Outbox, Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicUsize::new(0));
+        let backlog = Arc::new(Backlog::default());
         (
             Outbox {
                 tx,
-                pending: pending.clone(),
+                backlog: backlog.clone(),
+                policy,
             },
-            Inbox { rx, pending },
+            Inbox { rx, backlog },
         )
     }
 
-    /// Queues a delivery unless `max_bytes` are waiting already.
-    pub fn push(&self, delivery: Delivery, max_bytes: usize) -> Result<(), PushError> {
+    /// Queues a delivery unless `max_bytes` are waiting already. Under backpressure a QoS 1/2
+    /// delivery is queued anyway (in order, at once) and its publisher waits for [`Outbox::room`]
+    /// before acknowledging; what the queue can exceed its limit by is then bounded by the
+    /// publishers' own in-flight windows (`receive_maximum` messages each).
+    pub fn push(&self, delivery: Delivery, max_bytes: usize) -> Result<Pushed, PushError> {
         let size = cost(&delivery);
-        if self.pending.load(Ordering::Acquire) + size > max_bytes {
-            return Err(PushError::Full(delivery));
+        if self.backlog.pending.load(Ordering::Acquire) + size <= max_bytes {
+            return self
+                .force(delivery)
+                .map(|()| Pushed::WithinLimit)
+                .map_err(PushError::Closed);
         }
-        self.force(delivery).map_err(PushError::Closed)
+        if self.policy == SlowSubscriber::Backpressure && delivery.qos != QoS::AtMostOnce {
+            return self
+                .force(delivery)
+                .map(|()| Pushed::OverLimit)
+                .map_err(PushError::Closed);
+        }
+        Err(PushError::Full(delivery))
     }
 
     /// Queues a delivery whatever is waiting (a resumed session's own backlog).
     pub fn force(&self, delivery: Delivery) -> Result<(), Delivery> {
         let size = cost(&delivery);
-        self.pending.fetch_add(size, Ordering::AcqRel);
+        self.backlog.pending.fetch_add(size, Ordering::AcqRel);
         match self.tx.send(Outbound::Deliver(delivery)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError(Outbound::Deliver(d))) => {
-                self.pending.fetch_sub(size, Ordering::AcqRel);
+                self.backlog.pending.fetch_sub(size, Ordering::AcqRel);
                 Err(d)
             }
             Err(_) => unreachable!("a delivery was sent"),
         }
+    }
+
+    /// Bytes waiting for the connection.
+    pub fn pending(&self) -> usize {
+        self.backlog.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether two handles queue for the same connection.
+    pub fn same_queue(&self, other: &Outbox) -> bool {
+        Arc::ptr_eq(&self.backlog, &other.backlog)
+    }
+
+    /// Waits until at most `max_bytes` wait for the connection. The wait is bounded by the
+    /// client's progress: when it takes nothing for `stall`, the connection is told to close
+    /// (MQTT 5: DISCONNECT 0x97) and the wait ends.
+    pub async fn room(&self, max_bytes: usize, stall: Duration) -> Room {
+        let backlog = &self.backlog;
+        backlog.waiting.fetch_add(1, Ordering::AcqRel);
+        let room = loop {
+            // Registered before the checks, so a release between them is not missed.
+            let progress = backlog.progress.notified();
+            if backlog.closed.load(Ordering::Acquire) || self.tx.is_closed() {
+                break Room::Closed;
+            }
+            if backlog.evicted.load(Ordering::Acquire) {
+                break Room::Stalled;
+            }
+            if backlog.pending.load(Ordering::Acquire) <= max_bytes {
+                break Room::Available;
+            }
+            if ntex::time::timeout(stall, progress).await.is_err() {
+                backlog.evicted.store(true, Ordering::Release);
+                backlog.evict.notify_one();
+                break Room::Stalled;
+            }
+        };
+        backlog.waiting.fetch_sub(1, Ordering::AcqRel);
+        room
     }
 
     /// Tells the connection to close; `false` if it is gone already.
@@ -118,26 +243,24 @@ impl Outbox {
 }
 
 impl Inbox {
-    fn taken(&self, message: &Outbound) {
-        if let Outbound::Deliver(d) = message {
-            self.pending.fetch_sub(cost(d), Ordering::AcqRel);
-        }
-    }
-
+    /// The next message. A delivery still counts as waiting until it is passed to
+    /// [`Backlog::release`].
     pub async fn recv(&mut self) -> Option<Outbound> {
-        let message = self.rx.recv().await?;
-        self.taken(&message);
-        Some(message)
+        self.rx.recv().await
     }
 
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        let message = self.rx.try_recv().ok()?;
-        self.taken(&message);
-        Some(message)
+        self.rx.try_recv().ok()
     }
 
+    pub fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
+    }
+
+    /// No more deliveries are taken; publishers waiting for room stop waiting.
     pub fn close(&mut self) {
         self.rx.close();
+        self.backlog.close();
     }
 }
 
@@ -163,9 +286,10 @@ pub struct SessionState {
 }
 
 /// What happened to a delivery handed to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handoff {
     Sent,
+    /// Sent past the queue's limit: the publisher waits for room in this queue.
+    Backlogged(Outbox),
     Queued,
     Dropped(&'static str),
 }
@@ -212,7 +336,8 @@ impl Session {
         let mut state = self.state.lock();
         if let Some(link) = &state.link {
             match link.outbox.push(delivery, max_bytes) {
-                Ok(()) => return Handoff::Sent,
+                Ok(Pushed::WithinLimit) => return Handoff::Sent,
+                Ok(Pushed::OverLimit) => return Handoff::Backlogged(link.outbox.clone()),
                 Err(PushError::Full(_)) => return Handoff::Dropped("queue_full"),
                 // The connection is going away (its detach is on the way); keep the message
                 // for its successor.

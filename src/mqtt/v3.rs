@@ -56,6 +56,7 @@ pub async fn handshake(
         session_expiry_secs: None,
         keep_alive,
         will,
+        topic_alias_max: 0,
     };
     match connection::connect(&ctx, slot, request).await {
         Ok(accepted) => {

@@ -108,6 +108,7 @@ pub async fn handshake(
         session_expiry_secs: Some(pkt.session_expiry_interval_secs),
         keep_alive: client_keep_alive,
         will,
+        topic_alias_max: pkt.topic_alias_max,
     };
     let requested_expiry = pkt.session_expiry_interval_secs;
     match connection::connect(&ctx, slot, request).await {
