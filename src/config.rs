@@ -122,7 +122,8 @@ pub struct MqttConfig {
     /// QoS 1/2 messages kept for a persistent session while its client is away.
     pub max_queued_messages: usize,
     /// Bytes of messages waiting to be written to one connected client; beyond, new messages
-    /// for it are dropped and counted (a slow subscriber never holds up anyone else).
+    /// for it are dropped and counted (a slow subscriber never holds up anyone else), unless
+    /// `slow_subscriber` is `backpressure`.
     pub max_queued_bytes: usize,
     /// What happens to a QoS 1/2 message for a connected client whose queue is full.
     pub slow_subscriber: SlowSubscriber,
@@ -1721,7 +1722,8 @@ max_subscriptions = 100
 # QoS 1/2 messages kept for a persistent session while its client is away.  (MQTT_MAX_QUEUED_MESSAGES)
 max_queued_messages = 1000
 # Bytes of messages waiting to be written to one connected client; beyond, new messages for
-# it are dropped and counted, so a slow subscriber never holds up anyone else.  (MQTT_MAX_QUEUED_BYTES)
+# it are dropped and counted, so a slow subscriber never holds up anyone else (unless
+# slow_subscriber = "backpressure").  (MQTT_MAX_QUEUED_BYTES)
 max_queued_bytes = 16777216
 # A QoS 1/2 message for a connected client with max_queued_bytes waiting: "drop" drops and
 # counts it (the client loses it); "backpressure" queues it and holds back the publisher's

@@ -361,3 +361,49 @@ impl Session {
         Handoff::Queued
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::message::Publication;
+
+    fn delivery(qos: QoS) -> Delivery {
+        Delivery {
+            publication: Arc::new(Publication::internal("t", vec![0u8; 100], qos, false)),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            dup: false,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_unless_backpressure_keeps_qos_1_and_2() {
+        let max = cost(&delivery(QoS::AtLeastOnce));
+        let (drop, _rx) = Outbox::with_policy(SlowSubscriber::Drop);
+        assert!(matches!(drop.push(delivery(QoS::AtLeastOnce), max), Ok(Pushed::WithinLimit)));
+        assert!(matches!(drop.push(delivery(QoS::AtLeastOnce), max), Err(PushError::Full(_))));
+
+        let (held, _rx) = Outbox::with_policy(SlowSubscriber::Backpressure);
+        assert!(matches!(held.push(delivery(QoS::AtLeastOnce), max), Ok(Pushed::WithinLimit)));
+        assert!(matches!(held.push(delivery(QoS::ExactlyOnce), max), Ok(Pushed::OverLimit)));
+        assert!(matches!(held.push(delivery(QoS::AtLeastOnce), max), Ok(Pushed::OverLimit)));
+        // QoS 0 is never waited for: dropped as before.
+        assert!(matches!(held.push(delivery(QoS::AtMostOnce), max), Err(PushError::Full(_))));
+        assert_eq!(held.pending(), 3 * max);
+    }
+
+    #[test]
+    fn a_delivery_counts_until_it_is_released() {
+        let (outbox, mut inbox) = Outbox::new();
+        outbox.push(delivery(QoS::ExactlyOnce), usize::MAX).ok().unwrap();
+        let Some(Outbound::Deliver(d)) = inbox.try_recv() else {
+            panic!("queued")
+        };
+        assert_eq!(outbox.pending(), cost(&d), "taken, not yet written");
+        inbox.backlog().release(&d);
+        assert_eq!(outbox.pending(), 0);
+        assert!(outbox.same_queue(&outbox.clone()));
+        assert!(!outbox.same_queue(&Outbox::new().0));
+    }
+}
