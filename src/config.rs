@@ -1942,8 +1942,7 @@ mod tests {
     #[test]
     fn slow_subscriber_policy_is_drop_unless_set() {
         assert_eq!(Config::default().mqtt.slow_subscriber, SlowSubscriber::Drop);
-        let config =
-            Config::load_with_env(None, env(&[("MQTT_SLOW_SUBSCRIBER", "backpressure")])).unwrap();
+        let config = Config::load_with_env(None, env(&[("MQTT_SLOW_SUBSCRIBER", "backpressure")])).unwrap();
         assert_eq!(config.mqtt.slow_subscriber, SlowSubscriber::Backpressure);
         let config = Config::from_toml("[mqtt]\nslow_subscriber = \"backpressure\"\n").unwrap();
         assert_eq!(config.mqtt.slow_subscriber, SlowSubscriber::Backpressure);

@@ -107,7 +107,13 @@ fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
 }
 
 /// Connects and subscribes `filter` at QoS 0; returns once the SUBACK is read.
-fn raw_subscriber(server: &TestServer, key: &str, id: &str, filter: &str, v5: Option<Option<u16>>) -> TcpStream {
+fn raw_subscriber(
+    server: &TestServer,
+    key: &str,
+    id: &str,
+    filter: &str,
+    v5: Option<Option<u16>>,
+) -> TcpStream {
     let mut stream = TcpStream::connect(server.mqtt).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     stream.write_all(&connect(id, key, v5)).unwrap();
@@ -240,7 +246,12 @@ fn payload(i: usize) -> String {
 }
 
 /// Publishes `count` QoS 1 messages as fast as the client goes and waits for every PUBACK.
-async fn publish_all(client: &rumqttc::AsyncClient, acks: &mut tokio::sync::mpsc::UnboundedReceiver<()>, topic: &str, count: usize) {
+async fn publish_all(
+    client: &rumqttc::AsyncClient,
+    acks: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    topic: &str,
+    count: usize,
+) {
     let sender = client.clone();
     let topic = topic.to_string();
     tokio::spawn(async move {
@@ -402,9 +413,11 @@ async fn by_default_a_slow_subscriber_loses_what_overflows_its_queue_and_it_is_c
     publish_all(&client, &mut acks, "flow/data", MESSAGES).await;
 
     // Every message was either written to the subscriber and acknowledged, or dropped.
-    eventually(Duration::from_secs(60), "every message sent or dropped", || async {
-        metric(&server, SENT_QOS1).await + metric(&server, QUEUE_FULL).await == MESSAGES as u64
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every message sent or dropped",
+        || async { metric(&server, SENT_QOS1).await + metric(&server, QUEUE_FULL).await == MESSAGES as u64 },
+    )
     .await;
     let dropped = metric(&server, QUEUE_FULL).await;
     assert!(dropped > 0, "the slow subscriber overflowed its queue");
@@ -465,7 +478,11 @@ async fn under_backpressure_publishers_wait_for_slow_subscribers_and_stalled_one
         .await
         .unwrap();
     tokio::time::timeout(WAIT, qos0_acks.recv()).await.unwrap();
-    assert_eq!(metric(&server, SLOW_DISCONNECTS).await, 0, "answered before the stall ended");
+    assert_eq!(
+        metric(&server, SLOW_DISCONNECTS).await,
+        0,
+        "answered before the stall ended"
+    );
 
     tokio::time::timeout(Duration::from_secs(40), held)
         .await

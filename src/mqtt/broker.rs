@@ -339,7 +339,12 @@ impl Broker {
 
     /// As [`Broker::publish`]; the queues it was pushed into past their limit (backpressure)
     /// are added to `backlogged`, for the publisher to wait for room in before acknowledging.
-    pub fn route(&self, namespace: &Namespace, publication: Publication, backlogged: &mut Vec<Outbox>) -> usize {
+    pub fn route(
+        &self,
+        namespace: &Namespace,
+        publication: Publication,
+        backlogged: &mut Vec<Outbox>,
+    ) -> usize {
         let publication = Arc::new(publication);
         if publication.retain {
             let delta = self

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ntex_mqtt::QoS;
@@ -93,6 +93,9 @@ pub struct Inbox {
 #[derive(Default)]
 pub struct Backlog {
     pending: AtomicUsize,
+    /// Deliveries released so far: a publisher that waited `stall` tells a client that took
+    /// nothing from one that is slow.
+    released: AtomicU64,
     /// Publishers waiting for room; the outbound task wakes them only when there are some.
     waiting: AtomicUsize,
     progress: Notify,
@@ -107,8 +110,9 @@ pub struct Backlog {
 impl Backlog {
     /// A delivery has been written to the client, or given up.
     pub fn release(&self, delivery: &Delivery) {
-        self.pending.fetch_sub(cost(delivery), Ordering::AcqRel);
-        if self.waiting.load(Ordering::Acquire) > 0 {
+        self.pending.fetch_sub(cost(delivery), Ordering::SeqCst);
+        self.released.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
             self.progress.notify_waiters();
         }
     }
@@ -208,8 +212,9 @@ impl Outbox {
     /// (MQTT 5: DISCONNECT 0x97) and the wait ends.
     pub async fn room(&self, max_bytes: usize, stall: Duration) -> Room {
         let backlog = &self.backlog;
-        backlog.waiting.fetch_add(1, Ordering::AcqRel);
+        backlog.waiting.fetch_add(1, Ordering::SeqCst);
         let room = loop {
+            let released = backlog.released.load(Ordering::SeqCst);
             // Registered before the checks, so a release between them is not missed.
             let progress = backlog.progress.notified();
             if backlog.closed.load(Ordering::Acquire) || self.tx.is_closed() {
@@ -218,16 +223,18 @@ impl Outbox {
             if backlog.evicted.load(Ordering::Acquire) {
                 break Room::Stalled;
             }
-            if backlog.pending.load(Ordering::Acquire) <= max_bytes {
+            if backlog.pending.load(Ordering::SeqCst) <= max_bytes {
                 break Room::Available;
             }
-            if ntex::time::timeout(stall, progress).await.is_err() {
+            if ntex::time::timeout(stall, progress).await.is_err()
+                && backlog.released.load(Ordering::SeqCst) == released
+            {
                 backlog.evicted.store(true, Ordering::Release);
                 backlog.evict.notify_one();
                 break Room::Stalled;
             }
         };
-        backlog.waiting.fetch_sub(1, Ordering::AcqRel);
+        backlog.waiting.fetch_sub(1, Ordering::SeqCst);
         room
     }
 
@@ -260,6 +267,12 @@ impl Inbox {
     /// No more deliveries are taken; publishers waiting for room stop waiting.
     pub fn close(&mut self) {
         self.rx.close();
+        self.backlog.close();
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
         self.backlog.close();
     }
 }
@@ -381,15 +394,33 @@ mod tests {
     fn a_full_queue_drops_unless_backpressure_keeps_qos_1_and_2() {
         let max = cost(&delivery(QoS::AtLeastOnce));
         let (drop, _rx) = Outbox::with_policy(SlowSubscriber::Drop);
-        assert!(matches!(drop.push(delivery(QoS::AtLeastOnce), max), Ok(Pushed::WithinLimit)));
-        assert!(matches!(drop.push(delivery(QoS::AtLeastOnce), max), Err(PushError::Full(_))));
+        assert!(matches!(
+            drop.push(delivery(QoS::AtLeastOnce), max),
+            Ok(Pushed::WithinLimit)
+        ));
+        assert!(matches!(
+            drop.push(delivery(QoS::AtLeastOnce), max),
+            Err(PushError::Full(_))
+        ));
 
         let (held, _rx) = Outbox::with_policy(SlowSubscriber::Backpressure);
-        assert!(matches!(held.push(delivery(QoS::AtLeastOnce), max), Ok(Pushed::WithinLimit)));
-        assert!(matches!(held.push(delivery(QoS::ExactlyOnce), max), Ok(Pushed::OverLimit)));
-        assert!(matches!(held.push(delivery(QoS::AtLeastOnce), max), Ok(Pushed::OverLimit)));
+        assert!(matches!(
+            held.push(delivery(QoS::AtLeastOnce), max),
+            Ok(Pushed::WithinLimit)
+        ));
+        assert!(matches!(
+            held.push(delivery(QoS::ExactlyOnce), max),
+            Ok(Pushed::OverLimit)
+        ));
+        assert!(matches!(
+            held.push(delivery(QoS::AtLeastOnce), max),
+            Ok(Pushed::OverLimit)
+        ));
         // QoS 0 is never waited for: dropped as before.
-        assert!(matches!(held.push(delivery(QoS::AtMostOnce), max), Err(PushError::Full(_))));
+        assert!(matches!(
+            held.push(delivery(QoS::AtMostOnce), max),
+            Err(PushError::Full(_))
+        ));
         assert_eq!(held.pending(), 3 * max);
     }
 
