@@ -80,13 +80,14 @@ impl Writer {
     /// Waits until the sink takes another packet; `false` when the connection is closing,
     /// or closed here because a publisher gave up waiting for this client.
     async fn ready(&self) -> bool {
+        // The sink first: when it is ready, the eviction signal is not even registered.
         tokio::select! {
             biased;
+            ready = self.sink.ready() => ready,
             _ = self.backlog.evicted() => {
                 self.evict();
                 false
             }
-            ready = self.sink.ready() => ready,
         }
     }
 
@@ -133,11 +134,13 @@ pub(super) async fn run_outbound(
         let next = tokio::select! {
             biased;
             _ = &mut close => None,
+            message = rx.recv() => message,
+            // Only looked at when nothing is queued: a client that stalls with messages
+            // queued is waited for in `ready`.
             _ = w.backlog.evicted() => {
                 w.evict();
                 None
             }
-            message = rx.recv() => message,
         };
         let Some(message) = next else { break };
         let delivery = match message {
