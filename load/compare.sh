@@ -8,6 +8,7 @@
 #   CONNECT_DEVICES=10000 load/compare.sh   # also ramp 10,000 device connections to Drover
 #   INGEST_DEVICES=0 QUERY_POINTS=0 load/compare.sh   # fanout only
 #   DASHBOARD_WATCH=0 load/compare.sh     # without the publish-to-dashboard latency runs
+#   SLOW_SUBSCRIBER=backpressure load/compare.sh   # Drover slows publishers instead of dropping
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,8 @@ QUERY_POINTS=${QUERY_POINTS:-1000000}
 DASHBOARD_WATCH=${DASHBOARD_WATCH:-100}
 # Latency is compared at the same fixed rate, below either broker's saturation.
 LATENCY_RATE=${LATENCY_RATE:-20000}
+# Drover's MQTT_SLOW_SUBSCRIBER: drop (its default) or backpressure.
+SLOW_SUBSCRIBER=${SLOW_SUBSCRIBER:-drop}
 DROVER_HTTP=${DROVER_HTTP:-18180}
 DROVER_MQTT=${DROVER_MQTT:-18183}
 MOSQUITTO_PORT=${MOSQUITTO_PORT:-18283}
@@ -56,7 +59,7 @@ mosquitto -c "$WORK/mosquitto.conf" & MOSQUITTO_PID=$!
 ADMIN_PASSWORD=compare-$(date +%s)
 DATA_DIR="$WORK/data" PORT=$DROVER_HTTP HTTP_BIND=127.0.0.1 MQTT_PORT=$DROVER_MQTT MQTT_BIND=127.0.0.1 \
   MAX_DEVICES=$(( CONNECT_DEVICES > 50000 ? CONNECT_DEVICES : 50000 )) LOG_LEVEL=warn \
-  TELEMETRY_MAINTENANCE_INTERVAL_SECS=10 \
+  TELEMETRY_MAINTENANCE_INTERVAL_SECS=10 MQTT_SLOW_SUBSCRIBER=$SLOW_SUBSCRIBER \
   DROVER_ADMIN_PASSWORD=$ADMIN_PASSWORD "$DROVER" >"$WORK/drover.out" 2>"$WORK/drover.err" & DROVER_PID=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$DROVER_HTTP/health" >/dev/null && break; sleep 0.1; done
 BASE=http://127.0.0.1:$DROVER_HTTP
@@ -74,7 +77,7 @@ def out(cmd):
     except Exception: return "unknown"
 line = {"run": sys.argv[2], "drover": out(["$DROVER", "--version"]), "mosquitto": out(["mosquitto", "-h"]),
         "rustc": out(["rustc", "--version"]), "parameters": {"messages": $MESSAGES, "payload": $PAYLOAD,
-        "publishers": $PUBLISHERS, "subscribers": $SUBSCRIBERS}}
+        "publishers": $PUBLISHERS, "subscribers": $SUBSCRIBERS, "slow_subscriber": "$SLOW_SUBSCRIBER"}}
 open(sys.argv[1], "a").write(json.dumps(line) + "\n")
 print(json.dumps(line))
 PY
@@ -82,14 +85,14 @@ PY
 RUN_FILE="$WORK/run.jsonl"
 for QOS in 0 1; do
   for TARGET in drover mosquitto; do
-    if [ "$TARGET" = drover ]; then CREDS=(--port "$DROVER_MQTT" --username compare --password "$KEY"); else CREDS=(--port "$MOSQUITTO_PORT"); fi
+    if [ "$TARGET" = drover ]; then CREDS=(--port "$DROVER_MQTT" --username compare --password "$KEY" --slow-subscriber "$SLOW_SUBSCRIBER"); else CREDS=(--port "$MOSQUITTO_PORT"); fi
     "$LOAD" bench fanout --target "$TARGET" "${CREDS[@]}" --qos "$QOS" --messages "$MESSAGES" --payload "$PAYLOAD" \
       --publishers "$PUBLISHERS" --subscribers "$SUBSCRIBERS" --record "$RUN_FILE" | tail -n 1 >/dev/null
   done
 done
 for QOS in 0 1; do
   for TARGET in drover mosquitto; do
-    if [ "$TARGET" = drover ]; then CREDS=(--port "$DROVER_MQTT" --username compare --password "$KEY"); else CREDS=(--port "$MOSQUITTO_PORT"); fi
+    if [ "$TARGET" = drover ]; then CREDS=(--port "$DROVER_MQTT" --username compare --password "$KEY" --slow-subscriber "$SLOW_SUBSCRIBER"); else CREDS=(--port "$MOSQUITTO_PORT"); fi
     "$LOAD" bench fanout --target "$TARGET" "${CREDS[@]}" --qos "$QOS" --messages $(( LATENCY_RATE * 3 )) --payload "$PAYLOAD" \
       --rate "$LATENCY_RATE" --record "$RUN_FILE" | tail -n 1 >/dev/null
   done
@@ -124,17 +127,17 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 fan = {(r["target"], r["parameters"]["qos"]): r["results"] for r in rows if r["scenario"] == "fanout" and r["parameters"]["rate_per_publisher"] == 0}
 paced = {(r["target"], r["parameters"]["qos"]): r for r in rows if r["scenario"] == "fanout" and r["parameters"]["rate_per_publisher"] > 0}
-print("Throughput: publishers as fast as they can")
-print(f"{'fanout':<10}{'target':<11}{'delivered/s':>13}{'delivered':>11}{'p50 ms':>9}{'p99 ms':>9}")
+print(f"Throughput: publishers as fast as they can (Drover: MQTT_SLOW_SUBSCRIBER={next((r['parameters'].get('slow_subscriber') for r in rows if r['target'] == 'drover' and r['scenario'] == 'fanout'), None) or 'drop'})")
+print(f"{'fanout':<10}{'target':<11}{'published/s':>13}{'delivered/s':>13}{'delivered':>11}{'p50 ms':>9}{'p99 ms':>9}")
 for qos in (0, 1):
     for target in ("drover", "mosquitto"):
         r = fan.get((target, qos))
         if r:
-            print(f"{'QoS ' + str(qos):<10}{target:<11}{r['delivered_per_second']:>13.0f}{r['delivered_ratio']:>11.3f}"
+            print(f"{'QoS ' + str(qos):<10}{target:<11}{r['published_per_second']:>13.0f}{r['delivered_per_second']:>13.0f}{r['delivered_ratio']:>11.3f}"
                   f"{r.get('latency_p50_ms', 0):>9.2f}{r.get('latency_p99_ms', 0):>9.2f}")
     d, m = fan.get(("drover", qos)), fan.get(("mosquitto", qos))
     if d and m:
-        print(f"{'':<10}{'ratio':<11}{d['delivered_per_second'] / m['delivered_per_second']:>13.2f}  (Drover / Mosquitto)")
+        print(f"{'':<10}{'ratio':<11}{'':>13}{d['delivered_per_second'] / m['delivered_per_second']:>13.2f}  (Drover / Mosquitto)")
 if paced:
     rate = next(iter(paced.values()))["parameters"]["rate_per_publisher"]
     print(f"Latency at {rate} messages/s, the same for both")

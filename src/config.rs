@@ -122,8 +122,11 @@ pub struct MqttConfig {
     /// QoS 1/2 messages kept for a persistent session while its client is away.
     pub max_queued_messages: usize,
     /// Bytes of messages waiting to be written to one connected client; beyond, new messages
-    /// for it are dropped and counted (a slow subscriber never holds up anyone else).
+    /// for it are dropped and counted (a slow subscriber never holds up anyone else), unless
+    /// `slow_subscriber` is `backpressure`.
     pub max_queued_bytes: usize,
+    /// What happens to a QoS 1/2 message for a connected client whose queue is full.
+    pub slow_subscriber: SlowSubscriber,
     /// Messages per second one connection may publish (0: no limit); beyond, it is disconnected.
     pub max_publish_rate: u32,
     /// Longest session expiry granted; also the expiry of MQTT 3.1.1 persistent sessions.
@@ -132,6 +135,18 @@ pub struct MqttConfig {
     pub connect_timeout_secs: u16,
     /// Longest client identifier accepted, in bytes; longer ones are refused (v5 0x85, v3 0x02).
     pub max_client_id_len: usize,
+}
+
+/// `MQTT_SLOW_SUBSCRIBER`: what happens to a QoS 1/2 message for a connected client that
+/// already has `max_queued_bytes` waiting. QoS 0 messages are dropped either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowSubscriber {
+    /// Drop it and count it: a slow subscriber never slows anyone down, and loses messages.
+    Drop,
+    /// Queue it and hold back the publisher's PUBACK/PUBREC until the queue is within its
+    /// limit again: publishers go at the pace of their slowest QoS 1/2 subscriber.
+    Backpressure,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -340,6 +355,7 @@ impl Default for Config {
                 max_subscriptions: 100,
                 max_queued_messages: 1000,
                 max_queued_bytes: 16 * 1024 * 1024,
+                slow_subscriber: SlowSubscriber::Drop,
                 max_publish_rate: 0,
                 max_session_expiry_secs: 7 * 86_400,
                 connect_timeout_secs: 10,
@@ -782,6 +798,18 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "mqtt.max_queued_bytes",
         apply: |c, v| {
             c.mqtt.max_queued_bytes = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "MQTT_SLOW_SUBSCRIBER",
+        key: "mqtt.slow_subscriber",
+        apply: |c, v| {
+            c.mqtt.slow_subscriber = match v.trim() {
+                "drop" => SlowSubscriber::Drop,
+                "backpressure" => SlowSubscriber::Backpressure,
+                other => return Err(format!("expected \"drop\" or \"backpressure\", got {other:?}")),
+            };
             Ok(())
         },
     },
@@ -1889,8 +1917,14 @@ max_subscriptions = 100
 # QoS 1/2 messages kept for a persistent session while its client is away.  (MQTT_MAX_QUEUED_MESSAGES)
 max_queued_messages = 1000
 # Bytes of messages waiting to be written to one connected client; beyond, new messages for
-# it are dropped and counted, so a slow subscriber never holds up anyone else.  (MQTT_MAX_QUEUED_BYTES)
+# it are dropped and counted, so a slow subscriber never holds up anyone else (unless
+# slow_subscriber = "backpressure").  (MQTT_MAX_QUEUED_BYTES)
 max_queued_bytes = 16777216
+# A QoS 1/2 message for a connected client with max_queued_bytes waiting: "drop" drops and
+# counts it (the client loses it); "backpressure" queues it and holds back the publisher's
+# PUBACK/PUBREC until the queue has room again, and disconnects a client that takes nothing
+# for 10 seconds while a publisher waits. QoS 0 is dropped either way.  (MQTT_SLOW_SUBSCRIBER)
+slow_subscriber = "drop"
 # Messages per second one connection may publish; 0 means no limit.  (MQTT_MAX_PUBLISH_RATE)
 max_publish_rate = 0
 # Longest session expiry granted, in seconds (also for MQTT 3.1.1 persistent sessions).  (MQTT_MAX_SESSION_EXPIRY)
@@ -2142,6 +2176,18 @@ mod tests {
         assert!(err.to_string().contains("LOG_FORMAT"), "{err}");
         let err = Config::from_toml("[http]\nprot = 1\n").unwrap_err();
         assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn slow_subscriber_policy_is_drop_unless_set() {
+        assert_eq!(Config::default().mqtt.slow_subscriber, SlowSubscriber::Drop);
+        let config = Config::load_with_env(None, env(&[("MQTT_SLOW_SUBSCRIBER", "backpressure")])).unwrap();
+        assert_eq!(config.mqtt.slow_subscriber, SlowSubscriber::Backpressure);
+        let config = Config::from_toml("[mqtt]\nslow_subscriber = \"backpressure\"\n").unwrap();
+        assert_eq!(config.mqtt.slow_subscriber, SlowSubscriber::Backpressure);
+        let err = Config::load_with_env(None, env(&[("MQTT_SLOW_SUBSCRIBER", "block")])).unwrap_err();
+        assert!(err.to_string().contains("MQTT_SLOW_SUBSCRIBER"), "{err}");
+        assert!(Config::from_toml("[mqtt]\nslow_subscriber = \"block\"\n").is_err());
     }
 
     #[test]

@@ -272,6 +272,10 @@ enum Bench {
         /// Messages per second per publisher (0: as fast as the client allows).
         #[arg(long, default_value_t = 0)]
         rate: u32,
+        /// The broker's policy for a subscriber whose queue is full, recorded with the
+        /// results (Drover: the server's `MQTT_SLOW_SUBSCRIBER`, `drop` or `backpressure`).
+        #[arg(long)]
+        slow_subscriber: Option<String>,
         /// Append the JSON line to this file.
         #[arg(long)]
         record: Option<PathBuf>,
@@ -448,6 +452,7 @@ async fn main() -> anyhow::Result<()> {
             messages,
             payload,
             rate,
+            slow_subscriber,
             record,
         }) => {
             let report = bench::fanout::run(FanoutOptions {
@@ -462,6 +467,7 @@ async fn main() -> anyhow::Result<()> {
                 messages,
                 payload,
                 rate,
+                slow_subscriber,
             })
             .await?;
             report.finish(record.as_deref())?;

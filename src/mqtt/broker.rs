@@ -341,6 +341,17 @@ impl Broker {
     /// Routes a message to every matching session of `namespace` (one per shared group) and
     /// keeps it if it is retained. Returns how many sessions it was handed to.
     pub fn publish(&self, namespace: &Namespace, publication: Publication) -> usize {
+        self.route(namespace, publication, &mut Vec::new())
+    }
+
+    /// As [`Broker::publish`]; the queues it was pushed into past their limit (backpressure)
+    /// are added to `backlogged`, for the publisher to wait for room in before acknowledging.
+    pub fn route(
+        &self,
+        namespace: &Namespace,
+        publication: Publication,
+        backlogged: &mut Vec<Outbox>,
+    ) -> usize {
         let publication = Arc::new(publication);
         if publication.retain {
             let delta = self
@@ -411,6 +422,10 @@ impl Broker {
                 self.limits.max_queued_messages,
             ) {
                 Handoff::Sent | Handoff::Queued => handed += 1,
+                Handoff::Backlogged(outbox) => {
+                    handed += 1;
+                    backlogged.push(outbox);
+                }
                 Handoff::Dropped(reason) => self.metrics.dropped.with_label_values(&[reason]).inc(),
             }
         }

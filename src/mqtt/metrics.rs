@@ -15,6 +15,7 @@ pub struct BrokerMetrics {
     pub sent: IntCounterVec,
     pub dropped: IntCounterVec,
     pub refused: IntCounterVec,
+    pub slow_subscriber_disconnects: IntCounter,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -57,6 +58,11 @@ impl BrokerMetrics {
                 "Refusals: connect (bad credentials, not authorized, limit), publish and subscribe (not authorized, invalid, quota)",
                 &["kind", "reason"],
             ),
+            slow_subscriber_disconnects: IntCounter::new(
+                "drover_mqtt_slow_subscriber_disconnects_total",
+                "Clients disconnected under MQTT_SLOW_SUBSCRIBER=backpressure for taking no message while publishers waited",
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -68,6 +74,7 @@ impl BrokerMetrics {
             Box::new(m.sent.clone()),
             Box::new(m.dropped.clone()),
             Box::new(m.refused.clone()),
+            Box::new(m.slow_subscriber_disconnects.clone()),
         ] {
             metrics.register(c);
         }

@@ -3,6 +3,7 @@ pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod connection;
+pub mod delivery;
 pub mod listener;
 pub mod message;
 pub mod metrics;

@@ -4,16 +4,23 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ntex_mqtt::QoS;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::acl::{Identity, Namespace};
 use super::message::{Delivery, Outbound};
 use super::topic::Subscription;
+use crate::config::SlowSubscriber;
+
+/// Under `MQTT_SLOW_SUBSCRIBER=backpressure`, how long a publisher waits for a client that
+/// takes nothing from its queue before that client is disconnected (its session is kept).
+/// Long enough for a congested mobile link to recover, short enough that one stuck client
+/// cannot hold publishers for long.
+pub const SLOW_SUBSCRIBER_STALL: Duration = Duration::from_secs(10);
 
 /// Devices, applications and anonymous clients have separate client-id spaces, so an
 /// application cannot take over a device's session by reusing its id.
@@ -79,6 +86,15 @@ pub fn cost(delivery: &Delivery) -> usize {
     delivery.publication.payload.len() + delivery.publication.topic.len() + 64
 }
 
+/// A delivery that was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    WithinLimit,
+    /// Queued past `max_bytes` (backpressure): the publisher waits for room before it
+    /// acknowledges the message.
+    OverLimit,
+}
+
 /// Why a delivery was not queued.
 pub enum PushError {
     /// `max_queued_bytes` are waiting already.
@@ -93,49 +109,165 @@ pub enum PushError {
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Outbound>,
-    pending: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
+    policy: SlowSubscriber,
 }
 
 /// The receiving side, drained by the connection's outbound task.
 pub struct Inbox {
     rx: mpsc::UnboundedReceiver<Outbound>,
-    pending: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
+}
+
+/// What waits for one connection, shared by everyone who queues for it and its outbound task.
+/// A delivery counts from the moment it is queued until it is written (or given up), so QoS 2
+/// deliveries waiting for their turn count too.
+#[derive(Default)]
+pub struct Backlog {
+    pending: AtomicUsize,
+    /// Deliveries released so far: a publisher that waited `stall` tells a client that took
+    /// nothing from one that is slow.
+    released: AtomicU64,
+    /// Publishers waiting for room; the outbound task wakes them only when there are some.
+    waiting: AtomicUsize,
+    progress: Notify,
+    /// Set by a publisher that gave up on the client; the outbound task then closes the
+    /// connection.
+    evicted: AtomicBool,
+    evict: Notify,
+    /// The outbound task has ended.
+    closed: AtomicBool,
+}
+
+impl Backlog {
+    /// A delivery has been written to the client, or given up.
+    pub fn release(&self, delivery: &Delivery) {
+        self.pending.fetch_sub(cost(delivery), Ordering::SeqCst);
+        self.released.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// Resolves once a publisher has given up on the client.
+    pub async fn evicted(&self) {
+        let notified = self.evict.notified();
+        if self.evicted.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.progress.notify_waiters();
+    }
+}
+
+/// How a publisher's wait for room in a subscriber's queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// At most `max_bytes` wait again.
+    Available,
+    /// The connection is gone (its queue went back to the session).
+    Closed,
+    /// The client took nothing for [`SLOW_SUBSCRIBER_STALL`]; it is being disconnected.
+    Stalled,
 }
 
 impl Outbox {
+    /// A queue that drops what does not fit (`MQTT_SLOW_SUBSCRIBER=drop`).
     pub fn new() -> (Outbox, Inbox) {
+        Self::with_policy(SlowSubscriber::Drop)
+    }
+
+    pub fn with_policy(policy: SlowSubscriber) -> (Outbox, Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicUsize::new(0));
+        let backlog = Arc::new(Backlog::default());
         (
             Outbox {
                 tx,
-                pending: pending.clone(),
+                backlog: backlog.clone(),
+                policy,
             },
-            Inbox { rx, pending },
+            Inbox { rx, backlog },
         )
     }
 
-    /// Queues a delivery unless `max_bytes` are waiting already.
-    pub fn push(&self, delivery: Delivery, max_bytes: usize) -> Result<(), PushError> {
+    /// Queues a delivery unless `max_bytes` are waiting already. Under backpressure a QoS 1/2
+    /// delivery is queued anyway (in order, at once) and its publisher waits for [`Outbox::room`]
+    /// before acknowledging; what the queue can exceed its limit by is then bounded by the
+    /// publishers' own in-flight windows (`receive_maximum` messages each).
+    pub fn push(&self, delivery: Delivery, max_bytes: usize) -> Result<Pushed, PushError> {
         let size = cost(&delivery);
-        if self.pending.load(Ordering::Acquire) + size > max_bytes {
-            return Err(PushError::Full(delivery));
+        if self.backlog.pending.load(Ordering::Acquire) + size <= max_bytes {
+            return self
+                .force(delivery)
+                .map(|()| Pushed::WithinLimit)
+                .map_err(PushError::Closed);
         }
-        self.force(delivery).map_err(PushError::Closed)
+        if self.policy == SlowSubscriber::Backpressure && delivery.qos != QoS::AtMostOnce {
+            return self
+                .force(delivery)
+                .map(|()| Pushed::OverLimit)
+                .map_err(PushError::Closed);
+        }
+        Err(PushError::Full(delivery))
     }
 
     /// Queues a delivery whatever is waiting (a resumed session's own backlog).
     pub fn force(&self, delivery: Delivery) -> Result<(), Delivery> {
         let size = cost(&delivery);
-        self.pending.fetch_add(size, Ordering::AcqRel);
+        self.backlog.pending.fetch_add(size, Ordering::AcqRel);
         match self.tx.send(Outbound::Deliver(delivery)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError(Outbound::Deliver(d))) => {
-                self.pending.fetch_sub(size, Ordering::AcqRel);
+                self.backlog.pending.fetch_sub(size, Ordering::AcqRel);
                 Err(d)
             }
             Err(_) => unreachable!("a delivery was sent"),
         }
+    }
+
+    /// Bytes waiting for the connection.
+    pub fn pending(&self) -> usize {
+        self.backlog.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether two handles queue for the same connection.
+    pub fn same_queue(&self, other: &Outbox) -> bool {
+        Arc::ptr_eq(&self.backlog, &other.backlog)
+    }
+
+    /// Waits until at most `max_bytes` wait for the connection. The wait is bounded by the
+    /// client's progress: when it takes nothing for `stall`, the connection is told to close
+    /// (MQTT 5: DISCONNECT 0x97) and the wait ends.
+    pub async fn room(&self, max_bytes: usize, stall: Duration) -> Room {
+        let backlog = &self.backlog;
+        backlog.waiting.fetch_add(1, Ordering::SeqCst);
+        let room = loop {
+            let released = backlog.released.load(Ordering::SeqCst);
+            // Registered before the checks, so a release between them is not missed.
+            let progress = backlog.progress.notified();
+            if backlog.closed.load(Ordering::Acquire) || self.tx.is_closed() {
+                break Room::Closed;
+            }
+            if backlog.evicted.load(Ordering::Acquire) {
+                break Room::Stalled;
+            }
+            if backlog.pending.load(Ordering::SeqCst) <= max_bytes {
+                break Room::Available;
+            }
+            if ntex::time::timeout(stall, progress).await.is_err()
+                && backlog.released.load(Ordering::SeqCst) == released
+            {
+                backlog.evicted.store(true, Ordering::Release);
+                backlog.evict.notify_one();
+                break Room::Stalled;
+            }
+        };
+        backlog.waiting.fetch_sub(1, Ordering::SeqCst);
+        room
     }
 
     /// Tells the connection to close; `false` if it is gone already.
@@ -150,26 +282,30 @@ impl Outbox {
 }
 
 impl Inbox {
-    fn taken(&self, message: &Outbound) {
-        if let Outbound::Deliver(d) = message {
-            self.pending.fetch_sub(cost(d), Ordering::AcqRel);
-        }
-    }
-
+    /// The next message. A delivery still counts as waiting until it is passed to
+    /// [`Backlog::release`].
     pub async fn recv(&mut self) -> Option<Outbound> {
-        let message = self.rx.recv().await?;
-        self.taken(&message);
-        Some(message)
+        self.rx.recv().await
     }
 
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        let message = self.rx.try_recv().ok()?;
-        self.taken(&message);
-        Some(message)
+        self.rx.try_recv().ok()
     }
 
+    pub fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
+    }
+
+    /// No more deliveries are taken; publishers waiting for room stop waiting.
     pub fn close(&mut self) {
         self.rx.close();
+        self.backlog.close();
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.backlog.close();
     }
 }
 
@@ -195,9 +331,10 @@ pub struct SessionState {
 }
 
 /// What happened to a delivery handed to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handoff {
     Sent,
+    /// Sent past the queue's limit: the publisher waits for room in this queue.
+    Backlogged(Outbox),
     Queued,
     Dropped(&'static str),
 }
@@ -247,7 +384,8 @@ impl Session {
         let mut state = self.state.lock();
         if let Some(link) = &state.link {
             match link.outbox.push(delivery, max_bytes) {
-                Ok(()) => return Handoff::Sent,
+                Ok(Pushed::WithinLimit) => return Handoff::Sent,
+                Ok(Pushed::OverLimit) => return Handoff::Backlogged(link.outbox.clone()),
                 Err(PushError::Full(_)) => return Handoff::Dropped("queue_full"),
                 // The connection is going away (its detach is on the way); keep the message
                 // for its successor.
@@ -274,7 +412,8 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use super::ReadDecisions;
+    use super::*;
+    use crate::mqtt::message::Publication;
 
     #[test]
     fn read_decisions_are_taken_once_per_topic_and_rules_generation() {
@@ -296,5 +435,63 @@ mod tests {
             cache.may_read(2, &format!("t/{i}"), || true);
         }
         assert!(cache.allowed.len() <= ReadDecisions::MAX_TOPICS);
+    }
+
+    fn delivery(qos: QoS) -> Delivery {
+        Delivery {
+            publication: Arc::new(Publication::internal("t", vec![0u8; 100], qos, false)),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            dup: false,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_unless_backpressure_keeps_qos_1_and_2() {
+        let max = cost(&delivery(QoS::AtLeastOnce));
+        let (drop, _rx) = Outbox::with_policy(SlowSubscriber::Drop);
+        assert!(matches!(
+            drop.push(delivery(QoS::AtLeastOnce), max),
+            Ok(Pushed::WithinLimit)
+        ));
+        assert!(matches!(
+            drop.push(delivery(QoS::AtLeastOnce), max),
+            Err(PushError::Full(_))
+        ));
+
+        let (held, _rx) = Outbox::with_policy(SlowSubscriber::Backpressure);
+        assert!(matches!(
+            held.push(delivery(QoS::AtLeastOnce), max),
+            Ok(Pushed::WithinLimit)
+        ));
+        assert!(matches!(
+            held.push(delivery(QoS::ExactlyOnce), max),
+            Ok(Pushed::OverLimit)
+        ));
+        assert!(matches!(
+            held.push(delivery(QoS::AtLeastOnce), max),
+            Ok(Pushed::OverLimit)
+        ));
+        // QoS 0 is never waited for: dropped as before.
+        assert!(matches!(
+            held.push(delivery(QoS::AtMostOnce), max),
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(held.pending(), 3 * max);
+    }
+
+    #[test]
+    fn a_delivery_counts_until_it_is_released() {
+        let (outbox, mut inbox) = Outbox::new();
+        outbox.push(delivery(QoS::ExactlyOnce), usize::MAX).ok().unwrap();
+        let Some(Outbound::Deliver(d)) = inbox.try_recv() else {
+            panic!("queued")
+        };
+        assert_eq!(outbox.pending(), cost(&d), "taken, not yet written");
+        inbox.backlog().release(&d);
+        assert_eq!(outbox.pending(), 0);
+        assert!(outbox.same_queue(&outbox.clone()));
+        assert!(!outbox.same_queue(&Outbox::new().0));
     }
 }

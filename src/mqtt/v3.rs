@@ -59,6 +59,7 @@ pub async fn handshake(
         keep_alive,
         will,
         qos2: hs.io().query::<Qos2Link>().as_ref().cloned(),
+        topic_alias_max: 0,
     };
     match connection::connect(&ctx, slot, request).await {
         Ok(accepted) => {

@@ -110,6 +110,7 @@ pub async fn handshake(
         keep_alive: client_keep_alive,
         will,
         qos2: hs.io().query::<Qos2Link>().as_ref().cloned(),
+        topic_alias_max: pkt.topic_alias_max,
     };
     let requested_expiry = pkt.session_expiry_interval_secs;
     match connection::connect(&ctx, slot, request).await {

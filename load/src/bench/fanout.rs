@@ -28,6 +28,10 @@ pub struct FanoutOptions {
     pub payload: usize,
     /// Messages per second per publisher; 0 publishes as fast as the client allows.
     pub rate: u32,
+    /// The broker's slow-subscriber policy (Drover's `MQTT_SLOW_SUBSCRIBER`), when known: with
+    /// `drop`, QoS 1 messages a subscriber cannot keep up with are lost (`delivered_ratio`
+    /// below 1); with `backpressure`, publishers are slowed instead (`published_per_second`).
+    pub slow_subscriber: Option<String>,
 }
 
 pub fn qos(level: u8) -> anyhow::Result<QoS> {
@@ -200,7 +204,7 @@ pub async fn run(o: FanoutOptions) -> anyhow::Result<Report> {
     let mut report = Report::new(
         "fanout",
         &o.target,
-        json!({"qos": o.qos, "publishers": o.publishers, "subscribers": o.subscribers, "messages_per_publisher": o.messages, "payload_bytes": o.payload.max(16), "rate_per_publisher": o.rate}),
+        json!({"qos": o.qos, "publishers": o.publishers, "subscribers": o.subscribers, "messages_per_publisher": o.messages, "payload_bytes": o.payload.max(16), "rate_per_publisher": o.rate, "slow_subscriber": o.slow_subscriber}),
     );
     report.set("expected", expected);
     report.set("delivered", delivered);
