@@ -232,15 +232,18 @@ fn mqtt_service<F: Filter>(
         )
 }
 
-/// Puts the layer that answers inbound QoS 2 retransmissions under the MQTT codec.
-fn with_qos2_layer<F: Filter>() -> impl ServiceFactory<
+/// Puts the layer that answers inbound QoS 2 retransmissions (and hands PUBLISH packets up
+/// whole) under the MQTT codec.
+fn with_qos2_layer<F: Filter>(
+    max_packet_size: u32,
+) -> impl ServiceFactory<
     Io<F>,
     SharedCfg,
     Response = Io<Layer<Qos2Layer, F>>,
     Error = MqttError<BrokerError>,
     InitError = (),
 > {
-    fn_service(async |io: Io<F>| Ok(io.add_filter(Qos2Layer::default())))
+    fn_service(async move |io: Io<F>| Ok(io.add_filter(Qos2Layer::new(max_packet_size))))
 }
 
 /// The running MQTT server.
@@ -265,6 +268,7 @@ pub fn serve(
         tls_addr,
     } = listeners;
     let workers = config.mqtt_workers();
+    let max_packet_size = config.mqtt.max_packet_size;
     let cfg = service_config(config);
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let service_ctx = ctx.clone();
@@ -286,7 +290,7 @@ pub fn serve(
                     .disable_signals()
                     .shutdown_timeout(Seconds(5))
                     .listen("mqtt", plain, async move |_| {
-                        chain_factory(with_qos2_layer())
+                        chain_factory(with_qos2_layer(max_packet_size))
                             .and_then(mqtt_service(plain_ctx.clone()))
                             .map_err(|e: MqttError<BrokerError>| {
                                 tracing::debug!(error = %e, "MQTT connection ended with an error");
@@ -300,7 +304,7 @@ pub fn serve(
                         .listen("mqtts", listener, async move |_| {
                             chain_factory(TlsAcceptor::new(tls_config.clone()))
                                 .map_err(|e| MqttError::Service(BrokerError::Internal(format!("TLS: {e}"))))
-                                .and_then(with_qos2_layer())
+                                .and_then(with_qos2_layer(max_packet_size))
                                 .and_then(mqtt_service(tls_ctx.clone()))
                         })?
                         .config("mqtts", cfg);

@@ -14,6 +14,13 @@
 //! answers resends and PUBREL itself, and frees the id at PUBREL. PUBACK and PUBREC have the
 //! same layout in both protocol versions (id, then 5.0's reason code and properties), so the
 //! answer is the packet ntex-mqtt wrote with another type.
+//!
+//! It also hands every PUBLISH up whole (up to the packet size limit). ntex-mqtt's codec
+//! decodes a PUBLISH whose payload has not fully arrived into the header plus later payload
+//! chunks, and its dispatcher may run a chunk before the handler of the PUBLISH it belongs to
+//! when that handler's predecessor is still waiting (a QoS 1 PUBACK held back for the telemetry
+//! writers or a slow subscriber): the connection then stalls or is closed with
+//! `UnexpectedPayload`. A whole packet is decoded in one piece.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -85,6 +92,9 @@ pub struct Qos2Exchange {
     processing: usize,
     /// Answers waiting for the outbound stream to reach a packet boundary.
     pending: Vec<u8>,
+    /// A PUBLISH up to this many bytes (the packet size limit) is handed up only whole; a
+    /// larger one goes up at once, and the codec refuses it.
+    whole_publish_max: usize,
 }
 
 impl Default for Qos2Exchange {
@@ -96,6 +106,7 @@ impl Default for Qos2Exchange {
             ids: HashMap::new(),
             processing: 0,
             pending: Vec::new(),
+            whole_publish_max: usize::MAX,
         }
     }
 }
@@ -144,6 +155,9 @@ impl Qos2Exchange {
                     };
                     let total = header_len + remaining;
                     let body = &view[header_len..];
+                    if first >> 4 == PUBLISH && view.len() < total && total <= self.whole_publish_max {
+                        break;
+                    }
                     match first >> 4 {
                         CONNECT => {
                             // Protocol name "MQTT" (2 + 4 bytes), then the level.
@@ -341,6 +355,16 @@ pub struct Qos2Layer {
     link: Qos2Link,
 }
 
+impl Qos2Layer {
+    /// A layer that hands PUBLISH packets of up to `max_packet_size` bytes up whole.
+    pub fn new(max_packet_size: u32) -> Self {
+        let layer = Qos2Layer::default();
+        // The fixed header (up to 5 bytes) is not part of MQTT's remaining length.
+        layer.link.exchange.borrow_mut().whole_publish_max = max_packet_size as usize + 5;
+        layer
+    }
+}
+
 impl std::fmt::Debug for Qos2Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qos2Layer").finish_non_exhaustive()
@@ -429,6 +453,34 @@ mod tests {
         x.write(&mut src, &mut dst);
         assert!(src.is_empty());
         dst.freeze().to_vec()
+    }
+
+    #[test]
+    fn a_publish_goes_up_only_whole_unless_it_is_over_the_size_limit() {
+        let layer = Qos2Layer::new(1024);
+        let mut x = layer.link.exchange.borrow_mut();
+        let first = publish(1, 7, false, &[b'p'; 600]);
+        let second = publish(0, 0, false, &[b'q'; 300]);
+        let stream = [first.clone(), second.clone()].concat();
+        let mut src = BytesMut::new();
+        let mut dst = BytesMut::new();
+        let mut seen = Vec::new();
+        for piece in stream.chunks(100) {
+            src.extend_from_slice(piece);
+            x.read(&mut src, &mut dst, |_| false);
+            if !dst.is_empty() {
+                seen.push(dst.to_vec());
+                dst.clear();
+            }
+        }
+        assert_eq!(seen, vec![first, second], "each packet went up in one piece");
+        assert!(src.is_empty());
+        // Over the limit: its head goes up at once, for the codec to refuse.
+        let big = publish(1, 8, false, &[b'b'; 2000]);
+        let mut src = BytesMut::from(&big[..100]);
+        let mut dst = BytesMut::new();
+        x.read(&mut src, &mut dst, |_| false);
+        assert_eq!(dst.to_vec(), big[..100].to_vec());
     }
 
     #[test]
