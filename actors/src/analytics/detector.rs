@@ -30,6 +30,8 @@ pub enum Method {
     Ewma,
     /// Extended Isolation Forest ([`super::isolation`]).
     Eif,
+    /// Page–Hinkley change in the mean ([`super::drift::DriftDetector`]).
+    Drift,
     Ensemble,
 }
 
@@ -41,6 +43,7 @@ impl Method {
             Method::Mad => "mad",
             Method::Ewma => "ewma",
             Method::Eif => "eif",
+            Method::Drift => "drift",
             Method::Ensemble => "ensemble",
         }
     }
@@ -55,10 +58,11 @@ impl std::str::FromStr for Method {
             "mad" => Ok(Method::Mad),
             "ewma" => Ok(Method::Ewma),
             "eif" => Ok(Method::Eif),
+            "drift" => Ok(Method::Drift),
             "ensemble" => Ok(Method::Ensemble),
             other => Err(super::AnalyticsError::InvalidParameter {
                 name: "method",
-                reason: format!("unknown method {other:?} (zscore, mad, ewma, eif, ensemble)"),
+                reason: format!("unknown method {other:?} (zscore, mad, ewma, eif, drift, ensemble)"),
             }),
         }
     }
@@ -311,30 +315,39 @@ impl Detector for EwmaDetector {
     }
 }
 
-/// Combines detectors by vote: a value is anomalous when at least `quorum` members flag it. The
-/// score is the `quorum`-th highest member score, so `score >= 1.0` agrees with the flag.
+/// Combines detectors: a value is anomalous when at least `quorum` voters flag it, or when any
+/// sentinel does. The score is the larger of the `quorum`-th highest voter score and the highest
+/// sentinel score, so `score >= 1.0` agrees with the flag.
 ///
-/// Voting rather than "any member" keeps the false positives of the union down: the members
-/// err on different values (the MAD on seasonal peaks, the EWMA just after a step).
+/// Voting keeps the false positives of a union down: the point detectors err on different
+/// values (the MAD on seasonal peaks, the EWMA just after a step). A sentinel watches for what
+/// no voter can see, such as a slow drift that every windowed detector learns as normal.
 pub struct Ensemble {
-    members: Vec<Box<dyn Detector + Send>>,
+    voters: Vec<Box<dyn Detector + Send>>,
+    sentinels: Vec<Box<dyn Detector + Send>>,
     quorum: usize,
     scores: Vec<f64>,
 }
 
 impl Ensemble {
-    /// `quorum` is clamped to `1..=members.len()`.
-    pub fn new(members: Vec<Box<dyn Detector + Send>>, quorum: usize) -> Self {
-        let quorum = quorum.clamp(1, members.len().max(1));
-        let scores = Vec::with_capacity(members.len());
+    /// `quorum` is clamped to `1..=voters.len()`.
+    pub fn new(
+        voters: Vec<Box<dyn Detector + Send>>,
+        sentinels: Vec<Box<dyn Detector + Send>>,
+        quorum: usize,
+    ) -> Self {
+        let quorum = quorum.clamp(1, voters.len().max(1));
+        let scores = Vec::with_capacity(voters.len());
         Ensemble {
-            members,
+            voters,
+            sentinels,
             quorum,
             scores,
         }
     }
 
-    /// Z-score, MAD and EWMA with their defaults and `threshold`, two votes out of three.
+    /// Z-score, MAD and EWMA with their defaults and `threshold`, two votes out of three, and a
+    /// Page–Hinkley drift sentinel.
     pub fn standard(threshold: f64) -> Self {
         Ensemble::new(
             vec![
@@ -342,6 +355,7 @@ impl Ensemble {
                 Box::new(MadDetector::new(DEFAULT_WINDOW, DEFAULT_WINDOW, threshold)),
                 Box::new(EwmaDetector::new(DEFAULT_EWMA_ALPHA, DEFAULT_WINDOW, threshold)),
             ],
+            vec![Box::new(super::drift::DriftDetector::default())],
             2,
         )
     }
@@ -349,9 +363,11 @@ impl Ensemble {
 
 impl std::fmt::Debug for Ensemble {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let methods: Vec<_> = self.members.iter().map(|m| m.method()).collect();
+        let voters: Vec<_> = self.voters.iter().map(|m| m.method()).collect();
+        let sentinels: Vec<_> = self.sentinels.iter().map(|m| m.method()).collect();
         f.debug_struct("Ensemble")
-            .field("members", &methods)
+            .field("voters", &voters)
+            .field("sentinels", &sentinels)
             .field("quorum", &self.quorum)
             .finish()
     }
@@ -364,17 +380,25 @@ impl Detector for Ensemble {
 
     fn observe(&mut self, value: f64) -> Option<Verdict> {
         self.scores.clear();
-        for member in &mut self.members {
-            if let Some(verdict) = member.observe(value) {
+        for voter in &mut self.voters {
+            if let Some(verdict) = voter.observe(value) {
                 self.scores.push(verdict.score);
             }
         }
+        let mut sentinel_score: Option<f64> = None;
+        let mut sentinels_warm = true;
+        for sentinel in &mut self.sentinels {
+            match sentinel.observe(value) {
+                Some(verdict) => sentinel_score = Some(sentinel_score.unwrap_or(0.0).max(verdict.score)),
+                None => sentinels_warm = false,
+            }
+        }
         // Every member must be warm: a vote among fewer would change the quorum's meaning.
-        if self.scores.len() < self.members.len() || self.members.is_empty() {
+        if self.scores.len() < self.voters.len() || self.voters.is_empty() || !sentinels_warm {
             return None;
         }
         self.scores.sort_by(|a, b| b.total_cmp(a));
-        let score = self.scores[self.quorum - 1];
+        let score = self.scores[self.quorum - 1].max(sentinel_score.unwrap_or(0.0));
         Some(Verdict {
             statistic: score,
             score,
@@ -396,6 +420,7 @@ pub fn detector_for(method: Method, threshold: Option<f64>) -> Box<dyn Detector 
         Method::Eif => Box::new(IsolationDetector::univariate(
             threshold.unwrap_or(DEFAULT_EIF_THRESHOLD),
         )),
+        Method::Drift => Box::new(super::drift::DriftDetector::default()),
         Method::Ensemble => Box::new(Ensemble::standard(sigmas)),
     }
 }

@@ -4,6 +4,7 @@
 //! (the product's `detect_drift(data, threshold=0.05)`), and [`PageHinkley`] watches the stream
 //! and raises an event as soon as the mean has moved, for live drift events.
 
+use super::detector::{Detector, Method, Verdict, median_mad};
 use super::{AnalyticsError, ensure_finite, ensure_len};
 
 /// Default p-value below which two windows are said to differ.
@@ -152,6 +153,95 @@ impl PageHinkley {
     }
 }
 
+/// [`PageHinkley`] as a [`Detector`], in units of the series' own spread: the first `warm_up`
+/// values set a robust centre and scale (median, normal-consistent MAD), and `delta` and
+/// `lambda` are multiples of that scale, so one setting fits any metric. Its verdict is an
+/// event (`anomalous` on the value where the change is detected), the others' values score
+/// `statistic / lambda`.
+#[derive(Debug, Clone)]
+pub struct DriftDetector {
+    test: PageHinkley,
+    warm_up: usize,
+    learning: Vec<f64>,
+    centre: f64,
+    scale: f64,
+}
+
+/// Default allowance of [`DriftDetector`], in robust standard deviations.
+pub const DEFAULT_DRIFT_DELTA: f64 = 0.5;
+/// Default evidence of [`DriftDetector`], in robust standard deviations times values.
+pub const DEFAULT_DRIFT_LAMBDA: f64 = 30.0;
+
+impl DriftDetector {
+    pub fn new(delta: f64, lambda: f64, warm_up: usize) -> Self {
+        let warm_up = warm_up.max(3);
+        DriftDetector {
+            test: PageHinkley::new(delta, lambda, warm_up),
+            warm_up,
+            learning: Vec::with_capacity(warm_up),
+            centre: 0.0,
+            scale: 0.0,
+        }
+    }
+}
+
+impl Default for DriftDetector {
+    fn default() -> Self {
+        DriftDetector::new(
+            DEFAULT_DRIFT_DELTA,
+            DEFAULT_DRIFT_LAMBDA,
+            super::detector::DEFAULT_WINDOW,
+        )
+    }
+}
+
+impl Detector for DriftDetector {
+    fn method(&self) -> Method {
+        Method::Drift
+    }
+
+    fn observe(&mut self, value: f64) -> Option<Verdict> {
+        if !value.is_finite() {
+            return None;
+        }
+        if self.learning.len() < self.warm_up {
+            self.learning.push(value);
+            if self.learning.len() == self.warm_up {
+                let (centre, scale) = median_mad(&self.learning);
+                self.centre = centre;
+                // A flat warm-up has no spread; any unit keeps the test defined.
+                self.scale = if scale > 0.0 { scale } else { 1.0 };
+            }
+            return None;
+        }
+        let lambda = self.test.lambda;
+        let event = self.test.observe((value - self.centre) / self.scale);
+        let (up, down) = self.test.statistics();
+        Some(match event {
+            Some(direction) => {
+                let statistic = if direction == DriftDirection::Up {
+                    lambda
+                } else {
+                    -lambda
+                };
+                Verdict {
+                    statistic,
+                    score: 1.0,
+                    anomalous: true,
+                }
+            }
+            None => {
+                let statistic = if up >= down { up } else { -down };
+                Verdict {
+                    statistic,
+                    score: (up.max(down) / lambda).min(0.999),
+                    anomalous: false,
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +320,25 @@ mod tests {
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].1, DriftDirection::Up);
         assert!((100..110).contains(&events[0].0), "{events:?}");
+    }
+
+    #[test]
+    fn drift_detector_sees_a_slow_ramp_in_units_of_the_noise() {
+        // Warm-up on alternating ±1 (MAD-σ 1.4826), then a ramp of 0.05 per value: the
+        // cumulative excess over δ = 0.5σ passes λ = 30σ some tens of values into the ramp.
+        let mut detector = DriftDetector::new(0.5, 30.0, 50);
+        let values: Vec<f64> = (0..400)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 } + if i >= 200 { (i - 200) as f64 * 0.05 } else { 0.0 })
+            .collect();
+        let flagged: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| detector.observe(**v).is_some_and(|v| v.anomalous))
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            !flagged.is_empty() && flagged[0] > 200 && flagged[0] < 300,
+            "{flagged:?}"
+        );
     }
 }

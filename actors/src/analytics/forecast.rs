@@ -97,6 +97,17 @@ pub(crate) fn detrended_autocorrelation(values: &[f64], max_lag: usize) -> Optio
     )
 }
 
+/// The trend the smoothing extrapolates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trend {
+    /// Holt's damped trend: the slope fades over the horizon. The better default for a metric
+    /// forecast, as a short-lived slope is not extrapolated forever.
+    Damped,
+    /// Holt's linear trend: the slope persists. For maintenance, where a metric degrades
+    /// steadily towards a limit until someone acts (a battery does not level off at 30%).
+    Linear,
+}
+
 /// Forecasts `horizon` steps after `values` (equally spaced) with intervals at `level`.
 /// `season`: `Some(p)` forces a season length (`Some(1)` none), `None` detects it.
 pub fn forecast(
@@ -104,6 +115,7 @@ pub fn forecast(
     horizon: usize,
     level: f64,
     season: Option<usize>,
+    trend: Trend,
 ) -> Result<Forecast, AnalyticsError> {
     ensure_len("forecast", values, MIN_HISTORY)?;
     ensure_finite(values)?;
@@ -127,7 +139,7 @@ pub fn forecast(
     };
     let damped = || -> Result<AutoETS, AnalyticsError> {
         AutoETS::new(1, "AAN")
-            .and_then(|m| m.damped(true))
+            .and_then(|m| m.damped(trend == Trend::Damped))
             .map_err(|e| AnalyticsError::Model(e.to_string()))
     };
     let model_error = |e: &dyn std::fmt::Display| AnalyticsError::Model(e.to_string());
@@ -321,7 +333,7 @@ mod tests {
     fn forecast_beats_seasonal_naive_on_trend_plus_season() {
         let series = seasonal_series(264, 24, 0.05);
         let (train, test) = series.split_at(240);
-        let f = forecast(train, 24, 0.95, None).unwrap();
+        let f = forecast(train, 24, 0.95, None, Trend::Damped).unwrap();
         assert_eq!(f.season, Some(24));
         assert_eq!(f.point.len(), 24);
         assert!(
@@ -372,15 +384,15 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         assert!(matches!(
-            forecast(&[1.0; 5], 3, 0.95, None),
+            forecast(&[1.0; 5], 3, 0.95, None, Trend::Damped),
             Err(AnalyticsError::NotEnoughData { .. })
         ));
         assert!(matches!(
-            forecast(&[1.0; 20], 3, 1.5, None),
+            forecast(&[1.0; 20], 3, 1.5, None, Trend::Damped),
             Err(AnalyticsError::InvalidParameter { .. })
         ));
         assert!(matches!(
-            forecast(&[1.0; 20], 3, 0.95, Some(15)),
+            forecast(&[1.0; 20], 3, 0.95, Some(15), Trend::Damped),
             Err(AnalyticsError::NotEnoughData { .. })
         ));
     }

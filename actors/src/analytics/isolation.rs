@@ -8,8 +8,8 @@
 //! metric in thousands would otherwise drown one in units), then scored; the raw score is mapped
 //! to 0..1 against the range of the training set's scores ([`IsolationModel::normalise`]).
 //!
-//! The crate's forest has a compile-time dimension, so vectors are padded with zeros to
-//! [`FEATURE_DIM`]: a zero coordinate is the same for every point and never separates any, and
+//! The crate's forest has a compile-time dimension, so vectors are padded with zeros to the
+//! width of one metric's features or to [`FEATURE_DIM`]: a zero coordinate is the same for every point and never separates any, and
 //! the forest is fully extended (random hyperplanes over all coordinates) so no split is spent on
 //! a padding coordinate alone.
 //!
@@ -33,7 +33,7 @@ pub const FEATURES_PER_METRIC: usize = 3;
 pub const FEATURE_DIM: usize = MAX_METRICS * FEATURES_PER_METRIC;
 
 /// Default normalised score from which a message is anomalous.
-pub const DEFAULT_EIF_THRESHOLD: f64 = 0.7;
+pub const DEFAULT_EIF_THRESHOLD: f64 = 0.95;
 
 /// Turns a stream of metric vectors into feature vectors.
 #[derive(Debug, Clone)]
@@ -67,8 +67,9 @@ impl FeatureBuilder {
     }
 
     /// Adds one message's metrics (in a fixed order) and returns its features, laid out as all
-    /// values, then all differences, then all rolling deviations. `None` for the first message,
-    /// which has no difference yet.
+    /// values, then all differences, then all rolling deviations. `None` until `window`
+    /// messages have been seen: a deviation over fewer values is not comparable with the later
+    /// ones, and a model trained on those first vectors would take them for its extremes.
     pub fn push(&mut self, values: &[f64]) -> Result<Option<Vec<f64>>, AnalyticsError> {
         if values.len() != self.metrics {
             return Err(AnalyticsError::LengthMismatch {
@@ -86,6 +87,9 @@ impl FeatureBuilder {
         let Some(previous) = self.previous.replace(values.to_vec()) else {
             return Ok(None);
         };
+        if self.history[0].len() < self.window {
+            return Ok(None);
+        }
         let mut features = Vec::with_capacity(self.metrics * FEATURES_PER_METRIC);
         features.extend_from_slice(values);
         features.extend(values.iter().zip(&previous).map(|(v, p)| v - p));
@@ -118,9 +122,17 @@ impl Default for IsolationOptions {
     }
 }
 
+/// Forests come in two widths: one metric's features, or [`FEATURE_DIM`]. Each cut is a dot
+/// product over the width, so the narrow forest scores one metric eight times cheaper, and one
+/// metric is the common case.
+enum Trees {
+    Narrow(Forest<f64, FEATURES_PER_METRIC>),
+    Wide(Forest<f64, FEATURE_DIM>),
+}
+
 /// A trained forest with the standardisation and normalisation learned from its training set.
 pub struct IsolationModel {
-    forest: Forest<f64, FEATURE_DIM>,
+    trees: Trees,
     dims: usize,
     centre: Vec<f64>,
     scale: Vec<f64>,
@@ -181,36 +193,31 @@ impl IsolationModel {
                 if var > 0.0 { var.sqrt() } else { 1.0 }
             })
             .collect();
-        let mut model = IsolationModel {
-            forest: placeholder_forest()?,
+        let standardised: Vec<Vec<f64>> = features
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .enumerate()
+                    .map(|(d, v)| (v - centre[d]) / scale[d])
+                    .collect()
+            })
+            .collect();
+        let (trees, training_scores) = if dims <= FEATURES_PER_METRIC {
+            let (forest, scores) = grow::<FEATURES_PER_METRIC>(&standardised, options)?;
+            (Trees::Narrow(forest), scores)
+        } else {
+            let (forest, scores) = grow::<FEATURE_DIM>(&standardised, options)?;
+            (Trees::Wide(forest), scores)
+        };
+        Ok(IsolationModel {
+            trees,
             dims,
             centre,
             scale,
-            floor: 0.0,
-            ceiling: 1.0,
+            floor: training_scores.iter().copied().fold(f64::INFINITY, f64::min),
+            ceiling: training_scores.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             threshold: options.threshold,
-        };
-        let padded: Vec<[f64; FEATURE_DIM]> = features.iter().map(|f| model.pad(f)).collect();
-        let forest_options = ForestOptions {
-            n_trees: options.trees.max(1),
-            sample_size: options.sample_size.clamp(2, padded.len()),
-            max_tree_depth: None,
-            extension_level: FEATURE_DIM - 1,
-        };
-        model.forest =
-            Forest::from_slice(&padded, &forest_options).map_err(|e| AnalyticsError::Model(e.to_string()))?;
-        let training_scores: Vec<f64> = padded.iter().map(|p| model.forest.score(p)).collect();
-        model.floor = training_scores.iter().copied().fold(f64::INFINITY, f64::min);
-        model.ceiling = training_scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        Ok(model)
-    }
-
-    fn pad(&self, features: &[f64]) -> [f64; FEATURE_DIM] {
-        let mut padded = [0.0; FEATURE_DIM];
-        for (d, value) in features.iter().enumerate().take(self.dims) {
-            padded[d] = (value - self.centre[d]) / self.scale[d];
-        }
-        padded
+        })
     }
 
     /// The forest's own score, `2^(-E[h]/c)`: about 0.5 and below is ordinary.
@@ -222,7 +229,15 @@ impl IsolationModel {
             });
         }
         super::ensure_finite(features)?;
-        Ok(self.forest.score(&self.pad(features)))
+        let standardised: Vec<f64> = features
+            .iter()
+            .enumerate()
+            .map(|(d, v)| (v - self.centre[d]) / self.scale[d])
+            .collect();
+        Ok(match &self.trees {
+            Trees::Narrow(forest) => forest.score(&pad(&standardised)),
+            Trees::Wide(forest) => forest.score(&pad(&standardised)),
+        })
     }
 
     /// Maps a raw score to 0..1 against the training set: 0 for its most ordinary point, 1 for
@@ -267,17 +282,31 @@ impl IsolationModel {
     }
 }
 
-/// The crate has no empty forest; a two-point forest stands in while the real one is built.
-fn placeholder_forest() -> Result<Forest<f64, FEATURE_DIM>, AnalyticsError> {
-    let options = ForestOptions {
-        n_trees: 1,
-        sample_size: 2,
-        max_tree_depth: Some(1),
-        extension_level: 0,
+/// Zero-pads a vector to the forest's width.
+fn pad<const N: usize>(values: &[f64]) -> [f64; N] {
+    let mut padded = [0.0; N];
+    for (slot, value) in padded.iter_mut().zip(values) {
+        *slot = *value;
+    }
+    padded
+}
+
+/// Grows a fully extended forest of width `N` and scores its own training set.
+fn grow<const N: usize>(
+    standardised: &[Vec<f64>],
+    options: &IsolationOptions,
+) -> Result<(Forest<f64, N>, Vec<f64>), AnalyticsError> {
+    let padded: Vec<[f64; N]> = standardised.iter().map(|f| pad(f)).collect();
+    let forest_options = ForestOptions {
+        n_trees: options.trees.max(1),
+        sample_size: options.sample_size.clamp(2, padded.len()),
+        max_tree_depth: None,
+        extension_level: N - 1,
     };
-    let mut far = [0.0; FEATURE_DIM];
-    far[0] = 1.0;
-    Forest::from_slice(&[[0.0; FEATURE_DIM], far], &options).map_err(|e| AnalyticsError::Model(e.to_string()))
+    let forest =
+        Forest::from_slice(&padded, &forest_options).map_err(|e| AnalyticsError::Model(e.to_string()))?;
+    let scores = padded.iter().map(|p| forest.score(p)).collect();
+    Ok((forest, scores))
 }
 
 /// Streaming wrapper: builds features, collects `training_size` of them, trains, then scores
@@ -385,13 +414,18 @@ mod tests {
     fn features_are_values_differences_and_rolling_deviation() {
         let mut builder = FeatureBuilder::new(2, 3).unwrap();
         assert_eq!(builder.push(&[1.0, 10.0]).unwrap(), None);
-        // numpy.std([1, 2], ddof=1) = 1/√2, numpy.std([10, 14], ddof=1) = 2√2
-        let f = builder.push(&[2.0, 14.0]).unwrap().unwrap();
-        assert_eq!(&f[..4], &[2.0, 14.0, 1.0, 4.0]);
-        assert!((f[4] - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-12);
-        assert!((f[5] - 2.0 * std::f64::consts::SQRT_2).abs() < 1e-12);
-        // The window holds 3 values: [2, 4, 8] -> numpy.std(ddof=1) = 3.0550504633038935
-        builder.push(&[4.0, 14.0]).unwrap();
+        assert_eq!(
+            builder.push(&[2.0, 14.0]).unwrap(),
+            None,
+            "the window is not full yet"
+        );
+        // Window [1, 2, 4] and [10, 14, 14]: numpy.std(ddof=1) = 1.5275252316519465 and
+        // 2.3094010767585034
+        let f = builder.push(&[4.0, 14.0]).unwrap().unwrap();
+        assert_eq!(&f[..4], &[4.0, 14.0, 2.0, 0.0]);
+        assert!((f[4] - 1.5275252316519465).abs() < 1e-12, "{f:?}");
+        assert!((f[5] - 2.3094010767585034).abs() < 1e-12, "{f:?}");
+        // The window slides: [2, 4, 8] -> numpy.std(ddof=1) = 3.0550504633038935
         let f = builder.push(&[8.0, 14.0]).unwrap().unwrap();
         assert!((f[4] - 3.0550504633038935).abs() < 1e-12, "{f:?}");
         assert_eq!(f[5], 0.0);
@@ -463,9 +497,9 @@ mod tests {
             let value = if i == 100 { 40.0 } else { (i % 5) as f64 };
             verdicts.push(detector.observe(value));
         }
-        // First message has no features, the next 50 train the model.
-        assert!(verdicts[..51].iter().all(Option::is_none));
-        assert!(verdicts[51..].iter().all(Option::is_some));
-        assert!(verdicts[100].unwrap().anomalous);
+        // Messages 0..=9 fill the rolling window (the 10th gives the first vector), 9..=58 train.
+        assert!(verdicts[..59].iter().all(Option::is_none));
+        assert!(verdicts[59..].iter().all(Option::is_some));
+        assert!(verdicts[100].unwrap().anomalous, "{:?}", &verdicts[95..105]);
     }
 }

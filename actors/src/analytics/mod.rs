@@ -25,6 +25,9 @@ pub mod isolation;
 pub mod stats;
 pub mod trend;
 
+#[cfg(test)]
+mod quality;
+
 /// Errors of the analytics functions. Every one is about the input: too little of it, values
 /// that are not numbers, or parameters out of range.
 #[derive(Debug, thiserror::Error, PartialEq)]
