@@ -60,8 +60,8 @@ enum AnalyticsCommand {
         /// zscore, mad, ewma, drift, eif (one forest over all value columns) or ensemble.
         #[arg(long, default_value = "ensemble")]
         method: drover_actors::analytics::detector::Method,
-        /// Threshold in the method's unit (standard deviations; a 0..1 score for eif).
-        /// Default: 3.0, or 0.95 for eif.
+        /// Threshold in the method's unit (standard deviations; a 0..1 score for eif; drift
+        /// has none). Default: 3.0, or 0.95 for eif.
         #[arg(long)]
         threshold: Option<f64>,
         /// Where to write the scored rows. Default: standard output.

@@ -409,7 +409,8 @@ impl Detector for Ensemble {
 
 /// A detector of `method` with its default window and warm-up. `threshold` is in the method's
 /// own unit (standard deviations for z-score, MAD, EWMA and the ensemble; a normalised 0..1
-/// score for the isolation forest); `None` takes the method's default.
+/// score for the isolation forest; the drift detector has no threshold of this kind and ignores
+/// it); `None` takes the method's default.
 pub fn detector_for(method: Method, threshold: Option<f64>) -> Box<dyn Detector + Send> {
     use super::isolation::{DEFAULT_EIF_THRESHOLD, IsolationDetector};
     let sigmas = threshold.unwrap_or(DEFAULT_THRESHOLD);
