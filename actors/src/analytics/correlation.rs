@@ -53,7 +53,7 @@ fn p_value(r: f64, n: usize) -> f64 {
     }
     let t = r * (df / (1.0 - r * r)).sqrt();
     match StudentsT::new(0.0, 1.0, df) {
-        Ok(dist) => (2.0 * (1.0 - dist.cdf(t.abs()))).clamp(0.0, 1.0),
+        Ok(dist) => (2.0 * dist.sf(t.abs())).clamp(0.0, 1.0),
         Err(_) => 1.0,
     }
 }

@@ -382,6 +382,19 @@ mod tests {
     }
 
     #[test]
+    fn flat_and_short_series_do_not_break_the_model() {
+        // A metric that never changes (a stuck sensor, a full battery) gets a flat forecast with
+        // a (near) zero-width interval, not an error, a panic or NaNs.
+        for values in [vec![5.0; 50], vec![5.0; 12]] {
+            let f = forecast(&values, 5, 0.95, None, Trend::Linear).unwrap();
+            assert_eq!(f.season, None);
+            for v in f.point.iter().chain(&f.lower).chain(&f.upper) {
+                assert!((v - 5.0).abs() < 1e-6, "{f:?}");
+            }
+        }
+    }
+
+    #[test]
     fn refuses_bad_input() {
         assert!(matches!(
             forecast(&[1.0; 5], 3, 0.95, None, Trend::Damped),
