@@ -1,21 +1,25 @@
 //! Analytics: anomaly detection, forecasting, statistics, trend, drift and correlation.
 //!
 //! This is the **domain half** of analytics and it is pure: plain structs and functions over
-//! `f64` slices and streams, no actors, no I/O, no clock. The actors that feed it live
-//! telemetry, the REST and `/ws` endpoints, the CLI and the rule conditions are the adapter half
-//! and are built on top of these types; nothing here knows about tenants or devices.
+//! `f64` slices and streams, no actors, no I/O, no clock; nothing here knows about tenants or
+//! devices. The adapter half starts in `src/analytics.rs` (`drover analytics score`, CSV
+//! backtesting); the actors on live telemetry, the REST and `/ws` endpoints and the rule
+//! conditions are to be built on these types.
 //!
 //! One file per concern:
 //! - [`detector`]: streaming univariate detectors (z-score, median/MAD, EWMA) behind one
-//!   [`detector::Detector`] trait, and an [`detector::Ensemble`] combining them;
+//!   [`detector::Detector`] trait, and an [`detector::Ensemble`] combining them (with the drift
+//!   detector as a sentinel);
 //! - [`isolation`]: multivariate scoring with an Extended Isolation Forest over derived
 //!   features;
 //! - [`stats`]: descriptive statistics of a sample;
 //! - [`trend`]: Mann–Kendall trend test with Sen's slope;
-//! - [`drift`]: two-sample Kolmogorov–Smirnov test and a streaming Page–Hinkley detector;
+//! - [`drift`]: two-sample Kolmogorov–Smirnov test and a streaming Page–Hinkley detector, also
+//!   as a scale-free [`detector::Detector`];
 //! - [`correlation`]: Pearson and Spearman with p-values, best-lag cross-correlation;
 //! - [`forecast`]: damped-trend exponential smoothing with detected seasonality, a
-//!   seasonal-naive baseline, MASE, and time until a threshold is crossed.
+//!   seasonal-naive baseline, MASE, and time until a threshold is crossed;
+//! - `quality` (tests only): the seeded synthetic suite behind README's quality table.
 
 pub mod correlation;
 pub mod detector;
