@@ -37,7 +37,7 @@ pub struct Forecast {
 }
 
 /// Smallest autocorrelation at which a lag counts as a season.
-const MIN_SEASON_ACF: f64 = 0.3;
+pub const MIN_SEASON_ACF: f64 = 0.3;
 
 /// Detects the dominant season length (in steps) of `values`, if any: the lag of the highest
 /// local peak of the autocorrelation of the linearly detrended series, above
