@@ -198,7 +198,7 @@ impl IsolationModel {
             .map(|f| {
                 f.iter()
                     .enumerate()
-                    .map(|(d, v)| (v - centre[d]) / scale[d])
+                    .map(|(d, v)| quantise((v - centre[d]) / scale[d]))
                     .collect()
             })
             .collect();
@@ -232,7 +232,7 @@ impl IsolationModel {
         let standardised: Vec<f64> = features
             .iter()
             .enumerate()
-            .map(|(d, v)| (v - self.centre[d]) / self.scale[d])
+            .map(|(d, v)| quantise((v - self.centre[d]) / self.scale[d]))
             .collect();
         Ok(match &self.trees {
             Trees::Narrow(forest) => forest.score(&pad(&standardised)),
@@ -280,6 +280,23 @@ impl IsolationModel {
             .map(|(d, v)| ((v - self.centre[d]) / self.scale[d]).abs())
             .collect()
     }
+}
+
+/// Grid of standardised features: 2⁻²⁰ of a training deviation.
+const QUANTUM: f64 = 1.0 / 1_048_576.0;
+/// Standardised features are clamped to this many deviations, so the grid stays exact.
+const FEATURE_LIMIT: f64 = 1e9;
+
+/// Rounds a standardised feature to the [`QUANTUM`] grid.
+///
+/// Why: the crate draws each cut with `rand`'s `Uniform::new(min, max)`, whose set-up shrinks
+/// its scale one ulp at a time until `min + scale` rounds below `max`. When a node's samples
+/// differ by a few ulps (values that are equal but for floating-point noise, common once metrics
+/// are differenced and standardised), that loop runs for ~10¹⁵ steps: training hangs. On the
+/// grid, two values are either equal (the crate skips the draw) or a quantum apart, far above an
+/// ulp. A millionth of a deviation is below any sensor's resolution.
+fn quantise(value: f64) -> f64 {
+    (value.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) / QUANTUM).round() * QUANTUM
 }
 
 /// Zero-pads a vector to the forest's width.
@@ -487,6 +504,18 @@ mod tests {
         let constant = vec![vec![3.0, 3.0]; 20];
         let model = IsolationModel::train(&constant, &IsolationOptions::default()).unwrap();
         assert_eq!(model.verdict(&[3.0, 3.0]).unwrap().statistic, 0.0);
+    }
+
+    #[test]
+    fn training_on_values_a_few_ulps_apart_finishes() {
+        // Without quantisation this set makes the crate's uniform sampler loop for ~10¹⁵ steps.
+        let base = 20.0_f64;
+        let near = f64::from_bits(base.to_bits() + 1);
+        let training: Vec<Vec<f64>> = (0..200)
+            .map(|i| vec![if i % 2 == 0 { base } else { near }, (i % 7) as f64])
+            .collect();
+        let model = IsolationModel::train(&training, &IsolationOptions::default()).unwrap();
+        assert!(model.verdict(&[base, 3.0]).is_ok());
     }
 
     #[test]
