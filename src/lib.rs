@@ -3,6 +3,7 @@
 //! The `drover` binary (src/main.rs) is a thin CLI over this library; integration tests start
 //! the same [`server`] in process on loopback ports.
 
+pub mod analytics;
 pub mod audit;
 pub mod auth;
 pub mod bootstrap;

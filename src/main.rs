@@ -44,6 +44,30 @@ enum Command {
     /// Administration on the registry directly (works while the server is stopped).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Analytics over files, without a server.
+    #[command(subcommand)]
+    Analytics(AnalyticsCommand),
+}
+
+#[derive(Subcommand)]
+enum AnalyticsCommand {
+    /// Score a CSV of `timestamp,value[,value…]` (any header names; timestamps RFC 3339,
+    /// `YYYY-MM-DD HH:MM:SS` or epoch) with the streaming detectors, row by row in file order,
+    /// and write each row with its score (1.0 = the threshold) and flag.
+    Score {
+        #[arg(long)]
+        input: PathBuf,
+        /// zscore, mad, ewma, drift, eif (one forest over all value columns) or ensemble.
+        #[arg(long, default_value = "ensemble")]
+        method: drover_actors::analytics::detector::Method,
+        /// Threshold in the method's unit (standard deviations; a 0..1 score for eif; drift
+        /// has none). Default: 3.0, or 0.95 for eif.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// Where to write the scored rows. Default: standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +149,9 @@ fn main() -> ExitCode {
     if let Command::GenerateConfig { output, force } = &command {
         return report(generate_config(output.as_ref(), *force));
     }
+    if let Command::Analytics(analytics) = &command {
+        return report(run_analytics(analytics));
+    }
     let config_file = Config::file_to_read(cli.config.as_deref(), |name| std::env::var(name).ok());
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
@@ -143,7 +170,9 @@ fn main() -> ExitCode {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::Admin(admin) => administer(config, config_file, admin).await,
-            Command::GenerateConfig { .. } => unreachable!("handled before the configuration is loaded"),
+            Command::GenerateConfig { .. } | Command::Analytics(_) => {
+                unreachable!("handled before the configuration is loaded")
+            }
         }
     }))
 }
@@ -156,6 +185,33 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_analytics(command: &AnalyticsCommand) -> anyhow::Result<()> {
+    let AnalyticsCommand::Score {
+        input,
+        method,
+        threshold,
+        output,
+    } = command;
+    let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let reader = std::io::BufReader::new(file);
+    let summary = match output {
+        Some(path) => {
+            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            drover::analytics::score_csv(reader, std::io::BufWriter::new(file), *method, *threshold)
+        }
+        None => drover::analytics::score_csv(reader, std::io::stdout().lock(), *method, *threshold),
+    }
+    .with_context(|| format!("scoring {}", input.display()))?;
+    eprintln!(
+        "{} rows, {} scored, {} anomalous ({})",
+        summary.rows,
+        summary.scored,
+        summary.anomalous,
+        method.as_str()
+    );
+    Ok(())
 }
 
 fn generate_config(output: Option<&PathBuf>, force: bool) -> anyhow::Result<()> {

@@ -297,8 +297,8 @@ impl Process {
     }
 
     fn base_url(&mut self) -> String {
-        let line = self.wait_for("is running: API ");
-        let start = line.find("http://").unwrap();
+        let line = self.wait_for("is running: console ");
+        let start = line.find("API http://").unwrap() + "API ".len();
         let rest = &line[start..];
         rest[..rest.find("/api").unwrap()].to_string()
     }

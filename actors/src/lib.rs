@@ -5,6 +5,7 @@
 //! transport or database code: the application crate decodes MQTT/HTTP/WebSocket input into these
 //! types and provides the storage adapters.
 
+pub mod analytics;
 pub mod clock;
 pub mod device;
 pub mod device_actor;

@@ -1,0 +1,534 @@
+//! Multivariate anomaly scoring with an Extended Isolation Forest (the
+//! `extended-isolation-forest` crate) over derived features.
+//!
+//! A message's metrics become a feature vector ([`FeatureBuilder`]): per metric its value, its
+//! difference from the previous message, and its rolling standard deviation, so a forest sees
+//! jumps and sudden noise as well as unusual levels and combinations. Features are standardised
+//! with the training set's mean and deviation (the forest cuts with random hyperplanes, so a
+//! metric in thousands would otherwise drown one in units), then scored; the raw score is mapped
+//! to 0..1 against the range of the training set's scores ([`IsolationModel::normalise`]).
+//!
+//! The crate's forest has a compile-time dimension, so vectors are padded with zeros to the
+//! width of one metric's features or to [`FEATURE_DIM`]: a zero coordinate is the same for every point and never separates any, and
+//! the forest is fully extended (random hyperplanes over all coordinates) so no split is spent on
+//! a padding coordinate alone.
+//!
+//! Reproducibility: the crate (0.2.3) draws its trees from the thread-local random generator and
+//! takes no seed, so two trainings on the same data give slightly different forests. A trained
+//! model scores deterministically; persisting the trained model, not the seed, is what makes a
+//! score repeatable.
+
+use std::collections::VecDeque;
+
+use extended_isolation_forest::{Forest, ForestOptions};
+
+use super::AnalyticsError;
+use super::detector::{Detector, Method, Verdict};
+
+/// Metrics one model can take (each becomes [`FEATURES_PER_METRIC`] features).
+pub const MAX_METRICS: usize = 8;
+/// Value, difference from the previous message, rolling standard deviation.
+pub const FEATURES_PER_METRIC: usize = 3;
+/// The forest's fixed dimension.
+pub const FEATURE_DIM: usize = MAX_METRICS * FEATURES_PER_METRIC;
+
+/// Default normalised score from which a message is anomalous.
+pub const DEFAULT_EIF_THRESHOLD: f64 = 0.95;
+
+/// Turns a stream of metric vectors into feature vectors.
+#[derive(Debug, Clone)]
+pub struct FeatureBuilder {
+    metrics: usize,
+    window: usize,
+    previous: Option<Vec<f64>>,
+    history: Vec<VecDeque<f64>>,
+}
+
+impl FeatureBuilder {
+    /// `metrics` in `1..=MAX_METRICS`; `window >= 2` values for the rolling deviation.
+    pub fn new(metrics: usize, window: usize) -> Result<Self, AnalyticsError> {
+        if metrics == 0 || metrics > MAX_METRICS {
+            return Err(AnalyticsError::InvalidParameter {
+                name: "metrics",
+                reason: format!("{metrics} metrics; a model takes 1 to {MAX_METRICS}"),
+            });
+        }
+        let window = window.max(2);
+        Ok(FeatureBuilder {
+            metrics,
+            window,
+            previous: None,
+            history: vec![VecDeque::with_capacity(window); metrics],
+        })
+    }
+
+    pub fn metrics(&self) -> usize {
+        self.metrics
+    }
+
+    /// Adds one message's metrics (in a fixed order) and returns its features, laid out as all
+    /// values, then all differences, then all rolling deviations. `None` until `window`
+    /// messages have been seen: a deviation over fewer values is not comparable with the later
+    /// ones, and a model trained on those first vectors would take them for its extremes.
+    pub fn push(&mut self, values: &[f64]) -> Result<Option<Vec<f64>>, AnalyticsError> {
+        if values.len() != self.metrics {
+            return Err(AnalyticsError::LengthMismatch {
+                left: self.metrics,
+                right: values.len(),
+            });
+        }
+        super::ensure_finite(values)?;
+        for (history, &value) in self.history.iter_mut().zip(values) {
+            if history.len() == self.window {
+                history.pop_front();
+            }
+            history.push_back(value);
+        }
+        let Some(previous) = self.previous.replace(values.to_vec()) else {
+            return Ok(None);
+        };
+        if self.history[0].len() < self.window {
+            return Ok(None);
+        }
+        let mut features = Vec::with_capacity(self.metrics * FEATURES_PER_METRIC);
+        features.extend_from_slice(values);
+        features.extend(values.iter().zip(&previous).map(|(v, p)| v - p));
+        features.extend(self.history.iter().map(|h| {
+            let n = h.len() as f64;
+            let mean = h.iter().sum::<f64>() / n;
+            (h.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        }));
+        Ok(Some(features))
+    }
+}
+
+/// Forest size and sampling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IsolationOptions {
+    pub trees: usize,
+    /// Points per tree (capped at the training set's size).
+    pub sample_size: usize,
+    /// Normalised score from which a point is anomalous.
+    pub threshold: f64,
+}
+
+impl Default for IsolationOptions {
+    fn default() -> Self {
+        IsolationOptions {
+            trees: 100,
+            sample_size: 256,
+            threshold: DEFAULT_EIF_THRESHOLD,
+        }
+    }
+}
+
+/// Forests come in two widths: one metric's features, or [`FEATURE_DIM`]. Each cut is a dot
+/// product over the width, so the narrow forest scores one metric eight times cheaper, and one
+/// metric is the common case.
+enum Trees {
+    Narrow(Forest<f64, FEATURES_PER_METRIC>),
+    Wide(Forest<f64, FEATURE_DIM>),
+}
+
+/// A trained forest with the standardisation and normalisation learned from its training set.
+pub struct IsolationModel {
+    trees: Trees,
+    dims: usize,
+    centre: Vec<f64>,
+    scale: Vec<f64>,
+    /// Lowest and highest raw score of the training set: the most ordinary training point maps
+    /// to 0, the most isolated one to 1.
+    floor: f64,
+    ceiling: f64,
+    threshold: f64,
+}
+
+impl std::fmt::Debug for IsolationModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsolationModel")
+            .field("dims", &self.dims)
+            .field("floor", &self.floor)
+            .field("ceiling", &self.ceiling)
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IsolationModel {
+    /// Trains on feature vectors of equal length (at most [`FEATURE_DIM`]); needs at least 16.
+    pub fn train(features: &[Vec<f64>], options: &IsolationOptions) -> Result<Self, AnalyticsError> {
+        const MIN_TRAINING: usize = 16;
+        if features.len() < MIN_TRAINING {
+            return Err(AnalyticsError::NotEnoughData {
+                what: "isolation forest training",
+                needed: MIN_TRAINING,
+                got: features.len(),
+            });
+        }
+        let dims = features[0].len();
+        if dims == 0 || dims > FEATURE_DIM {
+            return Err(AnalyticsError::InvalidParameter {
+                name: "features",
+                reason: format!("{dims} features; 1 to {FEATURE_DIM}"),
+            });
+        }
+        if let Some(bad) = features.iter().find(|f| f.len() != dims) {
+            return Err(AnalyticsError::LengthMismatch {
+                left: dims,
+                right: bad.len(),
+            });
+        }
+        if features.iter().any(|f| f.iter().any(|v| !v.is_finite())) {
+            return Err(AnalyticsError::NonFinite);
+        }
+        let n = features.len() as f64;
+        let centre: Vec<f64> = (0..dims)
+            .map(|d| features.iter().map(|f| f[d]).sum::<f64>() / n)
+            .collect();
+        let scale: Vec<f64> = (0..dims)
+            .map(|d| {
+                let var = features.iter().map(|f| (f[d] - centre[d]).powi(2)).sum::<f64>() / n;
+                // A constant feature keeps scale 1: it stays constant (and useless) after
+                // centring instead of dividing by zero.
+                if var > 0.0 { var.sqrt() } else { 1.0 }
+            })
+            .collect();
+        let standardised: Vec<Vec<f64>> = features
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .enumerate()
+                    .map(|(d, v)| quantise((v - centre[d]) / scale[d]))
+                    .collect()
+            })
+            .collect();
+        let (trees, training_scores) = if dims <= FEATURES_PER_METRIC {
+            let (forest, scores) = grow::<FEATURES_PER_METRIC>(&standardised, options)?;
+            (Trees::Narrow(forest), scores)
+        } else {
+            let (forest, scores) = grow::<FEATURE_DIM>(&standardised, options)?;
+            (Trees::Wide(forest), scores)
+        };
+        Ok(IsolationModel {
+            trees,
+            dims,
+            centre,
+            scale,
+            floor: training_scores.iter().copied().fold(f64::INFINITY, f64::min),
+            ceiling: training_scores.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            threshold: options.threshold,
+        })
+    }
+
+    /// The forest's own score, `2^(-E[h]/c)`: about 0.5 and below is ordinary.
+    pub fn raw_score(&self, features: &[f64]) -> Result<f64, AnalyticsError> {
+        if features.len() != self.dims {
+            return Err(AnalyticsError::LengthMismatch {
+                left: self.dims,
+                right: features.len(),
+            });
+        }
+        super::ensure_finite(features)?;
+        let standardised: Vec<f64> = features
+            .iter()
+            .enumerate()
+            .map(|(d, v)| quantise((v - self.centre[d]) / self.scale[d]))
+            .collect();
+        Ok(match &self.trees {
+            Trees::Narrow(forest) => forest.score(&pad(&standardised)),
+            Trees::Wide(forest) => forest.score(&pad(&standardised)),
+        })
+    }
+
+    /// Maps a raw score to 0..1 against the training set: 0 for its most ordinary point, 1 for
+    /// its most isolated one and anything beyond.
+    ///
+    /// Why not the raw score: a forest's cuts fall inside the training data's range, so a point
+    /// far outside it is isolated no faster than the training set's own extreme points; raw
+    /// scores of clear anomalies stall around 0.6–0.7 depending on the data's shape, while the
+    /// range of the training scores is a scale the data itself sets.
+    pub fn normalise(&self, raw: f64) -> f64 {
+        let span = self.ceiling - self.floor;
+        if span <= f64::EPSILON {
+            return if raw > self.ceiling + f64::EPSILON {
+                1.0
+            } else {
+                0.0
+            };
+        }
+        ((raw - self.floor) / span).clamp(0.0, 1.0)
+    }
+
+    /// Scores a feature vector.
+    pub fn verdict(&self, features: &[f64]) -> Result<Verdict, AnalyticsError> {
+        let normalised = self.normalise(self.raw_score(features)?);
+        let score = normalised / self.threshold;
+        Ok(Verdict {
+            statistic: normalised,
+            score,
+            anomalous: score >= 1.0,
+        })
+    }
+
+    /// Per feature, how far (in training deviations) the vector is from the training centre:
+    /// the largest of a metric's features names the metric that made the point stand out.
+    pub fn deviations(&self, features: &[f64]) -> Vec<f64> {
+        features
+            .iter()
+            .enumerate()
+            .take(self.dims)
+            .map(|(d, v)| ((v - self.centre[d]) / self.scale[d]).abs())
+            .collect()
+    }
+}
+
+/// Grid of standardised features: 2⁻²⁰ of a training deviation.
+const QUANTUM: f64 = 1.0 / 1_048_576.0;
+/// Standardised features are clamped to this many deviations, so the grid stays exact.
+const FEATURE_LIMIT: f64 = 1e9;
+
+/// Rounds a standardised feature to the [`QUANTUM`] grid.
+///
+/// Why: the crate draws each cut with `rand`'s `Uniform::new(min, max)`, whose set-up shrinks
+/// its scale one ulp at a time until `min + scale` rounds below `max`. When a node's samples
+/// differ by a few ulps (values that are equal but for floating-point noise, common once metrics
+/// are differenced and standardised), that loop runs for ~10¹⁵ steps: training hangs. On the
+/// grid, two values are either equal (the crate skips the draw) or a quantum apart, far above an
+/// ulp. A millionth of a deviation is below any sensor's resolution.
+fn quantise(value: f64) -> f64 {
+    (value.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) / QUANTUM).round() * QUANTUM
+}
+
+/// Zero-pads a vector to the forest's width.
+fn pad<const N: usize>(values: &[f64]) -> [f64; N] {
+    let mut padded = [0.0; N];
+    for (slot, value) in padded.iter_mut().zip(values) {
+        *slot = *value;
+    }
+    padded
+}
+
+/// Grows a fully extended forest of width `N` and scores its own training set.
+fn grow<const N: usize>(
+    standardised: &[Vec<f64>],
+    options: &IsolationOptions,
+) -> Result<(Forest<f64, N>, Vec<f64>), AnalyticsError> {
+    let padded: Vec<[f64; N]> = standardised.iter().map(|f| pad(f)).collect();
+    let forest_options = ForestOptions {
+        n_trees: options.trees.max(1),
+        sample_size: options.sample_size.clamp(2, padded.len()),
+        max_tree_depth: None,
+        extension_level: N - 1,
+    };
+    let forest =
+        Forest::from_slice(&padded, &forest_options).map_err(|e| AnalyticsError::Model(e.to_string()))?;
+    let scores = padded.iter().map(|p| forest.score(p)).collect();
+    Ok((forest, scores))
+}
+
+/// Streaming wrapper: builds features, collects `training_size` of them, trains, then scores
+/// every message, retraining on the most recent `training_size` vectors every `retrain_every`
+/// messages. Training runs inline here; an actor should call [`IsolationModel::train`] on a
+/// blocking pool and swap the model in instead.
+#[derive(Debug)]
+pub struct IsolationDetector {
+    features: FeatureBuilder,
+    options: IsolationOptions,
+    training_size: usize,
+    retrain_every: usize,
+    recent: VecDeque<Vec<f64>>,
+    since_training: usize,
+    model: Option<IsolationModel>,
+}
+
+impl IsolationDetector {
+    pub fn new(
+        metrics: usize,
+        options: IsolationOptions,
+        training_size: usize,
+        retrain_every: usize,
+    ) -> Result<Self, AnalyticsError> {
+        Ok(IsolationDetector {
+            features: FeatureBuilder::new(metrics, 10)?,
+            options,
+            training_size: training_size.max(16),
+            retrain_every,
+            recent: VecDeque::with_capacity(training_size),
+            since_training: 0,
+            model: None,
+        })
+    }
+
+    /// One metric, default forest, 500 training messages, retraining every 1,000.
+    pub fn univariate(threshold: f64) -> Self {
+        let options = IsolationOptions {
+            threshold,
+            ..IsolationOptions::default()
+        };
+        // One metric is always within 1..=MAX_METRICS.
+        let features = FeatureBuilder {
+            metrics: 1,
+            window: 10,
+            previous: None,
+            history: vec![VecDeque::with_capacity(10)],
+        };
+        IsolationDetector {
+            features,
+            options,
+            training_size: 500,
+            retrain_every: 1000,
+            recent: VecDeque::with_capacity(500),
+            since_training: 0,
+            model: None,
+        }
+    }
+
+    pub fn model(&self) -> Option<&IsolationModel> {
+        self.model.as_ref()
+    }
+
+    /// Scores one message's metrics. `None` while the first model is not trained yet.
+    pub fn observe_vector(&mut self, values: &[f64]) -> Result<Option<Verdict>, AnalyticsError> {
+        let Some(features) = self.features.push(values)? else {
+            return Ok(None);
+        };
+        let verdict = self.model.as_ref().map(|m| m.verdict(&features)).transpose()?;
+        if self.recent.len() == self.training_size {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(features);
+        self.since_training += 1;
+        let due = match &self.model {
+            None => self.recent.len() == self.training_size,
+            Some(_) => self.retrain_every > 0 && self.since_training >= self.retrain_every,
+        };
+        if due {
+            let training: Vec<Vec<f64>> = self.recent.iter().cloned().collect();
+            self.model = Some(IsolationModel::train(&training, &self.options)?);
+            self.since_training = 0;
+        }
+        Ok(verdict)
+    }
+}
+
+impl Detector for IsolationDetector {
+    fn method(&self) -> Method {
+        Method::Eif
+    }
+
+    /// The univariate use: one metric per message; a message of the wrong width or a failed
+    /// training scores nothing.
+    fn observe(&mut self, value: f64) -> Option<Verdict> {
+        self.observe_vector(&[value]).ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_are_values_differences_and_rolling_deviation() {
+        let mut builder = FeatureBuilder::new(2, 3).unwrap();
+        assert_eq!(builder.push(&[1.0, 10.0]).unwrap(), None);
+        assert_eq!(
+            builder.push(&[2.0, 14.0]).unwrap(),
+            None,
+            "the window is not full yet"
+        );
+        // Window [1, 2, 4] and [10, 14, 14]: numpy.std(ddof=1) = 1.5275252316519465 and
+        // 2.3094010767585034
+        let f = builder.push(&[4.0, 14.0]).unwrap().unwrap();
+        assert_eq!(&f[..4], &[4.0, 14.0, 2.0, 0.0]);
+        assert!((f[4] - 1.5275252316519465).abs() < 1e-12, "{f:?}");
+        assert!((f[5] - 2.3094010767585034).abs() < 1e-12, "{f:?}");
+        // The window slides: [2, 4, 8] -> numpy.std(ddof=1) = 3.0550504633038935
+        let f = builder.push(&[8.0, 14.0]).unwrap().unwrap();
+        assert!((f[4] - 3.0550504633038935).abs() < 1e-12, "{f:?}");
+        assert_eq!(f[5], 0.0);
+        assert!(matches!(
+            builder.push(&[1.0]),
+            Err(AnalyticsError::LengthMismatch { .. })
+        ));
+        assert!(FeatureBuilder::new(MAX_METRICS + 1, 3).is_err());
+    }
+
+    /// Two correlated metrics (y ≈ 2x) on a grid: the unusual *combination* (x normal, y normal
+    /// on its own, but not y = 2x) must stand out, which no univariate detector sees.
+    #[test]
+    fn forest_flags_an_unusual_combination_of_ordinary_values() {
+        let training: Vec<Vec<f64>> = (0..400)
+            .map(|i| {
+                let x = (i % 40) as f64 / 4.0;
+                let wobble = ((i * 37 % 17) as f64 - 8.0) / 40.0;
+                vec![x, 2.0 * x + wobble]
+            })
+            .collect();
+        let model = IsolationModel::train(&training, &IsolationOptions::default()).unwrap();
+        let ordinary = model.verdict(&[5.0, 10.05]).unwrap();
+        let odd = model.verdict(&[5.0, 1.0]).unwrap();
+        assert!(ordinary.statistic < 0.4, "{ordinary:?}");
+        assert!(odd.statistic > 0.7, "{odd:?}");
+        assert!(odd.anomalous && !ordinary.anomalous);
+        let deviations = model.deviations(&[5.0, 1.0]);
+        assert!(deviations[1] > deviations[0]);
+    }
+
+    #[test]
+    fn scores_are_deterministic_for_a_trained_model_and_within_0_1() {
+        let training: Vec<Vec<f64>> = (0..100)
+            .map(|i| vec![(i as f64).sin(), (i as f64 * 0.3).cos()])
+            .collect();
+        let model = IsolationModel::train(&training, &IsolationOptions::default()).unwrap();
+        for probe in [[0.0, 0.0], [5.0, -5.0], [1e9, 1e9]] {
+            let first = model.verdict(&probe).unwrap();
+            assert_eq!(first, model.verdict(&probe).unwrap());
+            assert!((0.0..=1.0).contains(&first.statistic));
+        }
+    }
+
+    #[test]
+    fn training_refuses_bad_input() {
+        let few = vec![vec![1.0]; 5];
+        assert!(matches!(
+            IsolationModel::train(&few, &IsolationOptions::default()),
+            Err(AnalyticsError::NotEnoughData { .. })
+        ));
+        let mut ragged = vec![vec![1.0, 2.0]; 20];
+        ragged[3] = vec![1.0];
+        assert!(matches!(
+            IsolationModel::train(&ragged, &IsolationOptions::default()),
+            Err(AnalyticsError::LengthMismatch { .. })
+        ));
+        // A constant training set trains (every feature has scale 1) and scores its own value 0.
+        let constant = vec![vec![3.0, 3.0]; 20];
+        let model = IsolationModel::train(&constant, &IsolationOptions::default()).unwrap();
+        assert_eq!(model.verdict(&[3.0, 3.0]).unwrap().statistic, 0.0);
+    }
+
+    #[test]
+    fn training_on_values_a_few_ulps_apart_finishes() {
+        // Without quantisation this set makes the crate's uniform sampler loop for ~10¹⁵ steps.
+        let base = 20.0_f64;
+        let near = f64::from_bits(base.to_bits() + 1);
+        let training: Vec<Vec<f64>> = (0..200)
+            .map(|i| vec![if i % 2 == 0 { base } else { near }, (i % 7) as f64])
+            .collect();
+        let model = IsolationModel::train(&training, &IsolationOptions::default()).unwrap();
+        assert!(model.verdict(&[base, 3.0]).is_ok());
+    }
+
+    #[test]
+    fn streaming_detector_trains_then_scores() {
+        let mut detector = IsolationDetector::new(1, IsolationOptions::default(), 50, 0).unwrap();
+        let mut verdicts = Vec::new();
+        for i in 0..120 {
+            let value = if i == 100 { 40.0 } else { (i % 5) as f64 };
+            verdicts.push(detector.observe(value));
+        }
+        // Messages 0..=9 fill the rolling window (the 10th gives the first vector), 9..=58 train.
+        assert!(verdicts[..59].iter().all(Option::is_none));
+        assert!(verdicts[59..].iter().all(Option::is_some));
+        assert!(verdicts[100].unwrap().anomalous, "{:?}", &verdicts[95..105]);
+    }
+}
