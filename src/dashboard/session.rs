@@ -78,7 +78,7 @@ impl DashboardSession {
                     }
                     Err(RecvError::Closed) => break,
                 },
-                Some(frame) = watch.frames.recv() => {
+                Some(frame) = watch.next_frame() => {
                     let missed = watch.take_missed();
                     if missed > 0 && !self.send(&LiveMessage::Lagged { stream: "telemetry", missed }).await {
                         break;
