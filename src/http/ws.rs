@@ -6,7 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, get, web};
 
 use crate::dashboard::session::DashboardSession;
 use crate::http::error::ApiError;
-use crate::http::principal::Principal;
+use crate::http::principal::{CredentialCheck, Principal};
 use crate::state::AppState;
 
 /// Upgrades to a WebSocket carrying the tenant's live events.
@@ -30,6 +30,7 @@ pub async fn live(
         session,
         hub: state.hub.clone(),
         registry: state.registry.clone(),
+        credential: CredentialCheck::of(&req, state.clone()),
     };
     actix_rt::spawn(dashboard.run(stream));
     Ok(response)
