@@ -281,7 +281,10 @@ async fn revoked_key_ends_its_streams() {
     assert_eq!(answer["type"], "subscribed", "{answer}");
 
     let (status, body) = server
-        .delete(&format!("/api/keys/{}", created["apiKey"]["id"].as_str().unwrap()), &admin)
+        .delete(
+            &format!("/api/keys/{}", created["apiKey"]["id"].as_str().unwrap()),
+            &admin,
+        )
         .await;
     assert!(status.is_success(), "{body}");
     let subscribe = json!({"type": "subscribe", "devices": "*"}).to_string();

@@ -421,7 +421,11 @@ mod tests {
         for _ in 0..50 {
             hub.show(&tenant, &device, "pump", &points);
         }
-        assert!(watch.queued_bytes() <= TELEMETRY_BACKLOG_BYTES, "{}", watch.queued_bytes());
+        assert!(
+            watch.queued_bytes() <= TELEMETRY_BACKLOG_BYTES,
+            "{}",
+            watch.queued_bytes()
+        );
         assert!(watch.queued_bytes() > TELEMETRY_BACKLOG_BYTES / 2);
         let queued = (50 - watch.take_missed()) as usize;
         assert_eq!(queued, TELEMETRY_BACKLOG_BYTES / 900_000);

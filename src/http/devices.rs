@@ -473,7 +473,9 @@ mod tests {
     use super::*;
 
     fn metadata_filters(n: usize) -> Vec<(String, String)> {
-        (0..n).map(|i| (format!("metadata.k{i}"), "v".to_string())).collect()
+        (0..n)
+            .map(|i| (format!("metadata.k{i}"), "v".to_string()))
+            .collect()
     }
 
     #[test]
