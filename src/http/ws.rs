@@ -13,7 +13,7 @@ use crate::state::AppState;
 #[utoipa::path(
     tag = "alerts",
     params(("token" = Option<String>, Query, description = "Login token or API key, when no Authorization header can be sent")),
-    responses((status = 101, description = "Switching to the WebSocket protocol; the first frame is {\"type\":\"hello\",\"tenant\":…}, then alarm changes and subscribed telemetry"), (status = 401, body = crate::http::error::ErrorBody)),
+    responses((status = 101, description = "Switching to the WebSocket protocol; the first frame is {\"type\":\"hello\",\"tenant\":…}, then alarm changes and subscribed telemetry; closed with 1008 `credential revoked` once the credential no longer authenticates (checked every 10 s and before each request)"), (status = 401, body = crate::http::error::ErrorBody)),
     security(("bearer" = []))
 )]
 #[get("/ws")]
