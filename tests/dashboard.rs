@@ -241,3 +241,54 @@ async fn live_telemetry(backend: Backend) {
 }
 
 on_both_backends!(live_telemetry);
+
+/// The next frame is the close frame ending a session whose credential stopped authenticating
+/// (1008, `credential revoked`); any data frame before it fails the test.
+async fn closed_as_revoked(socket: &mut Socket, wait: Duration) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let frame = tokio::time::timeout(wait, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected the socket to close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time")
+    .expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(frame.reason.as_str(), "credential revoked");
+}
+
+/// Revoking an API key ends the live streams opened with it: a request on one closes it at
+/// once, and an idle one is closed by the periodic check (every 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_key_ends_its_streams() {
+    let Some(server) = TestServer::start(Backend::Sqlite) else {
+        return;
+    };
+    let admin = server.admin_token().await;
+    let (status, created) = server
+        .post("/api/keys", &admin, json!({"name": "wall", "role": "viewer"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap();
+    let mut idle = open(&server, key).await;
+    let mut active = open(&server, key).await;
+    let answer = request(&mut idle, json!({"type": "subscribe", "devices": "*"})).await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+
+    let (status, body) = server
+        .delete(
+            &format!("/api/keys/{}", created["apiKey"]["id"].as_str().unwrap()),
+            &admin,
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    let subscribe = json!({"type": "subscribe", "devices": "*"}).to_string();
+    active.send(Message::text(subscribe)).await.unwrap();
+    closed_as_revoked(&mut active, Duration::from_secs(5)).await;
+    closed_as_revoked(&mut idle, Duration::from_secs(15)).await;
+}

@@ -20,6 +20,10 @@ use crate::rules::view::AlarmView;
 
 /// Telemetry frames a session may have waiting before it misses some.
 const TELEMETRY_BACKLOG: usize = 1024;
+/// Bytes of telemetry frames a session may have waiting before it misses some: large batches
+/// would otherwise let a client that never reads hold up to 1,024 of them (about 1 GB).
+/// A single frame larger than this is still queued when nothing else waits.
+pub const TELEMETRY_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
 
 /// What the live stream carries (one JSON text frame each).
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +105,32 @@ struct Watcher {
     session: u64,
     frames: mpsc::Sender<Arc<str>>,
     missed: Arc<AtomicU64>,
+    /// Bytes of the frames waiting in `frames`.
+    queued: Arc<AtomicUsize>,
+}
+
+impl Watcher {
+    /// Queues `frame` unless the session's backlog is full (by count or by bytes); a frame
+    /// that does not fit is counted as missed.
+    fn offer(&self, frame: &Arc<str>) {
+        let size = frame.len();
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                (queued == 0 || queued + size <= TELEMETRY_BACKLOG_BYTES).then_some(queued + size)
+            })
+            .is_ok();
+        if !reserved {
+            self.missed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Err(refused) = self.frames.try_send(frame.clone()) {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            if let mpsc::error::TrySendError::Full(_) = refused {
+                self.missed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// What one session watches, and where its telemetry frames arrive.
@@ -109,7 +139,7 @@ pub struct TelemetryWatch {
     hub: DashboardHub,
     tenant: TenantId,
     watcher: Watcher,
-    pub frames: mpsc::Receiver<Arc<str>>,
+    frames: mpsc::Receiver<Arc<str>>,
     all: bool,
     devices: BTreeSet<DeviceId>,
 }
@@ -141,6 +171,7 @@ impl DashboardHub {
                 session: self.watchers.next_session.fetch_add(1, Ordering::Relaxed),
                 frames: tx,
                 missed: Arc::default(),
+                queued: Arc::default(),
             },
             frames: rx,
             all: false,
@@ -221,9 +252,7 @@ impl LiveTelemetry for DashboardHub {
             Err(_) => return,
         };
         for watcher in targets {
-            if let Err(mpsc::error::TrySendError::Full(_)) = watcher.frames.try_send(frame.clone()) {
-                watcher.missed.fetch_add(1, Ordering::Relaxed);
-            }
+            watcher.offer(&frame);
         }
     }
 }
@@ -329,6 +358,18 @@ impl TelemetryWatch {
         (self.all, self.devices.iter().map(|d| d.to_string()).collect())
     }
 
+    /// The next telemetry frame for the session (cancel-safe).
+    pub async fn next_frame(&mut self) -> Option<Arc<str>> {
+        let frame = self.frames.recv().await?;
+        self.watcher.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        Some(frame)
+    }
+
+    /// Bytes of the frames waiting for the session.
+    pub fn queued_bytes(&self) -> usize {
+        self.watcher.queued.load(Ordering::Relaxed)
+    }
+
     /// Frames missed since the last call (the session was too slow for them).
     pub fn take_missed(&self) -> u64 {
         self.watcher.missed.swap(0, Ordering::Relaxed)
@@ -352,5 +393,49 @@ impl Drop for TelemetryWatch {
         self.unwatch_all();
         let devices: Vec<DeviceId> = self.devices.iter().cloned().collect();
         self.unwatch(&devices);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_actors::telemetry::MetricName;
+
+    use super::*;
+
+    #[test]
+    fn a_session_that_does_not_read_holds_at_most_its_byte_backlog() {
+        let hub = DashboardHub::default();
+        let tenant = TenantId::parse("acme").unwrap();
+        let device = DeviceId::parse("pump-1").unwrap();
+        let mut watch = hub.telemetry_watch(&tenant);
+        watch.watch_all();
+        // About 900 KB per frame, as a large batch gives.
+        let points = vec![TelemetryPoint {
+            tenant: tenant.clone(),
+            device: device.clone(),
+            device_type: "pump".into(),
+            metric: MetricName::parse("log").unwrap(),
+            ts_ms: 0,
+            value: MetricValue::Text("x".repeat(900_000)),
+        }];
+        for _ in 0..50 {
+            hub.show(&tenant, &device, "pump", &points);
+        }
+        assert!(
+            watch.queued_bytes() <= TELEMETRY_BACKLOG_BYTES,
+            "{}",
+            watch.queued_bytes()
+        );
+        assert!(watch.queued_bytes() > TELEMETRY_BACKLOG_BYTES / 2);
+        let queued = (50 - watch.take_missed()) as usize;
+        assert_eq!(queued, TELEMETRY_BACKLOG_BYTES / 900_000);
+        // Reading frees room again.
+        for _ in 0..queued {
+            let frame = futures_util::FutureExt::now_or_never(watch.next_frame());
+            assert!(matches!(frame, Some(Some(_))));
+        }
+        assert_eq!(watch.queued_bytes(), 0);
+        hub.show(&tenant, &device, "pump", &points);
+        assert_eq!(watch.take_missed(), 0);
     }
 }

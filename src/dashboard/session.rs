@@ -10,26 +10,36 @@
 //! `{"type":"subscribe","devices":["pump-1","pump-2"]}` (or `"devices":"*"` for every device
 //! of the tenant) and `{"type":"unsubscribe","devices":[…]|"*"}`; each is answered with
 //! `{"type":"subscribed","all":…,"devices":[…]}`, or `{"type":"error",…}`.
+//!
+//! The session's credential is checked again every [`CREDENTIAL_RECHECK`] and before each
+//! request: once it no longer authenticates (API key revoked or expired, password changed,
+//! user disabled, login token expired) the socket is closed with 1008 (policy violation) and
+//! the reason `credential revoked`, and nothing more is sent.
 
 use std::time::{Duration, Instant};
 
-use actix_ws::{AggregatedMessage, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
 use drover_actors::{DeviceId, TenantId};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::hub::{DashboardHub, LiveMessage, MAX_WATCHED_DEVICES, TelemetryWatch};
+use crate::http::principal::CredentialCheck;
 use crate::storage::registry::RegistryStore;
 
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a session may outlive its credential at most (one registry read per session each
+/// time, not per frame).
+pub const CREDENTIAL_RECHECK: Duration = Duration::from_secs(10);
 
 pub struct DashboardSession {
     pub tenant: TenantId,
     pub session: Session,
     pub hub: DashboardHub,
     pub registry: RegistryStore,
+    pub credential: CredentialCheck,
 }
 
 /// What a client may send.
@@ -61,7 +71,12 @@ impl DashboardSession {
             return;
         }
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + CREDENTIAL_RECHECK,
+            CREDENTIAL_RECHECK,
+        );
         let mut last_heard = Instant::now();
+        let mut close_reason = None;
         loop {
             tokio::select! {
                 event = events.recv() => match event {
@@ -78,7 +93,7 @@ impl DashboardSession {
                     }
                     Err(RecvError::Closed) => break,
                 },
-                Some(frame) = watch.frames.recv() => {
+                Some(frame) = watch.next_frame() => {
                     let missed = watch.take_missed();
                     if missed > 0 && !self.send(&LiveMessage::Lagged { stream: "telemetry", missed }).await {
                         break;
@@ -96,6 +111,10 @@ impl DashboardSession {
                     }
                     Some(Ok(AggregatedMessage::Text(text))) => {
                         last_heard = Instant::now();
+                        if !self.credential.still_valid(&self.tenant).await {
+                            close_reason = Some(revoked());
+                            break;
+                        }
                         let answer = self.request(&mut watch, text.as_bytes()).await;
                         if !self.send(&answer).await {
                             break;
@@ -104,6 +123,12 @@ impl DashboardSession {
                     Some(Ok(AggregatedMessage::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => last_heard = Instant::now(),
                 },
+                _ = recheck.tick() => {
+                    if !self.credential.still_valid(&self.tenant).await {
+                        close_reason = Some(revoked());
+                        break;
+                    }
+                }
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > CLIENT_TIMEOUT || self.session.ping(b"").await.is_err() {
                         break;
@@ -111,7 +136,10 @@ impl DashboardSession {
                 }
             }
         }
-        let _ = self.session.close(None).await;
+        if close_reason.is_some() {
+            tracing::info!(tenant = %self.tenant, "live stream closed: its credential no longer authenticates");
+        }
+        let _ = self.session.close(close_reason).await;
     }
 
     async fn send(&mut self, message: &LiveMessage<'_>) -> bool {
@@ -202,6 +230,13 @@ impl DashboardSession {
         }
         let (all, devices) = watch.watched();
         LiveMessage::Subscribed { all, devices }
+    }
+}
+
+fn revoked() -> CloseReason {
+    CloseReason {
+        code: CloseCode::Policy,
+        description: Some("credential revoked".into()),
     }
 }
 

@@ -197,7 +197,7 @@ async fn register(
         ("tag" = Option<String>, Query, description = "Has this tag"),
         ("group" = Option<String>, Query, description = "Member of this group"),
         ("status" = Option<String>, Query, description = "online, offline or disabled"),
-        ("metadata.{key}" = Option<String>, Query, description = "Metadata key equals value, e.g. metadata.location=warehouse-a"),
+        ("metadata.{key}" = Option<String>, Query, description = "Metadata key equals value, e.g. metadata.location=warehouse-a; at most 32 such filters (more: 400 too_many_filters)"),
         ("limit" = Option<u32>, Query, description = "Page size, 1-1000 (default 100)"),
         ("after" = Option<String>, Query, description = "The `next` value of the previous page"),
     ),
@@ -222,6 +222,11 @@ async fn list(
     }))
 }
 
+/// Most `metadata.<key>` filters one device list request may carry. Each becomes a nested
+/// SQL condition, and SQLite refuses expression trees deeper than 1000 (a 500); no real
+/// query needs more than a handful.
+pub const MAX_METADATA_FILTERS: usize = 32;
+
 /// Parses the device list filters; unknown parameters are refused rather than ignored.
 pub fn device_query(pairs: &[(String, String)]) -> Result<(DeviceFilter, PageRequest), ApiError> {
     let mut filter = DeviceFilter::default();
@@ -242,7 +247,15 @@ pub fn device_query(pairs: &[(String, String)]) -> Result<(DeviceFilter, PageReq
             "limit" => limit = Some(value.as_str()),
             "after" => after = Some(value.clone()),
             other => match other.strip_prefix("metadata.") {
-                Some(name) if !name.is_empty() => filter.metadata.push((name.to_string(), value.clone())),
+                Some(name) if !name.is_empty() => {
+                    if filter.metadata.len() == MAX_METADATA_FILTERS {
+                        return Err(ApiError::bad_request(
+                            "too_many_filters",
+                            format!("at most {MAX_METADATA_FILTERS} metadata.<key> filters per request"),
+                        ));
+                    }
+                    filter.metadata.push((name.to_string(), value.clone()))
+                }
                 _ => {
                     return Err(ApiError::bad_request(
                         "invalid_query",
@@ -453,4 +466,26 @@ async fn remove_tag(
         .remove_device_tag(principal.tenant.clone(), id, tag, principal.audit_actor())
         .await?;
     Ok(web::Json(device.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata_filters(n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("metadata.k{i}"), "v".to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn metadata_filters_are_capped() {
+        let (filter, _) = device_query(&metadata_filters(MAX_METADATA_FILTERS)).expect("at the cap");
+        assert_eq!(filter.metadata.len(), MAX_METADATA_FILTERS);
+        let Err(refused) = device_query(&metadata_filters(999)) else {
+            panic!("999 metadata filters were accepted");
+        };
+        assert_eq!(refused.status, actix_web::http::StatusCode::BAD_REQUEST);
+        assert_eq!(refused.code, "too_many_filters");
+    }
 }

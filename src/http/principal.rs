@@ -106,6 +106,7 @@ impl Principal {
 pub const MAX_CREDENTIAL_BYTES: usize = 4096;
 
 /// The credential a request carries.
+#[derive(Clone)]
 enum Credential {
     Jwt(String),
     ApiKey(String),
@@ -177,6 +178,51 @@ impl FromRequest for Principal {
                 .await
                 .map_err(Into::into)
         })
+    }
+}
+
+/// A request's credential kept to be checked again later: a long-lived connection (the `/ws`
+/// stream) must end when its API key is revoked, its user's password changes or its login
+/// token expires, as REST calls start failing then. The check is the one every request goes
+/// through, so it costs one registry read.
+#[derive(Clone)]
+pub struct CredentialCheck {
+    state: web::Data<AppState>,
+    credential: Option<Credential>,
+    tenant_override: Option<String>,
+    source_ip: Option<String>,
+    route: String,
+}
+
+impl CredentialCheck {
+    pub fn of(req: &HttpRequest, state: web::Data<AppState>) -> CredentialCheck {
+        CredentialCheck {
+            state,
+            credential: credential(req),
+            tenant_override: req
+                .headers()
+                .get(TENANT_HEADER)
+                .map(|v| v.to_str().unwrap_or("").to_string()),
+            source_ip: req.peer_addr().map(|a| a.ip().to_string()),
+            route: format!("{} {}", req.method(), req.path()),
+        }
+    }
+
+    /// Whether the credential still authenticates as the same tenant. A registry that does
+    /// not answer (5xx) counts as still valid: an outage should not drop every live session.
+    pub async fn still_valid(&self, tenant: &TenantId) -> bool {
+        let checked = authenticate(
+            self.state.clone(),
+            self.credential.clone(),
+            self.tenant_override.clone(),
+            self.source_ip.clone(),
+            self.route.clone(),
+        )
+        .await;
+        match checked {
+            Ok(principal) => principal.tenant == *tenant,
+            Err(e) => e.status.is_server_error(),
+        }
     }
 }
 

@@ -6,14 +6,14 @@ use actix_web::{HttpRequest, HttpResponse, get, web};
 
 use crate::dashboard::session::DashboardSession;
 use crate::http::error::ApiError;
-use crate::http::principal::Principal;
+use crate::http::principal::{CredentialCheck, Principal};
 use crate::state::AppState;
 
 /// Upgrades to a WebSocket carrying the tenant's live events.
 #[utoipa::path(
     tag = "alerts",
     params(("token" = Option<String>, Query, description = "Login token or API key, when no Authorization header can be sent")),
-    responses((status = 101, description = "Switching to the WebSocket protocol; the first frame is {\"type\":\"hello\",\"tenant\":…}, then alarm changes and subscribed telemetry"), (status = 401, body = crate::http::error::ErrorBody)),
+    responses((status = 101, description = "Switching to the WebSocket protocol; the first frame is {\"type\":\"hello\",\"tenant\":…}, then alarm changes and subscribed telemetry; closed with 1008 `credential revoked` once the credential no longer authenticates (checked every 10 s and before each request)"), (status = 401, body = crate::http::error::ErrorBody)),
     security(("bearer" = []))
 )]
 #[get("/ws")]
@@ -30,6 +30,7 @@ pub async fn live(
         session,
         hub: state.hub.clone(),
         registry: state.registry.clone(),
+        credential: CredentialCheck::of(&req, state.clone()),
     };
     actix_rt::spawn(dashboard.run(stream));
     Ok(response)
