@@ -30,9 +30,7 @@ use crate::storage::registry::RegistryStore;
 
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
-/// How long a session may outlive its credential at most (one registry read per session each
-/// time, not per frame).
-pub const CREDENTIAL_RECHECK: Duration = Duration::from_secs(10);
+pub use crate::http::principal::CREDENTIAL_RECHECK;
 
 pub struct DashboardSession {
     pub tenant: TenantId,

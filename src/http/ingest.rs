@@ -12,7 +12,7 @@
 //! application may also send on a device's behalf with an API key or login token of the
 //! device's tenant and at least the operator role.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, get, post, web};
@@ -30,7 +30,7 @@ use utoipa_actix_web::service_config::ServiceConfig;
 use crate::auth::secrets::{DEVICE_TOKEN_PREFIX, digest};
 use crate::http::devices::device_id;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::principal::Principal;
+use crate::http::principal::{CREDENTIAL_RECHECK, Principal};
 use crate::state::AppState;
 
 /// Seconds a refused sender is told to wait when the writers are full.
@@ -280,6 +280,7 @@ pub async fn device_socket(
     tracing::debug!(%tenant, %device, "device WebSocket opened");
     actix_web::rt::spawn(async move {
         let idle = Duration::from_secs(120);
+        let mut checked = Instant::now();
         let close_reason = loop {
             let next = match tokio::time::timeout(idle, stream.next()).await {
                 Ok(next) => next,
@@ -311,6 +312,21 @@ pub async fn device_socket(
                 }
                 None => break None,
             };
+            // A socket outlives its credential by CREDENTIAL_RECHECK at most: a revoked token or
+            // key, a disabled device or a changed password ends it as REST calls start failing.
+            if checked.elapsed() >= CREDENTIAL_RECHECK {
+                match sender_tenant(&req, &state, &device).await {
+                    Ok(current) if current == tenant => checked = Instant::now(),
+                    // The registry did not answer: an outage should not drop every socket.
+                    Err(error) if error.status.is_server_error() => {}
+                    _ => {
+                        break Some(actix_ws::CloseReason {
+                            code: actix_ws::CloseCode::Policy,
+                            description: Some("credential revoked".into()),
+                        });
+                    }
+                }
+            }
             let reply = match commit(&addr, payload).await {
                 Ok(points) => FrameReply {
                     ok: true,

@@ -185,6 +185,10 @@ impl FromRequest for Principal {
 /// stream) must end when its API key is revoked, its user's password changes or its login
 /// token expires, as REST calls start failing then. The check is the one every request goes
 /// through, so it costs one registry read.
+/// How long a live socket (a `/ws` session, a device's ingestion socket) may outlive its
+/// credential at most: one registry read per socket each time, never per frame.
+pub const CREDENTIAL_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct CredentialCheck {
     state: web::Data<AppState>,
