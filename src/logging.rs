@@ -107,6 +107,33 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
+/// Whether a field value (as `%` or `?` formatted it) must be quoted to stay one value: one
+/// holding a space, `=` or a stray quote could otherwise pass for more fields (a client id
+/// `x source="10.9.9.9"` read as a second `source`). A value already quoted whole (a `?`-logged
+/// string) is left as it is.
+fn needs_quotes(text: &str) -> bool {
+    if is_quoted(text) {
+        return false;
+    }
+    text.chars().any(|c| c.is_whitespace() || c == '=' || c == '"')
+}
+
+/// `"…"` with every inner quote escaped, as `{:?}` writes a string.
+fn is_quoted(text: &str) -> bool {
+    let Some(inner) = text.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) else {
+        return false;
+    };
+    let mut escaped = false;
+    for c in inner.chars() {
+        match c {
+            '\\' => escaped = !escaped,
+            '"' if !escaped => return false,
+            _ => escaped = false,
+        }
+    }
+    !escaped
+}
+
 /// The text format's field formatter: `name=value` pairs like tracing-subscriber's default,
 /// with every value (and the message) escaped and clipped.
 struct EscapedFields;
@@ -177,7 +204,12 @@ impl Visit for EscapedVisitor<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.write_field(field.name(), &format!("{value:?}"));
+        let text = format!("{value:?}");
+        if field.name() != "message" && needs_quotes(&text) {
+            self.write_field(field.name(), &format!("{text:?}"));
+        } else {
+            self.write_field(field.name(), &text);
+        }
     }
 }
 
@@ -257,6 +289,16 @@ mod tests {
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(text.contains(r"client=x\n2026"), "{text}");
+        assert!(text.contains(r#"client="x\n2026"#), "{text}");
+    }
+
+    #[test]
+    fn a_value_cannot_pass_for_more_fields() {
+        assert!(needs_quotes(r#"x source="10.9.9.9" reason="accepted_by_admin""#));
+        assert!(needs_quotes(r#""a" source="b""#));
+        assert!(needs_quotes("a=b"));
+        assert!(!needs_quotes("device-1"));
+        assert!(!needs_quotes(r#""a \" b""#));
+        assert!(needs_quotes(r#""a\""#));
     }
 }

@@ -190,11 +190,23 @@ async fn a_client_id_holding_a_log_line_stays_on_its_own_line() {
         "bad username or password"
     );
 
+    // A client id shaped like more fields stays one quoted value.
+    let fields = r#"edge-fields source="10.9.9.9" reason="accepted_by_admin""#;
+    let packet = connect_packet(fields, "nobody", "wrong", 30, None);
+    assert_eq!(connack_code(server.mqtt, &packet), 0x04);
+
     let text = || String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
-    eventually(Duration::from_secs(10), "the refusal logged", || async {
-        text().contains("edge-forgery")
+    eventually(Duration::from_secs(10), "the refusals logged", || async {
+        text().contains("edge-forgery") && text().contains("edge-fields")
     })
     .await;
+    let all = text();
+    let line = all.lines().find(|l| l.contains("edge-fields")).unwrap();
+    assert!(
+        line.contains(r#"client="edge-fields source=\"10.9.9.9\" reason=\"accepted_by_admin\"""#),
+        "{line}"
+    );
+    assert!(!line.contains(r#" source="10.9.9.9""#), "{line}");
     let text = text();
     let lines: Vec<&str> = text
         .lines()
