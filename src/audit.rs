@@ -35,6 +35,11 @@ const COUNT_FLUSH: Duration = Duration::from_secs(1);
 /// on one row per kind with no source (many sources at once is what that row then says).
 const MAX_TRACKED: usize = 10_000;
 
+/// Distinct sources of one kind of refusal (action and reason) given rows of their own in one
+/// window; refusals of that kind from further sources share the kind's sourceless row. This
+/// bounds the rows a window gets per kind however many addresses a flood comes from.
+pub const SOURCES_PER_KIND: usize = 100;
+
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<AuditEvent>,
@@ -54,7 +59,8 @@ impl AuditSink {
         let shutdown = Arc::new(Notify::new());
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let mut aggregator = Aggregator::new(AGGREGATION_WINDOW, MAX_TRACKED, Instant::now());
+            let mut aggregator = Aggregator::new(AGGREGATION_WINDOW, MAX_TRACKED, Instant::now())
+                .with_sources_per_kind(SOURCES_PER_KIND);
             let mut flush = tokio::time::interval(COUNT_FLUSH);
             flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -204,6 +210,9 @@ struct Aggregator {
     max_tracked: usize,
     window_started: Instant,
     slots: HashMap<AggregationKey, Slot>,
+    sources_per_kind: usize,
+    /// Slots with a source in this window, per action and reason.
+    sources: HashMap<(String, String), usize>,
 }
 
 impl Aggregator {
@@ -213,7 +222,18 @@ impl Aggregator {
             max_tracked,
             window_started: now,
             slots: HashMap::new(),
+            sources_per_kind: usize::MAX,
+            sources: HashMap::new(),
         }
+    }
+
+    fn with_sources_per_kind(mut self, limit: usize) -> Aggregator {
+        self.sources_per_kind = limit;
+        self
+    }
+
+    fn kind(key: &AggregationKey) -> (String, String) {
+        (key.action.clone(), key.reason.clone())
     }
 
     fn admit(&mut self, event: &AuditEvent, now: Instant) -> Admission {
@@ -222,10 +242,13 @@ impl Aggregator {
         }
         self.roll(now);
         let mut key = AggregationKey::of(event);
-        if self.slots.len() >= self.max_tracked && !self.slots.contains_key(&key) {
-            key.source_ip = None;
-            key.actor = None;
-            key.tenant = None;
+        if !self.slots.contains_key(&key) {
+            let kind_sources = self.sources.get(&Self::kind(&key)).copied().unwrap_or(0);
+            if self.slots.len() >= self.max_tracked || kind_sources >= self.sources_per_kind {
+                key.source_ip = None;
+                key.actor = None;
+                key.tenant = None;
+            }
         }
         match self.slots.get_mut(&key) {
             Some(slot) => {
@@ -233,6 +256,9 @@ impl Aggregator {
                 Admission::Counted
             }
             None => {
+                if key.source_ip.is_some() {
+                    *self.sources.entry(Self::kind(&key)).or_default() += 1;
+                }
                 self.slots.insert(
                     key.clone(),
                     Slot {
@@ -254,7 +280,12 @@ impl Aggregator {
 
     /// Writing the first refusal of `key` failed: the next one tries again.
     fn forget(&mut self, key: &AggregationKey) {
-        self.slots.remove(key);
+        if self.slots.remove(key).is_some()
+            && key.source_ip.is_some()
+            && let Some(count) = self.sources.get_mut(&Self::kind(key))
+        {
+            *count = count.saturating_sub(1);
+        }
     }
 
     /// Counts to add, per row; starts a new window once this one has passed.
@@ -283,6 +314,7 @@ impl Aggregator {
             return;
         }
         self.slots.clear();
+        self.sources.clear();
         self.window_started = now;
     }
 }
@@ -399,6 +431,21 @@ mod tests {
         agg.written(overflow, 3);
         assert_eq!(agg.admit(&refusal("a", "10.0.0.4", "r"), now), Admission::Counted);
         assert_eq!(agg.take_counts(now), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn past_the_sources_of_one_kind_its_refusals_share_one_row() {
+        let now = Instant::now();
+        let mut agg = Aggregator::new(Duration::from_secs(60), 100, now).with_sources_per_kind(2);
+        first(agg.admit(&refusal("a", "10.0.0.1", "r"), now));
+        first(agg.admit(&refusal("a", "10.0.0.2", "r"), now));
+        let overflow = first(agg.admit(&refusal("a", "10.0.0.3", "r"), now));
+        assert_eq!(overflow.source_ip, None);
+        agg.written(overflow, 3);
+        assert_eq!(agg.admit(&refusal("a", "10.0.0.4", "r"), now), Admission::Counted);
+        // Another reason has sources of its own.
+        let other = first(agg.admit(&refusal("a", "10.0.0.5", "s"), now));
+        assert_eq!(other.source_ip.as_deref(), Some("10.0.0.5"));
     }
 
     #[test]

@@ -37,8 +37,27 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Replaces the password of a URL (`scheme://user:password@host`) with `***`.
+/// Replaces the password of a URL (`scheme://user:password@host`) and every query value
+/// (`?token=secret` becomes `?token=***`) with `***`: webhook and service URLs carry tokens in
+/// either place, and the masked form is what logs and API views show.
 pub fn mask_url(url: &str) -> String {
+    let (base, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    match base.split_once('?') {
+        Some((head, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, value)) if !value.is_empty() => format!("{key}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{}?{}{fragment}", mask_userinfo(head), query.join("&"))
+        }
+        None => format!("{}{fragment}", mask_userinfo(base)),
+    }
+}
+
+fn mask_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -2311,5 +2330,9 @@ mod tests {
         assert_eq!(mask_url("redis://user:pw@h:1/0"), "redis://user:***@h:1/0");
         assert_eq!(mask_url("http://h:8086"), "http://h:8086");
         assert_eq!(mask_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            mask_url("https://h/s/T0?token=Q456&x=&flag#frag"),
+            "https://h/s/T0?token=***&x=&flag#frag"
+        );
     }
 }

@@ -107,6 +107,81 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
+/// Lines of one kind logged per interval before the rest are only counted: refusals need no
+/// credentials, so an outsider must not be able to grow the log at will.
+pub const LINES_PER_INTERVAL: u32 = 20;
+
+/// The interval of [`LINES_PER_INTERVAL`].
+pub const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Which lines of a kind to write (pure: time passed in). The first [`LINES_PER_INTERVAL`] of
+/// an interval are written; the rest are counted and reported by one summary line when the
+/// next one of that kind comes in a later interval.
+#[derive(Default)]
+pub struct LogBudget {
+    kinds: std::collections::HashMap<&'static str, (std::time::Instant, u32, u64)>,
+}
+
+/// What [`LogBudget::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LogAdmission {
+    /// Write this line.
+    pub log: bool,
+    /// Lines of this kind left out in the interval before (write a summary if not zero).
+    pub suppressed: u64,
+}
+
+impl LogBudget {
+    pub fn admit(&mut self, kind: &'static str, now: std::time::Instant) -> LogAdmission {
+        let entry = self.kinds.entry(kind).or_insert((now, 0, 0));
+        let mut suppressed = 0;
+        if now.duration_since(entry.0) >= LOG_INTERVAL {
+            suppressed = entry.2;
+            *entry = (now, 0, 0);
+        }
+        if entry.1 < LINES_PER_INTERVAL {
+            entry.1 += 1;
+            LogAdmission {
+                log: true,
+                suppressed,
+            }
+        } else {
+            entry.2 += 1;
+            LogAdmission {
+                log: false,
+                suppressed,
+            }
+        }
+    }
+}
+
+/// Whether a field value (as `%` or `?` formatted it) must be quoted to stay one value: one
+/// holding a space, `=` or a stray quote could otherwise pass for more fields (a client id
+/// `x source="10.9.9.9"` read as a second `source`). A value already quoted whole (a `?`-logged
+/// string) is left as it is.
+fn needs_quotes(text: &str) -> bool {
+    if is_quoted(text) {
+        return false;
+    }
+    text.chars().any(|c| c.is_whitespace() || c == '=' || c == '"')
+}
+
+/// `"…"` with every inner quote escaped, as `{:?}` writes a string.
+fn is_quoted(text: &str) -> bool {
+    let Some(inner) = text.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) else {
+        return false;
+    };
+    let mut escaped = false;
+    for c in inner.chars() {
+        match c {
+            '\\' => escaped = !escaped,
+            '"' if !escaped => return false,
+            _ => escaped = false,
+        }
+    }
+    !escaped
+}
+
 /// The text format's field formatter: `name=value` pairs like tracing-subscriber's default,
 /// with every value (and the message) escaped and clipped.
 struct EscapedFields;
@@ -177,7 +252,12 @@ impl Visit for EscapedVisitor<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.write_field(field.name(), &format!("{value:?}"));
+        let text = format!("{value:?}");
+        if field.name() != "message" && needs_quotes(&text) {
+            self.write_field(field.name(), &format!("{text:?}"));
+        } else {
+            self.write_field(field.name(), &text);
+        }
     }
 }
 
@@ -257,6 +337,36 @@ mod tests {
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(text.contains(r"client=x\n2026"), "{text}");
+        assert!(text.contains(r#"client="x\n2026"#), "{text}");
+    }
+
+    #[test]
+    fn a_log_budget_writes_the_first_lines_and_counts_the_rest() {
+        let now = std::time::Instant::now();
+        let mut budget = LogBudget::default();
+        for _ in 0..LINES_PER_INTERVAL {
+            assert!(budget.admit("a", now).log);
+        }
+        assert!(!budget.admit("a", now).log);
+        assert!(!budget.admit("a", now).log);
+        // Another kind has its own budget.
+        assert!(budget.admit("b", now).log);
+        assert_eq!(
+            budget.admit("a", now + LOG_INTERVAL),
+            LogAdmission {
+                log: true,
+                suppressed: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_value_cannot_pass_for_more_fields() {
+        assert!(needs_quotes(r#"x source="10.9.9.9" reason="accepted_by_admin""#));
+        assert!(needs_quotes(r#""a" source="b""#));
+        assert!(needs_quotes("a=b"));
+        assert!(!needs_quotes("device-1"));
+        assert!(!needs_quotes(r#""a \" b""#));
+        assert!(needs_quotes(r#""a\""#));
     }
 }

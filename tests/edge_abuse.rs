@@ -190,11 +190,78 @@ async fn a_client_id_holding_a_log_line_stays_on_its_own_line() {
         "bad username or password"
     );
 
+    // A client id shaped like more fields stays one quoted value.
+    let fields = r#"edge-fields source="10.9.9.9" reason="accepted_by_admin""#;
+    let packet = connect_packet(fields, "nobody", "wrong", 30, None);
+    assert_eq!(connack_code(server.mqtt, &packet), 0x04);
+
     let text = || String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
-    eventually(Duration::from_secs(10), "the refusal logged", || async {
-        text().contains("edge-forgery")
+    eventually(Duration::from_secs(10), "the refusals logged", || async {
+        text().contains("edge-forgery") && text().contains("edge-fields")
     })
     .await;
+    let all = text();
+    let line = all.lines().find(|l| l.contains("edge-fields")).unwrap();
+    assert!(
+        line.contains(r#"client="edge-fields source=\"10.9.9.9\" reason=\"accepted_by_admin\"""#),
+        "{line}"
+    );
+    assert!(!line.contains(r#" source="10.9.9.9""#), "{line}");
+
+    // Refusals from many source addresses (loopback is a /8): the audit log gets a bounded
+    // number of rows for them and the server log a bounded number of lines.
+    const SOURCES: usize = 2_000;
+    let mqtt = server.mqtt;
+    for i in 0..SOURCES {
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        let mut stream = socket.connect(mqtt).await.expect("connect");
+        let packet = connect_packet(&format!("edge-flood-{i}"), "nobody", "wrong", 30, None);
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &packet)
+            .await
+            .unwrap();
+        let mut head = [0u8; 4];
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_exact(&mut stream, &mut head),
+        )
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+        assert_eq!(head[3], 0x04, "bad username or password");
+    }
+    let admin = server.admin_token().await;
+    let dropped = server.state.metrics.audit_dropped.clone();
+    let flood_rows = |entries: Vec<Value>| -> Vec<Value> {
+        entries
+            .into_iter()
+            .filter(|e| {
+                e["actor"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("mqtt:edge-flood"))
+            })
+            .collect()
+    };
+    eventually(Duration::from_secs(20), "the flood counted", || async {
+        let counted: u64 = flood_rows(connect_audit(&server, &admin).await)
+            .iter()
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        counted + dropped.get() >= SOURCES as u64
+    })
+    .await;
+    let rows = flood_rows(connect_audit(&server, &admin).await);
+    assert!(
+        rows.len() <= drover::audit::SOURCES_PER_KIND + 1,
+        "{} rows",
+        rows.len()
+    );
+    let logged = text().lines().filter(|l| l.contains("edge-flood")).count();
+    assert!(
+        logged <= drover::logging::LINES_PER_INTERVAL as usize,
+        "{logged} lines"
+    );
     let text = text();
     let lines: Vec<&str> = text
         .lines()

@@ -137,22 +137,23 @@ async fn notifications_reach_only_allowed_destinations() {
         .unwrap();
     let (loopback_addr, _loopback, loopback_hits) = http_receiver_on("127.0.0.1", 200, "").await;
 
-    // A channel whose URL carries credentials: shown masked, delivered with them, and kept
-    // when written back as shown.
+    // A channel whose URL carries credentials and a query token: both shown masked, delivered
+    // with them, and kept when written back as shown.
     let (status, channel) = server
         .post(
             "/api/channels",
             &admin,
-            json!({"name": "cred-hook", "type": "webhook", "url": format!("http://hookuser:hookpass@{hook_addr}/c")}),
+            json!({"name": "cred-hook", "type": "webhook", "url": format!("http://hookuser:hookpass@{hook_addr}/c?token=QuerySecret456")}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{channel}");
-    let masked = format!("http://hookuser:***@{hook_addr}/c");
+    let masked = format!("http://hookuser:***@{hook_addr}/c?token=***");
     assert_eq!(channel["url"], masked.as_str(), "{channel}");
     let (_, shown) = server.get("/api/channels/cred-hook", &admin).await;
     assert_eq!(shown["url"], masked.as_str(), "{shown}");
     let (_, list) = server.get("/api/channels", &admin).await;
     assert!(!list.to_string().contains("hookpass"), "{list}");
+    assert!(!list.to_string().contains("QuerySecret456"), "{list}");
     let (status, patched) = server
         .patch(
             "/api/channels/cred-hook",
@@ -255,7 +256,10 @@ async fn notifications_reach_only_allowed_destinations() {
     assert_eq!(
         authorizations,
         vec![
-            ("/c".to_string(), Some(basic("hookuser", "hookpass"))),
+            (
+                "/c?token=QuerySecret456".to_string(),
+                Some(basic("hookuser", "hookpass"))
+            ),
             ("/i".to_string(), Some(basic("inluser", "inlpass"))),
         ]
     );
@@ -270,6 +274,7 @@ async fn notifications_reach_only_allowed_destinations() {
     let credentials = recorded.into_inner().unwrap();
     let text = Value::from(credentials.clone()).to_string();
     assert!(!text.contains("inlpass") && !text.contains("hookpass"), "{text}");
+    assert!(!text.contains("QuerySecret456"), "{text}");
     assert!(
         credentials
             .iter()

@@ -109,7 +109,27 @@ pub fn refused(ctx: &MqttContext, client_id: &str, source_ip: Option<String>, re
         .with_label_values(&["connect", reason])
         .inc();
     let client = clip(client_id);
-    tracing::warn!(%client, source = source_ip.as_deref().unwrap_or("-"), reason, "MQTT connect refused");
+    // One process-wide budget: refusals need no credentials, so their lines are rate limited
+    // per reason (the count is in the metrics and the audit log whatever is logged).
+    static BUDGET: std::sync::LazyLock<std::sync::Mutex<crate::logging::LogBudget>> =
+        std::sync::LazyLock::new(Default::default);
+    let admission = match BUDGET.lock() {
+        Ok(mut budget) => budget.admit(reason, Instant::now()),
+        Err(_) => crate::logging::LogAdmission {
+            log: true,
+            suppressed: 0,
+        },
+    };
+    if admission.suppressed > 0 {
+        tracing::warn!(
+            reason,
+            suppressed = admission.suppressed,
+            "MQTT connect refusals not logged in the last interval"
+        );
+    }
+    if admission.log {
+        tracing::warn!(%client, source = source_ip.as_deref().unwrap_or("-"), reason, "MQTT connect refused");
+    }
     ctx.audit.submit(crate::storage::records::AuditEvent {
         actor: crate::storage::records::AuditActor {
             tenant: None,

@@ -262,10 +262,10 @@ fn check_destination(field: &str, url: &str, policy: &DestinationPolicy) -> Resu
     }
 }
 
-/// A URL sent back as the API showed it (`user:***@host`) means "keep the stored one": returns
-/// the stored URL it masks, if any.
+/// A URL sent back as the API showed it (`user:***@host`, `?token=***`) means "keep the stored
+/// one": returns the stored URL it masks, if any.
 pub fn unmask_url<'a>(sent: &str, stored: impl IntoIterator<Item = &'a str>) -> Option<String> {
-    if !sent.contains(":***@") {
+    if !sent.contains(":***@") && !sent.contains("=***") {
         return None;
     }
     stored
