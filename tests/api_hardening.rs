@@ -38,6 +38,7 @@ async fn api_hardening() {
     overflowing_sums_say_why(&server, &admin, &device_token).await;
     refused_points_are_counted(&server, &device_token).await;
     device_socket_takes_an_api_key_in_the_query(&server, &operator).await;
+    device_socket_ends_with_its_credential(&server, &admin).await;
     timestamps_are_milliseconds_everywhere(&server, &admin).await;
     admin_actor_records_are_camel_case(&server, &admin).await;
     documents_and_links_answer(&server).await;
@@ -447,6 +448,69 @@ async fn device_socket_takes_an_api_key_in_the_query(server: &TestServer, operat
         }
         other => panic!("an unknown key opened the socket: {other:?}"),
     }
+}
+
+/// A device socket opened with an API key stops taking telemetry once the key is revoked: the
+/// next frame after the re-check interval (10 s) closes it with 1008 "credential revoked".
+async fn device_socket_ends_with_its_credential(server: &TestServer, admin: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let (status, key) = server
+        .post(
+            "/api/keys",
+            admin,
+            json!({"name": "revoked-socket", "role": "operator"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let url = format!(
+        "ws://{}/ws/devices/sensor-001?token={}",
+        server.addr,
+        key["key"].as_str().unwrap()
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let reply = ws::request(&mut socket, r#"{"metrics": {"temperature": 21}}"#, WAIT).await;
+    assert_eq!(reply, json!({"ok": true, "points": 1}));
+    let (status, body) = server
+        .delete(
+            &format!("/api/keys/{}", key["apiKey"]["id"].as_str().unwrap()),
+            admin,
+        )
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+
+    // Frames keep coming; each is either still answered (within the re-check interval) or the
+    // socket closes for its credential. It must close before the deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+    let mut answered_after_revoke = 0;
+    let close = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the socket outlived its revoked key"
+        );
+        socket
+            .send(Message::text(r#"{"metrics": {"temperature": 22}}"#))
+            .await
+            .unwrap();
+        match tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("an answer in time")
+        {
+            Some(Ok(Message::Text(_))) => answered_after_revoke += 1,
+            Some(Ok(Message::Close(frame))) => break frame,
+            other => panic!("unexpected: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let frame = close.expect("a close frame with a reason");
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(frame.reason.as_str(), "credential revoked");
+    assert!(
+        answered_after_revoke <= 22,
+        "{answered_after_revoke} frames taken after the revocation"
+    );
 }
 
 /// Every RFC 3339 time in `value` has at most millisecond precision.
