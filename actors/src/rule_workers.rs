@@ -159,7 +159,9 @@ impl Schedule {
 
     /// Whether a rule set waits to replace the tenant's rules (the batch being judged pauses).
     fn rules_changed(&self, tenant: &TenantId) -> bool {
-        self.tenants.get(tenant).is_some_and(|slot| slot.new_rules.is_some())
+        self.tenants
+            .get(tenant)
+            .is_some_and(|slot| slot.new_rules.is_some())
     }
 
     /// A batch that paused goes back to the head of its tenant's queue, to resume first.

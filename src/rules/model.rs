@@ -346,8 +346,9 @@ impl RuleBody {
             Value::String(e) => TypedCondition::Expression {
                 expression: e.clone(),
             },
-            Value::Object(_) => serde_json::from_value(self.condition.clone())
-                .map_err(|e| invalid_object("condition", e))?,
+            Value::Object(_) => {
+                serde_json::from_value(self.condition.clone()).map_err(|e| invalid_object("condition", e))?
+            }
             _ => {
                 return Err(invalid(
                     "condition",

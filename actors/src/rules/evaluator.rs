@@ -849,21 +849,34 @@ mod tests {
         batch.points = points.into();
         let board = StatsBoard::default();
         let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
-        t.set_rules(vec![rule("old", expr("temperature > 30")), rule("kept", expr("true"))], &[]);
+        t.set_rules(
+            vec![rule("old", expr("temperature > 30")), rule("kept", expr("true"))],
+            &[],
+        );
         let mut got = Vec::new();
         // Paused after the first evaluation (rule "old" on message 1).
-        assert_eq!(t.on_telemetry_until(&batch, 1_000, &mut got, &mut || true), Progress::Paused);
+        assert_eq!(
+            t.on_telemetry_until(&batch, 1_000, &mut got, &mut || true),
+            Progress::Paused
+        );
         let old = board.lock().unwrap()["old"].clone();
         // "old" is deleted, "new" added while the batch waits.
         assert_eq!(
             t.set_rules(vec![rule("kept", expr("true")), rule("new", expr("true"))], &[]),
             vec![]
         );
-        assert_eq!(t.on_telemetry_until(&batch, 1_000, &mut got, &mut || false), Progress::Done);
+        assert_eq!(
+            t.on_telemetry_until(&batch, 1_000, &mut got, &mut || false),
+            Progress::Done
+        );
         assert_eq!(old.view().evaluations, 1, "the deleted rule stopped at once");
         assert!(!board.lock().unwrap().contains_key("old"));
         let stats = board.lock().unwrap();
-        assert_eq!(stats["new"].view().evaluations, 4, "the new rule judged the rest of the batch");
+        assert_eq!(
+            stats["new"].view().evaluations,
+            4,
+            "the new rule judged the rest of the batch"
+        );
         assert_eq!(stats["kept"].view().evaluations, 4);
     }
 }

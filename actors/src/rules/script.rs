@@ -324,7 +324,7 @@ impl Sandbox {
         }
         match self.eval(&expression, &mut scope) {
             Err(
-                    e @ (ScriptError::Limit { .. }
+                e @ (ScriptError::Limit { .. }
                 | ScriptError::Syntax { .. }
                 | ScriptError::Timeout { .. }
                 | ScriptError::Unavailable { .. }),
@@ -596,7 +596,10 @@ mod tests {
         ] {
             let started = Instant::now();
             let err = run(source, &[]).unwrap_err();
-            assert!(matches!(err, ScriptError::Unavailable { .. }), "{source}: {err:?}");
+            assert!(
+                matches!(err, ScriptError::Unavailable { .. }),
+                "{source}: {err:?}"
+            );
             assert!(started.elapsed() < Duration::from_secs(1), "{source} blocked");
         }
         // What conditions use is still there.

@@ -94,7 +94,9 @@ impl RuleStats {
                 if in_a_row >= TIMEOUTS_IN_A_ROW_TO_STOP {
                     self.stopped.store(true, Ordering::Relaxed);
                     if let Ok(mut last) = self.last_error.lock() {
-                        *last = Some(format!("stopped after {in_a_row} evaluations in a row hit the time limit: {error}"));
+                        *last = Some(format!(
+                            "stopped after {in_a_row} evaluations in a row hit the time limit: {error}"
+                        ));
                     }
                     return;
                 }
@@ -139,7 +141,11 @@ mod tests {
         evaluate(&stats, None);
         evaluate(&stats, Some(timeout()));
         evaluate(&stats, Some(timeout()));
-        assert_eq!(stats.view().status, "running", "an evaluation in time broke the run");
+        assert_eq!(
+            stats.view().status,
+            "running",
+            "an evaluation in time broke the run"
+        );
         evaluate(&stats, Some(timeout()));
         let view = stats.view();
         assert_eq!(view.status, "stopped");
