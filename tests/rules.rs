@@ -597,6 +597,54 @@ async fn rules_crud_and_validation() {
             "refused without running"
         );
     }
+    // Through a function pointer the name is not in the source: the creation run finds it.
+    let (status, body) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({"name": "Sleepy", "condition": "let f = Fn(\"sleep\"); f.call(15); false"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_expression", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`sleep` is not available"),
+        "{body}"
+    );
+    // A misspelled field is named, as in every other body, wherever it is.
+    for (path, body, field) in [
+        (
+            "/api/rules",
+            json!({"name": "n", "condition": "true", "sevrity": "major"}),
+            "sevrity",
+        ),
+        (
+            "/api/rules",
+            json!({"name": "n", "condition": "true", "actions": [{"type": "webhook", "url": "https://x.example.com", "scret": "s"}]}),
+            "scret",
+        ),
+        (
+            "/api/rules",
+            json!({"name": "n", "condition": {"type": "duration", "expression": "true", "forSecs": 5, "forSeconds": 5}}),
+            "forSeconds",
+        ),
+        (
+            "/api/channels",
+            json!({"name": "c", "type": "webhook", "url": "https://x.example.com", "scret": "s"}),
+            "scret",
+        ),
+    ] {
+        let (status, answer) = server.post(path, &admin, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "unknown_field", "{path}: {answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{answer}"
+        );
+    }
     // What could never be delivered is refused: this server has no SMTP server and no SMS account.
     for (channel, code) in [
         (

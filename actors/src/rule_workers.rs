@@ -10,8 +10,11 @@
 //! `n / w` slices (plus one evaluation's wall-time limit each) for its turn.
 //!
 //! A tenant keeps at most `queue_capacity` telemetry events waiting; more are dropped and
-//! counted (`RuleCounters::dropped`), like an actor's full mailbox. Rule changes, operator
-//! clears and ticks are never dropped (a tick is not queued twice).
+//! counted (`RuleCounters::dropped`), like an actor's full mailbox. Operator clears and ticks
+//! are never dropped (a tick is not queued twice). A rule-set change does not wait in the
+//! queue: it lands in the tenant's latest-rules slot (a newer one replaces it), the batch being
+//! judged pauses at the next rule evaluation, and the new set judges everything still queued. So
+//! a deleted rule stops at once and a new rule sees the next event, however long the backlog.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -66,6 +69,8 @@ struct TenantSlot {
     /// `None` while a worker has them.
     rules: Option<Box<TenantRules>>,
     queue: VecDeque<RuleWork>,
+    /// The latest rule set not applied yet (a `SetRules` never waits behind telemetry).
+    new_rules: Option<RuleWork>,
     telemetry_queued: usize,
     tick_queued: bool,
     /// In the ready ring, or held by a worker.
@@ -103,6 +108,7 @@ impl Schedule {
         let slot = self.tenants.entry(tenant.clone()).or_insert_with(|| TenantSlot {
             rules: Some(Box::new(new_rules())),
             queue: VecDeque::new(),
+            new_rules: None,
             telemetry_queued: 0,
             tick_queued: false,
             scheduled: false,
@@ -114,7 +120,11 @@ impl Schedule {
             RuleWork::Tick { .. } => slot.tick_queued = true,
             _ => {}
         }
-        slot.queue.push_back(work);
+        if matches!(work, RuleWork::SetRules { .. }) {
+            slot.new_rules = Some(work);
+        } else {
+            slot.queue.push_back(work);
+        }
         if !slot.scheduled {
             slot.scheduled = true;
             self.ready.push_back(tenant.clone());
@@ -132,9 +142,12 @@ impl Schedule {
         None
     }
 
-    /// The tenant's next piece of work, if it has one.
+    /// The tenant's next piece of work, if it has one: a new rule set first.
     fn next_work(&mut self, tenant: &TenantId) -> Option<RuleWork> {
         let slot = self.tenants.get_mut(tenant)?;
+        if let Some(rules) = slot.new_rules.take() {
+            return Some(rules);
+        }
         let work = slot.queue.pop_front()?;
         match work {
             RuleWork::Telemetry { .. } => slot.telemetry_queued -= 1,
@@ -142,6 +155,13 @@ impl Schedule {
             _ => {}
         }
         Some(work)
+    }
+
+    /// Whether a rule set waits to replace the tenant's rules (the batch being judged pauses).
+    fn rules_changed(&self, tenant: &TenantId) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|slot| slot.new_rules.is_some())
     }
 
     /// A batch that paused goes back to the head of its tenant's queue, to resume first.
@@ -161,7 +181,7 @@ impl Schedule {
             return false;
         };
         slot.rules = Some(rules);
-        if slot.queue.is_empty() {
+        if slot.queue.is_empty() && slot.new_rules.is_none() {
             slot.scheduled = false;
             false
         } else {
@@ -304,7 +324,9 @@ fn work(shared: &Shared) {
             }
         };
         let deadline = Instant::now() + settings.slice;
-        let mut out_of_time = || Instant::now() >= deadline;
+        let slice_over = || Instant::now() >= deadline;
+        // A new rule set also pauses the batch: the rules being run may have been deleted.
+        let mut pause = || slice_over() || shared.lock().rules_changed(&tenant);
         let mut signals = Vec::new();
         let mut exhausted = false;
         loop {
@@ -313,7 +335,7 @@ fn work(shared: &Shared) {
             let Some(item) = next else { break };
             match item {
                 RuleWork::Telemetry { event, now_ms } => {
-                    match rules.on_telemetry_until(&event, now_ms, &mut signals, &mut out_of_time) {
+                    match rules.on_telemetry_until(&event, now_ms, &mut signals, &mut pause) {
                         Progress::Done => {
                             settings.counters.queued.fetch_sub(1, Ordering::Relaxed);
                         }
@@ -321,8 +343,12 @@ fn work(shared: &Shared) {
                             shared
                                 .lock()
                                 .put_back(&tenant, RuleWork::Telemetry { event, now_ms });
-                            exhausted = true;
-                            break;
+                            if slice_over() {
+                                exhausted = true;
+                                break;
+                            }
+                            // Paused for new rules: they are the next work.
+                            continue;
                         }
                     }
                 }
@@ -340,7 +366,7 @@ fn work(shared: &Shared) {
                 RuleWork::AlarmClosed { rule_id, device } => rules.alarm_closed(&rule_id, &device),
                 RuleWork::Tick { now_ms } => signals.extend(rules.on_tick(now_ms)),
             }
-            if out_of_time() {
+            if slice_over() {
                 exhausted = true;
                 break;
             }
@@ -435,6 +461,38 @@ mod tests {
         assert!(!s.end_turn(&a, held), "nothing left");
         assert!(s.start_turn().is_none());
         s.push(&a, closed("z"), 10, || rules("a")).unwrap();
+        assert_eq!(s.start_turn().map(|t| t.0), Some(a));
+    }
+
+    fn set_rules() -> RuleWork {
+        RuleWork::SetRules {
+            rules: Vec::new(),
+            active: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_rule_change_goes_before_queued_work_and_the_latest_one_wins() {
+        let a = tenant("a");
+        let mut s = Schedule::default();
+        s.push(&a, closed("x"), 10, || rules("a")).unwrap();
+        s.push(&a, closed("y"), 10, || rules("a")).unwrap();
+        let (_, held) = s.start_turn().unwrap();
+        assert!(!s.rules_changed(&a));
+        s.push(&a, set_rules(), 10, || rules("a")).unwrap();
+        s.push(&a, set_rules(), 10, || rules("a")).unwrap();
+        assert!(s.rules_changed(&a), "the batch being judged is told to pause");
+        assert!(
+            matches!(s.next_work(&a), Some(RuleWork::SetRules { .. })),
+            "the new rules do not wait behind the backlog"
+        );
+        assert!(!s.rules_changed(&a), "two changes are applied once, the latest");
+        assert!(matches!(s.next_work(&a), Some(RuleWork::AlarmClosed { .. })));
+        assert!(matches!(s.next_work(&a), Some(RuleWork::AlarmClosed { .. })));
+        assert!(s.next_work(&a).is_none());
+        // A change alone gives the tenant a turn.
+        s.push(&a, set_rules(), 10, || rules("a")).unwrap();
+        assert!(s.end_turn(&a, held), "the change is work left");
         assert_eq!(s.start_turn().map(|t| t.0), Some(a));
     }
 

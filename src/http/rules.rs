@@ -16,7 +16,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use utoipa_actix_web::service_config::ServiceConfig;
 
-use crate::http::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody, classify_json};
 use crate::http::principal::Principal;
 use crate::rules::model::{
     ChannelBody, ChannelSummary, KnownMetrics, ModelError, RuleBody, RuleWarning, unmask_url,
@@ -168,7 +168,8 @@ async fn known_metrics(state: &AppState, tenant: &drover_actors::TenantId) -> Re
 }
 
 fn parse_rule(value: Value) -> Result<RuleBody, ApiError> {
-    serde_json::from_value(value).map_err(|e| ApiError::bad_request("validation_failed", e.to_string()))
+    // The same codes as any other body (`unknown_field` naming a misspelled field, ...).
+    serde_json::from_value(value).map_err(|e| classify_json(&e))
 }
 
 /// Create a rule.
@@ -177,7 +178,7 @@ fn parse_rule(value: Value) -> Result<RuleBody, ApiError> {
     request_body(content = RuleBody, description = "A rule: name, condition (expression or typed), actions, scope, severity, clear, escalation, notify"),
     responses(
         (status = 201, body = RuleView, description = "Created; `warnings` names what will not fire as written (`unknown_metric`)"),
-        (status = 400, body = ErrorBody, description = "`invalid_expression` (syntax, a sandbox limit, or a function rules may not call such as `sleep` or `timestamp`, with line and column), `unknown_channel`, `channel_type_mismatch`, `email_not_configured`, `sms_not_configured`, `validation_failed`, `invalid_field`"),
+        (status = 400, body = ErrorBody, description = "`invalid_expression` (syntax, a sandbox limit, or a function rules may not call such as `sleep` or `timestamp`, with line and column), `unknown_channel`, `channel_type_mismatch`, `email_not_configured`, `sms_not_configured`, `validation_failed`, `unknown_field`, `missing_field`, `invalid_type`, `invalid_value`, `invalid_field`"),
         (status = 409, body = ErrorBody)
     ),
     security(("bearer" = []))

@@ -35,6 +35,21 @@ fn invalid(field: &str, message: impl Into<String>) -> ModelError {
     }
 }
 
+/// A nested object (`condition`, `clear`) that does not parse: a misspelled key is
+/// `unknown_field` as in any body, anything else `invalid_field`.
+fn invalid_object(field: &str, error: serde_json::Error) -> ModelError {
+    let message = error.to_string();
+    ModelError {
+        code: if message.starts_with("unknown field") {
+            "unknown_field"
+        } else {
+            "invalid_field"
+        },
+        field: field.into(),
+        message: format!("{field}: {message}"),
+    }
+}
+
 fn expression_error(field: &str, error: ScriptError) -> ModelError {
     let at = error
         .position()
@@ -331,8 +346,9 @@ impl RuleBody {
             Value::String(e) => TypedCondition::Expression {
                 expression: e.clone(),
             },
-            Value::Object(_) => serde_json::from_value(self.condition.clone())
-                .map_err(|e| invalid("condition", e.to_string()))?,
+            Value::Object(_) => {
+                serde_json::from_value(self.condition.clone()).map_err(|e| invalid_object("condition", e))?
+            }
             _ => {
                 return Err(invalid(
                     "condition",
@@ -420,7 +436,7 @@ impl RuleBody {
             Value::String(e) => (e.clone(), 0),
             Value::Object(_) => {
                 let c: ClearObject =
-                    serde_json::from_value(clear.clone()).map_err(|e| invalid("clear", e.to_string()))?;
+                    serde_json::from_value(clear.clone()).map_err(|e| invalid_object("clear", e))?;
                 (c.expression, c.for_secs)
             }
             Value::Null => return Ok(None),

@@ -97,9 +97,12 @@ impl TenantRules {
     /// starts afresh (and runs again if it had been stopped). Rules that fail to compile are
     /// left out and reported.
     pub fn set_rules(&mut self, specs: Vec<RuleSpec>, active: &[(DeviceId, String)]) -> Vec<LoadError> {
-        debug_assert!(self.cursor.is_none(), "rules changed while a batch was paused");
-        // Indexes of a paused batch mean nothing in the new set.
-        self.cursor = None;
+        // A batch paused for this change resumes at the message it stopped in, judged by the new
+        // set from its first rule (rule indexes mean nothing in the new set).
+        self.cursor = self.cursor.map(|c| Cursor {
+            message: c.message,
+            rule: 0,
+        });
         let mut previous: HashMap<String, CompiledRule> =
             self.rules.drain(..).map(|r| (r.spec.id.clone(), r)).collect();
         let mut errors = Vec::new();
@@ -188,7 +191,8 @@ impl TenantRules {
     /// it answers `true`, evaluation pauses there and the next call with the same batch resumes
     /// at the next rule (each call judges at least one rule or one message, so a batch always
     /// moves on).
-    /// Between a `Paused` and the call that resumes it, nothing else may change these rules.
+    /// Between a `Paused` and the call that resumes it, only [`TenantRules::set_rules`] may
+    /// change these rules.
     pub fn on_telemetry_until(
         &mut self,
         event: &TelemetryAccepted,
@@ -831,5 +835,48 @@ mod tests {
         for id in ["hot", "spike", "dur"] {
             assert_eq!(stats[id].view().evaluations, 4, "{id} judged each message once");
         }
+    }
+
+    #[test]
+    fn rules_changed_while_a_batch_is_paused_judge_the_rest_of_it() {
+        let mut batch = event("d1", &[("temperature", 25.0)]);
+        let points: Vec<TelemetryPoint> = (1..=4)
+            .map(|ts| TelemetryPoint {
+                ts_ms: ts,
+                ..batch.points[0].clone()
+            })
+            .collect();
+        batch.points = points.into();
+        let board = StatsBoard::default();
+        let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
+        t.set_rules(
+            vec![rule("old", expr("temperature > 30")), rule("kept", expr("true"))],
+            &[],
+        );
+        let mut got = Vec::new();
+        // Paused after the first evaluation (rule "old" on message 1).
+        assert_eq!(
+            t.on_telemetry_until(&batch, 1_000, &mut got, &mut || true),
+            Progress::Paused
+        );
+        let old = board.lock().unwrap()["old"].clone();
+        // "old" is deleted, "new" added while the batch waits.
+        assert_eq!(
+            t.set_rules(vec![rule("kept", expr("true")), rule("new", expr("true"))], &[]),
+            vec![]
+        );
+        assert_eq!(
+            t.on_telemetry_until(&batch, 1_000, &mut got, &mut || false),
+            Progress::Done
+        );
+        assert_eq!(old.view().evaluations, 1, "the deleted rule stopped at once");
+        assert!(!board.lock().unwrap().contains_key("old"));
+        let stats = board.lock().unwrap();
+        assert_eq!(
+            stats["new"].view().evaluations,
+            4,
+            "the new rule judged the rest of the batch"
+        );
+        assert_eq!(stats["kept"].view().evaluations, 4);
     }
 }

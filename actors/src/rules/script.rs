@@ -118,7 +118,7 @@ pub enum ScriptError {
         column: usize,
     },
     /// The evaluation ran past its wall-time limit. Unlike the other limits this one depends on
-    /// the machine's load, so it does not stop the rule at run time.
+    /// the machine's load, so one alone does not stop the rule at run time (a run of them does).
     #[error("time limit of {ms} ms reached at line {line}, column {column}")]
     Timeout { ms: u64, line: usize, column: usize },
     /// The expression calls a function the sandbox does not offer.
@@ -299,7 +299,8 @@ impl Sandbox {
     }
 
     /// Compiles and runs once with every name it reads set to a dummy number: refuses syntax
-    /// errors and limit hits (an unconditional loop, a runaway string). Missing values and type
+    /// errors, limit hits (an unconditional loop, a runaway string) and a call the sandbox does
+    /// not offer reached through a function pointer. Missing values and type
     /// errors are fine here, since dummy values cannot match what real telemetry carries.
     pub fn check(&self, source: &str) -> Result<Expression, ScriptError> {
         let expression = self.compile(source)?;
@@ -323,7 +324,10 @@ impl Sandbox {
         }
         match self.eval(&expression, &mut scope) {
             Err(
-                e @ (ScriptError::Limit { .. } | ScriptError::Syntax { .. } | ScriptError::Timeout { .. }),
+                e @ (ScriptError::Limit { .. }
+                | ScriptError::Syntax { .. }
+                | ScriptError::Timeout { .. }
+                | ScriptError::Unavailable { .. }),
             ) => Err(e),
             _ => Ok(expression),
         }
@@ -356,6 +360,12 @@ impl Sandbox {
     }
 }
 
+/// The entry of [`UNAVAILABLE`] a rhai call signature (`sleep (i64)`) names.
+fn unavailable(signature: &str) -> Option<(&'static str, &'static str)> {
+    let name = signature.split([' ', '(']).next()?;
+    UNAVAILABLE.iter().find(|(n, _)| *n == name).copied()
+}
+
 impl Sandbox {
     fn classify(&self, error: EvalAltResult) -> ScriptError {
         let (line, column) = line_col(error.position());
@@ -375,6 +385,17 @@ impl Sandbox {
                 column,
             },
             EvalAltResult::ErrorVariableNotFound(name, _) => ScriptError::Missing(name),
+            // Reached through a function pointer (`Fn("sleep").call(15)`), which the check of
+            // the source cannot see: the same refusal as a direct call.
+            EvalAltResult::ErrorFunctionNotFound(ref sig, _) if unavailable(sig).is_some() => {
+                let (name, why) = unavailable(sig).unwrap_or_default();
+                ScriptError::Unavailable {
+                    name: name.to_string(),
+                    why,
+                    line,
+                    column,
+                }
+            }
             // A property the map lacks reads as `()`; comparing it is a "function not found".
             EvalAltResult::ErrorFunctionNotFound(ref sig, _) if sig.contains("()") => {
                 ScriptError::Missing(error.to_string())
@@ -549,6 +570,17 @@ mod tests {
                 other => panic!("{source}: {other:?}"),
             }
         }
+        // Through a function pointer the scan cannot see the name: the creation run refuses it.
+        for source in [
+            "let f = Fn(\"sleep\"); f.call(15); false",
+            "call(Fn(\"time\" + \"stamp\")); true",
+        ] {
+            let err = sandbox.check(source).unwrap_err();
+            assert!(
+                err.to_string().contains("is not available in rule expressions"),
+                "{source}: {err:?}"
+            );
+        }
         // A metric or a local may be called `timestamp`: only calls are refused.
         assert!(sandbox.check("timestamp > 3").is_ok());
     }
@@ -564,7 +596,10 @@ mod tests {
         ] {
             let started = Instant::now();
             let err = run(source, &[]).unwrap_err();
-            assert!(err.to_string().contains("not found"), "{source}: {err:?}");
+            assert!(
+                matches!(err, ScriptError::Unavailable { .. }),
+                "{source}: {err:?}"
+            );
             assert!(started.elapsed() < Duration::from_secs(1), "{source} blocked");
         }
         // What conditions use is still there.

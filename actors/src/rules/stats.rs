@@ -9,6 +9,11 @@ use serde::Serialize;
 
 use super::script::ScriptError;
 
+/// Evaluations in a row that hit the wall-time limit before the rule is stopped: one slow
+/// evaluation may be the machine's load, a run of them is the rule, and each costs a worker the
+/// whole limit, so a backlog judged by such rules would hold the tenant's worker for minutes.
+pub const TIMEOUTS_IN_A_ROW_TO_STOP: u64 = 3;
+
 /// Counters of one rule, shared with the API (`GET /api/rules/{id}` shows them).
 #[derive(Debug, Default)]
 pub struct RuleStats {
@@ -18,9 +23,13 @@ pub struct RuleStats {
     pub skipped: AtomicU64,
     pub errors: AtomicU64,
     pub limit_hits: AtomicU64,
-    /// Evaluations stopped by the wall-time limit (the rule keeps running: wall time depends on
-    /// the machine's load).
+    /// Evaluations stopped by the wall-time limit (one alone does not stop the rule: wall time
+    /// depends on the machine's load; [`TIMEOUTS_IN_A_ROW_TO_STOP`] in a row do).
     pub timeouts: AtomicU64,
+    /// Timeouts since the last evaluation that ended in time.
+    timeouts_in_a_row: AtomicU64,
+    /// The `evaluations` count at the last timeout (the next one is in a row if it is one more).
+    last_timeout_at: AtomicU64,
     /// Set when a sandbox limit was hit: the rule no longer runs until it is changed.
     pub stopped: AtomicBool,
     pub last_error: Mutex<Option<String>>,
@@ -71,6 +80,26 @@ impl RuleStats {
             }
             ScriptError::Timeout { .. } => {
                 self.timeouts.fetch_add(1, Ordering::Relaxed);
+                let evaluation = self.evaluations.load(Ordering::Relaxed);
+                let previous = self.last_timeout_at.swap(evaluation, Ordering::Relaxed);
+                let in_a_row = if previous == evaluation {
+                    // The condition and the clear expression of one evaluation.
+                    self.timeouts_in_a_row.load(Ordering::Relaxed)
+                } else if previous != 0 && previous + 1 == evaluation {
+                    self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
+                } else {
+                    self.timeouts_in_a_row.store(1, Ordering::Relaxed);
+                    1
+                };
+                if in_a_row >= TIMEOUTS_IN_A_ROW_TO_STOP {
+                    self.stopped.store(true, Ordering::Relaxed);
+                    if let Ok(mut last) = self.last_error.lock() {
+                        *last = Some(format!(
+                            "stopped after {in_a_row} evaluations in a row hit the time limit: {error}"
+                        ));
+                    }
+                    return;
+                }
             }
             _ => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -84,3 +113,43 @@ impl RuleStats {
 
 /// Stats of every loaded rule by id, shared between the evaluation threads and the API.
 pub type StatsBoard = Arc<Mutex<HashMap<String, Arc<RuleStats>>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout() -> ScriptError {
+        ScriptError::Timeout {
+            ms: 50,
+            line: 1,
+            column: 1,
+        }
+    }
+
+    fn evaluate(stats: &RuleStats, outcome: Option<ScriptError>) {
+        stats.evaluations.fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = outcome {
+            stats.error(&e);
+        }
+    }
+
+    #[test]
+    fn timeouts_in_a_row_stop_the_rule_and_one_in_time_resets_the_run() {
+        let stats = RuleStats::default();
+        evaluate(&stats, Some(timeout()));
+        evaluate(&stats, Some(timeout()));
+        evaluate(&stats, None);
+        evaluate(&stats, Some(timeout()));
+        evaluate(&stats, Some(timeout()));
+        assert_eq!(
+            stats.view().status,
+            "running",
+            "an evaluation in time broke the run"
+        );
+        evaluate(&stats, Some(timeout()));
+        let view = stats.view();
+        assert_eq!(view.status, "stopped");
+        assert_eq!(view.timeouts, 5);
+        assert!(view.last_error.unwrap().contains("3 evaluations in a row"));
+    }
+}
