@@ -68,15 +68,7 @@ async fn random_requests(server: &TestServer, seed: u64, count: u64) {
 
 /// The label sets of the HTTP metrics, without the values.
 async fn http_series(server: &TestServer) -> (BTreeSet<String>, usize) {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     let series = text
         .lines()
         .filter(|l| l.starts_with("drover_http_"))
@@ -399,19 +391,9 @@ async fn overflowing_sums_say_why(server: &TestServer, admin: &str, device_token
 
 /// `drover_telemetry_ingested_points_total{outcome="refused"}`.
 async fn refused_points(server: &TestServer) -> u64 {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("drover_telemetry_ingested_points_total{outcome=\"refused\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    server
+        .metric("drover_telemetry_ingested_points_total{outcome=\"refused\"}")
+        .await as u64
 }
 
 async fn refused_points_are_counted(server: &TestServer, device_token: &str) {

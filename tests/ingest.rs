@@ -256,7 +256,7 @@ async fn http_ingestion_answers_after_commit_and_refuses_bad_input_specifically(
     assert_eq!(status, StatusCode::OK, "{actor}");
     assert_eq!(actor["actor"]["inbound"]["points"], 8, "{actor}");
     assert_eq!(actor["actor"]["inbound"]["refused"], bad.len(), "{actor}");
-    let metrics = metrics_text(&server).await;
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(r#"drover_telemetry_ingested_points_total{outcome="committed"} 8"#),
         "{metrics}"
@@ -634,7 +634,7 @@ async fn influxdb_outage_is_bridged_by_the_spool_and_every_point_lands_once() {
     for seq in 50..150 {
         send(seq).await;
     }
-    let metrics = metrics_text(&server).await;
+    let metrics = server.metrics_text().await;
     assert!(metrics.contains("drover_telemetry_spooling 1"), "{metrics}");
     let spooled = metric(
         &metrics,
@@ -652,7 +652,7 @@ async fn influxdb_outage_is_bridged_by_the_spool_and_every_point_lands_once() {
     .await
     .unwrap();
     eventually(Duration::from_secs(30), "spool drained", || async {
-        let metrics = metrics_text(&server).await;
+        let metrics = server.metrics_text().await;
         metric(&metrics, "drover_telemetry_spool_batches") == 0.0
             && metrics.contains("drover_telemetry_spooling 0")
     })
@@ -668,11 +668,6 @@ async fn influxdb_outage_is_bridged_by_the_spool_and_every_point_lands_once() {
         "every point exactly once, in order"
     );
     drop(influx);
-}
-
-async fn metrics_text(server: &TestServer) -> String {
-    let response = server.client.get(server.url("/metrics")).send().await.unwrap();
-    response.text().await.unwrap()
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -269,21 +269,8 @@ async fn publish_all(
     }
 }
 
-async fn metric(server: &TestServer, line_start: &str) -> u64 {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+async fn metric(server: &TestServer, series: &str) -> u64 {
+    server.metric(series).await as u64
 }
 
 const QUEUE_FULL: &str = r#"drover_mqtt_messages_dropped_total{reason="queue_full"}"#;

@@ -803,15 +803,7 @@ async fn expired_forged_and_missing_tokens_are_refused(backend: Backend) {
 
     // Refusals are counted and audited platform-wide (repeats from one address as one entry
     // with a count).
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(r#"drover_auth_failures_total{kind="token"}"#),
         "{metrics}"

@@ -450,15 +450,7 @@ async fn alarms_flow(backend: Backend) {
     .await;
 
     // Failures are counted for operators.
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(r#"drover_rule_notifications_total{kind="webhook",outcome="failed"}"#),
         "{metrics}"
@@ -1115,22 +1107,6 @@ async fn absence_opens_an_offline_alarm_and_telemetry_clears_it() {
     .await;
 }
 
-/// A figure of `/metrics` (0 when absent).
-async fn metric(server: &TestServer, name: &str) -> f64 {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// One tenant's rules burn their whole time slice on every message of a flood; another tenant's
 /// alarm still opens within 1 s, and `/health` answers within 100 ms all along (the rules used to
 /// share one thread, and the creation-time dry run ran on the HTTP workers).
@@ -1240,7 +1216,7 @@ async fn one_tenants_slow_rules_delay_neither_another_tenants_alarm_nor_health()
     })
     .await;
     let opened_after = started.elapsed();
-    let backlog = metric(&server, "drover_rule_events_queued").await;
+    let backlog = server.metric("drover_rule_events_queued").await;
 
     done.store(true, Ordering::SeqCst);
     flood.await.unwrap();
@@ -1257,7 +1233,7 @@ async fn one_tenants_slow_rules_delay_neither_another_tenants_alarm_nor_health()
         "the noisy tenant still had work waiting ({backlog})"
     );
     assert!(
-        metric(&server, "drover_rule_slices_exhausted_total").await >= 1.0,
+        server.metric("drover_rule_slices_exhausted_total").await >= 1.0,
         "the noisy tenant used up its slices"
     );
     assert!(polls >= 10, "{polls} health polls");

@@ -415,15 +415,7 @@ async fn health_and_metrics_report_the_store_and_spool() {
     assert!(server.data_dir.path().join("telemetry.db").exists());
     assert!(server.data_dir.path().join("spool").is_dir());
 
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     for line in [
         "drover_telemetry_points_written_total 25",
         "drover_telemetry_batches_written_total 1",

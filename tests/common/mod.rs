@@ -190,6 +190,21 @@ impl TestServer {
         format!("{}{}", self.base, path)
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
+    /// One figure of `/metrics`: `series` is the name with its labels as printed (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Sends a request; returns the status and the JSON body (`Null` when empty).
     pub async fn call(
         &self,
