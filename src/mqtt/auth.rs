@@ -19,7 +19,7 @@ use x509_parser::certificate::X509Certificate;
 
 use super::acl::Identity;
 use crate::auth::secrets::{API_KEY_PREFIX, digest};
-use crate::storage::records::CaCertificate;
+use crate::storage::records::{CaCertificate, DeviceLogin};
 use crate::storage::{RegistryStore, StoreError};
 
 /// What a CONNECT offers.
@@ -115,16 +115,7 @@ impl Authenticator {
         if username != Some(login.device.as_str()) {
             return Err(Refusal::BadCredentials("token_of_another_device"));
         }
-        if !login.enabled {
-            return Err(Refusal::NotAuthorized("device_disabled"));
-        }
-        if login.tenant_disabled {
-            return Err(Refusal::NotAuthorized("tenant_disabled"));
-        }
-        Ok(Identity::Device {
-            tenant: login.tenant,
-            device: login.device,
-        })
+        device_identity(login)
     }
 
     async fn by_api_key(&self, key: &str) -> Result<Identity, Refusal> {
@@ -165,16 +156,7 @@ impl Authenticator {
         let Some(login) = self.registry.device_login(&tenant, &device).await? else {
             return Err(Refusal::BadCredentials("certificate_for_unknown_device"));
         };
-        if !login.enabled {
-            return Err(Refusal::NotAuthorized("device_disabled"));
-        }
-        if login.tenant_disabled {
-            return Err(Refusal::NotAuthorized("tenant_disabled"));
-        }
-        Ok(Identity::Device {
-            tenant: login.tenant,
-            device: login.device,
-        })
+        device_identity(login)
     }
 
     /// The tenant owning the registered CA that issued the leaf, for client authentication,
@@ -288,6 +270,20 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
         .as_str()
         .ok()
         .map(str::to_string)
+}
+
+/// The identity a device login gives, unless the device or its tenant is disabled.
+fn device_identity(login: DeviceLogin) -> Result<Identity, Refusal> {
+    if !login.enabled {
+        return Err(Refusal::NotAuthorized("device_disabled"));
+    }
+    if login.tenant_disabled {
+        return Err(Refusal::NotAuthorized("tenant_disabled"));
+    }
+    Ok(Identity::Device {
+        tenant: login.tenant,
+        device: login.device,
+    })
 }
 
 #[cfg(test)]

@@ -178,7 +178,12 @@ fn conflict_as(message: impl Into<String>) -> impl FnOnce(diesel::result::Error)
 }
 
 pub(crate) fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Result<(), StoreError> {
-    diesel::insert_into(audit_log::table)
+    insert_audit_row(conn, event).map(drop)
+}
+
+/// Inserts `event`; answers its row's id.
+fn insert_audit_row(conn: &mut DbConnection, event: &AuditEvent) -> Result<i64, StoreError> {
+    Ok(diesel::insert_into(audit_log::table)
         .values((
             audit_log::at.eq(now_ms()),
             audit_log::tenant_id.eq(event.actor.tenant.as_ref().map(|t| t.as_str().to_string())),
@@ -189,8 +194,8 @@ pub(crate) fn insert_audit(conn: &mut DbConnection, event: &AuditEvent) -> Resul
             audit_log::detail.eq(event.detail.as_ref().map(Value::to_string)),
             audit_log::source_ip.eq(event.actor.source_ip.as_deref()),
         ))
-        .execute(conn)?;
-    Ok(())
+        .returning(audit_log::id)
+        .get_result::<i64>(conn)?)
 }
 
 pub(crate) fn audit(
@@ -1169,23 +1174,7 @@ impl RegistryStore {
 
     /// Records an event outside any other change (denials, logins); answers its row's id.
     pub async fn record(&self, event: AuditEvent) -> Result<i64, StoreError> {
-        self.db
-            .write(move |conn| {
-                Ok(diesel::insert_into(audit_log::table)
-                    .values((
-                        audit_log::at.eq(now_ms()),
-                        audit_log::tenant_id.eq(event.actor.tenant.as_ref().map(|t| t.as_str().to_string())),
-                        audit_log::actor.eq(&event.actor.actor),
-                        audit_log::action.eq(&event.action),
-                        audit_log::target.eq(event.target.as_deref()),
-                        audit_log::outcome.eq(event.outcome.as_str()),
-                        audit_log::detail.eq(event.detail.as_ref().map(Value::to_string)),
-                        audit_log::source_ip.eq(event.actor.source_ip.as_deref()),
-                    ))
-                    .returning(audit_log::id)
-                    .get_result::<i64>(conn)?)
-            })
-            .await
+        self.db.write(move |conn| insert_audit_row(conn, &event)).await
     }
 
     /// Adds repeated occurrences to recorded events: `(row id, how many more)`.
