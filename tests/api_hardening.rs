@@ -213,60 +213,37 @@ async fn every_refusal_is_a_json_error(server: &TestServer, admin: &str) {
 
 async fn bodies_that_are_not_json_get_415(server: &TestServer, admin: &str, device_token: &str) {
     let registration = r#"{"deviceId": "typed-1", "type": "temperature"}"#;
+    let bodies = [
+        (Method::POST, "/api/devices/register", admin, registration),
+        (
+            Method::POST,
+            "/api/devices/sensor-001/telemetry",
+            device_token,
+            r#"{"metrics": {"temperature": 1}}"#,
+        ),
+        (
+            Method::PATCH,
+            "/api/devices/sensor-001/shadow",
+            admin,
+            r#"{"state": {"desired": {"led": "on"}}}"#,
+        ),
+    ];
     for content_type in [
         "application/x-www-form-urlencoded",
         "application/xml",
         "multipart/form-data; boundary=x",
         "text/plain",
     ] {
-        let (status, body) = send(
-            server,
-            Method::POST,
-            "/api/devices/register",
-            admin,
-            Some(content_type),
-            registration,
-        )
-        .await;
-        assert_json_error(
-            content_type,
-            status,
-            &body,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-        );
-        let (status, body) = send(
-            server,
-            Method::POST,
-            "/api/devices/sensor-001/telemetry",
-            device_token,
-            Some(content_type),
-            r#"{"metrics": {"temperature": 1}}"#,
-        )
-        .await;
-        assert_json_error(
-            content_type,
-            status,
-            &body,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-        );
-        let (status, body) = send(
-            server,
-            Method::PATCH,
-            "/api/devices/sensor-001/shadow",
-            admin,
-            Some(content_type),
-            r#"{"state": {"desired": {"led": "on"}}}"#,
-        )
-        .await;
-        assert_json_error(
-            content_type,
-            status,
-            &body,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-        );
+        for (method, path, token, body) in &bodies {
+            let (status, answer) = send(server, method.clone(), path, token, Some(content_type), *body).await;
+            assert_json_error(
+                content_type,
+                status,
+                &answer,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+            );
+        }
     }
     // JSON by another name is JSON.
     let (status, body) = send(
