@@ -95,6 +95,7 @@ pub struct Config {
     pub rules: RulesConfig,
     pub smtp: SmtpConfig,
     pub sms: SmsConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +195,26 @@ pub struct InfluxConfig {
 pub struct RedisConfig {
     /// Empty: cache and sessions stay in process.
     pub url: Secret,
+}
+
+/// Cluster mode: several nodes over shared PostgreSQL, InfluxDB and Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Empty: a single node with nothing shared.
+    pub node_id: String,
+    /// Nodes with the same name (and Redis) form one cluster.
+    pub name: String,
+    /// Host name other nodes and `/admin/cluster` show for this node; empty: the machine's.
+    pub advertise_host: String,
+    /// Seconds a node's heartbeat and its device leases last without renewal.
+    pub lease_secs: u64,
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.node_id.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -445,6 +466,12 @@ impl Default for Config {
                 tenant_slice_ms: 20,
                 eval_timeout_ms: 50,
             },
+            cluster: ClusterConfig {
+                node_id: String::new(),
+                name: "drover".into(),
+                advertise_host: String::new(),
+                lease_secs: 10,
+            },
             smtp: SmtpConfig {
                 host: String::new(),
                 port: 587,
@@ -487,6 +514,11 @@ impl Default for InfluxConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Config::default().redis
+    }
+}
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Config::default().cluster
     }
 }
 impl Default for LimitsConfig {
@@ -566,6 +598,7 @@ impl fmt::Debug for Config {
             .field("rules", &self.rules)
             .field("smtp", &self.smtp)
             .field("sms", &self.sms)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -925,6 +958,38 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "redis.url",
         apply: |c, v| {
             c.redis.url = Secret::new(v);
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "CLUSTER_NODE_ID",
+        key: "cluster.node_id",
+        apply: |c, v| {
+            c.cluster.node_id = v.trim().to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "CLUSTER_NAME",
+        key: "cluster.name",
+        apply: |c, v| {
+            c.cluster.name = v.trim().to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "CLUSTER_ADVERTISE_HOST",
+        key: "cluster.advertise_host",
+        apply: |c, v| {
+            c.cluster.advertise_host = v.trim().to_string();
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "CLUSTER_LEASE_SECS",
+        key: "cluster.lease_secs",
+        apply: |c, v| {
+            c.cluster.lease_secs = parse(v, "a number of seconds")?;
             Ok(())
         },
     },
@@ -1527,6 +1592,7 @@ impl Config {
                 format!("expected a redis:// or rediss:// URL, got {:?}", mask_url(redis)),
             ));
         }
+        self.validate_cluster()?;
         if self.storage.audit_retention_days == 0 {
             return Err(ConfigError::new(
                 "storage.audit_retention_days (AUDIT_RETENTION_DAYS)",
@@ -1584,6 +1650,60 @@ impl Config {
         }
         self.validate_telemetry()?;
         self.validate_rules()
+    }
+
+    /// Cluster mode shares every store between nodes: the embedded ones cannot be shared.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if !c.enabled() {
+            return Ok(());
+        }
+        let valid_id = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        };
+        if !valid_id(&c.node_id) {
+            return Err(ConfigError::new(
+                "cluster.node_id (CLUSTER_NODE_ID)",
+                "expected 1-64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !valid_id(&c.name) {
+            return Err(ConfigError::new(
+                "cluster.name (CLUSTER_NAME)",
+                "expected 1-64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if c.lease_secs < 2 || c.lease_secs > 300 {
+            return Err(ConfigError::new(
+                "cluster.lease_secs (CLUSTER_LEASE_SECS)",
+                "expected 2 to 300 seconds",
+            ));
+        }
+        if !matches!(self.database_target()?, DatabaseTarget::Postgres(_)) {
+            return Err(ConfigError::new(
+                "storage.database_url (DATABASE_URL)",
+                "cluster mode (CLUSTER_NODE_ID) shares the registry between nodes: set a \
+                 postgres:// URL; the embedded SQLite registry belongs to one node",
+            ));
+        }
+        if self.influx.url.is_empty() {
+            return Err(ConfigError::new(
+                "influx.url (INFLUX_URL)",
+                "cluster mode (CLUSTER_NODE_ID) shares telemetry between nodes: set INFLUX_URL; \
+                 the embedded telemetry store belongs to one node",
+            ));
+        }
+        if self.redis.url.is_empty() {
+            return Err(ConfigError::new(
+                "redis.url (REDIS_URL)",
+                "cluster mode (CLUSTER_NODE_ID) keeps device ownership, routes and sessions in \
+                 Redis: set REDIS_URL",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_rules(&self) -> Result<(), ConfigError> {
@@ -1980,6 +2100,17 @@ token = ""
 # Empty: kept in process. REDIS_HOST builds redis://host:6379/.  (REDIS_URL)
 url = ""
 
+[cluster]
+# Joins a cluster of nodes sharing PostgreSQL, InfluxDB and Redis (all three required).
+# Empty: a single node.  (CLUSTER_NODE_ID)
+node_id = ""
+# Nodes with the same name and Redis form one cluster.  (CLUSTER_NAME)
+name = "drover"
+# Host name shown for this node; empty: the machine's.  (CLUSTER_ADVERTISE_HOST)
+advertise_host = ""
+# Seconds a node's heartbeat and device leases last without renewal.  (CLUSTER_LEASE_SECS)
+lease_secs = 10
+
 [limits]
 # Devices a tenant may register.  (MAX_DEVICES)
 max_devices = 50000
@@ -2124,6 +2255,28 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn cluster_mode_refuses_the_embedded_stores_and_says_which() {
+        let pg = ("DATABASE_URL", "postgres://db/drover");
+        let influx = ("INFLUX_URL", "http://influx:8086");
+        let redis = ("REDIS_URL", "redis://cache:6379/");
+        let node = ("CLUSTER_NODE_ID", "node-1");
+        let config = Config::load_with_env(None, env(&[node, pg, influx, redis])).unwrap();
+        assert!(config.cluster.enabled());
+        assert_eq!(config.cluster.name, "drover");
+        let missing =
+            |pairs: &[(&str, &str)]| Config::load_with_env(None, env(pairs)).unwrap_err().to_string();
+        assert!(missing(&[node, influx, redis]).contains("DATABASE_URL"));
+        assert!(missing(&[node, pg, redis]).contains("INFLUX_URL"));
+        assert!(missing(&[node, pg, influx]).contains("REDIS_URL"));
+        assert!(missing(&[("CLUSTER_NODE_ID", "a b"), pg, influx, redis]).contains("CLUSTER_NODE_ID"));
+        assert!(
+            missing(&[node, ("CLUSTER_LEASE_SECS", "1"), pg, influx, redis]).contains("CLUSTER_LEASE_SECS")
+        );
+        // A single node needs none of them.
+        assert!(!Config::load_with_env(None, env(&[])).unwrap().cluster.enabled());
     }
 
     #[test]

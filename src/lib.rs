@@ -7,6 +7,7 @@ pub mod analytics;
 pub mod audit;
 pub mod auth;
 pub mod bootstrap;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod devcerts;

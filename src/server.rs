@@ -58,6 +58,8 @@ pub enum StartError {
     Mqtt(#[from] ListenError),
     #[error("rules engine: {0}")]
     Rules(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A started platform.
@@ -191,6 +193,23 @@ pub async fn open_registry(config: &Config) -> Result<RegistryStore, StartError>
     Ok(RegistryStore::new(db))
 }
 
+/// What keeps one registry's cached shadows apart from another's in a shared Redis: the
+/// cluster's name, or a digest of where a single node's registry lives.
+fn shadow_cache_scope(config: &Config) -> String {
+    if config.cluster.enabled() {
+        return config.cluster.name.clone();
+    }
+    use sha2::Digest;
+    let place = match config.database_target() {
+        Ok(crate::config::DatabaseTarget::Postgres(url)) => url,
+        Ok(crate::config::DatabaseTarget::Sqlite(path)) => {
+            std::fs::canonicalize(&path).unwrap_or(path).display().to_string()
+        }
+        Err(_) => String::new(),
+    };
+    hex::encode(&sha2::Sha256::digest(place.as_bytes())[..6])
+}
+
 /// The registry's shadow store, behind a Redis cache when Redis is configured.
 fn shadow_store(config: &Config, registry: &RegistryStore) -> Arc<dyn ShadowStore> {
     let database: Arc<dyn ShadowStore> = Arc::new(registry.clone());
@@ -201,7 +220,11 @@ fn shadow_store(config: &Config, registry: &RegistryStore) -> Arc<dyn ShadowStor
     match redis::Client::open(url) {
         Ok(client) => {
             tracing::info!(redis = %crate::config::mask_url(url), "device shadows cached in Redis");
-            Arc::new(CachedShadowStore::new(database, client))
+            Arc::new(CachedShadowStore::new(
+                database,
+                client,
+                &shadow_cache_scope(config),
+            ))
         }
         Err(error) => {
             tracing::warn!(%error, "REDIS_URL not usable; device shadows are not cached");
@@ -233,7 +256,11 @@ pub async fn start_with_clock(
 
     // Bound first, so a port 0 is known (it names this node in presence records).
     let listeners = listener::bind(&config)?;
-    let node = node_id(listeners.addr.port());
+    let node = if config.cluster.enabled() {
+        config.cluster.node_id.clone()
+    } else {
+        node_id(listeners.addr.port())
+    };
     let cleared = registry.clear_presence(&node).await?;
     if cleared > 0 {
         tracing::info!(
@@ -303,6 +330,7 @@ pub async fn start_with_clock(
             outbound: Arc::new(BrokerOutbound::new(broker.clone())),
             metrics: Arc::new(ShadowUpdateCounter(metrics.shadow_updates.clone())),
             limits: ShadowLimits::default(),
+            shared_store: config.cluster.enabled(),
         },
         ..SupervisorSettings::default()
     };
@@ -322,6 +350,7 @@ pub async fn start_with_clock(
         fleet: fleet.clone(),
         audit: audit.clone(),
         config: config.mqtt.clone(),
+        cluster: std::sync::OnceLock::new(),
     });
     let downsampler = Downsampler::new(
         telemetry.store.clone(),
@@ -381,6 +410,20 @@ pub async fn start_with_clock(
     let handle = server.handle();
     let http_task = actix_rt::spawn(server);
 
+    // A cluster node joins before it takes connections: devices claim their ownership.
+    if config.cluster.enabled() {
+        let cluster = crate::cluster::Cluster::join(
+            &config.cluster,
+            config.redis.url.expose(),
+            http_addr,
+            listeners.addr,
+            broker.clone(),
+            state.fleet.clone(),
+            &state.metrics,
+        )
+        .await?;
+        let _ = mqtt.cluster.set(cluster);
+    }
     let mqtt_listener = listener::serve(listeners, mqtt, &config)?;
     let sweeper = actix_rt::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -421,6 +464,9 @@ impl RunningServer {
     pub async fn shutdown(self) {
         tracing::info!("shutting down: MQTT");
         self.mqtt.stop().await;
+        if let Some(cluster) = self.state.mqtt.cluster.get() {
+            cluster.leave().await;
+        }
         self.sweeper.abort();
         tracing::info!("shutting down: HTTP");
         self.http.stop(true).await;

@@ -177,9 +177,10 @@ async fn redis_cache_is_written_through_and_dropped_on_conflict(backend: Backend
     };
     let client = redis::Client::open(url.as_str()).unwrap();
     let database: Arc<dyn ShadowStore> = Arc::new(server.state.registry.clone());
-    let cached = CachedShadowStore::new(database.clone(), client.clone());
+    let cached = CachedShadowStore::new(database.clone(), client.clone(), "test");
     let (tenant, device) = ids(&id);
-    let key = CachedShadowStore::key(&tenant, &device);
+    let key = cached.key(&tenant, &device);
+    assert!(key.starts_with("drover:test:shadow:"), "{key}");
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
     let cached_text = |mut conn: redis::aio::MultiplexedConnection, key: String| async move {

@@ -47,6 +47,10 @@ pub struct ShadowServices {
     pub outbound: Arc<dyn DeviceOutbound>,
     pub metrics: Arc<dyn ShadowMetrics>,
     pub limits: ShadowLimits,
+    /// The store is shared with other nodes (cluster mode): an actor whose device is not
+    /// connected to this node reads the stored shadow again before serving a request, since
+    /// the device's owner node may have written it since.
+    pub shared_store: bool,
 }
 
 impl Default for ShadowServices {
@@ -57,6 +61,7 @@ impl Default for ShadowServices {
             outbound: Arc::new(NoOutbound),
             metrics: Arc::new(NoShadowMetrics),
             limits: ShadowLimits::default(),
+            shared_store: false,
         }
     }
 }

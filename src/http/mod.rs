@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod cluster;
 pub mod device_types;
 pub mod devices;
 pub mod error;
@@ -167,6 +168,7 @@ pub fn app(
         .service(ops::stats)
         .service(ops::actors)
         .service(ops::device_actor)
+        .service(cluster::cluster)
         .service(ws::live)
         .service(ingest::device_socket)
         .split_for_parts();

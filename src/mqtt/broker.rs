@@ -77,6 +77,29 @@ pub struct SubscribeOutcome {
     pub retained: Vec<Arc<Publication>>,
 }
 
+/// What a cluster plugs into the broker: it learns which filters this node holds and forwards
+/// publications to the nodes whose subscribers match them.
+pub trait RemoteRoutes: Send + Sync {
+    /// A session of this node subscribed to `filter` in `namespace`.
+    fn subscribed(&self, namespace: &Namespace, filter: &str);
+    /// A session of this node no longer holds `filter`.
+    fn unsubscribed(&self, namespace: &Namespace, filter: &str);
+    /// Hands a publication made on this node to the nodes that want it. For QoS 1/2 the
+    /// receiver answers once it is durably queued for them (`true`) or could not be (`false`).
+    fn forward(
+        &self,
+        namespace: &Namespace,
+        publication: &Arc<Publication>,
+    ) -> Option<tokio::sync::oneshot::Receiver<bool>>;
+}
+
+/// A session as it leaves for another node.
+pub struct TakenSession {
+    pub subscriptions: Vec<(Subscription, SubOptions)>,
+    pub queued: Vec<Delivery>,
+    pub expiry: Duration,
+}
+
 pub struct Broker {
     pub limits: BrokerLimits,
     pub metrics: BrokerMetrics,
@@ -89,6 +112,7 @@ pub struct Broker {
     acl_generation: AtomicU64,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    remote: std::sync::OnceLock<Arc<dyn RemoteRoutes>>,
 }
 
 impl Broker {
@@ -104,6 +128,18 @@ impl Broker {
             acl_generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            remote: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Joins the broker to a cluster (once, at start).
+    pub fn set_remote(&self, remote: Arc<dyn RemoteRoutes>) {
+        let _ = self.remote.set(remote);
+    }
+
+    fn remote_unsubscribed(&self, namespace: &Namespace, filter: &str) {
+        if let Some(remote) = self.remote.get() {
+            remote.unsubscribed(namespace, filter);
         }
     }
 
@@ -229,6 +265,7 @@ impl Broker {
             for (sub, _) in subscriptions {
                 if tree.remove(&sub.filter, sub.share.as_deref(), &session.id) {
                     self.metrics.subscriptions.dec();
+                    self.remote_unsubscribed(&namespace, &sub.filter);
                 }
             }
             if tree.is_empty() {
@@ -299,6 +336,9 @@ impl Broker {
         drop(state);
         if !replaced {
             self.metrics.subscriptions.inc();
+            if let Some(remote) = self.remote.get() {
+                remote.subscribed(&namespace, &sub.filter);
+            }
         }
         // MQTT 5 §4.8.2: retained messages are not sent for shared subscriptions.
         let send_retained = sub.share.is_none()
@@ -330,6 +370,7 @@ impl Broker {
         if let Some(tree) = trees.get_mut(&namespace) {
             if tree.remove(&sub.filter, sub.share.as_deref(), &session.id) {
                 self.metrics.subscriptions.dec();
+                self.remote_unsubscribed(&namespace, &sub.filter);
             }
             if tree.is_empty() {
                 trees.remove(&namespace);
@@ -352,7 +393,32 @@ impl Broker {
         publication: Publication,
         backlogged: &mut Vec<Outbox>,
     ) -> usize {
+        self.route_and_forward(namespace, publication, backlogged).0
+    }
+
+    /// As [`Broker::route`], also handing the message to the other nodes of a cluster; for
+    /// QoS 1/2 the receiver tells when the other nodes' queues hold it.
+    pub fn route_and_forward(
+        &self,
+        namespace: &Namespace,
+        publication: Publication,
+        backlogged: &mut Vec<Outbox>,
+    ) -> (usize, Option<tokio::sync::oneshot::Receiver<bool>>) {
         let publication = Arc::new(publication);
+        let forwarded = self
+            .remote
+            .get()
+            .and_then(|remote| remote.forward(namespace, &publication));
+        (self.route_local(namespace, publication, backlogged), forwarded)
+    }
+
+    /// Routes to the sessions of this node only (messages forwarded by other nodes).
+    pub fn route_local(
+        &self,
+        namespace: &Namespace,
+        publication: Arc<Publication>,
+        backlogged: &mut Vec<Outbox>,
+    ) -> usize {
         if publication.retain {
             let delta = self
                 .retained
@@ -577,6 +643,59 @@ impl Broker {
         let namespace = session.identity.namespace();
         if let Some(tree) = self.trees.write().get_mut(&namespace) {
             tree.insert(&sub.filter, sub.share.as_deref(), session.id, options);
+        }
+    }
+
+    /// Whether a session of this device lives here (connected, or kept for its expiry).
+    pub fn holds_device_session(&self, tenant: &TenantId, device: &DeviceId) -> bool {
+        self.by_key.lock().contains_key(&SessionKey {
+            namespace: Namespace::Tenant(tenant.clone()),
+            class: super::session::ClientClass::Device,
+            client_id: device.as_str().into(),
+        })
+    }
+
+    /// Gives a session up to another node: closes its connection ("session taken over") and
+    /// removes it here, returning its subscriptions, queued messages and expiry.
+    pub fn take_session(&self, key: &SessionKey) -> Option<TakenSession> {
+        let mut by_key = self.by_key.lock();
+        let session = by_key.get(key).cloned()?;
+        let taken = {
+            let mut state = session.state.lock();
+            if let Some(link) = state.link.take() {
+                link.outbox
+                    .disconnect(reason::SESSION_TAKEN_OVER, "session taken over by another node");
+            }
+            session.set_connected(false);
+            TakenSession {
+                subscriptions: state
+                    .subscriptions
+                    .iter()
+                    .map(|(sub, options)| (sub.clone(), *options))
+                    .collect(),
+                queued: state.queue.drain(..).collect(),
+                expiry: state.expiry,
+            }
+        };
+        self.discard(&mut by_key, &session);
+        Some(taken)
+    }
+
+    /// Gives a session what another node handed over (after [`Broker::attach`]).
+    pub fn restore(&self, session: &Arc<Session>, taken: TakenSession) {
+        for (sub, options) in taken.subscriptions {
+            // Its retained messages were sent when it first subscribed.
+            let _ = self.subscribe(
+                session,
+                &sub,
+                SubOptions {
+                    retain_handling: 2,
+                    ..options
+                },
+            );
+        }
+        for delivery in taken.queued {
+            self.deliver_to(session, delivery);
         }
     }
 

@@ -44,6 +44,8 @@ pub struct MqttContext {
     pub fleet: Fleet,
     pub audit: AuditSink,
     pub config: MqttConfig,
+    /// Set when this node is part of a cluster (after it joined).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl MqttContext {
@@ -293,6 +295,11 @@ pub async fn connect(
             }
         }
     };
+    // In a cluster the device moves here first: its previous node hands its session over.
+    let handed_over = match (&identity, ctx.cluster.get()) {
+        (Identity::Device { tenant, device }, Some(cluster)) => cluster.claim_device(tenant, device).await,
+        _ => None,
+    };
     // The device actor must exist before the session is attached (the device may have been
     // deleted since its credentials were checked).
     let device = match &identity {
@@ -332,6 +339,14 @@ pub async fn connect(
         Duration::from_secs(u64::from(expiry_secs)),
         outbox,
     );
+    let mut session_present = attached.session_present;
+    if let Some(taken) = handed_over
+        && !request.clean_start
+        && !session_present
+    {
+        ctx.broker.restore(&attached.session, taken);
+        session_present = true;
+    }
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     if let Some(addr) = &device {
         addr.do_send(DeviceConnected {
@@ -340,8 +355,7 @@ pub async fn connect(
             at: Utc::now(),
         });
     }
-    tracing::debug!(client = %client_id, identity = %identity.label(), protocol = request.protocol.name(), session_present = attached.session_present, "MQTT client connected");
-    let session_present = attached.session_present;
+    tracing::debug!(client = %client_id, identity = %identity.label(), protocol = request.protocol.name(), session_present, "MQTT client connected");
     let connection = Rc::new(Connection {
         session: attached.session,
         conn_id: attached.conn_id,
@@ -371,7 +385,7 @@ pub async fn connect(
     }
     Ok(Accepted {
         connection,
-        session_present: attached.session_present,
+        session_present,
         assigned_client_id: assigned,
         session_expiry_secs: expiry_secs,
     })
@@ -483,13 +497,19 @@ impl Connection {
             origin: Some(self.session.id),
         };
         let mut backlogged = Vec::new();
-        self.ctx
+        let (_, forwarded) = self
+            .ctx
             .broker
-            .route(&self.namespace, publication, &mut backlogged);
+            .route_and_forward(&self.namespace, publication, &mut backlogged);
         if let Some(id) = qos2_id {
             self.session.state.lock().qos2_pending.insert(id);
         }
         self.wait_for_room(backlogged).await;
+        // QoS 1/2 in a cluster: acknowledged once the other nodes' streams hold it. Without
+        // Redis the node serves alone: the local subscribers have it, the others cannot.
+        if let Some(forwarded) = forwarded {
+            let _ = forwarded.await;
+        }
         Ok(())
     }
 

@@ -124,6 +124,19 @@ impl ShadowStore for RegistryStore {
     }
 }
 
+/// Caches a shadow unless the cache holds a newer version of it.
+const PUT_UNLESS_NEWER: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' and tonumber(doc['version']) and tonumber(doc['version']) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+";
+
 /// How long a cached shadow lives without being read or written.
 const CACHE_TTL_SECS: u64 = 3600;
 /// A cache that does not answer quickly is skipped; the database answers instead.
@@ -135,20 +148,26 @@ pub struct CachedShadowStore {
     inner: Arc<dyn ShadowStore>,
     client: redis::Client,
     connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Keeps apart the registries that share one Redis server (see [`CachedShadowStore::new`]).
+    scope: String,
 }
 
 impl CachedShadowStore {
-    pub fn new(inner: Arc<dyn ShadowStore>, client: redis::Client) -> CachedShadowStore {
+    /// `scope` names the registry the cache belongs to (the cluster's name, or the
+    /// registry's location): two registries sharing a Redis server never read each other's
+    /// shadows, even for the same tenant and device ids.
+    pub fn new(inner: Arc<dyn ShadowStore>, client: redis::Client, scope: &str) -> CachedShadowStore {
         CachedShadowStore {
             inner,
             client,
             connection: tokio::sync::Mutex::new(None),
+            scope: scope.to_string(),
         }
     }
 
     /// The Redis key of a device's shadow.
-    pub fn key(tenant: &TenantId, device: &DeviceId) -> String {
-        format!("drover:shadow:{tenant}/{device}")
+    pub fn key(&self, tenant: &TenantId, device: &DeviceId) -> String {
+        format!("drover:{}:shadow:{tenant}/{device}", self.scope)
     }
 
     async fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
@@ -188,9 +207,17 @@ impl CachedShadowStore {
         let Ok(text) = serde_json::to_string(document) else {
             return false;
         };
-        let mut command = redis::cmd("SET");
-        command.arg(key).arg(text).arg("EX").arg(CACHE_TTL_SECS);
-        self.run::<()>(command).await.is_some()
+        // Never over a newer version: another node (or a save racing this load) may have
+        // cached one since this document was read.
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(PUT_UNLESS_NEWER)
+            .arg(1)
+            .arg(key)
+            .arg(text)
+            .arg(document.version)
+            .arg(CACHE_TTL_SECS);
+        self.run::<i64>(command).await.is_some()
     }
 
     async fn forget(&self, key: &str) {
@@ -212,7 +239,7 @@ impl ShadowStore for CachedShadowStore {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Option<ShadowDocument>, ShadowStoreError> {
-        let key = Self::key(tenant, device);
+        let key = self.key(tenant, device);
         let mut get = redis::cmd("GET");
         get.arg(&key);
         if let Some(Some(text)) = self.run::<Option<String>>(get).await
@@ -234,7 +261,7 @@ impl ShadowStore for CachedShadowStore {
         document: &ShadowDocument,
         expected_previous_version: u64,
     ) -> Result<(), ShadowStoreError> {
-        let key = Self::key(tenant, device);
+        let key = self.key(tenant, device);
         match self
             .inner
             .save_shadow(tenant, device, document, expected_previous_version)
@@ -257,7 +284,7 @@ impl ShadowStore for CachedShadowStore {
 
     async fn delete_shadow(&self, tenant: &TenantId, device: &DeviceId) -> Result<(), ShadowStoreError> {
         self.inner.delete_shadow(tenant, device).await?;
-        self.forget(&Self::key(tenant, device)).await;
+        self.forget(&self.key(tenant, device)).await;
         Ok(())
     }
 }

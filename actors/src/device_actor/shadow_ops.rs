@@ -178,6 +178,37 @@ impl Handler<ShadowRequest> for DeviceActor {
 
     fn handle(&mut self, msg: ShadowRequest, _ctx: &mut Context<Self>) -> Self::Result {
         self.messages_handled += 1;
+        if self.shadows.shared_store && self.connection.is_none() {
+            // Another node may own the device and have written its shadow: read it first.
+            let store = self.shadows.store.clone();
+            let (tenant, device) = (self.tenant.clone(), self.device.clone());
+            return AtomicResponse::new(Box::pin(
+                async move { store.load_shadow(&tenant, &device).await }
+                    .into_actor(self)
+                    .then(
+                        move |loaded, act, _ctx| -> ResponseActFuture<Self, Result<Value, ShadowError>> {
+                            match loaded {
+                                Ok(document) => act.set_shadow(document),
+                                Err(error) => {
+                                    return Box::pin(fut::ready(Err(ShadowError::Unavailable(
+                                        error.to_string(),
+                                    ))));
+                                }
+                            }
+                            act.serve_shadow_request(msg)
+                        },
+                    ),
+            ));
+        }
+        AtomicResponse::new(self.serve_shadow_request(msg))
+    }
+}
+
+impl DeviceActor {
+    fn serve_shadow_request(
+        &mut self,
+        msg: ShadowRequest,
+    ) -> ResponseActFuture<Self, Result<Value, ShadowError>> {
         match msg.action {
             ShadowAction::Get => {
                 let answer = self
@@ -185,11 +216,9 @@ impl Handler<ShadowRequest> for DeviceActor {
                     .as_ref()
                     .map(ShadowDocument::view)
                     .ok_or(ShadowError::NotFound);
-                AtomicResponse::new(Box::pin(fut::ready(answer)))
+                Box::pin(fut::ready(answer))
             }
-            ShadowAction::Update { payload } => {
-                AtomicResponse::new(self.update_shadow(payload, msg.at, Requester::Api))
-            }
+            ShadowAction::Update { payload } => self.update_shadow(payload, msg.at, Requester::Api),
         }
     }
 }

@@ -1,0 +1,534 @@
+//! Cluster mode end to end: three `drover` processes on 127.0.0.1 over the machine's PostgreSQL,
+//! Redis and InfluxDB (one cluster for the whole file), with real MQTT clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{PgDatabase, service_url};
+use reqwest::StatusCode;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_drover");
+const PASSWORD: &str = "cluster-admin-password-1";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Node {
+    id: String,
+    child: Child,
+    http: String,
+    mqtt_port: u16,
+    _stderr: mpsc::Receiver<String>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log: Vec<String> = self._stderr.try_iter().collect();
+            let start = log.len().saturating_sub(40);
+            eprintln!("---- node {} log ----\n{}", self.id, log[start..].join("\n"));
+        }
+    }
+}
+
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// What the nodes of one cluster share.
+struct Shared {
+    pg: PgDatabase,
+    influx: String,
+    influx_db: String,
+    redis: String,
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    fn create() -> Option<Shared> {
+        let pg = service_url("DROVER_TEST_POSTGRES_URL")?;
+        let redis = service_url("DROVER_TEST_REDIS_URL")?;
+        let influx = service_url("DROVER_TEST_INFLUX_URL")?;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Some(Shared {
+            pg: PgDatabase::create(&pg),
+            influx,
+            influx_db: format!("drover_cluster_{}", &suffix[..12]),
+            redis,
+            name: format!("test-{}", &suffix[..12]),
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn start(&self, id: &str) -> Node {
+        let data = self.dir.path().join(id);
+        std::fs::create_dir_all(&data).unwrap();
+        let mut child = Command::new(BINARY)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PORT", "0")
+            .env("HTTP_BIND", "127.0.0.1")
+            .env("MQTT_PORT", "0")
+            .env("MQTT_BIND", "127.0.0.1")
+            .env("DATA_DIR", &data)
+            .env("DATABASE_URL", &self.pg.url)
+            .env("INFLUX_URL", &self.influx)
+            .env("INFLUX_DB", &self.influx_db)
+            .env("REDIS_URL", &self.redis)
+            .env("CLUSTER_NAME", &self.name)
+            .env("CLUSTER_NODE_ID", id)
+            .env("CLUSTER_LEASE_SECS", "3")
+            // Every node signs and checks logins with the same keys.
+            .env("AUTH_KEY_FILE", self.dir.path().join("keys.json"))
+            .env("DROVER_ADMIN_PASSWORD", PASSWORD)
+            .env("HTTP_WORKERS", "1")
+            .env("MQTT_WORKERS", "1")
+            .env("ACTOR_THREADS", "1")
+            .env("LOG_LEVEL", "info")
+            .current_dir(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("drover starts");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        let banner = loop {
+            match stdout.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.contains("is running: console ") => break line,
+                Ok(line) => seen.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let errors: Vec<String> = stderr.try_iter().collect();
+                    panic!("node {id} exited during start: {seen:?} {errors:?}");
+                }
+            }
+            if Instant::now() > deadline {
+                let errors: Vec<String> = stderr.try_iter().collect();
+                panic!("node {id} did not start: {seen:?} {errors:?}");
+            }
+        };
+        let api = banner.find("API http://").unwrap() + "API ".len();
+        let http = banner[api..][..banner[api..].find("/api").unwrap()].to_string();
+        let mqtt = banner.find(", MQTT ").unwrap() + ", MQTT ".len();
+        let mqtt_addr: String = banner[mqtt..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        let mqtt_port = mqtt_addr
+            .trim_end_matches(".")
+            .rsplit_once(":")
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        Node {
+            id: id.to_string(),
+            child,
+            http,
+            mqtt_port,
+            _stderr: stderr,
+        }
+    }
+}
+
+struct Api {
+    client: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn login(&self, node: &Node) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                format!("{}/api/auth/login", node.http),
+                None,
+                Some(json!({"username": "admin", "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// An MQTT client and its event loop, driven by a task that forwards what it receives.
+struct Client {
+    client: AsyncClient,
+    received: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    events: tokio::sync::mpsc::UnboundedReceiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    async fn connect(port: u16, client_id: &str, user: &str, password: &str, clean: bool) -> (Client, bool) {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_credentials(user, password);
+        options.set_clean_session(clean);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let (etx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (ctx, crx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(drive(eventloop, tx, etx, ctx));
+        let present = tokio::time::timeout(WAIT, crx)
+            .await
+            .expect("CONNACK in time")
+            .expect("connected");
+        (
+            Client {
+                client,
+                received,
+                events,
+                task,
+            },
+            present,
+        )
+    }
+
+    async fn next(&mut self) -> (String, Vec<u8>) {
+        self.next_of("a message").await
+    }
+
+    async fn next_of(&mut self, what: &str) -> (String, Vec<u8>) {
+        tokio::time::timeout(WAIT, self.received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time"))
+            .expect("client running")
+    }
+
+    /// Waits until the connection ends; returns how.
+    async fn closed(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.events.recv())
+            .await
+            .expect("the connection closes in time")
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+    connected: tokio::sync::oneshot::Sender<bool>,
+) {
+    let mut connected = Some(connected);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if let Some(c) = connected.take() {
+                    let _ = c.send(ack.session_present);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+            }
+            Ok(Event::Incoming(Packet::Disconnect)) => {
+                let _ = events.send("disconnect".into());
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let _ = events.send(error.to_string());
+                return;
+            }
+        }
+    }
+}
+
+/// Waits until every node's route cache holds at least `filters` filters of node `from`.
+async fn routes_reach(api: &Api, token: &str, nodes: &[&Node], from: &str, filters: u64) {
+    let deadline = Instant::now() + WAIT;
+    for node in nodes {
+        loop {
+            let (_, body) = api
+                .call(
+                    reqwest::Method::GET,
+                    format!("{}/admin/cluster", node.http),
+                    Some(token),
+                    None,
+                )
+                .await;
+            if body["routes"]["remoteFilters"][from].as_u64().unwrap_or(0) >= filters {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "routes of {from} never reached {}: {body}",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_route_messages_and_hand_devices_over() {
+    let Some(shared) = Shared::create() else { return };
+    // The first node creates the registry, the admin and the shared keys; the others join it.
+    let n1 = shared.start("n1");
+    let n2 = shared.start("n2");
+    let n3 = shared.start("n3");
+    let api = Api {
+        client: reqwest::Client::new(),
+    };
+    let token = api.login(&n1).await;
+    // A login made on one node is good on the others (shared keys).
+    let (status, body) = api
+        .call(
+            reqwest::Method::GET,
+            format!("{}/admin/cluster", n3.http),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = api
+            .call(
+                reqwest::Method::GET,
+                format!("{}/admin/cluster", n1.http),
+                Some(&token),
+                None,
+            )
+            .await;
+        let nodes: Vec<&str> = body["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap())
+            .collect();
+        if nodes == ["n1", "n2", "n3"] {
+            assert_eq!(body["redis"], "up");
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes never saw each other: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Viewers and tenant users do not see the cluster.
+    let (status, _) = api
+        .call(
+            reqwest::Method::GET,
+            format!("{}/admin/cluster", n1.http),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/keys", n1.http),
+            Some(&token),
+            Some(json!({"name": "app", "role": "operator"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let key = body["key"].as_str().unwrap().to_string();
+    let mut devices = Vec::new();
+    for id in ["d1", "d2", "d3"] {
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                format!("{}/api/devices/register", n2.http),
+                Some(&token),
+                Some(json!({"deviceId": id, "type": "sensor"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        devices.push(body["token"].as_str().unwrap().to_string());
+    }
+
+    // ---- a subscriber on node 1 gets QoS 0/1/2 publishes made on nodes 2 and 3 -------------
+    let (mut app, _) = Client::connect(n1.mqtt_port, "app-1", "app", &key, true).await;
+    app.client.subscribe("plant/#", QoS::ExactlyOnce).await.unwrap();
+    routes_reach(&api, &token, &[&n2, &n3], "n1", 1).await;
+    let (pub2, _) = Client::connect(n2.mqtt_port, "app-2", "app", &key, true).await;
+    let (pub3, _) = Client::connect(n3.mqtt_port, "app-3", "app", &key, true).await;
+    let mut expected = Vec::new();
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        for (node, client) in [("n2", &pub2), ("n3", &pub3)] {
+            let topic = format!("plant/{node}/q{i}");
+            client
+                .client
+                .publish(&topic, qos, false, format!("from {node}"))
+                .await
+                .unwrap();
+            expected.push(topic);
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        got.push(app.next().await.0);
+    }
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+
+    // Retained on node 3, seen by a new subscriber on node 2.
+    pub3.client
+        .publish("plant/state", QoS::AtLeastOnce, true, "running")
+        .await
+        .unwrap();
+    assert_eq!(app.next().await.0, "plant/state");
+    let (mut late, _) = Client::connect(n2.mqtt_port, "app-late", "app", &key, true).await;
+    late.client
+        .subscribe("plant/state", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (topic, payload) = late.next().await;
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("plant/state", &b"running"[..])
+    );
+
+    // ---- a device moves from node 1 to node 2 with its session and shadow ------------------
+    let (mut d1, present) = Client::connect(n1.mqtt_port, "d1", "d1", &devices[0], false).await;
+    assert!(!present);
+    d1.client
+        .subscribe("devices/d1/commands/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    d1.client
+        .subscribe("devices/d1/shadow/update/rejected", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    routes_reach(&api, &token, &[&n3], "n1", 3).await;
+    d1.client
+        .publish(
+            "devices/d1/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            json!({"state": {"reported": {"firmware": "1.0.0"}}}).to_string(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, shadow) = api
+            .call(
+                reqwest::Method::GET,
+                format!("{}/api/devices/d1/shadow", n3.http),
+                Some(&token),
+                None,
+            )
+            .await;
+        if shadow["state"]["reported"]["firmware"] == "1.0.0" {
+            break;
+        }
+        if Instant::now() > deadline {
+            let got: Vec<(String, String)> = std::iter::from_fn(|| d1.received.try_recv().ok())
+                .map(|(t, p)| (t, String::from_utf8_lossy(&p).to_string()))
+                .collect();
+            panic!("reported state never stored: {shadow}; the device got {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A command published on node 3 while the device is connected to node 1.
+    pub3.client
+        .publish("devices/d1/commands/reboot", QoS::AtLeastOnce, false, "now")
+        .await
+        .unwrap();
+    assert_eq!(
+        d1.next_of("command on node 1").await.0,
+        "devices/d1/commands/reboot"
+    );
+
+    // The same device connects to node 2: node 1 closes its connection, the session moves.
+    let (mut d1_on_2, present) = Client::connect(n2.mqtt_port, "d1", "d1", &devices[0], false).await;
+    assert!(present, "the session came along from node 1");
+    let how = d1.closed().await;
+    assert!(!how.is_empty(), "node 1 closed the old connection");
+    // Routes follow the session (node 2 already held plant/state for the late subscriber).
+    routes_reach(&api, &token, &[&n3], "n2", 2).await;
+    pub3.client
+        .publish("devices/d1/commands/update", QoS::AtLeastOnce, false, "v2")
+        .await
+        .unwrap();
+    assert_eq!(
+        d1_on_2.next_of("command after the move").await.0,
+        "devices/d1/commands/update"
+    );
+
+    // Offline with a persistent session on node 2: a command queues there, and the device
+    // finds it when it comes back on node 3.
+    d1_on_2.client.disconnect().await.unwrap();
+    let _ = d1_on_2.closed().await;
+    pub3.client
+        .publish("devices/d1/commands/queued", QoS::AtLeastOnce, false, "later")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut d1_on_3, present) = Client::connect(n3.mqtt_port, "d1", "d1", &devices[0], false).await;
+    assert!(present);
+    let (topic, payload) = d1_on_3.next_of("queued command").await;
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("devices/d1/commands/queued", &b"later"[..])
+    );
+    let (_, shadow) = api
+        .call(
+            reqwest::Method::GET,
+            format!("{}/api/devices/d1/shadow", n1.http),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(shadow["state"]["reported"]["firmware"], "1.0.0", "{shadow}");
+
+    let (_, body) = api
+        .call(reqwest::Method::GET, format!("{}/metrics", n3.http), None, None)
+        .await;
+    let metrics = body.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains("drover_cluster_takeovers_total{direction=\"in\",how=\"handover\"} 1"),
+        "{metrics}"
+    );
+    drop((n1, n2, n3));
+}
