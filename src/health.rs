@@ -1,6 +1,7 @@
 //! Backend health for `GET /health`: the registry always, Redis and InfluxDB when configured,
 //! and the telemetry store (embedded or InfluxDB) with the depth of its spool.
-//! A configured backend is required: if it is down the platform reports itself unhealthy.
+//! A configured registry or telemetry store is required: if one is down the platform reports
+//! itself unavailable (503). Redis is not: without it the platform reports itself degraded.
 //! Anyone may ask, but only a platform admin sees the details (addresses, paths, errors, the
 //! version): the rest get each backend's status, which is what a load balancer needs.
 
@@ -42,7 +43,8 @@ pub struct CheckResult {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthReport {
-    /// `ok` when every required backend is up, `unavailable` otherwise.
+    /// `ok` when every backend is up, `degraded` when only an optional one (Redis) is down,
+    /// `unavailable` (503) when a required one is.
     pub status: &'static str,
     pub version: &'static str,
     pub uptime_seconds: u64,
@@ -50,8 +52,9 @@ pub struct HealthReport {
 }
 
 impl HealthReport {
+    /// Serving: every required backend is up (`ok`, or `degraded` when an optional one is down).
     pub fn healthy(&self) -> bool {
-        self.status == "ok"
+        self.status != "unavailable"
     }
 
     /// What a caller who is not a platform admin sees.
@@ -71,7 +74,8 @@ impl HealthReport {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PublicHealthReport {
-    /// `ok` when every required backend is up, `unavailable` otherwise.
+    /// `ok` when every backend is up, `degraded` when only an optional one (Redis) is down,
+    /// `unavailable` (503) when a required one is.
     pub status: &'static str,
     pub checks: std::collections::BTreeMap<&'static str, PublicCheck>,
 }
@@ -124,12 +128,15 @@ impl HealthChecker {
     }
 
     pub async fn check(&self, uptime: Duration) -> HealthReport {
-        let (registry, redis, influx, telemetry) = tokio::join!(
+        let (registry, mut redis, influx, telemetry) = tokio::join!(
             self.check_registry(),
             self.check_redis(),
             self.check_influx(),
             self.check_telemetry()
         );
+        // Without Redis the node keeps serving: shadows come from the registry, a cluster node
+        // serves its own devices until Redis returns. Degraded, not down.
+        redis.required = false;
         let checks = [
             ("registry", registry),
             ("redis", redis),
@@ -139,8 +146,13 @@ impl HealthChecker {
         let healthy = checks
             .iter()
             .all(|(_, c)| !c.required || c.status == CheckStatus::Up);
+        let whole = checks.iter().all(|(_, c)| c.status != CheckStatus::Down);
         HealthReport {
-            status: if healthy { "ok" } else { "unavailable" },
+            status: match (healthy, whole) {
+                (false, _) => "unavailable",
+                (true, false) => "degraded",
+                (true, true) => "ok",
+            },
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: uptime.as_secs(),
             checks: checks.into_iter().collect(),

@@ -61,8 +61,12 @@ struct Shared {
 
 impl Shared {
     fn create() -> Option<Shared> {
-        let pg = service_url("DROVER_TEST_POSTGRES_URL")?;
         let redis = service_url("DROVER_TEST_REDIS_URL")?;
+        Shared::create_with_redis(redis)
+    }
+
+    fn create_with_redis(redis: String) -> Option<Shared> {
+        let pg = service_url("DROVER_TEST_POSTGRES_URL")?;
         let influx = service_url("DROVER_TEST_INFLUX_URL")?;
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         Some(Shared {
@@ -531,4 +535,178 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
         "{metrics}"
     );
     drop((n1, n2, n3));
+}
+
+/// A Redis server of the test's own, to stop and start again.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Option<OwnRedis> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("DROVER_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "redis-server is not installed but DROVER_REQUIRE_SERVICES=1"
+            );
+            eprintln!("skipped: redis-server is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = OwnRedis { port, child: None };
+        redis.resume();
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn health(api: &Api, node: &Node) -> (StatusCode, String) {
+    let (status, body) = api
+        .call(reqwest::Method::GET, format!("{}/health", node.http), None, None)
+        .await;
+    (status, body["status"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_outlive_a_redis_outage_and_rejoin_when_it_returns() {
+    let Some(mut redis) = OwnRedis::start() else {
+        return;
+    };
+    let Some(shared) = Shared::create_with_redis(redis.url()) else {
+        return;
+    };
+    let mut n1 = shared.start("r1");
+    let mut n2 = shared.start("r2");
+    let api = Api {
+        client: reqwest::Client::new(),
+    };
+    let token = api.login(&n1).await;
+    let (_, body) = api
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/keys", n1.http),
+            Some(&token),
+            Some(json!({"name": "app", "role": "operator"})),
+        )
+        .await;
+    let key = body["key"].as_str().unwrap().to_string();
+    let (mut app, _) = Client::connect(n1.mqtt_port, "watcher", "app", &key, true).await;
+    app.client.subscribe("line/#", QoS::AtLeastOnce).await.unwrap();
+    let (mut local, _) = Client::connect(n2.mqtt_port, "local", "app", &key, true).await;
+    local.client.subscribe("line/#", QoS::AtLeastOnce).await.unwrap();
+    routes_reach(&api, &token, &[&n2], "r1", 1).await;
+    let (publisher, _) = Client::connect(n2.mqtt_port, "press", "app", &key, true).await;
+    publisher
+        .client
+        .publish("line/1", QoS::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    assert_eq!(
+        app.next_of("cross-node message before the outage").await.0,
+        "line/1"
+    );
+    assert_eq!(local.next().await.0, "line/1");
+
+    redis.stop();
+    for node in [&n1, &n2] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, state) = health(&api, node).await;
+            if state == "degraded" {
+                assert_eq!(status, StatusCode::OK, "a degraded node still serves");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never reported degraded: {state}",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The node keeps serving its own clients: local delivery goes on.
+    publisher
+        .client
+        .publish("line/2", QoS::AtLeastOnce, false, "during")
+        .await
+        .unwrap();
+    assert_eq!(local.next_of("local message during the outage").await.0, "line/2");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    for node in [&mut n1, &mut n2] {
+        assert!(
+            node.child.try_wait().unwrap().is_none(),
+            "{} exited without Redis",
+            node.id
+        );
+    }
+
+    // Redis returns (empty): the nodes announce themselves and their routes again.
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        publisher
+            .client
+            .publish("line/3", QoS::AtLeastOnce, false, format!("after {attempt}"))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_millis(500), app.received.recv()).await {
+            Ok(Some((topic, _))) if topic == "line/3" => break,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "cross-node delivery did not resume");
+    }
+    for node in [&n1, &n2] {
+        let deadline = Instant::now() + WAIT;
+        while health(&api, node).await.1 != "ok" {
+            assert!(Instant::now() < deadline, "{} did not recover", node.id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }

@@ -49,6 +49,20 @@ async fn health_is_503_when_a_configured_backend_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_not_down_without_redis() {
+    // Redis is a cache (and a cluster's meeting point): the platform serves without it.
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.redis.url = Secret::new("redis://127.0.0.1:9/");
+    })
+    .unwrap();
+    let response = server.client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["checks"]["redis"]["status"], "down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_sees_real_redis_and_influxdb() {
     let (Some(redis), Some(influx)) = (
         service_url("DROVER_TEST_REDIS_URL"),

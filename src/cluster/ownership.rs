@@ -39,9 +39,16 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
 ";
 
+/// Renews a lease; one that vanished (Redis restarted empty, or it expired during an outage)
+/// is taken back, since nobody else claimed the device meanwhile. 0: another node has it.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
 end
 return 0
 ";
