@@ -417,9 +417,8 @@ pub async fn start_with_clock(
             config.redis.url.expose(),
             http_addr,
             listeners.addr,
-            broker.clone(),
-            state.fleet.clone(),
             &state.metrics,
+            &mqtt,
         )
         .await?;
         let _ = mqtt.cluster.set(cluster);

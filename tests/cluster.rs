@@ -534,6 +534,21 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
         metrics.contains("drover_cluster_takeovers_total{direction=\"in\",how=\"handover\"} 1"),
         "{metrics}"
     );
+
+    // A token rotated through node 1 ends the device's connection on node 3 at once.
+    let (mut d2, _) = Client::connect(n3.mqtt_port, "d2", "d2", &devices[1], true).await;
+    let (status, body) = api
+        .call(reqwest::Method::POST, format!("{}/api/devices/d2/token", n1.http), Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let how = d2.closed().await;
+    assert!(!how.is_empty());
+    let refused = MqttOptions::new("d2", "127.0.0.1", n3.mqtt_port);
+    let mut refused = refused;
+    refused.set_credentials("d2", &devices[1]);
+    let (_client, mut events) = AsyncClient::new(refused, 4);
+    let outcome = tokio::time::timeout(WAIT, events.poll()).await.expect("an answer");
+    assert!(outcome.is_err(), "the old token is refused on every node: {outcome:?}");
     drop((n1, n2, n3));
 }
 

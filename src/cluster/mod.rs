@@ -11,6 +11,7 @@
 //! - `retained:{ns}`: retained messages, for nodes that join later.
 //! - `handoff:{ns}:{client}`: a session on its way from one node to another.
 
+pub mod notices;
 pub mod ownership;
 pub mod routes;
 pub mod wire;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::broker::Broker;
+use crate::mqtt::connection::MqttContext;
 
 /// Why a node could not join its cluster.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,8 @@ pub struct Cluster {
     conn: ConnectionManager,
     broker: Arc<Broker>,
     fleet: Fleet,
+    /// What notices from other nodes act on (access rules, CAs).
+    ctx: std::sync::Weak<MqttContext>,
     advert: Mutex<NodeAdvert>,
     /// Live nodes (this one included) as of the last heartbeat.
     peers: RwLock<HashMap<String, NodeAdvert>>,
@@ -158,9 +162,8 @@ impl Cluster {
         redis_url: &str,
         http: SocketAddr,
         mqtt: SocketAddr,
-        broker: Arc<Broker>,
-        fleet: Fleet,
         metrics: &Metrics,
+        ctx: &Arc<MqttContext>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let client = redis::Client::open(redis_url)?;
         let lease = Duration::from_secs(config.lease_secs);
@@ -190,8 +193,9 @@ impl Cluster {
             lease,
             client,
             conn,
-            broker: broker.clone(),
-            fleet,
+            broker: ctx.broker.clone(),
+            fleet: ctx.fleet.clone(),
+            ctx: Arc::downgrade(ctx),
             advert: Mutex::new(advert),
             peers: RwLock::new(HashMap::new()),
             routes: routes::RouteTable::default(),
@@ -212,7 +216,7 @@ impl Cluster {
         cluster.load_retained().await;
         let forwarder = routes::start_forwarder(cluster.clone());
         cluster.routes.attach_forwarder(forwarder);
-        broker.set_remote(cluster.clone());
+        ctx.broker.set_remote(Arc::new(cluster.clone()));
         routes::start(cluster.clone());
         ownership::start(cluster.clone());
         let heartbeat = Arc::downgrade(&cluster);
@@ -236,6 +240,10 @@ impl Cluster {
             "joined the cluster"
         );
         Ok(cluster)
+    }
+
+    fn context(&self) -> Option<Arc<MqttContext>> {
+        self.ctx.upgrade()
     }
 
     /// `drover:{name}:{rest}`.

@@ -174,12 +174,34 @@ impl RouteTable {
     }
 }
 
-impl RemoteRoutes for Cluster {
+impl RemoteRoutes for Arc<Cluster> {
     fn subscribed(&self, namespace: &Namespace, filter: &str) {
-        self.routes.local_changed(true, entry(namespace, filter));
+        self.as_ref().subscribed(namespace, filter)
     }
 
     fn unsubscribed(&self, namespace: &Namespace, filter: &str) {
+        self.as_ref().unsubscribed(namespace, filter)
+    }
+
+    fn forward(&self, namespace: &Namespace, publication: &Arc<Publication>) -> Option<oneshot::Receiver<bool>> {
+        self.as_ref().forward(namespace, publication)
+    }
+
+    fn kicked(&self, kick: &crate::mqtt::broker::Kick, reason: u8, message: &str) {
+        self.notify(super::notices::Notice::Kick {
+            kick: kick.clone(),
+            reason,
+            message: message.to_string(),
+        });
+    }
+}
+
+impl Cluster {
+    pub(super) fn subscribed(&self, namespace: &Namespace, filter: &str) {
+        self.routes.local_changed(true, entry(namespace, filter));
+    }
+
+    pub(super) fn unsubscribed(&self, namespace: &Namespace, filter: &str) {
         self.routes.local_changed(false, entry(namespace, filter));
     }
 
@@ -476,10 +498,12 @@ async fn listen(weak: std::sync::Weak<Cluster>) {
         let Some(cluster) = weak.upgrade() else { return };
         let routes_channel = cluster.key("routes");
         let control_channel = cluster.key(&format!("control:{}", cluster.node_id));
+        let notices_channel = cluster.key("notices");
         let pubsub = async {
             let mut pubsub = cluster.client.get_async_pubsub().await?;
             pubsub.subscribe(&routes_channel).await?;
             pubsub.subscribe(&control_channel).await?;
+            pubsub.subscribe(&notices_channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         }
         .await;
@@ -516,6 +540,8 @@ async fn listen(weak: std::sync::Weak<Cluster>) {
                                 cluster.routes.apply(&notice.node, &notice.added, &notice.removed);
                             }
                         }
+                    } else if message.get_channel_name() == notices_channel {
+                        cluster.heard(&payload);
                     } else {
                         ownership::control(cluster.clone(), &payload);
                     }

@@ -625,8 +625,10 @@ async fn revoke_key(
         .revoke_api_key(principal.tenant.clone(), id.into_inner(), principal.audit_actor())
         .await?;
     // Connections opened with the key end now.
-    state.mqtt.broker.disconnect_where(crate::mqtt::broker::reason::NOT_AUTHORIZED, "API key revoked", |s| {
-        matches!(&s.identity, crate::mqtt::acl::Identity::Application { key_id, .. } if *key_id == key.id)
-    });
+    state.mqtt.broker.kick(
+        &crate::mqtt::broker::Kick::ApiKey { key_id: key.id.clone() },
+        crate::mqtt::broker::reason::NOT_AUTHORIZED,
+        "API key revoked",
+    );
     Ok(web::Json(key.into()))
 }

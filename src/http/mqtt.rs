@@ -130,6 +130,9 @@ async fn apply(state: &AppState, namespace: Namespace) -> Result<usize, ApiError
         .registry
         .list_acl_rules(tenant_of(&namespace).as_ref())
         .await?;
+    state.mqtt.tell_cluster(crate::cluster::notices::Notice::Acl {
+        namespace: crate::cluster::wire::namespace_key(&namespace),
+    });
     Ok(state.mqtt.broker.set_acl_rules(namespace, rules))
 }
 
@@ -423,6 +426,7 @@ async fn add_ca(
         .add_ca_certificate(ca, code, principal.audit_actor())
         .await?;
     state.mqtt.auth.reload_cas().await?;
+    state.mqtt.tell_cluster(crate::cluster::notices::Notice::Cas);
     Ok(HttpResponse::Created().json(CaView::from(ca)))
 }
 
@@ -445,5 +449,6 @@ async fn delete_ca(
         .delete_ca_certificate(principal.tenant.clone(), id.into_inner(), principal.audit_actor())
         .await?;
     state.mqtt.auth.reload_cas().await?;
+    state.mqtt.tell_cluster(crate::cluster::notices::Notice::Cas);
     Ok(HttpResponse::NoContent().finish())
 }

@@ -207,10 +207,12 @@ async fn patch_tenant(
         .await?;
     if body.disabled == Some(true) {
         // Its devices and applications are refused from now on, live connections included.
-        state.mqtt.broker.disconnect_where(
+        state.mqtt.broker.kick(
+            &crate::mqtt::broker::Kick::Tenant {
+                tenant: tenant.id.to_string(),
+            },
             crate::mqtt::broker::reason::NOT_AUTHORIZED,
             "tenant disabled",
-            |s| s.identity.tenant() == Some(&tenant.id),
         );
     }
     Ok(web::Json(tenant.into()))

@@ -91,6 +91,33 @@ pub trait RemoteRoutes: Send + Sync {
         namespace: &Namespace,
         publication: &Arc<Publication>,
     ) -> Option<tokio::sync::oneshot::Receiver<bool>>;
+    /// Connections were closed here for `kick`: close them on the other nodes too.
+    fn kicked(&self, kick: &Kick, reason: u8, message: &str);
+}
+
+/// Whose connections to close, wherever they are (see [`RemoteRoutes::kicked`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Kick {
+    /// A device (deleted, disabled, new token).
+    Device { tenant: String, device: String },
+    /// Applications connected with an API key (revoked).
+    ApiKey { key_id: String },
+    /// Every client of a tenant (disabled).
+    Tenant { tenant: String },
+}
+
+impl Kick {
+    fn matches(&self, identity: &Identity) -> bool {
+        match (self, identity) {
+            (Kick::Device { tenant, device }, Identity::Device { tenant: t, device: d }) => {
+                t.as_str() == tenant && d.as_str() == device
+            }
+            (Kick::ApiKey { key_id }, Identity::Application { key_id: k, .. }) => k == key_id,
+            (Kick::Tenant { tenant }, identity) => identity.tenant().is_some_and(|t| t.as_str() == tenant),
+            _ => false,
+        }
+    }
 }
 
 /// A session as it leaves for another node.
@@ -571,11 +598,27 @@ impl Broker {
         closed
     }
 
-    /// Closes a device's connection (token rotated, device disabled or deleted).
+    /// Closes a device's connection (token rotated, device disabled or deleted), on every
+    /// node of a cluster.
     pub fn disconnect_device(&self, tenant: &TenantId, device: &DeviceId, message: &str) -> usize {
-        self.disconnect_where(reason::ADMINISTRATIVE_ACTION, message, |s| {
-            matches!(&s.identity, Identity::Device { tenant: t, device: d } if t == tenant && d == device)
-        })
+        let kick = Kick::Device {
+            tenant: tenant.to_string(),
+            device: device.to_string(),
+        };
+        self.kick(&kick, reason::ADMINISTRATIVE_ACTION, message)
+    }
+
+    /// Closes the connections `kick` names here and on every other node of a cluster.
+    pub fn kick(&self, kick: &Kick, reason: u8, message: &str) -> usize {
+        if let Some(remote) = self.remote.get() {
+            remote.kicked(kick, reason, message);
+        }
+        self.kick_here(kick, reason, message)
+    }
+
+    /// As [`Broker::kick`], on this node only (what another node asked for).
+    pub fn kick_here(&self, kick: &Kick, reason: u8, message: &str) -> usize {
+        self.disconnect_where(reason, message, |s| kick.matches(&s.identity))
     }
 
     /// The access rules of a namespace, if loaded.
