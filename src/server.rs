@@ -299,6 +299,9 @@ pub async fn start_with_clock(
     ));
     let shadow_patcher = Arc::new(FleetShadowPatcher::default());
     let hub = DashboardHub::default();
+    // Filled when this node joins its cluster (after it listens), read by the broker's
+    // connections and the live stream.
+    let cluster_slot: Arc<std::sync::OnceLock<Arc<crate::cluster::Cluster>>> = Arc::default();
     let rules = Arc::new(
         RulesEngine::start(
             &config,
@@ -318,7 +321,10 @@ pub async fn start_with_clock(
         Pipeline::new(config.telemetry.payload_limits())
             .with_writers(writers.clone())
             .with_observer(rules.router.clone().recipient())
-            .with_live(Arc::new(hub.clone())),
+            .with_live(Arc::new(crate::cluster::live::ClusterLive::new(
+                hub.clone(),
+                cluster_slot.clone(),
+            ))),
     );
     let shadow_store = shadow_store(&config, &registry);
     let settings = SupervisorSettings {
@@ -350,7 +356,7 @@ pub async fn start_with_clock(
         fleet: fleet.clone(),
         audit: audit.clone(),
         config: config.mqtt.clone(),
-        cluster: std::sync::OnceLock::new(),
+        cluster: cluster_slot.clone(),
     });
     let downsampler = Downsampler::new(
         telemetry.store.clone(),
@@ -419,9 +425,10 @@ pub async fn start_with_clock(
             listeners.addr,
             &state.metrics,
             &mqtt,
+            &state.hub,
         )
         .await?;
-        let _ = mqtt.cluster.set(cluster);
+        let _ = cluster_slot.set(cluster);
     }
     let mqtt_listener = listener::serve(listeners, mqtt, &config)?;
     let sweeper = actix_rt::spawn(async move {

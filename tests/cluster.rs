@@ -31,7 +31,7 @@ impl Drop for Node {
         let _ = self.child.wait();
         if std::thread::panicking() {
             let log: Vec<String> = self._stderr.try_iter().collect();
-            let start = log.len().saturating_sub(40);
+            let start = log.len().saturating_sub(400);
             eprintln!("---- node {} log ----\n{}", self.id, log[start..].join("\n"));
         }
     }
@@ -432,6 +432,82 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
         ("plant/state", &b"running"[..])
     );
 
+    // ---- a dashboard on node 1 sees telemetry of a device connected to node 3 -------------
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/ws?token={token}",
+        n1.http.replace("http://", "ws://")
+    ))
+    .await
+    .unwrap();
+    assert_eq!(common::ws::next_json(&mut ws, WAIT).await["type"], "hello");
+    let answer = common::ws::request(
+        &mut ws,
+        &json!({"type": "subscribe", "devices": "*"}).to_string(),
+        WAIT,
+    )
+    .await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = api
+            .call(
+                reqwest::Method::GET,
+                format!("{}/admin/cluster", n3.http),
+                Some(&token),
+                None,
+            )
+            .await;
+        let watched = body["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == "n1" && n["watchedTenants"] == json!(["default"]));
+        if watched {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never learnt that node 1 watches: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (d3, _) = Client::connect(n3.mqtt_port, "d3", "d3", &devices[2], true).await;
+    d3.client
+        .publish(
+            "devices/d3/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"metrics": {"temperature": 21.5}}"#,
+        )
+        .await
+        .unwrap();
+    let frame = loop {
+        let next = tokio::time::timeout(Duration::from_secs(8), common::ws::next_json(&mut ws, WAIT)).await;
+        let Ok(frame) = next else {
+            let (_, body) = api
+                .call(reqwest::Method::GET, format!("{}/metrics", n3.http), None, None)
+                .await;
+            let text = body.as_str().unwrap_or_default().to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    !l.starts_with('#')
+                        && (l.contains("telemetry")
+                            || l.contains("mqtt_messages")
+                            || l.contains("refused")
+                            || l.contains("dropped"))
+                })
+                .collect();
+            panic!("no telemetry frame; node 3 metrics: {lines:#?}");
+        };
+        if frame["type"] == "telemetry" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["deviceId"], "d3", "{frame}");
+    assert_eq!(frame["messages"][0]["metrics"]["temperature"], 21.5, "{frame}");
+    drop(ws);
+
     // ---- a device moves from node 1 to node 2 with its session and shadow ------------------
     let (mut d1, present) = Client::connect(n1.mqtt_port, "d1", "d1", &devices[0], false).await;
     assert!(!present);
@@ -538,7 +614,12 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
     // A token rotated through node 1 ends the device's connection on node 3 at once.
     let (mut d2, _) = Client::connect(n3.mqtt_port, "d2", "d2", &devices[1], true).await;
     let (status, body) = api
-        .call(reqwest::Method::POST, format!("{}/api/devices/d2/token", n1.http), Some(&token), None)
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/devices/d2/token", n1.http),
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let how = d2.closed().await;
@@ -547,8 +628,13 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
     let mut refused = refused;
     refused.set_credentials("d2", &devices[1]);
     let (_client, mut events) = AsyncClient::new(refused, 4);
-    let outcome = tokio::time::timeout(WAIT, events.poll()).await.expect("an answer");
-    assert!(outcome.is_err(), "the old token is refused on every node: {outcome:?}");
+    let outcome = tokio::time::timeout(WAIT, events.poll())
+        .await
+        .expect("an answer");
+    assert!(
+        outcome.is_err(),
+        "the old token is refused on every node: {outcome:?}"
+    );
     drop((n1, n2, n3));
 }
 

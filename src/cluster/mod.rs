@@ -11,6 +11,7 @@
 //! - `retained:{ns}`: retained messages, for nodes that join later.
 //! - `handoff:{ns}:{client}`: a session on its way from one node to another.
 
+pub mod live;
 pub mod notices;
 pub mod ownership;
 pub mod routes;
@@ -29,6 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterConfig;
+use crate::dashboard::DashboardHub;
 use crate::metrics::Metrics;
 use crate::mqtt::broker::Broker;
 use crate::mqtt::connection::MqttContext;
@@ -57,6 +59,12 @@ pub struct NodeAdvert {
     pub connections: usize,
     pub sessions: usize,
     pub owned_devices: usize,
+    /// `/ws` sessions of this node.
+    #[serde(default)]
+    pub live_sessions: usize,
+    /// Tenants whose live telemetry a session of this node watches.
+    #[serde(default)]
+    pub watched_tenants: Vec<String>,
     /// Distinguishes two processes that were given the same node id.
     pub incarnation: String,
 }
@@ -127,6 +135,9 @@ pub struct Cluster {
     conn: ConnectionManager,
     broker: Arc<Broker>,
     fleet: Fleet,
+    /// This node's live stream (frames from other nodes go there).
+    hub: DashboardHub,
+    live: std::sync::OnceLock<tokio::sync::mpsc::Sender<live::Frame>>,
     /// What notices from other nodes act on (access rules, CAs).
     ctx: std::sync::Weak<MqttContext>,
     advert: Mutex<NodeAdvert>,
@@ -164,6 +175,7 @@ impl Cluster {
         mqtt: SocketAddr,
         metrics: &Metrics,
         ctx: &Arc<MqttContext>,
+        hub: &DashboardHub,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let client = redis::Client::open(redis_url)?;
         let lease = Duration::from_secs(config.lease_secs);
@@ -185,6 +197,8 @@ impl Cluster {
             connections: 0,
             sessions: 0,
             owned_devices: 0,
+            live_sessions: 0,
+            watched_tenants: Vec::new(),
             incarnation,
         };
         let cluster = Arc::new(Cluster {
@@ -196,6 +210,8 @@ impl Cluster {
             broker: ctx.broker.clone(),
             fleet: ctx.fleet.clone(),
             ctx: Arc::downgrade(ctx),
+            hub: hub.clone(),
+            live: std::sync::OnceLock::new(),
             advert: Mutex::new(advert),
             peers: RwLock::new(HashMap::new()),
             routes: routes::RouteTable::default(),
@@ -217,6 +233,7 @@ impl Cluster {
         let forwarder = routes::start_forwarder(cluster.clone());
         cluster.routes.attach_forwarder(forwarder);
         ctx.broker.set_remote(Arc::new(cluster.clone()));
+        cluster.start_live(hub);
         routes::start(cluster.clone());
         ownership::start(cluster.clone());
         let heartbeat = Arc::downgrade(&cluster);
@@ -283,6 +300,8 @@ impl Cluster {
             advert.connections = self.broker.connection_count();
             advert.sessions = self.broker.session_count();
             advert.owned_devices = self.owned.len();
+            advert.live_sessions = self.hub.sessions();
+            advert.watched_tenants = self.hub.watched_tenants().iter().map(|t| t.to_string()).collect();
             advert.clone()
         };
         let mut conn = self.conn.clone();
@@ -388,6 +407,8 @@ impl Cluster {
                     "connections": n.connections,
                     "sessions": n.sessions,
                     "ownedDevices": n.owned_devices,
+                    "liveSessions": n.live_sessions,
+                    "watchedTenants": n.watched_tenants,
                     "self": n.node == self.node_id,
                     "health": if age <= self.lease.as_millis() as i64 { "up" } else { "late" },
                 })

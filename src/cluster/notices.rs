@@ -64,7 +64,11 @@ impl Cluster {
 
     async fn act_on(&self, notice: Notice) {
         match notice {
-            Notice::Kick { kick, reason, message } => {
+            Notice::Kick {
+                kick,
+                reason,
+                message,
+            } => {
                 self.broker.kick_here(&kick, reason, &message);
                 if let Kick::Device { tenant, device } = &kick
                     && let (Ok(tenant), Ok(device)) = (
@@ -76,7 +80,9 @@ impl Cluster {
                 }
             }
             Notice::Acl { namespace } => {
-                let Some(namespace) = parse_namespace(&namespace) else { return };
+                let Some(namespace) = parse_namespace(&namespace) else {
+                    return;
+                };
                 // Only namespaces this node has loaded; the others load fresh at first use.
                 if self.broker.acl_rules(&namespace).is_none() {
                     return;
@@ -90,7 +96,9 @@ impl Cluster {
                     Ok(rules) => {
                         self.broker.set_acl_rules(namespace, rules);
                     }
-                    Err(error) => tracing::warn!(%error, "could not reload MQTT access rules another node changed"),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not reload MQTT access rules another node changed")
+                    }
                 }
             }
             Notice::Cas => {

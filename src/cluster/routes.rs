@@ -183,7 +183,11 @@ impl RemoteRoutes for Arc<Cluster> {
         self.as_ref().unsubscribed(namespace, filter)
     }
 
-    fn forward(&self, namespace: &Namespace, publication: &Arc<Publication>) -> Option<oneshot::Receiver<bool>> {
+    fn forward(
+        &self,
+        namespace: &Namespace,
+        publication: &Arc<Publication>,
+    ) -> Option<oneshot::Receiver<bool>> {
         self.as_ref().forward(namespace, publication)
     }
 
@@ -499,11 +503,13 @@ async fn listen(weak: std::sync::Weak<Cluster>) {
         let routes_channel = cluster.key("routes");
         let control_channel = cluster.key(&format!("control:{}", cluster.node_id));
         let notices_channel = cluster.key("notices");
+        let live_channel = cluster.key("live");
         let pubsub = async {
             let mut pubsub = cluster.client.get_async_pubsub().await?;
             pubsub.subscribe(&routes_channel).await?;
             pubsub.subscribe(&control_channel).await?;
             pubsub.subscribe(&notices_channel).await?;
+            pubsub.subscribe(&live_channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         }
         .await;
@@ -540,6 +546,8 @@ async fn listen(weak: std::sync::Weak<Cluster>) {
                                 cluster.routes.apply(&notice.node, &notice.added, &notice.removed);
                             }
                         }
+                    } else if message.get_channel_name() == live_channel {
+                        cluster.live_frame(&payload, &cluster.hub);
                     } else if message.get_channel_name() == notices_channel {
                         cluster.heard(&payload);
                     } else {

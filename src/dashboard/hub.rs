@@ -25,6 +25,22 @@ const TELEMETRY_BACKLOG: usize = 1024;
 /// A single frame larger than this is still queued when nothing else waits.
 pub const TELEMETRY_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
 
+/// Hands an alarm frame (tenant, JSON) to the other nodes of a cluster.
+pub type AlarmTap = Box<dyn Fn(&TenantId, &Arc<str>) + Send + Sync>;
+
+#[derive(Default)]
+struct TapSlot(std::sync::OnceLock<AlarmTap>);
+
+impl std::fmt::Debug for TapSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "AlarmTap(set)"
+        } else {
+            "AlarmTap(none)"
+        })
+    }
+}
+
 /// What the live stream carries (one JSON text frame each).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -76,6 +92,8 @@ pub struct LiveEvent {
 pub struct DashboardHub {
     sender: broadcast::Sender<LiveEvent>,
     watchers: Arc<Watchers>,
+    /// Where alarm frames also go in a cluster (the other nodes' sessions).
+    alarm_tap: Arc<TapSlot>,
 }
 
 /// Who watches which devices' telemetry, per tenant.
@@ -158,7 +176,33 @@ impl DashboardHub {
         DashboardHub {
             sender: broadcast::channel(capacity).0,
             watchers: Arc::default(),
+            alarm_tap: Arc::default(),
         }
+    }
+
+    /// Sends alarm frames to `tap` too (once, when a cluster node joins).
+    pub fn set_alarm_tap(&self, tap: AlarmTap) {
+        let _ = self.alarm_tap.0.set(tap);
+    }
+
+    /// An event another node published, for this node's sessions.
+    pub fn publish_json(&self, tenant: &TenantId, json: Arc<str>) {
+        if self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(LiveEvent {
+                tenant: tenant.clone(),
+                json,
+            });
+        }
+    }
+
+    /// Tenants whose telemetry some session of this node watches.
+    pub fn watched_tenants(&self) -> Vec<TenantId> {
+        let tenants = self.watchers.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .iter()
+            .filter(|(_, w)| !w.all.is_empty() || !w.devices.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 
     /// A session's telemetry subscription, watching nothing yet.
@@ -202,13 +246,19 @@ impl DashboardHub {
 
     pub fn alarm(&self, event: &'static str, alarm: AlarmView) {
         let tenant = alarm.tenant.clone();
-        self.publish(
-            &tenant,
-            &LiveMessage::Alarm {
-                event,
-                alarm: Box::new(alarm),
-            },
-        );
+        let message = LiveMessage::Alarm {
+            event,
+            alarm: Box::new(alarm),
+        };
+        let Some(tap) = self.alarm_tap.0.get() else {
+            self.publish(&tenant, &message);
+            return;
+        };
+        if let Ok(json) = serde_json::to_string(&message) {
+            let json: Arc<str> = json.into();
+            tap(&tenant, &json);
+            self.publish_json(&tenant, json);
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {

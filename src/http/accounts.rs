@@ -626,7 +626,9 @@ async fn revoke_key(
         .await?;
     // Connections opened with the key end now.
     state.mqtt.broker.kick(
-        &crate::mqtt::broker::Kick::ApiKey { key_id: key.id.clone() },
+        &crate::mqtt::broker::Kick::ApiKey {
+            key_id: key.id.clone(),
+        },
         crate::mqtt::broker::reason::NOT_AUTHORIZED,
         "API key revoked",
     );

@@ -45,7 +45,7 @@ pub struct MqttContext {
     pub audit: AuditSink,
     pub config: MqttConfig,
     /// Set when this node is part of a cluster (after it joined).
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    pub cluster: Arc<std::sync::OnceLock<Arc<crate::cluster::Cluster>>>,
 }
 
 impl MqttContext {
