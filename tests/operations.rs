@@ -205,6 +205,7 @@ async fn openapi_describes_every_endpoint() {
         ("/stats", "get"),
         ("/admin/actors", "get"),
         ("/admin/actors/{tenant}/{deviceId}", "get"),
+        ("/admin/cluster", "get"),
     ];
     let paths = doc["paths"].as_object().unwrap();
     for (path, method) in expected {
