@@ -811,3 +811,172 @@ async fn nodes_outlive_a_redis_outage_and_rejoin_when_it_returns() {
         }
     }
 }
+
+/// One device publishing QoS 1 telemetry with a sequence number, one message in flight at a
+/// time, moving to the next node when its node goes away. Returns the sequence numbers whose
+/// PUBACK it received.
+async fn ingest_until(
+    device: String,
+    token: String,
+    ports: Vec<u16>,
+    start_on: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<u64>, usize) {
+    let mut acked = Vec::new();
+    let mut seq = 0u64;
+    let mut node = start_on;
+    let mut moves = 0;
+    let base_ts = chrono::Utc::now().timestamp_millis();
+    'connect: while !*stop.borrow() {
+        let mut options = MqttOptions::new(&device, "127.0.0.1", ports[node % ports.len()]);
+        options.set_credentials(&device, &token);
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_clean_session(true);
+        let (client, mut eventloop) = AsyncClient::new(options, 8);
+        loop {
+            if *stop.borrow() {
+                break 'connect;
+            }
+            seq += 1;
+            let payload = json!({"timestamp": base_ts + seq as i64, "metrics": {"seq": seq}}).to_string();
+            if client
+                .publish(
+                    format!("devices/{device}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await;
+            if outcome == Ok(true) {
+                acked.push(seq);
+            } else {
+                // The node is gone (or hung): the device moves on to the next one.
+                node += 1;
+                moves += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'connect;
+            }
+        }
+    }
+    (acked, moves)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_ingestion_loses_no_acknowledged_point() {
+    let Some(shared) = Shared::create() else { return };
+    let n1 = shared.start("k1");
+    let n2 = shared.start("k2");
+    let mut n3 = shared.start("k3");
+    let api = Api {
+        client: reqwest::Client::new(),
+    };
+    let token = api.login(&n1).await;
+    let ports = vec![n1.mqtt_port, n2.mqtt_port, n3.mqtt_port];
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let id = format!("kd{i}");
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                format!("{}/api/devices/register", n1.http),
+                Some(&token),
+                Some(json!({"deviceId": id, "type": "meter"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let device_token = body["token"].as_str().unwrap().to_string();
+        // Two devices on each node.
+        tasks.push((
+            id.clone(),
+            tokio::spawn(ingest_until(
+                id,
+                device_token,
+                ports.clone(),
+                i % 3,
+                stop_rx.clone(),
+            )),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    n3.child.kill().unwrap(); // SIGKILL
+    n3.child.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let _ = stop_tx.send(true);
+    let mut results = Vec::new();
+    for (id, task) in tasks {
+        results.push((id, task.await.unwrap()));
+    }
+    // The devices of the killed node moved to the others and went on.
+    for (id, (acked, moves)) in &results {
+        assert!(acked.len() > 10, "{id} published too little: {}", acked.len());
+        if id.ends_with('2') || id.ends_with('5') {
+            assert!(*moves >= 1, "{id} was on the killed node and never moved");
+        }
+    }
+    // Every acknowledged point is in InfluxDB.
+    let influx = reqwest::Client::new();
+    for (id, (acked, _)) in &results {
+        let query = format!("SELECT \"seq\" FROM \"telemetry\" WHERE \"device\" = '{id}'");
+        let body: Value = influx
+            .get(format!("{}/query", shared.influx))
+            .query(&[("db", shared.influx_db.as_str()), ("q", query.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let stored: std::collections::HashSet<u64> = body["results"][0]["series"][0]["values"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .filter_map(|r| r[1].as_f64())
+                    .map(|v| v as u64)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let missing: Vec<&u64> = acked.iter().filter(|s| !stored.contains(s)).collect();
+        assert!(
+            missing.is_empty(),
+            "{id}: acknowledged but not stored: {missing:?}"
+        );
+    }
+    // The killed node comes back under its id and rejoins.
+    let n3 = shared.start("k3");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = api
+            .call(
+                reqwest::Method::GET,
+                format!("{}/admin/cluster", n3.http),
+                Some(&token),
+                None,
+            )
+            .await;
+        let count = body["nodes"].as_array().map_or(0, |n| n.len());
+        if count == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node did not rejoin: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((n1, n2));
+}
