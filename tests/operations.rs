@@ -179,6 +179,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/channels/{id}", "get"),
         ("/api/channels/{id}", "patch"),
         ("/api/channels/{id}", "delete"),
+        ("/api/channels/{id}/test", "post"),
         ("/api/alerts", "get"),
         ("/api/alerts/{id}", "get"),
         ("/api/alerts/{id}/ack", "post"),
@@ -189,6 +190,7 @@ async fn openapi_describes_every_endpoint() {
         ("/health", "get"),
         ("/metrics", "get"),
         ("/stats", "get"),
+        ("/stats/busiest-devices", "get"),
         ("/admin/actors", "get"),
         ("/admin/actors/{tenant}/{deviceId}", "get"),
     ];
