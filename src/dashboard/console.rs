@@ -29,9 +29,11 @@ struct Assets;
 pub const ASSET_ROOT: &str = "/console";
 
 /// What the page, its modules and styles may do. `connect-src 'self'` covers the `/ws` stream
-/// (CSP 3 matches `ws:`/`wss:` of the same host to `'self'`).
+/// (CSP 3 matches `ws:`/`wss:` of the same host to `'self'`). `img-src blob:` shows images
+/// fetched with the bearer token (analytics SVGs) from object URLs: an SVG shown as an image
+/// runs no script.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
-     style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; \
+     style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; \
      manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The placeholder in `index.html` replaced by `{ASSET_ROOT}/{build}`.
