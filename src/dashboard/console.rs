@@ -250,4 +250,47 @@ mod tests {
             assert!(page.contains(&link), "index.html lacks {link}");
         }
     }
+
+    /// Every file the page or a module loads resolves to an embedded file the server serves.
+    /// Release builds embed the folder at compile time with the same rules debug builds read
+    /// it with, so this holds for both (`cargo test --release -p drover --lib console` checks
+    /// the compiled-in copy).
+    #[test]
+    fn everything_the_page_loads_is_embedded_and_served() {
+        let text = |name: &str| String::from_utf8(Assets::get(name).unwrap().data.into_owned()).unwrap();
+        let mut wanted: Vec<String> = Vec::new();
+        let page = text("index.html");
+        for part in page.split("__ASSETS__/").skip(1) {
+            wanted.push(part.split('"').next().unwrap().to_string());
+        }
+        for name in Assets::iter().filter(|n| n.ends_with(".js")) {
+            let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            for line in text(&name).lines() {
+                let Some(spec) = line
+                    .trim_start()
+                    .strip_prefix("import ")
+                    .and_then(|l| l.split(" from '").nth(1))
+                    .and_then(|l| l.split('\'').next())
+                else {
+                    continue;
+                };
+                let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+                for step in spec.split('/') {
+                    match step {
+                        "." => {}
+                        ".." => {
+                            parts.pop();
+                        }
+                        other => parts.push(other),
+                    }
+                }
+                wanted.push(parts.join("/"));
+            }
+        }
+        assert!(wanted.len() > 20, "{wanted:?}");
+        for name in &wanted {
+            assert!(Assets::get(name).is_some(), "{name} is loaded but not embedded");
+            assert!(content_type(name).is_some(), "{name} is loaded but not served");
+        }
+    }
 }

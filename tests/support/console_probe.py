@@ -292,6 +292,7 @@ def run(driver):
     wait(driver, "the actor tree", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#singleton-actors tbody tr")) == 5
          and len(d.find_elements(By.CSS_SELECTOR, "#session-actors tbody tr")) >= 1
          and exists(d, "#rule-actors tbody tr") and exists(d, "#writer-actors tbody tr"))
+    driver.execute_script("document.getElementById('actors').scrollIntoView()")
     shot(driver, "admin")
 
     # A platform admin acts in another tenant, and back.
@@ -312,6 +313,8 @@ def run(driver):
     for value in (1, 2, 3):
         publish({"metrics": {"pressure": value}})
     wait(driver, "the busiest devices", lambda d: exists(d, f'#busiest-devices tr[data-device="{device}"]'), timeout=15)
+    driver.execute_script("document.getElementById('busiest').scrollIntoView({block: 'center'})")
+    shot(driver, "overview-busiest")
     shot(driver, "overview")
     # Phone width, in the dark theme.
     driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
