@@ -135,14 +135,15 @@ def main():
     parser.add_argument("--seconds", type=float, default=20, help="frames recorded per page")
     parser.add_argument("--chart-rate", type=int, default=100,
                         help="extra messages per second to the device whose page is measured")
+    parser.add_argument("--profile", default="release", help="which build of drover and drover-load to run")
     parser.add_argument("--http-port", type=int, default=18480)
     parser.add_argument("--mqtt-port", type=int, default=18483)
     parser.add_argument("--results", default=os.path.join(ROOT, "load", "results",
                                                           datetime.now(timezone.utc).strftime("%Y-%m-%d") + ".jsonl"))
     args = parser.parse_args()
 
-    drover = os.path.join(TARGET, "release", "drover")
-    load = os.path.join(TARGET, "release", "drover-load")
+    drover = os.path.join(TARGET, args.profile, "drover")
+    load = os.path.join(TARGET, args.profile, "drover-load")
     for binary in (drover, load):
         if not os.path.exists(binary):
             raise SystemExit(f"{binary} is missing: cargo build --release -p drover -p drover-load")
@@ -210,18 +211,19 @@ def main():
 
         # 3b. A device page with its live chart, the device receiving --chart-rate more messages/s.
         with open(devices_file) as f:
-            device, device_token = f.readline().strip().split(",", 1)
-        sent = [0]
+            rows = [line.strip().split(",", 1) for line in f if line.strip() and not line.startswith("device_id,")]
+        device, device_token = rows[0]
+        # Several senders, so the rate holds even when one request takes longer than 1/rate.
+        senders = max(1, min(8, args.chart_rate))
 
-        def feed():
-            period = 1.0 / max(1, args.chart_rate)
-            next_at = time.monotonic()
-            n = 0
+        def feed(offset):
+            period = senders / max(1, args.chart_rate)
+            next_at = time.monotonic() + offset * period / senders
+            n = offset
             while not stop_chart.is_set():
-                n += 1
+                n += senders
                 try:
                     call(base, "POST", f"/api/devices/{device}/telemetry", device_token, {"metrics": {"bench": n % 100}})
-                    sent[0] += 1
                 except Exception:
                     pass
                 next_at += period
@@ -232,16 +234,18 @@ def main():
         driver.get(f"{base}/#/devices/{device}")
         wait(driver, "the device page watching", lambda d: exists(d, "#shadow-version")
              and device in (d.execute_script("return document.body.dataset.watching") or "").split(" "))
-        feeder = threading.Thread(target=feed, daemon=True) if args.chart_rate > 0 else None
+        feeders = [threading.Thread(target=feed, args=(i,), daemon=True) for i in range(senders)] if args.chart_rate > 0 else []
+        feeder = bool(feeders)
+        for thread in feeders:
+            thread.start()
         if feeder:
-            feeder.start()
             wait(driver, "the bench chart", lambda d: exists(d, '.chart[data-metric="bench"]'))
         before = int(driver.find_element(By.CSS_SELECTOR, '.chart[data-metric="bench"]').get_attribute("data-points") or 0) if feeder else 0
         device_page = frame_summary(driver.execute_async_script(RECORD_FRAMES, args.seconds), args.seconds)
         after = int(driver.find_element(By.CSS_SELECTOR, '.chart[data-metric="bench"]').get_attribute("data-points") or 0) if feeder else 0
         stop_chart.set()
-        if feeder:
-            feeder.join()
+        for thread in feeders:
+            thread.join()
         device_page["chart_points_per_second"] = round((after - before) / args.seconds, 1)
         log(f"device page: {device_page}")
 
@@ -251,7 +255,7 @@ def main():
             "at": datetime.now(timezone.utc).isoformat(),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "browser": f"chromium {driver.capabilities.get('browserVersion', '')}",
-            "parameters": {"devices": args.devices, "rate_per_device": args.rate, "seconds": args.seconds,
+            "parameters": {"profile": args.profile, "devices": args.devices, "rate_per_device": args.rate, "seconds": args.seconds,
                            "chart_rate": args.chart_rate},
             "results": {
                 "first_load_bytes": transferred,

@@ -6,6 +6,9 @@
 //! when somebody asks for the ranking, at most once per [`MIN_SAMPLE_INTERVAL`] per tenant. A
 //! rate is the difference between two samples over the time between them; without a recent
 //! sample the first request takes two, [`FIRST_WINDOW`] apart.
+//!
+//! Samples are per node, like the device actors they read: in a cluster each node ranks the
+//! devices it owns, and a fleet-wide ranking is the merge of the nodes' answers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
