@@ -11,7 +11,7 @@
 //! devices it owns, and a fleet-wide ranking is the merge of the nodes' answers.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -74,9 +74,11 @@ impl Sample {
     }
 }
 
+/// Per tenant, the latest sample; a tenant's requests take turns, so a burst of them costs one
+/// sampling, not one each.
 #[derive(Default)]
 pub struct ActivityRanker {
-    samples: Mutex<HashMap<TenantId, Sample>>,
+    samples: Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<Option<Sample>>>>>,
 }
 
 impl std::fmt::Debug for ActivityRanker {
@@ -89,19 +91,22 @@ impl ActivityRanker {
     /// The `limit` busiest devices of `tenant`.
     pub async fn busiest(&self, fleet: &Fleet, tenant: &TenantId, limit: usize) -> BusiestDevices {
         let limit = limit.clamp(1, MAX_RANKED);
-        let previous = {
-            let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-            match samples.get(tenant) {
-                Some(s) if s.at.elapsed() < MIN_SAMPLE_INTERVAL && s.ranking.is_some() => {
-                    return truncated(s.ranking.clone(), limit);
-                }
-                Some(s) if s.at.elapsed() <= MAX_WINDOW => samples.remove(tenant),
-                _ => None,
+        let slot = self
+            .samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.clone())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        let previous = match slot.take() {
+            Some(s) if s.at.elapsed() < MIN_SAMPLE_INTERVAL && s.ranking.is_some() => {
+                let ranking = s.ranking.clone();
+                *slot = Some(s);
+                return truncated(ranking, limit);
             }
-        };
-        let previous = match previous {
-            Some(previous) => previous,
-            None => {
+            Some(s) if s.at.elapsed() <= MAX_WINDOW => s,
+            _ => {
                 let first = Sample::of(fleet.sample_activity(tenant).await);
                 tokio::time::sleep(FIRST_WINDOW).await;
                 first
@@ -110,10 +115,7 @@ impl ActivityRanker {
         let mut latest = Sample::of(fleet.sample_activity(tenant).await);
         let ranking = rank(&previous, &latest);
         latest.ranking = Some(ranking.clone());
-        self.samples
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tenant.clone(), latest);
+        *slot = Some(latest);
         truncated(Some(ranking), limit)
     }
 }
