@@ -392,6 +392,8 @@ pub async fn start_with_clock(
         shadow_store,
         rules,
         hub,
+        downsampler: downsampler.clone(),
+        replayer: replayer.clone(),
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);

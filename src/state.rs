@@ -44,4 +44,7 @@ pub struct AppState {
     pub rules: Arc<RulesEngine>,
     /// The live stream `/ws` sessions subscribe to.
     pub hub: DashboardHub,
+    /// Singletons `GET /admin/actors` lists besides the fleet, writers and rules.
+    pub downsampler: actix::Addr<drover_actors::downsampler::Downsampler>,
+    pub replayer: actix::Addr<drover_actors::telemetry_writer::SpoolReplayer>,
 }

@@ -35,6 +35,12 @@ use crate::telemetry_writer::{Backpressure, WriteError};
 #[rtype(result = "DeviceSnapshot")]
 pub struct GetDeviceState {}
 
+/// Returns how many telemetry messages the actor took in since it started (cheap: for
+/// sampling every device's activity, see `TenantSupervisor`'s `SampleActivity`).
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct GetTelemetryCount {}
+
 /// The device opened a connection (an MQTT session, a WebSocket).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -415,6 +421,14 @@ impl Handler<GetDeviceState> for DeviceActor {
             in_flight: self.in_flight,
             mailbox_capacity: self.mailbox_capacity,
         })
+    }
+}
+
+impl Handler<GetTelemetryCount> for DeviceActor {
+    type Result = u64;
+
+    fn handle(&mut self, _msg: GetTelemetryCount, _ctx: &mut Context<Self>) -> u64 {
+        self.inbound.telemetry
     }
 }
 

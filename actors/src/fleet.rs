@@ -143,6 +143,18 @@ impl Fleet {
         out
     }
 
+    /// Telemetry messages each running device actor of `tenant` took in (empty when the
+    /// tenant has no supervisor running).
+    pub async fn sample_activity(&self, tenant: &TenantId) -> crate::tenant_supervisor::ActivitySample {
+        match self.running_tenant(tenant) {
+            Some(addr) => addr
+                .send(crate::tenant_supervisor::SampleActivity {})
+                .await
+                .unwrap_or_default(),
+            None => Default::default(),
+        }
+    }
+
     /// Stops the arbiters, which drops every actor on them. Idempotent.
     pub fn shutdown(&self) {
         let arbiters = std::mem::take(&mut *self.inner.arbiters.lock().unwrap_or_else(|e| e.into_inner()));

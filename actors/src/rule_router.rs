@@ -4,12 +4,15 @@
 //! ([`SeenMetrics`](crate::rules::seen_metrics::SeenMetrics)). A tenant whose rules fall behind loses events (counted); ingestion never
 //! waits for rules. Scripts run on the `RuleWorkers`' threads, never on this one.
 //!
-//! Messages: [`TelemetryAccepted`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`].
+//! Messages: [`TelemetryAccepted`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`],
+//! [`InspectRules`].
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 use crate::ids::TenantId;
 use crate::pipeline::TelemetryAccepted;
@@ -20,9 +23,45 @@ use crate::rule_actor::{AlarmClosed, ReloadRules, RuleActor, RuleSettings};
 #[rtype(result = "()")]
 pub struct StopRules {}
 
+/// Reports the router and its rule actors, for `GET /admin/actors`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "RulesSnapshot")]
+pub struct InspectRules {}
+
+/// What [`InspectRules`] answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RulesSnapshot {
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
+    pub started_at: DateTime<Utc>,
+    /// Telemetry events routed to rule actors (dropped ones included).
+    pub messages_handled: u64,
+    pub mailbox_capacity: usize,
+    /// One rule actor per tenant that sent telemetry or changed its rules.
+    pub rule_actors: Vec<RuleActorInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleActorInfo {
+    pub tenant: TenantId,
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
+    pub started_at: DateTime<Utc>,
+    /// Telemetry events offered to it.
+    pub messages_handled: u64,
+    /// Events its full mailbox refused (dropped and counted).
+    pub dropped: u64,
+    pub mailbox_capacity: usize,
+    pub connected: bool,
+}
+
 pub struct RuleRouter {
     settings: RuleSettings,
     tenants: HashMap<TenantId, Addr<RuleActor>>,
+    started_at: DateTime<Utc>,
+    handled: u64,
+    /// Per tenant: when its rule actor started, events offered, events refused.
+    routed: HashMap<TenantId, (DateTime<Utc>, u64, u64)>,
 }
 
 impl RuleRouter {
@@ -32,15 +71,20 @@ impl RuleRouter {
         let addr = RuleRouter::start_in_arbiter(&arbiter.handle(), move |_| RuleRouter {
             settings,
             tenants: HashMap::new(),
+            started_at: Utc::now(),
+            handled: 0,
+            routed: HashMap::new(),
         });
         (addr, arbiter)
     }
 
     fn actor(&mut self, tenant: &TenantId) -> &Addr<RuleActor> {
         let settings = &self.settings;
-        self.tenants
-            .entry(tenant.clone())
-            .or_insert_with(|| RuleActor::new(tenant.clone(), settings.clone()).start())
+        let routed = &mut self.routed;
+        self.tenants.entry(tenant.clone()).or_insert_with(|| {
+            routed.insert(tenant.clone(), (Utc::now(), 0, 0));
+            RuleActor::new(tenant.clone(), settings.clone()).start()
+        })
     }
 }
 
@@ -60,8 +104,14 @@ impl Handler<TelemetryAccepted> for RuleRouter {
         self.settings
             .seen
             .observe(&tenant, msg.points.iter().map(|p| p.metric.as_str()));
-        if self.actor(&tenant).try_send(msg).is_err() {
+        self.handled += 1;
+        let refused = self.actor(&tenant).try_send(msg).is_err();
+        if refused {
             self.settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((_, offered, dropped)) = self.routed.get_mut(&tenant) {
+            *offered += 1;
+            *dropped += u64::from(refused);
         }
     }
 }
@@ -91,5 +141,38 @@ impl Handler<StopRules> for RuleRouter {
     fn handle(&mut self, _msg: StopRules, ctx: &mut Context<Self>) {
         self.tenants.clear();
         ctx.stop();
+    }
+}
+
+impl Handler<InspectRules> for RuleRouter {
+    type Result = MessageResult<InspectRules>;
+
+    fn handle(&mut self, _msg: InspectRules, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut rule_actors: Vec<RuleActorInfo> = self
+            .tenants
+            .iter()
+            .map(|(tenant, addr)| {
+                let (started_at, offered, dropped) =
+                    self.routed
+                        .get(tenant)
+                        .copied()
+                        .unwrap_or((self.started_at, 0, 0));
+                RuleActorInfo {
+                    tenant: tenant.clone(),
+                    started_at,
+                    messages_handled: offered,
+                    dropped,
+                    mailbox_capacity: self.settings.mailbox,
+                    connected: addr.connected(),
+                }
+            })
+            .collect();
+        rule_actors.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        MessageResult(RulesSnapshot {
+            started_at: self.started_at,
+            messages_handled: self.handled,
+            mailbox_capacity: self.settings.mailbox.max(1024),
+            rule_actors,
+        })
     }
 }

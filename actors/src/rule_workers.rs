@@ -209,6 +209,31 @@ impl Shared {
     }
 }
 
+/// What [`RuleWorkers::snapshot`] reports.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersSnapshot {
+    pub threads: usize,
+    pub slice_ms: u64,
+    /// Telemetry events one tenant may have waiting.
+    pub queue_capacity: usize,
+    /// Tenants with work waiting for a thread.
+    pub ready_tenants: usize,
+    pub tenants: Vec<TenantQueue>,
+}
+
+/// One tenant's queue in the rule workers.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantQueue {
+    pub tenant: TenantId,
+    /// Work items waiting (telemetry, ticks, clears).
+    pub queued: usize,
+    pub telemetry_queued: usize,
+    /// A thread is judging its rules now.
+    pub evaluating: bool,
+}
+
 /// The evaluation threads and the tenants' queues.
 pub struct RuleWorkers {
     shared: Arc<Shared>,
@@ -282,6 +307,30 @@ impl RuleWorkers {
                 false
             }
             Err(Refused::Duplicate) => true,
+        }
+    }
+
+    /// The threads and each tenant's waiting work, for `GET /admin/actors`.
+    pub fn snapshot(&self) -> WorkersSnapshot {
+        let settings = &self.shared.settings;
+        let schedule = self.shared.lock();
+        let mut tenants: Vec<TenantQueue> = schedule
+            .tenants
+            .iter()
+            .map(|(tenant, slot)| TenantQueue {
+                tenant: tenant.clone(),
+                queued: slot.queue.len(),
+                telemetry_queued: slot.telemetry_queued,
+                evaluating: slot.rules.is_none(),
+            })
+            .collect();
+        tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        WorkersSnapshot {
+            threads: settings.threads.max(1),
+            slice_ms: settings.slice.as_millis() as u64,
+            queue_capacity: settings.queue_capacity,
+            ready_tenants: schedule.ready.len(),
+            tenants,
         }
     }
 

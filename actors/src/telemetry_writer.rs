@@ -508,6 +508,43 @@ pub struct SpoolReplayer {
     every: Duration,
     replaying: bool,
     replayed_batches: u64,
+    started_at: DateTime<Utc>,
+    passes: u64,
+    last_error: Option<String>,
+}
+
+/// Reports the replayer's state, for `GET /admin/actors`.
+#[derive(Message)]
+#[rtype(result = "ReplayerSnapshot")]
+pub struct InspectReplayer {}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayerSnapshot {
+    #[serde(serialize_with = "crate::clock::rfc3339_ms")]
+    pub started_at: DateTime<Utc>,
+    pub interval_ms: u64,
+    /// A replay is running now.
+    pub replaying: bool,
+    /// Replay passes started (one per interval while there is something to replay).
+    pub passes: u64,
+    pub replayed_batches: u64,
+    pub last_error: Option<String>,
+}
+
+impl Handler<InspectReplayer> for SpoolReplayer {
+    type Result = MessageResult<InspectReplayer>;
+
+    fn handle(&mut self, _msg: InspectReplayer, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(ReplayerSnapshot {
+            started_at: self.started_at,
+            interval_ms: self.every.as_millis() as u64,
+            replaying: self.replaying,
+            passes: self.passes,
+            replayed_batches: self.replayed_batches,
+            last_error: self.last_error.clone(),
+        })
+    }
 }
 
 impl SpoolReplayer {
@@ -524,6 +561,9 @@ impl SpoolReplayer {
             every,
             replaying: false,
             replayed_batches: 0,
+            started_at: Utc::now(),
+            passes: 0,
+            last_error: None,
         }
     }
 
@@ -532,6 +572,7 @@ impl SpoolReplayer {
             return;
         }
         self.replaying = true;
+        self.passes += 1;
         let (store, spool, spooling) = (self.store.clone(), self.spool.clone(), self.spooling.clone());
         let work = async move {
             let mut replayed = 0u64;
@@ -563,8 +604,12 @@ impl SpoolReplayer {
                                 tracing::info!(batches = n, "replayed spooled telemetry into the store");
                             }
                             act.replayed_batches += n;
+                            act.last_error = None;
                         }
-                        Err(error) => tracing::warn!(%error, "replaying the telemetry spool failed"),
+                        Err(error) => {
+                            tracing::warn!(%error, "replaying the telemetry spool failed");
+                            act.last_error = Some(error);
+                        }
                     }
                 }),
         );

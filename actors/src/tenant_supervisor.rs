@@ -45,6 +45,19 @@ pub struct StopDevice {
 #[rtype(result = "TenantSnapshot")]
 pub struct InspectTenant {}
 
+/// Asks every running device actor of the tenant how many telemetry messages it took in
+/// (for ranking devices by message rate; off the ingestion path: one small message each).
+#[derive(Message)]
+#[rtype(result = "ActivitySample")]
+pub struct SampleActivity {}
+
+/// Telemetry messages taken in by each running device actor since it started, with the
+/// generation of the actor (a restarted actor counts from zero again).
+#[derive(Debug, Clone, Default)]
+pub struct ActivitySample {
+    pub devices: Vec<(DeviceId, u64, u64)>,
+}
+
 // ---- state -------------------------------------------------------------------------------
 
 /// One supervised device actor, as `InspectTenant` reports it.
@@ -332,6 +345,34 @@ impl Handler<InspectTenant> for TenantSupervisor {
             started_at: self.started_at,
             devices,
             restarts_total: self.restarts_total,
+        })
+    }
+}
+
+impl Handler<SampleActivity> for TenantSupervisor {
+    type Result = ResponseFuture<ActivitySample>;
+
+    fn handle(&mut self, _msg: SampleActivity, _ctx: &mut Context<Self>) -> Self::Result {
+        // `send` queues each request at once, so the actors answer concurrently.
+        let asked: Vec<_> = self
+            .children
+            .iter()
+            .map(|(device, child)| {
+                (
+                    device.clone(),
+                    child.generation,
+                    child.addr.send(crate::device_actor::GetTelemetryCount {}),
+                )
+            })
+            .collect();
+        Box::pin(async move {
+            let mut devices = Vec::with_capacity(asked.len());
+            for (device, generation, answer) in asked {
+                if let Ok(count) = answer.await {
+                    devices.push((device, generation, count));
+                }
+            }
+            ActivitySample { devices }
         })
     }
 }

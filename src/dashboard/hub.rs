@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use drover_actors::pipeline::LiveTelemetry;
 use drover_actors::telemetry::{MetricValue, TelemetryPoint};
@@ -94,6 +94,80 @@ pub struct DashboardHub {
     watchers: Arc<Watchers>,
     /// Where alarm frames also go in a cluster (the other nodes' sessions).
     alarm_tap: Arc<TapSlot>,
+    sessions: Arc<Sessions>,
+    activity: Arc<super::activity::ActivityRanker>,
+}
+
+/// The live `/ws` session actors, registered while they run.
+#[derive(Debug, Default)]
+struct Sessions {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<SessionStats>>>,
+}
+
+/// What one session actor shares about itself: written by the actor, read by the inspector.
+#[derive(Debug)]
+pub struct SessionStats {
+    pub id: u64,
+    pub tenant: TenantId,
+    /// Who opened it (`user:<name>` or `key:<id>`).
+    pub principal: String,
+    pub started: std::time::Instant,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub frames_sent: AtomicU64,
+    /// Frames the session missed because it fell behind (telemetry and alarms).
+    pub frames_skipped: AtomicU64,
+    /// Subscribe and unsubscribe requests handled.
+    pub requests: AtomicU64,
+    pub watching_all: std::sync::atomic::AtomicBool,
+    pub watched_devices: AtomicUsize,
+    /// Bytes of telemetry frames waiting to be sent (its telemetry backlog).
+    pub queued_bytes: Arc<AtomicUsize>,
+}
+
+impl SessionStats {
+    fn snapshot(&self) -> SessionSnapshot {
+        SessionSnapshot {
+            id: self.id,
+            tenant: self.tenant.to_string(),
+            principal: self.principal.clone(),
+            started_at: self.started_at,
+            age_seconds: self.started.elapsed().as_secs(),
+            subscriptions: SessionSubscriptions {
+                all: self.watching_all.load(Ordering::Relaxed),
+                devices: self.watched_devices.load(Ordering::Relaxed),
+            },
+            frames_sent: self.frames_sent.load(Ordering::Relaxed),
+            frames_skipped: self.frames_skipped.load(Ordering::Relaxed),
+            requests_handled: self.requests.load(Ordering::Relaxed),
+            queued_bytes: self.queued_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One `/ws` session actor as `GET /admin/actors` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSnapshot {
+    pub id: u64,
+    pub tenant: String,
+    pub principal: String,
+    #[serde(serialize_with = "drover_actors::clock::rfc3339_ms")]
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub age_seconds: u64,
+    pub subscriptions: SessionSubscriptions,
+    pub frames_sent: u64,
+    pub frames_skipped: u64,
+    pub requests_handled: u64,
+    /// Bytes of telemetry waiting to be sent (at most 4 MiB).
+    pub queued_bytes: usize,
+}
+
+/// What a session watches: the whole tenant, and how many devices by name.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionSubscriptions {
+    pub all: bool,
+    pub devices: usize,
 }
 
 /// Who watches which devices' telemetry, per tenant.
@@ -151,15 +225,49 @@ impl Watcher {
     }
 }
 
-/// What one session watches, and where its telemetry frames arrive.
+/// What one session watches (its frames arrive through the [`TelemetryFrames`] that came
+/// with it).
 #[derive(Debug)]
 pub struct TelemetryWatch {
     hub: DashboardHub,
     tenant: TenantId,
     watcher: Watcher,
-    frames: mpsc::Receiver<Arc<str>>,
     all: bool,
     devices: BTreeSet<DeviceId>,
+}
+
+/// The telemetry frames of one session's [`TelemetryWatch`], oldest first.
+#[derive(Debug)]
+pub struct TelemetryFrames {
+    frames: mpsc::Receiver<Arc<str>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl TelemetryFrames {
+    /// The next telemetry frame for the session (cancel-safe).
+    pub async fn next_frame(&mut self) -> Option<Arc<str>> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    fn poll_frame(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<str>>> {
+        self.frames.poll_recv(cx).map(|frame| {
+            if let Some(frame) = &frame {
+                self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+            }
+            frame
+        })
+    }
+}
+
+impl futures_util::Stream for TelemetryFrames {
+    type Item = Arc<str>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Arc<str>>> {
+        self.get_mut().poll_frame(cx)
+    }
 }
 
 /// What a session may watch at once (besides `*`).
@@ -177,6 +285,8 @@ impl DashboardHub {
             sender: broadcast::channel(capacity).0,
             watchers: Arc::default(),
             alarm_tap: Arc::default(),
+            sessions: Arc::default(),
+            activity: Arc::default(),
         }
     }
 
@@ -205,22 +315,77 @@ impl DashboardHub {
             .collect()
     }
 
-    /// A session's telemetry subscription, watching nothing yet.
-    pub fn telemetry_watch(&self, tenant: &TenantId) -> TelemetryWatch {
+    /// A session's telemetry subscription, watching nothing yet, and where its frames arrive.
+    pub fn telemetry_watch(&self, tenant: &TenantId) -> (TelemetryWatch, TelemetryFrames) {
         let (tx, rx) = mpsc::channel(TELEMETRY_BACKLOG);
-        TelemetryWatch {
+        let queued: Arc<AtomicUsize> = Arc::default();
+        let watch = TelemetryWatch {
             hub: self.clone(),
             tenant: tenant.clone(),
             watcher: Watcher {
                 session: self.watchers.next_session.fetch_add(1, Ordering::Relaxed),
                 frames: tx,
                 missed: Arc::default(),
-                queued: Arc::default(),
+                queued: queued.clone(),
             },
-            frames: rx,
             all: false,
             devices: BTreeSet::new(),
-        }
+        };
+        (watch, TelemetryFrames { frames: rx, queued })
+    }
+
+    /// The figures of a new session (registered by [`DashboardHub::session_started`]).
+    pub fn session_stats(&self, watch: &TelemetryWatch, principal: String) -> Arc<SessionStats> {
+        let tenant = &watch.tenant;
+        Arc::new(SessionStats {
+            id: self.sessions.next.fetch_add(1, Ordering::Relaxed) + 1,
+            tenant: tenant.clone(),
+            principal,
+            started: std::time::Instant::now(),
+            started_at: chrono::Utc::now(),
+            frames_sent: AtomicU64::new(0),
+            frames_skipped: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            watching_all: std::sync::atomic::AtomicBool::new(false),
+            watched_devices: AtomicUsize::new(0),
+            queued_bytes: watch.watcher.queued.clone(),
+        })
+    }
+
+    /// Registers a live session (its actor calls this when it starts and
+    /// [`DashboardHub::session_ended`] when it stops), for `GET /admin/actors`.
+    pub fn session_started(&self, stats: &Arc<SessionStats>) {
+        self.sessions
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stats.id, stats.clone());
+    }
+
+    /// Forgets a session registered by [`DashboardHub::session_started`].
+    pub fn session_ended(&self, id: u64) {
+        self.sessions
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// The live sessions, oldest first (`tenant`: only that tenant's).
+    pub fn session_snapshots(&self, tenant: Option<&TenantId>) -> Vec<SessionSnapshot> {
+        let live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<SessionSnapshot> = live
+            .values()
+            .filter(|s| tenant.is_none_or(|t| *t == s.tenant))
+            .map(|s| s.snapshot())
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Which devices of a tenant sent the most telemetry lately (the overview's ranking).
+    pub fn activity(&self) -> &super::activity::ActivityRanker {
+        &self.activity
     }
 
     /// Sessions watching telemetry, and their watch entries (devices, or `*`).
@@ -408,13 +573,6 @@ impl TelemetryWatch {
         (self.all, self.devices.iter().map(|d| d.to_string()).collect())
     }
 
-    /// The next telemetry frame for the session (cancel-safe).
-    pub async fn next_frame(&mut self) -> Option<Arc<str>> {
-        let frame = self.frames.recv().await?;
-        self.watcher.queued.fetch_sub(frame.len(), Ordering::Relaxed);
-        Some(frame)
-    }
-
     /// Bytes of the frames waiting for the session.
     pub fn queued_bytes(&self) -> usize {
         self.watcher.queued.load(Ordering::Relaxed)
@@ -457,7 +615,7 @@ mod tests {
         let hub = DashboardHub::default();
         let tenant = TenantId::parse("acme").unwrap();
         let device = DeviceId::parse("pump-1").unwrap();
-        let mut watch = hub.telemetry_watch(&tenant);
+        let (mut watch, mut frames) = hub.telemetry_watch(&tenant);
         watch.watch_all();
         // About 900 KB per frame, as a large batch gives.
         let points = vec![TelemetryPoint {
@@ -481,7 +639,7 @@ mod tests {
         assert_eq!(queued, TELEMETRY_BACKLOG_BYTES / 900_000);
         // Reading frees room again.
         for _ in 0..queued {
-            let frame = futures_util::FutureExt::now_or_never(watch.next_frame());
+            let frame = futures_util::FutureExt::now_or_never(frames.next_frame());
             assert!(matches!(frame, Some(Some(_))));
         }
         assert_eq!(watch.queued_bytes(), 0);

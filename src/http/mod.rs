@@ -166,6 +166,7 @@ pub fn app(
         .service(ops::health)
         .service(ops::metrics)
         .service(ops::stats)
+        .service(ops::busiest_devices)
         .service(ops::actors)
         .service(ops::device_actor)
         .service(cluster::cluster)

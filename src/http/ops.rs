@@ -152,10 +152,26 @@ pub async fn stats(
     }))
 }
 
-/// The live actor tree: tenant supervisors and their device actors (platform admins).
+/// How long the actor listing waits for one singleton actor busy with a long message.
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A singleton actor's answer, or why there is none.
+async fn inspected<T: Serialize>(
+    answer: impl std::future::Future<Output = Result<T, actix::MailboxError>>,
+) -> serde_json::Value {
+    match tokio::time::timeout(INSPECT_TIMEOUT, answer).await {
+        Ok(Ok(snapshot)) => serde_json::to_value(snapshot).unwrap_or_default(),
+        Ok(Err(_)) => serde_json::json!({ "state": "stopped" }),
+        Err(_) => serde_json::json!({ "state": "busy", "message": "did not answer within 2 s" }),
+    }
+}
+
+/// The live actor tree (platform admins): tenant supervisors and their device actors, the
+/// telemetry writers, the spool replayer, the downsampler, the rule router with its rule
+/// actors and evaluation threads, the alarm service, and the `/ws` session actors.
 #[utoipa::path(
     tag = "operations",
-    responses((status = 200, description = "Tenant supervisors with their device actors", body = Object), (status = 403, body = ErrorBody)),
+    responses((status = 200, description = "Every kind of actor the platform runs: tenants (supervisors with their device actors), writers, spool, replayer, downsampler, rules (router, rule actors, workers), alarmService, sessions", body = Object), (status = 403, body = ErrorBody)),
     security(("bearer" = []))
 )]
 #[get("/admin/actors")]
@@ -163,12 +179,89 @@ pub async fn actors(state: web::Data<AppState>, principal: Principal) -> Result<
     principal.require_platform_admin("admin.actors")?;
     let tenants = state.fleet.inspect().await;
     let writers = state.writers.inspect().await;
+    let replayer = inspected(
+        state
+            .replayer
+            .send(drover_actors::telemetry_writer::InspectReplayer {}),
+    )
+    .await;
+    let downsampler = inspected(
+        state
+            .downsampler
+            .send(drover_actors::downsampler::GetDownsamplerState {}),
+    )
+    .await;
+    let router = inspected(
+        state
+            .rules
+            .router
+            .send(drover_actors::rule_router::InspectRules {}),
+    )
+    .await;
+    let alarm_service = inspected(
+        state
+            .rules
+            .alarms
+            .send(crate::rules::alarms::InspectAlarmService {}),
+    )
+    .await;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "tenants": tenants,
         "writers": writers,
         "spooling": state.writers.is_spooling(),
         "spool": state.telemetry_spool.depth(),
+        "replayer": replayer,
+        "downsampler": downsampler,
+        "rules": {
+            "router": router,
+            "workers": state.rules.workers_snapshot(),
+        },
+        "alarmService": alarm_service,
+        "sessions": state.hub.session_snapshots(None),
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusiestQuery {
+    limit: Option<String>,
+}
+
+/// The caller's tenant's devices that sent the most telemetry lately, most active first.
+/// Device actors are asked for their message counts on request (at most every 2 s per
+/// tenant), never on the ingestion path; a first request waits about 1 s for two samples.
+#[utoipa::path(
+    tag = "operations",
+    params(("limit" = Option<u32>, Query, description = "1-100 (default 10)")),
+    responses((status = 200, body = crate::dashboard::activity::BusiestDevices), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[get("/stats/busiest-devices")]
+pub async fn busiest_devices(
+    state: web::Data<AppState>,
+    principal: Principal,
+    query: web::Query<BusiestQuery>,
+) -> Result<web::Json<crate::dashboard::activity::BusiestDevices>, ApiError> {
+    let max = crate::dashboard::activity::MAX_RANKED;
+    let limit = match query.limit.as_deref() {
+        None => 10,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("limit: expected a number from 1 to {max}, got {v:?}"),
+                ));
+            }
+        },
+    };
+    Ok(web::Json(
+        state
+            .hub
+            .activity()
+            .busiest(&state.fleet, &principal.tenant, limit)
+            .await,
+    ))
 }
 
 /// One device actor's live state: connection, counters, record, mailbox (platform admins).

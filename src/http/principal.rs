@@ -159,6 +159,21 @@ fn carried_credential(req: &HttpRequest) -> Option<Credential> {
     })
 }
 
+/// The tenant a caller asks to act in: the `X-Tenant-Id` header, or on the live stream, where
+/// browsers cannot set headers, `?tenant=`. Only platform admins may name one (see
+/// `authenticate`).
+fn requested_tenant(req: &HttpRequest) -> Option<String> {
+    if let Some(value) = req.headers().get(TENANT_HEADER) {
+        return Some(value.to_str().unwrap_or("").to_string());
+    }
+    if req.path() == "/ws" {
+        return web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("tenant").cloned());
+    }
+    None
+}
+
 impl FromRequest for Principal {
     type Error = actix_web::Error;
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
@@ -166,10 +181,7 @@ impl FromRequest for Principal {
     fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let credential = credential(req);
-        let tenant_override = req
-            .headers()
-            .get(TENANT_HEADER)
-            .map(|v| v.to_str().unwrap_or("").to_string());
+        let tenant_override = requested_tenant(req);
         let source_ip = req.peer_addr().map(|a| a.ip().to_string());
         let route = format!("{} {}", req.method(), req.path());
         Box::pin(async move {
@@ -203,10 +215,7 @@ impl CredentialCheck {
         CredentialCheck {
             state,
             credential: credential(req),
-            tenant_override: req
-                .headers()
-                .get(TENANT_HEADER)
-                .map(|v| v.to_str().unwrap_or("").to_string()),
+            tenant_override: requested_tenant(req),
             source_ip: req.peer_addr().map(|a| a.ip().to_string()),
             route: format!("{} {}", req.method(), req.path()),
         }
@@ -385,7 +394,7 @@ async fn authenticate(
         if !principal.platform_admin {
             principal.deny(
                 "tenant.switch",
-                format!("only platform admins may use {TENANT_HEADER}"),
+                format!("only platform admins may use {TENANT_HEADER} (or ?tenant= on /ws)"),
             )?;
         }
         let tenant = TenantId::parse(requested).map_err(ApiError::invalid_id)?;

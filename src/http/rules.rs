@@ -35,7 +35,8 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(list_channels)
         .service(get_channel)
         .service(patch_channel)
-        .service(delete_channel);
+        .service(delete_channel)
+        .service(test_channel);
 }
 
 impl From<ModelError> for ApiError {
@@ -487,4 +488,52 @@ async fn delete_channel(
         .delete_channel(principal.tenant.clone(), id.into_inner(), principal.audit_actor())
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// What a channel test answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelTestView {
+    pub delivered: bool,
+    /// The receiver's answer, or why the delivery failed (as the alarm delivery log says it).
+    pub detail: String,
+}
+
+/// Send one test notification through a channel (admins; one attempt, no retry). Delivery
+/// failures answer 200 with `delivered: false` and the reason.
+#[utoipa::path(
+    tag = "rules",
+    params(("id" = String, Path, description = "Channel id or name")),
+    responses((status = 200, body = ChannelTestView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[post("/channels/{id}/test")]
+async fn test_channel(
+    state: web::Data<AppState>,
+    principal: Principal,
+    id: web::Path<String>,
+) -> Result<web::Json<ChannelTestView>, ApiError> {
+    principal.require(Role::Admin, "channel.test")?;
+    let channel = state
+        .registry
+        .get_channel(&principal.tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("channel {id} not found")))?;
+    let outcome = state
+        .rules
+        .notifier
+        .test_channel(&principal.tenant, &channel.id, channel.body.kind)
+        .await;
+    let (delivered, detail) = match outcome {
+        Ok(detail) => (true, detail),
+        Err(detail) => (false, detail),
+    };
+    state.audit.submit(crate::storage::records::AuditEvent {
+        actor: principal.audit_actor(),
+        action: "channel.test".into(),
+        target: Some(channel.body.name.clone()),
+        outcome: crate::storage::records::AuditOutcome::Ok,
+        detail: Some(serde_json::json!({ "delivered": delivered })),
+    });
+    Ok(web::Json(ChannelTestView { delivered, detail }))
 }

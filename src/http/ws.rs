@@ -1,10 +1,13 @@
 //! `/ws`: the live dashboard stream over WebSocket. The caller authenticates like any API call
 //! (`Authorization: Bearer …`, or `?token=…` since browsers cannot set headers on WebSockets)
-//! and receives its tenant's live events as JSON text frames.
+//! and receives its tenant's live events as JSON text frames. A platform admin may name the
+//! tenant to watch with `X-Tenant-Id` or, from a browser, `?tenant=…` (anyone else is refused).
+//! Each connection is a [`DashboardSession`] actor.
 
+use actix::Actor;
 use actix_web::{HttpRequest, HttpResponse, get, web};
 
-use crate::dashboard::session::DashboardSession;
+use crate::dashboard::session::{DashboardSession, SessionSpec};
 use crate::http::error::ApiError;
 use crate::http::principal::{CredentialCheck, Principal};
 use crate::state::AppState;
@@ -12,8 +15,11 @@ use crate::state::AppState;
 /// Upgrades to a WebSocket carrying the tenant's live events.
 #[utoipa::path(
     tag = "alerts",
-    params(("token" = Option<String>, Query, description = "Login token or API key, when no Authorization header can be sent")),
-    responses((status = 101, description = "Switching to the WebSocket protocol; the first frame is {\"type\":\"hello\",\"tenant\":…}, then alarm changes and subscribed telemetry; closed with 1008 `credential revoked` once the credential no longer authenticates (checked every 10 s and before each request)"), (status = 401, body = crate::http::error::ErrorBody)),
+    params(
+        ("token" = Option<String>, Query, description = "Login token or API key, when no Authorization header can be sent"),
+        ("tenant" = Option<String>, Query, description = "Platform admins: the tenant to watch (as the X-Tenant-Id header); refused (403) for anyone else"),
+    ),
+    responses((status = 101, description = "Switching to the WebSocket protocol; the first frame is {\"type\":\"hello\",\"tenant\":…}, then alarm changes and subscribed telemetry; closed with 1008 `credential revoked` once the credential no longer authenticates (checked every 10 s and before each request)"), (status = 401, body = crate::http::error::ErrorBody), (status = 403, body = crate::http::error::ErrorBody)),
     security(("bearer" = []))
 )]
 #[get("/ws")]
@@ -25,13 +31,15 @@ pub async fn live(
 ) -> Result<HttpResponse, ApiError> {
     let (response, session, stream) =
         actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_a_websocket", e.to_string()))?;
-    let dashboard = DashboardSession {
+    DashboardSession::new(SessionSpec {
         tenant: principal.tenant.clone(),
+        principal: principal.actor(),
         session,
+        stream,
         hub: state.hub.clone(),
         registry: state.registry.clone(),
         credential: CredentialCheck::of(&req, state.clone()),
-    };
-    actix_rt::spawn(dashboard.run(stream));
+    })
+    .start();
     Ok(response)
 }

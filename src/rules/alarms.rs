@@ -5,7 +5,7 @@
 //! live stream.
 //!
 //! Messages: [`AlarmSignals`] from the rule actors, handled one batch at a time in order so the
-//! changes of one alarm never race each other.
+//! changes of one alarm never race each other; [`InspectAlarmService`] for `GET /admin/actors`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,6 +23,25 @@ use crate::storage::RegistryStore;
 use crate::storage::rules::RaiseOutcome;
 
 const HOUR_MS: i64 = 3_600_000;
+const MAILBOX: usize = 4096;
+
+/// Reports the service's figures (answered between two batches).
+#[derive(Message)]
+#[rtype(result = "AlarmServiceSnapshot")]
+pub struct InspectAlarmService {}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlarmServiceSnapshot {
+    #[serde(serialize_with = "drover_actors::clock::rfc3339_ms")]
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Batches of alarm signals handled.
+    pub messages_handled: u64,
+    pub signals_handled: u64,
+    pub mailbox_capacity: usize,
+    /// Rules that notified within the last hour (their rate limit is tracked).
+    pub rate_limited_rules: usize,
+}
 
 pub struct AlarmService {
     pub registry: RegistryStore,
@@ -32,6 +51,9 @@ pub struct AlarmService {
     pub metrics: RulesMetrics,
     /// When each rule last notified, within the last hour (its rate limit).
     sent: HashMap<String, VecDeque<i64>>,
+    started_at: chrono::DateTime<chrono::Utc>,
+    batches: u64,
+    signals: u64,
 }
 
 impl AlarmService {
@@ -49,6 +71,9 @@ impl AlarmService {
             clock,
             metrics,
             sent: HashMap::new(),
+            started_at: chrono::Utc::now(),
+            batches: 0,
+            signals: 0,
         }
     }
 
@@ -73,7 +98,21 @@ impl Actor for AlarmService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(4096);
+        ctx.set_mailbox_capacity(MAILBOX);
+    }
+}
+
+impl Handler<InspectAlarmService> for AlarmService {
+    type Result = MessageResult<InspectAlarmService>;
+
+    fn handle(&mut self, _msg: InspectAlarmService, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(AlarmServiceSnapshot {
+            started_at: self.started_at,
+            messages_handled: self.batches,
+            signals_handled: self.signals,
+            mailbox_capacity: MAILBOX,
+            rate_limited_rules: self.sent.len(),
+        })
     }
 }
 
@@ -147,6 +186,8 @@ impl Handler<AlarmSignals> for AlarmService {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: AlarmSignals, _ctx: &mut Context<Self>) -> Self::Result {
+        self.batches += 1;
+        self.signals += msg.signals.len() as u64;
         let registry = self.registry.clone();
         let work = async move {
             let mut done = Vec::with_capacity(msg.signals.len());

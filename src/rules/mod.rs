@@ -53,6 +53,10 @@ pub struct RulesEngine {
     /// What the configuration lets notifications reach.
     pub delivery: model::DeliveryConfig,
     workers: Arc<RuleWorkers>,
+    /// Where the rule actors' alarm signals go (listed by `GET /admin/actors`).
+    pub alarms: Addr<alarms::AlarmService>,
+    /// Delivers notifications (the API's channel test sends through it too).
+    pub notifier: Arc<notifier::Notifier>,
     arbiter: Mutex<Option<Arbiter>>,
     scheduler: Mutex<Option<actix_rt::task::JoinHandle<()>>>,
 }
@@ -111,7 +115,7 @@ impl RulesEngine {
         let tick = Duration::from_millis(config.rules.tick_ms);
         let scheduler = scheduler::EscalationScheduler {
             registry: deps.registry.clone(),
-            notifier,
+            notifier: notifier.clone(),
             hub: deps.hub.clone(),
             clock: deps.clock.clone(),
             metrics,
@@ -125,7 +129,7 @@ impl RulesEngine {
             sandbox: sandbox.clone(),
             anomaly_threshold: config.rules.anomaly_threshold,
             board: board.clone(),
-            sink: alarms.recipient(),
+            sink: alarms.clone().recipient(),
             counters: counters.clone(),
         })
         .map_err(|e| format!("cannot start the rule evaluation threads: {e}"))?;
@@ -157,6 +161,8 @@ impl RulesEngine {
                 sms_account: !config.sms.account_sid.is_empty(),
             },
             workers,
+            alarms,
+            notifier,
             arbiter: Mutex::new(Some(arbiter)),
             scheduler: Mutex::new(Some(scheduler)),
         })
@@ -178,6 +184,11 @@ impl RulesEngine {
                 device,
             });
         }
+    }
+
+    /// The evaluation threads and each tenant's queue.
+    pub fn workers_snapshot(&self) -> drover_actors::rule_workers::WorkersSnapshot {
+        self.workers.snapshot()
     }
 
     /// Stops the scheduler, the rule actors and their thread, then the evaluation threads.

@@ -277,6 +277,62 @@ impl Notifier {
         }
     }
 
+    /// Sends one test notification through the tenant's channel `name` (id or name): one
+    /// attempt, no retry, no alarm. Answers what the delivery log would say (the receiver's
+    /// answer, or why it failed, without the connection's cause).
+    pub async fn test_channel(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        kind: ActionKind,
+    ) -> Result<String, String> {
+        let action = ActionBody {
+            kind,
+            channel: Some(name.to_string()),
+            url: None,
+            secret: None,
+            secret_sealed: None,
+            to: Vec::new(),
+            command: None,
+            payload: None,
+        };
+        let target = self
+            .resolve(tenant, &action)
+            .await
+            .map_err(|e| e.message().to_string())?;
+        let now = self.clock.now_ms();
+        let alarm = AlarmRecord {
+            id: "channel-test".into(),
+            tenant: tenant.clone(),
+            rule_id: "channel-test".into(),
+            rule_name: format!("Test of channel {}", target.label),
+            device: "none".into(),
+            severity: drover_actors::rules::Severity::Warning,
+            active: false,
+            acknowledged: false,
+            count: 1,
+            first_seen: now,
+            last_seen: now,
+            acked_at: None,
+            acked_by: None,
+            cleared_at: None,
+            cleared_by: None,
+            value: None,
+            details: json!({ "test": true }),
+            escalation_step: 0,
+            next_escalation_at: None,
+        };
+        let result = self.send_once(&alarm, &action, &target, 0, "channel.test").await;
+        self.metrics
+            .notifications
+            .with_label_values(&[kind.as_str(), if result.is_ok() { "delivered" } else { "failed" }])
+            .inc();
+        result.map_err(|e| {
+            tracing::info!(%tenant, channel = %target.label, error = e.cause(), "channel test failed");
+            e.message().to_string()
+        })
+    }
+
     async fn resolve(&self, tenant: &TenantId, action: &ActionBody) -> Result<Target, DeliveryError> {
         let open = |sealed: Option<&String>| -> Result<Option<String>, DeliveryError> {
             sealed

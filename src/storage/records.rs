@@ -204,6 +204,8 @@ pub struct AuditFilter {
     pub action: Option<String>,
     pub actor: Option<String>,
     pub outcome: Option<String>,
+    /// What the entry is about (a device id, a user name, a rule id…).
+    pub target: Option<String>,
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
     /// Entries with an id below this (newest first paging).

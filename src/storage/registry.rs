@@ -1245,6 +1245,9 @@ impl RegistryStore {
                 if let Some(o) = filter.outcome {
                     q = q.filter(audit_log::outcome.eq(o));
                 }
+                if let Some(t) = filter.target {
+                    q = q.filter(audit_log::target.eq(t));
+                }
                 if let Some(s) = filter.since {
                     q = q.filter(audit_log::at.ge(s.timestamp_millis()));
                 }

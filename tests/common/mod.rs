@@ -186,6 +186,21 @@ impl TestServer {
         self.server = Some(server);
     }
 
+    /// Stops the server, keeping its data, until [`TestServer::resume_on_same_ports`].
+    pub fn pause(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+    }
+
+    /// Starts a paused (or running) server again on the same data and the same HTTP and MQTT
+    /// ports, so clients that keep the address (a browser) reconnect to it.
+    pub fn resume_on_same_ports(&mut self) {
+        self.config.http.port = self.addr.port();
+        self.config.mqtt.port = self.mqtt.port();
+        self.restart();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

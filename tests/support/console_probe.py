@@ -7,6 +7,10 @@ and its token, the MQTT port and where screenshots go. Every wait has a deadline
 for a fixed time. On success the last line printed is a JSON object the Rust test checks further
 over the API ({"alarm": "<id acknowledged in the console>"}); on failure it exits non-zero after
 saving a screenshot of the page it was on.
+
+To see the console lose its server and recover, the probe prints {"step": "stop-server"} and
+waits for the line "stopped" on its standard input, then {"step": "start-server"} and waits for
+"started" (the Rust test starts the server again on the same ports).
 """
 
 import json
@@ -78,6 +82,17 @@ def sign_in(driver, username, password):
     wait(driver, "signed in", lambda d: exists(d, "#top:not([hidden])") and not exists(d, "#username"))
 
 
+def server_step(step, answer):
+    print(json.dumps({"step": step}), flush=True)
+    line = sys.stdin.readline().strip()
+    assert line == answer, f"asked to {step}, got {line!r}"
+
+
+def banner(driver):
+    found = driver.find_elements(By.ID, "banner")
+    return found[0].text if found and found[0].is_displayed() else ""
+
+
 def shown_devices(driver):
     return driver.execute_script(
         "return [...document.querySelectorAll('#devices tbody tr')].map((r) => r.dataset.device)")
@@ -101,7 +116,9 @@ def severe_console_messages(driver):
     """Script errors and CSP violations; answers such as a 404 for a device without a shadow
     are expected and handled by the page."""
     return [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"
-            and "Failed to load resource" not in e["message"]]
+            and "Failed to load resource" not in e["message"]
+            # While the server is stopped on purpose.
+            and "WebSocket connection to" not in e["message"]]
 
 
 def run(driver):
@@ -175,6 +192,10 @@ def run(driver):
     elapsed = time.monotonic() - sent
     log(f"mosquitto_pub to chart: {elapsed * 1000:.0f} ms")
     assert elapsed < 1.0, f"the reading took {elapsed:.2f} s to reach the chart"
+    # Its audit entries (an admin reads them); no analytics on this server: the panel stays hidden.
+    wait(driver, "the device's audit entries", lambda d: exists(d, '#device-audit-table tr[data-action="device.register"]'))
+    assert exists(driver, "#analytics") and not driver.find_element(By.ID, "analytics").is_displayed(), \
+        "the analytics panel shows without analytics"
     shot(driver, "device")
 
     # The time-range picker reads aggregates from /api/telemetry.
@@ -234,6 +255,24 @@ def run(driver):
     driver.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="toggle"]').click()
     wait(driver, "the rule disabled", lambda d: d.find_element(By.CSS_SELECTOR, f'{rule_row} [data-action="toggle"]').text == "Enable")
 
+    # Notification channels: the server's validation message, then created, tested, edited.
+    wait(driver, "the channel list", lambda d: exists(d, "#channel-list .empty") or exists(d, "#channels"))
+    driver.find_element(By.ID, "channel-new").click()
+    wait(driver, "the channel editor", lambda d: exists(d, "#channel-json"))
+    channel = {"name": "console-hook", "type": "webhook", "url": "ftp://example.com/x"}
+    driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(By.ID, "channel-json"), json.dumps(channel))
+    driver.find_element(By.ID, "channel-save").click()
+    wait(driver, "the channel refused", lambda d: "url" in d.find_element(By.ID, "channel-problems").text)
+    log("channel refused: " + driver.find_element(By.ID, "channel-problems").text)
+    channel["url"] = S["hookUrl"]
+    driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(By.ID, "channel-json"), json.dumps(channel))
+    driver.find_element(By.ID, "channel-save").click()
+    channel_row = '#channels tr[data-channel="console-hook"]'
+    wait(driver, "the channel listed", lambda d: exists(d, channel_row) and not exists(d, "#channel-json"))
+    driver.find_element(By.CSS_SELECTOR, f'{channel_row} [data-action="test"]').click()
+    wait(driver, "the test delivered", lambda d: "delivered" in d.find_element(By.ID, "channel-message").text)
+    shot(driver, "channels")
+
     # Administration: an API key created (shown once) and revoked; the actor tree.
     driver.get(f"{BASE}/#/admin")
     wait(driver, "the admin page", lambda d: exists(d, "#key-form") and exists(d, "#tenant-actors tbody tr"))
@@ -249,13 +288,33 @@ def run(driver):
     wait(driver, "the confirmation", lambda d: exists(d, '[data-testid="confirm-revoke"]'))
     driver.find_element(By.CSS_SELECTOR, '[data-testid="confirm-revoke"]').click()
     wait(driver, "the key revoked", lambda d: exists(d, key_row) and not exists(d, f'{key_row} [data-action="revoke"]'))
+    # The actor tree: every kind, this tab's own live session among them.
+    wait(driver, "the actor tree", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#singleton-actors tbody tr")) == 5
+         and len(d.find_elements(By.CSS_SELECTOR, "#session-actors tbody tr")) >= 1
+         and exists(d, "#rule-actors tbody tr") and exists(d, "#writer-actors tbody tr"))
+    driver.execute_script("document.getElementById('actors').scrollIntoView()")
     shot(driver, "admin")
+
+    # A platform admin acts in another tenant, and back.
+    Select(driver.find_element(By.ID, "tenant-switch")).select_by_value(S["otherTenant"])
+    wait(driver, "acting in the other tenant", lambda d: d.execute_script("return document.body.dataset.tenant") == S["otherTenant"])
+    driver.get(f"{BASE}/#/devices")
+    wait(driver, "the other tenant's devices", lambda d: shown_devices(d) == [S["otherTenantDevice"]])
+    wait(driver, "its live stream", lambda d: d.execute_script("return document.body.dataset.live") == "open")
+    shot(driver, "other-tenant")
+    Select(driver.find_element(By.ID, "tenant-switch")).select_by_value("default")
+    wait(driver, "back in the default tenant", lambda d: d.execute_script("return document.body.dataset.tenant") == "default")
 
     # The overview, at desktop and at phone width.
     driver.get(f"{BASE}/#/")
     wait(driver, "the overview's counts", lambda d: d.find_element(By.ID, "registered").text == "2")
     wait(driver, "the active alarm counted", lambda d: exists(d, '.severity[data-severity="major"] .count')
          and d.find_element(By.CSS_SELECTOR, '.severity[data-severity="major"] .count').text == "1")
+    for value in (1, 2, 3):
+        publish({"metrics": {"pressure": value}})
+    wait(driver, "the busiest devices", lambda d: exists(d, f'#busiest-devices tr[data-device="{device}"]'), timeout=15)
+    driver.execute_script("document.getElementById('busiest').scrollIntoView({block: 'center'})")
+    shot(driver, "overview-busiest")
     shot(driver, "overview")
     # Phone width, in the dark theme.
     driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
@@ -323,6 +382,20 @@ def run(driver):
     wait(driver, "the version conflict", lambda d: "changed since it was loaded" in d.find_element(By.ID, "shadow-message").text)
     shot(driver, "shadow-conflict")
 
+    # The server stops: the page says it is reconnecting; it comes back on its own, watching the
+    # device again, and the next reading is on the chart.
+    wait(driver, "watching before the outage", lambda d: watching(d))
+    server_step("stop-server", "stopped")
+    wait(driver, "the reconnecting banner", lambda d: "reconnecting" in banner(d)
+         and d.execute_script("return document.body.dataset.live") == "reconnecting", timeout=15)
+    shot(driver, "reconnecting")
+    server_step("start-server", "started")
+    wait(driver, "the stream back", lambda d: "resumed" in banner(d) or d.execute_script("return document.body.dataset.live") == "open", timeout=30)
+    wait(driver, "watching again", lambda d: watching(d), timeout=10)
+    publish({"metrics": {"pressure": 7.25}})
+    wait(driver, "a reading after the outage", lambda d: "7.25" in " ".join(texts(d, '#latest tr[data-metric="pressure"] td')), timeout=5)
+    log("reconnected after the server restarted")
+
     # An expired or revoked token: back to sign-in, then to the page the user was on.
     driver.execute_script("sessionStorage.setItem('drover.token', 'not-a-valid-token')")
     driver.get(f"{BASE}/#/alarms")
@@ -337,6 +410,9 @@ def run(driver):
     driver.get(f"{BASE}/#/rules")
     wait(driver, "the rules for a viewer", lambda d: exists(d, "#rules tr[data-rule]"))
     assert not exists(driver, "#rule-new") and not exists(driver, "#rules button"), "a viewer sees rule controls"
+    wait(driver, "the channels for a viewer", lambda d: exists(d, '#channels tr[data-channel="console-hook"]'))
+    assert not exists(driver, "#channel-new") and not exists(driver, "#channels button"), "a viewer sees channel controls"
+    assert not driver.find_element(By.ID, "tenant-box").is_displayed(), "a viewer sees the tenant switch"
     driver.get(f"{BASE}/#/devices")
     wait(driver, "the device list for a viewer", lambda d: len(shown_devices(d)) == 2)
     assert not exists(driver, "#register-open"), "a viewer sees the register button"

@@ -1,9 +1,12 @@
 // The REST API: the login token lives in sessionStorage (one tab, gone with it). A 401 that says
-// the token is no longer good sends the user to sign-in, remembering where they were.
+// the token is no longer good sends the user to sign-in, remembering where they were. A platform
+// admin may act in another tenant: every request then names it (X-Tenant-Id, and ?tenant= on the
+// live stream); the server refuses that to anyone else.
 
 const TOKEN = 'drover.token';
 const EXPIRES = 'drover.expires';
 const RETURN = 'drover.return';
+const TENANT = 'drover.tenant';
 
 export class ApiError extends Error {
   constructor(status, code, message, body) {
@@ -33,6 +36,17 @@ export function storeLogin(answer) {
 export function forget() {
   sessionStorage.removeItem(TOKEN);
   sessionStorage.removeItem(EXPIRES);
+  sessionStorage.removeItem(TENANT);
+}
+
+/// The tenant a platform admin chose to act in (null: their own).
+export function actingTenant() {
+  return sessionStorage.getItem(TENANT);
+}
+
+export function setActingTenant(tenant) {
+  if (tenant) sessionStorage.setItem(TENANT, tenant);
+  else sessionStorage.removeItem(TENANT);
 }
 
 /// Back to sign-in; `keep` remembers the page to return to afterwards.
@@ -51,10 +65,28 @@ export function takeReturn() {
 
 const SIGNED_OUT = new Set(['token_expired', 'token_revoked', 'invalid_token', 'unauthenticated']);
 
-export async function api(method, path, body) {
-  const headers = { Accept: 'application/json' };
+function authHeaders(accept) {
+  const headers = { Accept: accept };
   const current = token();
   if (current) headers.Authorization = `Bearer ${current}`;
+  const tenant = actingTenant();
+  if (tenant) headers['X-Tenant-Id'] = tenant;
+  return headers;
+}
+
+/// An image (or any non-JSON body) with the bearer token: `{status, blob}`; network failures
+/// answer status 0. Images cannot be loaded by URL since <img> sends no Authorization.
+export async function blob(path, accept = 'image/svg+xml') {
+  try {
+    const response = await fetch(path, { headers: authHeaders(accept) });
+    return { status: response.status, blob: response.ok ? await response.blob() : null };
+  } catch {
+    return { status: 0, blob: null };
+  }
+}
+
+export async function api(method, path, body) {
+  const headers = authHeaders('application/json');
   const init = { method, headers };
   if (body !== undefined) {
     headers['Content-Type'] = 'application/json';

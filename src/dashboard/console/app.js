@@ -49,14 +49,47 @@ live.on('status', (s) => {
 
 async function loadMe() {
   if (me) return me;
-  me = await api.get('/api/auth/me');
+  try {
+    me = await api.get('/api/auth/me');
+  } catch (error) {
+    // The tenant a platform admin was acting in is gone: back to their own.
+    if (error.status === 404 && api.actingTenant()) {
+      api.setActingTenant(null);
+      live.restart();
+      me = await api.get('/api/auth/me');
+    } else throw error;
+  }
   const role = me.role;
   me.canWrite = role === 'operator' || role === 'admin';
   document.body.dataset.role = role;
+  document.body.dataset.tenant = me.tenant;
   document.querySelector('[data-nav="admin"]').hidden = role !== 'admin';
-  clear(document.getElementById('who'), `${me.name} · ${role} · ${me.tenant}`);
+  clear(document.getElementById('who'), `${me.name} · ${role}${me.platformAdmin ? '' : ` · ${me.tenant}`}`);
+  await showTenants();
   return me;
 }
+
+// Platform admins choose the tenant they act in; everyone else sees their own.
+async function showTenants() {
+  const box = document.getElementById('tenant-box');
+  const select = document.getElementById('tenant-switch');
+  box.hidden = !me.platformAdmin;
+  if (!me.platformAdmin) return;
+  let tenants = [];
+  try { ({ tenants } = await api.get('/api/tenants')); } catch { tenants = [{ id: me.tenant }]; }
+  clear(select, tenants.map((t) => h('option', { value: t.id, selected: t.id === me.tenant }, t.name && t.name !== t.id ? `${t.name} (${t.id})` : t.id)));
+  select.value = me.tenant;
+}
+
+document.getElementById('tenant-switch').addEventListener('change', (event) => {
+  const tenant = event.target.value;
+  api.setActingTenant(tenant);
+  me = null;
+  live.restart();
+  banner(`Now acting in tenant ${tenant}.`, 'ok', 3000);
+  // Another tenant's pages: start from its overview.
+  if ((location.hash || '#/') === '#/') route(); else location.hash = '#/';
+});
 
 function scheduleExpiry() {
   clearTimeout(expiryTimer);

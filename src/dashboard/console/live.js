@@ -3,7 +3,7 @@
 // Reconnects back off from 0.5 s to 15 s with jitter. `lagged` frames and lost connections are
 // reported to the status listeners, which show them as a banner.
 
-import { token } from './api.js';
+import { token, actingTenant } from './api.js';
 
 const listeners = { alarm: new Set(), telemetry: new Set(), status: new Set(), open: new Set() };
 const wanted = new Map(); // deviceId -> count
@@ -37,6 +37,13 @@ export function start() {
   if (!socket) connect();
 }
 
+/// Opens a new session (after the acting tenant changed): subscriptions follow.
+export function restart() {
+  const was = !stopped;
+  stop();
+  if (was) start();
+}
+
 export function stop() {
   stopped = true;
   clearTimeout(timer);
@@ -52,14 +59,17 @@ function connect() {
   const current = token();
   if (stopped || !current) return;
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const ws = new WebSocket(`${scheme}://${location.host}/ws?token=${encodeURIComponent(current)}`);
+  const tenant = actingTenant();
+  const ws = new WebSocket(`${scheme}://${location.host}/ws?token=${encodeURIComponent(current)}${tenant ? `&tenant=${encodeURIComponent(tenant)}` : ''}`);
   socket = ws;
   setState(attempt ? 'reconnecting' : 'connecting');
   ws.onopen = () => {
     if (socket !== ws) return;
     attempt = 0;
+    // A new session watches nothing yet: subscribe again to what the pages want.
     sent = new Set();
     pending = 0;
+    document.body.dataset.watching = '';
     setState('open');
     sendSubscriptions();
     emit('open');

@@ -1,5 +1,6 @@
 // Administration (tenant admins): users, API keys (the key shown once, revoke with
-// confirmation) and the audit log; for platform admins also the live actor tree.
+// confirmation) and the audit log; for platform admins also the live actor tree (every kind of
+// actor: tenant supervisors and device actors, writers, services, rule actors, /ws sessions).
 
 import * as api from '../api.js';
 import { h, clear, note, errorText, fmtTime, fmtAge, fmtNumber, dialog } from '../ui.js';
@@ -99,20 +100,54 @@ export async function renderAdmin(main, ctx) {
       h('td', { text: e.target || '—' }), h('td', { text: e.outcome })))));
   });
 
+  // The live actor tree: one group per kind of actor the platform runs.
   const loadActors = () => guarded(actors, async () => {
     const tree = await api.get('/admin/actors');
+    const num = (v) => h('td', { class: 'num', text: fmtNumber(v ?? 0) });
+    const group = (id, title, summary, body) => h('details', { class: 'actor-group', id, open: true },
+      h('summary', {}, h('strong', { text: title }), ' ', h('span', { class: 'muted', text: summary })), body);
+    const state = (snapshot) => (snapshot && snapshot.state ? snapshot.state : null);
     const tenants = (tree.tenants || []).map((t) => h('tr', {},
-      h('td', { text: t.tenant }), h('td', { class: 'num', text: fmtNumber(t.devices.length) }),
-      h('td', { class: 'num', text: fmtNumber(t.devices.reduce((n, d) => n + d.restarts, 0)) }),
-      h('td', { class: 'num', text: fmtNumber(t.restartsTotal) }), h('td', { text: fmtAge(t.startedAt) })));
+      h('td', { text: t.tenant }), num(t.devices.length),
+      num(t.devices.reduce((n, d) => n + d.restarts, 0)), num(t.restartsTotal),
+      num(t.devices[0]?.mailboxCapacity), h('td', { text: fmtAge(t.startedAt) })));
     const writers = (tree.writers || []).map((w) => h('tr', {},
       h('td', { text: `writer ${w.index}` }), h('td', { class: 'num', text: `${fmtNumber(w.queuedPoints)} / ${fmtNumber(w.queuePoints)}` }),
-      h('td', { class: 'num', text: fmtNumber(w.messagesHandled) }), h('td', { class: 'num', text: fmtNumber(w.batchesWritten) }),
-      h('td', { text: fmtAge(w.startedAt) })));
+      num(w.messagesHandled), num(w.batchesWritten), h('td', { text: fmtAge(w.startedAt) })));
+    const router = tree.rules?.router || {};
+    const workers = tree.rules?.workers || { tenants: [] };
+    const queues = new Map((workers.tenants || []).map((q) => [q.tenant, q]));
+    const ruleActors = (router.ruleActors || []).map((r) => h('tr', {},
+      h('td', { text: `rules of ${r.tenant}` }), num(queues.get(r.tenant)?.queued), num(r.messagesHandled),
+      num(r.dropped), num(r.mailboxCapacity), h('td', { text: fmtAge(r.startedAt) })));
+    const alarm = tree.alarmService || {};
+    const replayer = tree.replayer || {};
+    const down = tree.downsampler || {};
+    const sessions = (tree.sessions || []).map((s) => h('tr', { 'data-session': String(s.id) },
+      h('td', { text: `#${s.id} ${s.principal}` }), h('td', { text: s.tenant }),
+      h('td', { text: s.subscriptions.all ? 'all devices' : `${fmtNumber(s.subscriptions.devices)} device(s)` }),
+      num(s.framesSent), num(s.framesSkipped), h('td', { class: 'num', text: fmtNumber(s.queuedBytes, 'B') }),
+      h('td', { text: fmtAge(s.startedAt) })));
+    const singles = [
+      ['Rule router', state(router) || `${fmtNumber(router.messagesHandled)} events routed, mailbox ${fmtNumber(router.mailboxCapacity)}`, router.startedAt],
+      ['Rule workers', `${fmtNumber(workers.threads)} thread(s), ${fmtNumber(workers.readyTenants)} tenant(s) waiting, slice ${fmtNumber(workers.sliceMs, 'ms')}`, null],
+      ['Alarm service', state(alarm) || `${fmtNumber(alarm.messagesHandled)} batches, ${fmtNumber(alarm.signalsHandled)} signals, mailbox ${fmtNumber(alarm.mailboxCapacity)}`, alarm.startedAt],
+      ['Spool replayer', state(replayer) || `${replayer.replaying ? 'replaying' : 'idle'}, ${fmtNumber(replayer.replayedBatches)} batches replayed${replayer.lastError ? `, last error: ${replayer.lastError}` : ''}`, replayer.startedAt],
+      ['Downsampler', state(down) || `${fmtNumber(down.passes)} passes, ${fmtNumber(down.failures)} failed, every ${fmtNumber(down.intervalSecs, 's')}${down.lastError ? `, last error: ${down.lastError}` : ''}`, down.lastStartedAt],
+    ].map(([name, text, at]) => h('tr', {}, h('td', { text: name }), h('td', { text }), h('td', { text: at ? fmtAge(at) : '—' })));
     clear(actors,
-      table('tenant-actors', ['Tenant supervisor', 'Device actors', 'Device restarts', 'Restarts (total)', 'Age'], tenants),
-      table('writer-actors', ['Telemetry writer', 'Queued / capacity', 'Messages', 'Batches', 'Age'], writers),
-      h('p', { class: 'muted small', text: tree.spooling ? 'Spooling: the telemetry store is unavailable.' : 'The telemetry store is accepting writes.' }));
+      group('actor-fleet', 'Fleet', `${fmtNumber(tenants.length)} tenant supervisor(s)`,
+        table('tenant-actors', ['Tenant supervisor', 'Device actors', 'Device restarts', 'Restarts (total)', 'Device mailbox', 'Age'], tenants)),
+      group('actor-writers', 'Telemetry', tree.spooling ? 'spooling: the telemetry store is unavailable' : 'writing to the store',
+        h('div', {}, table('writer-actors', ['Telemetry writer', 'Queued / capacity', 'Messages', 'Batches', 'Age'], writers),
+          h('p', { class: 'muted small', text: `Spool: ${fmtNumber(tree.spool?.points ?? 0)} points in ${fmtNumber(tree.spool?.batches ?? 0)} batches.` }))),
+      group('actor-singletons', 'Services', 'one each per node',
+        table('singleton-actors', ['Actor', 'State', 'Age / last pass'], singles)),
+      group('actor-rules', 'Rule actors', `${fmtNumber(ruleActors.length)} tenant(s) with rules running`,
+        ruleActors.length ? table('rule-actors', ['Rule actor', 'Queued', 'Events', 'Dropped', 'Mailbox', 'Age'], ruleActors)
+          : h('p', { class: 'muted', text: 'No rule actor yet: one starts for a tenant at its first telemetry or rule change.' })),
+      group('actor-sessions', 'Live sessions (/ws)', `${fmtNumber(sessions.length)} open`,
+        table('session-actors', ['Session', 'Tenant', 'Watching', 'Frames sent', 'Skipped', 'Backlog', 'Age'], sessions)));
   });
 
   await Promise.all([loadUsers(), loadKeys(), loadAudit(), ctx.me.platformAdmin ? loadActors() : null]);

@@ -1,10 +1,12 @@
 // One device: its record, its shadow (with an editor for `desired`), a chart per metric that is
 // live over /ws (last 15 minutes) or read from /api/telemetry for a longer range with an
-// aggregation, the latest values with their units, and its alarms.
+// aggregation, the latest values with their units, its alarms, its analytics (when the server
+// has them) and, for admins, its recent audit entries.
 
 import * as api from '../api.js';
 import * as live from '../live.js';
 import { TimeChart } from '../chart.js';
+import { analyticsPanel } from './analytics.js';
 import { h, clear, note, errorText, fmtTime, fmtNumber, fmtAge, dialog, emptyState, severityBadge, statusDot } from '../ui.js';
 
 const RANGES = [
@@ -93,6 +95,8 @@ export async function renderDevice(main, ctx) {
   const chartsNote = h('div');
   const latest = h('tbody');
   const alarms = h('div', { id: 'device-alarms' });
+  const audit = ctx.me.role === 'admin' ? h('div', { id: 'device-audit' }) : null;
+  const analyticsSlot = h('div');
 
   main.append(
     h('p', { class: 'crumbs' }, h('a', { href: '#/devices' }, 'Devices'), ' / ', device.deviceId),
@@ -103,7 +107,9 @@ export async function renderDevice(main, ctx) {
       h('h3', { text: 'Latest values' }),
       h('div', { class: 'table-wrap' }, h('table', { id: 'latest' }, h('thead', {}, h('tr', {}, ['Metric', 'Value', 'At'].map((t) => h('th', { scope: 'col', text: t })))), latest))),
     h('section', { class: 'card' }, h('h2', { text: 'Shadow' }), shadowBox),
-    h('section', { class: 'card' }, h('h2', { text: 'Alarms' }), alarms));
+    h('section', { class: 'card' }, h('h2', { text: 'Alarms' }), alarms),
+    analyticsSlot,
+    audit ? h('section', { class: 'card' }, h('h2', { text: 'Recent activity (audit log)' }), audit) : null);
 
   // --- telemetry ---
   const series = new Map(); // metric -> { chart, el, latest: {v, t} }
@@ -128,6 +134,8 @@ export async function renderDevice(main, ctx) {
     if (!latestQueued) { latestQueued = true; requestAnimationFrame(() => { latestQueued = false; latestRows(); }); }
   };
   for (const metric of new Set([...Object.keys(schema), ...remembered()])) chartFor(metric);
+  const analytics = analyticsPanel(device.deviceId, () => [...series.keys()]);
+  analyticsSlot.replaceWith(analytics.el);
 
   async function reload() {
     const chosen = RANGES.find((r) => r.value === range.value);
@@ -251,6 +259,22 @@ export async function renderDevice(main, ctx) {
   }
   const offAlarm = live.on('alarm', (frame) => { if (frame.alarm.deviceId === device.deviceId) loadAlarms(); });
 
+  // --- audit (admins) ---
+  async function loadAudit() {
+    if (!audit) return;
+    try {
+      const { entries } = await api.get(`/api/audit${api.query({ target: device.deviceId, limit: 20 })}`);
+      if (entries.length === 0) { clear(audit, h('p', { class: 'muted', text: 'Nothing recorded for this device yet: registrations, edits, token rotations and deletions are.' })); return; }
+      clear(audit, h('div', { class: 'table-wrap' }, h('table', { id: 'device-audit-table' },
+        h('thead', {}, h('tr', {}, ['At', 'Actor', 'Action', 'Outcome'].map((t) => h('th', { scope: 'col', text: t })))),
+        h('tbody', {}, entries.map((e) => h('tr', { 'data-action': e.action },
+          h('td', { text: fmtTime(e.at) }), h('td', { text: e.actor }), h('td', { text: e.action }),
+          h('td', { text: e.count > 1 ? `${e.outcome} (×${e.count})` : e.outcome })))))));
+    } catch (error) {
+      if (error.status !== 401) clear(audit, note('error', errorText(error)));
+    }
+  }
+
   async function editDevice() {
     const tags = h('input', { id: 'edit-tags', value: device.tags.join(', ') });
     const meta = h('textarea', { id: 'edit-metadata', rows: 6, class: 'mono', spellcheck: 'false' });
@@ -310,7 +334,7 @@ export async function renderDevice(main, ctx) {
     }
   }
 
-  await Promise.all([reload(), loadShadow(), loadAlarms()]);
+  await Promise.all([reload(), loadShadow(), loadAlarms(), loadAudit()]);
   const slide = setInterval(() => { for (const entry of series.values()) if (entry.chart.live) entry.chart.refresh(); }, 5000);
   return () => {
     clearInterval(slide);
@@ -318,6 +342,7 @@ export async function renderDevice(main, ctx) {
     offTelemetry();
     offOpen();
     offAlarm();
+    analytics.stop();
     for (const entry of series.values()) entry.chart.destroy();
   };
 }

@@ -187,9 +187,12 @@ export async function renderDevices(main, ctx) {
 
   await load(null);
   const timer = setInterval(() => load(cursors[page], true), REFRESH_MS);
+  // After a reconnect, statuses that changed meanwhile are read again.
+  const offOpen = live.on('open', () => load(cursors[page], true));
   return () => {
     stopped = true;
     clearInterval(timer);
+    offOpen();
     offTelemetry();
     unwatch();
   };

@@ -1,6 +1,7 @@
 // Fleet overview: device counts, messages per second (from /stats, sampled every 2 s), active
-// alarms by severity (kept current by the live stream) and, for platform admins, the telemetry
-// writers' queues and the spool.
+// alarms by severity (kept current by the live stream), the busiest devices (from
+// /stats/busiest-devices, every 5 s) and, for platform admins, the telemetry writers' queues and
+// the spool.
 
 import * as api from '../api.js';
 import * as live from '../live.js';
@@ -18,6 +19,7 @@ export async function renderOverview(main, ctx) {
   const rate = h('div', { class: 'chart', id: 'rate-chart' });
   const alarms = h('div', { class: 'severities', id: 'alarm-counts' });
   const writers = h('div', { id: 'writers' });
+  const busiest = h('div', { id: 'busiest' });
   const problems = h('div');
   main.append(
     h('h1', { text: 'Fleet overview' }),
@@ -27,6 +29,7 @@ export async function renderOverview(main, ctx) {
       tile('Messages/s', 'rate'), tile('Messages since start', 'messages')),
     h('section', { class: 'card' }, h('h2', { text: 'Messages per second (last 5 minutes)' }), rate),
     h('section', { class: 'card' }, h('h2', {}, 'Active alarms ', h('a', { href: '#/alarms', class: 'small' }, 'open the alarms console')), alarms),
+    h('section', { class: 'card' }, h('h2', { text: 'Busiest devices' }), busiest),
     h('section', { class: 'card' }, h('h2', { text: 'Telemetry writers' }), writers),
   );
   const chart = new TimeChart(rate, 'messages/s', { windowMs: 5 * 60 * 1000, height: 120, sparkline: true });
@@ -70,6 +73,28 @@ export async function renderOverview(main, ctx) {
     }
   }
 
+  async function loadBusiest() {
+    try {
+      const ranking = await api.get(`/stats/busiest-devices${api.query({ limit: 10 })}`);
+      if (ranking.devices.length === 0) {
+        clear(busiest, h('p', { class: 'muted', text: ranking.running
+          ? `No telemetry in the last ${fmtNumber(ranking.windowSeconds, 's')} from the ${fmtNumber(ranking.running)} device(s) active recently.`
+          : 'No device is sending telemetry. Connect one, or run `drover-load simulate` against this server.' }));
+        return;
+      }
+      const top = ranking.devices[0].messagesPerSecond || 1;
+      clear(busiest, h('div', { class: 'table-wrap' }, h('table', { id: 'busiest-devices' },
+        h('caption', { class: 'muted', text: `Telemetry messages per second over the last ${fmtNumber(ranking.windowSeconds, 's')}` }),
+        h('thead', {}, h('tr', {}, ['Device', 'Messages/s', ''].map((t) => h('th', { scope: 'col', text: t })))),
+        h('tbody', {}, ranking.devices.map((d) => h('tr', { 'data-device': d.deviceId },
+          h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(d.deviceId)}`, text: d.deviceId })),
+          h('td', { class: 'num', text: fmtNumber(d.messagesPerSecond, 'msg/s') }),
+          h('td', { class: 'bar-cell' }, h('meter', { min: 0, max: top, value: d.messagesPerSecond, 'aria-label': `${d.deviceId}: ${d.messagesPerSecond} messages per second` }))))))));
+    } catch (error) {
+      if (error.status !== 401) clear(busiest, note('error', errorText(error)));
+    }
+  }
+
   async function loadWriters() {
     if (!ctx.me.platformAdmin) {
       clear(writers, h('p', { class: 'muted', text: 'Writer queues and the spool are shown to platform administrators.' }));
@@ -92,18 +117,24 @@ export async function renderOverview(main, ctx) {
     }
   }
 
+  clear(busiest, h('p', { class: 'muted', text: 'Measuring…' }));
   await Promise.all([sample(), countAlarms(), loadWriters()]);
-  const timers = [setInterval(sample, SAMPLE_MS), setInterval(loadWriters, 5000)];
+  // The first ranking takes a second to measure: the page does not wait for it.
+  loadBusiest();
+  const timers = [setInterval(sample, SAMPLE_MS), setInterval(loadWriters, 5000), setInterval(loadBusiest, 5000)];
   let recount = null;
   const offAlarm = live.on('alarm', () => {
     if (stopped || recount) return;
     recount = setTimeout(() => { recount = null; countAlarms(); }, 300);
   });
+  // After a reconnect, alarms that changed meanwhile are counted again.
+  const offOpen = live.on('open', countAlarms);
   return () => {
     stopped = true;
     timers.forEach(clearInterval);
     clearTimeout(recount);
     offAlarm();
+    offOpen();
     chart.destroy();
   };
 }

@@ -1,9 +1,10 @@
 // Rules: the list with their evaluation figures, enable/disable, and an editor for a rule's
 // JSON body that shows the server's validation messages, with an expression error marked at the
-// line and column the server reports.
+// line and column the server reports; below, the notification channels rules name.
 
 import * as api from '../api.js';
 import { h, clear, note, errorText, fmtNumber, emptyState, severityBadge } from '../ui.js';
+import { renderChannels } from './channels.js';
 
 const TEMPLATE = {
   name: 'High temperature',
@@ -38,14 +39,25 @@ export async function renderRules(main, ctx) {
   const list = h('div', { id: 'rule-list' });
   const editorBox = h('div', { id: 'rule-editor' });
   const message = h('div');
+  const channelBox = h('section', { class: 'card', id: 'channels-section' });
   main.append(
     h('div', { class: 'title-row' }, h('h1', { text: 'Rules' }),
       ctx.me.canWrite ? h('button', { type: 'button', class: 'primary', id: 'rule-new', onclick: () => edit(null) }, 'New rule') : null),
-    message, editorBox, list);
+    message, editorBox, list, channelBox);
+  // Which rules name each channel, for the channel list.
+  let usage = new Map();
+  const channelNames = (rule) => {
+    const names = new Set();
+    for (const action of rule.actions || []) if (action.channel) names.add(action.channel);
+    for (const step of rule.escalation || []) for (const action of step.actions || []) if (action.channel) names.add(action.channel);
+    return names;
+  };
 
   async function load() {
     try {
       const { rules } = await api.get('/api/rules');
+      usage = new Map();
+      for (const r of rules) for (const name of channelNames(r.rule)) usage.set(name, [...(usage.get(name) || []), r.rule.name]);
       show(rules);
     } catch (error) {
       if (error.status !== 401) clear(message, note('error', errorText(error)));
@@ -120,6 +132,7 @@ export async function renderRules(main, ctx) {
   }
 
   await load();
+  renderChannels(channelBox, ctx, () => usage);
   const timer = setInterval(load, 10000);
   return () => clearInterval(timer);
 }
