@@ -980,3 +980,51 @@ async fn a_node_killed_during_ingestion_loses_no_acknowledged_point() {
     }
     drop((n1, n2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_never_open_the_same_alarm_twice() {
+    // Two nodes raising the same (rule, device) alarm at once share one PostgreSQL registry:
+    // the database allows one active alarm, and the loser of the race updates it instead.
+    let Some(server) = common::TestServer::start(common::Backend::Postgres) else {
+        return;
+    };
+    let registry = server.state.registry.clone();
+    let tenant = drover_actors::TenantId::parse("default").unwrap();
+    let raises: Vec<_> = (0..8)
+        .map(|i| {
+            let registry = registry.clone();
+            let tenant = tenant.clone();
+            tokio::spawn(async move {
+                registry
+                    .raise_alarm(
+                        tenant,
+                        "rule-1".into(),
+                        "too hot".into(),
+                        "d1".into(),
+                        drover_actors::rules::Severity::Major,
+                        Some(f64::from(i)),
+                        1,
+                        json!({}),
+                        1_800_000_000_000 + i64::from(i),
+                        0,
+                        None,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for raise in raises {
+        match raise.await.unwrap().expect("every raise lands") {
+            drover::storage::rules::RaiseOutcome::Created { .. } => created += 1,
+            drover::storage::rules::RaiseOutcome::Updated { .. } => {}
+        }
+    }
+    assert_eq!(created, 1, "one alarm opened, the other raises updated it");
+    let token = server.admin_token().await;
+    let (status, body) = server.get("/api/alerts?deviceId=d1", &token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let alarms = body["alerts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(alarms.len(), 1, "{body}");
+    assert_eq!(alarms[0]["count"], 8, "{body}");
+}

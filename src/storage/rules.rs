@@ -662,9 +662,48 @@ impl RegistryStore {
             .await
     }
 
-    /// Opens the (device, rule) alarm or updates the active one.
+    /// Opens the (device, rule) alarm or updates the active one. The database allows one active
+    /// alarm per (tenant, rule, device) (`alarms_one_active`): when another writer (another
+    /// node of a cluster) opened it between this one's read and insert, the insert is refused
+    /// and the raise is applied again, now as an update of that alarm.
     #[allow(clippy::too_many_arguments)]
     pub async fn raise_alarm(
+        &self,
+        tenant: TenantId,
+        rule_id: String,
+        rule_name: String,
+        device: String,
+        severity: Severity,
+        value: Option<f64>,
+        occurrences: u32,
+        details: Value,
+        at: i64,
+        quiet_period_ms: i64,
+        first_escalation_ms: Option<i64>,
+    ) -> Result<RaiseOutcome, StoreError> {
+        let attempt = || {
+            self.raise_alarm_once(
+                tenant.clone(),
+                rule_id.clone(),
+                rule_name.clone(),
+                device.clone(),
+                severity,
+                value,
+                occurrences,
+                details.clone(),
+                at,
+                quiet_period_ms,
+                first_escalation_ms,
+            )
+        };
+        match attempt().await {
+            Err(StoreError::AlreadyExists(_)) => attempt().await,
+            outcome => outcome,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn raise_alarm_once(
         &self,
         tenant: TenantId,
         rule_id: String,
