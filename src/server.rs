@@ -4,6 +4,7 @@
 //! reverse, in order: stop accepting and let in-flight requests finish, stop the actors, write
 //! what the audit queue still holds.
 
+use crate::analytics::engine::AnalyticsEngine;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -287,10 +288,18 @@ pub async fn start_with_clock(
         )
         .map_err(StartError::Rules)?,
     );
+    let analytics = Arc::new(AnalyticsEngine::start(
+        &config,
+        registry.clone(),
+        hub.clone(),
+        writers.clone(),
+        &metrics,
+    ));
     let pipeline = Arc::new(
         Pipeline::new(config.telemetry.payload_limits())
             .with_writers(writers.clone())
             .with_observer(rules.router.clone().recipient())
+            .with_observer(analytics.router.clone().recipient())
             .with_live(Arc::new(hub.clone())),
     );
     let shadow_store = shadow_store(&config, &registry);
@@ -357,6 +366,7 @@ pub async fn start_with_clock(
         shadow_store,
         rules,
         hub,
+        analytics,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -431,6 +441,7 @@ impl RunningServer {
         tracing::info!("shutting down: telemetry writers");
         self.state.writers.drain(Duration::from_secs(10)).await;
         self.replayer.do_send(StopReplayer {});
+        self.state.analytics.shutdown().await;
         self.state.rules.shutdown().await;
         let _ = self.downsampler.send(StopDownsampler {}).await;
         self.presence.finish(Duration::from_secs(5)).await;

@@ -8,6 +8,7 @@ use drover_actors::pipeline::Pipeline;
 use drover_actors::telemetry_writer::WriterPool;
 use drover_actors::{Fleet, ShadowStore, TelemetrySpool, TelemetryStore};
 
+use crate::analytics::engine::AnalyticsEngine;
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::config::Config;
@@ -44,4 +45,6 @@ pub struct AppState {
     pub rules: Arc<RulesEngine>,
     /// The live stream `/ws` sessions subscribe to.
     pub hub: DashboardHub,
+    /// Live anomaly and drift detection (per-tenant actors).
+    pub analytics: Arc<AnalyticsEngine>,
 }
