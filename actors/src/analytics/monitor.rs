@@ -580,7 +580,7 @@ mod tests {
         assert!(o.score.unwrap() >= 1.0);
     }
 
-    /// Windowed detectors and the forest come back exactly; the EWMA and drift detectors, whose
+    /// The forest comes back exactly, windowed detectors to rounding; the EWMA and drift detectors, whose
     /// state is not windowed, re-learn from the replayed window instead.
     #[test]
     fn restart_from_a_snapshot_scores_like_before() {
@@ -607,8 +607,12 @@ mod tests {
             assert!(eif(&a).is_some());
             for method in [Method::ZScore, Method::Mad] {
                 let score = |o: &Observation| o.scores.iter().find(|(m, _)| *m == method).map(|s| s.1);
-                assert!(score(&a).is_some());
-                assert_eq!(score(&a), score(&b), "{method:?}, message {i}");
+                let (a, b) = (score(&a).unwrap(), score(&b).unwrap());
+                // Running sums differ from a replay's in the last bits only.
+                assert!(
+                    (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                    "{method:?}, message {i}: {a} {b}"
+                );
             }
         }
     }
