@@ -163,6 +163,18 @@ async fn live_anomalies_are_stored_pushed_charted_and_survive_a_restart() {
         "{body}"
     );
     assert!(server.metric("drover_analytics_anomalies_total").await >= 2.0);
+    let (status, svg) = server
+        .get(
+            &format!("/api/analytics/anomalies/pump-1.svg?metric=temperature&start={start}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let svg = svg.as_str().unwrap();
+    assert!(
+        svg.contains("<polyline") && svg.matches("<circle").count() >= 1,
+        "{svg}"
+    );
     assert_eq!(server.metric("drover_analytics_events_dropped_total").await, 0.0);
 
     // A restart keeps what was learned: the first messages after it are scored at once, where a
@@ -342,6 +354,24 @@ async fn endpoints_compute_isolate_tenants_and_refuse_bad_input() {
     }
     assert_eq!(f["seasonSteps"], 24, "the daily cycle is found: {f}");
 
+    // The same forecast as a picture, fetched with the bearer token like the console does.
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/api/analytics/forecast/sensor-1.svg?metric=temperature&horizon=12h&interval=1h&{range}"
+        )))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/svg+xml");
+    let svg = response.text().await.unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("sensor-1"),
+        "{svg}"
+    );
+
     // 80 - 0.5 h reaches 10 % 140 h after the start: 44 h after the last reading.
     let (status, m) = server
         .get(
@@ -384,6 +414,8 @@ async fn endpoints_compute_isolate_tenants_and_refuse_bad_input() {
         format!("/api/analytics/correlation?a=sensor-1:temperature&b=sensor-2:humidity&{range}"),
         "/api/analytics/anomalies?device=sensor-1".to_string(),
         "/api/analytics/config/devices/sensor-1".to_string(),
+        format!("/api/analytics/forecast/sensor-1.svg?metric=battery&{range}"),
+        "/api/analytics/anomalies/sensor-1.svg?metric=battery".to_string(),
     ];
     for path in &paths {
         assert_eq!(

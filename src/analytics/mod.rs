@@ -2,6 +2,7 @@
 //! domain half, `drover_actors::analytics` (actors/src/analytics/); this folder connects them to
 //! the rest of the server:
 //! - [`backtest`]: `drover analytics score`, the streaming detectors over a CSV file;
+//! - [`chart`]: forecast and anomaly pictures as SVG;
 //! - [`store`]: the registry tables (configuration layers, model snapshots, events);
 //! - [`engine`]: starts the analytics router, shows events on `/ws`, counts for `/metrics`;
 //! - [`series`]: reads a device's stored metrics for the REST endpoints and the CLI.
@@ -9,6 +10,7 @@
 //! The REST endpoints are `src/http/analytics.rs`.
 
 pub mod backtest;
+pub mod chart;
 pub mod engine;
 pub mod series;
 pub mod store;

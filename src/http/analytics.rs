@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 use utoipa_actix_web::service_config::ServiceConfig;
 
+use crate::analytics::chart;
 use crate::analytics::series::{SeriesRequest, numeric_series};
 use crate::analytics::store::{self, ConfigScope, EventFilter, EventRecord};
 use crate::http::devices::device_id;
@@ -31,7 +32,10 @@ use crate::http::principal::Principal;
 use crate::state::AppState;
 
 pub fn routes(cfg: &mut ServiceConfig) {
-    cfg.service(list_anomalies)
+    // The pictures first: `{deviceId}` alone would also match `sensor-1.svg`.
+    cfg.service(forecast_svg)
+        .service(anomalies_svg)
+        .service(list_anomalies)
         .service(get_tenant_config)
         .service(put_tenant_config)
         .service(get_type_config)
@@ -758,6 +762,7 @@ struct ForecastInput {
     steps: usize,
     history: Vec<(i64, f64)>,
     level: f64,
+    season: Option<usize>,
 }
 
 async fn forecast_input(
@@ -804,6 +809,7 @@ async fn forecast_input(
         steps,
         history: fill_gaps(&history, interval_ms),
         level,
+        season: None,
     })
 }
 
@@ -848,11 +854,41 @@ async fn forecast(
     query: web::Query<Vec<(String, String)>>,
 ) -> Result<web::Json<Value>, ApiError> {
     principal.require(Role::Viewer, "analytics.forecast")?;
-    let p = Params::parse(
-        &query,
-        &["metric", "horizon", "interval", "level", "start", "end"],
-    )?;
-    let input = forecast_input(&state, &principal, &path, &p).await?;
+    let (input, steps) = computed_forecast(&state, &principal, &path, &query).await?;
+    let points: Vec<Value> = steps
+        .iter()
+        .map(|s| json!({"t": time(s.t), "value": s.value, "lower": s.lower, "upper": s.upper, "naive": s.naive}))
+        .collect();
+    Ok(web::Json(json!({
+        "deviceId": input.id.as_str(),
+        "metric": input.metric.as_str(),
+        "interval": q::format_every(input.interval_ms),
+        "level": input.level,
+        "model": "ets-damped",
+        "seasonSteps": input.season,
+        "history": input.history.len(),
+        "points": points,
+    })))
+}
+
+struct ForecastPoint {
+    t: i64,
+    value: f64,
+    lower: f64,
+    upper: f64,
+    naive: f64,
+}
+
+const FORECAST_PARAMS: [&str; 6] = ["metric", "horizon", "interval", "level", "start", "end"];
+
+async fn computed_forecast(
+    state: &AppState,
+    principal: &Principal,
+    path: &str,
+    query: &[(String, String)],
+) -> Result<(ForecastInput, Vec<ForecastPoint>), ApiError> {
+    let p = Params::parse(query, &FORECAST_PARAMS)?;
+    let mut input = forecast_input(state, principal, path, &p).await?;
     let values: Vec<f64> = input.history.iter().map(|(_, v)| *v).collect();
     let last_t = input.history.last().map_or(0, |(t, _)| *t);
     let (steps, level) = (input.steps, input.level);
@@ -862,27 +898,93 @@ async fn forecast(
         Ok((f, naive))
     })
     .await?;
-    let points: Vec<Value> = (0..steps)
-        .map(|i| {
-            json!({
-                "t": time(last_t + (i as i64 + 1) * input.interval_ms),
-                "value": f.point[i],
-                "lower": f.lower[i],
-                "upper": f.upper[i],
-                "naive": naive[i],
-            })
+    input.season = f.season;
+    let points = (0..steps)
+        .map(|i| ForecastPoint {
+            t: last_t + (i as i64 + 1) * input.interval_ms,
+            value: f.point[i],
+            lower: f.lower[i],
+            upper: f.upper[i],
+            naive: naive[i],
         })
         .collect();
-    Ok(web::Json(json!({
-        "deviceId": input.id.as_str(),
-        "metric": input.metric.as_str(),
-        "interval": q::format_every(input.interval_ms),
-        "level": level,
-        "model": "ets-damped",
-        "seasonSteps": f.season,
-        "history": input.history.len(),
-        "points": points,
-    })))
+    Ok((input, points))
+}
+
+/// The forecast as an SVG picture: history, forecast and its interval (same parameters as the
+/// JSON forecast).
+#[utoipa::path(
+    tag = "analytics",
+    params(("deviceId" = String, Path), ("metric" = String, Query), ("horizon" = Option<String>, Query), ("interval" = Option<String>, Query)),
+    responses((status = 200, content_type = "image/svg+xml", body = String), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[get("/analytics/forecast/{deviceId}.svg")]
+async fn forecast_svg(
+    state: web::Data<AppState>,
+    principal: Principal,
+    path: web::Path<String>,
+    query: web::Query<Vec<(String, String)>>,
+) -> Result<HttpResponse, ApiError> {
+    principal.require(Role::Viewer, "analytics.forecast")?;
+    let (input, steps) = computed_forecast(&state, &principal, &path, &query).await?;
+    let title = format!("{} · {} forecast", input.id, input.metric.as_str());
+    let steps: Vec<chart::ForecastStep> = steps.iter().map(|s| (s.t, s.value, s.lower, s.upper)).collect();
+    let svg = chart::forecast_svg(&title, &input.history, &steps).map_err(ApiError::internal)?;
+    Ok(svg_response(svg))
+}
+
+fn svg_response(svg: String) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("image/svg+xml")
+        .insert_header(("Cache-Control", "no-store"))
+        .body(svg)
+}
+
+/// A metric over a range with the anomalies raised on it marked (SVG).
+#[utoipa::path(
+    tag = "analytics",
+    params(("deviceId" = String, Path), ("metric" = String, Query), ("start" = Option<String>, Query), ("end" = Option<String>, Query)),
+    responses((status = 200, content_type = "image/svg+xml", body = String), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[get("/analytics/anomalies/{deviceId}.svg")]
+async fn anomalies_svg(
+    state: web::Data<AppState>,
+    principal: Principal,
+    path: web::Path<String>,
+    query: web::Query<Vec<(String, String)>>,
+) -> Result<HttpResponse, ApiError> {
+    principal.require(Role::Viewer, "analytics.anomalies")?;
+    let id = device_id(&path)?;
+    let p = Params::parse(&query, &["metric", "start", "end"])?;
+    let metric = p.metric()?;
+    let range = p.range(Duration::days(1))?;
+    known_device(&state, &principal, &id).await?;
+    // About a thousand points: means per bucket over long ranges.
+    let span = (range.1 - range.0).num_milliseconds();
+    let every = (span / 1000 >= 1000).then_some(span / 1000);
+    let series = load(&state, &principal, &id, &metric, range, every).await?;
+    let events = store::list_events(
+        &state.registry,
+        &principal.tenant,
+        EventFilter {
+            device: Some(id.clone()),
+            kind: Some("anomaly".into()),
+            start_ms: range.0.timestamp_millis(),
+            end_ms: range.1.timestamp_millis(),
+            limit: MAX_EVENTS,
+        },
+    )
+    .await?;
+    let marks: Vec<(i64, f64)> = events
+        .iter()
+        .filter(|e| e.metrics.first().is_some_and(|m| m == metric.as_str()))
+        .filter_map(|e| Some((e.ts, e.value?)))
+        .collect();
+    let title = format!("{} · {} anomalies", id, metric.as_str());
+    let svg = chart::anomalies_svg(&title, &series, &marks).map_err(ApiError::internal)?;
+    Ok(svg_response(svg))
 }
 
 /// Estimated time until a metric crosses a limit (`direction=below`: battery reaching 10 %;
