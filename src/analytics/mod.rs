@@ -3,6 +3,7 @@
 //! the rest of the server:
 //! - [`backtest`]: `drover analytics score`, the streaming detectors over a CSV file;
 //! - [`chart`]: forecast and anomaly pictures as SVG;
+//! - [`cli`]: `drover analytics stats|anomaly|forecast|drift|correlate` on a CSV or a server;
 //! - [`store`]: the registry tables (configuration layers, model snapshots, events);
 //! - [`engine`]: starts the analytics router, shows events on `/ws`, counts for `/metrics`;
 //! - [`series`]: reads a device's stored metrics for the REST endpoints and the CLI.
@@ -11,6 +12,7 @@
 
 pub mod backtest;
 pub mod chart;
+pub mod cli;
 pub mod engine;
 pub mod series;
 pub mod store;
