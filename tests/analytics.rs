@@ -56,13 +56,14 @@ async fn live_anomalies_are_stored_pushed_charted_and_survive_a_restart() {
     let device_token = server
         .register(&admin, json!({"deviceId": "pump-1", "type": "pump"}))
         .await;
-    // Small windows so the test needs few messages; the forest trains on 64 vectors.
+    // The forest on (it is opt-in), small windows so the test needs few messages, and a
+    // forest trained on 64 vectors.
     let (status, body) = server
         .call(
             Method::PUT,
             "/api/analytics/config/device-types/pump",
             Some(&admin),
-            Some(json!({"window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
+            Some(json!({"methods": ["ensemble", "eif", "drift"], "window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -541,6 +541,7 @@ mod tests {
 
     fn settings() -> MonitorSettings {
         MonitorSettings {
+            methods: vec![Method::Ensemble, Method::Eif, Method::Drift],
             training_size: 200,
             window: 50,
             warm_up: 50,
