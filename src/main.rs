@@ -68,6 +68,10 @@ enum AnalyticsCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Statistics, anomalies, forecasts, drift and correlation of a CSV file or of a device on
+    /// a running server (--server URL --api-key KEY); prints JSON.
+    #[command(flatten)]
+    Query(drover::analytics::cli::QueryCommand),
 }
 
 #[derive(Subcommand)]
@@ -188,12 +192,19 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn run_analytics(command: &AnalyticsCommand) -> anyhow::Result<()> {
-    let AnalyticsCommand::Score {
-        input,
-        method,
-        threshold,
-        output,
-    } = command;
+    let (input, method, threshold, output) = match command {
+        AnalyticsCommand::Score {
+            input,
+            method,
+            threshold,
+            output,
+        } => (input, method, threshold, output),
+        AnalyticsCommand::Query(query) => {
+            let answer = drover::analytics::cli::run(query)?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            return Ok(());
+        }
+    };
     let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let reader = std::io::BufReader::new(file);
     let summary = match output {

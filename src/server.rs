@@ -4,6 +4,7 @@
 //! reverse, in order: stop accepting and let in-flight requests finish, stop the actors, write
 //! what the audit queue still holds.
 
+use crate::analytics::engine::AnalyticsEngine;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -317,10 +318,18 @@ pub async fn start_with_clock(
         )
         .map_err(StartError::Rules)?,
     );
+    let analytics = Arc::new(AnalyticsEngine::start(
+        &config,
+        registry.clone(),
+        hub.clone(),
+        writers.clone(),
+        &metrics,
+    ));
     let pipeline = Arc::new(
         Pipeline::new(config.telemetry.payload_limits())
             .with_writers(writers.clone())
             .with_observer(rules.router.clone().recipient())
+            .with_observer(analytics.router.clone().recipient())
             .with_live(Arc::new(crate::cluster::live::ClusterLive::new(
                 hub.clone(),
                 cluster_slot.clone(),
@@ -394,6 +403,7 @@ pub async fn start_with_clock(
         hub,
         downsampler: downsampler.clone(),
         replayer: replayer.clone(),
+        analytics,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -485,6 +495,7 @@ impl RunningServer {
         tracing::info!("shutting down: telemetry writers");
         self.state.writers.drain(Duration::from_secs(10)).await;
         self.replayer.do_send(StopReplayer {});
+        self.state.analytics.shutdown().await;
         self.state.rules.shutdown().await;
         let _ = self.downsampler.send(StopDownsampler {}).await;
         self.presence.finish(Duration::from_secs(5)).await;

@@ -8,6 +8,7 @@ use drover_actors::pipeline::Pipeline;
 use drover_actors::telemetry_writer::WriterPool;
 use drover_actors::{Fleet, ShadowStore, TelemetrySpool, TelemetryStore};
 
+use crate::analytics::engine::AnalyticsEngine;
 use crate::audit::AuditSink;
 use crate::auth::{JwtKeys, LoginThrottle};
 use crate::config::Config;
@@ -47,4 +48,6 @@ pub struct AppState {
     /// Singletons `GET /admin/actors` lists besides the fleet, writers and rules.
     pub downsampler: actix::Addr<drover_actors::downsampler::Downsampler>,
     pub replayer: actix::Addr<drover_actors::telemetry_writer::SpoolReplayer>,
+    /// Live anomaly and drift detection (per-tenant actors).
+    pub analytics: Arc<AnalyticsEngine>,
 }

@@ -70,6 +70,19 @@ impl Api {
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
+    /// PUTs `body`; the status and the answer (not an error when the status is).
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let response = self
+            .client
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
     /// The server's `/metrics` text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self

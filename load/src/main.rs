@@ -223,6 +223,19 @@ enum Bench {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// The ingest scenario twice, with the tenant's live analytics off and then on: both
+    /// throughputs, their ratio, scoring and training costs.
+    Analytics {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        devices: Devices,
+        #[command(flatten)]
+        load: IngestLoad,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
     /// Aggregated queries over a series of many points, loaded through the ingestion API.
     Query {
         #[command(flatten)]
@@ -416,6 +429,17 @@ async fn main() -> anyhow::Result<()> {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
             let report = bench::rules::run(&api, fleet, rules, load.options(&server)).await?;
+            report.finish(record.as_deref())?;
+        }
+        Command::Bench(Bench::Analytics {
+            server,
+            devices,
+            load,
+            record,
+        }) => {
+            let api = Api::new(&server.url, &server.api_key);
+            let fleet = devices.fleet(&api).await?;
+            let report = bench::analytics::run(&api, fleet, || load.options(&server)).await?;
             report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Query {

@@ -69,6 +69,19 @@ pub enum LiveMessage<'a> {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         devices: Vec<String>,
     },
+    /// A live analytics event (README, "Analytics"): `event` is `anomaly` or `drift`.
+    #[serde(rename_all = "camelCase")]
+    Analytics {
+        event: &'static str,
+        device_id: &'a str,
+        /// Milliseconds since the Unix epoch of the message that raised it.
+        ts: i64,
+        method: &'static str,
+        score: f64,
+        statistic: f64,
+        metrics: &'a [String],
+        value: Option<f64>,
+    },
     /// The session fell behind and missed `missed` events of `stream` (`alarms` or `telemetry`).
     Lagged { stream: &'static str, missed: u64 },
 }

@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod alerts;
 pub mod cluster;
+pub mod analytics;
 pub mod device_types;
 pub mod devices;
 pub mod error;
@@ -57,6 +58,7 @@ use crate::state::AppState;
         (name = "operations", description = "Health, metrics, statistics"),
         (name = "rules", description = "Rules and notification channels"),
         (name = "alerts", description = "Alarms and the live stream"),
+        (name = "analytics", description = "Anomaly detection, forecasts, statistics, trend, drift, correlation"),
     )
 )]
 struct ApiDoc;
@@ -158,6 +160,7 @@ pub fn app(
                 .configure(device_types::routes)
                 .configure(rules::routes)
                 .configure(alerts::routes)
+                .configure(analytics::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json))
                 // `/api` itself (the start banner's link) answers the index of the API.

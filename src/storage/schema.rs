@@ -269,3 +269,37 @@ diesel::table! {
         detail -> Text,
     }
 }
+
+diesel::table! {
+    analytics_configs (tenant_id, scope, target) {
+        tenant_id -> Text,
+        scope -> Text,
+        target -> Text,
+        config -> Text,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    analytics_models (tenant_id, device_id) {
+        tenant_id -> Text,
+        device_id -> Text,
+        snapshot -> Text,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    analytics_events (id) {
+        id -> BigInt,
+        tenant_id -> Text,
+        device_id -> Text,
+        at -> BigInt,
+        kind -> Text,
+        method -> Text,
+        score -> Double,
+        statistic -> Double,
+        metrics -> Text,
+        value -> Nullable<Double>,
+    }
+}

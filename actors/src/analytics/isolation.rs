@@ -14,13 +14,14 @@
 //! a padding coordinate alone.
 //!
 //! Reproducibility: the crate (0.2.3) draws its trees from the thread-local random generator and
-//! takes no seed, so two trainings on the same data give slightly different forests. A trained
-//! model scores deterministically; persisting the trained model, not the seed, is what makes a
-//! score repeatable.
+//! takes no seed, so the forest is grown by [`super::seeded_forest`] from
+//! [`IsolationOptions::seed`] with the crate's algorithm and scored by the crate: the same
+//! training set and seed give the same model, which is also how a model survives a restart
+//! (its training set and seed are kept, not its trees).
 
 use std::collections::VecDeque;
 
-use extended_isolation_forest::{Forest, ForestOptions};
+use extended_isolation_forest::Forest;
 
 use super::AnalyticsError;
 use super::detector::{Detector, Method, Verdict};
@@ -110,7 +111,12 @@ pub struct IsolationOptions {
     pub sample_size: usize,
     /// Normalised score from which a point is anomalous.
     pub threshold: f64,
+    /// Seed of the forest's random draws.
+    pub seed: u64,
 }
+
+/// The seed when none is configured.
+pub const DEFAULT_SEED: u64 = 0x5eed;
 
 impl Default for IsolationOptions {
     fn default() -> Self {
@@ -118,6 +124,7 @@ impl Default for IsolationOptions {
             trees: 100,
             sample_size: 256,
             threshold: DEFAULT_EIF_THRESHOLD,
+            seed: DEFAULT_SEED,
         }
     }
 }
@@ -314,14 +321,12 @@ fn grow<const N: usize>(
     options: &IsolationOptions,
 ) -> Result<(Forest<f64, N>, Vec<f64>), AnalyticsError> {
     let padded: Vec<[f64; N]> = standardised.iter().map(|f| pad(f)).collect();
-    let forest_options = ForestOptions {
-        n_trees: options.trees.max(1),
-        sample_size: options.sample_size.clamp(2, padded.len()),
-        max_tree_depth: None,
-        extension_level: N - 1,
-    };
-    let forest =
-        Forest::from_slice(&padded, &forest_options).map_err(|e| AnalyticsError::Model(e.to_string()))?;
+    let forest = super::seeded_forest::grow_seeded(
+        &padded,
+        options.trees.max(1),
+        options.sample_size.clamp(2, padded.len()),
+        options.seed,
+    )?;
     let scores = padded.iter().map(|p| forest.score(p)).collect();
     Ok((forest, scores))
 }

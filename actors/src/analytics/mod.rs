@@ -1,10 +1,10 @@
 //! Analytics: anomaly detection, forecasting, statistics, trend, drift and correlation.
 //!
-//! This is the **domain half** of analytics and it is pure: plain structs and functions over
-//! `f64` slices and streams, no actors, no I/O, no clock; nothing here knows about tenants or
-//! devices. The adapter half starts in `src/analytics.rs` (`drover analytics score`, CSV
-//! backtesting); the actors on live telemetry, the REST and `/ws` endpoints and the rule
-//! conditions are to be built on these types.
+//! This is the **domain half** of analytics. The maths is pure: plain structs and functions over
+//! `f64` slices and streams, no actors, no I/O, no clock. [`monitor`] holds one device's live
+//! state (still pure), and the two actor files, [`router`] and [`actor`], run monitors on live
+//! telemetry, one actor per tenant, with storage and the live stream reached through traits.
+//! The adapter half is `src/analytics/` (registry storage, REST, `/ws` frames, CLI, SVG).
 //!
 //! One file per concern:
 //! - [`detector`]: streaming univariate detectors (z-score, median/MAD, EWMA) behind one
@@ -19,13 +19,22 @@
 //! - [`correlation`]: Pearson and Spearman with p-values, best-lag cross-correlation;
 //! - [`forecast`]: damped-trend exponential smoothing with detected seasonality, a
 //!   seasonal-naive baseline, MASE, and time until a threshold is crossed;
+//! - [`settings`]: layered configuration (tenant, device type, device) and its defaults;
+//! - [`monitor`]: one device's detectors and forest, its snapshot and restore;
+//! - [`seeded_forest`]: grows the crate's forest from a seed;
+//! - [`router`], [`actor`]: the per-tenant analytics actors;
 //! - `quality` (tests only): the seeded synthetic suite behind README's quality table.
 
+pub mod actor;
 pub mod correlation;
 pub mod detector;
 pub mod drift;
 pub mod forecast;
 pub mod isolation;
+pub mod monitor;
+pub mod router;
+pub mod seeded_forest;
+pub mod settings;
 pub mod stats;
 pub mod trend;
 

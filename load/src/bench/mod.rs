@@ -1,4 +1,5 @@
 //! Benchmarks: each prints a table and a JSON line (see [`report`]).
+pub mod analytics;
 pub mod connect;
 pub mod fanout;
 pub mod ingest;

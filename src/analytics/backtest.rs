@@ -9,7 +9,10 @@ use std::io::{Read, Write};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use drover_actors::analytics::AnalyticsError;
 use drover_actors::analytics::detector::{Detector, Method, detector_for};
-use drover_actors::analytics::isolation::{IsolationDetector, IsolationOptions};
+use drover_actors::analytics::isolation::{DEFAULT_SEED, IsolationDetector, IsolationOptions};
+use drover_actors::{DeviceId, MetricName};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 /// Errors of [`score_csv`].
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +61,17 @@ enum Scorer {
 }
 
 impl Scorer {
-    fn new(method: Method, threshold: Option<f64>, columns: usize) -> Result<Self, AnalyticsError> {
+    fn new(
+        method: Method,
+        threshold: Option<f64>,
+        columns: usize,
+        seed: u64,
+    ) -> Result<Self, AnalyticsError> {
         Ok(match method {
             Method::Eif => {
                 let options = IsolationOptions {
                     threshold: threshold.unwrap_or(IsolationOptions::default().threshold),
+                    seed,
                     ..IsolationOptions::default()
                 };
                 Scorer::Forest(Box::new(IsolationDetector::new(columns, options, 500, 1000)?))
@@ -121,7 +130,7 @@ pub fn score_csv<R: Read, W: Write>(
     let mut out_header: Vec<&str> = header.iter().collect();
     out_header.extend(["score", "anomalous"]);
     writer.write_record(&out_header)?;
-    let mut scorer = Scorer::new(method, threshold, header.len() - 1)?;
+    let mut scorer = Scorer::new(method, threshold, header.len() - 1, DEFAULT_SEED)?;
     let mut summary = BacktestSummary::default();
     let mut values = Vec::with_capacity(header.len() - 1);
     for record in reader.records() {
@@ -164,6 +173,118 @@ pub fn score_csv<R: Read, W: Write>(
     }
     writer.flush()?;
     Ok(summary)
+}
+
+/// `POST /api/analytics/backtest`: the CSV backtest over a device's stored range.
+#[derive(Debug, Clone)]
+pub struct StoredBacktest {
+    pub device: DeviceId,
+    pub metrics: Vec<MetricName>,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub method: Method,
+    pub threshold: Option<f64>,
+    pub seed: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BacktestBody {
+    device_id: String,
+    metrics: Vec<String>,
+    start: String,
+    end: Option<String>,
+    method: Option<String>,
+    threshold: Option<f64>,
+    seed: Option<u64>,
+}
+
+/// Most metrics one backtest scores together (the forest's limit).
+pub const MAX_BACKTEST_METRICS: usize = drover_actors::analytics::isolation::MAX_METRICS;
+
+impl StoredBacktest {
+    /// Reads and checks a request body; the error says what to fix.
+    pub fn from_json(body: Value) -> Result<StoredBacktest, String> {
+        let b: BacktestBody = serde_json::from_value(body).map_err(|e| e.to_string())?;
+        let device = DeviceId::parse(&b.device_id).map_err(|e| format!("deviceId: {e}"))?;
+        if b.metrics.is_empty() || b.metrics.len() > MAX_BACKTEST_METRICS {
+            return Err(format!("metrics: name 1 to {MAX_BACKTEST_METRICS} metrics"));
+        }
+        let metrics = b
+            .metrics
+            .iter()
+            .map(|m| MetricName::parse(m.as_str()).map_err(|e| format!("metrics: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let start =
+            parse_timestamp(&b.start).ok_or("start: expected RFC 3339, YYYY-MM-DD HH:MM:SS or epoch")?;
+        let end = match &b.end {
+            Some(e) => parse_timestamp(e).ok_or("end: expected RFC 3339, YYYY-MM-DD HH:MM:SS or epoch")?,
+            None => Utc::now(),
+        };
+        if start >= end {
+            return Err("start must be before end".into());
+        }
+        let method = match &b.method {
+            Some(m) => m.parse::<Method>().map_err(|e| e.to_string())?,
+            None => Method::Ensemble,
+        };
+        if method == Method::Drift {
+            return Err(
+                "method: drift raises events, not scores; use zscore, mad, ewma, eif or ensemble".into(),
+            );
+        }
+        if let Some(t) = b.threshold
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err("threshold: expected a positive number".into());
+        }
+        Ok(StoredBacktest {
+            device,
+            metrics,
+            start,
+            end,
+            method,
+            threshold: b.threshold,
+            seed: b.seed.unwrap_or(DEFAULT_SEED),
+        })
+    }
+
+    /// Scores the rows made of `columns` (one `(ts, value)` series per metric, aligned on
+    /// timestamps) exactly as the CSV backtest does.
+    pub fn run(&self, columns: &[Vec<(i64, f64)>]) -> Result<Value, AnalyticsError> {
+        let mut times: Vec<i64> = columns.iter().flatten().map(|(t, _)| *t).collect();
+        times.sort_unstable();
+        times.dedup();
+        let lookups: Vec<std::collections::HashMap<i64, f64>> =
+            columns.iter().map(|c| c.iter().copied().collect()).collect();
+        let mut scorer = Scorer::new(self.method, self.threshold, columns.len(), self.seed)?;
+        let mut rows = Vec::with_capacity(times.len());
+        let (mut scored, mut anomalous) = (0u64, 0u64);
+        for t in times {
+            let values: Vec<Option<f64>> = lookups.iter().map(|l| l.get(&t).copied()).collect();
+            let verdict = scorer.observe(&values)?;
+            if let Some((_, flag)) = verdict {
+                scored += 1;
+                anomalous += u64::from(flag);
+            }
+            rows.push(json!({
+                "ts": t,
+                "values": values,
+                "score": verdict.map(|(s, _)| if s.is_finite() { s } else { f64::MAX }),
+                "anomalous": verdict.map(|(_, a)| a),
+            }));
+        }
+        Ok(json!({
+            "deviceId": self.device.as_str(),
+            "metrics": self.metrics.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+            "method": self.method.as_str(),
+            "seed": self.seed,
+            "rows": rows.len(),
+            "scored": scored,
+            "anomalous": anomalous,
+            "results": rows,
+        }))
+    }
 }
 
 #[cfg(test)]

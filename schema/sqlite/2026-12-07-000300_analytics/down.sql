@@ -1,0 +1,3 @@
+DROP TABLE analytics_events;
+DROP TABLE analytics_models;
+DROP TABLE analytics_configs;

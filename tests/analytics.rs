@@ -1,0 +1,561 @@
+//! Analytics end to end: live anomaly detection on ingested telemetry (events listed, pushed on
+//! `/ws`, written as `anomaly_score`, models kept over a restart), and the on-demand endpoints
+//! (statistics, trend, drift, correlation, forecast, maintenance, backtest, configuration) with
+//! their tenant isolation and refusals of bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::ws::{self, Socket};
+use common::{Backend, TestServer, eventually};
+use drover_actors::telemetry::{MetricName, MetricValue, TelemetryPoint};
+use drover_actors::{DeviceId, TenantId};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A noisy periodic reading (deterministic), temperature and vibration moving together.
+fn reading(i: usize) -> (f64, f64) {
+    let phase = i as f64 * 0.3;
+    let noise = ((i * 7919) % 13) as f64 / 30.0;
+    (20.0 + phase.sin() + noise, 2.0 + 0.5 * phase.sin() + noise / 4.0)
+}
+
+async fn post_messages(server: &TestServer, token: &str, device: &str, messages: Vec<Value>) {
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/devices/{device}/telemetry"),
+            Some(token),
+            Some(Value::Array(messages)),
+        )
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+}
+
+fn message(ts: i64, temperature: f64, vibration: f64) -> Value {
+    json!({"timestamp": ts, "metrics": {"temperature": temperature, "vibration": vibration}})
+}
+
+async fn open_ws(server: &TestServer, token: &str) -> Socket {
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+        .await
+        .expect("ws connects");
+    let hello = ws::next_json(&mut socket, WAIT).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    socket
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_anomalies_are_stored_pushed_charted_and_survive_a_restart() {
+    let mut server = TestServer::start(Backend::Sqlite).expect("SQLite server");
+    let admin = server.admin_token().await;
+    let device_token = server
+        .register(&admin, json!({"deviceId": "pump-1", "type": "pump"}))
+        .await;
+    // The forest on (it is opt-in), small windows so the test needs few messages, and a
+    // forest trained on 64 vectors.
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            "/api/analytics/config/device-types/pump",
+            Some(&admin),
+            Some(json!({"methods": ["ensemble", "eif", "drift"], "window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["effective"]["trainingSize"], 64);
+    assert_eq!(body["effective"]["threshold"], 3.0, "ANOMALY_THRESHOLD's default");
+
+    let mut socket = open_ws(&server, &admin).await;
+    let start = Utc::now().timestamp_millis() - 600_000;
+    let ts = |i: usize| start + i as i64 * 1000;
+    for batch in 0..3 {
+        let messages = (batch * 100..(batch + 1) * 100)
+            .map(|i| {
+                let (t, v) = reading(i);
+                message(ts(i), t, v)
+            })
+            .collect();
+        post_messages(&server, &device_token, "pump-1", messages).await;
+    }
+    eventually(WAIT, "the forest trained", || async {
+        server.metric("drover_analytics_trainings_total").await >= 1.0
+    })
+    .await;
+    // An ordinary vibration with a temperature far off: the forest names the temperature.
+    post_messages(
+        &server,
+        &device_token,
+        "pump-1",
+        vec![message(ts(300), 45.0, 2.2)],
+    )
+    .await;
+
+    let frame = loop {
+        let frame = ws::next_json(&mut socket, WAIT).await;
+        if frame["type"] == "analytics" && frame["method"] == "eif" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["event"], "anomaly", "{frame}");
+    assert_eq!(frame["deviceId"], "pump-1");
+    assert_eq!(frame["ts"], ts(300));
+    assert_eq!(frame["metrics"][0], "temperature", "{frame}");
+    assert!(frame["score"].as_f64().unwrap() >= 1.0);
+
+    let path = format!("/api/analytics/anomalies?device=pump-1&start={}", start);
+    eventually(WAIT, "the events are stored", || async {
+        let (_, body) = server.get(&path, &admin).await;
+        body["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["method"] == "eif"))
+    })
+    .await;
+    let (status, body) = server.get(&path, &admin).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let events = body["events"].clone();
+    let eif = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["method"] == "eif")
+        .unwrap();
+    assert_eq!(eif["ts"], ts(300));
+    assert_eq!(eif["kind"], "anomaly");
+    assert_eq!(eif["value"], 45.0);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["method"] == "ensemble"),
+        "the univariate ensemble flags it too: {events}"
+    );
+
+    // The scores chart beside the data.
+    eventually(WAIT, "anomaly_score is written", || async {
+        let (_, body) = server
+            .get(
+                &format!("/api/telemetry/pump-1?metric=anomaly_score&start={start}"),
+                &admin,
+            )
+            .await;
+        body["series"][0]["points"]
+            .as_array()
+            .is_some_and(|p| p.len() > 200)
+    })
+    .await;
+    let (_, body) = server
+        .get(
+            &format!(
+                "/api/telemetry/pump-1?metric=anomaly_score&start={}&end={}",
+                ts(300),
+                ts(301)
+            ),
+            &admin,
+        )
+        .await;
+    assert!(
+        body["series"][0]["points"][0]["v"].as_f64().unwrap() >= 1.0,
+        "{body}"
+    );
+    assert!(server.metric("drover_analytics_anomalies_total").await >= 2.0);
+    let (status, svg) = server
+        .get(
+            &format!("/api/analytics/anomalies/pump-1.svg?metric=temperature&start={start}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let svg = svg.as_str().unwrap();
+    assert!(
+        svg.contains("<polyline") && svg.matches("<circle").count() >= 1,
+        "{svg}"
+    );
+    assert_eq!(server.metric("drover_analytics_events_dropped_total").await, 0.0);
+
+    // A restart keeps what was learned: the first messages after it are scored at once, where a
+    // cold monitor would warm up for 30 messages and train after 64.
+    drop(socket);
+    server.restart();
+    let admin = server.admin_token().await;
+    let (t, v) = reading(301);
+    post_messages(&server, &device_token, "pump-1", vec![message(ts(301), t, v)]).await;
+    eventually(
+        WAIT,
+        "the restored forest is retrained from its snapshot",
+        || async { server.metric("drover_analytics_trainings_total").await >= 1.0 },
+    )
+    .await;
+    post_messages(
+        &server,
+        &device_token,
+        "pump-1",
+        vec![message(ts(302), 45.0, 2.2)],
+    )
+    .await;
+    eventually(WAIT, "the restored monitor flags the next spike", || async {
+        let (_, body) = server
+            .get(
+                &format!("/api/analytics/anomalies?device=pump-1&start={}", ts(302)),
+                &admin,
+            )
+            .await;
+        let events = body["events"].as_array().cloned().unwrap_or_default();
+        events.iter().any(|e| e["method"] == "eif") && events.iter().any(|e| e["method"] == "ensemble")
+    })
+    .await;
+}
+
+fn point(tenant: &str, device: &str, metric: &str, ts_ms: i64, value: f64) -> TelemetryPoint {
+    TelemetryPoint {
+        tenant: TenantId::parse(tenant).unwrap(),
+        device: DeviceId::parse(device).unwrap(),
+        device_type: "sensor".into(),
+        metric: MetricName::parse(metric).unwrap(),
+        ts_ms,
+        value: MetricValue::Number(value),
+    }
+}
+
+async fn code(server: &TestServer, token: &str, path: &str) -> (StatusCode, String) {
+    let (status, body) = server.get(path, token).await;
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_compute_isolate_tenants_and_refuse_bad_input() {
+    let server = TestServer::start(Backend::Sqlite).expect("SQLite server");
+    let admin = server.admin_token().await;
+    let platform = admin.clone();
+    server
+        .register(&admin, json!({"deviceId": "sensor-1", "type": "sensor"}))
+        .await;
+    server
+        .register(&admin, json!({"deviceId": "sensor-2", "type": "sensor"}))
+        .await;
+    // Two days of hourly readings: temperature rising with a daily cycle, humidity following it
+    // three hours later, a battery draining 0.5 % an hour.
+    let hour = 3_600_000;
+    let end = (Utc::now().timestamp_millis() / hour) * hour;
+    let start = end - 96 * hour;
+    let mut points = Vec::new();
+    for i in 0..96i64 {
+        let t = start + i * hour;
+        let cycle = (2.0 * std::f64::consts::PI * i as f64 / 24.0).sin();
+        let wobble = ((i * 7919) % 11) as f64 / 50.0;
+        points.push(point(
+            "default",
+            "sensor-1",
+            "temperature",
+            t,
+            20.0 + 0.05 * i as f64 + 3.0 * cycle + wobble,
+        ));
+        let lagged = (2.0 * std::f64::consts::PI * (i - 3) as f64 / 24.0).sin();
+        points.push(point(
+            "default",
+            "sensor-2",
+            "humidity",
+            t,
+            60.0 - 5.0 * lagged + wobble,
+        ));
+        points.push(point(
+            "default",
+            "sensor-1",
+            "battery",
+            t,
+            80.0 - 0.5 * i as f64 + wobble / 5.0,
+        ));
+    }
+    server.state.telemetry.write(points.into()).await.expect("stored");
+    let range = format!("start={start}&end={end}");
+
+    let (status, s) = server
+        .get(
+            &format!("/api/analytics/stats/sensor-1?metric=battery&{range}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{s}");
+    assert_eq!(s["count"], 96);
+    assert!(
+        (s["max"].as_f64().unwrap() - s["min"].as_f64().unwrap() - 47.5).abs() < 0.1,
+        "{s}"
+    );
+
+    let (status, t) = server
+        .get(
+            &format!("/api/analytics/trend/sensor-1?metric=battery&{range}&every=1h"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["trend"], "decreasing");
+    assert!((t["slopePerHour"].as_f64().unwrap() + 0.5).abs() < 0.01, "{t}");
+    assert!(t["pValue"].as_f64().unwrap() < 1e-6);
+
+    let (status, d) = server
+        .get(
+            &format!("/api/analytics/drift/sensor-1?metric=battery&{range}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{d}");
+    assert_eq!(
+        d["drifted"], true,
+        "the two halves of a draining battery differ: {d}"
+    );
+    assert_eq!(d["referenceCount"], 48);
+
+    let (status, c) = server
+        .get(
+            &format!("/api/analytics/correlation?a=sensor-1:temperature&b=sensor-2:humidity&{range}&every=1h&maxLagSecs=21600"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{c}");
+    assert_eq!(c["pairs"], 96);
+    assert_eq!(
+        c["bestLag"]["lagSecs"],
+        3 * 3600,
+        "humidity follows three hours later: {c}"
+    );
+    // The temperature's rise weakens it, but the lag explains more than none does.
+    let lagged = c["bestLag"]["r"].as_f64().unwrap();
+    assert!(
+        lagged < -0.75 && lagged < c["pearson"]["r"].as_f64().unwrap(),
+        "{c}"
+    );
+    assert!(c["spearman"]["pValue"].as_f64().unwrap() < 0.01);
+
+    let (status, f) = server
+        .get(
+            &format!("/api/analytics/forecast/sensor-1?metric=temperature&horizon=12h&interval=1h&{range}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{f}");
+    let points = f["points"].as_array().unwrap();
+    assert_eq!(points.len(), 12);
+    for p in points {
+        let (lo, v, hi) = (
+            p["lower"].as_f64().unwrap(),
+            p["value"].as_f64().unwrap(),
+            p["upper"].as_f64().unwrap(),
+        );
+        assert!(lo <= v && v <= hi, "{p}");
+        assert!(p["naive"].is_number());
+    }
+    assert_eq!(f["seasonSteps"], 24, "the daily cycle is found: {f}");
+
+    // The same forecast as a picture, fetched with the bearer token like the console does.
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/api/analytics/forecast/sensor-1.svg?metric=temperature&horizon=12h&interval=1h&{range}"
+        )))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/svg+xml");
+    let svg = response.text().await.unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("sensor-1"),
+        "{svg}"
+    );
+
+    // 80 - 0.5 h reaches 10 % 140 h after the start: 44 h after the last reading.
+    let (status, m) = server
+        .get(
+            &format!("/api/analytics/maintenance/sensor-1?metric=battery&limit=10&direction=below&horizon=7d&interval=1h&{range}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{m}");
+    let expected = chrono::DateTime::parse_from_rfc3339(m["expectedAt"].as_str().unwrap()).unwrap();
+    let hours_after = (expected.timestamp_millis() - (end - hour)) / hour;
+    assert!((42..=46).contains(&hours_after), "{m}");
+    let earliest = chrono::DateTime::parse_from_rfc3339(m["earliestAt"].as_str().unwrap()).unwrap();
+    assert!(earliest <= expected);
+
+    // The backtest is deterministic for a seed.
+    let body = json!({"deviceId": "sensor-1", "metrics": ["temperature", "battery"], "start": start.to_string(), "end": end.to_string(), "method": "eif", "seed": 3});
+    let (status, first) = server.post("/api/analytics/backtest", &admin, body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["rows"], 96);
+    let (_, second) = server.post("/api/analytics/backtest", &admin, body).await;
+    assert_eq!(first, second);
+    let (status, ens) = server
+        .post(
+            "/api/analytics/backtest",
+            &admin,
+            json!({"deviceId": "sensor-1", "metrics": ["temperature"], "start": start.to_string(), "end": end.to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ens}");
+    assert_eq!(ens["method"], "ensemble");
+
+    // Another tenant sees none of it.
+    let other = server.tenant_admin(&platform, "other").await;
+    let paths = [
+        format!("/api/analytics/stats/sensor-1?metric=battery&{range}"),
+        format!("/api/analytics/trend/sensor-1?metric=battery&{range}"),
+        format!("/api/analytics/drift/sensor-1?metric=battery&{range}"),
+        format!("/api/analytics/forecast/sensor-1?metric=battery&{range}"),
+        format!("/api/analytics/maintenance/sensor-1?metric=battery&limit=10&{range}"),
+        format!("/api/analytics/correlation?a=sensor-1:temperature&b=sensor-2:humidity&{range}"),
+        "/api/analytics/anomalies?device=sensor-1".to_string(),
+        "/api/analytics/config/devices/sensor-1".to_string(),
+        format!("/api/analytics/forecast/sensor-1.svg?metric=battery&{range}"),
+        "/api/analytics/anomalies/sensor-1.svg?metric=battery".to_string(),
+    ];
+    for path in &paths {
+        assert_eq!(
+            code(&server, &other, path).await,
+            (StatusCode::NOT_FOUND, "not_found".into()),
+            "{path}"
+        );
+    }
+    let (status, _) = server
+        .post(
+            "/api/analytics/backtest",
+            &other,
+            json!({"deviceId": "sensor-1", "metrics": ["battery"], "start": start.to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            "/api/analytics/config/devices/sensor-1",
+            Some(&other),
+            Some(json!({"threshold": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (_, body) = server.get("/api/analytics/config", &other).await;
+    assert_eq!(body["config"], json!({}), "the other tenant's layer is its own");
+
+    // Bad input gets a clear code.
+    let bad = [
+        ("/api/analytics/stats/sensor-1", "invalid_query"),
+        ("/api/analytics/stats/sensor-1?metric=1bad", "invalid_metric_name"),
+        (
+            "/api/analytics/stats/sensor-1?metric=battery&colour=red",
+            "invalid_query",
+        ),
+        (
+            "/api/analytics/stats/sensor-1?metric=battery&start=2024-02-01&end=2024-01-01",
+            "invalid_range",
+        ),
+        ("/api/analytics/stats/sensor-1?metric=nothing", "not_enough_data"),
+        (
+            "/api/analytics/stats/bad%20id?metric=battery",
+            "invalid_device_id",
+        ),
+        (
+            "/api/analytics/trend/sensor-1?metric=battery&alpha=2",
+            "invalid_query",
+        ),
+        (
+            "/api/analytics/trend/sensor-1?metric=battery&every=5x",
+            "invalid_duration",
+        ),
+        (
+            "/api/analytics/drift/sensor-1?metric=battery&threshold=0",
+            "invalid_query",
+        ),
+        (
+            "/api/analytics/forecast/sensor-1?metric=battery&horizon=1000d&interval=1s",
+            "invalid_duration",
+        ),
+        (
+            "/api/analytics/forecast/sensor-1?metric=battery&horizon=30d&interval=1m",
+            "invalid_query",
+        ),
+        (
+            "/api/analytics/maintenance/sensor-1?metric=battery",
+            "invalid_query",
+        ),
+        (
+            "/api/analytics/maintenance/sensor-1?metric=battery&limit=10&direction=sideways",
+            "invalid_query",
+        ),
+        (
+            "/api/analytics/correlation?a=sensor-1&b=sensor-2:humidity",
+            "invalid_query",
+        ),
+        ("/api/analytics/anomalies?kind=other", "invalid_query"),
+        ("/api/analytics/anomalies?limit=0", "invalid_query"),
+    ];
+    for (path, expected) in bad {
+        let (status, got) = code(&server, &admin, path).await;
+        assert_eq!(
+            (status, got.as_str()),
+            (StatusCode::BAD_REQUEST, expected),
+            "{path}"
+        );
+    }
+    for body in [
+        json!({"window": 2}),
+        json!({"methods": ["prophet"]}),
+        json!({"eifThreshold": 3}),
+        json!({"colour": "red"}),
+    ] {
+        let (status, response) = server
+            .call(
+                Method::PUT,
+                "/api/analytics/config",
+                Some(&admin),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {response}");
+        assert_eq!(response["error"]["code"], "invalid_config", "{response}");
+    }
+    for body in [
+        json!({"deviceId": "sensor-1", "metrics": [], "start": "0"}),
+        json!({"deviceId": "sensor-1", "metrics": ["battery"], "start": "yesterday"}),
+        json!({"deviceId": "sensor-1", "metrics": ["battery"], "start": "0", "method": "drift"}),
+        json!({"deviceId": "sensor-1", "metrics": ["battery"], "start": "0", "extra": 1}),
+    ] {
+        let (status, response) = server.post("/api/analytics/backtest", &admin, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {response}");
+        assert_eq!(response["error"]["code"], "invalid_backtest");
+    }
+
+    // Roles: a viewer reads, only an operator configures.
+    let viewer = server.api_key(&admin, "viewer").await;
+    let (status, _) = server.get("/api/analytics/config", &viewer).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .call(
+            Method::PUT,
+            "/api/analytics/config",
+            Some(&viewer),
+            Some(json!({"threshold": 4})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            "/api/analytics/config",
+            Some(&admin),
+            Some(json!({"threshold": 4})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["effective"]["threshold"], 4.0);
+    let (status, _) = server.get("/api/analytics/anomalies", "no-such-token").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
