@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod dashboard;
 pub mod devcerts;
+pub mod fleet_ops;
 pub mod health;
 pub mod http;
 pub mod logging;

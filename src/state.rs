@@ -44,4 +44,6 @@ pub struct AppState {
     pub rules: Arc<RulesEngine>,
     /// The live stream `/ws` sessions subscribe to.
     pub hub: DashboardHub,
+    /// Batch jobs and device commands.
+    pub fleet_ops: Arc<crate::fleet_ops::FleetOps>,
 }

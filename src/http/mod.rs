@@ -5,11 +5,13 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod commands;
 pub mod device_types;
 pub mod devices;
 pub mod error;
 pub mod groups;
 pub mod ingest;
+pub mod jobs;
 pub mod mqtt;
 pub mod ops;
 pub mod params;
@@ -56,6 +58,8 @@ use crate::state::AppState;
         (name = "operations", description = "Health, metrics, statistics"),
         (name = "rules", description = "Rules and notification channels"),
         (name = "alerts", description = "Alarms and the live stream"),
+        (name = "jobs", description = "Batch operations as jobs"),
+        (name = "commands", description = "Commands to devices, with their answers"),
     )
 )]
 struct ApiDoc;
@@ -157,6 +161,8 @@ pub fn app(
                 .configure(device_types::routes)
                 .configure(rules::routes)
                 .configure(alerts::routes)
+                .configure(jobs::routes)
+                .configure(commands::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json))
                 // `/api` itself (the start banner's link) answers the index of the API.
