@@ -130,8 +130,9 @@ pub trait JobStore: Send + Sync + 'static {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<Vec<DeviceId>, JobStoreError>;
-    /// Records results of devices still pending (others are left as they are) and adds them
-    /// to the job's counts. Answers whether the job was cancelled meanwhile.
+    /// Records results of devices without one (pending, or cancelled while they were in
+    /// progress; a device done before is left as it is) and adds them to the job's counts.
+    /// Answers whether the job was cancelled meanwhile.
     async fn record_results(&self, job: &str, results: Vec<DeviceResult>) -> Result<bool, JobStoreError>;
     /// Marks the job finished.
     async fn finish_job(&self, job: &str, end: JobEnd) -> Result<(), JobStoreError>;
@@ -368,6 +369,12 @@ pub async fn run_job(
     let plan = Arc::new(plan);
     let pacer = Arc::new(Pacer::new(plan.rate_per_sec));
     let concurrency = plan.concurrency.max(1);
+    // Results are recorded per chunk: keep a chunk to about a quarter second of work at the
+    // job's rate, so progress shows and a restart repeats little.
+    let chunk = match plan.rate_per_sec {
+        0 => chunk,
+        rate => chunk.min(concurrency.max(rate as usize / 4)),
+    };
     let mut after: Option<DeviceId> = None;
     loop {
         if stop.load(Ordering::Relaxed) {

@@ -493,11 +493,13 @@ impl JobStore for RegistryJobStore {
                 let now = now_ms();
                 let (mut succeeded, mut failed, mut skipped) = (0i64, 0i64, 0i64);
                 for (result, secret) in results.iter().zip(sealed) {
+                    // A device still in progress when the job was cancelled was done all the
+                    // same: its real outcome replaces `cancelled`.
                     let changed = diesel::update(
                         job_devices::table
                             .filter(job_devices::job_id.eq(&id))
                             .filter(job_devices::device_id.eq(result.device.as_str()))
-                            .filter(job_devices::status.eq("pending")),
+                            .filter(job_devices::status.eq_any(["pending", CANCELLED])),
                     )
                     .set((
                         job_devices::status.eq(result.status.as_str()),
