@@ -498,7 +498,7 @@ mod tests {
             let n: u32 = device.as_str()[1..].parse().unwrap();
             DeviceResult {
                 device: device.clone(),
-                status: if n % 2 == 0 {
+                status: if n.is_multiple_of(2) {
                     DeviceOutcome::Failed
                 } else {
                     DeviceOutcome::Succeeded

@@ -525,7 +525,7 @@ impl Connection {
             Some(DeviceTopic::ShadowGet { .. }) => InboundKind::ShadowGet,
             Some(DeviceTopic::CommandResponse { command, .. }) => InboundKind::CommandResponse {
                 command: command.to_string(),
-                correlation: correlation.map(|c| bytes::Bytes::copy_from_slice(c)),
+                correlation: correlation.map(bytes::Bytes::copy_from_slice),
             },
             Some(DeviceTopic::Other { .. }) | None => return Ok(()),
         };
@@ -720,11 +720,7 @@ impl Connection {
         }
         let filters: Vec<_> = {
             let state = self.session.state.lock();
-            state
-                .subscriptions
-                .iter()
-                .map(|(sub, _)| sub.filter.clone())
-                .collect()
+            state.subscriptions.keys().map(|sub| sub.filter.clone()).collect()
         };
         for filter in &filters {
             self.deliver_queued_commands(filter);

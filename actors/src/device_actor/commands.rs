@@ -288,10 +288,10 @@ impl Handler<SendCommand> for DeviceActor {
         }
         let id = request.id.clone();
         let timer = ctx.run_later(ttl, move |act, _ctx| {
-            if let Some(at) = act.commands.queued.iter().position(|q| q.request.id == id) {
-                if let Some(queued) = act.commands.queued.remove(at) {
-                    let _ = queued.done.send(CommandOutcome::Expired);
-                }
+            if let Some(at) = act.commands.queued.iter().position(|q| q.request.id == id)
+                && let Some(queued) = act.commands.queued.remove(at)
+            {
+                let _ = queued.done.send(CommandOutcome::Expired);
             }
         });
         self.commands.queued.push_back(Queued { request, done, timer });
