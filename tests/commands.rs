@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+on_both_backends!(timeouts_offline_devices_and_queued_commands);
+
 struct Fleet {
     server: TestServer,
     admin: String,
@@ -21,7 +23,11 @@ struct Fleet {
 
 impl Fleet {
     async fn start(devices: &[&str]) -> Fleet {
-        let server = TestServer::start(Backend::Sqlite).unwrap();
+        Self::start_on(Backend::Sqlite, devices).await.unwrap()
+    }
+
+    async fn start_on(backend: Backend, devices: &[&str]) -> Option<Fleet> {
+        let server = TestServer::start(backend)?;
         let admin = server.admin_token().await;
         let mut tokens = Vec::new();
         for id in devices {
@@ -30,11 +36,11 @@ impl Fleet {
                 .await;
             tokens.push((id.to_string(), token));
         }
-        Fleet {
+        Some(Fleet {
             server,
             admin,
             tokens,
-        }
+        })
     }
 
     fn token(&self, device: &str) -> String {
@@ -216,9 +222,10 @@ async fn a_command_round_trip_on_mqtt_5_with_response_topic_and_correlation_data
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_offline_devices_and_queued_commands() {
-    let fleet = Fleet::start(&["quiet-1", "sleepy-1"]).await;
+async fn timeouts_offline_devices_and_queued_commands(backend: Backend) {
+    let Some(fleet) = Fleet::start_on(backend, &["quiet-1", "sleepy-1"]).await else {
+        return;
+    };
     // Connected, never answers: 504 after the timeout, recorded as timed out.
     let (_quiet, mut seen) = device_v311(&fleet, "quiet-1", false).await;
     let (status, body) = fleet

@@ -14,6 +14,11 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+on_both_backends!(
+    dynamic_groups_follow_the_devices_and_serve_as_batch_filters,
+    jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_input_is_refused,
+);
+
 /// Registers `count` devices `{prefix}-0000`… of `device_type`, 16 at a time.
 async fn register_many(server: &TestServer, token: &str, prefix: &str, device_type: &str, count: usize) {
     futures_util::stream::iter(0..count)
@@ -254,9 +259,10 @@ async fn a_job_resumes_after_a_restart_and_a_cancelled_job_stops() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dynamic_groups_follow_the_devices_and_serve_as_batch_filters() {
-    let server = TestServer::start(Backend::Sqlite).unwrap();
+async fn dynamic_groups_follow_the_devices_and_serve_as_batch_filters(backend: Backend) {
+    let Some(server) = TestServer::start(backend) else {
+        return;
+    };
     let admin = server.admin_token().await;
     let token = server
         .register(
@@ -367,9 +373,12 @@ async fn dynamic_groups_follow_the_devices_and_serve_as_batch_filters() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_input_is_refused() {
-    let server = TestServer::start(Backend::Sqlite).unwrap();
+async fn jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_input_is_refused(
+    backend: Backend,
+) {
+    let Some(server) = TestServer::start(backend) else {
+        return;
+    };
     let admin = server.admin_token().await;
     let operator = server.api_key(&admin, "operator").await;
     let viewer = server.api_key(&admin, "viewer").await;

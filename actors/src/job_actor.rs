@@ -37,10 +37,11 @@ pub struct RunJob {
     pub job: String,
 }
 
-/// Asks a running job to stop after the devices in progress; answers whether it was running
-/// here. The store marks it cancelled either way (see [`JobStore::finish_job`]).
+/// Asks a running job to stop after the devices in progress; answers once its run has ended
+/// (at once when it was not running here), so nothing more happens to its devices after that.
+/// The caller marks it cancelled in the store first.
 #[derive(Message, Debug)]
-#[rtype(result = "bool")]
+#[rtype(result = "()")]
 pub struct CancelJob {
     pub job: String,
 }
@@ -193,6 +194,8 @@ pub struct JobActor {
     settings: JobSettings,
     /// Running jobs and their stop flags.
     running: HashMap<String, Arc<AtomicBool>>,
+    /// Who waits for a run to end (cancellations).
+    ended: HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>,
     /// Jobs waiting for a free slot, in order.
     waiting: Vec<String>,
 }
@@ -210,6 +213,7 @@ impl JobActor {
             lease,
             settings,
             running: HashMap::new(),
+            ended: HashMap::new(),
             waiting: Vec::new(),
         }
     }
@@ -280,17 +284,19 @@ impl Handler<RunJob> for JobActor {
 }
 
 impl Handler<CancelJob> for JobActor {
-    type Result = bool;
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: CancelJob, _ctx: &mut Context<Self>) -> bool {
+    fn handle(&mut self, msg: CancelJob, _ctx: &mut Context<Self>) -> Self::Result {
         self.waiting.retain(|j| *j != msg.job);
-        match self.running.get(&msg.job) {
-            Some(stop) => {
-                stop.store(true, Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
+        let Some(stop) = self.running.get(&msg.job) else {
+            return Box::pin(async {});
+        };
+        stop.store(true, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ended.entry(msg.job).or_default().push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 
@@ -309,8 +315,15 @@ impl Handler<JobRunEnded> for JobActor {
 
     fn handle(&mut self, msg: JobRunEnded, ctx: &mut Context<Self>) {
         self.running.remove(&msg.job);
+        let cancelled = self.ended.remove(&msg.job).unwrap_or_default();
+        let was_cancelled = !cancelled.is_empty();
+        for waiter in cancelled {
+            let _ = waiter.send(());
+        }
         match msg.outcome {
             Ok(end) => tracing::info!(job = %msg.job, ?end, "batch job ended"),
+            // Stopped for a cancellation: the store already says cancelled.
+            Err(_) if was_cancelled => tracing::info!(job = %msg.job, "batch job cancelled"),
             Err(error) => {
                 // The job stays running in the store: try again later (a restart also resumes it).
                 tracing::warn!(job = %msg.job, %error, "batch job interrupted; retrying");

@@ -29,6 +29,9 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(job_tokens);
 }
 
+/// Longest a cancellation waits for the devices in progress.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Devices a dry run lists at most (it counts them all).
 const DRY_RUN_LIST: usize = 1000;
 
@@ -386,7 +389,8 @@ async fn get_job(
     }))
 }
 
-/// Cancel a job: devices in progress finish, the rest are left undone (`cancelled`).
+/// Cancel a job: devices in progress finish (the answer waits for them, up to 10 s), the rest
+/// are left undone (`cancelled`).
 #[utoipa::path(
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
@@ -404,12 +408,16 @@ async fn cancel_job(
         .registry
         .cancel_job(&principal.tenant, &id, principal.audit_actor())
         .await?;
-    let _ = state
+    // Answer once the devices in progress are done (their results recorded), so nothing more
+    // happens to the job's devices after this answer; a device still waiting for a command's
+    // answer is not waited for beyond CANCEL_WAIT.
+    let stopped = state
         .fleet_ops
         .jobs
         .runner
-        .send(CancelJob { job: job.id.clone() })
-        .await;
+        .send(CancelJob { job: job.id.clone() });
+    let _ = tokio::time::timeout(CANCEL_WAIT, stopped).await;
+    let job = tenant_job(&state, &principal, &job.id).await?;
     tracing::info!(tenant = %principal.tenant, job = %job.id, "batch job cancelled");
     Ok(web::Json(job.into()))
 }
