@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod devcerts;
+pub mod fleet_ops;
 pub mod health;
 pub mod http;
 pub mod logging;

@@ -299,6 +299,7 @@ pub async fn start_with_clock(
         BrokerMetrics::new(&metrics),
     ));
     let shadow_patcher = Arc::new(FleetShadowPatcher::default());
+    let late_commands = Arc::new(crate::fleet_ops::commands::LateCommands::default());
     let hub = DashboardHub::default();
     // Filled when this node joins its cluster (after it listens), read by the broker's
     // connections and the live stream.
@@ -308,12 +309,12 @@ pub async fn start_with_clock(
             &config,
             RulesDeps {
                 registry: registry.clone(),
-                broker: broker.clone(),
                 metrics: metrics.clone(),
                 hub: hub.clone(),
                 clock,
                 patcher: shadow_patcher.clone(),
-                secret_key: keys.rules_secret_key,
+                secret_key: keys.rules_secret_key.clone(),
+                commands: late_commands.clone(),
             },
         )
         .map_err(StartError::Rules)?,
@@ -356,6 +357,19 @@ pub async fn start_with_clock(
         config.actor_threads(),
     );
     shadow_patcher.attach(fleet.clone());
+    let fleet_ops = {
+        use crate::fleet_ops::{FleetOps, commands::CommandService, jobs::OperationContext};
+        let commands = CommandService::new(registry.clone(), fleet.clone());
+        late_commands.attach(commands.clone());
+        let context = OperationContext {
+            registry: registry.clone(),
+            fleet: fleet.clone(),
+            broker: broker.clone(),
+            shadows: shadow_store.clone(),
+            commands,
+        };
+        Arc::new(FleetOps::start(context, &keys.rules_secret_key))
+    };
     let auth = Authenticator::new(registry.clone(), config.mqtt.allow_anonymous);
     auth.reload_cas().await?;
     let mqtt = Arc::new(MqttContext {
@@ -404,6 +418,7 @@ pub async fn start_with_clock(
         downsampler: downsampler.clone(),
         replayer: replayer.clone(),
         analytics,
+        fleet_ops,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);

@@ -50,4 +50,6 @@ pub struct AppState {
     pub replayer: actix::Addr<drover_actors::telemetry_writer::SpoolReplayer>,
     /// Live anomaly and drift detection (per-tenant actors).
     pub analytics: Arc<AnalyticsEngine>,
+    /// Batch jobs and device commands.
+    pub fleet_ops: Arc<crate::fleet_ops::FleetOps>,
 }

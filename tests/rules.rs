@@ -892,10 +892,10 @@ async fn mqtt_command_and_shadow_patch_actions() {
     .await
     .expect("the command reached the device");
     assert_eq!(command.topic, "devices/valve-1/commands/close");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&command.payload).unwrap(),
-        json!({"valve": "main"})
-    );
+    // Sent like any command (`POST /api/devices/{id}/commands`): with its request id.
+    let sent = serde_json::from_slice::<Value>(&command.payload).unwrap();
+    assert_eq!(sent["payload"], json!({"valve": "main"}));
+    assert!(sent["requestId"].is_string(), "{sent}");
 
     let id = alert_of(&server, &admin, "valve-1").await.unwrap()["id"]
         .as_str()

@@ -6,6 +6,7 @@
 //! when it starts, and tells the supervisor when it goes away, however it goes (including a
 //! panic in a handler), so the supervisor can restart it.
 
+pub mod commands;
 mod shadow_ops;
 
 use std::sync::Arc;
@@ -69,8 +70,11 @@ pub enum InboundKind {
     ShadowUpdate,
     /// `devices/{id}/shadow/get`
     ShadowGet,
-    /// `devices/{id}/commands/{command}/response`
-    CommandResponse { command: String },
+    /// `devices/{id}/commands/{command}/response`, with the MQTT 5 Correlation Data if any.
+    CommandResponse {
+        command: String,
+        correlation: Option<bytes::Bytes>,
+    },
 }
 
 /// A publish of the device on one of its platform topics. The reply comes when the platform
@@ -302,6 +306,8 @@ pub struct DeviceActor {
     /// `{"desired", "reported"}` of `shadow`, shared with telemetry observers.
     shadow_view: Option<Arc<serde_json::Value>>,
     shadows: ShadowServices,
+    /// Commands awaiting the device's answer or its return (see `commands.rs`).
+    commands: commands::CommandCorrelation,
     exit: ExitNotice,
 }
 
@@ -334,6 +340,7 @@ impl DeviceActor {
             shadow: None,
             shadow_view: None,
             shadows: spec.shadows,
+            commands: commands::CommandCorrelation::default(),
         }
     }
 
@@ -343,7 +350,11 @@ impl DeviceActor {
         let Some(idle) = self.idle_timeout else {
             return;
         };
-        if self.connection.is_none() && self.in_flight == 0 && self.last_activity.elapsed() >= idle {
+        if self.connection.is_none()
+            && self.in_flight == 0
+            && self.commands.is_empty()
+            && self.last_activity.elapsed() >= idle
+        {
             tracing::debug!(tenant = %self.tenant, device = %self.device, "device actor idle; stopping");
             self.exit.reason = ExitReason::Stopped;
             ctx.stop();
@@ -610,8 +621,9 @@ impl Handler<DeviceInbound> for DeviceActor {
                 self.shadow_get_over_mqtt(&msg.payload, msg.at);
                 answered(Ok(InboundAccepted::default()))
             }
-            InboundKind::CommandResponse { .. } => {
+            InboundKind::CommandResponse { command, correlation } => {
                 self.inbound.command_responses += 1;
+                self.command_answered(&command, correlation.as_deref(), &msg.payload, ctx);
                 answered(Ok(InboundAccepted::default()))
             }
         }

@@ -13,6 +13,7 @@ pub mod directory;
 pub mod downsampler;
 pub mod fleet;
 pub mod ids;
+pub mod job_actor;
 pub mod outbound;
 pub mod pipeline;
 pub mod presence;

@@ -16,6 +16,25 @@ use crate::shadow::ShadowLimits;
 /// Implementations must not block: the broker queues, it never waits for a subscriber.
 pub trait DeviceOutbound: Send + Sync + 'static {
     fn publish(&self, tenant: &TenantId, topic: String, payload: Bytes);
+
+    /// Publishes a command to a device, with the MQTT 5 request/response properties. Without a
+    /// broker that knows properties, it is a plain publish.
+    fn publish_command(&self, tenant: &TenantId, message: CommandMessage) {
+        self.publish(tenant, message.topic, message.payload);
+    }
+}
+
+/// A command on its way to a device (`devices/{id}/commands/{name}`).
+#[derive(Debug, Clone)]
+pub struct CommandMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    /// MQTT 5 Response Topic (for MQTT 5 devices).
+    pub response_topic: Option<String>,
+    /// MQTT 5 Correlation Data: the command id.
+    pub correlation: Option<Bytes>,
+    /// MQTT 5 Message Expiry Interval: a command is useless after its timeout.
+    pub expiry_secs: Option<u32>,
 }
 
 /// Publishes nothing (tests, tools without a broker).

@@ -5,6 +5,7 @@ mod api;
 mod bench;
 mod monitor;
 mod sensors;
+mod sim_commands;
 mod simulate;
 
 use std::path::PathBuf;
@@ -149,6 +150,10 @@ enum Command {
         /// the CA certificates in this PEM file (e.g. `certs/ca.pem` from `drover admin dev-certs`).
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// Devices speak MQTT 5 (commands answered on their Response Topic with their
+        /// Correlation Data) instead of MQTT 3.1.1.
+        #[arg(long)]
+        mqtt5: bool,
     },
     /// Benchmarks; each prints a table and a JSON line.
     #[command(subcommand)]
@@ -350,6 +355,7 @@ async fn main() -> anyhow::Result<()> {
             connect_rate,
             quiet,
             tls_ca,
+            mqtt5,
         } => {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
@@ -362,11 +368,12 @@ async fn main() -> anyhow::Result<()> {
                 fault_rate,
                 connect_rate,
                 tls: tls_ca.as_deref().map(simulate::tls_config).transpose()?,
+                mqtt5,
             };
             let summary = simulate::run(fleet, options, quiet).await?;
             let stats = api.get("/stats").await.ok();
             println!(
-                "simulated {} devices for {:.1} s: {} connected, {} messages sent ({:.0}/s), {} acknowledged, {} shadow updates applied, {} errors",
+                "simulated {} devices for {:.1} s: {} connected, {} messages sent ({:.0}/s), {} acknowledged, {} shadow updates applied, {} commands answered, {} errors",
                 summary.devices,
                 summary.seconds,
                 summary.connected,
@@ -374,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
                 summary.messages_per_second,
                 summary.messages_acked,
                 summary.shadow_updates_applied,
+                summary.commands_answered,
                 summary.errors
             );
             if let Some(stats) = stats {

@@ -1,6 +1,7 @@
 //! A simulated fleet: every device connects over MQTT with its own credentials, publishes
-//! realistic telemetry at its rate, and applies the shadow changes it is sent (reporting them
-//! back as its new state), until Ctrl-C or the given duration.
+//! realistic telemetry at its rate, applies the shadow changes it is sent (reporting them
+//! back as its new state) and answers commands (`sim_commands`), until Ctrl-C or the given
+//! duration.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct SimulateOptions {
     pub connect_rate: u32,
     /// Connect over TLS, trusting this client configuration.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Devices speak MQTT 5 (commands answered with Correlation Data) instead of 3.1.1.
+    pub mqtt5: bool,
 }
 
 /// A TLS client configuration that trusts the CA certificates in the PEM file `ca_file`.
@@ -58,6 +61,7 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// PUBACKs received (QoS 1 telemetry and shadow reports): what the server stored.
     pub acked: AtomicU64,
+    pub commands_answered: AtomicU64,
 }
 
 /// What a simulation did.
@@ -69,6 +73,7 @@ pub struct Summary {
     /// Publishes the server acknowledged (QoS 1 and 2 only; each is stored).
     pub messages_acked: u64,
     pub shadow_updates_applied: u64,
+    pub commands_answered: u64,
     pub errors: u64,
     pub seconds: f64,
     pub messages_per_second: f64,
@@ -125,6 +130,20 @@ pub async fn run(
             }
         }
         let device_counters = counters.clone();
+        if o.mqtt5 {
+            let task = crate::sim_commands::run_device_v5(
+                i,
+                device,
+                o.host.clone(),
+                o.port,
+                interval,
+                o.fault_rate,
+                counters.clone(),
+                stop_rx.clone(),
+            );
+            tasks.push(tokio::spawn(task));
+            continue;
+        }
         let mut stop = stop_rx.clone();
         let (host, port, fault_rate, tls) = (o.host.clone(), o.port, o.fault_rate, o.tls.clone());
         tasks.push(tokio::spawn(async move {
@@ -140,6 +159,7 @@ pub async fn run(
             let telemetry_topic = format!("devices/{}/telemetry", device.id);
             let update_topic = format!("devices/{}/shadow/update", device.id);
             let _ = client.subscribe(delta_topic.as_str(), rumqttc::QoS::AtLeastOnce).await;
+            let _ = client.subscribe(crate::sim_commands::command_filter(&device.id), rumqttc::QoS::AtLeastOnce).await;
             // Spread the first readings over one interval so the fleet does not publish in lockstep.
             let offset = interval.mul_f64(rand::Rng::gen_range(&mut rng, 0.0..1.0));
             let mut ticker = tokio::time::interval_at((Instant::now() + offset).into(), interval);
@@ -173,6 +193,13 @@ pub async fn run(
                                 if client.try_publish(update_topic.as_str(), rumqttc::QoS::AtLeastOnce, false, reported.to_string()).is_ok() {
                                     counters.shadow_updates.fetch_add(1, Ordering::Relaxed);
                                 }
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if let Some((topic, reply)) = crate::sim_commands::answer_v311(&device.id, &p.topic, &p.payload)
+                                && client.try_publish(topic, rumqttc::QoS::AtLeastOnce, false, reply).is_ok()
+                            {
+                                counters.commands_answered.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Ok(_) => {}
@@ -236,6 +263,7 @@ pub async fn run(
         messages_sent: sent,
         messages_acked: counters.acked.load(Ordering::Relaxed),
         shadow_updates_applied: counters.shadow_updates.load(Ordering::Relaxed),
+        commands_answered: counters.commands_answered.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         seconds,
         messages_per_second: sent as f64 / seconds.max(1e-6),

@@ -195,7 +195,8 @@ async fn register(
     params(
         ("type" = Option<String>, Query, description = "Device type"),
         ("tag" = Option<String>, Query, description = "Has this tag"),
-        ("group" = Option<String>, Query, description = "Member of this group"),
+        ("group" = Option<String>, Query, description = "Member of this group (static, or matching a dynamic group's query)"),
+        ("firmware" = Option<String>, Query, description = "Firmware version the device reports (reported shadow `firmware`)"),
         ("status" = Option<String>, Query, description = "online, offline or disabled"),
         ("metadata.{key}" = Option<String>, Query, description = "Metadata key equals value, e.g. metadata.location=warehouse-a; at most 32 such filters (more: 400 too_many_filters)"),
         ("limit" = Option<u32>, Query, description = "Page size, 1-1000 (default 100)"),
@@ -236,6 +237,7 @@ pub fn device_query(pairs: &[(String, String)]) -> Result<(DeviceFilter, PageReq
         match key.as_str() {
             "type" => filter.device_type = Some(value.clone()),
             "tag" => filter.tag = Some(value.clone()),
+            "firmware" => filter.firmware = Some(value.clone()),
             "group" => filter.group = Some(GroupName::parse(value.as_str()).map_err(ApiError::invalid_id)?),
             "status" => {
                 filter.status = Some(
@@ -260,7 +262,7 @@ pub fn device_query(pairs: &[(String, String)]) -> Result<(DeviceFilter, PageReq
                     return Err(ApiError::bad_request(
                         "invalid_query",
                         format!(
-                            "unknown parameter {other:?}; use type, tag, group, status, metadata.<key>, limit or after"
+                            "unknown parameter {other:?}; use type, tag, group, status, firmware, metadata.<key>, limit or after"
                         ),
                     ));
                 }

@@ -11,7 +11,7 @@ use crate::http::devices::{DeviceList, device_id, device_query};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::principal::Principal;
 use crate::state::AppState;
-use crate::storage::records::Group;
+use crate::storage::records::{Group, GroupQuery};
 
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.service(create_group)
@@ -32,6 +32,9 @@ const MAX_MEMBERS_PER_CALL: usize = 1000;
 pub struct GroupView {
     pub name: String,
     pub description: String,
+    /// A dynamic group's query: its members are the devices matching it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<GroupQuery>,
     pub member_count: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -42,6 +45,7 @@ impl From<Group> for GroupView {
         GroupView {
             name: g.name.into_string(),
             description: g.description,
+            query: g.query,
             member_count: g.member_count,
             created_at: g.created_at,
             updated_at: g.updated_at,
@@ -57,12 +61,24 @@ pub struct CreateGroup {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Makes the group dynamic: its members are the devices matching this query (type, tags,
+    /// metadata, status, firmware), followed as the devices change.
+    pub query: Option<GroupQuery>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchGroup {
-    pub description: String,
+    pub description: Option<String>,
+    /// A dynamic group's new query (a static group without members may be given one).
+    pub query: Option<GroupQuery>,
+}
+
+fn check_query(query: Option<&GroupQuery>) -> Result<(), ApiError> {
+    match query {
+        Some(q) => q.validate().map_err(|m| ApiError::invalid("query", m)),
+        None => Ok(()),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -107,12 +123,14 @@ async fn create_group(
     let body = body.into_inner();
     let name = group_name(&body.name)?;
     check_description(&body.description)?;
+    check_query(body.query.as_ref())?;
     let group = state
         .registry
         .create_group(
             principal.tenant.clone(),
             name,
             body.description,
+            body.query,
             principal.audit_actor(),
         )
         .await?;
@@ -154,7 +172,7 @@ async fn get_group(
     Ok(web::Json(group.into()))
 }
 
-/// Change a group's description.
+/// Change a group's description, or a dynamic group's query.
 #[utoipa::path(
     tag = "groups",
     params(("name" = String, Path, description = "Group name")),
@@ -171,14 +189,18 @@ async fn patch_group(
 ) -> Result<web::Json<GroupView>, ApiError> {
     principal.require(Role::Operator, "group.update")?;
     let name = group_name(&name)?;
-    let description = body.into_inner().description;
-    check_description(&description)?;
+    let body = body.into_inner();
+    if let Some(description) = &body.description {
+        check_description(description)?;
+    }
+    check_query(body.query.as_ref())?;
     let group = state
         .registry
         .update_group(
             principal.tenant.clone(),
             name,
-            description,
+            body.description,
+            body.query,
             principal.audit_actor(),
         )
         .await?;

@@ -7,11 +7,13 @@ pub mod accounts;
 pub mod alerts;
 pub mod cluster;
 pub mod analytics;
+pub mod commands;
 pub mod device_types;
 pub mod devices;
 pub mod error;
 pub mod groups;
 pub mod ingest;
+pub mod jobs;
 pub mod mqtt;
 pub mod ops;
 pub mod params;
@@ -59,6 +61,8 @@ use crate::state::AppState;
         (name = "rules", description = "Rules and notification channels"),
         (name = "alerts", description = "Alarms and the live stream"),
         (name = "analytics", description = "Anomaly detection, forecasts, statistics, trend, drift, correlation"),
+        (name = "jobs", description = "Batch operations as jobs"),
+        (name = "commands", description = "Commands to devices, with their answers"),
     )
 )]
 struct ApiDoc;
@@ -161,6 +165,8 @@ pub fn app(
                 .configure(rules::routes)
                 .configure(alerts::routes)
                 .configure(analytics::routes)
+                .configure(jobs::routes)
+                .configure(commands::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json))
                 // `/api` itself (the start banner's link) answers the index of the API.

@@ -15,7 +15,7 @@ use actix::Addr;
 use chrono::Utc;
 use drover_actors::device_actor::{
     DeviceActor, DeviceConnected, DeviceDisconnected, DeviceInbound, InboundError, InboundKind,
-    PendingShadowDelta, PublishedShadowRequest, ShadowTopic,
+    PendingShadowDelta, PublishedShadowRequest, ShadowTopic, commands::DeliverQueuedCommands,
 };
 use drover_actors::telemetry_writer::Backpressure;
 use drover_actors::{DeviceId, Fleet, TenantId};
@@ -481,7 +481,8 @@ impl Connection {
         if let Some(device) = &self.device
             && let Identity::Device { device: own, .. } = &self.identity
         {
-            self.hand_to_device(device, own, publish.topic, publish.qos, &payload)
+            let correlation = publish.properties.correlation_data.as_deref();
+            self.hand_to_device(device, own, publish.topic, publish.qos, &payload, correlation)
                 .await?;
         } else if let Identity::Application { tenant, .. } = &self.identity {
             self.hand_shadow_request(tenant, publish.topic, publish.qos, &payload)
@@ -535,6 +536,7 @@ impl Connection {
         name: &str,
         qos: QoS,
         payload: &Bytes,
+        correlation: Option<&[u8]>,
     ) -> Result<(), PublishRefusal> {
         let kind = match DeviceTopic::parse(name) {
             Some(t) if t.device() != own.as_str() => return Ok(()),
@@ -543,6 +545,7 @@ impl Connection {
             Some(DeviceTopic::ShadowGet { .. }) => InboundKind::ShadowGet,
             Some(DeviceTopic::CommandResponse { command, .. }) => InboundKind::CommandResponse {
                 command: command.to_string(),
+                correlation: correlation.map(bytes::Bytes::copy_from_slice),
             },
             Some(DeviceTopic::Other { .. }) | None => return Ok(()),
         };
@@ -701,6 +704,7 @@ impl Connection {
                 {
                     self.send_pending_delta(topic, options);
                 }
+                self.deliver_queued_commands(&sub.filter);
                 SubscribeResult::Granted(options.qos)
             }
             Err(SubscribeError::QuotaExceeded) => SubscribeResult::QuotaExceeded,
@@ -733,6 +737,23 @@ impl Connection {
         };
         if let Some(options) = options {
             self.send_pending_delta(topic, options);
+        }
+        let filters: Vec<_> = {
+            let state = self.session.state.lock();
+            state.subscriptions.keys().map(|sub| sub.filter.clone()).collect()
+        };
+        for filter in &filters {
+            self.deliver_queued_commands(filter);
+        }
+    }
+
+    /// A device that (re)subscribed to its commands gets those kept for it while it was away.
+    fn deliver_queued_commands(&self, filter: &str) {
+        if let (Identity::Device { device, .. }, Some(addr)) = (&self.identity, &self.device) {
+            let prefix = format!("devices/{device}/commands/");
+            if filter.starts_with(&prefix) || topic::matches(filter, &format!("{prefix}_")) {
+                let _ = addr.try_send(DeliverQueuedCommands {});
+            }
         }
     }
 

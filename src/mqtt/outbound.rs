@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use drover_actors::outbound::CommandMessage;
 use drover_actors::{DeviceOutbound, TenantId};
 use ntex_mqtt::QoS;
 
@@ -30,6 +31,23 @@ impl DeviceOutbound for BrokerOutbound {
             QoS::AtLeastOnce,
             false,
         );
+        self.broker
+            .publish(&Namespace::Tenant(tenant.clone()), publication);
+    }
+
+    fn publish_command(&self, tenant: &TenantId, message: CommandMessage) {
+        let mut publication = Publication::internal(
+            message.topic,
+            ntex::util::Bytes::copy_from_slice(&message.payload),
+            QoS::AtLeastOnce,
+            false,
+        );
+        publication.properties.response_topic = message.response_topic.map(Into::into);
+        publication.properties.correlation_data = message
+            .correlation
+            .map(|c| ntex::util::Bytes::copy_from_slice(&c));
+        publication.properties.message_expiry = message.expiry_secs;
+        publication.properties.content_type = Some("application/json".into());
         self.broker
             .publish(&Namespace::Tenant(tenant.clone()), publication);
     }

@@ -34,7 +34,6 @@ use drover_actors::{DeviceId, TenantId};
 use crate::config::Config;
 use crate::dashboard::DashboardHub;
 use crate::metrics::Metrics;
-use crate::mqtt::broker::Broker;
 use crate::storage::RegistryStore;
 
 /// What the API needs of the rules engine.
@@ -70,12 +69,13 @@ impl std::fmt::Debug for RulesEngine {
 /// What starting the engine needs from the server.
 pub struct RulesDeps {
     pub registry: RegistryStore,
-    pub broker: Arc<Broker>,
     pub metrics: Arc<Metrics>,
     pub hub: DashboardHub,
     pub clock: SharedClock,
     pub patcher: Arc<dyn DesiredStatePatcher>,
     pub secret_key: String,
+    /// The `mqttCommand` action sends through the device commands (attached once they run).
+    pub commands: crate::fleet_ops::commands::SharedLateCommands,
 }
 
 impl RulesEngine {
@@ -99,8 +99,8 @@ impl RulesEngine {
             destinations.clone(),
             deps.registry.clone(),
             secrets.clone(),
-            deps.broker,
             deps.patcher,
+            deps.commands,
             metrics.clone(),
             deps.clock.clone(),
         )?);

@@ -22,7 +22,6 @@ use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use ntex_mqtt::QoS;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -32,9 +31,6 @@ use super::metrics::RulesMetrics;
 use super::model::{ActionBody, ActionKind};
 use super::view::AlarmView;
 use crate::config::{Config, SmsConfig, mask_url};
-use crate::mqtt::acl::Namespace;
-use crate::mqtt::broker::Broker;
-use crate::mqtt::message::Publication;
 use crate::storage::RegistryStore;
 use crate::storage::rules::{AlarmRecord, NewDelivery};
 
@@ -91,8 +87,8 @@ pub struct Notifier {
     smtp: Option<(AsyncSmtpTransport<Tokio1Executor>, Mailbox)>,
     sms: SmsConfig,
     secrets: SecretBox,
-    broker: Arc<Broker>,
     patcher: Arc<dyn DesiredStatePatcher>,
+    commands: crate::fleet_ops::commands::SharedLateCommands,
     attempts: u32,
     backoff: Duration,
     timeout: Duration,
@@ -176,8 +172,8 @@ impl Notifier {
         destinations: Arc<DestinationPolicy>,
         registry: RegistryStore,
         secrets: SecretBox,
-        broker: Arc<Broker>,
         patcher: Arc<dyn DesiredStatePatcher>,
+        commands: crate::fleet_ops::commands::SharedLateCommands,
         metrics: RulesMetrics,
         clock: SharedClock,
     ) -> Result<Notifier, String> {
@@ -200,8 +196,8 @@ impl Notifier {
             smtp: smtp_transport(config)?,
             sms: config.sms.clone(),
             secrets,
-            broker,
             patcher,
+            commands,
             attempts: config.rules.delivery_attempts.max(1),
             backoff: Duration::from_millis(config.rules.retry_backoff_ms),
             timeout,
@@ -511,27 +507,37 @@ impl Notifier {
                 Ok(format!("sent to {}", sent.join(", ")))
             }
             ActionKind::MqttCommand => {
+                // The same path as `POST /api/devices/{id}/commands`: recorded in the device's
+                // command history, correlated by its actor; delivered once the device has it.
                 let command = action.command.clone().unwrap_or_default();
-                let topic = format!("devices/{}/commands/{command}", alarm.device);
+                let device = DeviceId::parse(alarm.device.clone())
+                    .map_err(|e| DeliveryError::Permanent(e.to_string()))?;
                 let payload = action
                     .payload
                     .clone()
                     .unwrap_or_else(|| Self::payload(alarm, step, event));
-                let handed = self.broker.publish(
-                    &Namespace::Tenant(alarm.tenant.clone()),
-                    Publication::internal(
-                        topic.clone(),
-                        payload.to_string().into_bytes(),
-                        QoS::AtLeastOnce,
-                        false,
-                    ),
-                );
-                if handed == 0 {
-                    Err(DeliveryError::Retryable(format!(
-                        "no session subscribed to {topic}"
-                    )))
-                } else {
-                    Ok(format!("published on {topic} to {handed} session(s)"))
+                let service = self
+                    .commands
+                    .get()
+                    .ok_or_else(|| DeliveryError::Retryable("device commands are not running yet".into()))?;
+                let spec = crate::fleet_ops::commands::CommandSpec {
+                    name: command.clone(),
+                    payload,
+                    timeout: Duration::from_secs(crate::fleet_ops::commands::DEFAULT_TIMEOUT_SECS),
+                    queue_ttl: None,
+                };
+                match service
+                    .send(&alarm.tenant, &device, spec, format!("rule:{}", alarm.rule_id))
+                    .await
+                {
+                    Ok(ticket) => Ok(format!("command {command} sent ({})", ticket.record.id)),
+                    Err(e @ crate::fleet_ops::commands::CommandError::DeviceOffline(_))
+                    | Err(e @ crate::fleet_ops::commands::CommandError::Busy { .. })
+                    | Err(e @ crate::fleet_ops::commands::CommandError::Unavailable(_))
+                    | Err(e @ crate::fleet_ops::commands::CommandError::Store(_)) => {
+                        Err(DeliveryError::Retryable(e.to_string()))
+                    }
+                    Err(e) => Err(DeliveryError::Permanent(e.to_string())),
                 }
             }
             ActionKind::ShadowPatch => {

@@ -1,9 +1,11 @@
 //! Storage adapters: the registry over diesel (SQLite or PostgreSQL), and device shadows
 //! kept in it (cached in Redis when configured).
 
+pub mod commands;
 pub mod db;
 pub mod device_types;
 pub mod files;
+pub mod jobs;
 pub mod mqtt;
 pub mod records;
 pub mod registry;

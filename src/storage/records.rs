@@ -113,6 +113,95 @@ pub struct DeviceFilter {
     pub status: Option<ConnectionStatus>,
     /// `metadata.<name>=<value>` pairs; the value matches a string or the JSON text of a value.
     pub metadata: Vec<(String, String)>,
+    /// Further tags the device must all have.
+    pub tags: Vec<String>,
+    /// The `firmware` the device's reported shadow holds.
+    pub firmware: Option<String>,
+    /// Only these devices (batch jobs and campaigns that name their targets).
+    pub ids: Option<Vec<String>>,
+    /// The query of `group` when it is a dynamic group; filled in by the registry, which
+    /// applies it instead of the membership table.
+    pub group_query: Option<Box<DeviceFilter>>,
+}
+
+/// The query of a dynamic group: its members are the devices that match all of it, at the
+/// moment anyone asks (device lists, rule scopes, batch jobs, campaign targets).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupQuery {
+    /// Device type.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<String>,
+    /// Tags the device must all have.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Metadata keys and the values they must hold.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+    /// `online`, `offline` or `disabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The firmware version the device reports (reported shadow `firmware`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
+}
+
+impl GroupQuery {
+    /// Checks the query; the message names the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.device_type.is_none()
+            && self.tags.is_empty()
+            && self.metadata.is_empty()
+            && self.status.is_none()
+            && self.firmware.is_none()
+        {
+            return Err(
+                "a dynamic group's query needs at least one of type, tags, metadata, status, firmware".into(),
+            );
+        }
+        if self.metadata.len() > 32 {
+            return Err("metadata: at most 32 keys".into());
+        }
+        if self.tags.len() > 32 {
+            return Err("tags: at most 32".into());
+        }
+        if let Some(status) = &self.status {
+            status
+                .parse::<ConnectionStatus>()
+                .map_err(|m| format!("status: {m}"))?;
+        }
+        if self
+            .firmware
+            .as_ref()
+            .is_some_and(|f| f.is_empty() || f.len() > 64)
+        {
+            return Err("firmware: 1 to 64 characters".into());
+        }
+        Ok(())
+    }
+
+    /// The device filter this query stands for.
+    pub fn to_filter(&self) -> DeviceFilter {
+        DeviceFilter {
+            device_type: self.device_type.clone(),
+            tags: self.tags.clone(),
+            status: self.status.as_deref().and_then(|s| s.parse().ok()),
+            metadata: self
+                .metadata
+                .iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), text)
+                })
+                .collect(),
+            firmware: self.firmware.clone(),
+            ..DeviceFilter::default()
+        }
+    }
 }
 
 /// Keyset pagination: items after `after` in id order.
@@ -135,6 +224,8 @@ pub struct Group {
     pub tenant: TenantId,
     pub name: GroupName,
     pub description: String,
+    /// Set for a dynamic group: its members are the devices matching it.
+    pub query: Option<GroupQuery>,
     pub member_count: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

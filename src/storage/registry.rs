@@ -139,6 +139,7 @@ struct GroupRow {
     description: String,
     created_at: i64,
     updated_at: i64,
+    query: Option<String>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -649,6 +650,23 @@ impl RegistryStore {
         self.db.read(move |conn| load_device(conn, &tenant, &id)).await
     }
 
+    /// The ids of the tenant's devices matching `filter` (dynamic groups resolved), in id order.
+    pub async fn matching_devices(
+        &self,
+        tenant: &TenantId,
+        filter: DeviceFilter,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        let tenant = tenant.clone();
+        self.db
+            .read(move |conn| {
+                Ok(matching_device_ids(conn, &tenant, filter)?
+                    .into_iter()
+                    .filter_map(|id| DeviceId::parse(id).ok())
+                    .collect())
+            })
+            .await
+    }
+
     /// Which of `ids` are registered devices of `tenant` (one query).
     pub async fn registered_devices(
         &self,
@@ -681,6 +699,7 @@ impl RegistryStore {
         let tenant = tenant.clone();
         self.db
             .read(move |conn| {
+                let filter = resolve_groups(conn, &tenant, filter)?;
                 let total: i64 = filtered_devices(&tenant, &filter).count().get_result(conn)?;
                 let mut query = filtered_devices(&tenant, &filter);
                 if let Some(after) = &page.after {
@@ -965,8 +984,10 @@ impl RegistryStore {
         tenant: TenantId,
         name: GroupName,
         description: String,
+        query: Option<GroupQuery>,
         by: AuditActor,
     ) -> Result<Group, StoreError> {
+        let query_text = query_text(query.as_ref())?;
         self.db
             .write(move |conn| {
                 let now = now_ms();
@@ -977,10 +998,12 @@ impl RegistryStore {
                         device_groups::description.eq(&description),
                         device_groups::created_at.eq(now),
                         device_groups::updated_at.eq(now),
+                        device_groups::query.eq(&query_text),
                     ))
                     .execute(conn)
                     .map_err(conflict_as(format!("group {name} already exists")))?;
-                insert_audit(conn, &audit(&by, "group.create", name.as_str(), None))?;
+                let detail = query.as_ref().map(|q| serde_json::json!({ "query": q }));
+                insert_audit(conn, &audit(&by, "group.create", name.as_str(), detail))?;
                 load_group(conn, &tenant, &name)?.ok_or_else(|| not_found(format!("group {name}")))
             })
             .await
@@ -1009,7 +1032,10 @@ impl RegistryStore {
                     .collect();
                 rows.into_iter()
                     .map(|row| {
-                        let members = counts.get(&row.name).copied().unwrap_or(0);
+                        let members = match parse_query(row.query.as_deref())? {
+                            Some(query) => count_matching(conn, &tenant, &query)?,
+                            None => counts.get(&row.name).copied().unwrap_or(0),
+                        };
                         group_record(row, members)
                     })
                     .collect()
@@ -1021,25 +1047,44 @@ impl RegistryStore {
         &self,
         tenant: TenantId,
         name: GroupName,
-        description: String,
+        description: Option<String>,
+        query: Option<GroupQuery>,
         by: AuditActor,
     ) -> Result<Group, StoreError> {
+        let query_text = query_text(query.as_ref())?;
         self.db
             .write(move |conn| {
-                let changed = diesel::update(
-                    device_groups::table
-                        .filter(device_groups::tenant_id.eq(tenant.as_str()))
-                        .filter(device_groups::name.eq(name.as_str())),
-                )
-                .set((
-                    device_groups::description.eq(&description),
-                    device_groups::updated_at.eq(now_ms()),
-                ))
-                .execute(conn)?;
-                if changed == 0 {
+                let Some(current) = load_group(conn, &tenant, &name)? else {
                     return Err(not_found(format!("group {name}")));
+                };
+                // A static group keeps its members; it cannot become dynamic while it has any.
+                if query.is_some() && current.query.is_none() && current.member_count > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "group {name} has {} members; remove them before giving it a query",
+                        current.member_count
+                    )));
                 }
-                insert_audit(conn, &audit(&by, "group.update", name.as_str(), None))?;
+                if query.is_none() && description.is_none() {
+                    return Ok(current);
+                }
+                let target = device_groups::table
+                    .filter(device_groups::tenant_id.eq(tenant.as_str()))
+                    .filter(device_groups::name.eq(name.as_str()));
+                diesel::update(target)
+                    .set(device_groups::updated_at.eq(now_ms()))
+                    .execute(conn)?;
+                if let Some(description) = &description {
+                    diesel::update(target)
+                        .set(device_groups::description.eq(description))
+                        .execute(conn)?;
+                }
+                if query_text.is_some() {
+                    diesel::update(target)
+                        .set(device_groups::query.eq(&query_text))
+                        .execute(conn)?;
+                }
+                let detail = query.as_ref().map(|q| serde_json::json!({ "query": q }));
+                insert_audit(conn, &audit(&by, "group.update", name.as_str(), detail))?;
                 load_group(conn, &tenant, &name)?.ok_or_else(|| not_found(format!("group {name}")))
             })
             .await
@@ -1084,8 +1129,14 @@ impl RegistryStore {
     ) -> Result<Group, StoreError> {
         self.db
             .write(move |conn| {
-                if load_group(conn, &tenant, &name)?.is_none() {
-                    return Err(not_found(format!("group {name}")));
+                match load_group(conn, &tenant, &name)? {
+                    None => return Err(not_found(format!("group {name}"))),
+                    Some(group) if group.query.is_some() => {
+                        return Err(StoreError::Conflict(format!(
+                            "group {name} is dynamic: its members are the devices matching its query"
+                        )));
+                    }
+                    Some(_) => {}
                 }
                 let wanted: Vec<String> = members.iter().map(|d| d.as_str().to_string()).collect();
                 let existing: Vec<String> = devices::table
@@ -1544,16 +1595,32 @@ fn assemble_devices(
         .collect()
 }
 
-/// The device query with every filter applied; built twice (count and page).
-fn filtered_devices(tenant: &TenantId, filter: &DeviceFilter) -> devices::BoxedQuery<'static, MultiBackend> {
+/// The device query with every filter applied; built twice (count and page). A dynamic group
+/// must have been resolved first ([`resolve_groups`]).
+pub(crate) fn filtered_devices(
+    tenant: &TenantId,
+    filter: &DeviceFilter,
+) -> devices::BoxedQuery<'static, MultiBackend> {
     let t = tenant.as_str().to_string();
-    let mut q = devices::table
+    let q = devices::table
         .filter(devices::tenant_id.eq(t.clone()))
         .into_boxed::<MultiBackend>();
+    apply_filter(q, &t, filter)
+}
+
+fn apply_filter(
+    mut q: devices::BoxedQuery<'static, MultiBackend>,
+    t: &str,
+    filter: &DeviceFilter,
+) -> devices::BoxedQuery<'static, MultiBackend> {
+    let t = t.to_string();
     if let Some(device_type) = &filter.device_type {
         q = q.filter(devices::device_type.eq(device_type.clone()));
     }
-    if let Some(tag) = &filter.tag {
+    if let Some(ids) = &filter.ids {
+        q = q.filter(devices::device_id.eq_any(ids.clone()));
+    }
+    for tag in filter.tag.iter().chain(filter.tags.iter()) {
         q = q.filter(
             devices::device_id.eq_any(
                 device_tags::table
@@ -1563,15 +1630,19 @@ fn filtered_devices(tenant: &TenantId, filter: &DeviceFilter) -> devices::BoxedQ
             ),
         );
     }
-    if let Some(group) = &filter.group {
-        q = q.filter(
-            devices::device_id.eq_any(
-                device_group_members::table
-                    .filter(device_group_members::tenant_id.eq(t.clone()))
-                    .filter(device_group_members::group_name.eq(group.as_str().to_string()))
-                    .select(device_group_members::device_id),
-            ),
-        );
+    match (&filter.group_query, &filter.group) {
+        (Some(query), _) => q = apply_filter(q, &t, query),
+        (None, Some(group)) => {
+            q = q.filter(
+                devices::device_id.eq_any(
+                    device_group_members::table
+                        .filter(device_group_members::tenant_id.eq(t.clone()))
+                        .filter(device_group_members::group_name.eq(group.as_str().to_string()))
+                        .select(device_group_members::device_id),
+                ),
+            );
+        }
+        (None, None) => {}
     }
     match filter.status {
         Some(ConnectionStatus::Online) => {
@@ -1600,7 +1671,70 @@ fn filtered_devices(tenant: &TenantId, filter: &DeviceFilter) -> devices::BoxedQ
             ),
         );
     }
+    if let Some(firmware) = &filter.firmware {
+        q = q.filter(
+            devices::device_id.eq_any(
+                device_shadows::table
+                    .filter(device_shadows::tenant_id.eq(t.clone()))
+                    .filter(device_shadows::firmware.eq(firmware.clone()))
+                    .select(device_shadows::device_id),
+            ),
+        );
+    }
     q
+}
+
+/// Puts a dynamic group's query into the filter (a static group stays a membership check).
+/// A group that does not exist matches no device, as an empty static group would.
+pub(crate) fn resolve_groups(
+    conn: &mut DbConnection,
+    tenant: &TenantId,
+    mut filter: DeviceFilter,
+) -> Result<DeviceFilter, StoreError> {
+    if let Some(group) = &filter.group {
+        let query: Option<Option<String>> = device_groups::table
+            .filter(device_groups::tenant_id.eq(tenant.as_str()))
+            .filter(device_groups::name.eq(group.as_str()))
+            .select(device_groups::query)
+            .first(conn)
+            .optional()?;
+        if let Some(query) = parse_query(query.flatten().as_deref())? {
+            filter.group_query = Some(Box::new(query.to_filter()));
+        }
+    }
+    Ok(filter)
+}
+
+/// The ids of every device matching `filter` (dynamic groups resolved), in id order.
+pub(crate) fn matching_device_ids(
+    conn: &mut DbConnection,
+    tenant: &TenantId,
+    filter: DeviceFilter,
+) -> Result<Vec<String>, StoreError> {
+    let filter = resolve_groups(conn, tenant, filter)?;
+    Ok(filtered_devices(tenant, &filter)
+        .order(devices::device_id)
+        .select(devices::device_id)
+        .load(conn)?)
+}
+
+fn count_matching(conn: &mut DbConnection, tenant: &TenantId, query: &GroupQuery) -> Result<i64, StoreError> {
+    Ok(filtered_devices(tenant, &query.to_filter())
+        .count()
+        .get_result(conn)?)
+}
+
+fn parse_query(text: Option<&str>) -> Result<Option<GroupQuery>, StoreError> {
+    text.map(|t| {
+        serde_json::from_str(t).map_err(|e| StoreError::Internal(format!("stored group query: {e}")))
+    })
+    .transpose()
+}
+
+fn query_text(query: Option<&GroupQuery>) -> Result<Option<String>, StoreError> {
+    query
+        .map(|q| serde_json::to_string(q).map_err(|e| StoreError::Internal(e.to_string())))
+        .transpose()
 }
 
 fn write_metadata(
@@ -1695,11 +1829,14 @@ fn load_group(
     else {
         return Ok(None);
     };
-    let members: i64 = device_group_members::table
-        .filter(device_group_members::tenant_id.eq(tenant.as_str()))
-        .filter(device_group_members::group_name.eq(name.as_str()))
-        .count()
-        .get_result(conn)?;
+    let members: i64 = match parse_query(row.query.as_deref())? {
+        Some(query) => count_matching(conn, tenant, &query)?,
+        None => device_group_members::table
+            .filter(device_group_members::tenant_id.eq(tenant.as_str()))
+            .filter(device_group_members::group_name.eq(name.as_str()))
+            .count()
+            .get_result(conn)?,
+    };
     group_record(row, members).map(Some)
 }
 
@@ -1708,6 +1845,7 @@ fn group_record(row: GroupRow, members: i64) -> Result<Group, StoreError> {
         tenant: parse_stored(TenantId::parse(row.tenant_id))?,
         name: parse_stored(GroupName::parse(row.name))?,
         description: row.description,
+        query: parse_query(row.query.as_deref())?,
         member_count: members as u64,
         created_at: from_ms(row.created_at),
         updated_at: from_ms(row.updated_at),

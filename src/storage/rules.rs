@@ -468,13 +468,14 @@ impl RegistryStore {
         let tenant = tenant.clone();
         self.database()
             .read(move |conn| {
+                // Through the registry's device filter, so a dynamic group's scope follows its query.
                 let ids: Vec<String> = if let Some(group) = group {
                     let name = GroupName::parse(group).map_err(internal)?;
-                    device_group_members::table
-                        .filter(device_group_members::tenant_id.eq(tenant.as_str()))
-                        .filter(device_group_members::group_name.eq(name.as_str()))
-                        .select(device_group_members::device_id)
-                        .load(conn)?
+                    let filter = crate::storage::records::DeviceFilter {
+                        group: Some(name),
+                        ..Default::default()
+                    };
+                    crate::storage::registry::matching_device_ids(conn, &tenant, filter)?
                 } else if let Some(tag) = tag {
                     device_tags::table
                         .filter(device_tags::tenant_id.eq(tenant.as_str()))

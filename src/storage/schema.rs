@@ -89,6 +89,7 @@ diesel::table! {
         description -> Text,
         created_at -> BigInt,
         updated_at -> BigInt,
+        query -> Nullable<Text>,
     }
 }
 
@@ -178,6 +179,7 @@ diesel::table! {
         version -> BigInt,
         document -> Text,
         updated_at -> BigInt,
+        firmware -> Nullable<Text>,
     }
 }
 
@@ -303,3 +305,63 @@ diesel::table! {
         value -> Nullable<Double>,
     }
 }
+
+// Fleet operations: batch jobs, device commands (schema/*/2026-12-07-000200_fleet_operations).
+
+diesel::table! {
+    jobs (id) {
+        id -> Text,
+        tenant_id -> Text,
+        operation -> Text,
+        params -> Text,
+        filter -> Text,
+        status -> Text,
+        total -> BigInt,
+        succeeded -> BigInt,
+        failed -> BigInt,
+        skipped -> BigInt,
+        concurrency -> BigInt,
+        rate_per_sec -> BigInt,
+        detail -> Nullable<Text>,
+        created_by -> Text,
+        created_at -> BigInt,
+        started_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    job_devices (job_id, device_id) {
+        job_id -> Text,
+        device_id -> Text,
+        status -> Text,
+        result -> Nullable<Text>,
+        secret -> Nullable<Text>,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    device_commands (id) {
+        id -> Text,
+        tenant_id -> Text,
+        device_id -> Text,
+        name -> Text,
+        payload -> Text,
+        status -> Text,
+        response -> Nullable<Text>,
+        response_status -> Nullable<BigInt>,
+        error -> Nullable<Text>,
+        timeout_secs -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        requested_by -> Text,
+        created_at -> BigInt,
+        sent_at -> Nullable<BigInt>,
+        completed_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(jobs, job_devices);
+// Device filters match the reported firmware with a subquery on the shadows.
+diesel::allow_tables_to_appear_in_same_query!(devices, device_shadows);

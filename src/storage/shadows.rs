@@ -62,6 +62,13 @@ impl ShadowStore for RegistryStore {
         let text = serde_json::to_string(document)
             .map_err(|e| ShadowStoreError::Unavailable(format!("shadow not serializable: {e}")))?;
         let (t, d) = (tenant.as_str().to_string(), device.as_str().to_string());
+        // Kept in its own column so device filters can match the reported firmware.
+        let firmware = document
+            .state
+            .reported
+            .get("firmware")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
         let version = i64::try_from(document.version)
             .map_err(|_| ShadowStoreError::Unavailable("shadow version out of range".into()))?;
         let expected = i64::try_from(expected_previous_version)
@@ -78,6 +85,7 @@ impl ShadowStore for RegistryStore {
                             device_shadows::version.eq(version),
                             device_shadows::document.eq(&text),
                             device_shadows::updated_at.eq(now),
+                            device_shadows::firmware.eq(&firmware),
                         ))
                         .execute(conn)
                         .map_err(StoreError::from)
@@ -92,6 +100,7 @@ impl ShadowStore for RegistryStore {
                         device_shadows::version.eq(version),
                         device_shadows::document.eq(&text),
                         device_shadows::updated_at.eq(now),
+                        device_shadows::firmware.eq(&firmware),
                     ))
                     .execute(conn)
                     .map_err(StoreError::from)
