@@ -5,6 +5,7 @@ pub mod db;
 pub mod device_types;
 pub mod files;
 pub mod mqtt;
+pub mod ota;
 pub mod records;
 pub mod registry;
 pub mod rules;
