@@ -95,6 +95,7 @@ pub struct Config {
     pub rules: RulesConfig,
     pub smtp: SmtpConfig,
     pub sms: SmsConfig,
+    pub firmware: FirmwareConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -348,6 +349,32 @@ pub struct SmsConfig {
     pub from: String,
 }
 
+/// The firmware registry (OTA).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirmwareConfig {
+    /// Largest firmware image accepted, in bytes.
+    pub max_image_bytes: u64,
+    /// Ed25519 key signing firmware manifests: the 32-byte seed, base64. Empty: a key is
+    /// created in `firmware-signing.key` (mode 0600) in the data directory on first start.
+    pub signing_key: Secret,
+}
+
+impl fmt::Debug for FirmwareConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FirmwareConfig")
+            .field("max_image_bytes", &self.max_image_bytes)
+            .field("signing_key", &self.signing_key)
+            .finish()
+    }
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        Config::default().firmware
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -460,6 +487,10 @@ impl Default for Config {
                 auth_token: Secret::default(),
                 from: String::new(),
             },
+            firmware: FirmwareConfig {
+                max_image_bytes: 256 * 1024 * 1024,
+                signing_key: Secret::default(),
+            },
         }
     }
 }
@@ -566,6 +597,7 @@ impl fmt::Debug for Config {
             .field("rules", &self.rules)
             .field("smtp", &self.smtp)
             .field("sms", &self.sms)
+            .field("firmware", &self.firmware)
             .finish()
     }
 }
@@ -1361,6 +1393,22 @@ pub const ENV_KEYS: &[EnvKey] = &[
             Ok(())
         },
     },
+    EnvKey {
+        env: "FIRMWARE_MAX_IMAGE_BYTES",
+        key: "firmware.max_image_bytes",
+        apply: |c, v| {
+            c.firmware.max_image_bytes = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "FIRMWARE_SIGNING_KEY",
+        key: "firmware.signing_key",
+        apply: |c, v| {
+            c.firmware.signing_key = Secret::new(v);
+            Ok(())
+        },
+    },
 ];
 
 /// Host-only variables from the product description, used when the matching URL is not set.
@@ -1583,7 +1631,22 @@ impl Config {
             ));
         }
         self.validate_telemetry()?;
+        self.validate_firmware()?;
         self.validate_rules()
+    }
+
+    fn validate_firmware(&self) -> Result<(), ConfigError> {
+        if self.firmware.max_image_bytes == 0 {
+            return Err(ConfigError::new(
+                "firmware.max_image_bytes (FIRMWARE_MAX_IMAGE_BYTES)",
+                "must be at least 1",
+            ));
+        }
+        if !self.firmware.signing_key.is_empty() {
+            crate::ota::signing::ManifestSigner::from_seed_base64(self.firmware.signing_key.expose())
+                .map_err(|m| ConfigError::new("firmware.signing_key (FIRMWARE_SIGNING_KEY)", m))?;
+        }
+        Ok(())
     }
 
     fn validate_rules(&self) -> Result<(), ConfigError> {
@@ -2110,6 +2173,13 @@ account_sid = ""
 auth_token = ""
 # Sender number.  (SMS_FROM)
 from = ""
+
+[firmware]
+# Largest firmware image accepted, in bytes.  (FIRMWARE_MAX_IMAGE_BYTES)
+max_image_bytes = 268435456
+# Ed25519 key signing firmware manifests (32-byte seed, base64). Empty: created in
+# firmware-signing.key in the data directory on first start. Nodes of a cluster share it.  (FIRMWARE_SIGNING_KEY)
+signing_key = ""
 "#;
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub enum StartError {
     Mqtt(#[from] ListenError),
     #[error("rules engine: {0}")]
     Rules(String),
+    #[error("firmware signing key: {0}")]
+    FirmwareKey(#[from] crate::ota::signing::SigningKeyError),
 }
 
 /// A started platform.
@@ -294,6 +296,13 @@ pub async fn start_with_clock(
             .with_live(Arc::new(hub.clone())),
     );
     let shadow_store = shadow_store(&config, &registry);
+    let ota = Arc::new(crate::ota::Ota::start(
+        &config,
+        registry.clone(),
+        Arc::new(BrokerOutbound::new(broker.clone())),
+        shadow_store.clone(),
+        hub.clone(),
+    )?);
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
         pipeline: pipeline.clone(),
@@ -304,6 +313,7 @@ pub async fn start_with_clock(
             metrics: Arc::new(ShadowUpdateCounter(metrics.shadow_updates.clone())),
             limits: ShadowLimits::default(),
         },
+        jobs: ota.device_jobs(),
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(
@@ -357,6 +367,7 @@ pub async fn start_with_clock(
         shadow_store,
         rules,
         hub,
+        ota,
     });
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
@@ -426,6 +437,7 @@ impl RunningServer {
         self.http.stop(true).await;
         let _ = self.http_task.await;
         tracing::info!("shutting down: actors");
+        self.state.ota.stop();
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
         tracing::info!("shutting down: telemetry writers");

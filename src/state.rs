@@ -44,4 +44,6 @@ pub struct AppState {
     pub rules: Arc<RulesEngine>,
     /// The live stream `/ws` sessions subscribe to.
     pub hub: DashboardHub,
+    /// Firmware images and the OTA campaign runner.
+    pub ota: Arc<crate::ota::Ota>,
 }

@@ -6,6 +6,7 @@
 //! when it starts, and tells the supervisor when it goes away, however it goes (including a
 //! panic in a handler), so the supervisor can restart it.
 
+pub mod jobs;
 mod shadow_ops;
 
 use std::sync::Arc;
@@ -65,6 +66,10 @@ pub enum InboundKind {
     ShadowGet,
     /// `devices/{id}/commands/{command}/response`
     CommandResponse { command: String },
+    /// `devices/{id}/jobs/{job}/update`
+    JobUpdate { job: String },
+    /// `devices/{id}/jobs/get`
+    JobGet,
 }
 
 /// A publish of the device on one of its platform topics. The reply comes when the platform
@@ -209,6 +214,8 @@ pub struct InboundCounts {
     pub refused: u64,
     pub shadow: u64,
     pub command_responses: u64,
+    /// Job updates and requests (OTA).
+    pub jobs: u64,
 }
 
 /// What `GetDeviceState` returns.
@@ -269,6 +276,8 @@ pub struct DeviceActorSpec {
     /// Stops the actor after this long without a connection or a message (`None`: never).
     pub idle_timeout: Option<Duration>,
     pub shadows: ShadowServices,
+    /// Where job reports go (the campaign runner).
+    pub jobs: Arc<dyn jobs::DeviceJobs>,
 }
 
 pub struct DeviceActor {
@@ -296,6 +305,7 @@ pub struct DeviceActor {
     /// `{"desired", "reported"}` of `shadow`, shared with telemetry observers.
     shadow_view: Option<Arc<serde_json::Value>>,
     shadows: ShadowServices,
+    jobs: Arc<dyn jobs::DeviceJobs>,
     exit: ExitNotice,
 }
 
@@ -328,6 +338,7 @@ impl DeviceActor {
             shadow: None,
             shadow_view: None,
             shadows: spec.shadows,
+            jobs: spec.jobs,
         }
     }
 
@@ -433,6 +444,7 @@ impl Handler<DeviceConnected> for DeviceActor {
         if !was_online {
             self.presence
                 .connection_changed(&self.tenant, &self.device, true, msg.at);
+            self.job_request();
         }
         tracing::debug!(tenant = %self.tenant, device = %self.device, protocol = msg.protocol, "device connected");
     }
@@ -598,6 +610,12 @@ impl Handler<DeviceInbound> for DeviceActor {
             }
             InboundKind::CommandResponse { .. } => {
                 self.inbound.command_responses += 1;
+                answered(Ok(InboundAccepted::default()))
+            }
+            InboundKind::JobUpdate { job } => answered(self.job_update(&job, &msg.payload, msg.at)),
+            InboundKind::JobGet => {
+                self.inbound.jobs += 1;
+                self.job_request();
                 answered(Ok(InboundAccepted::default()))
             }
         }

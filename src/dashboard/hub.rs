@@ -53,6 +53,10 @@ pub enum LiveMessage<'a> {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         devices: Vec<String>,
     },
+    /// An OTA campaign's progress changed (status, stage or counts per job state).
+    Campaign {
+        campaign: Box<crate::ota::runner::CampaignProgress>,
+    },
     /// The session fell behind and missed `missed` events of `stream` (`alarms` or `telemetry`).
     Lagged { stream: &'static str, missed: u64 },
 }

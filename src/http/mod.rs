@@ -5,9 +5,11 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod campaigns;
 pub mod device_types;
 pub mod devices;
 pub mod error;
+pub mod firmware;
 pub mod groups;
 pub mod ingest;
 pub mod mqtt;
@@ -56,6 +58,8 @@ use crate::state::AppState;
         (name = "operations", description = "Health, metrics, statistics"),
         (name = "rules", description = "Rules and notification channels"),
         (name = "alerts", description = "Alarms and the live stream"),
+        (name = "firmware", description = "Firmware registry (OTA images)"),
+        (name = "campaigns", description = "OTA campaigns: staged firmware rollouts"),
     )
 )]
 struct ApiDoc;
@@ -157,6 +161,8 @@ pub fn app(
                 .configure(device_types::routes)
                 .configure(rules::routes)
                 .configure(alerts::routes)
+                .configure(firmware::routes)
+                .configure(campaigns::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json))
                 // `/api` itself (the start banner's link) answers the index of the API.

@@ -524,6 +524,8 @@ impl Connection {
             Some(DeviceTopic::CommandResponse { command, .. }) => InboundKind::CommandResponse {
                 command: command.to_string(),
             },
+            Some(DeviceTopic::JobUpdate { job, .. }) => InboundKind::JobUpdate { job: job.to_string() },
+            Some(DeviceTopic::JobGet { .. }) => InboundKind::JobGet,
             Some(DeviceTopic::Other { .. }) | None => return Ok(()),
         };
         let message = DeviceInbound {
