@@ -2,8 +2,8 @@
 //! device side of the job protocol (`load/src/sim_ota.rs`, the same code `drover-load simulate`
 //! runs) against a server in process.
 //!
-//! One server for the whole file: each part below is a function of its own, run in turn; the
-//! restart comes last.
+//! One server per backend: each part below is a function of its own, run in turn; the restart
+//! comes last.
 
 mod common;
 
@@ -25,10 +25,12 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Small, so a too large upload is cheap to send.
 const MAX_IMAGE: u64 = 256 * 1024;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ota() {
-    let mut server = TestServer::start_with(Backend::Sqlite, |c| c.firmware.max_image_bytes = MAX_IMAGE)
-        .expect("SQLite server");
+on_both_backends!(ota);
+
+async fn ota(backend: Backend) {
+    let Some(mut server) = TestServer::start_with(backend, |c| c.firmware.max_image_bytes = MAX_IMAGE) else {
+        return;
+    };
     let admin = server.admin_token().await;
 
     let base = upload(&server, &admin, "1.0.0", "sensor", &image(1, 40_000)).await;

@@ -945,15 +945,24 @@ impl RegistryStore {
         self.database()
             .write(move |conn| {
                 let mut touched = Vec::new();
+                let mut owners = std::collections::HashMap::<(String, TenantId), bool>::new();
                 for t in transitions {
                     // A report about another tenant's campaign never matches: the row is keyed
                     // by campaign and device, and the campaign's tenant is checked.
-                    let owned: i64 = campaigns::table
-                        .filter(campaigns::id.eq(&t.campaign))
-                        .filter(campaigns::tenant_id.eq(t.tenant.as_str()))
-                        .count()
-                        .get_result(conn)?;
-                    if owned == 0 {
+                    let key = (t.campaign.clone(), t.tenant.clone());
+                    let owned = match owners.get(&key) {
+                        Some(owned) => *owned,
+                        None => {
+                            let n: i64 = campaigns::table
+                                .filter(campaigns::id.eq(&t.campaign))
+                                .filter(campaigns::tenant_id.eq(t.tenant.as_str()))
+                                .count()
+                                .get_result(conn)?;
+                            owners.insert(key, n > 0);
+                            n > 0
+                        }
+                    };
+                    if !owned {
                         continue;
                     }
                     if move_device(
