@@ -44,6 +44,7 @@ async fn ota(backend: Backend) {
     an_interrupted_download_resumes(&server, &admin).await;
     bad_input_is_refused(&server, &admin, &next).await;
     tenants_and_roles_are_enforced(&server, &admin, &next).await;
+    the_api_document_describes_fleet_operations(&server).await;
     a_campaign_survives_a_restart(&mut server, &admin).await;
 }
 
@@ -826,6 +827,33 @@ async fn tenants_and_roles_are_enforced(server: &TestServer, admin: &str, next: 
     ] {
         let (status, body) = server.call(method.clone(), &path, None, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+    }
+}
+
+async fn the_api_document_describes_fleet_operations(server: &TestServer) {
+    let (status, doc) = server.call(Method::GET, "/api/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    for (path, method) in [
+        ("/api/firmware", "post"),
+        ("/api/firmware", "get"),
+        ("/api/firmware/{id}", "get"),
+        ("/api/firmware/{id}", "delete"),
+        ("/api/firmware/{id}/download", "get"),
+        ("/api/firmware/signing-key", "get"),
+        ("/api/campaigns", "post"),
+        ("/api/campaigns", "get"),
+        ("/api/campaigns/{id}", "get"),
+        ("/api/campaigns/{id}/devices", "get"),
+        ("/api/campaigns/{id}/devices/{deviceId}", "get"),
+        ("/api/campaigns/{id}/pause", "post"),
+        ("/api/campaigns/{id}/resume", "post"),
+        ("/api/campaigns/{id}/cancel", "post"),
+        ("/api/campaigns/{id}/rollback", "post"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is not described"
+        );
     }
 }
 

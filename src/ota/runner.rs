@@ -318,7 +318,11 @@ impl Pass {
                 );
             }
         }
-        for (tenant, device) in std::mem::take(&mut self.requests) {
+        // Without a running campaign no device has a job to get (the common case on a reconnect
+        // storm): no registry read per request.
+        let tenants: HashSet<TenantId> = running.iter().map(|c| c.tenant.clone()).collect();
+        let requests = std::mem::take(&mut self.requests);
+        for (tenant, device) in requests.into_iter().filter(|(t, _)| tenants.contains(t)) {
             match self.registry.pending_job(&tenant, &device).await {
                 Ok(Some(job)) => {
                     let payload = job_notification(&job.campaign, &job.firmware);
