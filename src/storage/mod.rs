@@ -4,6 +4,7 @@
 pub mod db;
 pub mod device_types;
 pub mod files;
+pub mod firmware;
 pub mod mqtt;
 pub mod ota;
 pub mod records;
