@@ -355,6 +355,9 @@ pub struct SmsConfig {
 pub struct FirmwareConfig {
     /// Largest firmware image accepted, in bytes.
     pub max_image_bytes: u64,
+    /// Downloads served at once; beyond, devices are answered 503 with Retry-After, so a
+    /// campaign over a large fleet holds the server's memory flat.
+    pub max_concurrent_downloads: usize,
     /// Ed25519 key signing firmware manifests: the 32-byte seed, base64. Empty: a key is
     /// created in `firmware-signing.key` (mode 0600) in the data directory on first start.
     pub signing_key: Secret,
@@ -364,6 +367,7 @@ impl fmt::Debug for FirmwareConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FirmwareConfig")
             .field("max_image_bytes", &self.max_image_bytes)
+            .field("max_concurrent_downloads", &self.max_concurrent_downloads)
             .field("signing_key", &self.signing_key)
             .finish()
     }
@@ -489,6 +493,7 @@ impl Default for Config {
             },
             firmware: FirmwareConfig {
                 max_image_bytes: 256 * 1024 * 1024,
+                max_concurrent_downloads: 256,
                 signing_key: Secret::default(),
             },
         }
@@ -1402,6 +1407,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "FIRMWARE_MAX_CONCURRENT_DOWNLOADS",
+        key: "firmware.max_concurrent_downloads",
+        apply: |c, v| {
+            c.firmware.max_concurrent_downloads = parse(v, "a number of downloads")?;
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "FIRMWARE_SIGNING_KEY",
         key: "firmware.signing_key",
         apply: |c, v| {
@@ -1636,6 +1649,12 @@ impl Config {
     }
 
     fn validate_firmware(&self) -> Result<(), ConfigError> {
+        if self.firmware.max_concurrent_downloads == 0 {
+            return Err(ConfigError::new(
+                "firmware.max_concurrent_downloads (FIRMWARE_MAX_CONCURRENT_DOWNLOADS)",
+                "must be at least 1",
+            ));
+        }
         if self.firmware.max_image_bytes == 0 {
             return Err(ConfigError::new(
                 "firmware.max_image_bytes (FIRMWARE_MAX_IMAGE_BYTES)",
@@ -2177,6 +2196,8 @@ from = ""
 [firmware]
 # Largest firmware image accepted, in bytes.  (FIRMWARE_MAX_IMAGE_BYTES)
 max_image_bytes = 268435456
+# Downloads served at once; beyond, devices get 503 with Retry-After.  (FIRMWARE_MAX_CONCURRENT_DOWNLOADS)
+max_concurrent_downloads = 256
 # Ed25519 key signing firmware manifests (32-byte seed, base64). Empty: created in
 # firmware-signing.key in the data directory on first start. Nodes of a cluster share it.  (FIRMWARE_SIGNING_KEY)
 signing_key = ""

@@ -28,7 +28,12 @@ const MAX_IMAGE: u64 = 256 * 1024;
 on_both_backends!(ota);
 
 async fn ota(backend: Backend) {
-    let Some(mut server) = TestServer::start_with(backend, |c| c.firmware.max_image_bytes = MAX_IMAGE) else {
+    let Some(mut server) = TestServer::start_with(backend, |c| {
+        c.firmware.max_image_bytes = MAX_IMAGE;
+        // Fewer than the devices of a stage: some are told to come back (503), as a large
+        // fleet would be.
+        c.firmware.max_concurrent_downloads = 3;
+    }) else {
         return;
     };
     let admin = server.admin_token().await;

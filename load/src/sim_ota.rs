@@ -313,7 +313,10 @@ impl OtaDevice {
         let mut have: u64 = 0;
         let mut cut = self.fleet.settings.interrupt_download_after;
         let mut last_progress = 0u64;
-        for attempt in 0..5 {
+        let mut busy_waits = 0u32;
+        let mut attempt = 0;
+        while attempt < 5 {
+            attempt += 1;
             let mut request = self.fleet.http.get(&url).bearer_auth(&self.token);
             if have > 0 {
                 request = request.header("Range", format!("bytes={have}-"));
@@ -321,13 +324,32 @@ impl OtaDevice {
             }
             let mut response = match request.send().await {
                 Ok(r) => r,
-                Err(_) if attempt < 4 => {
+                Err(_) if attempt < 5 => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
                 Err(e) => return Err(format!("download: {e}")),
             };
             let status = response.status().as_u16();
+            if status == 503 {
+                // The server serves so many downloads at once: wait as told, then resume.
+                let wait = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                busy_waits += 1;
+                attempt -= 1;
+                if busy_waits > 600 {
+                    return Err("download: the server stayed busy".into());
+                }
+                tokio::time::sleep(Duration::from_millis(
+                    wait * 1000 / 2 + jitter_ms(&self.id, busy_waits),
+                ))
+                .await;
+                continue;
+            }
             if !(status == 200 && have == 0 || status == 206 && have > 0) {
                 return Err(format!("download: HTTP {status}"));
             }
@@ -395,6 +417,12 @@ pub fn verify(key: &str, message: &[u8], signature: &str) -> bool {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Up to a second, spread over devices and retries so busy devices do not retry in lockstep.
+fn jitter_ms(device: &str, retry: u32) -> u64 {
+    let digest = ring::digest::digest(&SHA256, format!("{device}/{retry}").as_bytes());
+    u64::from(u16::from_be_bytes([digest.as_ref()[0], digest.as_ref()[1]])) % 1000
 }
 
 /// A reproducible draw: the same device fails the same job on every run.

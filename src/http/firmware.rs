@@ -336,6 +336,7 @@ async fn signing_key(
         (status = 206, description = "The range asked for", content_type = "application/octet-stream"),
         (status = 404, body = ErrorBody),
         (status = 416, body = ErrorBody, description = "range_not_satisfiable"),
+        (status = 503, body = ErrorBody, description = "busy: too many downloads at once; retry after Retry-After"),
     ),
     security(("bearer" = []))
 )]
@@ -347,6 +348,17 @@ async fn download(
 ) -> Result<HttpResponse, ApiError> {
     let tenant = downloader_tenant(&req, &state).await?;
     let record = find(&state, &tenant, &id).await?;
+    // Held until the body is sent (or the client goes away): the memory of downloads in
+    // flight is bounded, whatever the size of the fleet a campaign notifies.
+    let slot = state
+        .ota
+        .download_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError {
+            code: "busy",
+            ..ApiError::unavailable("too many firmware downloads at once; retry shortly", 1)
+        })?;
     let path = state.ota.files.path(&tenant, &record.id);
     let mut file = tokio::fs::File::open(&path).await.map_err(|error| {
         tracing::error!(%error, path = %path.display(), "firmware image missing");
@@ -370,21 +382,22 @@ async fn download(
             .await
             .map_err(|e| ApiError::internal(format!("firmware read: {e}")))?;
     }
-    let body = futures_util::stream::unfold((file, length), |(mut file, left)| async move {
+    let body = futures_util::stream::unfold((file, length, slot), |(mut file, left, slot)| async move {
         if left == 0 {
+            drop(slot);
             return None;
         }
         let mut buffer = vec![0u8; DOWNLOAD_CHUNK.min(left as usize)];
         match file.read(&mut buffer).await {
             Ok(0) => Some((
                 Err(std::io::Error::other("firmware image shorter than recorded")),
-                (file, 0),
+                (file, 0, slot),
             )),
             Ok(n) => {
                 buffer.truncate(n);
-                Some((Ok(bytes::Bytes::from(buffer)), (file, left - n as u64)))
+                Some((Ok(bytes::Bytes::from(buffer)), (file, left - n as u64, slot)))
             }
-            Err(e) => Some((Err(e), (file, 0))),
+            Err(e) => Some((Err(e), (file, 0, slot))),
         }
     });
     let mut response = if range.is_some() {

@@ -35,6 +35,8 @@ pub struct Ota {
     pub runner: Addr<runner::CampaignRunner>,
     /// Largest image accepted, in bytes.
     pub max_image_bytes: u64,
+    /// One permit per download being served.
+    pub download_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ota {
@@ -53,6 +55,9 @@ impl Ota {
             signer,
             runner,
             max_image_bytes: config.firmware.max_image_bytes,
+            download_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.firmware.max_concurrent_downloads,
+            )),
         })
     }
 
