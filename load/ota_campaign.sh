@@ -3,7 +3,7 @@
 #
 # Starts its own Drover (release build, loopback ports of its own, a temporary data directory),
 # connects DEVICES simulated devices with `drover-load simulate`, uploads an IMAGE_BYTES image
-# and runs a campaign over all of them (stages 1% → 10% → 50% → 100%). Prints the time the
+# and runs two campaigns in a row over all of them (stages 1% → 10% → 50% → 100%). Prints the time the
 # campaign took, devices updated per second, and the server's RSS: with the fleet connected
 # before the campaign, its peak during it, and after it. Every second's sample is kept in
 # $WORK/rss.csv while the script runs.
@@ -53,8 +53,11 @@ until [ "$(connected 2>/dev/null || echo 0)" -ge "$DEVICES" ]; do sleep 1; done
 sleep 5
 RSS_CONNECTED=$(rss_kib)
 
+# Two campaigns in a row (1.1.0, then 1.2.0): memory that a campaign leaves behind would show
+# as a higher second peak.
+for VERSION in 1.1.0 1.2.0; do
 head -c "$IMAGE_BYTES" /dev/urandom >"$WORK/fw.bin"
-FW=$(curl -sf -X POST "$BASE/api/firmware?version=1.1.0&deviceTypes=environment" -H "Authorization: Bearer $KEY" \
+FW=$(curl -sf -X POST "$BASE/api/firmware?version=$VERSION&deviceTypes=environment" -H "Authorization: Bearer $KEY" \
   -H 'Content-Type: application/octet-stream' --data-binary @"$WORK/fw.bin" | json '["id"]')
 START=$(date +%s.%N)
 CAMPAIGN=$(curl -sf -X POST "$BASE/api/campaigns" -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
@@ -72,16 +75,18 @@ END=$(date +%s.%N)
 sleep 5
 RSS_AFTER=$(rss_kib)
 SUCCEEDED=$(echo "$STATUS" | json '["counts"]["succeeded"]')
-python3 - "$START" "$END" "$DEVICES" "$SUCCEEDED" "$STATE" "$RSS_CONNECTED" "$PEAK" "$RSS_AFTER" "$IMAGE_BYTES" <<'PY'
+python3 - "$START" "$END" "$DEVICES" "$SUCCEEDED" "$STATE" "$RSS_CONNECTED" "$PEAK" "$RSS_AFTER" "$IMAGE_BYTES" "$VERSION" <<'PY'
 import json, sys
 start, end = float(sys.argv[1]), float(sys.argv[2])
 devices, succeeded, state = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 connected, peak, after, image = (int(x) for x in sys.argv[6:10])
 seconds = end - start
-print(f"campaign over {devices} devices ({image} B image, stages 1/10/50/100%): {state}, "
+print(f"campaign {sys.argv[10]} over {devices} devices ({image} B image, stages 1/10/50/100%): {state}, "
       f"{succeeded} succeeded in {seconds:.1f} s ({succeeded / seconds:.0f} devices/s)")
 print(f"server RSS: {connected / 1024:.0f} MiB with the fleet connected, peak {peak / 1024:.0f} MiB "
       f"during the campaign, {after / 1024:.0f} MiB after")
-print(json.dumps({"devices": devices, "succeeded": succeeded, "status": state, "seconds": round(seconds, 1),
+print(json.dumps({"version": sys.argv[10], "devices": devices, "succeeded": succeeded, "status": state, "seconds": round(seconds, 1),
                   "rss_connected_kib": connected, "rss_peak_kib": peak, "rss_after_kib": after}))
 PY
+RSS_CONNECTED=$RSS_AFTER
+done
