@@ -96,6 +96,7 @@ pub struct Config {
     pub smtp: SmtpConfig,
     pub sms: SmsConfig,
     pub cluster: ClusterConfig,
+    pub firmware: FirmwareConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +370,36 @@ pub struct SmsConfig {
     pub from: String,
 }
 
+/// The firmware registry (OTA).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirmwareConfig {
+    /// Largest firmware image accepted, in bytes.
+    pub max_image_bytes: u64,
+    /// Downloads served at once; beyond, devices are answered 503 with Retry-After, so a
+    /// campaign over a large fleet holds the server's memory flat.
+    pub max_concurrent_downloads: usize,
+    /// Ed25519 key signing firmware manifests: the 32-byte seed, base64. Empty: a key is
+    /// created in `firmware-signing.key` (mode 0600) in the data directory on first start.
+    pub signing_key: Secret,
+}
+
+impl fmt::Debug for FirmwareConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FirmwareConfig")
+            .field("max_image_bytes", &self.max_image_bytes)
+            .field("max_concurrent_downloads", &self.max_concurrent_downloads)
+            .field("signing_key", &self.signing_key)
+            .finish()
+    }
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        Config::default().firmware
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -487,6 +518,11 @@ impl Default for Config {
                 auth_token: Secret::default(),
                 from: String::new(),
             },
+            firmware: FirmwareConfig {
+                max_image_bytes: 256 * 1024 * 1024,
+                max_concurrent_downloads: 256,
+                signing_key: Secret::default(),
+            },
         }
     }
 }
@@ -599,6 +635,7 @@ impl fmt::Debug for Config {
             .field("smtp", &self.smtp)
             .field("sms", &self.sms)
             .field("cluster", &self.cluster)
+            .field("firmware", &self.firmware)
             .finish()
     }
 }
@@ -1426,6 +1463,30 @@ pub const ENV_KEYS: &[EnvKey] = &[
             Ok(())
         },
     },
+    EnvKey {
+        env: "FIRMWARE_MAX_IMAGE_BYTES",
+        key: "firmware.max_image_bytes",
+        apply: |c, v| {
+            c.firmware.max_image_bytes = parse(v, "a size in bytes")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "FIRMWARE_MAX_CONCURRENT_DOWNLOADS",
+        key: "firmware.max_concurrent_downloads",
+        apply: |c, v| {
+            c.firmware.max_concurrent_downloads = parse(v, "a number of downloads")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "FIRMWARE_SIGNING_KEY",
+        key: "firmware.signing_key",
+        apply: |c, v| {
+            c.firmware.signing_key = Secret::new(v);
+            Ok(())
+        },
+    },
 ];
 
 /// Host-only variables from the product description, used when the matching URL is not set.
@@ -1649,6 +1710,7 @@ impl Config {
             ));
         }
         self.validate_telemetry()?;
+        self.validate_firmware()?;
         self.validate_rules()
     }
 
@@ -1702,6 +1764,26 @@ impl Config {
                 "cluster mode (CLUSTER_NODE_ID) keeps device ownership, routes and sessions in \
                  Redis: set REDIS_URL",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_firmware(&self) -> Result<(), ConfigError> {
+        if self.firmware.max_concurrent_downloads == 0 {
+            return Err(ConfigError::new(
+                "firmware.max_concurrent_downloads (FIRMWARE_MAX_CONCURRENT_DOWNLOADS)",
+                "must be at least 1",
+            ));
+        }
+        if self.firmware.max_image_bytes == 0 {
+            return Err(ConfigError::new(
+                "firmware.max_image_bytes (FIRMWARE_MAX_IMAGE_BYTES)",
+                "must be at least 1",
+            ));
+        }
+        if !self.firmware.signing_key.is_empty() {
+            crate::ota::signing::ManifestSigner::from_seed_base64(self.firmware.signing_key.expose())
+                .map_err(|m| ConfigError::new("firmware.signing_key (FIRMWARE_SIGNING_KEY)", m))?;
         }
         Ok(())
     }
@@ -2241,6 +2323,15 @@ account_sid = ""
 auth_token = ""
 # Sender number.  (SMS_FROM)
 from = ""
+
+[firmware]
+# Largest firmware image accepted, in bytes.  (FIRMWARE_MAX_IMAGE_BYTES)
+max_image_bytes = 268435456
+# Downloads served at once; beyond, devices get 503 with Retry-After.  (FIRMWARE_MAX_CONCURRENT_DOWNLOADS)
+max_concurrent_downloads = 256
+# Ed25519 key signing firmware manifests (32-byte seed, base64). Empty: created in
+# firmware-signing.key in the data directory on first start. Nodes of a cluster share it.  (FIRMWARE_SIGNING_KEY)
+signing_key = ""
 "#;
 
 #[cfg(test)]

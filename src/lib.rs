@@ -17,6 +17,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod ota;
 pub mod presence;
 pub mod rules;
 pub mod server;

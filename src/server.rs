@@ -61,6 +61,8 @@ pub enum StartError {
     Rules(String),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("firmware signing key: {0}")]
+    FirmwareKey(#[from] crate::ota::signing::SigningKeyError),
 }
 
 /// A started platform.
@@ -337,6 +339,13 @@ pub async fn start_with_clock(
             ))),
     );
     let shadow_store = shadow_store(&config, &registry);
+    let ota = Arc::new(crate::ota::Ota::start(
+        &config,
+        registry.clone(),
+        Arc::new(BrokerOutbound::new(broker.clone())),
+        shadow_store.clone(),
+        hub.clone(),
+    )?);
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
         pipeline: pipeline.clone(),
@@ -348,6 +357,7 @@ pub async fn start_with_clock(
             limits: ShadowLimits::default(),
             shared_store: config.cluster.enabled(),
         },
+        jobs: ota.device_jobs(),
         ..SupervisorSettings::default()
     };
     let fleet = Fleet::start(
@@ -419,7 +429,14 @@ pub async fn start_with_clock(
         replayer: replayer.clone(),
         analytics,
         fleet_ops,
+        ota,
     });
+
+    // Batch jobs' update_firmware starts OTA campaigns.
+    state
+        .fleet_ops
+        .jobs
+        .attach_campaigns(Arc::new(crate::ota::launcher::OtaLauncher::new(&state.clone().into_inner())));
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
     let app_state = state.clone();
@@ -505,6 +522,7 @@ impl RunningServer {
         self.http.stop(true).await;
         let _ = self.http_task.await;
         tracing::info!("shutting down: actors");
+        self.state.ota.stop();
         let fleet = self.state.fleet.clone();
         let _ = tokio::task::spawn_blocking(move || fleet.shutdown()).await;
         tracing::info!("shutting down: telemetry writers");

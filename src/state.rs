@@ -52,4 +52,6 @@ pub struct AppState {
     pub analytics: Arc<AnalyticsEngine>,
     /// Batch jobs and device commands.
     pub fleet_ops: Arc<crate::fleet_ops::FleetOps>,
+    /// Firmware images and the OTA campaign runner.
+    pub ota: Arc<crate::ota::Ota>,
 }

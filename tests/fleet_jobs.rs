@@ -506,8 +506,44 @@ async fn jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_
                    "params": {"version": "2.1.0", "url": "https://firmware.example.com/v2.1.0.bin"}}),
         )
         .await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{answer}");
-    assert_eq!(answer["error"]["code"], "campaigns_unavailable");
+    // No image of that version yet: nothing is started.
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("2.1.0"), "{answer}");
+    // With the image uploaded, the batch starts an OTA campaign over the devices it selects.
+    let uploaded = server
+        .client
+        .post(server.url("/api/firmware?version=2.1.0&deviceTypes=gateway&notes=batch"))
+        .bearer_auth(&admin)
+        .header("Content-Type", "application/octet-stream")
+        .body(vec![7u8; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), StatusCode::CREATED);
+    let (status, answer) = server
+        .post(
+            "/api/devices/batch",
+            &admin,
+            json!({"operation": "update_firmware", "filter": {"type": "gateway"},
+                   "params": {"version": "2.1.0", "rollout": {"stages": [50, 100]}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let campaign = answer["detail"]["campaignId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a campaign id in {answer}"))
+        .to_string();
+    let (status, progress) = server.get(&format!("/api/campaigns/{campaign}"), &admin).await;
+    assert_eq!(status, StatusCode::OK, "{progress}");
+    let (status, answer) = server
+        .post(
+            "/api/devices/batch",
+            &admin,
+            json!({"operation": "update_firmware", "filter": {"type": "gateway"},
+                   "params": {"version": "2.1.0", "url": "https://firmware.example.com/v2.1.0.bin"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown campaign field is refused: {answer}");
     let (status, _) = server.get("/api/jobs/not-a-job", &admin).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = server.get(&format!("/api/jobs/{id}?status=weird"), &admin).await;

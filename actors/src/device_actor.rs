@@ -7,6 +7,7 @@
 //! panic in a handler), so the supervisor can restart it.
 
 pub mod commands;
+pub mod jobs;
 mod shadow_ops;
 
 use std::sync::Arc;
@@ -75,6 +76,10 @@ pub enum InboundKind {
         command: String,
         correlation: Option<bytes::Bytes>,
     },
+    /// `devices/{id}/jobs/{job}/update`
+    JobUpdate { job: String },
+    /// `devices/{id}/jobs/get`
+    JobGet,
 }
 
 /// A publish of the device on one of its platform topics. The reply comes when the platform
@@ -219,6 +224,8 @@ pub struct InboundCounts {
     pub refused: u64,
     pub shadow: u64,
     pub command_responses: u64,
+    /// Job updates and requests (OTA).
+    pub jobs: u64,
 }
 
 /// What `GetDeviceState` returns.
@@ -279,6 +286,8 @@ pub struct DeviceActorSpec {
     /// Stops the actor after this long without a connection or a message (`None`: never).
     pub idle_timeout: Option<Duration>,
     pub shadows: ShadowServices,
+    /// Where job reports go (the campaign runner).
+    pub jobs: Arc<dyn jobs::DeviceJobs>,
 }
 
 pub struct DeviceActor {
@@ -308,6 +317,7 @@ pub struct DeviceActor {
     shadows: ShadowServices,
     /// Commands awaiting the device's answer or its return (see `commands.rs`).
     commands: commands::CommandCorrelation,
+    jobs: Arc<dyn jobs::DeviceJobs>,
     exit: ExitNotice,
 }
 
@@ -341,6 +351,7 @@ impl DeviceActor {
             shadow_view: None,
             shadows: spec.shadows,
             commands: commands::CommandCorrelation::default(),
+            jobs: spec.jobs,
         }
     }
 
@@ -458,6 +469,7 @@ impl Handler<DeviceConnected> for DeviceActor {
         if !was_online {
             self.presence
                 .connection_changed(&self.tenant, &self.device, true, msg.at);
+            self.job_request();
         }
         tracing::debug!(tenant = %self.tenant, device = %self.device, protocol = msg.protocol, "device connected");
     }
@@ -624,6 +636,12 @@ impl Handler<DeviceInbound> for DeviceActor {
             InboundKind::CommandResponse { command, correlation } => {
                 self.inbound.command_responses += 1;
                 self.command_answered(&command, correlation.as_deref(), &msg.payload, ctx);
+                answered(Ok(InboundAccepted::default()))
+            }
+            InboundKind::JobUpdate { job } => answered(self.job_update(&job, &msg.payload, msg.at)),
+            InboundKind::JobGet => {
+                self.inbound.jobs += 1;
+                self.job_request();
                 answered(Ok(InboundAccepted::default()))
             }
         }

@@ -6,6 +6,7 @@
 //! types and provides the storage adapters.
 
 pub mod analytics;
+pub mod campaign;
 pub mod clock;
 pub mod device;
 pub mod device_actor;

@@ -104,6 +104,8 @@ pub struct SupervisorSettings {
     pub device_idle_timeout: Option<Duration>,
     /// Where device actors keep their shadows and how they announce changes.
     pub shadows: ShadowServices,
+    /// Where device actors hand OTA job reports (the campaign runner).
+    pub jobs: Arc<dyn crate::device_actor::jobs::DeviceJobs>,
 }
 
 impl Default for SupervisorSettings {
@@ -115,6 +117,7 @@ impl Default for SupervisorSettings {
             restart_backoff_max: Duration::from_secs(30),
             device_idle_timeout: None,
             shadows: ShadowServices::default(),
+            jobs: crate::device_actor::jobs::no_jobs(),
         }
     }
 }
@@ -168,6 +171,7 @@ impl TenantSupervisor {
             mailbox_capacity: self.settings.device_mailbox_capacity,
             idle_timeout: self.settings.device_idle_timeout,
             shadows: self.settings.shadows.clone(),
+            jobs: self.settings.jobs.clone(),
         };
         DeviceActor::new(spec).start()
     }

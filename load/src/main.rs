@@ -6,6 +6,7 @@ mod bench;
 mod monitor;
 mod sensors;
 mod sim_commands;
+mod sim_ota;
 mod simulate;
 
 use std::path::PathBuf;
@@ -114,6 +115,33 @@ impl Devices {
     }
 }
 
+/// How simulated devices take OTA jobs.
+#[derive(Args, Clone)]
+struct OtaArgs {
+    /// The firmware version a device reports when its shadow has none.
+    #[arg(long, default_value = "1.0.0")]
+    firmware: String,
+    /// Share of OTA jobs (0-1) whose install fails, the same devices for the same job.
+    #[arg(long, default_value_t = 0.0)]
+    ota_failure_rate: f64,
+    /// Milliseconds an install takes.
+    #[arg(long, default_value_t = 500)]
+    ota_install_ms: u64,
+}
+
+impl OtaArgs {
+    fn fleet(&self, api_base: &str) -> std::sync::Arc<sim_ota::OtaFleet> {
+        sim_ota::OtaFleet::new(sim_ota::OtaSettings {
+            api_base: api_base.trim_end_matches('/').to_string(),
+            initial_firmware: self.firmware.clone(),
+            failure_rate: self.ota_failure_rate.clamp(0.0, 1.0),
+            install_time: Duration::from_millis(self.ota_install_ms),
+            trusted_key: None,
+            interrupt_download_after: None,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Register devices through the REST API and write their ids and tokens to a CSV file.
@@ -154,6 +182,8 @@ enum Command {
         /// Correlation Data) instead of MQTT 3.1.1.
         #[arg(long)]
         mqtt5: bool,
+        #[command(flatten)]
+        ota: OtaArgs,
     },
     /// Benchmarks; each prints a table and a JSON line.
     #[command(subcommand)]
@@ -356,9 +386,11 @@ async fn main() -> anyhow::Result<()> {
             quiet,
             tls_ca,
             mqtt5,
+            ota,
         } => {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
+            let ota_fleet = ota.fleet(&server.url);
             let options = SimulateOptions {
                 host: server.mqtt_host,
                 port: server.mqtt_port,
@@ -369,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
                 connect_rate,
                 tls: tls_ca.as_deref().map(simulate::tls_config).transpose()?,
                 mqtt5,
+                ota: ota_fleet.clone(),
             };
             let summary = simulate::run(fleet, options, quiet).await?;
             let stats = api.get("/stats").await.ok();
@@ -383,6 +416,14 @@ async fn main() -> anyhow::Result<()> {
                 summary.shadow_updates_applied,
                 summary.commands_answered,
                 summary.errors
+            );
+            let jobs = &ota_fleet.counters;
+            println!(
+                "OTA jobs: {} taken, {} succeeded, {} failed, {} downloads resumed",
+                jobs.jobs.load(std::sync::atomic::Ordering::Relaxed),
+                jobs.succeeded.load(std::sync::atomic::Ordering::Relaxed),
+                jobs.failed.load(std::sync::atomic::Ordering::Relaxed),
+                jobs.resumed.load(std::sync::atomic::Ordering::Relaxed),
             );
             if let Some(stats) = stats {
                 println!(

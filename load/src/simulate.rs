@@ -33,6 +33,8 @@ pub struct SimulateOptions {
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Devices speak MQTT 5 (commands answered with Correlation Data) instead of 3.1.1.
     pub mqtt5: bool,
+    /// How devices take OTA jobs (README "Fleet operations").
+    pub ota: Arc<crate::sim_ota::OtaFleet>,
 }
 
 /// A TLS client configuration that trusts the CA certificates in the PEM file `ca_file`.
@@ -146,6 +148,7 @@ pub async fn run(
         }
         let mut stop = stop_rx.clone();
         let (host, port, fault_rate, tls) = (o.host.clone(), o.port, o.fault_rate, o.tls.clone());
+        let ota = crate::sim_ota::OtaDevice::new(&device.id, &device.token, o.ota.clone());
         tasks.push(tokio::spawn(async move {
             let counters = device_counters;
             let mut rng = StdRng::seed_from_u64(i as u64);
@@ -181,11 +184,13 @@ pub async fn run(
                             counters.acked.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            ota.on_connected(&client).await;
                             if !seen_online {
                                 seen_online = true;
                                 counters.connected.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        Ok(Event::Incoming(Packet::Publish(p))) if ota.handle(&client, &p.topic, &p.payload) => {}
                         Ok(Event::Incoming(Packet::Publish(p))) if p.topic == delta_topic => {
                             // Apply the desired change and report it back as the new state.
                             if let Ok(delta) = serde_json::from_slice::<Value>(&p.payload) {

@@ -82,6 +82,10 @@ pub enum LiveMessage<'a> {
         metrics: &'a [String],
         value: Option<f64>,
     },
+    /// An OTA campaign's progress changed (status, stage or counts per job state).
+    Campaign {
+        campaign: Box<crate::ota::runner::CampaignProgress>,
+    },
     /// The session fell behind and missed `missed` events of `stream` (`alarms` or `telemetry`).
     Lagged { stream: &'static str, missed: u64 },
 }

@@ -55,7 +55,7 @@ struct TokenQuery {
 }
 
 /// The device token a request carries, if any.
-fn device_token(req: &HttpRequest) -> Option<String> {
+pub(crate) fn device_token(req: &HttpRequest) -> Option<String> {
     let header = |name: &str| {
         req.headers()
             .get(name)

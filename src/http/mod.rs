@@ -8,9 +8,11 @@ pub mod alerts;
 pub mod cluster;
 pub mod analytics;
 pub mod commands;
+pub mod campaigns;
 pub mod device_types;
 pub mod devices;
 pub mod error;
+pub mod firmware;
 pub mod groups;
 pub mod ingest;
 pub mod jobs;
@@ -63,6 +65,8 @@ use crate::state::AppState;
         (name = "analytics", description = "Anomaly detection, forecasts, statistics, trend, drift, correlation"),
         (name = "jobs", description = "Batch operations as jobs"),
         (name = "commands", description = "Commands to devices, with their answers"),
+        (name = "firmware", description = "Firmware registry (OTA images)"),
+        (name = "campaigns", description = "OTA campaigns: staged firmware rollouts"),
     )
 )]
 struct ApiDoc;
@@ -167,6 +171,8 @@ pub fn app(
                 .configure(analytics::routes)
                 .configure(jobs::routes)
                 .configure(commands::routes)
+                .configure(firmware::routes)
+                .configure(campaigns::routes)
                 // Served from the document built below; inside the scope, which owns every /api path.
                 .route("/openapi.json", web::get().to(openapi_json))
                 // `/api` itself (the start banner's link) answers the index of the API.

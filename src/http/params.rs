@@ -49,7 +49,7 @@ pub fn refuse_non_json_body(req: &actix_web::HttpRequest) -> Result<(), ApiError
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .is_some_and(|length| length > 0);
-    if !has_body {
+    if !has_body || takes_binary_body(req) {
         return Ok(());
     }
     match req.mime_type() {
@@ -61,6 +61,11 @@ pub fn refuse_non_json_body(req: &actix_web::HttpRequest) -> Result<(), ApiError
             "the body must be JSON: send it with Content-Type: application/json",
         )),
     }
+}
+
+/// Endpoints whose body is not JSON: a firmware upload is the raw image or a multipart form.
+fn takes_binary_body(req: &actix_web::HttpRequest) -> bool {
+    req.method() == actix_web::http::Method::POST && req.path().trim_end_matches('/') == "/api/firmware"
 }
 
 /// A time query parameter, or a 400 naming the parameter.

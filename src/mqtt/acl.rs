@@ -237,6 +237,11 @@ fn device_rule(device: &str, access: Access, topic: &str) -> Decision {
                     "commands are sent to a device, not by it; answer on commands/{name}/response".into(),
                 )
             }
+            Some(DeviceTopic::Other { .. })
+                if topic[("devices/".len() + device.len() + 1)..].starts_with("jobs/notify") =>
+            {
+                Decision::Deny("jobs are sent to a device, not by it; report on jobs/{jobId}/update".into())
+            }
             Some(_) => Decision::Allow,
         },
     }

@@ -547,6 +547,8 @@ impl Connection {
                 command: command.to_string(),
                 correlation: correlation.map(bytes::Bytes::copy_from_slice),
             },
+            Some(DeviceTopic::JobUpdate { job, .. }) => InboundKind::JobUpdate { job: job.to_string() },
+            Some(DeviceTopic::JobGet { .. }) => InboundKind::JobGet,
             Some(DeviceTopic::Other { .. }) | None => return Ok(()),
         };
         let message = DeviceInbound {

@@ -135,6 +135,10 @@ pub enum DeviceTopic<'a> {
     ShadowGet { device: &'a str },
     /// `devices/{id}/commands/{name}/response`
     CommandResponse { device: &'a str, command: &'a str },
+    /// `devices/{id}/jobs/{job}/update` (OTA job progress)
+    JobUpdate { device: &'a str, job: &'a str },
+    /// `devices/{id}/jobs/get` (asks for the pending job)
+    JobGet { device: &'a str },
     /// Anything else under `devices/{id}/` (shadow replies, commands to the device, custom topics).
     Other { device: &'a str },
 }
@@ -154,6 +158,8 @@ impl<'a> DeviceTopic<'a> {
             ["commands", command, "response"] if !command.is_empty() => {
                 DeviceTopic::CommandResponse { device, command }
             }
+            ["jobs", job, "update"] if !job.is_empty() => DeviceTopic::JobUpdate { device, job },
+            ["jobs", "get"] => DeviceTopic::JobGet { device },
             _ => DeviceTopic::Other { device },
         })
     }
@@ -164,6 +170,8 @@ impl<'a> DeviceTopic<'a> {
             | DeviceTopic::ShadowUpdate { device }
             | DeviceTopic::ShadowGet { device }
             | DeviceTopic::CommandResponse { device, .. }
+            | DeviceTopic::JobUpdate { device, .. }
+            | DeviceTopic::JobGet { device }
             | DeviceTopic::Other { device } => device,
         }
     }
@@ -241,6 +249,17 @@ mod tests {
 
     #[test]
     fn device_topics_are_typed() {
+        assert_eq!(
+            DeviceTopic::parse("devices/s1/jobs/c-1/update"),
+            Some(DeviceTopic::JobUpdate {
+                device: "s1",
+                job: "c-1"
+            })
+        );
+        assert_eq!(
+            DeviceTopic::parse("devices/s1/jobs/get"),
+            Some(DeviceTopic::JobGet { device: "s1" })
+        );
         assert_eq!(
             DeviceTopic::parse("devices/s1/telemetry"),
             Some(DeviceTopic::Telemetry { device: "s1" })

@@ -365,3 +365,59 @@ diesel::table! {
 diesel::allow_tables_to_appear_in_same_query!(jobs, job_devices);
 // Device filters match the reported firmware with a subquery on the shadows.
 diesel::allow_tables_to_appear_in_same_query!(devices, device_shadows);
+
+// Fleet operations: firmware and OTA campaigns (schema/*/2026-12-07-000100_ota).
+
+diesel::table! {
+    firmware (id) {
+        id -> Text,
+        tenant_id -> Text,
+        version -> Text,
+        device_types -> Text,
+        notes -> Text,
+        size -> BigInt,
+        sha256 -> Text,
+        manifest -> Text,
+        signature -> Text,
+        created_by -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    campaigns (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        firmware_id -> Text,
+        firmware_version -> Text,
+        rollback_firmware_id -> Nullable<Text>,
+        rollback_of -> Nullable<Text>,
+        spec -> Text,
+        status -> Text,
+        stage -> Integer,
+        stages -> Integer,
+        status_reason -> Nullable<Text>,
+        created_by -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    campaign_devices (campaign_id, device_id) {
+        campaign_id -> Text,
+        device_id -> Text,
+        tenant_id -> Text,
+        stage -> Integer,
+        state -> Text,
+        progress -> Integer,
+        attempts -> Integer,
+        reason -> Nullable<Text>,
+        notified_at -> Nullable<BigInt>,
+        updated_at -> BigInt,
+        history -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(firmware, campaigns, campaign_devices);

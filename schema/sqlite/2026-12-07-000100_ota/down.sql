@@ -1,0 +1,3 @@
+DROP TABLE campaign_devices;
+DROP TABLE campaigns;
+DROP TABLE firmware;
