@@ -436,7 +436,9 @@ pub async fn start_with_clock(
     state
         .fleet_ops
         .jobs
-        .attach_campaigns(Arc::new(crate::ota::launcher::OtaLauncher::new(&state.clone().into_inner())));
+        .attach_campaigns(Arc::new(crate::ota::launcher::OtaLauncher::new(
+            &state.clone().into_inner(),
+        )));
 
     let addr = format!("{}:{}", config.http.bind, config.http.port);
     let app_state = state.clone();

@@ -508,7 +508,10 @@ async fn jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_
         .await;
     // No image of that version yet: nothing is started.
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
-    assert!(answer["error"]["message"].as_str().unwrap().contains("2.1.0"), "{answer}");
+    assert!(
+        answer["error"]["message"].as_str().unwrap().contains("2.1.0"),
+        "{answer}"
+    );
     // With the image uploaded, the batch starts an OTA campaign over the devices it selects.
     let uploaded = server
         .client
@@ -543,7 +546,11 @@ async fn jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_
                    "params": {"version": "2.1.0", "url": "https://firmware.example.com/v2.1.0.bin"}}),
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown campaign field is refused: {answer}");
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "an unknown campaign field is refused: {answer}"
+    );
     let (status, _) = server.get("/api/jobs/not-a-job", &admin).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = server.get(&format!("/api/jobs/{id}?status=weird"), &admin).await;

@@ -5,10 +5,10 @@
 
 pub mod accounts;
 pub mod alerts;
-pub mod cluster;
 pub mod analytics;
-pub mod commands;
 pub mod campaigns;
+pub mod cluster;
+pub mod commands;
 pub mod device_types;
 pub mod devices;
 pub mod error;

@@ -31,7 +31,9 @@ impl OtaLauncher {
 impl From<OtaError> for LaunchError {
     fn from(error: OtaError) -> LaunchError {
         match error {
-            OtaError::UnknownFirmware(_) | OtaError::UnknownDevices(_) => LaunchError::NotFound(error.to_string()),
+            OtaError::UnknownFirmware(_) | OtaError::UnknownDevices(_) => {
+                LaunchError::NotFound(error.to_string())
+            }
             OtaError::Store(store) => LaunchError::Store(store),
             other => LaunchError::Invalid(other.to_string()),
         }
@@ -72,17 +74,19 @@ impl CampaignLauncher for OtaLauncher {
                 ));
             }
             let images = state.registry.list_firmware(tenant).await?;
-            let image = images
-                .into_iter()
-                .find(|f| f.version == version)
-                .ok_or_else(|| LaunchError::NotFound(format!("no firmware version {version} in this tenant")))?;
+            let image = images.into_iter().find(|f| f.version == version).ok_or_else(|| {
+                LaunchError::NotFound(format!("no firmware version {version} in this tenant"))
+            })?;
             spec.insert("firmwareId".into(), Value::String(image.id));
         }
         let devices = state.registry.matching_devices(tenant, filter).await?;
         if devices.is_empty() {
             return Err(LaunchError::Invalid(OtaError::EmptyTarget.to_string()));
         }
-        let ids: Vec<Value> = devices.into_iter().map(|d| Value::String(d.into_string())).collect();
+        let ids: Vec<Value> = devices
+            .into_iter()
+            .map(|d| Value::String(d.into_string()))
+            .collect();
         spec.insert("target".into(), serde_json::json!({ "deviceIds": ids }));
         let spec: CampaignSpec = serde_json::from_value(Value::Object(spec))
             .map_err(|e| LaunchError::Invalid(format!("params: {e}")))?;
