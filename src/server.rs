@@ -345,6 +345,7 @@ pub async fn start_with_clock(
         Arc::new(BrokerOutbound::new(broker.clone())),
         shadow_store.clone(),
         hub.clone(),
+        crate::cluster::leases::Leases::new(config.cluster.enabled(), cluster_slot.clone()),
     )?);
     let settings = SupervisorSettings {
         device_mailbox_capacity: config.actors.device_mailbox,
@@ -378,7 +379,14 @@ pub async fn start_with_clock(
             shadows: shadow_store.clone(),
             commands,
         };
-        Arc::new(FleetOps::start(context, &keys.rules_secret_key))
+        let lease: Arc<dyn drover_actors::job_actor::JobLease> = if config.cluster.enabled() {
+            Arc::new(crate::cluster::leases::ClusterJobLease::new(
+                crate::cluster::leases::Leases::new(true, cluster_slot.clone()),
+            ))
+        } else {
+            Arc::new(drover_actors::job_actor::LocalLease)
+        };
+        Arc::new(FleetOps::start(context, &keys.rules_secret_key, lease))
     };
     let auth = Authenticator::new(registry.clone(), config.mqtt.allow_anonymous);
     auth.reload_cas().await?;

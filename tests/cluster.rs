@@ -611,6 +611,19 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
         "{metrics}"
     );
 
+    // Singletons: exactly one node drives the OTA campaigns.
+    let redis = redis::Client::open(shared.redis.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let leader: Option<String> = redis::cmd("GET")
+        .arg(format!("drover:{}:lease:campaign-runner", shared.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        matches!(leader.as_deref(), Some("n1" | "n2" | "n3")),
+        "one node leads the campaign runner: {leader:?}"
+    );
+
     // A token rotated through node 1 ends the device's connection on node 3 at once.
     let (mut d2, _) = Client::connect(n3.mqtt_port, "d2", "d2", &devices[1], true).await;
     let (status, body) = api

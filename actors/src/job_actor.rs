@@ -153,6 +153,9 @@ pub trait JobLease: Send + Sync + 'static {
     async fn release(&self, job: &str);
 }
 
+/// How often the runnable jobs are read again (to take over those of a node that died).
+const RESCAN: Duration = Duration::from_secs(30);
+
 /// A single node holds every lease.
 pub struct LocalLease;
 
@@ -250,20 +253,9 @@ impl Actor for JobActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let store = self.store.clone();
-        ctx.spawn(async move { store.runnable_jobs().await }.into_actor(self).map(
-            |jobs, act, ctx| match jobs {
-                Ok(jobs) => {
-                    if !jobs.is_empty() {
-                        tracing::info!(jobs = jobs.len(), "resuming batch jobs");
-                    }
-                    for job in jobs {
-                        act.launch(job, ctx);
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "could not read the batch jobs to resume"),
-            },
-        ));
+        self.resume(ctx);
+        // Jobs another node was running when it died are taken over once their lease expires.
+        ctx.run_interval(RESCAN, |act, ctx| act.resume(ctx));
     }
 
     fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
@@ -272,6 +264,30 @@ impl Actor for JobActor {
             stop.store(true, Ordering::Relaxed);
         }
         Running::Stop
+    }
+}
+
+impl JobActor {
+    /// Launches the runnable jobs not running here.
+    fn resume(&mut self, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        ctx.spawn(async move { store.runnable_jobs().await }.into_actor(self).map(
+            |jobs, act, ctx| match jobs {
+                Ok(jobs) => {
+                    let new: Vec<String> = jobs
+                        .into_iter()
+                        .filter(|j| !act.running.contains_key(j) && !act.waiting.contains(j))
+                        .collect();
+                    if !new.is_empty() {
+                        tracing::info!(jobs = new.len(), "resuming batch jobs");
+                    }
+                    for job in new {
+                        act.launch(job, ctx);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not read the batch jobs to resume"),
+            },
+        ));
     }
 }
 

@@ -11,6 +11,7 @@
 //! - `retained:{ns}`: retained messages, for nodes that join later.
 //! - `handoff:{ns}:{client}`: a session on its way from one node to another.
 
+pub mod leases;
 pub mod live;
 pub mod notices;
 pub mod ownership;

@@ -12,7 +12,7 @@ pub mod jobs;
 use std::sync::Arc;
 
 use actix::Actor;
-use drover_actors::job_actor::{JobActor, JobSettings, LocalLease};
+use drover_actors::job_actor::{JobActor, JobLease, JobSettings};
 
 use crate::rules::crypto::SecretBox;
 use crate::storage::jobs::RegistryJobStore;
@@ -30,7 +30,8 @@ pub struct FleetOps {
 impl FleetOps {
     /// Starts the job runner (which resumes the jobs that were running) and hands the
     /// commands that were queued when the server stopped to their devices again.
-    pub fn start(ctx: OperationContext, secret_key: &str) -> FleetOps {
+    /// `lease` decides which node runs a job (every job on a single node).
+    pub fn start(ctx: OperationContext, secret_key: &str, lease: Arc<dyn JobLease>) -> FleetOps {
         let secrets = SecretBox::from_passphrase(secret_key);
         let sealer = secrets.clone();
         let store = RegistryJobStore {
@@ -42,7 +43,7 @@ impl FleetOps {
         let runner = JobActor::new(
             Arc::new(store),
             Arc::new(OperationExecutor { ctx }),
-            Arc::new(LocalLease),
+            lease,
             JobSettings::default(),
         )
         .start();

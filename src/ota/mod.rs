@@ -48,9 +48,10 @@ impl Ota {
         outbound: Arc<dyn DeviceOutbound>,
         shadows: Arc<dyn ShadowStore>,
         hub: DashboardHub,
+        leases: crate::cluster::leases::Leases,
     ) -> Result<Ota, signing::SigningKeyError> {
         let signer = signing::ManifestSigner::load_or_create(config)?;
-        let runner = runner::CampaignRunner::new(registry, outbound, shadows, hub).start();
+        let runner = runner::CampaignRunner::new(registry, outbound, shadows, hub, leases).start();
         Ok(Ota {
             files: images::FirmwareFiles::new(&config.storage.data_dir),
             signer,

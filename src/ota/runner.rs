@@ -114,6 +114,9 @@ impl CampaignProgress {
 // ---- the actor -------------------------------------------------------------------------------
 
 pub struct CampaignRunner {
+    /// In a cluster one node drives the campaigns (stages, notifications, timeouts); every
+    /// node records the reports of its own devices.
+    leases: crate::cluster::leases::Leases,
     registry: RegistryStore,
     outbound: Arc<dyn DeviceOutbound>,
     shadows: Arc<dyn ShadowStore>,
@@ -137,8 +140,10 @@ impl CampaignRunner {
         outbound: Arc<dyn DeviceOutbound>,
         shadows: Arc<dyn ShadowStore>,
         hub: DashboardHub,
+        leases: crate::cluster::leases::Leases,
     ) -> CampaignRunner {
         CampaignRunner {
+            leases,
             registry,
             outbound,
             shadows,
@@ -160,6 +165,7 @@ impl CampaignRunner {
         }
         self.busy = true;
         let work = Pass {
+            leases: self.leases.clone(),
             registry: self.registry.clone(),
             outbound: self.outbound.clone(),
             shadows: self.shadows.clone(),
@@ -275,6 +281,7 @@ impl DeviceJobs for RunnerJobs {
 // ---- one pass --------------------------------------------------------------------------------
 
 struct Pass {
+    leases: crate::cluster::leases::Leases,
     registry: RegistryStore,
     outbound: Arc<dyn DeviceOutbound>,
     shadows: Arc<dyn ShadowStore>,
@@ -338,6 +345,11 @@ impl Pass {
         let mut progress = Vec::new();
         let live: HashSet<String> = running.iter().map(|c| c.id.clone()).collect();
         self.allowance.retain(|id, _| live.contains(id));
+        let running = if self.leases.hold("campaign-runner").await {
+            running
+        } else {
+            Vec::new()
+        };
         for campaign in running {
             match self.drive(campaign.clone()).await {
                 Ok(Some(updated)) => progress.push(updated),
