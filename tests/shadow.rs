@@ -824,7 +824,14 @@ async fn with_redis_configured_shadows_are_cached_and_forgotten_with_the_device(
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("drover:shadow:default/{id}");
+    // The cache key is scoped by the registry it belongs to: find it by the device's unique id.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("drover:*:shadow:default/{id}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one cached shadow: {keys:?}");
+    let key = keys[0].clone();
     let cached: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
     let cached: Value = serde_json::from_str(&cached.expect("written through to Redis")).unwrap();
     assert_eq!(cached["version"], 1);

@@ -190,10 +190,12 @@ fn simulate_connects_publishes_and_the_server_counts_it() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap();
-    assert_eq!(
-        received as u64,
-        summary["messages_sent"].as_u64().unwrap(),
-        "every message sent was received"
+    // Besides telemetry each device publishes its firmware report and asks for a pending OTA
+    // job when it connects; the telemetry alone is checked against the store below.
+    assert!(
+        received as u64 >= summary["messages_sent"].as_u64().unwrap(),
+        "every message sent was received: {received} < {}",
+        summary["messages_sent"]
     );
     // The server's own figures agree: every message was committed to the store.
     let stats: Value = reqwest::blocking::Client::new()

@@ -2,7 +2,7 @@
 // analytics draw as SVG (/api/analytics/forecast/{id}.svg?metric=…, …/anomalies/{id}.svg).
 // Images are fetched with the bearer token (an <img> cannot send it) and shown from object
 // URLs, so the SVG never becomes part of the page's markup. When the server has no analytics
-// (404) the panel stays hidden.
+// (404) or not enough data of the metric yet (400 not_enough_data) the panel stays hidden.
 
 import * as api from '../api.js';
 import { h, clear, note } from '../ui.js';
@@ -29,11 +29,11 @@ export function analyticsPanel(deviceId, metrics) {
     clear(picker, names.map((m) => h('option', { value: m, selected: m === current }, m)));
   }
 
-  // One image into `figure`: 'shown', 'absent' (404) or 'failed'.
+  // One image into `figure`: 'shown', 'absent' (404, or 400: too few points yet) or 'failed'.
   async function load(figure, path, caption) {
     const { status, blob } = await api.blob(path);
     if (stopped) return 'absent';
-    if (status === 404) { figure.replaceChildren(); return 'absent'; }
+    if (status === 404 || status === 400) { figure.replaceChildren(); return 'absent'; }
     if (!blob) {
       if (status !== 0 && status !== 401) clear(figure, note('error', `${caption}: the server answered ${status}.`));
       return 'failed';
@@ -50,7 +50,7 @@ export function analyticsPanel(deviceId, metrics) {
     const metric = picker.value;
     const results = await Promise.all([
       metric ? load(forecast, `${base}/forecast/${id}.svg${api.query({ metric })}`, `Forecast of ${metric}`) : 'absent',
-      load(anomalies, `${base}/anomalies/${id}.svg`, 'Anomalies'),
+      metric ? load(anomalies, `${base}/anomalies/${id}.svg${api.query({ metric })}`, `Anomalies of ${metric}`) : 'absent',
     ]);
     if (stopped) return;
     // Quietly absent when the server has no analytics for this device.
