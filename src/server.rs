@@ -482,6 +482,33 @@ pub async fn start_with_clock(
             &state.hub,
         )
         .await?;
+        let (rules, fleet) = (state.rules.clone(), state.fleet.clone());
+        cluster.set_notice_hook(Box::new(move |notice| {
+            use crate::cluster::notices::Notice;
+            let tenant_of = |t: &str| drover_actors::TenantId::parse(t).ok();
+            match notice {
+                Notice::Rules { tenant } => {
+                    if let Some(t) = tenant_of(tenant) {
+                        rules.reload(&t);
+                    }
+                }
+                Notice::AlarmClosed {
+                    tenant,
+                    rule_id,
+                    device,
+                } => {
+                    if let Some(t) = tenant_of(tenant) {
+                        rules.alarm_closed(&t, rule_id, device);
+                    }
+                }
+                Notice::DeviceType { tenant, device_type } => {
+                    if let Some(t) = tenant_of(tenant) {
+                        fleet.device_type_changed(&t, device_type);
+                    }
+                }
+                _ => {}
+            }
+        }));
         let _ = cluster_slot.set(cluster);
     }
     let mqtt_listener = listener::serve(listeners, mqtt, &config)?;

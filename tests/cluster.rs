@@ -506,6 +506,49 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
     };
     assert_eq!(frame["deviceId"], "d3", "{frame}");
     assert_eq!(frame["messages"][0]["metrics"]["temperature"], 21.5, "{frame}");
+
+    // A rule created through node 1 runs on node 3 (the device's owner), and the alarm it
+    // opens there reaches the dashboard on node 1.
+    let (status, rule) = api
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/rules", n1.http),
+            Some(&token),
+            Some(
+                json!({"name": "Hot", "severity": "major", "metric": "temperature",
+                        "condition": "temperature > 30"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{rule}");
+    let deadline = Instant::now() + WAIT;
+    let alarm = 'alarm: loop {
+        assert!(Instant::now() < deadline, "no alarm frame reached node 1");
+        d3.client
+            .publish(
+                "devices/d3/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"metrics": {"temperature": 40}}"#,
+            )
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) =
+                tokio::time::timeout(Duration::from_millis(100), futures_util::StreamExt::next(&mut ws))
+                    .await
+            else {
+                continue;
+            };
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == "alarm" {
+                break 'alarm frame;
+            }
+        }
+    };
+    assert_eq!(alarm["alarm"]["deviceId"], "d3", "{alarm}");
+    assert_eq!(alarm["event"], "opened", "{alarm}");
     drop(ws);
 
     // ---- a device moves from node 1 to node 2 with its session and shadow ------------------

@@ -1,7 +1,8 @@
 //! Live dashboard frames across nodes. Telemetry is shown by the device's owner node; a
 //! `/ws` session on another node of the tenant gets it through the cluster's `live` channel,
 //! published only while some other node has a session watching the tenant (nodes advertise the
-//! tenants they watch in their heartbeat). Alarm frames go to every node with sessions.
+//! tenants they watch in their heartbeat). Tenant-wide frames (alarms, analytics events,
+//! campaign progress) go to every node with sessions.
 
 use std::sync::{Arc, OnceLock};
 
@@ -28,7 +29,8 @@ pub(super) enum Frame {
         device_type: String,
         points: Vec<TelemetryPoint>,
     },
-    Alarm {
+    /// A tenant-wide frame: an alarm, an analytics event, a campaign's progress.
+    Event {
         from: String,
         tenant: TenantId,
         json: String,
@@ -95,17 +97,17 @@ impl Cluster {
         }
     }
 
-    /// Starts the publisher of live frames and taps the hub's alarms.
+    /// Starts the publisher of live frames and taps the hub's tenant-wide frames.
     pub(super) fn start_live(self: &Arc<Self>, hub: &DashboardHub) {
         let (tx, mut rx) = mpsc::channel::<Frame>(LIVE_QUEUE);
         let _ = self.live.set(tx);
         let weak = Arc::downgrade(self);
         let tap_weak = weak.clone();
-        hub.set_alarm_tap(Box::new(move |tenant, json| {
+        hub.set_event_tap(Box::new(move |tenant, json| {
             if let Some(cluster) = tap_weak.upgrade()
                 && cluster.has_remote_sessions()
             {
-                cluster.send_live(Frame::Alarm {
+                cluster.send_live(Frame::Event {
                     from: cluster.node_id.clone(),
                     tenant: tenant.clone(),
                     json: json.to_string(),
@@ -148,7 +150,7 @@ impl Cluster {
                 device_type,
                 points,
             }) if from != self.node_id => hub.show(&tenant, &device, &device_type, &points),
-            Ok(Frame::Alarm { from, tenant, json }) if from != self.node_id => {
+            Ok(Frame::Event { from, tenant, json }) if from != self.node_id => {
                 hub.publish_json(&tenant, json.into())
             }
             _ => {}

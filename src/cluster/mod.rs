@@ -139,6 +139,8 @@ pub struct Cluster {
     /// This node's live stream (frames from other nodes go there).
     hub: DashboardHub,
     live: std::sync::OnceLock<tokio::sync::mpsc::Sender<live::Frame>>,
+    /// What other nodes' notices about rules and device types are handed to.
+    notice_hook: std::sync::OnceLock<notices::NoticeHook>,
     /// What notices from other nodes act on (access rules, CAs).
     ctx: std::sync::Weak<MqttContext>,
     advert: Mutex<NodeAdvert>,
@@ -211,6 +213,7 @@ impl Cluster {
             broker: ctx.broker.clone(),
             fleet: ctx.fleet.clone(),
             ctx: Arc::downgrade(ctx),
+            notice_hook: std::sync::OnceLock::new(),
             hub: hub.clone(),
             live: std::sync::OnceLock::new(),
             advert: Mutex::new(advert),

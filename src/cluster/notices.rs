@@ -19,7 +19,21 @@ pub enum Notice {
     Acl { namespace: String },
     /// Device CAs were added or removed.
     Cas,
+    /// A tenant's rules changed: the rule actors reload them.
+    Rules { tenant: String },
+    /// An operator cleared an alarm: the device's rule state may raise a new one.
+    AlarmClosed {
+        tenant: String,
+        rule_id: String,
+        device: String,
+    },
+    /// A device type's schema changed: its device actors reload it.
+    DeviceType { tenant: String, device_type: String },
 }
+
+/// Applies the notices that concern the rest of the platform (rules, device types), set by the
+/// server once its parts exist.
+pub type NoticeHook = Box<dyn Fn(&Notice) + Send + Sync>;
 
 #[derive(Serialize, Deserialize)]
 struct Envelope {
@@ -28,6 +42,11 @@ struct Envelope {
 }
 
 impl Cluster {
+    /// Where the notices about rules and device types go (once, at start).
+    pub fn set_notice_hook(&self, hook: NoticeHook) {
+        let _ = self.notice_hook.set(hook);
+    }
+
     /// Tells the other nodes; best effort (a node that misses it while Redis is away keeps
     /// what it had: kicked clients are refused at their next connect anyway).
     pub fn notify(self: &Arc<Self>, notice: Notice) {
@@ -105,6 +124,11 @@ impl Cluster {
                 let Some(ctx) = self.context() else { return };
                 if let Err(error) = ctx.auth.reload_cas().await {
                     tracing::warn!(%error, "could not reload device CAs another node changed");
+                }
+            }
+            other => {
+                if let Some(hook) = self.notice_hook.get() {
+                    hook(&other);
                 }
             }
         }

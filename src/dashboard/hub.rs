@@ -25,18 +25,19 @@ const TELEMETRY_BACKLOG: usize = 1024;
 /// A single frame larger than this is still queued when nothing else waits.
 pub const TELEMETRY_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
 
-/// Hands an alarm frame (tenant, JSON) to the other nodes of a cluster.
-pub type AlarmTap = Box<dyn Fn(&TenantId, &Arc<str>) + Send + Sync>;
+/// Hands a tenant-wide frame (alarm, analytics event, campaign progress; tenant, JSON) to the
+/// other nodes of a cluster.
+pub type EventTap = Box<dyn Fn(&TenantId, &Arc<str>) + Send + Sync>;
 
 #[derive(Default)]
-struct TapSlot(std::sync::OnceLock<AlarmTap>);
+struct TapSlot(std::sync::OnceLock<EventTap>);
 
 impl std::fmt::Debug for TapSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.get().is_some() {
-            "AlarmTap(set)"
+            "EventTap(set)"
         } else {
-            "AlarmTap(none)"
+            "EventTap(none)"
         })
     }
 }
@@ -109,8 +110,8 @@ pub struct LiveEvent {
 pub struct DashboardHub {
     sender: broadcast::Sender<LiveEvent>,
     watchers: Arc<Watchers>,
-    /// Where alarm frames also go in a cluster (the other nodes' sessions).
-    alarm_tap: Arc<TapSlot>,
+    /// Where tenant-wide frames also go in a cluster (the other nodes' sessions).
+    event_tap: Arc<TapSlot>,
     sessions: Arc<Sessions>,
     activity: Arc<super::activity::ActivityRanker>,
 }
@@ -301,15 +302,15 @@ impl DashboardHub {
         DashboardHub {
             sender: broadcast::channel(capacity).0,
             watchers: Arc::default(),
-            alarm_tap: Arc::default(),
+            event_tap: Arc::default(),
             sessions: Arc::default(),
             activity: Arc::default(),
         }
     }
 
-    /// Sends alarm frames to `tap` too (once, when a cluster node joins).
-    pub fn set_alarm_tap(&self, tap: AlarmTap) {
-        let _ = self.alarm_tap.0.set(tap);
+    /// Sends tenant-wide frames to `tap` too (once, when a cluster node joins).
+    pub fn set_event_tap(&self, tap: EventTap) {
+        let _ = self.event_tap.0.set(tap);
     }
 
     /// An event another node published, for this node's sessions.
@@ -414,33 +415,31 @@ impl DashboardHub {
         self.watchers.tenants.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A tenant-wide frame (alarm, analytics event, campaign progress) for every session of the
+    /// tenant, on this node and, in a cluster, on the others.
     pub fn publish(&self, tenant: &TenantId, message: &LiveMessage<'_>) {
-        if self.sender.receiver_count() == 0 {
+        let tap = self.event_tap.0.get();
+        if self.sender.receiver_count() == 0 && tap.is_none() {
             return;
         }
         if let Ok(json) = serde_json::to_string(message) {
-            let _ = self.sender.send(LiveEvent {
-                tenant: tenant.clone(),
-                json: json.into(),
-            });
+            let json: Arc<str> = json.into();
+            if let Some(tap) = tap {
+                tap(tenant, &json);
+            }
+            self.publish_json(tenant, json);
         }
     }
 
     pub fn alarm(&self, event: &'static str, alarm: AlarmView) {
         let tenant = alarm.tenant.clone();
-        let message = LiveMessage::Alarm {
-            event,
-            alarm: Box::new(alarm),
-        };
-        let Some(tap) = self.alarm_tap.0.get() else {
-            self.publish(&tenant, &message);
-            return;
-        };
-        if let Ok(json) = serde_json::to_string(&message) {
-            let json: Arc<str> = json.into();
-            tap(&tenant, &json);
-            self.publish_json(&tenant, json);
-        }
+        self.publish(
+            &tenant,
+            &LiveMessage::Alarm {
+                event,
+                alarm: Box::new(alarm),
+            },
+        );
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {

@@ -194,6 +194,13 @@ async fn clear_alert(
     state
         .rules
         .alarm_closed(&principal.tenant, &alarm.rule_id, &alarm.device);
+    state
+        .mqtt
+        .tell_cluster(crate::cluster::notices::Notice::AlarmClosed {
+            tenant: principal.tenant.to_string(),
+            rule_id: alarm.rule_id.clone(),
+            device: alarm.device.clone(),
+        });
     let view = AlarmView::from(&alarm);
     state.hub.alarm("cleared", view.clone());
     Ok(web::Json(view))

@@ -109,6 +109,12 @@ async fn put_device_type(
         .put_device_type(&principal.tenant, &name, &body, principal.audit_actor())
         .await?;
     state.fleet.device_type_changed(&principal.tenant, &name);
+    state
+        .mqtt
+        .tell_cluster(crate::cluster::notices::Notice::DeviceType {
+            tenant: principal.tenant.to_string(),
+            device_type: name.to_string(),
+        });
     let view = DeviceTypeView::from(stored);
     Ok(if created {
         HttpResponse::Created().json(view)
@@ -137,5 +143,11 @@ async fn delete_device_type(
         )));
     }
     state.fleet.device_type_changed(&principal.tenant, &name);
+    state
+        .mqtt
+        .tell_cluster(crate::cluster::notices::Notice::DeviceType {
+            tenant: principal.tenant.to_string(),
+            device_type: name.to_string(),
+        });
     Ok(HttpResponse::NoContent().finish())
 }

@@ -203,6 +203,9 @@ async fn create_rule(
         .create_rule(principal.tenant.clone(), rule, principal.audit_actor())
         .await?;
     state.rules.reload(&principal.tenant);
+    state.mqtt.tell_cluster(crate::cluster::notices::Notice::Rules {
+        tenant: principal.tenant.to_string(),
+    });
     let mut view = rule_view(&state, &record);
     view.warnings = warnings;
     Ok(HttpResponse::Created().json(view))
@@ -303,6 +306,9 @@ async fn patch_rule(
         )
         .await?;
     state.rules.reload(&principal.tenant);
+    state.mqtt.tell_cluster(crate::cluster::notices::Notice::Rules {
+        tenant: principal.tenant.to_string(),
+    });
     let mut view = rule_view(&state, &record);
     view.warnings = warnings;
     Ok(web::Json(view))
@@ -333,6 +339,9 @@ async fn delete_rule(
         )
         .await?;
     state.rules.reload(&principal.tenant);
+    state.mqtt.tell_cluster(crate::cluster::notices::Notice::Rules {
+        tenant: principal.tenant.to_string(),
+    });
     Ok(HttpResponse::NoContent().finish())
 }
 
