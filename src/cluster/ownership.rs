@@ -177,6 +177,10 @@ impl Cluster {
                                 }
                                 Err(error) => {
                                     self.set_redis_up(false, &error);
+                                    self.owned.leases.lock().insert(
+                                        (tenant.clone(), device.clone()),
+                                        format!("{}|0", self.node_id),
+                                    );
                                     return None;
                                 }
                             }
@@ -187,7 +191,13 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(error) => {
+                    // Served here alone; the lease is taken at the first renewal Redis answers
+                    // (or the device is dropped then, if another node claimed it meanwhile).
                     self.set_redis_up(false, &error);
+                    self.owned
+                        .leases
+                        .lock()
+                        .insert((tenant.clone(), device.clone()), format!("{}|0", self.node_id));
                     return None;
                 }
             }
@@ -233,6 +243,9 @@ impl Cluster {
     /// The owner's side of a handover: close the connection, leave the session in Redis for
     /// the new node, stop the device actor (it has written its state), release the lease.
     async fn hand_over(self: Arc<Self>, tenant: TenantId, device: DeviceId, to: String) {
+        // Out of the renewals first: a renewal that found the session gone would release the
+        // lease before the session is in Redis, and the new node would start without it.
+        let lease = self.owned.leases.lock().remove(&(tenant.clone(), device.clone()));
         let key = SessionKey {
             namespace: Namespace::Tenant(tenant.clone()),
             class: ClientClass::Device,
@@ -254,7 +267,9 @@ impl Cluster {
         if let Err(error) = self.fleet.stop_device(&tenant, &device).await {
             tracing::warn!(%error, %tenant, %device, "device actor did not stop for the handover");
         }
-        self.release(&tenant, &device).await;
+        if let Some(lease) = lease {
+            self.release(&tenant, &device, lease).await;
+        }
         self.metrics
             .takeovers
             .with_label_values(&["out", "handover"])
@@ -262,9 +277,7 @@ impl Cluster {
         tracing::info!(%tenant, %device, %to, "device handed over");
     }
 
-    async fn release(&self, tenant: &TenantId, device: &DeviceId) {
-        let value = self.owned.leases.lock().remove(&(tenant.clone(), device.clone()));
-        let Some(value) = value else { return };
+    async fn release(&self, tenant: &TenantId, device: &DeviceId, value: String) {
         let mut conn = self.conn.clone();
         let released: redis::RedisResult<i64> = redis::cmd("EVAL")
             .arg(RELEASE)
