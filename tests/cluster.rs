@@ -177,6 +177,17 @@ impl Api {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// `GET /admin/cluster` on `node`.
+    async fn cluster(&self, node: &Node, token: &str) -> (StatusCode, Value) {
+        self.call(
+            reqwest::Method::GET,
+            format!("{}/admin/cluster", node.http),
+            Some(token),
+            None,
+        )
+        .await
+    }
+
     async fn login(&self, node: &Node) -> String {
         let (status, body) = self
             .call(
@@ -286,14 +297,7 @@ async fn routes_reach(api: &Api, token: &str, nodes: &[&Node], from: &str, filte
     let deadline = Instant::now() + WAIT;
     for node in nodes {
         loop {
-            let (_, body) = api
-                .call(
-                    reqwest::Method::GET,
-                    format!("{}/admin/cluster", node.http),
-                    Some(token),
-                    None,
-                )
-                .await;
+            let (_, body) = api.cluster(node, token).await;
             if body["routes"]["remoteFilters"][from].as_u64().unwrap_or(0) >= filters {
                 break;
             }
@@ -319,25 +323,11 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
     };
     let token = api.login(&n1).await;
     // A login made on one node is good on the others (shared keys).
-    let (status, body) = api
-        .call(
-            reqwest::Method::GET,
-            format!("{}/admin/cluster", n3.http),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, body) = api.cluster(&n3, &token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, body) = api
-            .call(
-                reqwest::Method::GET,
-                format!("{}/admin/cluster", n1.http),
-                Some(&token),
-                None,
-            )
-            .await;
+        let (_, body) = api.cluster(&n1, &token).await;
         let nodes: Vec<&str> = body["nodes"]
             .as_array()
             .unwrap()
@@ -449,14 +439,7 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
     assert_eq!(answer["type"], "subscribed", "{answer}");
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, body) = api
-            .call(
-                reqwest::Method::GET,
-                format!("{}/admin/cluster", n3.http),
-                Some(&token),
-                None,
-            )
-            .await;
+        let (_, body) = api.cluster(&n3, &token).await;
         let watched = body["nodes"]
             .as_array()
             .unwrap()
@@ -1016,14 +999,7 @@ async fn a_node_killed_during_ingestion_loses_no_acknowledged_point() {
     let n3 = shared.start("k3");
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, body) = api
-            .call(
-                reqwest::Method::GET,
-                format!("{}/admin/cluster", n3.http),
-                Some(&token),
-                None,
-            )
-            .await;
+        let (_, body) = api.cluster(&n3, &token).await;
         let count = body["nodes"].as_array().map_or(0, |n| n.len());
         if count == 3 {
             break;
