@@ -153,6 +153,9 @@ pub trait JobLease: Send + Sync + 'static {
     async fn release(&self, job: &str);
 }
 
+/// Why a run did not start: another node holds the job's lease (not a failure, not logged as one).
+const HELD_ELSEWHERE: &str = "another node runs this job";
+
 /// How often the runnable jobs are read again (to take over those of a node that died).
 const RESCAN: Duration = Duration::from_secs(30);
 
@@ -242,7 +245,7 @@ impl JobActor {
                 lease.release(&job).await;
                 outcome
             } else {
-                Err("another node runs this job".to_string())
+                Err(HELD_ELSEWHERE.to_string())
             };
             me.do_send(JobRunEnded { job, outcome });
         });
@@ -340,6 +343,12 @@ impl Handler<JobRunEnded> for JobActor {
             Ok(end) => tracing::info!(job = %msg.job, ?end, "batch job ended"),
             // Stopped for a cancellation: the store already says cancelled.
             Err(_) if was_cancelled => tracing::info!(job = %msg.job, "batch job cancelled"),
+            // Another node runs it: asked again later, in case that node dies.
+            Err(error) if error == HELD_ELSEWHERE => {
+                tracing::debug!(job = %msg.job, "batch job runs on another node");
+                let job = msg.job.clone();
+                ctx.run_later(self.settings.retry_after, move |act, ctx| act.launch(job, ctx));
+            }
             Err(error) => {
                 // The job stays running in the store: try again later (a restart also resumes it).
                 tracing::warn!(job = %msg.job, %error, "batch job interrupted; retrying");
