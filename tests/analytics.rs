@@ -561,3 +561,201 @@ async fn endpoints_compute_isolate_tenants_and_refuse_bad_input() {
     let (status, _) = server.get("/api/analytics/anomalies", "no-such-token").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+async fn alarms_of(server: &TestServer, token: &str, device: &str) -> Vec<Value> {
+    let (status, body) = server.get(&format!("/api/alerts?deviceId={device}"), token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["alerts"].as_array().cloned().unwrap_or_default()
+}
+
+async fn mqtt_device(server: &TestServer, id: &str, token: &str) -> rumqttc::AsyncClient {
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", server.mqtt.port());
+    options.set_credentials(id, token);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 256);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomaly_and_forecast_rules_open_alarms_from_the_live_analytics() {
+    let clock = drover_actors::clock::ManualClock::new();
+    let (hook_addr, mut hooks, _) = common::receiver::http_receiver(200).await;
+    let server = TestServer::start_with_clock(Backend::Sqlite, clock.clone(), |c| {
+        c.rules.tick_ms = 50;
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
+    })
+    .expect("SQLite server");
+    let admin = server.admin_token().await;
+    let pump_token = server
+        .register(&admin, json!({"deviceId": "pump-7", "type": "pump"}))
+        .await;
+    let mut cells = Vec::new();
+    for id in ["tracker-1", "tracker-2"] {
+        cells.push(
+            server
+                .register(&admin, json!({"deviceId": id, "type": "tracker"}))
+                .await,
+        );
+    }
+    // Short windows so the test needs few messages.
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            "/api/analytics/config/device-types/pump",
+            Some(&admin),
+            Some(json!({"window": 20, "warmUp": 20})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Bad conditions are refused with the field and what is expected.
+    for (condition, field) in [
+        (
+            json!({"type": "anomaly", "method": "prophet"}),
+            "condition.method",
+        ),
+        (
+            json!({"type": "anomaly", "method": "eif", "threshold": 7}),
+            "condition.threshold",
+        ),
+        (
+            json!({"type": "forecast", "below": 10, "withinSecs": 3600}),
+            "condition.metric",
+        ),
+        (
+            json!({"type": "forecast", "metric": "battery", "below": 10, "above": 90, "withinSecs": 3600}),
+            "condition",
+        ),
+        (
+            json!({"type": "forecast", "metric": "battery", "below": 10, "withinSecs": 0}),
+            "condition.withinSecs",
+        ),
+    ] {
+        let (status, body) = server
+            .post(
+                "/api/rules",
+                &admin,
+                json!({"name": "bad", "condition": condition}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{condition}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().starts_with(field),
+            "{condition}: {body}"
+        );
+    }
+
+    let (status, odd) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({
+                "name": "Pump behaves oddly",
+                "severity": "critical",
+                "scope": {"type": "deviceType", "value": "pump"},
+                "condition": {"type": "anomaly", "method": "zscore", "threshold": 6},
+                "actions": [{"type": "webhook", "url": format!("http://{hook_addr}/odd")}],
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{odd}");
+    let (status, low) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({
+                "name": "Battery runs out within 3 days",
+                "severity": "minor",
+                "condition": {"type": "forecast", "metric": "battery", "below": 10, "withinSecs": 259200},
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{low}");
+    for rule in [&odd, &low] {
+        let path = format!("/api/rules/{}", rule["id"].as_str().unwrap());
+        eventually(WAIT, "the rule is loaded", || async {
+            server.get(&path, &admin).await.1["stats"]["status"] == "running"
+        })
+        .await;
+    }
+
+    // The pump over MQTT: ordinary readings open nothing, a spike opens a critical alarm and
+    // notifies.
+    let pump = mqtt_device(&server, "pump-7", &pump_token).await;
+    let send = |temperature: f64| {
+        let pump = pump.clone();
+        async move {
+            pump.publish(
+                "devices/pump-7/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({"metrics": {"temperature": temperature}}).to_string(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    for i in 0..40 {
+        send(reading(i).0).await;
+    }
+    eventually(WAIT, "the ordinary readings are analysed", || async {
+        server.metric("drover_analytics_messages_total").await >= 40.0
+    })
+    .await;
+    assert!(alarms_of(&server, &admin, "pump-7").await.is_empty());
+    send(45.0).await;
+    eventually(WAIT, "the spike opens an anomaly alarm", || async {
+        !alarms_of(&server, &admin, "pump-7").await.is_empty()
+    })
+    .await;
+    let alarm = alarms_of(&server, &admin, "pump-7").await.remove(0);
+    assert_eq!(alarm["ruleName"], "Pump behaves oddly", "{alarm}");
+    assert_eq!(alarm["severity"], "critical");
+    assert_eq!(alarm["active"], true);
+    assert_eq!(alarm["value"], 45.0);
+    assert_eq!(alarm["details"]["method"], "zscore", "{alarm}");
+    assert_eq!(alarm["details"]["metric"], "temperature");
+    assert!(alarm["details"]["statistic"].as_f64().unwrap() >= 6.0, "{alarm}");
+    let hook = tokio::time::timeout(WAIT, hooks.recv()).await.unwrap().unwrap();
+    assert_eq!(hook.path, "/odd");
+    assert!(String::from_utf8_lossy(&hook.body).contains("Pump behaves oddly"));
+
+    // Two trackers over HTTP with hourly readings up to now: one battery steady, one falling
+    // 1 % an hour (53 % now: 10 % in about 43 hours). Only the falling one gets a maintenance
+    // alarm, while its battery is still far above the limit.
+    let now = Utc::now().timestamp_millis();
+    let hour = 3_600_000;
+    let history = |battery: &dyn Fn(i64) -> f64| -> Vec<Value> {
+        (0..48)
+            .map(|i| json!({"timestamp": now - (47 - i) * hour, "metrics": {"battery": battery(i)}}))
+            .collect()
+    };
+    post_messages(
+        &server,
+        &cells[1],
+        "tracker-2",
+        history(&|i| 90.0 + (i % 3) as f64 * 0.1),
+    )
+    .await;
+    eventually(WAIT, "the steady battery is forecast", || async {
+        server.metric("drover_analytics_forecasts_total").await >= 1.0
+    })
+    .await;
+    post_messages(&server, &cells[0], "tracker-1", history(&|i| 100.0 - i as f64)).await;
+    eventually(WAIT, "the falling battery opens a maintenance alarm", || async {
+        !alarms_of(&server, &admin, "tracker-1").await.is_empty()
+    })
+    .await;
+    let alarm = alarms_of(&server, &admin, "tracker-1").await.remove(0);
+    assert_eq!(alarm["ruleName"], "Battery runs out within 3 days", "{alarm}");
+    assert_eq!(alarm["severity"], "minor");
+    assert_eq!(alarm["value"], 53.0, "raised before the battery crossed: {alarm}");
+    let expected = alarm["details"]["expectedInSecs"].as_i64().unwrap();
+    assert!((38 * 3600..=48 * 3600).contains(&expected), "about 43 h: {alarm}");
+    // The steady battery's forecast was judged before (one queue per tenant, in order).
+    assert!(alarms_of(&server, &admin, "tracker-2").await.is_empty());
+    assert_eq!(
+        server.metric("drover_analytics_findings_dropped_total").await,
+        0.0
+    );
+}
