@@ -759,3 +759,152 @@ async fn anomaly_and_forecast_rules_open_alarms_from_the_live_analytics() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_maintenance_ranks_devices_by_time_to_the_limit() {
+    let server = TestServer::start(Backend::Sqlite).expect("SQLite server");
+    let admin = server.admin_token().await;
+    let platform = admin.clone();
+    // Batteries over the last 48 hours: one drained (already under 10 %), one falling 1.5 %
+    // an hour (about 13 h left), one 0.5 % an hour (about 4 days), one 0.2 % an hour (about
+    // 16 days, beyond a week), one steady; and a meter falling 1 % an hour (about 3 h left).
+    let fleet: [(&str, &str, f64, f64); 6] = [
+        ("tracker-a", "tracker", 100.0, 1.5),
+        ("tracker-b", "tracker", 80.0, 0.5),
+        ("tracker-c", "tracker", 90.0, 0.0),
+        ("tracker-d", "tracker", 95.0, 0.2),
+        ("tracker-e", "tracker", 8.0, 0.0),
+        ("meter-1", "meter", 60.0, 1.0),
+    ];
+    let hour = 3_600_000;
+    let now = Utc::now().timestamp_millis();
+    let mut points = Vec::new();
+    for (id, kind, first, drain) in fleet {
+        server
+            .register(&admin, json!({"deviceId": id, "type": kind}))
+            .await;
+        for i in 0..48i64 {
+            let wobble = ((i * 7919) % 11) as f64 / 100.0;
+            let mut p = point(
+                "default",
+                id,
+                "battery",
+                now - (47 - i) * hour,
+                first - drain * i as f64 + wobble,
+            );
+            p.device_type = kind.into();
+            points.push(p);
+        }
+    }
+    server.state.telemetry.write(points.into()).await.expect("stored");
+
+    let ranking = |query: String, token: String| {
+        let server = &server;
+        async move {
+            let (status, body) = server
+                .get(&format!("/api/analytics/maintenance?{query}"), &token)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            body
+        }
+    };
+    let ids = |body: &Value| -> Vec<String> {
+        body["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["deviceId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let body = ranking(
+        "metric=battery&limit=10&within=7d&type=tracker".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&body), ["tracker-e", "tracker-a", "tracker-b"], "{body}");
+    assert_eq!(body["considered"], 5);
+    assert_eq!(body["predicted"], 3);
+    assert_eq!(body["within"], "1w");
+    assert_eq!(body["next"], Value::Null);
+    let devices = body["devices"].as_array().unwrap();
+    assert_eq!(devices[0]["crossed"], true);
+    assert_eq!(devices[0]["expectedInSecs"], 0);
+    let a = devices[1]["expectedInSecs"].as_i64().unwrap();
+    assert!((10 * 3600..=16 * 3600).contains(&a), "about 13 h: {body}");
+    let b = devices[2]["expectedInSecs"].as_i64().unwrap();
+    assert!((85 * 3600..=100 * 3600).contains(&b), "about 93 h: {body}");
+    assert!(devices[1]["earliestInSecs"].as_i64().unwrap() <= a);
+
+    // Every type, the shortest list, a shorter horizon, the other direction.
+    let body = ranking("metric=battery&limit=10".into(), admin.clone()).await;
+    assert_eq!(body["considered"], 6);
+    assert_eq!(
+        ids(&body),
+        ["tracker-e", "meter-1", "tracker-a", "tracker-b"],
+        "{body}"
+    );
+    let body = ranking("metric=battery&limit=10&top=1".into(), admin.clone()).await;
+    assert_eq!(
+        (ids(&body), body["predicted"].clone()),
+        (vec!["tracker-e".to_string()], json!(4))
+    );
+    let body = ranking(
+        "metric=battery&limit=10&within=1d&type=tracker".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&body), ["tracker-e", "tracker-a"], "{body}");
+    let body = ranking(
+        "metric=battery&limit=85&direction=above&type=tracker".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&body), ["tracker-c", "tracker-d"], "already above 85: {body}");
+    // Paging through the devices considered: `next` continues after the last one.
+    let body = ranking(
+        "metric=battery&limit=10&type=tracker&after=tracker-b".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(body["considered"], 3);
+    assert_eq!(ids(&body), ["tracker-e"], "{body}");
+
+    // A viewer may read it; another tenant sees none of these devices; no token, no answer.
+    let viewer = server.api_key(&admin, "viewer").await;
+    let body = ranking("metric=battery&limit=10".into(), viewer).await;
+    assert_eq!(body["predicted"], 4);
+    let other = server.tenant_admin(&platform, "other").await;
+    let body = ranking("metric=battery&limit=10".into(), other).await;
+    assert_eq!((body["considered"].clone(), ids(&body).len()), (json!(0), 0));
+    let (status, _) = server
+        .call(
+            Method::GET,
+            "/api/analytics/maintenance?metric=battery&limit=10",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    for (query, expected) in [
+        ("metric=battery", "invalid_query"),
+        ("limit=10", "invalid_query"),
+        ("metric=bad metric&limit=10", "invalid_metric_name"),
+        ("metric=battery&limit=ten", "invalid_query"),
+        ("metric=battery&limit=10&direction=sideways", "invalid_query"),
+        ("metric=battery&limit=10&within=0", "invalid_duration"),
+        ("metric=battery&limit=10&within=soon", "invalid_duration"),
+        ("metric=battery&limit=10&within=300d&interval=1m", "invalid_query"),
+        ("metric=battery&limit=10&top=0", "invalid_query"),
+        ("metric=battery&limit=10&top=100000", "invalid_query"),
+        ("metric=battery&limit=10&colour=red", "invalid_query"),
+    ] {
+        let path = format!("/api/analytics/maintenance?{query}");
+        let (status, got) = code(&server, &admin, &path).await;
+        assert_eq!(
+            (status, got.as_str()),
+            (StatusCode::BAD_REQUEST, expected),
+            "{query}"
+        );
+    }
+}
