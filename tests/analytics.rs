@@ -1,7 +1,8 @@
 //! Analytics end to end: live anomaly detection on ingested telemetry (events listed, pushed on
 //! `/ws`, written as `anomaly_score`, models kept over a restart), and the on-demand endpoints
-//! (statistics, trend, drift, correlation, forecast, maintenance, backtest, configuration) with
-//! their tenant isolation and refusals of bad input.
+//! (statistics, trend, drift, correlation, forecast, maintenance per device and ranked over the
+//! fleet, backtest, configuration) with their tenant isolation and refusals of bad input, and the
+//! `anomaly` and `forecast` rule conditions opening alarms from the live analytics.
 
 mod common;
 
@@ -56,19 +57,21 @@ async fn live_anomalies_are_stored_pushed_charted_and_survive_a_restart() {
     let device_token = server
         .register(&admin, json!({"deviceId": "pump-1", "type": "pump"}))
         .await;
-    // The forest on (it is opt-in), small windows so the test needs few messages, and a
-    // forest trained on 64 vectors.
+    // The forest (on by default, one for the pump type, trained on its devices' vectors), small
+    // windows so the test needs few messages, and a forest trained on 64 vectors.
     let (status, body) = server
         .call(
             Method::PUT,
             "/api/analytics/config/device-types/pump",
             Some(&admin),
-            Some(json!({"methods": ["ensemble", "eif", "drift"], "window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
+            Some(json!({"window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["effective"]["trainingSize"], 64);
     assert_eq!(body["effective"]["threshold"], 3.0, "ANOMALY_THRESHOLD's default");
+    assert_eq!(body["effective"]["forestPer"], "deviceType");
+    assert_eq!(body["effective"]["methods"], json!(["ensemble", "eif", "drift"]));
 
     let mut socket = open_ws(&server, &admin).await;
     let start = Utc::now().timestamp_millis() - 600_000;

@@ -368,6 +368,7 @@ async fn config_view(
             "retrainIntervalSecs": settings.retrain_interval_ms / 1000,
             "trees": settings.trees,
             "seed": settings.seed,
+            "forestPer": if settings.shared_forest { "deviceType" } else { "device" },
         }),
     })
 }
