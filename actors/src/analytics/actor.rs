@@ -502,6 +502,17 @@ impl AnalyticsActor {
         );
     }
 
+    /// Drops the recent values of metrics no forecast rule of the tenant names any more.
+    fn forget_unwatched_forecasts(&mut self) {
+        let demand = self.deps.demand.get(&self.tenant);
+        self.forecast_tracks.retain(|(_, metric), track| {
+            track.in_flight
+                || demand
+                    .as_ref()
+                    .is_some_and(|d| d.forecasts.iter().any(|n| n.metric == *metric))
+        });
+    }
+
     /// Hands findings to the rules engine; a full mailbox drops them (counted).
     fn send_findings(&self, device: &DeviceId, device_type: &str, finding: Finding) {
         let Some(rules) = &self.deps.rules else {
@@ -686,7 +697,10 @@ impl Actor for AnalyticsActor {
             },
         ));
         ctx.run_interval(FLUSH_INTERVAL, |act, ctx| act.flush(ctx));
-        ctx.run_interval(SNAPSHOT_INTERVAL, |act, ctx| act.save_snapshots(ctx));
+        ctx.run_interval(SNAPSHOT_INTERVAL, |act, ctx| {
+            act.save_snapshots(ctx);
+            act.forget_unwatched_forecasts();
+        });
     }
 
     fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
