@@ -568,32 +568,6 @@ impl DeviceMonitor {
         }
         (monitor, job)
     }
-
-    /// Approximate heap bytes held (figures for README; not exact).
-    pub fn approximate_bytes(&self) -> usize {
-        let per_metric: usize = self
-            .metrics
-            .values()
-            .map(|m| m.recent.capacity() * 8 + m.detectors.len() * (self.settings.window * 16 + 128))
-            .sum();
-        let forest = self.forest.as_ref().map_or(0, |f| {
-            let width = f.metrics.len() * FEATURES_PER_METRIC;
-            let vectors = f.recent.len() + f.model_training.as_ref().map_or(0, |t| t.len());
-            // A fully grown tree of depth 8 has at most 511 nodes, each two vectors of the
-            // forest's width (3 or 24 f64s) and two boxes.
-            let forest_width = if width <= FEATURES_PER_METRIC {
-                FEATURES_PER_METRIC
-            } else {
-                super::isolation::FEATURE_DIM
-            };
-            let trees = f
-                .model
-                .as_ref()
-                .map_or(0, |_| self.settings.trees * 511 * (forest_width * 16 + 24));
-            vectors * (width * 8 + 24) + trees
-        });
-        per_metric + forest
-    }
 }
 
 impl ForestState {
