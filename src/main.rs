@@ -71,7 +71,7 @@ enum AnalyticsCommand {
     /// Statistics, anomalies, forecasts, drift and correlation of a CSV file or of a device on
     /// a running server (--server URL --api-key KEY); prints JSON.
     #[command(flatten)]
-    Query(drover::analytics::cli::QueryCommand),
+    Query(Box<drover::analytics::cli::QueryCommand>),
 }
 
 #[derive(Subcommand)]

@@ -327,6 +327,11 @@ pub async fn start_with_clock(
         hub.clone(),
         writers.clone(),
         &metrics,
+        crate::analytics::engine::RulesLink {
+            findings: rules.router.clone().recipient(),
+            demand: rules.demand.clone(),
+            clock: rules.clock.clone(),
+        },
     ));
     let pipeline = Arc::new(
         Pipeline::new(config.telemetry.payload_limits())

@@ -1,7 +1,8 @@
 //! Analytics end to end: live anomaly detection on ingested telemetry (events listed, pushed on
 //! `/ws`, written as `anomaly_score`, models kept over a restart), and the on-demand endpoints
-//! (statistics, trend, drift, correlation, forecast, maintenance, backtest, configuration) with
-//! their tenant isolation and refusals of bad input.
+//! (statistics, trend, drift, correlation, forecast, maintenance per device and ranked over the
+//! fleet, backtest, configuration) with their tenant isolation and refusals of bad input, and the
+//! `anomaly` and `forecast` rule conditions opening alarms from the live analytics.
 
 mod common;
 
@@ -56,19 +57,21 @@ async fn live_anomalies_are_stored_pushed_charted_and_survive_a_restart() {
     let device_token = server
         .register(&admin, json!({"deviceId": "pump-1", "type": "pump"}))
         .await;
-    // The forest on (it is opt-in), small windows so the test needs few messages, and a
-    // forest trained on 64 vectors.
+    // The forest (on by default, one for the pump type, trained on its devices' vectors), small
+    // windows so the test needs few messages, and a forest trained on 64 vectors.
     let (status, body) = server
         .call(
             Method::PUT,
             "/api/analytics/config/device-types/pump",
             Some(&admin),
-            Some(json!({"methods": ["ensemble", "eif", "drift"], "window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
+            Some(json!({"window": 30, "warmUp": 30, "trainingSize": 64, "seed": 11})),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["effective"]["trainingSize"], 64);
     assert_eq!(body["effective"]["threshold"], 3.0, "ANOMALY_THRESHOLD's default");
+    assert_eq!(body["effective"]["forestPer"], "deviceType");
+    assert_eq!(body["effective"]["methods"], json!(["ensemble", "eif", "drift"]));
 
     let mut socket = open_ws(&server, &admin).await;
     let start = Utc::now().timestamp_millis() - 600_000;
@@ -560,4 +563,351 @@ async fn endpoints_compute_isolate_tenants_and_refuse_bad_input() {
     assert_eq!(body["effective"]["threshold"], 4.0);
     let (status, _) = server.get("/api/analytics/anomalies", "no-such-token").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+async fn alarms_of(server: &TestServer, token: &str, device: &str) -> Vec<Value> {
+    let (status, body) = server.get(&format!("/api/alerts?deviceId={device}"), token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["alerts"].as_array().cloned().unwrap_or_default()
+}
+
+async fn mqtt_device(server: &TestServer, id: &str, token: &str) -> rumqttc::AsyncClient {
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", server.mqtt.port());
+    options.set_credentials(id, token);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 256);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomaly_and_forecast_rules_open_alarms_from_the_live_analytics() {
+    let clock = drover_actors::clock::ManualClock::new();
+    let (hook_addr, mut hooks, _) = common::receiver::http_receiver(200).await;
+    let server = TestServer::start_with_clock(Backend::Sqlite, clock.clone(), |c| {
+        c.rules.tick_ms = 50;
+        c.rules.notify_allowed_networks = vec!["127.0.0.1".into()];
+    })
+    .expect("SQLite server");
+    let admin = server.admin_token().await;
+    let pump_token = server
+        .register(&admin, json!({"deviceId": "pump-7", "type": "pump"}))
+        .await;
+    let mut cells = Vec::new();
+    for id in ["tracker-1", "tracker-2"] {
+        cells.push(
+            server
+                .register(&admin, json!({"deviceId": id, "type": "tracker"}))
+                .await,
+        );
+    }
+    // Short windows so the test needs few messages.
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            "/api/analytics/config/device-types/pump",
+            Some(&admin),
+            Some(json!({"window": 20, "warmUp": 20})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Bad conditions are refused with the field and what is expected.
+    for (condition, field) in [
+        (
+            json!({"type": "anomaly", "method": "prophet"}),
+            "condition.method",
+        ),
+        (
+            json!({"type": "anomaly", "method": "eif", "threshold": 7}),
+            "condition.threshold",
+        ),
+        (
+            json!({"type": "forecast", "below": 10, "withinSecs": 3600}),
+            "condition.metric",
+        ),
+        (
+            json!({"type": "forecast", "metric": "battery", "below": 10, "above": 90, "withinSecs": 3600}),
+            "condition",
+        ),
+        (
+            json!({"type": "forecast", "metric": "battery", "below": 10, "withinSecs": 0}),
+            "condition.withinSecs",
+        ),
+    ] {
+        let (status, body) = server
+            .post(
+                "/api/rules",
+                &admin,
+                json!({"name": "bad", "condition": condition}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{condition}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().starts_with(field),
+            "{condition}: {body}"
+        );
+    }
+
+    let (status, odd) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({
+                "name": "Pump behaves oddly",
+                "severity": "critical",
+                "scope": {"type": "deviceType", "value": "pump"},
+                "condition": {"type": "anomaly", "method": "zscore", "threshold": 6},
+                "actions": [{"type": "webhook", "url": format!("http://{hook_addr}/odd")}],
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{odd}");
+    let (status, low) = server
+        .post(
+            "/api/rules",
+            &admin,
+            json!({
+                "name": "Battery runs out within 3 days",
+                "severity": "minor",
+                "condition": {"type": "forecast", "metric": "battery", "below": 10, "withinSecs": 259200},
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{low}");
+    for rule in [&odd, &low] {
+        let path = format!("/api/rules/{}", rule["id"].as_str().unwrap());
+        eventually(WAIT, "the rule is loaded", || async {
+            server.get(&path, &admin).await.1["stats"]["status"] == "running"
+        })
+        .await;
+    }
+
+    // The pump over MQTT: ordinary readings open nothing, a spike opens a critical alarm and
+    // notifies.
+    let pump = mqtt_device(&server, "pump-7", &pump_token).await;
+    let send = |temperature: f64| {
+        let pump = pump.clone();
+        async move {
+            pump.publish(
+                "devices/pump-7/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({"metrics": {"temperature": temperature}}).to_string(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    for i in 0..40 {
+        send(reading(i).0).await;
+    }
+    eventually(WAIT, "the ordinary readings are analysed", || async {
+        server.metric("drover_analytics_messages_total").await >= 40.0
+    })
+    .await;
+    assert!(alarms_of(&server, &admin, "pump-7").await.is_empty());
+    send(45.0).await;
+    eventually(WAIT, "the spike opens an anomaly alarm", || async {
+        !alarms_of(&server, &admin, "pump-7").await.is_empty()
+    })
+    .await;
+    let alarm = alarms_of(&server, &admin, "pump-7").await.remove(0);
+    assert_eq!(alarm["ruleName"], "Pump behaves oddly", "{alarm}");
+    assert_eq!(alarm["severity"], "critical");
+    assert_eq!(alarm["active"], true);
+    assert_eq!(alarm["value"], 45.0);
+    assert_eq!(alarm["details"]["method"], "zscore", "{alarm}");
+    assert_eq!(alarm["details"]["metric"], "temperature");
+    assert!(alarm["details"]["statistic"].as_f64().unwrap() >= 6.0, "{alarm}");
+    let hook = tokio::time::timeout(WAIT, hooks.recv()).await.unwrap().unwrap();
+    assert_eq!(hook.path, "/odd");
+    assert!(String::from_utf8_lossy(&hook.body).contains("Pump behaves oddly"));
+
+    // Two trackers over HTTP with hourly readings up to now: one battery steady, one falling
+    // 1 % an hour (53 % now: 10 % in about 43 hours). Only the falling one gets a maintenance
+    // alarm, while its battery is still far above the limit.
+    let now = Utc::now().timestamp_millis();
+    let hour = 3_600_000;
+    let history = |battery: &dyn Fn(i64) -> f64| -> Vec<Value> {
+        (0..48)
+            .map(|i| json!({"timestamp": now - (47 - i) * hour, "metrics": {"battery": battery(i)}}))
+            .collect()
+    };
+    post_messages(
+        &server,
+        &cells[1],
+        "tracker-2",
+        history(&|i| 90.0 + (i % 3) as f64 * 0.1),
+    )
+    .await;
+    eventually(WAIT, "the steady battery is forecast", || async {
+        server.metric("drover_analytics_forecasts_total").await >= 1.0
+    })
+    .await;
+    post_messages(&server, &cells[0], "tracker-1", history(&|i| 100.0 - i as f64)).await;
+    eventually(WAIT, "the falling battery opens a maintenance alarm", || async {
+        !alarms_of(&server, &admin, "tracker-1").await.is_empty()
+    })
+    .await;
+    let alarm = alarms_of(&server, &admin, "tracker-1").await.remove(0);
+    assert_eq!(alarm["ruleName"], "Battery runs out within 3 days", "{alarm}");
+    assert_eq!(alarm["severity"], "minor");
+    assert_eq!(alarm["value"], 53.0, "raised before the battery crossed: {alarm}");
+    let expected = alarm["details"]["expectedInSecs"].as_i64().unwrap();
+    assert!((38 * 3600..=48 * 3600).contains(&expected), "about 43 h: {alarm}");
+    // The steady battery's forecast was judged before (one queue per tenant, in order).
+    assert!(alarms_of(&server, &admin, "tracker-2").await.is_empty());
+    assert_eq!(
+        server.metric("drover_analytics_findings_dropped_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_maintenance_ranks_devices_by_time_to_the_limit() {
+    let server = TestServer::start(Backend::Sqlite).expect("SQLite server");
+    let admin = server.admin_token().await;
+    let platform = admin.clone();
+    // Batteries over the last 48 hours: one drained (already under 10 %), one falling 1.5 %
+    // an hour (about 13 h left), one 0.5 % an hour (about 4 days), one 0.2 % an hour (about
+    // 16 days, beyond a week), one steady; and a meter falling 1 % an hour (about 3 h left).
+    let fleet: [(&str, &str, f64, f64); 6] = [
+        ("tracker-a", "tracker", 100.0, 1.5),
+        ("tracker-b", "tracker", 80.0, 0.5),
+        ("tracker-c", "tracker", 90.0, 0.0),
+        ("tracker-d", "tracker", 95.0, 0.2),
+        ("tracker-e", "tracker", 8.0, 0.0),
+        ("meter-1", "meter", 60.0, 1.0),
+    ];
+    let hour = 3_600_000;
+    let now = Utc::now().timestamp_millis();
+    let mut points = Vec::new();
+    for (id, kind, first, drain) in fleet {
+        server
+            .register(&admin, json!({"deviceId": id, "type": kind}))
+            .await;
+        for i in 0..48i64 {
+            let wobble = ((i * 7919) % 11) as f64 / 100.0;
+            let mut p = point(
+                "default",
+                id,
+                "battery",
+                now - (47 - i) * hour,
+                first - drain * i as f64 + wobble,
+            );
+            p.device_type = kind.into();
+            points.push(p);
+        }
+    }
+    server.state.telemetry.write(points.into()).await.expect("stored");
+
+    let ranking = |query: String, token: String| {
+        let server = &server;
+        async move {
+            let (status, body) = server
+                .get(&format!("/api/analytics/maintenance?{query}"), &token)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            body
+        }
+    };
+    let ids = |body: &Value| -> Vec<String> {
+        body["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["deviceId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let body = ranking(
+        "metric=battery&limit=10&within=7d&type=tracker".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&body), ["tracker-e", "tracker-a", "tracker-b"], "{body}");
+    assert_eq!(body["considered"], 5);
+    assert_eq!(body["predicted"], 3);
+    assert_eq!(body["within"], "1w");
+    assert_eq!(body["next"], Value::Null);
+    let devices = body["devices"].as_array().unwrap();
+    assert_eq!(devices[0]["crossed"], true);
+    assert_eq!(devices[0]["expectedInSecs"], 0);
+    let a = devices[1]["expectedInSecs"].as_i64().unwrap();
+    assert!((10 * 3600..=16 * 3600).contains(&a), "about 13 h: {body}");
+    let b = devices[2]["expectedInSecs"].as_i64().unwrap();
+    assert!((85 * 3600..=100 * 3600).contains(&b), "about 93 h: {body}");
+    assert!(devices[1]["earliestInSecs"].as_i64().unwrap() <= a);
+
+    // Every type, the shortest list, a shorter horizon, the other direction.
+    let body = ranking("metric=battery&limit=10".into(), admin.clone()).await;
+    assert_eq!(body["considered"], 6);
+    assert_eq!(
+        ids(&body),
+        ["tracker-e", "meter-1", "tracker-a", "tracker-b"],
+        "{body}"
+    );
+    let body = ranking("metric=battery&limit=10&top=1".into(), admin.clone()).await;
+    assert_eq!(
+        (ids(&body), body["predicted"].clone()),
+        (vec!["tracker-e".to_string()], json!(4))
+    );
+    let body = ranking(
+        "metric=battery&limit=10&within=1d&type=tracker".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&body), ["tracker-e", "tracker-a"], "{body}");
+    let body = ranking(
+        "metric=battery&limit=85&direction=above&type=tracker".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&body), ["tracker-c", "tracker-d"], "already above 85: {body}");
+    // Paging through the devices considered: `next` continues after the last one.
+    let body = ranking(
+        "metric=battery&limit=10&type=tracker&after=tracker-b".into(),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(body["considered"], 3);
+    assert_eq!(ids(&body), ["tracker-e"], "{body}");
+
+    // A viewer may read it; another tenant sees none of these devices; no token, no answer.
+    let viewer = server.api_key(&admin, "viewer").await;
+    let body = ranking("metric=battery&limit=10".into(), viewer).await;
+    assert_eq!(body["predicted"], 4);
+    let other = server.tenant_admin(&platform, "other").await;
+    let body = ranking("metric=battery&limit=10".into(), other).await;
+    assert_eq!((body["considered"].clone(), ids(&body).len()), (json!(0), 0));
+    let (status, _) = server
+        .call(
+            Method::GET,
+            "/api/analytics/maintenance?metric=battery&limit=10",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    for (query, expected) in [
+        ("metric=battery", "invalid_query"),
+        ("limit=10", "invalid_query"),
+        ("metric=bad metric&limit=10", "invalid_metric_name"),
+        ("metric=battery&limit=ten", "invalid_query"),
+        ("metric=battery&limit=10&direction=sideways", "invalid_query"),
+        ("metric=battery&limit=10&within=0", "invalid_duration"),
+        ("metric=battery&limit=10&within=soon", "invalid_duration"),
+        ("metric=battery&limit=10&within=300d&interval=1m", "invalid_query"),
+        ("metric=battery&limit=10&top=0", "invalid_query"),
+        ("metric=battery&limit=10&top=100000", "invalid_query"),
+        ("metric=battery&limit=10&colour=red", "invalid_query"),
+    ] {
+        let path = format!("/api/analytics/maintenance?{query}");
+        let (status, got) = code(&server, &admin, &path).await;
+        assert_eq!(
+            (status, got.as_str()),
+            (StatusCode::BAD_REQUEST, expected),
+            "{query}"
+        );
+    }
 }

@@ -229,6 +229,7 @@ async fn openapi_describes_every_endpoint() {
         ("/api/analytics/drift/{deviceId}", "get"),
         ("/api/analytics/forecast/{deviceId}", "get"),
         ("/api/analytics/forecast/{deviceId}.svg", "get"),
+        ("/api/analytics/maintenance", "get"),
         ("/api/analytics/maintenance/{deviceId}", "get"),
         ("/api/analytics/stats/{deviceId}", "get"),
         ("/api/analytics/trend/{deviceId}", "get"),

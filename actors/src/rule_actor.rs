@@ -4,8 +4,8 @@
 //! the tenant's rules are evaluated. The actor itself runs no script: it shares its thread with
 //! the other tenants' actors.
 //!
-//! Messages: [`TelemetryAccepted`] (from the router), [`ReloadRules`] (a rule changed),
-//! [`AlarmClosed`] (an operator cleared an alarm).
+//! Messages: [`TelemetryAccepted`] and [`AnalyticsFindings`] (from the router), [`ReloadRules`]
+//! (a rule changed), [`AlarmClosed`] (an operator cleared an alarm).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -17,6 +17,7 @@ use crate::clock::SharedClock;
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
 use crate::rule_workers::{RuleWork, RuleWorkers};
+use crate::rules::findings::{AnalyticsDemand, AnalyticsFindings, TenantDemand};
 use crate::rules::seen_metrics::SeenMetrics;
 use crate::rules::{AlarmSignal, RuleSource};
 
@@ -69,6 +70,9 @@ pub struct RuleSettings {
     pub workers: Arc<RuleWorkers>,
     /// Metric names each tenant reported (fed by the router, read when rules are created).
     pub seen: Arc<SeenMetrics>,
+    /// What each tenant's `anomaly` and `forecast` rules need from the analytics (written here
+    /// when rules load, read by the analytics actors).
+    pub demand: Arc<AnalyticsDemand>,
     pub clock: SharedClock,
     /// How often absence timers are checked.
     pub tick: Duration,
@@ -104,7 +108,10 @@ impl RuleActor {
             Ok::<_, String>((rules, active))
         };
         ctx.wait(fut.into_actor(self).map(|result, actor, _| match result {
-            Ok((rules, active)) => actor.push(RuleWork::SetRules { rules, active }),
+            Ok((rules, active)) => {
+                actor.settings.demand.set(&actor.tenant, TenantDemand::of(&rules));
+                actor.push(RuleWork::SetRules { rules, active });
+            }
             Err(error) => tracing::warn!(tenant = %actor.tenant, %error, "cannot load rules"),
         }));
     }
@@ -130,6 +137,18 @@ impl Handler<TelemetryAccepted> for RuleActor {
     fn handle(&mut self, msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
         let now_ms = self.settings.clock.now_ms();
         self.push(RuleWork::Telemetry { event: msg, now_ms });
+    }
+}
+
+impl Handler<AnalyticsFindings> for RuleActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AnalyticsFindings, _ctx: &mut Context<Self>) {
+        let now_ms = self.settings.clock.now_ms();
+        self.push(RuleWork::Findings {
+            findings: msg,
+            now_ms,
+        });
     }
 }
 

@@ -4,7 +4,8 @@
 //! ([`SeenMetrics`](crate::rules::seen_metrics::SeenMetrics)). A tenant whose rules fall behind loses events (counted); ingestion never
 //! waits for rules. Scripts run on the `RuleWorkers`' threads, never on this one.
 //!
-//! Messages: [`TelemetryAccepted`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`],
+//! Messages: [`TelemetryAccepted`], [`AnalyticsFindings`] (from the analytics actors),
+//! [`ReloadRules`], [`AlarmClosed`], [`StopRules`],
 //! [`InspectRules`].
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use serde::Serialize;
 use crate::ids::TenantId;
 use crate::pipeline::TelemetryAccepted;
 use crate::rule_actor::{AlarmClosed, ReloadRules, RuleActor, RuleSettings};
+use crate::rules::findings::AnalyticsFindings;
 
 /// Stops every rule actor (shutdown).
 #[derive(Message, Debug, Clone)]
@@ -83,7 +85,12 @@ impl RuleRouter {
         let routed = &mut self.routed;
         self.tenants.entry(tenant.clone()).or_insert_with(|| {
             routed.insert(tenant.clone(), (Utc::now(), 0, 0));
-            RuleActor::new(tenant.clone(), settings.clone()).start()
+            // The capacity is set before the address is handed out (not in `started`), so a
+            // burst that arrives while the actor starts is not dropped against actix's default.
+            RuleActor::create(|ctx| {
+                ctx.set_mailbox_capacity(settings.mailbox);
+                RuleActor::new(tenant.clone(), settings.clone())
+            })
         })
     }
 }
@@ -106,6 +113,27 @@ impl Handler<TelemetryAccepted> for RuleRouter {
             .observe(&tenant, msg.points.iter().map(|p| p.metric.as_str()));
         self.handled += 1;
         let refused = self.actor(&tenant).try_send(msg).is_err();
+        if refused {
+            self.settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((_, offered, dropped)) = self.routed.get_mut(&tenant) {
+            *offered += 1;
+            *dropped += u64::from(refused);
+        }
+    }
+}
+
+impl Handler<AnalyticsFindings> for RuleRouter {
+    type Result = ();
+
+    /// Routed like telemetry: a tenant whose rules are behind loses findings (counted). Only a
+    /// tenant with a rule actor has rules that asked for them.
+    fn handle(&mut self, msg: AnalyticsFindings, _ctx: &mut Context<Self>) {
+        let Some(actor) = self.tenants.get(&msg.tenant) else {
+            return;
+        };
+        let tenant = msg.tenant.clone();
+        let refused = actor.try_send(msg).is_err();
         if refused {
             self.settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -28,6 +28,7 @@ use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
 use crate::rule_actor::{AlarmSignals, RuleCounters};
 use crate::rules::evaluator::{Progress, TenantRules};
+use crate::rules::findings::AnalyticsFindings;
 use crate::rules::script::Sandbox;
 use crate::rules::stats::StatsBoard;
 use crate::rules::{AlarmSignal, RuleSpec};
@@ -37,6 +38,12 @@ use crate::rules::{AlarmSignal, RuleSpec};
 pub enum RuleWork {
     /// Judge an accepted batch (`now_ms`: the server time it arrived at).
     Telemetry { event: TelemetryAccepted, now_ms: i64 },
+    /// Judge the `anomaly` and `forecast` rules on the analytics' findings for a device (queued
+    /// and dropped like telemetry).
+    Findings {
+        findings: AnalyticsFindings,
+        now_ms: i64,
+    },
     /// Replace the rule set (the (device, rule id) pairs of the active alarms seed it).
     SetRules {
         rules: Vec<RuleSpec>,
@@ -114,8 +121,10 @@ impl Schedule {
             scheduled: false,
         });
         match work {
-            RuleWork::Telemetry { .. } if slot.telemetry_queued >= capacity => return Err(Refused::Full),
-            RuleWork::Telemetry { .. } => slot.telemetry_queued += 1,
+            RuleWork::Telemetry { .. } | RuleWork::Findings { .. } if slot.telemetry_queued >= capacity => {
+                return Err(Refused::Full);
+            }
+            RuleWork::Telemetry { .. } | RuleWork::Findings { .. } => slot.telemetry_queued += 1,
             RuleWork::Tick { .. } if slot.tick_queued => return Err(Refused::Duplicate),
             RuleWork::Tick { .. } => slot.tick_queued = true,
             _ => {}
@@ -150,7 +159,7 @@ impl Schedule {
         }
         let work = slot.queue.pop_front()?;
         match work {
-            RuleWork::Telemetry { .. } => slot.telemetry_queued -= 1,
+            RuleWork::Telemetry { .. } | RuleWork::Findings { .. } => slot.telemetry_queued -= 1,
             RuleWork::Tick { .. } => slot.tick_queued = false,
             _ => {}
         }
@@ -282,7 +291,7 @@ impl RuleWorkers {
     /// counted; `false` when it was.
     pub fn push(&self, tenant: &TenantId, work: RuleWork) -> bool {
         let settings = &self.shared.settings;
-        let telemetry = matches!(work, RuleWork::Telemetry { .. });
+        let telemetry = matches!(work, RuleWork::Telemetry { .. } | RuleWork::Findings { .. });
         let result = self
             .shared
             .lock()
@@ -411,6 +420,10 @@ fn work(shared: &Shared) {
                         .load_errors
                         .fetch_add(errors.len() as u64, Ordering::Relaxed);
                     tracing::debug!(%tenant, rules = rules.rule_count(), "rules loaded");
+                }
+                RuleWork::Findings { findings, now_ms } => {
+                    signals.extend(rules.on_findings(&findings, now_ms));
+                    settings.counters.queued.fetch_sub(1, Ordering::Relaxed);
                 }
                 RuleWork::AlarmClosed { rule_id, device } => rules.alarm_closed(&rule_id, &device),
                 RuleWork::Tick { now_ms } => signals.extend(rules.on_tick(now_ms)),

@@ -91,6 +91,30 @@ pub enum QueryCommand {
         #[arg(long, default_value = "1h")]
         interval: String,
     },
+    /// When a metric crosses a limit: one device (CSV, or --device on a server), or the
+    /// server's fleet ranked by predicted time to the limit (--server without --device).
+    Maintenance {
+        #[command(flatten)]
+        source: Source,
+        /// The limit the metric must not cross.
+        #[arg(long, allow_negative_numbers = true)]
+        limit: f64,
+        /// below (battery reaching 10) or above (vibration exceeding its limit).
+        #[arg(long, default_value = "below")]
+        direction: String,
+        /// How far ahead to look: steps (CSV) or a duration (server, e.g. 7d).
+        #[arg(long, default_value = "7d")]
+        within: String,
+        /// Step width (server), e.g. 1h.
+        #[arg(long, default_value = "1h")]
+        interval: String,
+        /// Only devices of this type (fleet ranking).
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        /// Most devices listed (fleet ranking).
+        #[arg(long, default_value_t = 50)]
+        top: u32,
+    },
     /// Two-sample Kolmogorov–Smirnov test, first half against second half.
     Drift {
         #[command(flatten)]
@@ -298,6 +322,74 @@ pub fn run(command: &QueryCommand) -> Result<Value, CliError> {
                 })).collect::<Vec<_>>(),
             }))
         }
+        QueryCommand::Maintenance {
+            source,
+            limit,
+            direction,
+            within,
+            interval,
+            device_type,
+            top,
+        } if source.server.is_some() => {
+            let metric = required(&source.metric, "metric")?.to_string();
+            let mut query = vec![
+                ("metric", metric),
+                ("limit", limit.to_string()),
+                ("direction", direction.clone()),
+                ("interval", interval.clone()),
+            ];
+            match &source.device {
+                Some(device) => {
+                    query.push(("horizon", within.clone()));
+                    server_get(source, &format!("/api/analytics/maintenance/{device}"), &query)
+                }
+                None => {
+                    query.push(("within", within.clone()));
+                    query.push(("top", top.to_string()));
+                    if let Some(t) = device_type {
+                        query.push(("type", t.clone()));
+                    }
+                    server_get(source, "/api/analytics/maintenance", &query)
+                }
+            }
+        }
+        QueryCommand::Maintenance {
+            source,
+            limit,
+            direction,
+            within,
+            ..
+        } => {
+            let values = column(source, input(source)?)?;
+            let dir = match direction.as_str() {
+                "below" => fc::Direction::Below,
+                "above" => fc::Direction::Above,
+                other => {
+                    return Err(CliError::Usage(format!(
+                        "--direction: above or below, not {other:?}"
+                    )));
+                }
+            };
+            let steps: usize = match within.parse() {
+                Ok(n) if (1..=10_000).contains(&n) => n,
+                _ => {
+                    return Err(CliError::Usage(format!(
+                        "--within: with --input, a number of rows ahead (1 to 10000), not {within:?}"
+                    )));
+                }
+            };
+            let f = fc::forecast(&values, steps, fc::DEFAULT_LEVEL, None, Trend::Linear)?;
+            let c = fc::time_to_threshold(&f, *limit, dir);
+            Ok(json!({
+                "limit": limit,
+                "direction": direction,
+                "level": f.level,
+                "expectedStep": c.expected,
+                "earliestStep": c.earliest,
+                "latestStep": c.latest,
+                "withinHorizon": c.expected.is_some() || c.earliest.is_some(),
+            }))
+        }
         QueryCommand::Drift { source, threshold } if source.server.is_some() => {
             let device = required(&source.device, "device")?;
             let metric = required(&source.metric, "metric")?.to_string();
@@ -436,6 +528,40 @@ mod tests {
         };
         assert!(matches!(
             run(&QueryCommand::Stats { source: missing }),
+            Err(CliError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn maintenance_on_a_csv_counts_the_rows_until_the_limit() {
+        // Falling 0.5 a row from 100: 50.5 at the last row, 40 about 21 rows later.
+        let rows: Vec<(usize, f64, f64)> = (0..100)
+            .map(|i| (i, 100.0 - 0.5 * i as f64 + ((i * 7919) % 13) as f64 / 100.0, 1.0))
+            .collect();
+        let f = csv_file(&rows);
+        let maintenance = |limit: f64, direction: &str, within: &str| {
+            run(&QueryCommand::Maintenance {
+                source: source(f.path()),
+                limit,
+                direction: direction.into(),
+                within: within.into(),
+                interval: "1h".into(),
+                device_type: None,
+                top: 50,
+            })
+        };
+        let m = maintenance(40.0, "below", "100").unwrap();
+        let expected = m["expectedStep"].as_u64().unwrap();
+        assert!((19..=23).contains(&expected), "{m}");
+        assert!(m["earliestStep"].as_u64().unwrap() <= expected, "{m}");
+        let m = maintenance(40.0, "below", "10").unwrap();
+        assert_eq!(m["withinHorizon"], false, "{m}");
+        assert!(matches!(
+            maintenance(40.0, "sideways", "10"),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            maintenance(40.0, "below", "7d"),
             Err(CliError::Usage(_))
         ));
     }

@@ -12,6 +12,8 @@ use drover_actors::analytics::actor::{
 use drover_actors::analytics::monitor::AnalyticsEvent;
 use drover_actors::analytics::router::{AnalyticsRouter, StopAnalytics};
 use drover_actors::analytics::settings::AnalyticsConfig;
+use drover_actors::clock::SharedClock;
+use drover_actors::rules::findings::{AnalyticsDemand, AnalyticsFindings};
 use drover_actors::telemetry_writer::WriterPool;
 use drover_actors::{DeviceId, TenantId};
 use prometheus::core::{Collector, Desc};
@@ -24,6 +26,13 @@ use crate::dashboard::DashboardHub;
 use crate::dashboard::hub::LiveMessage;
 use crate::metrics::Metrics;
 use crate::storage::RegistryStore;
+
+/// How the analytics reach the node's rules engine (for `anomaly` and `forecast` rules).
+pub struct RulesLink {
+    pub findings: Recipient<AnalyticsFindings>,
+    pub demand: Arc<AnalyticsDemand>,
+    pub clock: SharedClock,
+}
 
 /// The running analytics.
 pub struct AnalyticsEngine {
@@ -45,6 +54,7 @@ impl AnalyticsEngine {
         hub: DashboardHub,
         writers: WriterPool,
         metrics: &Metrics,
+        rules: RulesLink,
     ) -> AnalyticsEngine {
         let counters = Arc::new(AnalyticsCounters::default());
         metrics.register(Box::new(AnalyticsCollector::new(counters.clone())));
@@ -59,6 +69,9 @@ impl AnalyticsEngine {
                 ..AnalyticsConfig::default()
             },
             mailbox: config.rules.mailbox,
+            rules: Some(rules.findings),
+            demand: rules.demand,
+            clock: rules.clock,
         };
         let (router, arbiter) = AnalyticsRouter::start_on_own_thread(deps);
         AnalyticsEngine {
@@ -147,6 +160,18 @@ const FIGURES: &[(&str, &str)] = &[
         "drover_analytics_devices",
         "Devices with a live analytics monitor",
     ),
+    (
+        "drover_analytics_findings_dropped_total",
+        "Scores and forecasts for anomaly and forecast rules that the rules engine's mailbox refused",
+    ),
+    (
+        "drover_analytics_forecasts_total",
+        "Forecasts fitted for forecast rules (blocking pool)",
+    ),
+    (
+        "drover_analytics_forecasts_deferred_total",
+        "Due forecast fits postponed because the tenant had the most fits running",
+    ),
 ];
 
 /// Reads the actors' atomic counters at scrape time.
@@ -188,6 +213,9 @@ impl Collector for AnalyticsCollector {
             c.scoring_micros.load(Ordering::Relaxed),
             c.store_errors.load(Ordering::Relaxed),
             c.devices.load(Ordering::Relaxed),
+            c.findings_dropped.load(Ordering::Relaxed),
+            c.forecasts.load(Ordering::Relaxed),
+            c.forecasts_deferred.load(Ordering::Relaxed),
         ];
         FIGURES
             .iter()

@@ -48,6 +48,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .service(correlation)
         .service(forecast)
         .service(maintenance)
+        .service(fleet_maintenance)
         .service(backtest);
 }
 
@@ -367,6 +368,7 @@ async fn config_view(
             "retrainIntervalSecs": settings.retrain_interval_ms / 1000,
             "trees": settings.trees,
             "seed": settings.seed,
+            "forestPer": if settings.shared_forest { "deviceType" } else { "device" },
         }),
     })
 }
@@ -1029,16 +1031,7 @@ async fn maintenance(
     let limit = p
         .number("limit", |_| true, "a number")?
         .ok_or_else(|| ApiError::bad_request("invalid_query", "limit: required, e.g. limit=10"))?;
-    let direction = match p.get("direction").unwrap_or("below") {
-        "below" => Direction::Below,
-        "above" => Direction::Above,
-        other => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("direction: expected above or below, got {other:?}"),
-            ));
-        }
-    };
+    let direction = direction_param(&p)?;
     let mut pairs: Vec<(String, String)> = query
         .iter()
         .filter(|(k, _)| k != "limit" && k != "direction")
@@ -1078,6 +1071,208 @@ async fn maintenance(
         "earliestInSecs": secs(crossing.earliest),
         "latestInSecs": secs(crossing.latest),
         "withinHorizon": crossing.expected.is_some() || crossing.earliest.is_some(),
+    })))
+}
+
+/// Devices one fleet ranking considers (a page of the tenant's devices in id order; `after`
+/// continues).
+const MAX_FLEET_DEVICES: u32 = 500;
+/// Devices whose history is read and forecast at once during a fleet ranking.
+const FLEET_CONCURRENCY: usize = 4;
+/// Most devices a fleet ranking returns.
+const MAX_FLEET_TOP: usize = 500;
+
+fn direction_param(p: &Params) -> Result<Direction, ApiError> {
+    match p.get("direction").unwrap_or("below") {
+        "below" => Ok(Direction::Below),
+        "above" => Ok(Direction::Above),
+        other => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("direction: expected above or below, got {other:?}"),
+        )),
+    }
+}
+
+/// One device of the fleet ranking.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RankedDevice {
+    device_id: String,
+    device_type: String,
+    last_value: f64,
+    /// The last value is already past the limit.
+    crossed: bool,
+    expected_at: DateTime<Utc>,
+    expected_in_secs: i64,
+    earliest_in_secs: Option<i64>,
+    latest_in_secs: Option<i64>,
+}
+
+/// Ranks the tenant's devices by the predicted time until `metric` crosses `limit`, keeping
+/// those predicted to cross within `within` (a linear-trend forecast of each device's bucket
+/// means, as `/maintenance/{deviceId}`). Bounded: one call considers at most
+/// [`MAX_FLEET_DEVICES`] devices (`next` continues with the following ones), reads and fits at
+/// most [`FLEET_CONCURRENCY`] at once, fits on the blocking pool.
+#[utoipa::path(
+    tag = "analytics",
+    params(
+        ("metric" = String, Query),
+        ("limit" = f64, Query, description = "The limit the metric must not cross"),
+        ("direction" = Option<String>, Query, description = "below (default) or above"),
+        ("within" = Option<String>, Query, description = "Keep devices predicted to cross within this: 7d (default), 12h or seconds"),
+        ("interval" = Option<String>, Query, description = "Step of the bucket means the forecasts fit, default 1h"),
+        ("type" = Option<String>, Query, description = "Only devices of this type"),
+        ("top" = Option<u32>, Query, description = "Most devices returned, default 50, at most 500"),
+        ("after" = Option<String>, Query, description = "Continue after this device id (the `next` of the previous answer)"),
+    ),
+    responses((status = 200, body = Object), (status = 400, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+#[get("/analytics/maintenance")]
+async fn fleet_maintenance(
+    state: web::Data<AppState>,
+    principal: Principal,
+    query: web::Query<Vec<(String, String)>>,
+) -> Result<web::Json<Value>, ApiError> {
+    principal.require(Role::Viewer, "analytics.maintenance")?;
+    let p = Params::parse(
+        &query,
+        &[
+            "metric",
+            "limit",
+            "direction",
+            "within",
+            "interval",
+            "type",
+            "top",
+            "after",
+        ],
+    )?;
+    let metric = p.metric()?;
+    let limit = p
+        .number("limit", |_| true, "a number")?
+        .ok_or_else(|| ApiError::bad_request("invalid_query", "limit: required, e.g. limit=10"))?;
+    let direction = direction_param(&p)?;
+    let within_ms = p.duration_ms("within")?.unwrap_or(7 * q::DAY_MS);
+    let interval_ms = p.duration_ms("interval")?.unwrap_or(q::HOUR_MS);
+    let steps = (within_ms / interval_ms).max(1) as usize;
+    if steps > MAX_HORIZON_STEPS {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("within / interval is {steps} steps; at most {MAX_HORIZON_STEPS}: widen interval"),
+        ));
+    }
+    let top = match p.get("top") {
+        None => 50,
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=MAX_FLEET_TOP).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("top: expected 1 to {MAX_FLEET_TOP}, got {raw:?}"),
+                ));
+            }
+        },
+    };
+    let device_type = p.get("type").filter(|t| !t.is_empty()).map(str::to_string);
+    let after = p.get("after").map(device_id).transpose()?;
+    let page = state
+        .registry
+        .list_devices(
+            &principal.tenant,
+            crate::storage::records::DeviceFilter {
+                device_type,
+                ..Default::default()
+            },
+            crate::storage::records::PageRequest {
+                after: after.map(|a| a.as_str().to_string()),
+                limit: MAX_FLEET_DEVICES,
+            },
+        )
+        .await?;
+    let considered = page.items.len();
+    let now = Utc::now();
+    let end = now;
+    let start = end - Duration::milliseconds(interval_ms * 500);
+    let state_ref = &state;
+    let principal_ref = &principal;
+    let metric_ref = &metric;
+    use futures_util::StreamExt;
+    let outcomes: Vec<Option<RankedDevice>> = futures_util::stream::iter(page.items)
+        .map(|record| async move {
+            let history = load(
+                state_ref,
+                principal_ref,
+                &record.id,
+                metric_ref,
+                (start, end),
+                Some(interval_ms),
+            )
+            .await
+            .ok()?;
+            let history = fill_gaps(&history, interval_ms);
+            let &(last_t, last_value) = history.last()?;
+            let values: Vec<f64> = history.iter().map(|(_, v)| *v).collect();
+            let crossing = blocking(move || {
+                let f = fc::forecast(&values, steps, fc::DEFAULT_LEVEL, None, Trend::Linear)?;
+                Ok(fc::time_to_threshold(&f, limit, direction))
+            })
+            .await
+            .ok()?;
+            let crossed = match direction {
+                Direction::Below => last_value <= limit,
+                Direction::Above => last_value >= limit,
+            };
+            let at = |step: usize| last_t + step as i64 * interval_ms;
+            let in_secs = |step: usize| ((at(step) - now.timestamp_millis()) / 1000).max(0);
+            let expected_ms = if crossed {
+                now.timestamp_millis()
+            } else {
+                at(crossing.expected?)
+            };
+            if expected_ms - now.timestamp_millis() > within_ms {
+                return None;
+            }
+            Some(RankedDevice {
+                device_id: record.id.as_str().to_string(),
+                device_type: record.device_type,
+                last_value,
+                crossed,
+                expected_at: time(expected_ms),
+                expected_in_secs: ((expected_ms - now.timestamp_millis()) / 1000).max(0),
+                earliest_in_secs: if crossed {
+                    Some(0)
+                } else {
+                    crossing.earliest.map(in_secs)
+                },
+                latest_in_secs: if crossed {
+                    Some(0)
+                } else {
+                    crossing.latest.map(in_secs)
+                },
+            })
+        })
+        .buffer_unordered(FLEET_CONCURRENCY)
+        .collect()
+        .await;
+    let mut ranked: Vec<RankedDevice> = outcomes.into_iter().flatten().collect();
+    ranked.sort_by(|a, b| {
+        a.expected_in_secs
+            .cmp(&b.expected_in_secs)
+            .then_with(|| a.device_id.cmp(&b.device_id))
+    });
+    let predicted = ranked.len();
+    ranked.truncate(top);
+    Ok(web::Json(json!({
+        "metric": metric.as_str(),
+        "limit": limit,
+        "direction": if direction == Direction::Below { "below" } else { "above" },
+        "within": q::format_every(within_ms),
+        "interval": q::format_every(interval_ms),
+        "considered": considered,
+        "predicted": predicted,
+        "devices": ranked,
+        "next": page.next,
     })))
 }
 

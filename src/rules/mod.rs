@@ -26,6 +26,7 @@ use drover_actors::rule_actor::{AlarmClosed, ReloadRules, RuleCounters, RuleSett
 use drover_actors::rule_router::{RuleRouter, StopRules};
 use drover_actors::rule_workers::{RuleWorkers, WorkerSettings};
 use drover_actors::rules::DesiredStatePatcher;
+use drover_actors::rules::findings::AnalyticsDemand;
 use drover_actors::rules::script::{Sandbox, ScriptLimits};
 use drover_actors::rules::seen_metrics::SeenMetrics;
 use drover_actors::rules::stats::StatsBoard;
@@ -49,6 +50,8 @@ pub struct RulesEngine {
     pub counters: Arc<RuleCounters>,
     /// Metric names each tenant's devices reported since the start (for rule warnings).
     pub seen: Arc<SeenMetrics>,
+    /// What each tenant's `anomaly` and `forecast` rules need from the live analytics.
+    pub demand: Arc<AnalyticsDemand>,
     /// What the configuration lets notifications reach.
     pub delivery: model::DeliveryConfig,
     workers: Arc<RuleWorkers>,
@@ -134,12 +137,14 @@ impl RulesEngine {
         })
         .map_err(|e| format!("cannot start the rule evaluation threads: {e}"))?;
         let seen = Arc::new(SeenMetrics::default());
+        let demand = Arc::new(AnalyticsDemand::default());
         let settings = RuleSettings {
             source: Arc::new(source::RegistryRuleSource {
                 registry: deps.registry,
             }),
             workers: workers.clone(),
             seen: seen.clone(),
+            demand: demand.clone(),
             clock: deps.clock.clone(),
             tick,
             counters: counters.clone(),
@@ -156,6 +161,7 @@ impl RulesEngine {
             hub: deps.hub,
             counters,
             seen,
+            demand,
             delivery: model::DeliveryConfig {
                 email: !config.smtp.host.is_empty(),
                 sms_account: !config.sms.account_sid.is_empty(),

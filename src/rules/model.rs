@@ -6,6 +6,8 @@
 //! expression string or an object with a `type`. Secrets in actions and channels are write-only:
 //! they are sealed before storage and views show `secretSet: true` instead.
 
+use drover_actors::analytics::detector::Method;
+use drover_actors::analytics::forecast::Direction;
 use drover_actors::rules::names;
 use drover_actors::rules::script::{CONTEXT_VARIABLES, Sandbox, ScriptError};
 use drover_actors::rules::{ClearSpec, ConditionSpec, RuleScope, RuleSpec, Severity};
@@ -326,6 +328,61 @@ enum TypedCondition {
     Absence {
         for_secs: u64,
     },
+    Anomaly {
+        method: String,
+        threshold: Option<f64>,
+        clear_after_secs: Option<i64>,
+    },
+    Forecast {
+        metric: Option<String>,
+        below: Option<f64>,
+        above: Option<f64>,
+        within_secs: Option<i64>,
+    },
+}
+
+/// How long an anomaly alarm waits, with the score under the threshold, before it clears.
+const ANOMALY_CLEAR_AFTER_SECS: i64 = 300;
+
+/// The methods an `anomaly` condition may name, and the range of its threshold in each one's
+/// unit.
+fn anomaly_method(method: &str, threshold: Option<f64>) -> Result<Method, ModelError> {
+    let parsed = match method {
+        "zscore" => Method::ZScore,
+        "mad" => Method::Mad,
+        "ewma" => Method::Ewma,
+        "eif" => Method::Eif,
+        "ensemble" => Method::Ensemble,
+        other => {
+            return Err(invalid(
+                "condition.method",
+                format!("unknown method {other:?}: expected eif, zscore, mad, ewma or ensemble"),
+            ));
+        }
+    };
+    if let Some(t) = threshold {
+        let (ok, expected) = match parsed {
+            Method::Eif => (
+                t > 0.0 && t <= 1.0,
+                "a normalised isolation-forest score above 0 and at most 1 (e.g. 0.7)",
+            ),
+            Method::Ensemble => (
+                t > 0.0 && t <= 100.0,
+                "a multiple of the configured threshold above 0 and at most 100 (1.0 = the threshold)",
+            ),
+            _ => (
+                t > 0.0 && t <= 100.0,
+                "a number of standard deviations above 0 and at most 100 (e.g. 3)",
+            ),
+        };
+        if !(t.is_finite() && ok) {
+            return Err(invalid(
+                "condition.threshold",
+                format!("{t} for {method}: expected {expected}"),
+            ));
+        }
+    }
+    Ok(parsed)
 }
 
 #[derive(Deserialize)]
@@ -427,6 +484,68 @@ impl RuleBody {
             TypedCondition::Absence { for_secs } => ConditionSpec::Absence {
                 for_ms: positive("condition.forSecs", for_secs)?,
             },
+            TypedCondition::Anomaly {
+                method,
+                threshold,
+                clear_after_secs,
+            } => {
+                let method = anomaly_method(&method, threshold)?;
+                let clear_after = clear_after_secs.unwrap_or(ANOMALY_CLEAR_AFTER_SECS);
+                if !(0..=30 * 86_400).contains(&clear_after) {
+                    return Err(invalid(
+                        "condition.clearAfterSecs",
+                        "between 0 seconds and 30 days",
+                    ));
+                }
+                ConditionSpec::Anomaly {
+                    method,
+                    threshold,
+                    clear_after_ms: clear_after * S,
+                }
+            }
+            TypedCondition::Forecast {
+                metric,
+                below,
+                above,
+                within_secs,
+            } => {
+                let metric = metric.or_else(|| self.metric.clone()).ok_or_else(|| {
+                    invalid(
+                        "condition.metric",
+                        "required: the metric to forecast, e.g. \"metric\": \"battery\"",
+                    )
+                })?;
+                drover_actors::MetricName::parse(metric.clone())
+                    .map_err(|e| invalid("condition.metric", e))?;
+                let (limit, direction) = match (below, above) {
+                    (Some(limit), None) => (limit, Direction::Below),
+                    (None, Some(limit)) => (limit, Direction::Above),
+                    _ => {
+                        return Err(invalid(
+                            "condition",
+                            "a forecast condition needs exactly one of `below` and `above`",
+                        ));
+                    }
+                };
+                let within = within_secs.ok_or_else(|| {
+                    invalid(
+                        "condition.withinSecs",
+                        "required: how far ahead the crossing counts, e.g. 259200 (3 days)",
+                    )
+                })?;
+                if !(1..=366 * 86_400).contains(&within) {
+                    return Err(invalid(
+                        "condition.withinSecs",
+                        format!("{within}: expected a positive number of seconds, at most 366 days"),
+                    ));
+                }
+                ConditionSpec::Forecast {
+                    metric,
+                    limit,
+                    direction,
+                    within_ms: within * S,
+                }
+            }
         })
     }
 
@@ -468,7 +587,10 @@ impl RuleBody {
             ConditionSpec::Pattern { first, then, .. } => {
                 vec![("condition.first", first), ("condition.then", then)]
             }
-            ConditionSpec::Statistical { .. } | ConditionSpec::Absence { .. } => Vec::new(),
+            ConditionSpec::Statistical { .. }
+            | ConditionSpec::Absence { .. }
+            | ConditionSpec::Anomaly { .. }
+            | ConditionSpec::Forecast { .. } => Vec::new(),
         };
         if let Some(clear) = self.clear_spec()? {
             found.push(("clear", clear.expression));
@@ -492,6 +614,17 @@ impl RuleBody {
             drover_actors::MetricName::parse(m.clone()).map_err(|e| invalid("metric", e))?;
         }
         self.scope_kind()?;
+        if self.clear.as_ref().is_some_and(|c| !c.is_null())
+            && matches!(
+                self.condition_spec()?,
+                ConditionSpec::Anomaly { .. } | ConditionSpec::Forecast { .. }
+            )
+        {
+            return Err(invalid(
+                "clear",
+                "anomaly and forecast alarms clear by themselves (after clearAfterSecs under the threshold; when a later forecast no longer crosses in time): leave out `clear`",
+            ));
+        }
         for (field, expression) in self.expressions()? {
             sandbox
                 .check(&expression)
@@ -986,6 +1119,145 @@ mod tests {
         let spec = b.to_spec("r1", &TenantId::parse("t").unwrap(), None).unwrap();
         assert_eq!(spec.severity, Severity::Major);
         assert_eq!(spec.scope, RuleScope::All);
+    }
+
+    #[test]
+    fn anomaly_and_forecast_conditions_parse_into_specs() {
+        let tenant = TenantId::parse("t").unwrap();
+        let b =
+            body(json!({"name": "odd", "condition": {"type": "anomaly", "method": "eif", "threshold": 0.7}}));
+        b.validate(&Sandbox::default()).unwrap();
+        assert_eq!(
+            b.to_spec("r", &tenant, None).unwrap().condition,
+            ConditionSpec::Anomaly {
+                method: Method::Eif,
+                threshold: Some(0.7),
+                clear_after_ms: 300_000,
+            }
+        );
+        let b = body(
+            json!({"name": "z", "condition": {"type": "anomaly", "method": "zscore", "clearAfterSecs": 0}}),
+        );
+        assert_eq!(
+            b.to_spec("r", &tenant, None).unwrap().condition,
+            ConditionSpec::Anomaly {
+                method: Method::ZScore,
+                threshold: None,
+                clear_after_ms: 0,
+            }
+        );
+        let b = body(json!({"name": "battery", "condition":
+            {"type": "forecast", "metric": "battery", "below": 10, "withinSecs": 259200}}));
+        b.validate(&Sandbox::default()).unwrap();
+        assert_eq!(
+            b.to_spec("r", &tenant, None).unwrap().condition,
+            ConditionSpec::Forecast {
+                metric: "battery".into(),
+                limit: 10.0,
+                direction: Direction::Below,
+                within_ms: 259_200_000,
+            }
+        );
+        // The rule's metric stands in for the condition's.
+        let b = body(json!({"name": "hot", "metric": "vibration", "condition":
+            {"type": "forecast", "above": 7.5, "withinSecs": 3600}}));
+        assert_eq!(
+            b.to_spec("r", &tenant, None).unwrap().condition,
+            ConditionSpec::Forecast {
+                metric: "vibration".into(),
+                limit: 7.5,
+                direction: Direction::Above,
+                within_ms: 3_600_000,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_anomaly_and_forecast_conditions_are_refused_with_the_field() {
+        let cases = [
+            (
+                json!({"type": "anomaly", "method": "prophet"}),
+                "condition.method",
+                "unknown method",
+            ),
+            (
+                json!({"type": "anomaly", "method": "drift"}),
+                "condition.method",
+                "unknown method",
+            ),
+            (
+                json!({"type": "anomaly", "method": "eif", "threshold": 1.5}),
+                "condition.threshold",
+                "at most 1",
+            ),
+            (
+                json!({"type": "anomaly", "method": "eif", "threshold": 0}),
+                "condition.threshold",
+                "above 0",
+            ),
+            (
+                json!({"type": "anomaly", "method": "zscore", "threshold": -3}),
+                "condition.threshold",
+                "standard deviations",
+            ),
+            (
+                json!({"type": "anomaly", "method": "ensemble", "threshold": 500}),
+                "condition.threshold",
+                "at most 100",
+            ),
+            (
+                json!({"type": "anomaly", "method": "mad", "clearAfterSecs": -1}),
+                "condition.clearAfterSecs",
+                "30 days",
+            ),
+            (
+                json!({"type": "forecast", "below": 10, "withinSecs": 60}),
+                "condition.metric",
+                "required",
+            ),
+            (
+                json!({"type": "forecast", "metric": "battery", "withinSecs": 60}),
+                "condition",
+                "exactly one of",
+            ),
+            (
+                json!({"type": "forecast", "metric": "battery", "below": 10, "above": 90, "withinSecs": 60}),
+                "condition",
+                "exactly one of",
+            ),
+            (
+                json!({"type": "forecast", "metric": "battery", "below": 10}),
+                "condition.withinSecs",
+                "required",
+            ),
+            (
+                json!({"type": "forecast", "metric": "battery", "below": 10, "withinSecs": 0}),
+                "condition.withinSecs",
+                "positive",
+            ),
+            (
+                json!({"type": "forecast", "metric": "battery", "below": 10, "withinSecs": -60}),
+                "condition.withinSecs",
+                "positive",
+            ),
+            (
+                json!({"type": "forecast", "metric": "bad metric!", "below": 10, "withinSecs": 60}),
+                "condition.metric",
+                "",
+            ),
+        ];
+        for (condition, field, says) in cases {
+            let b = body(json!({"name": "x", "condition": condition.clone()}));
+            let e = b.validate(&Sandbox::default()).unwrap_err();
+            assert_eq!(e.field, field, "{condition}: {e:?}");
+            assert_eq!(e.code, "invalid_field", "{condition}");
+            assert!(e.message.contains(says), "{condition}: {}", e.message);
+        }
+        let b = body(json!({"name": "x", "condition": {"type": "anomaly", "method": "eif", "window": 3}}));
+        assert_eq!(b.validate(&Sandbox::default()).unwrap_err().code, "unknown_field");
+        let b =
+            body(json!({"name": "x", "clear": "true", "condition": {"type": "anomaly", "method": "eif"}}));
+        assert_eq!(b.validate(&Sandbox::default()).unwrap_err().field, "clear");
     }
 
     #[test]

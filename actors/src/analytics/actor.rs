@@ -12,7 +12,7 @@
 //! Messages: [`TelemetryAccepted`], [`ReloadAnalytics`], [`FlushAnalytics`] (and the internal
 //! `TrainingDone`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,16 +20,29 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use async_trait::async_trait;
 
-use super::isolation::IsolationModel;
-use super::monitor::{AnalyticsEvent, DeviceMonitor, MonitorSnapshot, TrainingJob};
+use super::forecast::{MIN_HISTORY, fit_recent};
+use super::isolation::{IsolationModel, IsolationOptions};
+use super::monitor::forest_options;
+use super::monitor::{
+    AnalyticsEvent, DeviceMonitor, ForestSnapshot, MonitorSnapshot, SharedForest, TrainingJob,
+    TypeForestSnapshot,
+};
 use super::settings::{AnalyticsConfig, MonitorSettings};
+use crate::clock::SharedClock;
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
+use crate::rules::findings::{
+    AnalyticsDemand, AnalyticsFindings, FORECAST_INTERVAL_MS, Finding, ForecastFinding, ScoredMessage,
+};
 use crate::telemetry::{MetricName, MetricValue, TelemetryPoint};
 use crate::telemetry_writer::{Backpressure, WriterPool};
 
 /// Trainings one tenant runs at once; a due training past this waits for a later message.
 pub const MAX_TRAININGS: usize = 2;
+/// Forecast fits (for `forecast` rules) one tenant runs at once on the blocking pool.
+pub const MAX_FORECASTS: usize = 2;
+/// Recent values kept per (device, metric) that a forecast rule watches.
+pub const FORECAST_HISTORY: usize = 512;
 /// Events waiting for their batch insert; past this they are counted and dropped.
 pub const MAX_PENDING_EVENTS: usize = 10_000;
 /// `anomaly_score` points gathered before they go to the writers.
@@ -119,6 +132,12 @@ pub struct AnalyticsCounters {
     pub store_errors: AtomicU64,
     /// Devices with a monitor (all tenants).
     pub devices: AtomicU64,
+    /// Findings for `anomaly` and `forecast` rules the rules engine's mailbox refused.
+    pub findings_dropped: AtomicU64,
+    /// Forecasts fitted for `forecast` rules.
+    pub forecasts: AtomicU64,
+    /// Due forecast fits postponed because the tenant had [`MAX_FORECASTS`] running.
+    pub forecasts_deferred: AtomicU64,
 }
 
 /// What every tenant's actor shares.
@@ -131,6 +150,44 @@ pub struct AnalyticsDeps {
     /// The server-wide defaults (`ANOMALY_THRESHOLD` and the like).
     pub defaults: AnalyticsConfig,
     pub mailbox: usize,
+    /// Where findings for `anomaly` and `forecast` rules go (the node's `RuleRouter`).
+    pub rules: Option<Recipient<AnalyticsFindings>>,
+    /// What each tenant's rules need (set by the rule actors).
+    pub demand: Arc<AnalyticsDemand>,
+    /// Server time, for the forecast interval.
+    pub clock: SharedClock,
+}
+
+/// Recent values of one (device, metric) that a forecast rule watches.
+#[derive(Debug, Default)]
+struct ForecastTrack {
+    points: VecDeque<(i64, f64)>,
+    /// Server time of the last fit started.
+    fitted_at_ms: Option<i64>,
+    in_flight: bool,
+}
+
+impl ForecastTrack {
+    /// Adds a value in timestamp order (a value at a known timestamp replaces it).
+    fn push(&mut self, ts: i64, value: f64) {
+        let at = self.points.partition_point(|(t, _)| *t < ts);
+        if self.points.get(at).is_some_and(|(t, _)| *t == ts) {
+            self.points[at].1 = value;
+            return;
+        }
+        self.points.insert(at, (ts, value));
+        if self.points.len() > FORECAST_HISTORY {
+            self.points.pop_front();
+        }
+    }
+
+    fn due(&self, now_ms: i64) -> bool {
+        !self.in_flight
+            && self.points.len() >= MIN_HISTORY
+            && self
+                .fitted_at_ms
+                .is_none_or(|at| now_ms - at >= FORECAST_INTERVAL_MS)
+    }
 }
 
 /// Re-read the tenant's configuration (after the API changed it).
@@ -149,9 +206,78 @@ pub struct FlushAnalytics {}
 #[derive(Message)]
 #[rtype(result = "()")]
 struct TrainingDone {
-    device: DeviceId,
+    target: Trained,
     job: TrainingJob,
     model: Option<IsolationModel>,
+}
+
+/// Whose forest a training is for.
+#[derive(Debug, Clone)]
+enum Trained {
+    Device(DeviceId),
+    /// A device type's shared forest; the device whose message made it due carries it in its
+    /// snapshot.
+    Type {
+        device_type: String,
+        carrier: DeviceId,
+    },
+}
+
+/// A device type's forest, shared by its devices (`forestPer: deviceType`): trained on the
+/// recent feature vectors of all of them together.
+struct TypeForest {
+    shared: SharedForest,
+    pool: VecDeque<Vec<f64>>,
+    /// The set the model was trained on (for the snapshot).
+    training: Option<Arc<Vec<Vec<f64>>>>,
+    options: IsolationOptions,
+    training_size: usize,
+    retrain_interval_ms: i64,
+    /// Message time of the last training started.
+    trained_at_ms: Option<i64>,
+    generation: u64,
+    in_flight: bool,
+    /// The device whose snapshot holds this forest.
+    carrier: Option<DeviceId>,
+}
+
+impl TypeForest {
+    fn new(
+        metrics: Vec<String>,
+        training_size: usize,
+        retrain_interval_ms: i64,
+        options: IsolationOptions,
+    ) -> Self {
+        TypeForest {
+            shared: SharedForest {
+                metrics: Arc::new(metrics),
+                model: None,
+            },
+            pool: VecDeque::new(),
+            training: None,
+            options,
+            training_size,
+            retrain_interval_ms,
+            trained_at_ms: None,
+            generation: 0,
+            in_flight: false,
+            carrier: None,
+        }
+    }
+
+    fn snapshot(&self, device_type: &str) -> TypeForestSnapshot {
+        TypeForestSnapshot {
+            device_type: device_type.to_string(),
+            forest: ForestSnapshot {
+                metrics: self.shared.metrics.to_vec(),
+                raw: Vec::new(),
+                training: self.training.as_ref().map(|t| t.to_vec()).unwrap_or_default(),
+                seed: self.options.seed,
+                trees: self.options.trees,
+                trained_at_ms: self.trained_at_ms,
+            },
+        }
+    }
 }
 
 pub struct AnalyticsActor {
@@ -166,6 +292,10 @@ pub struct AnalyticsActor {
     scores: Vec<TelemetryPoint>,
     trainings: usize,
     score_metric: MetricName,
+    forecast_tracks: HashMap<(DeviceId, String), ForecastTrack>,
+    forecasting: usize,
+    /// Shared forests by device type.
+    type_forests: HashMap<String, TypeForest>,
 }
 
 impl AnalyticsActor {
@@ -180,6 +310,9 @@ impl AnalyticsActor {
             events: Vec::new(),
             scores: Vec::with_capacity(SCORE_BATCH),
             trainings: 0,
+            forecast_tracks: HashMap::new(),
+            forecasting: 0,
+            type_forests: HashMap::new(),
             score_metric: MetricName::parse(ANOMALY_SCORE_METRIC).unwrap_or_else(|_| unreachable!()),
         }
     }
@@ -198,7 +331,7 @@ impl AnalyticsActor {
                     if let Some(job) = job {
                         // A restored forest is retrained whatever the limit: it is the device's
                         // model, not a new one.
-                        self.train(device.clone(), job, ctx);
+                        self.train(Trained::Device(device.clone()), job, ctx);
                     }
                     monitor
                 }
@@ -212,7 +345,7 @@ impl AnalyticsActor {
             .unwrap_or_else(|| unreachable!("inserted above"))
     }
 
-    fn train(&mut self, device: DeviceId, job: TrainingJob, ctx: &mut Context<Self>) {
+    fn train(&mut self, target: Trained, job: TrainingJob, ctx: &mut Context<Self>) {
         self.trainings += 1;
         let counters = self.deps.counters.clone();
         let work = async move {
@@ -231,7 +364,7 @@ impl AnalyticsActor {
                     Some(model)
                 }
                 Ok(Err(error)) => {
-                    tracing::debug!(%device, %error, "forest training failed");
+                    tracing::debug!(?target, %error, "forest training failed");
                     counters.training_failures.fetch_add(1, Ordering::Relaxed);
                     None
                 }
@@ -240,11 +373,220 @@ impl AnalyticsActor {
                     None
                 }
             };
-            TrainingDone { device, job, model }
+            TrainingDone { target, job, model }
         };
         ctx.spawn(work.into_actor(self).map(|done, act, ctx| {
             act.trainings -= 1;
             ctx.notify(done);
+        }));
+    }
+
+    /// Adds a device's feature vectors to its type's shared forest, and trains the forest when
+    /// it is due (a full set, the retraining interval of message time past).
+    fn pool_features(
+        &mut self,
+        device: &DeviceId,
+        device_type: &str,
+        (metrics, training_size, interval, options): (Vec<String>, usize, i64, IsolationOptions),
+        pooled: Vec<(i64, Vec<f64>)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let forest = self
+            .type_forests
+            .entry(device_type.to_string())
+            .or_insert_with(|| TypeForest::new(metrics.clone(), training_size, interval, options));
+        if forest.options != options
+            || forest.training_size != training_size
+            || forest.retrain_interval_ms != interval
+        {
+            // The type's configuration changed: a new forest, trained with it.
+            *forest = TypeForest::new(metrics.clone(), training_size, interval, options);
+        }
+        // A device whose metrics differ from the type's forest is scored by its univariate
+        // detectors only.
+        if *forest.shared.metrics != metrics {
+            return;
+        }
+        let Some(last_ts) = pooled.last().map(|(ts, _)| *ts) else {
+            return;
+        };
+        for (_, features) in pooled {
+            if forest.pool.len() == forest.training_size {
+                forest.pool.pop_front();
+            }
+            forest.pool.push_back(features);
+        }
+        let due = !forest.in_flight
+            && forest.pool.len() >= forest.training_size
+            && forest
+                .trained_at_ms
+                .is_none_or(|at| last_ts - at >= forest.retrain_interval_ms);
+        if !due {
+            return;
+        }
+        if self.trainings >= MAX_TRAININGS {
+            self.deps
+                .counters
+                .trainings_deferred
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        forest.in_flight = true;
+        forest.trained_at_ms = Some(last_ts);
+        forest.generation += 1;
+        let job = TrainingJob {
+            generation: forest.generation,
+            features: Arc::new(forest.pool.iter().cloned().collect()),
+            options: forest.options,
+        };
+        self.train(
+            Trained::Type {
+                device_type: device_type.to_string(),
+                carrier: device.clone(),
+            },
+            job,
+            ctx,
+        );
+    }
+
+    /// A shared forest kept in a stored snapshot: restored and retrained (same set and seed,
+    /// same forest) before its type's devices score with it.
+    fn restore_type_forest(
+        &mut self,
+        carrier: &DeviceId,
+        stored: &TypeForestSnapshot,
+        ctx: &mut Context<Self>,
+    ) {
+        let settings = self
+            .configs
+            .settings(&self.deps.defaults, carrier, &stored.device_type);
+        let f = &stored.forest;
+        let width = f.metrics.len() * super::isolation::FEATURES_PER_METRIC;
+        if !settings.shared_forest
+            || !settings.methods.contains(&super::detector::Method::Eif)
+            || f.metrics.is_empty()
+            || f.training.is_empty()
+            || f.training.iter().any(|v| v.len() != width)
+        {
+            return;
+        }
+        let options = IsolationOptions {
+            seed: f.seed,
+            trees: f.trees,
+            ..forest_options(&settings)
+        };
+        let mut forest = TypeForest::new(
+            f.metrics.clone(),
+            settings.training_size,
+            settings.retrain_interval_ms,
+            options,
+        );
+        forest.pool = f.training.iter().cloned().collect();
+        forest.generation = 1;
+        forest.in_flight = true;
+        forest.trained_at_ms = f.trained_at_ms;
+        forest.carrier = Some(carrier.clone());
+        let job = TrainingJob {
+            generation: 1,
+            features: Arc::new(f.training.clone()),
+            options,
+        };
+        self.type_forests.insert(stored.device_type.clone(), forest);
+        self.train(
+            Trained::Type {
+                device_type: stored.device_type.clone(),
+                carrier: carrier.clone(),
+            },
+            job,
+            ctx,
+        );
+    }
+
+    /// Drops the recent values of metrics no forecast rule of the tenant names any more.
+    fn forget_unwatched_forecasts(&mut self) {
+        let demand = self.deps.demand.get(&self.tenant);
+        self.forecast_tracks.retain(|(_, metric), track| {
+            track.in_flight
+                || demand
+                    .as_ref()
+                    .is_some_and(|d| d.forecasts.iter().any(|n| n.metric == *metric))
+        });
+    }
+
+    /// Hands findings to the rules engine; a full mailbox drops them (counted).
+    fn send_findings(&self, device: &DeviceId, device_type: &str, finding: Finding) {
+        let Some(rules) = &self.deps.rules else {
+            return;
+        };
+        let findings = AnalyticsFindings {
+            tenant: self.tenant.clone(),
+            device: device.clone(),
+            device_type: device_type.to_string(),
+            finding,
+        };
+        if rules.try_send(findings).is_err() {
+            self.deps
+                .counters
+                .findings_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Fits the forecast of `metric` on the blocking pool and sends it to the rules.
+    fn fit_forecast(
+        &mut self,
+        key: (DeviceId, String),
+        device_type: String,
+        within_ms: i64,
+        now_ms: i64,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(track) = self.forecast_tracks.get_mut(&key) else {
+            return;
+        };
+        track.in_flight = true;
+        track.fitted_at_ms = Some(now_ms);
+        let points: Vec<(i64, f64)> = track.points.iter().copied().collect();
+        self.forecasting += 1;
+        let work = async move { tokio::task::spawn_blocking(move || fit_recent(&points, within_ms)).await };
+        ctx.spawn(work.into_actor(self).map(move |fitted, act, _ctx| {
+            act.forecasting -= 1;
+            let track = act.forecast_tracks.get_mut(&key);
+            match fitted {
+                Ok(Ok((step_ms, last_ts_ms, last_value, forecast))) => {
+                    if let Some(track) = track {
+                        track.in_flight = false;
+                    }
+                    act.deps.counters.forecasts.fetch_add(1, Ordering::Relaxed);
+                    let (device, metric) = key;
+                    act.send_findings(
+                        &device,
+                        &device_type,
+                        Finding::Forecast(ForecastFinding {
+                            metric,
+                            last_ts_ms,
+                            last_value,
+                            step_ms,
+                            forecast: Arc::new(forecast),
+                        }),
+                    );
+                }
+                Ok(Err(error)) => {
+                    if let Some(track) = track {
+                        track.in_flight = false;
+                        // Too few values on the grid yet: try again with the next value.
+                        if matches!(error, super::AnalyticsError::NotEnoughData { .. }) {
+                            track.fitted_at_ms = None;
+                        }
+                    }
+                    tracing::debug!(tenant = %act.tenant, device = %key.0, %error, "forecast not fitted");
+                }
+                Err(_) => {
+                    if let Some(track) = track {
+                        track.in_flight = false;
+                    }
+                }
+            }
         }));
     }
 
@@ -292,10 +634,20 @@ impl AnalyticsActor {
 
     /// Saves the snapshots of the devices that changed (the future does the I/O).
     fn store_snapshots(&mut self) -> impl Future<Output = ()> + 'static {
+        let type_forests = &self.type_forests;
         let snapshots: Vec<(DeviceId, MonitorSnapshot)> = self
             .dirty
             .drain()
-            .filter_map(|d| self.monitors.get(&d).map(|m| (d.clone(), m.snapshot())))
+            .filter_map(|d| {
+                self.monitors.get(&d).map(|m| {
+                    let mut snapshot = m.snapshot();
+                    snapshot.type_forest = type_forests
+                        .iter()
+                        .find(|(_, f)| f.carrier.as_ref() == Some(&d) && f.training.is_some())
+                        .map(|(t, f)| f.snapshot(t));
+                    (d.clone(), snapshot)
+                })
+            })
             .collect();
         let (store, tenant, counters) = (
             self.deps.store.clone(),
@@ -327,11 +679,15 @@ impl Actor for AnalyticsActor {
         ctx.set_mailbox_capacity(self.deps.mailbox.max(16));
         let (store, tenant) = (self.deps.store.clone(), self.tenant.clone());
         // Nothing is scored before the configuration and snapshots are in.
-        ctx
-            .wait(async move { store.load(&tenant).await }.into_actor(self).map(
-            |loaded, act, _ctx| match loaded {
+        ctx.wait(async move { store.load(&tenant).await }.into_actor(self).map(
+            |loaded, act, ctx| match loaded {
                 Ok(stored) => {
                     act.configs = stored.configs;
+                    for (device, snapshot) in &stored.snapshots {
+                        if let Some(forest) = &snapshot.type_forest {
+                            act.restore_type_forest(device, forest, ctx);
+                        }
+                    }
                     act.stored = stored.snapshots.into_iter().collect();
                 }
                 Err(error) => {
@@ -341,7 +697,10 @@ impl Actor for AnalyticsActor {
             },
         ));
         ctx.run_interval(FLUSH_INTERVAL, |act, ctx| act.flush(ctx));
-        ctx.run_interval(SNAPSHOT_INTERVAL, |act, ctx| act.save_snapshots(ctx));
+        ctx.run_interval(SNAPSHOT_INTERVAL, |act, ctx| {
+            act.save_snapshots(ctx);
+            act.forget_unwatched_forecasts();
+        });
     }
 
     fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
@@ -388,20 +747,57 @@ impl Handler<TelemetryAccepted> for AnalyticsActor {
             return;
         }
         let device = msg.device.clone();
+        let demand = self.deps.demand.get(&self.tenant);
+        let wants_scores = demand
+            .as_ref()
+            .is_some_and(|d| self.deps.rules.is_some() && d.wants_scores(&device, &msg.device_type));
+        let mut scored: Vec<ScoredMessage> = Vec::new();
         let mut jobs = Vec::new();
         let mut observed = Vec::new();
-        {
+        let shared = self.type_forests.get(&msg.device_type).map(|f| f.shared.clone());
+        let mut pooled: Vec<(i64, Vec<f64>)> = Vec::new();
+        let pool_into = {
             let monitor = self.monitor(&device, &msg.device_type, ctx);
             for (ts, values) in &groups {
-                let mut o = monitor.observe(*ts, values);
+                let mut o = monitor.observe_shared(*ts, values, shared.as_ref());
                 if let Some(job) = o.training.take() {
                     jobs.push(job);
                 }
+                if let Some(features) = o.features.take() {
+                    pooled.push((*ts, features));
+                }
                 observed.push((*ts, o));
             }
+            match monitor.forest_metrics() {
+                Some(metrics) if !pooled.is_empty() => {
+                    let settings = monitor.settings();
+                    Some((
+                        metrics.to_vec(),
+                        settings.training_size,
+                        settings.retrain_interval_ms,
+                        monitor.forest_options(),
+                    ))
+                }
+                _ => None,
+            }
+        };
+        if let Some((metrics, training_size, interval, options)) = pool_into {
+            self.pool_features(
+                &device,
+                &msg.device_type,
+                (metrics, training_size, interval, options),
+                pooled,
+                ctx,
+            );
         }
         self.dirty.insert(device.clone());
-        for (ts, o) in observed {
+        for (ts, mut o) in observed {
+            if wants_scores && !o.statistics.is_empty() {
+                scored.push(ScoredMessage {
+                    ts_ms: ts,
+                    scores: std::mem::take(&mut o.statistics),
+                });
+            }
             if let Some(score) = o.score {
                 self.scores.push(TelemetryPoint {
                     tenant: self.tenant.clone(),
@@ -425,6 +821,28 @@ impl Handler<TelemetryAccepted> for AnalyticsActor {
                 }
             }
         }
+        if !scored.is_empty() {
+            self.send_findings(&device, &msg.device_type, Finding::Scored(scored));
+        }
+        if let Some(demand) = demand.filter(|_| self.deps.rules.is_some()) {
+            let now_ms = self.deps.clock.now_ms();
+            for (metric, within_ms) in demand.forecasts_for(&device, &msg.device_type) {
+                let key = (device.clone(), metric.to_string());
+                let track = self.forecast_tracks.entry(key.clone()).or_default();
+                for (ts, values) in &groups {
+                    if let Some((_, v)) = values.iter().find(|(n, v)| *n == metric && v.is_finite()) {
+                        track.push(*ts, *v);
+                    }
+                }
+                if track.due(now_ms) {
+                    if self.forecasting >= MAX_FORECASTS {
+                        counters.forecasts_deferred.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.fit_forecast(key, msg.device_type.clone(), within_ms, now_ms, ctx);
+                    }
+                }
+            }
+        }
         for job in jobs {
             if self.trainings >= MAX_TRAININGS {
                 counters.trainings_deferred.fetch_add(1, Ordering::Relaxed);
@@ -432,7 +850,7 @@ impl Handler<TelemetryAccepted> for AnalyticsActor {
                     monitor.install(&job, None);
                 }
             } else {
-                self.train(device.clone(), job, ctx);
+                self.train(Trained::Device(device.clone()), job, ctx);
             }
         }
         if self.scores.len() >= SCORE_BATCH {
@@ -448,9 +866,31 @@ impl Handler<TrainingDone> for AnalyticsActor {
     type Result = ();
 
     fn handle(&mut self, msg: TrainingDone, _ctx: &mut Context<Self>) {
-        if let Some(monitor) = self.monitors.get_mut(&msg.device) {
-            monitor.install(&msg.job, msg.model);
-            self.dirty.insert(msg.device);
+        match msg.target {
+            Trained::Device(device) => {
+                if let Some(monitor) = self.monitors.get_mut(&device) {
+                    monitor.install(&msg.job, msg.model);
+                    self.dirty.insert(device);
+                }
+            }
+            Trained::Type { device_type, carrier } => {
+                let Some(forest) = self.type_forests.get_mut(&device_type) else {
+                    return;
+                };
+                if msg.job.generation != forest.generation {
+                    return;
+                }
+                forest.in_flight = false;
+                match msg.model {
+                    Some(model) => {
+                        forest.shared.model = Some(Arc::new(model));
+                        forest.training = Some(msg.job.features.clone());
+                        forest.carrier = Some(carrier.clone());
+                        self.dirty.insert(carrier);
+                    }
+                    None => forest.trained_at_ms = None,
+                }
+            }
         }
     }
 }

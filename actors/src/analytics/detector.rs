@@ -96,6 +96,11 @@ pub trait Detector {
     /// Scores `value` against the history, then adds it to the history. `None` while warming up
     /// or when `value` is not finite (a non-finite value is skipped, not learned).
     fn observe(&mut self, value: f64) -> Option<Verdict>;
+    /// The verdicts of the detectors inside this one on the last value (an ensemble's voters),
+    /// so that rules can ask for one method even when it runs inside the ensemble.
+    fn members(&self) -> &[(Method, Verdict)] {
+        &[]
+    }
 }
 
 /// Deviation of a value from a spread; a flat history (zero spread) makes any change infinitely
@@ -327,6 +332,7 @@ pub struct Ensemble {
     sentinels: Vec<Box<dyn Detector + Send>>,
     quorum: usize,
     scores: Vec<f64>,
+    members: Vec<(Method, Verdict)>,
 }
 
 impl Ensemble {
@@ -339,6 +345,7 @@ impl Ensemble {
         let quorum = quorum.clamp(1, voters.len().max(1));
         let scores = Vec::with_capacity(voters.len());
         Ensemble {
+            members: Vec::with_capacity(voters.len()),
             voters,
             sentinels,
             quorum,
@@ -378,11 +385,17 @@ impl Detector for Ensemble {
         Method::Ensemble
     }
 
+    fn members(&self) -> &[(Method, Verdict)] {
+        &self.members
+    }
+
     fn observe(&mut self, value: f64) -> Option<Verdict> {
         self.scores.clear();
+        self.members.clear();
         for voter in &mut self.voters {
             if let Some(verdict) = voter.observe(value) {
                 self.scores.push(verdict.score);
+                self.members.push((voter.method(), verdict));
             }
         }
         let mut sentinel_score: Option<f64> = None;

@@ -166,6 +166,73 @@ pub fn forecast(
     })
 }
 
+/// Most steps [`fit_recent`] looks ahead; a longer look-ahead widens the steps instead.
+pub const MAX_RECENT_HORIZON: usize = 2_000;
+
+/// A forecast of irregularly timed values (`(timestamp ms, value)`, oldest first), as the live
+/// analytics fit for `forecast` rule conditions: the values are put on a regular grid (the
+/// median spacing between two values, at least 1 s, to the minute from a minute on, widened so that `within_ms` fits in
+/// [`MAX_RECENT_HORIZON`] steps; the mean of each step, gaps carried forward), and a linear-trend
+/// forecast at [`DEFAULT_LEVEL`] looks `within_ms` ahead. Returns the step, the time and value of
+/// the grid's last step, and the forecast (step 1 is one step after that time).
+pub fn fit_recent(
+    points: &[(i64, f64)],
+    within_ms: i64,
+) -> Result<(i64, i64, f64, Forecast), AnalyticsError> {
+    if points.len() < MIN_HISTORY {
+        return Err(AnalyticsError::NotEnoughData {
+            what: "forecast",
+            needed: MIN_HISTORY,
+            got: points.len(),
+        });
+    }
+    if within_ms <= 0 {
+        return Err(AnalyticsError::InvalidParameter {
+            name: "within",
+            reason: format!("{within_ms} ms is not positive"),
+        });
+    }
+    let mut gaps: Vec<i64> = points
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .filter(|g| *g > 0)
+        .collect();
+    gaps.sort_unstable();
+    let median_gap = gaps.get(gaps.len() / 2).copied().unwrap_or(1000);
+    // Readings a few seconds early or late still mean "every minute" or "every hour".
+    let median_gap = if median_gap >= 60_000 {
+        (median_gap + 30_000) / 60_000 * 60_000
+    } else {
+        median_gap
+    };
+    let step = median_gap
+        .max(1000)
+        .max((within_ms + MAX_RECENT_HORIZON as i64 - 1) / MAX_RECENT_HORIZON as i64);
+    let first = points[0].0;
+    let mut grid: Vec<(f64, usize)> = Vec::new();
+    for &(ts, v) in points {
+        let index = ((ts - first).max(0) / step) as usize;
+        if index >= grid.len() {
+            grid.resize(index + 1, (0.0, 0));
+        }
+        grid[index].0 += v;
+        grid[index].1 += 1;
+    }
+    let mut values = Vec::with_capacity(grid.len());
+    let mut last = f64::NAN;
+    for (sum, n) in grid.iter() {
+        if *n > 0 {
+            last = sum / *n as f64;
+        }
+        values.push(last);
+    }
+    let last_ts = first + (values.len() as i64 - 1) * step;
+    let last_value = *values.last().unwrap_or(&f64::NAN);
+    let horizon = ((within_ms + step - 1) / step).clamp(1, MAX_RECENT_HORIZON as i64) as usize;
+    let forecast = forecast(&values, horizon, DEFAULT_LEVEL, None, Trend::Linear)?;
+    Ok((step, last_ts, last_value, forecast))
+}
+
 /// The seasonal-naive forecast: each future step repeats the value one season earlier
 /// (`season = 1`: the last value).
 pub fn seasonal_naive(values: &[f64], season: usize, horizon: usize) -> Result<Vec<f64>, AnalyticsError> {
@@ -350,6 +417,33 @@ mod tests {
             model < 1.0 && model < baseline,
             "model {model}, baseline {baseline}"
         );
+    }
+
+    #[test]
+    fn irregular_recent_values_are_gridded_and_forecast_far_enough() {
+        // A battery falling 1 % an hour, read every hour with a jitter of a few seconds and one
+        // reading missing: the grid is hourly, the gap carried forward, and 10 % is crossed about
+        // 40 hours after the last reading (50 % then).
+        let hour = 3_600_000;
+        let points: Vec<(i64, f64)> = (0..51)
+            .filter(|i| *i != 20)
+            .map(|i| (i * hour + (i % 3) * 2_000, 100.0 - i as f64))
+            .collect();
+        let (step, last_ts, last_value, f) = fit_recent(&points, 72 * hour).unwrap();
+        assert_eq!(step, hour);
+        assert_eq!(last_ts, 50 * hour);
+        assert!((last_value - 50.0).abs() < 1e-9);
+        assert_eq!(f.point.len(), 72);
+        let c = time_to_threshold(&f, 10.0, Direction::Below);
+        let expected = c.expected.expect("crosses within 72 h") as i64;
+        assert!((38..=42).contains(&expected), "{c:?}");
+        // A look-ahead longer than the step cap widens the steps instead.
+        let (step, _, _, f) = fit_recent(&points, 100 * 24 * hour).unwrap();
+        assert!(f.point.len() <= MAX_RECENT_HORIZON && step > hour, "{step}");
+        assert!(matches!(
+            fit_recent(&points[..5], hour),
+            Err(AnalyticsError::NotEnoughData { .. })
+        ));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use super::detector::{
 use super::drift::DriftDetector;
 use super::isolation::{FEATURES_PER_METRIC, FeatureBuilder, IsolationModel, IsolationOptions};
 use super::settings::{FOREST_METRICS, MonitorSettings};
+use crate::rules::findings::MethodScore;
 
 /// Messages the forest's rolling features look back over.
 const FEATURE_WINDOW: usize = 10;
@@ -69,8 +70,23 @@ pub struct Observation {
     pub score: Option<f64>,
     /// Per method, the highest score of this message.
     pub scores: Vec<(Method, f64)>,
+    /// Per method (an ensemble's voters included, drift left out), the largest statistic of
+    /// this message and the metric it came from: what `anomaly` rule conditions judge.
+    pub statistics: Vec<MethodScore>,
     /// A forest to train, when one is due.
     pub training: Option<TrainingJob>,
+    /// With a forest per device type: the message's feature vector, for the type's training
+    /// set (the caller pools them; the monitor keeps none).
+    pub features: Option<Vec<f64>>,
+}
+
+/// The forest of a device type, which every device of the type scores with when forests are
+/// shared ([`MonitorSettings::shared_forest`]).
+#[derive(Debug, Clone)]
+pub struct SharedForest {
+    /// The metrics of the forest's feature vectors, in order.
+    pub metrics: Arc<Vec<String>>,
+    pub model: Option<Arc<IsolationModel>>,
 }
 
 /// A forest to train off the actor thread.
@@ -151,6 +167,16 @@ struct ForestState {
     in_flight: bool,
 }
 
+/// The options of a forest trained with `settings`.
+pub fn forest_options(settings: &MonitorSettings) -> IsolationOptions {
+    IsolationOptions {
+        trees: settings.trees,
+        threshold: settings.eif_threshold,
+        seed: settings.seed,
+        ..IsolationOptions::default()
+    }
+}
+
 /// The analytics state of one device.
 pub struct DeviceMonitor {
     settings: MonitorSettings,
@@ -177,6 +203,18 @@ pub struct MonitorSnapshot {
     pub metrics: BTreeMap<String, Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forest: Option<ForestSnapshot>,
+    /// The shared forest of the device's type, when this device carries it (the one whose
+    /// message made its last training due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_forest: Option<TypeForestSnapshot>,
+}
+
+/// What a restart keeps of a device type's shared forest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeForestSnapshot {
+    pub device_type: String,
+    pub forest: ForestSnapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,17 +254,30 @@ impl DeviceMonitor {
         self.forest.as_ref().and_then(|f| f.model.as_ref())
     }
 
-    fn forest_options(&self) -> IsolationOptions {
-        IsolationOptions {
-            trees: self.settings.trees,
-            threshold: self.settings.eif_threshold,
-            seed: self.settings.seed,
-            ..IsolationOptions::default()
-        }
+    /// The options a forest trained for this device (or its type) gets.
+    pub fn forest_options(&self) -> IsolationOptions {
+        forest_options(&self.settings)
     }
 
     /// Scores one message (`values`: its numeric metrics, any order) and learns from it.
     pub fn observe(&mut self, ts_ms: i64, values: &[(&str, f64)]) -> Observation {
+        self.observe_shared(ts_ms, values, None)
+    }
+
+    /// The metrics of the device's forest features, once it has seen a message.
+    pub fn forest_metrics(&self) -> Option<&[String]> {
+        self.forest.as_ref().map(|f| f.metrics.as_slice())
+    }
+
+    /// As [`DeviceMonitor::observe`]; with a shared forest, scores with the type's `shared`
+    /// forest (when its metrics are the device's) and hands the feature vector back in
+    /// [`Observation::features`] instead of keeping a training set.
+    pub fn observe_shared(
+        &mut self,
+        ts_ms: i64,
+        values: &[(&str, f64)],
+        shared: Option<&SharedForest>,
+    ) -> Observation {
         let mut out = Observation::default();
         if !self.settings.enabled {
             return out;
@@ -254,6 +305,10 @@ impl DeviceMonitor {
                 let method = detector.method();
                 if method != Method::Drift {
                     note_score(&mut out, method, verdict.score);
+                    note_statistic(&mut out, method, &verdict, Some(name), Some(value));
+                    for (member, v) in detector.members() {
+                        note_statistic(&mut out, *member, v, Some(name), Some(value));
+                    }
                 }
                 if verdict.anomalous {
                     out.events.push(AnalyticsEvent {
@@ -274,12 +329,29 @@ impl DeviceMonitor {
             monitor.remember(value, window);
         }
         if self.settings.methods.contains(&Method::Eif) {
-            self.observe_forest(ts_ms, values, &mut out);
+            self.observe_forest(ts_ms, values, &mut out, shared);
         }
         out
     }
 
-    fn observe_forest(&mut self, ts_ms: i64, values: &[(&str, f64)], out: &mut Observation) {
+    fn observe_forest(
+        &mut self,
+        ts_ms: i64,
+        values: &[(&str, f64)],
+        out: &mut Observation,
+        shared: Option<&SharedForest>,
+    ) {
+        let shared_mode = self.settings.shared_forest;
+        if self.forest.is_none()
+            && let Some(shared) = shared.filter(|_| shared_mode)
+            && shared
+                .metrics
+                .iter()
+                .all(|m| values.iter().any(|(n, v)| n == m && v.is_finite()))
+        {
+            // A device of a type that has a forest takes the type's metrics.
+            self.forest = Some(ForestState::new(shared.metrics.to_vec()));
+        }
         if self.forest.is_none() {
             let mut names: Vec<String> = values
                 .iter()
@@ -320,10 +392,18 @@ impl DeviceMonitor {
         let Ok(Some(features)) = forest.features.push(&vector) else {
             return;
         };
-        if let Some(model) = &forest.model
+        let model = if shared_mode {
+            shared
+                .filter(|s| *s.metrics == forest.metrics)
+                .and_then(|s| s.model.as_ref())
+        } else {
+            forest.model.as_ref()
+        };
+        if let Some(model) = model
             && let Ok(verdict) = model.verdict(&features)
         {
             note_score(out, Method::Eif, verdict.score);
+            let mut named = false;
             if verdict.anomalous {
                 let deviations = model.deviations(&features);
                 let m = forest.metrics.len();
@@ -343,6 +423,14 @@ impl DeviceMonitor {
                     .map(|(i, _)| forest.metrics[*i].clone())
                     .collect();
                 let value = per_metric.first().map(|(i, _)| vector[*i]);
+                note_statistic(
+                    out,
+                    Method::Eif,
+                    &verdict,
+                    metrics.first().map(String::as_str),
+                    value,
+                );
+                named = true;
                 out.events.push(AnalyticsEvent {
                     kind: EventKind::Anomaly,
                     ts_ms,
@@ -353,6 +441,13 @@ impl DeviceMonitor {
                     value,
                 });
             }
+            if !named {
+                note_statistic(out, Method::Eif, &verdict, None, None);
+            }
+        }
+        if shared_mode {
+            out.features = Some(features);
+            return;
         }
         if forest.recent.len() == training_size {
             forest.recent.pop_front();
@@ -411,6 +506,7 @@ impl DeviceMonitor {
                 trees: self.settings.trees,
                 trained_at_ms: f.trained_at_ms,
             }),
+            type_forest: None,
         }
     }
 
@@ -449,7 +545,10 @@ impl DeviceMonitor {
                 }
             }
             let width = f.metrics.len() * FEATURES_PER_METRIC;
-            if !f.training.is_empty() && f.training.iter().all(|v| v.len() == width) {
+            if !monitor.settings.shared_forest
+                && !f.training.is_empty()
+                && f.training.iter().all(|v| v.len() == width)
+            {
                 state.recent = f.training.iter().cloned().collect();
                 state.generation = 1;
                 state.in_flight = true;
@@ -468,32 +567,6 @@ impl DeviceMonitor {
             monitor.forest = Some(state);
         }
         (monitor, job)
-    }
-
-    /// Approximate heap bytes held (figures for README; not exact).
-    pub fn approximate_bytes(&self) -> usize {
-        let per_metric: usize = self
-            .metrics
-            .values()
-            .map(|m| m.recent.capacity() * 8 + m.detectors.len() * (self.settings.window * 16 + 128))
-            .sum();
-        let forest = self.forest.as_ref().map_or(0, |f| {
-            let width = f.metrics.len() * FEATURES_PER_METRIC;
-            let vectors = f.recent.len() + f.model_training.as_ref().map_or(0, |t| t.len());
-            // A fully grown tree of depth 8 has at most 511 nodes, each two vectors of the
-            // forest's width (3 or 24 f64s) and two boxes.
-            let forest_width = if width <= FEATURES_PER_METRIC {
-                FEATURES_PER_METRIC
-            } else {
-                super::isolation::FEATURE_DIM
-            };
-            let trees = f
-                .model
-                .as_ref()
-                .map_or(0, |_| self.settings.trees * 511 * (forest_width * 16 + 24));
-            vectors * (width * 8 + 24) + trees
-        });
-        per_metric + forest
     }
 }
 
@@ -529,6 +602,38 @@ fn note_score(out: &mut Observation, method: Method, score: f64) {
     }
 }
 
+/// Keeps, per method, the message's largest statistic (absolute) with its metric and value.
+fn note_statistic(
+    out: &mut Observation,
+    method: Method,
+    verdict: &super::detector::Verdict,
+    metric: Option<&str>,
+    value: Option<f64>,
+) {
+    let statistic = if verdict.statistic.is_finite() {
+        verdict.statistic.abs()
+    } else {
+        f64::MAX
+    };
+    let score = if verdict.score.is_finite() {
+        verdict.score
+    } else {
+        f64::MAX
+    };
+    let entry = MethodScore {
+        method,
+        statistic,
+        score,
+        metric: metric.map(str::to_string),
+        value,
+    };
+    match out.statistics.iter_mut().find(|s| s.method == method) {
+        Some(s) if s.statistic < statistic => *s = entry,
+        Some(_) => {}
+        None => out.statistics.push(entry),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +650,7 @@ mod tests {
             training_size: 200,
             window: 50,
             warm_up: 50,
+            shared_forest: false,
             ..MonitorSettings::default()
         }
     }
@@ -661,6 +767,63 @@ mod tests {
         assert!(!m.has_model());
         m.install(&jobs[0], jobs[0].run().ok());
         assert!(m.has_model());
+    }
+
+    #[test]
+    fn a_shared_forest_scores_every_device_of_the_type_and_keeps_no_training_set() {
+        let shared_settings = || MonitorSettings {
+            shared_forest: true,
+            ..settings()
+        };
+        let mut a = DeviceMonitor::new(shared_settings());
+        let mut pool = Vec::new();
+        for i in 0..300 {
+            let (t, h) = series(i);
+            let o = a.observe_shared(i as i64 * 1000, &[("temperature", t), ("humidity", h)], None);
+            assert!(o.training.is_none(), "the type trains, not the device");
+            pool.extend(o.features);
+        }
+        assert_eq!(pool.len(), 300 - 9, "a vector once the rolling window is full");
+        assert!(a.snapshot().forest.unwrap().training.is_empty());
+        let job = TrainingJob {
+            generation: 1,
+            features: Arc::new(pool[pool.len() - 200..].to_vec()),
+            options: a.forest_options(),
+        };
+        let shared = SharedForest {
+            metrics: Arc::new(a.forest_metrics().unwrap().to_vec()),
+            model: Some(Arc::new(job.run().unwrap())),
+        };
+        // A new device of the type scores with it once its rolling window is full, and flags a
+        // spike with its metric.
+        let mut b = DeviceMonitor::new(shared_settings());
+        for i in 0..20 {
+            let (t, h) = series(i);
+            let o = b.observe_shared(
+                i as i64 * 1000,
+                &[("humidity", h), ("temperature", t)],
+                Some(&shared),
+            );
+            let eif = o.statistics.iter().any(|s| s.method == Method::Eif);
+            assert_eq!(eif, i >= 9, "message {i}");
+        }
+        let o = b.observe_shared(
+            20_000,
+            &[("temperature", 60.0), ("humidity", 50.0)],
+            Some(&shared),
+        );
+        let eif = o
+            .events
+            .iter()
+            .find(|e| e.method == Method::Eif)
+            .expect("flagged");
+        assert_eq!(eif.metrics[0], "temperature");
+        // A device with other metrics does not use the type's forest.
+        let mut c = DeviceMonitor::new(shared_settings());
+        for i in 0..20 {
+            let o = c.observe_shared(i as i64 * 1000, &[("pressure", 1.0 + i as f64)], Some(&shared));
+            assert!(o.scores.iter().all(|(m, _)| *m != Method::Eif));
+        }
     }
 
     #[test]

@@ -37,9 +37,15 @@ impl AnalyticsRouter {
 
     fn actor(&mut self, tenant: &TenantId) -> &Addr<AnalyticsActor> {
         let deps = &self.deps;
-        self.tenants
-            .entry(tenant.clone())
-            .or_insert_with(|| AnalyticsActor::new(tenant.clone(), deps.clone()).start())
+        self.tenants.entry(tenant.clone()).or_insert_with(|| {
+            // The capacity is set before the address is handed out: a burst that arrives
+            // while the actor starts (loading its snapshots) waits rather than being dropped
+            // against actix's default of 16.
+            AnalyticsActor::create(|ctx| {
+                ctx.set_mailbox_capacity(deps.mailbox.max(16));
+                AnalyticsActor::new(tenant.clone(), deps.clone())
+            })
+        })
     }
 }
 

@@ -4,10 +4,11 @@
 //! Configuration comes in layers, each optional field by field: the built-in defaults, then the
 //! tenant's, then the device type's, then the device's own ([`AnalyticsConfig::overlay`]). No
 //! configuration at all gives [`MonitorSettings::default`]: every numeric metric, the
-//! univariate ensemble and drift detection. The isolation forest is turned on by configuration
-//! (`"methods": ["ensemble", "eif", "drift"]`) for the device types or devices that are worth
-//! it: a trained forest of 100 trees holds about 4.5 MB per device (one metric; up to ~20 MB for
-//! eight), which 10,000 devices could not all afford by default.
+//! univariate ensemble, the isolation forest and drift detection. The forest is one per device
+//! type by default, trained on the type's devices together and shared by them: a trained forest
+//! of 100 trees holds megabytes (measured by `actors/tests/forest_memory.rs`, figures in
+//! README), which one per device type costs once and one per device (`"forestPer": "device"`,
+//! for the machines worth it) costs for every device.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,10 @@ pub struct AnalyticsConfig {
     /// Seed of the forest's random draws.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// `deviceType` (default): one forest per device type, trained on the type's devices
+    /// together and shared by them; `device`: a forest of its own per device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forest_per: Option<String>,
 }
 
 impl AnalyticsConfig {
@@ -69,6 +74,7 @@ impl AnalyticsConfig {
             retrain_interval_secs: over.retrain_interval_secs.or(self.retrain_interval_secs),
             trees: over.trees.or(self.trees),
             seed: over.seed.or(self.seed),
+            forest_per: over.forest_per.clone().or_else(|| self.forest_per.clone()),
         }
     }
 
@@ -137,6 +143,12 @@ impl AnalyticsConfig {
         {
             return Err(bad("trees", format!("{t}: expected 1 to 500 trees")));
         }
+        if let Some(p) = &self.forest_per
+            && p != "deviceType"
+            && p != "device"
+        {
+            return Err(bad("forestPer", format!("{p:?}: expected deviceType or device")));
+        }
         Ok(())
     }
 
@@ -162,6 +174,10 @@ impl AnalyticsConfig {
                 .map_or(d.retrain_interval_ms, |s| s as i64 * 1000),
             trees: self.trees.unwrap_or(d.trees),
             seed: self.seed.unwrap_or(d.seed),
+            shared_forest: self
+                .forest_per
+                .as_deref()
+                .map_or(d.shared_forest, |p| p != "device"),
         })
     }
 }
@@ -181,6 +197,9 @@ pub struct MonitorSettings {
     pub retrain_interval_ms: i64,
     pub trees: usize,
     pub seed: u64,
+    /// One forest per device type, shared by its devices (`forestPer: deviceType`), rather
+    /// than one per device.
+    pub shared_forest: bool,
 }
 
 impl Default for MonitorSettings {
@@ -188,7 +207,7 @@ impl Default for MonitorSettings {
         MonitorSettings {
             enabled: true,
             metrics: None,
-            methods: vec![Method::Ensemble, Method::Drift],
+            methods: vec![Method::Ensemble, Method::Eif, Method::Drift],
             window: DEFAULT_WINDOW,
             warm_up: DEFAULT_WINDOW,
             threshold: DEFAULT_THRESHOLD,
@@ -197,6 +216,7 @@ impl Default for MonitorSettings {
             retrain_interval_ms: 6 * 3_600_000,
             trees: 100,
             seed: DEFAULT_SEED,
+            shared_forest: true,
         }
     }
 }
@@ -258,6 +278,7 @@ mod tests {
             (r#"{"trainingSize": 5}"#, "trainingSize"),
             (r#"{"retrainIntervalSecs": 1}"#, "retrainIntervalSecs"),
             (r#"{"trees": 0}"#, "trees"),
+            (r#"{"forestPer": "tenant"}"#, "forestPer"),
         ];
         for (json, field) in cases {
             let config: AnalyticsConfig = serde_json::from_str(json).unwrap();

@@ -9,10 +9,13 @@ use std::sync::atomic::Ordering;
 use rhai::{Dynamic, Map, Scope};
 use serde_json::{Value, json};
 
+use super::findings::{AnalyticsFindings, Finding, MethodScore};
 use super::script::{Expression, Sandbox, ScriptError, Verdict};
 use super::stats::RuleStats;
 use super::window::MetricWindow;
 use super::{AlarmChange, AlarmSignal, ConditionSpec, RuleSpec, Severity};
+use crate::analytics::detector::Method;
+use crate::analytics::forecast::{Direction, time_to_threshold};
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
 use crate::telemetry::MetricValue;
@@ -45,6 +48,24 @@ pub(super) enum Condition {
     Absence {
         for_ms: i64,
     },
+    Anomaly {
+        method: Method,
+        threshold: Option<f64>,
+        clear_after_ms: i64,
+    },
+    Forecast {
+        metric: String,
+        limit: f64,
+        direction: Direction,
+        within_ms: i64,
+    },
+}
+
+impl Condition {
+    /// Judged on the analytics' findings rather than on telemetry.
+    pub(super) fn on_findings(&self) -> bool {
+        matches!(self, Condition::Anomaly { .. } | Condition::Forecast { .. })
+    }
 }
 
 /// Where one (device, rule) stands.
@@ -144,6 +165,26 @@ pub(super) fn compile_condition(
             within_ms: *within_ms,
         },
         ConditionSpec::Absence { for_ms } => Condition::Absence { for_ms: *for_ms },
+        ConditionSpec::Anomaly {
+            method,
+            threshold,
+            clear_after_ms,
+        } => Condition::Anomaly {
+            method: *method,
+            threshold: *threshold,
+            clear_after_ms: *clear_after_ms,
+        },
+        ConditionSpec::Forecast {
+            metric,
+            limit,
+            direction,
+            within_ms,
+        } => Condition::Forecast {
+            metric: metric.clone(),
+            limit: *limit,
+            direction: *direction,
+            within_ms: *within_ms,
+        },
     })
 }
 
@@ -312,6 +353,9 @@ pub(super) fn evaluate(
     ctx: &mut EvalContext,
     tenant: &TenantId,
 ) -> Option<AlarmSignal> {
+    if rule.condition.on_findings() {
+        return None;
+    }
     let now = ctx.now_ms;
     let device = ctx.message.event.device.clone();
     rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
@@ -531,7 +575,10 @@ pub(super) fn evaluate(
             }
             fired
         }
-        Condition::Group { .. } | Condition::Absence { .. } => None,
+        Condition::Group { .. }
+        | Condition::Absence { .. }
+        | Condition::Anomaly { .. }
+        | Condition::Forecast { .. } => None,
     };
     let severity = fired?;
     state.clear_since = None;
@@ -547,4 +594,146 @@ pub(super) fn evaluate(
         },
         details,
     ))
+}
+
+/// Whether `score` meets an anomaly condition's threshold (in the method's unit), or the
+/// analytics' own flag when the rule sets none.
+fn anomaly_holds(score: &MethodScore, threshold: Option<f64>) -> bool {
+    match threshold {
+        Some(t) => score.statistic >= t,
+        None => score.score >= 1.0,
+    }
+}
+
+/// Runs one `anomaly` or `forecast` rule on the analytics' findings for one device; returns the
+/// alarm changes they cause (several when a batch's messages open and then clear an alarm).
+pub(super) fn evaluate_findings(
+    rule: &mut CompiledRule,
+    findings: &AnalyticsFindings,
+    now: i64,
+    tenant: &TenantId,
+    out: &mut Vec<AlarmSignal>,
+) {
+    let device = findings.device.clone();
+    let signal = |rule: &CompiledRule, change: AlarmChange, details: Value| AlarmSignal {
+        tenant: tenant.clone(),
+        device: device.clone(),
+        rule_id: rule.spec.id.clone(),
+        rule_name: rule.spec.name.clone(),
+        change,
+        at_ms: now,
+        details,
+    };
+    match (&rule.condition, &findings.finding) {
+        (
+            Condition::Anomaly {
+                method,
+                threshold,
+                clear_after_ms,
+            },
+            Finding::Scored(messages),
+        ) => {
+            let (method, threshold, clear_after_ms) = (*method, *threshold, *clear_after_ms);
+            for message in messages {
+                // A method that did not score the message (warming up, not configured for the
+                // device) says nothing either way.
+                let Some(score) = message.scores.iter().find(|s| s.method == method) else {
+                    continue;
+                };
+                rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+                let details = json!({
+                    "method": method.as_str(),
+                    "statistic": score.statistic,
+                    "score": score.score,
+                    "threshold": threshold,
+                    "metric": score.metric,
+                    "value": score.value,
+                    "ts": message.ts_ms,
+                });
+                let state = rule.devices.entry(device.clone()).or_default();
+                if anomaly_holds(score, threshold) {
+                    state.clear_since = None;
+                    rule.stats.matches.fetch_add(1, Ordering::Relaxed);
+                    let severity = rule.spec.severity;
+                    if let Some(occurrences) = report(state, severity, score.value, &details, now) {
+                        out.push(signal(
+                            rule,
+                            AlarmChange::Raise {
+                                severity,
+                                value: score.value,
+                                occurrences,
+                            },
+                            details,
+                        ));
+                    }
+                } else if state.active {
+                    let since = *state.clear_since.get_or_insert(now);
+                    if now - since >= clear_after_ms {
+                        let repeats = state.pending.take().map_or(0, |p| p.count);
+                        *state = DeviceRuleState::default();
+                        out.push(signal(rule, AlarmChange::Clear { repeats }, details));
+                    }
+                }
+            }
+        }
+        (
+            Condition::Forecast {
+                metric,
+                limit,
+                direction,
+                within_ms,
+            },
+            Finding::Forecast(f),
+        ) if *metric == f.metric => {
+            rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+            let (limit, direction, within_ms) = (*limit, *direction, *within_ms);
+            let crossed = match direction {
+                Direction::Below => f.last_value <= limit,
+                Direction::Above => f.last_value >= limit,
+            };
+            let crossing = time_to_threshold(&f.forecast, limit, direction);
+            let in_ms = |step: Option<usize>| step.map(|s| s as i64 * f.step_ms);
+            let expected_ms = if crossed {
+                Some(0)
+            } else {
+                in_ms(crossing.expected)
+            };
+            let details = json!({
+                "metric": f.metric,
+                "limit": limit,
+                "direction": if direction == Direction::Below { "below" } else { "above" },
+                "withinSecs": within_ms / 1000,
+                "lastValue": f.last_value,
+                "lastTs": f.last_ts_ms,
+                "expectedInSecs": expected_ms.map(|ms| ms / 1000),
+                "earliestInSecs": in_ms(crossing.earliest).map(|ms| ms / 1000),
+                "latestInSecs": in_ms(crossing.latest).map(|ms| ms / 1000),
+                "expectedAtMs": expected_ms.map(|ms| f.last_ts_ms + ms),
+                "level": f.forecast.level,
+            });
+            let state = rule.devices.entry(device.clone()).or_default();
+            if expected_ms.is_some_and(|ms| ms <= within_ms) {
+                state.clear_since = None;
+                rule.stats.matches.fetch_add(1, Ordering::Relaxed);
+                let severity = rule.spec.severity;
+                let value = Some(f.last_value);
+                if let Some(occurrences) = report(state, severity, value, &details, now) {
+                    out.push(signal(
+                        rule,
+                        AlarmChange::Raise {
+                            severity,
+                            value,
+                            occurrences,
+                        },
+                        details,
+                    ));
+                }
+            } else if state.active {
+                let repeats = state.pending.take().map_or(0, |p| p.count);
+                *state = DeviceRuleState::default();
+                out.push(signal(rule, AlarmChange::Clear { repeats }, details));
+            }
+        }
+        _ => {}
+    }
 }

@@ -18,8 +18,9 @@ use serde_json::json;
 
 use super::condition::{
     CompiledRule, Condition, DeviceRuleState, DeviceState, EvalContext, GroupState, Message,
-    compile_condition, evaluate, metric_dynamic,
+    compile_condition, evaluate, evaluate_findings, metric_dynamic,
 };
+use super::findings::AnalyticsFindings;
 use super::script::{Sandbox, ScriptError};
 use super::stats::{RuleStats, StatsBoard};
 use super::{AlarmChange, AlarmSignal, RuleSpec};
@@ -290,6 +291,23 @@ impl TenantRules {
         None
     }
 
+    /// Judges the tenant's `anomaly` and `forecast` rules in scope on the analytics' findings
+    /// for one device.
+    pub fn on_findings(&mut self, findings: &AnalyticsFindings, now_ms: i64) -> Vec<AlarmSignal> {
+        let mut out = Vec::new();
+        for rule in &mut self.rules {
+            if !rule.condition.on_findings()
+                || !rule.spec.enabled
+                || rule.stats.stopped.load(Ordering::Relaxed)
+                || !rule.spec.scope.matches(&findings.device, &findings.device_type)
+            {
+                continue;
+            }
+            evaluate_findings(rule, findings, now_ms, &self.tenant, &mut out);
+        }
+        out
+    }
+
     /// Reports coalesced repeats, fires time-based conditions (absence) and drops window values
     /// no rule needs any more.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<AlarmSignal> {
@@ -362,6 +380,9 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+    use crate::analytics::detector::Method;
+    use crate::analytics::forecast::{Direction, Forecast};
+    use crate::rules::findings::{Finding, ForecastFinding, MethodScore, ScoredMessage, TenantDemand};
     use crate::rules::{ClearSpec, ConditionSpec, RuleScope, Severity};
     use crate::telemetry::{MetricName, TelemetryPoint};
 
@@ -878,5 +899,228 @@ mod tests {
             "the new rule judged the rest of the batch"
         );
         assert_eq!(stats["kept"].view().evaluations, 4);
+    }
+
+    fn scored(device: &str, ts: i64, scores: &[(Method, f64, f64)]) -> AnalyticsFindings {
+        AnalyticsFindings {
+            tenant: tenant(),
+            device: DeviceId::parse(device).unwrap(),
+            device_type: "thermo".into(),
+            finding: Finding::Scored(vec![ScoredMessage {
+                ts_ms: ts,
+                scores: scores
+                    .iter()
+                    .map(|(method, statistic, score)| MethodScore {
+                        method: *method,
+                        statistic: *statistic,
+                        score: *score,
+                        metric: Some("temperature".into()),
+                        value: Some(40.0),
+                    })
+                    .collect(),
+            }]),
+        }
+    }
+
+    fn changes(signals: Vec<AlarmSignal>) -> Vec<AlarmChange> {
+        signals.into_iter().map(|s| s.change).collect()
+    }
+
+    #[test]
+    fn anomaly_conditions_judge_the_named_method_and_clear_after_a_quiet_spell() {
+        let mut r = rule(
+            "odd",
+            ConditionSpec::Anomaly {
+                method: Method::Eif,
+                threshold: Some(0.7),
+                clear_after_ms: 10_000,
+            },
+        );
+        r.metric = None;
+        let mut t = engine(vec![r]);
+        // Telemetry alone never judges it.
+        assert!(temp(&mut t, "d1", 1000.0, 0).is_empty());
+        assert!(
+            t.on_findings(&scored("d1", 1, &[(Method::ZScore, 9.0, 3.0)]), 1)
+                .is_empty(),
+            "another method"
+        );
+        assert!(
+            t.on_findings(&scored("d1", 2, &[(Method::Eif, 0.6, 0.63)]), 2)
+                .is_empty()
+        );
+        let signals = t.on_findings(&scored("d1", 3, &[(Method::Eif, 0.8, 0.84)]), 3);
+        assert_eq!(changes(signals.clone()), vec![raise(Severity::Major, 40.0)]);
+        assert_eq!(signals[0].details["method"], json!("eif"));
+        assert_eq!(signals[0].details["statistic"], json!(0.8));
+        // Repeats of the open alarm wait for the tick; another device is its own alarm.
+        assert!(
+            t.on_findings(&scored("d1", 4, &[(Method::Eif, 0.9, 0.95)]), 4)
+                .is_empty()
+        );
+        assert_eq!(
+            t.on_findings(&scored("d2", 4, &[(Method::Eif, 0.9, 0.95)]), 4)
+                .len(),
+            1
+        );
+        assert_eq!(changes(t.on_tick(5)), vec![raise_n(Severity::Major, 40.0, 1)]);
+        // Under the threshold: cleared once it stayed there for 10 s.
+        assert!(
+            t.on_findings(&scored("d1", 6, &[(Method::Eif, 0.3, 0.3)]), 6)
+                .is_empty()
+        );
+        assert!(
+            t.on_findings(&scored("d1", 7, &[(Method::Eif, 0.3, 0.3)]), 9_000)
+                .is_empty()
+        );
+        assert_eq!(
+            changes(t.on_findings(&scored("d1", 8, &[(Method::Eif, 0.3, 0.3)]), 10_006)),
+            vec![CLEAR]
+        );
+        // Without a threshold the analytics' own flag (score >= 1) decides.
+        let mut r = rule(
+            "flag",
+            ConditionSpec::Anomaly {
+                method: Method::Mad,
+                threshold: None,
+                clear_after_ms: 0,
+            },
+        );
+        r.metric = None;
+        let mut t = engine(vec![r]);
+        assert!(
+            t.on_findings(&scored("d1", 1, &[(Method::Mad, 2.9, 0.97)]), 1)
+                .is_empty()
+        );
+        assert_eq!(
+            t.on_findings(&scored("d1", 2, &[(Method::Mad, 3.1, 1.03)]), 2)
+                .len(),
+            1
+        );
+        assert_eq!(
+            changes(t.on_findings(&scored("d1", 3, &[(Method::Mad, 0.1, 0.03)]), 3)),
+            vec![CLEAR],
+            "clearAfterSecs 0 clears at the first quiet message"
+        );
+    }
+
+    fn forecast_of(device: &str, metric: &str, last: f64, slope_per_step: f64) -> AnalyticsFindings {
+        let point: Vec<f64> = (1..=100).map(|i| last + slope_per_step * i as f64).collect();
+        AnalyticsFindings {
+            tenant: tenant(),
+            device: DeviceId::parse(device).unwrap(),
+            device_type: "thermo".into(),
+            finding: Finding::Forecast(ForecastFinding {
+                metric: metric.into(),
+                last_ts_ms: 0,
+                last_value: last,
+                step_ms: 3_600_000,
+                forecast: Arc::new(Forecast {
+                    lower: point.iter().map(|v| v - 5.0).collect(),
+                    upper: point.iter().map(|v| v + 5.0).collect(),
+                    point,
+                    level: 0.95,
+                    season: None,
+                }),
+            }),
+        }
+    }
+
+    #[test]
+    fn forecast_conditions_open_before_the_crossing_and_clear_when_it_moves_away() {
+        let mut r = rule(
+            "battery",
+            ConditionSpec::Forecast {
+                metric: "battery".into(),
+                limit: 10.0,
+                direction: Direction::Below,
+                within_ms: 72 * 3_600_000,
+            },
+        );
+        r.metric = None;
+        let mut t = engine(vec![r]);
+        // 1 % an hour from 90: 10 % in 80 h, beyond 72 h.
+        assert!(
+            t.on_findings(&forecast_of("d1", "battery", 90.0, -1.0), 0)
+                .is_empty()
+        );
+        assert!(
+            t.on_findings(&forecast_of("d1", "temperature", 20.0, -1.0), 0)
+                .is_empty(),
+            "another metric"
+        );
+        // From 50: 10 % in 40 h.
+        let signals = t.on_findings(&forecast_of("d1", "battery", 50.0, -1.0), 1);
+        assert_eq!(changes(signals.clone()), vec![raise(Severity::Major, 50.0)]);
+        assert_eq!(signals[0].details["expectedInSecs"], json!(40 * 3600));
+        assert_eq!(signals[0].details["earliestInSecs"], json!(35 * 3600));
+        // A new battery: the next forecast no longer crosses, the alarm clears.
+        assert_eq!(
+            changes(t.on_findings(&forecast_of("d1", "battery", 100.0, 0.0), 2)),
+            vec![CLEAR]
+        );
+        // Already under the limit counts as crossing now.
+        assert_eq!(t.on_findings(&forecast_of("d1", "battery", 5.0, 0.0), 3).len(), 1);
+        let mut r = rule(
+            "hot",
+            ConditionSpec::Forecast {
+                metric: "vibration".into(),
+                limit: 30.0,
+                direction: Direction::Above,
+                within_ms: 3_600_000,
+            },
+        );
+        r.metric = None;
+        let mut t = engine(vec![r]);
+        assert!(
+            t.on_findings(&forecast_of("d1", "vibration", 20.0, 5.0), 0)
+                .is_empty(),
+            "in 2 h"
+        );
+        assert_eq!(
+            t.on_findings(&forecast_of("d1", "vibration", 26.0, 5.0), 0).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn demand_follows_the_enabled_rules_and_their_scopes() {
+        let mut anomaly = rule(
+            "a",
+            ConditionSpec::Anomaly {
+                method: Method::Ensemble,
+                threshold: None,
+                clear_after_ms: 0,
+            },
+        );
+        anomaly.scope = RuleScope::DeviceType("pump".into());
+        let forecast = |id: &str, within_ms| {
+            rule(
+                id,
+                ConditionSpec::Forecast {
+                    metric: "battery".into(),
+                    limit: 10.0,
+                    direction: Direction::Below,
+                    within_ms,
+                },
+            )
+        };
+        let mut off = forecast("off", 999_999_999);
+        off.enabled = false;
+        let demand = TenantDemand::of(&[
+            anomaly,
+            forecast("f1", 1_000),
+            forecast("f2", 5_000),
+            off,
+            rule("plain", expr("temperature > 1")),
+        ]);
+        let d = DeviceId::parse("d1").unwrap();
+        assert!(demand.wants_scores(&d, "pump"));
+        assert!(!demand.wants_scores(&d, "thermo"));
+        assert_eq!(
+            demand.forecasts_for(&d, "thermo"),
+            HashMap::from([("battery", 5_000)])
+        );
+        assert!(TenantDemand::of(&[rule("plain", expr("temperature > 1"))]).is_empty());
     }
 }

@@ -9,6 +9,7 @@
 
 mod condition;
 pub mod evaluator;
+pub mod findings;
 pub mod names;
 pub mod script;
 pub mod seen_metrics;
@@ -118,6 +119,25 @@ pub enum ConditionSpec {
     },
     /// No telemetry from a device for `for_ms` (it clears when telemetry arrives).
     Absence { for_ms: i64 },
+    /// The live analytics' `method` scored a message at `threshold` or more (in the method's
+    /// unit, see [`findings::MethodScore::statistic`]; `None`: the analytics' own flag). Judged
+    /// on the analytics' scores, not on telemetry; clears once the score stayed under the
+    /// threshold for `clear_after_ms`.
+    Anomaly {
+        method: crate::analytics::detector::Method,
+        threshold: Option<f64>,
+        clear_after_ms: i64,
+    },
+    /// The forecast of `metric` crosses `limit` (`direction`) within `within_ms` of its last
+    /// value. Judged on the forecasts the analytics fit (every
+    /// [`findings::FORECAST_INTERVAL_MS`]); clears when a later forecast no longer crosses in
+    /// time.
+    Forecast {
+        metric: String,
+        limit: f64,
+        direction: crate::analytics::forecast::Direction,
+        within_ms: i64,
+    },
 }
 
 /// When an active alarm clears by itself: `expression` held (continuously for `for_ms`).
