@@ -9,13 +9,17 @@
 //! - `routes:{id}`: the filters a node's sessions hold; changes announced on `routes`.
 //! - `fwd:{id}`: the stream of publications forwarded to a node (consumer group, XACK).
 //! - `retained:{ns}`: retained messages, for nodes that join later.
-//! - `handoff:{ns}:{client}`: a session on its way from one node to another.
+//! - `handoff:{ns}:{client}`, `session-handoff:{ns}:{class}:{client}`: a session on its way
+//!   from one live node to another.
+//! - `session:{ns}:{class}:{client}`, `sq:{ns}:{class}:{client}`: persistent sessions and the
+//!   messages promised to them, written through (see [`sessions`]).
 
 pub mod leases;
 pub mod live;
 pub mod notices;
 pub mod ownership;
 pub mod routes;
+pub mod sessions;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -83,6 +87,11 @@ pub struct ClusterMetrics {
     pub peers: IntGauge,
     /// 1 while Redis answers, 0 while the node serves alone.
     pub redis_up: IntGauge,
+    /// Writes of persistent sessions to Redis by outcome (written, failed, skipped).
+    pub session_writes: IntCounterVec,
+    /// Persistent sessions resumed here that this node did not hold, by where from (node:
+    /// handed over by a live node; redis: the stored copy).
+    pub sessions_resumed: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -117,7 +126,27 @@ impl ClusterMetrics {
         metrics.register(Box::new(takeovers.clone()));
         metrics.register(Box::new(peers.clone()));
         metrics.register(Box::new(redis_up.clone()));
+        let session_writes = IntCounterVec::new(
+            Opts::new(
+                "drover_cluster_session_writes_total",
+                "Writes of persistent MQTT sessions to Redis by outcome (written, failed, skipped)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let sessions_resumed = IntCounterVec::new(
+            Opts::new(
+                "drover_cluster_sessions_resumed_total",
+                "Persistent MQTT sessions resumed on this node from elsewhere (node: handed over; redis: the stored copy)",
+            ),
+            &["from"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(session_writes.clone()));
+        metrics.register(Box::new(sessions_resumed.clone()));
         ClusterMetrics {
+            session_writes,
+            sessions_resumed,
             forwarded,
             received,
             takeovers,
@@ -148,6 +177,7 @@ pub struct Cluster {
     peers: RwLock<HashMap<String, NodeAdvert>>,
     routes: routes::RouteTable,
     owned: ownership::Owned,
+    sessions: sessions::SessionStore,
     redis_up: AtomicBool,
     heartbeats: AtomicU64,
     pub metrics: ClusterMetrics,
@@ -220,6 +250,7 @@ impl Cluster {
             peers: RwLock::new(HashMap::new()),
             routes: routes::RouteTable::default(),
             owned: ownership::Owned::default(),
+            sessions: sessions::SessionStore::default(),
             redis_up: AtomicBool::new(true),
             heartbeats: AtomicU64::new(0),
             metrics: ClusterMetrics::new(metrics),
@@ -236,6 +267,7 @@ impl Cluster {
         cluster.load_retained().await;
         let forwarder = routes::start_forwarder(cluster.clone());
         cluster.routes.attach_forwarder(forwarder);
+        sessions::start(&cluster);
         ctx.broker.set_remote(Arc::new(cluster.clone()));
         cluster.start_live(hub);
         routes::start(cluster.clone());
