@@ -1225,10 +1225,7 @@ mod tests {
         let (handed, confirmations) =
             b.route_and_forward(&tenant(), publication("t", QoS::AtLeastOnce), &mut Vec::new());
         assert_eq!((handed, confirmations.len()), (2, 1));
-        assert_eq!(
-            *recorder.calls.lock(),
-            ["store keeper t 0 sent=true", "barrier"]
-        );
+        assert_eq!(*recorder.calls.lock(), ["store keeper t 0 sent=true", "barrier"]);
         b.publish(&tenant(), publication("t", QoS::AtMostOnce));
         assert_eq!(calls(), ["store keeper t 0 sent=true"]);
 
