@@ -152,6 +152,26 @@ impl Shared {
     }
 }
 
+/// What a cluster left in Redis (streams, persistent sessions with their 7-day TTLs) goes
+/// with it.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.redis.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("drover:{}:*", self.name))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+        }
+    }
+}
+
 struct Api {
     client: reqwest::Client,
 }
