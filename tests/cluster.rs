@@ -1283,10 +1283,21 @@ async fn a_node_killed_during_ingestion_loses_no_acknowledged_point_nor_persiste
         );
     }
     // ---- the persistent sessions of the killed node resume elsewhere -----------------------
-    let expected: Vec<String> = (1..=3).map(|i| format!("orders/{i}")).collect();
+    // Published after the others noticed the death, before the clients come back.
+    let (_, body) = api.cluster(&n1, &token).await;
+    assert_eq!(
+        body["nodes"].as_array().map(Vec::len),
+        Some(2),
+        "k3 is gone: {body}"
+    );
+    orders.publish_acked("orders/late", "meanwhile").await;
+    let expected: Vec<String> = ["orders/1", "orders/2", "orders/3", "orders/late"]
+        .into_iter()
+        .map(String::from)
+        .collect();
     let (mut keeper, present) = Client::connect(n2.mqtt_port, "keeper", "app", &key, false).await;
     assert!(present, "the MQTT 3.1.1 session survived its node");
-    let queued = topics(&mut keeper.received, 3, "queued for the 3.1.1 session").await;
+    let queued = topics(&mut keeper.received, 4, "queued for the 3.1.1 session").await;
     assert_eq!(
         queued.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
         expected,
@@ -1295,17 +1306,20 @@ async fn a_node_killed_during_ingestion_loses_no_acknowledged_point_nor_persiste
     let (mut keeper5, present) = Client5::connect(n1.mqtt_port, "keeper5", "app", &key, 600).await;
     assert!(present, "the MQTT 5 session survived its node");
     let mut queued5 = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         queued5.push(keeper5.next_of("queued for the MQTT 5 session").await.0);
     }
     assert_eq!(queued5, expected);
     let (mut holder, present) = Client::connect(n2.mqtt_port, "holder", "app", &key, false).await;
     assert!(present);
-    let again = topics(&mut holder.received, 3, "in flight when the node died").await;
+    let again = topics(&mut holder.received, 4, "in flight when the node died").await;
     assert_eq!(
         again,
-        expected.iter().map(|t| (t.clone(), true)).collect::<Vec<_>>(),
-        "unacknowledged messages come again, with DUP"
+        expected
+            .iter()
+            .map(|t| (t.clone(), t != "orders/late"))
+            .collect::<Vec<_>>(),
+        "unacknowledged messages come again, with DUP, then what was published meanwhile"
     );
     // Their subscriptions came along: a new order reaches all three without a SUBSCRIBE.
     routes_reach(&api, &token, &[&n1], "k2", 1).await;

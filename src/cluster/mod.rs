@@ -40,6 +40,9 @@ use crate::metrics::Metrics;
 use crate::mqtt::broker::Broker;
 use crate::mqtt::connection::MqttContext;
 
+/// How long the routes of a node that died are kept (see [`Cluster::forget_node_later`]).
+pub const DEAD_NODE_ROUTES_KEPT: Duration = Duration::from_secs(120);
+
 /// Why a node could not join its cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -329,7 +332,7 @@ impl Cluster {
     }
 
     /// Renews this node's advertisement and reads everyone's.
-    async fn heartbeat(&self) -> Result<(), redis::RedisError> {
+    async fn heartbeat(self: &Arc<Self>) -> Result<(), redis::RedisError> {
         let advert = {
             let mut advert = self.advert.lock();
             advert.heartbeat_at = now_ms();
@@ -383,7 +386,7 @@ impl Cluster {
         for node in departed {
             if node != self.node_id {
                 tracing::warn!(%node, "node left the cluster (no heartbeat)");
-                self.routes.forget_node(&node);
+                self.forget_node_later(node);
             }
         }
         self.metrics
@@ -392,6 +395,21 @@ impl Cluster {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         self.set_redis_up(true, &"heartbeat written");
         Ok(())
+    }
+
+    /// A node that died keeps attracting forwards into its stream for [`DEAD_NODE_ROUTES_KEPT`]:
+    /// the persistent sessions it held find there, when they resume on another node, what was
+    /// published for them meanwhile (see [`sessions`]). Forgotten then, unless it came back.
+    fn forget_node_later(self: &Arc<Self>, node: String) {
+        let weak = Arc::downgrade(self);
+        actix_rt::spawn(async move {
+            tokio::time::sleep(DEAD_NODE_ROUTES_KEPT).await;
+            if let Some(cluster) = weak.upgrade()
+                && !cluster.is_live(&node)
+            {
+                cluster.routes.forget_node(&node);
+            }
+        });
     }
 
     /// Records whether Redis answers; logs the changes only.
