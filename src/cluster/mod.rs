@@ -260,10 +260,17 @@ impl Cluster {
             started: Instant::now(),
         });
         cluster.claim_node_id().await?;
-        // A restarted node starts without sessions: what it announced before is void.
+        // A restarted node starts without sessions: what it announced before is void, and the
+        // others (which keep a dead node's routes for a while) are told at once.
         let mut conn = cluster.conn.clone();
-        redis::cmd("DEL")
+        redis::pipe()
+            .cmd("DEL")
             .arg(cluster.key(&format!("routes:{}", cluster.node_id)))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(cluster.key("routes"))
+            .arg(serde_json::json!({"node": cluster.node_id, "full": true}).to_string())
+            .ignore()
             .query_async::<()>(&mut conn)
             .await?;
         cluster.heartbeat().await?;
