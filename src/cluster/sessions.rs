@@ -415,6 +415,11 @@ impl Cluster {
         clean_start: bool,
         mut handed: Option<TakenSession>,
     ) -> Option<TakenSession> {
+        if !self.redis_up() {
+            // Degraded: the connection is not held up by a Redis that does not answer.
+            self.sessions.resync.store(true, Ordering::Release);
+            return handed;
+        }
         let (meta, queue) = self.session_keys(key);
         let mut conn = self.conn.clone();
         let claimed: redis::RedisResult<(String, String)> = redis::cmd("EVAL")
