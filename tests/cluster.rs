@@ -152,6 +152,26 @@ impl Shared {
     }
 }
 
+/// What a cluster left in Redis (streams, persistent sessions with their 7-day TTLs) goes
+/// with it.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.redis.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("drover:{}:*", self.name))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+        }
+    }
+}
+
 struct Api {
     client: reqwest::Client,
 }
@@ -202,11 +222,16 @@ impl Api {
     }
 }
 
+/// A PUBLISH a client received: topic, payload, DUP flag.
+type Received = (String, Vec<u8>, bool);
+
 /// An MQTT client and its event loop, driven by a task that forwards what it receives.
 struct Client {
     client: AsyncClient,
-    received: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    received: tokio::sync::mpsc::UnboundedReceiver<Received>,
     events: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Packet ids of the PUBACKs it received.
+    acks: tokio::sync::mpsc::UnboundedReceiver<u16>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -215,12 +240,17 @@ impl Client {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_credentials(user, password);
         options.set_clean_session(clean);
+        Client::connect_with(options).await
+    }
+
+    async fn connect_with(mut options: MqttOptions) -> (Client, bool) {
         options.set_keep_alive(Duration::from_secs(30));
         let (client, eventloop) = AsyncClient::new(options, 64);
         let (tx, received) = tokio::sync::mpsc::unbounded_channel();
         let (etx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (atx, acks) = tokio::sync::mpsc::unbounded_channel();
         let (ctx, crx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(drive(eventloop, tx, etx, ctx));
+        let task = tokio::spawn(drive(eventloop, tx, etx, atx, ctx));
         let present = tokio::time::timeout(WAIT, crx)
             .await
             .expect("CONNACK in time")
@@ -230,6 +260,7 @@ impl Client {
                 client,
                 received,
                 events,
+                acks,
                 task,
             },
             present,
@@ -241,10 +272,27 @@ impl Client {
     }
 
     async fn next_of(&mut self, what: &str) -> (String, Vec<u8>) {
+        let (topic, payload, _) = self.next_publish(what).await;
+        (topic, payload)
+    }
+
+    async fn next_publish(&mut self, what: &str) -> Received {
         tokio::time::timeout(WAIT, self.received.recv())
             .await
             .unwrap_or_else(|_| panic!("{what} in time"))
             .expect("client running")
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    async fn publish_acked(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, self.acks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("PUBACK for {topic} in time"))
+            .expect("client running");
     }
 
     /// Waits until the connection ends; returns how.
@@ -262,10 +310,94 @@ impl Drop for Client {
     }
 }
 
+/// An MQTT 5 client asking for a session that outlives its connection by `expiry` seconds.
+struct Client5 {
+    client: rumqttc::v5::AsyncClient,
+    received: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client5 {
+    async fn connect(port: u16, client_id: &str, user: &str, password: &str, expiry: u32) -> (Client5, bool) {
+        use rumqttc::v5::mqttbytes::v5::Packet as P5;
+        let mut options = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_credentials(user, password);
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(expiry));
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let (ctx, crx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut connected = Some(ctx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(P5::ConnAck(ack))) => {
+                        if let Some(c) = connected.take() {
+                            let _ = c.send(ack.session_present);
+                        }
+                    }
+                    Ok(rumqttc::v5::Event::Incoming(P5::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).to_string();
+                        let _ = tx.send((topic, p.payload.to_vec(), p.dup));
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        let present = tokio::time::timeout(WAIT, crx)
+            .await
+            .expect("CONNACK in time")
+            .expect("connected");
+        (
+            Client5 {
+                client,
+                received,
+                task,
+            },
+            present,
+        )
+    }
+
+    async fn next_of(&mut self, what: &str) -> Received {
+        tokio::time::timeout(WAIT, self.received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time"))
+            .expect("client running")
+    }
+
+    /// Disconnects and waits until the connection is gone.
+    async fn leave(self) {
+        self.client.disconnect().await.unwrap();
+        let mut task = self.task;
+        let _ = tokio::time::timeout(WAIT, &mut task).await;
+        task.abort();
+    }
+}
+
+/// The topics of the next `n` messages, in order, and whether each had DUP set.
+async fn topics(
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,
+    n: usize,
+    what: &str,
+) -> Vec<(String, bool)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let next = tokio::time::timeout(WAIT, received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: only {got:?} in time"))
+            .expect("client running");
+        got.push((next.0, next.2));
+    }
+    got
+}
+
 async fn drive(
     mut eventloop: EventLoop,
-    tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Received>,
     events: tokio::sync::mpsc::UnboundedSender<String>,
+    acks: tokio::sync::mpsc::UnboundedSender<u16>,
     connected: tokio::sync::oneshot::Sender<bool>,
 ) {
     let mut connected = Some(connected);
@@ -277,7 +409,10 @@ async fn drive(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                let _ = tx.send((p.topic.clone(), p.payload.to_vec(), p.dup));
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let _ = acks.send(ack.pkid);
             }
             Ok(Event::Incoming(Packet::Disconnect)) => {
                 let _ = events.send("disconnect".into());
@@ -570,7 +705,7 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
         }
         if Instant::now() > deadline {
             let got: Vec<(String, String)> = std::iter::from_fn(|| d1.received.try_recv().ok())
-                .map(|(t, p)| (t, String::from_utf8_lossy(&p).to_string()))
+                .map(|(t, p, _)| (t, String::from_utf8_lossy(&p).to_string()))
                 .collect();
             panic!("reported state never stored: {shadow}; the device got {got:?}");
         }
@@ -673,6 +808,47 @@ async fn three_nodes_route_messages_and_hand_devices_over() {
     assert!(
         outcome.is_err(),
         "the old token is refused on every node: {outcome:?}"
+    );
+
+    // ---- an application's persistent session follows it from one live node to another -----
+    let (mut roamer, _) = Client::connect(n1.mqtt_port, "roamer", "app", &key, false).await;
+    roamer.client.subscribe("roam/#", QoS::AtLeastOnce).await.unwrap();
+    routes_reach(&api, &token, &[&n3], "n1", 2).await;
+    pub3.client
+        .publish("roam/1", QoS::AtLeastOnce, false, "on n1")
+        .await
+        .unwrap();
+    assert_eq!(roamer.next_of("a message on node 1").await.0, "roam/1");
+    let (mut roamer_on_2, present) = Client::connect(n2.mqtt_port, "roamer", "app", &key, false).await;
+    assert!(present, "node 1 handed the session over");
+    assert!(
+        !roamer.closed().await.is_empty(),
+        "node 1 closed the old connection"
+    );
+    late.client
+        .publish("roam/2", QoS::AtLeastOnce, false, "on n2")
+        .await
+        .unwrap();
+    assert_eq!(
+        roamer_on_2
+            .next_of("a message after the move, no SUBSCRIBE")
+            .await
+            .0,
+        "roam/2"
+    );
+    // Away from node 2: a message queues there, and comes along to node 3.
+    roamer_on_2.client.disconnect().await.unwrap();
+    let _ = roamer_on_2.closed().await;
+    late.client
+        .publish("roam/3", QoS::AtLeastOnce, false, "queued on n2")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut roamer_on_3, present) = Client::connect(n3.mqtt_port, "roamer", "app", &key, false).await;
+    assert!(present);
+    assert_eq!(
+        roamer_on_3.next_of("the message queued on node 2").await.0,
+        "roam/3"
     );
     drop((n1, n2, n3));
 }
@@ -779,6 +955,36 @@ async fn nodes_outlive_a_redis_outage_and_rejoin_when_it_returns() {
     app.client.subscribe("line/#", QoS::AtLeastOnce).await.unwrap();
     let (mut local, _) = Client::connect(n2.mqtt_port, "local", "app", &key, true).await;
     local.client.subscribe("line/#", QoS::AtLeastOnce).await.unwrap();
+    // A persistent session, whose copy in Redis is lost with Redis's data.
+    let (durable, _) = Client::connect(n1.mqtt_port, "durable", "app", &key, false).await;
+    durable
+        .client
+        .subscribe("line/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let stored = redis::Client::open(redis.url().as_str()).unwrap();
+    let session_key = format!("drover:{}:session:t:default:a:durable", shared.name);
+    let session_stored = || async {
+        let Ok(mut conn) = stored.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        redis::cmd("HGET")
+            .arg(&session_key)
+            .arg("data")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|data| data.contains("line/#"))
+    };
+    let deadline = Instant::now() + WAIT;
+    while !session_stored().await {
+        assert!(
+            Instant::now() < deadline,
+            "the persistent session never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     routes_reach(&api, &token, &[&n2], "r1", 1).await;
     let (publisher, _) = Client::connect(n2.mqtt_port, "press", "app", &key, true).await;
     publisher
@@ -837,7 +1043,7 @@ async fn nodes_outlive_a_redis_outage_and_rejoin_when_it_returns() {
             .await
             .unwrap();
         match tokio::time::timeout(Duration::from_millis(500), app.received.recv()).await {
-            Ok(Some((topic, _))) if topic == "line/3" => break,
+            Ok(Some((topic, _, _))) if topic == "line/3" => break,
             _ => {}
         }
         assert!(Instant::now() < deadline, "cross-node delivery did not resume");
@@ -849,6 +1055,16 @@ async fn nodes_outlive_a_redis_outage_and_rejoin_when_it_returns() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // The node wrote its persistent session to the empty Redis again.
+    let deadline = Instant::now() + WAIT;
+    while !session_stored().await {
+        assert!(
+            Instant::now() < deadline,
+            "the persistent session was not written again after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(durable);
 }
 
 /// One device publishing QoS 1 telemetry with a sequence number, one message in flight at a
@@ -914,8 +1130,11 @@ async fn ingest_until(
     (acked, moves)
 }
 
+/// kill -9 of a node: devices publishing QoS 1 telemetry lose no acknowledged point, and the
+/// persistent sessions it held (MQTT 3.1.1 clean session 0, MQTT 5 session expiry) resume on
+/// the other nodes with their subscriptions, the messages queued for them and those in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_during_ingestion_loses_no_acknowledged_point() {
+async fn a_node_killed_during_ingestion_loses_no_acknowledged_point_nor_persistent_session() {
     let Some(shared) = Shared::create() else { return };
     let n1 = shared.start("k1");
     let n2 = shared.start("k2");
@@ -924,6 +1143,74 @@ async fn a_node_killed_during_ingestion_loses_no_acknowledged_point() {
         client: reqwest::Client::new(),
     };
     let token = api.login(&n1).await;
+
+    // ---- persistent sessions on the node about to die (k3) ---------------------------------
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/keys", n1.http),
+            Some(&token),
+            Some(json!({"name": "orders", "role": "operator"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let key = body["key"].as_str().unwrap().to_string();
+    // MQTT 3.1.1, clean session 0: subscribes, goes away.
+    let (mut keeper, present) = Client::connect(n3.mqtt_port, "keeper", "app", &key, false).await;
+    assert!(!present);
+    keeper
+        .client
+        .subscribe("orders/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // MQTT 5 with a session expiry of 10 minutes: the same.
+    let (keeper5, present) = Client5::connect(n3.mqtt_port, "keeper5", "app", &key, 600).await;
+    assert!(!present);
+    keeper5
+        .client
+        .subscribe("orders/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // Connected, taking messages without acknowledging them: they stay in flight.
+    let mut holding = MqttOptions::new("holder", "127.0.0.1", n3.mqtt_port);
+    holding.set_credentials("app", &key);
+    holding.set_clean_session(false);
+    holding.set_manual_acks(true);
+    let (mut holder, _) = Client::connect_with(holding).await;
+    holder
+        .client
+        .subscribe("orders/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    routes_reach(&api, &token, &[&n1], "k3", 1).await;
+    keeper.client.disconnect().await.unwrap();
+    let _ = keeper.closed().await;
+    keeper5.leave().await;
+    // The copies in Redis expire with the sessions: 600 s for MQTT 5, the configured maximum
+    // (7 days) for MQTT 3.1.1.
+    let redis = redis::Client::open(shared.redis.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    for (client, max) in [("keeper5", 600_000), ("keeper", 7 * 86_400_000)] {
+        let key = format!("drover:{}:session:t:default:a:{client}", shared.name);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+            // Until the disconnect is written the TTL still holds the connected margin.
+            if ttl > 0 && ttl <= max {
+                assert!(ttl > max - 60_000, "{client}: {ttl} ms");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{client}: TTL {ttl} ms");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Published on k1 and acknowledged to the publisher while the subscribers' node lives.
+    let (mut orders, _) = Client::connect(n1.mqtt_port, "order-desk", "app", &key, true).await;
+    for i in 1..=3 {
+        orders.publish_acked(&format!("orders/{i}"), "new").await;
+    }
+    let in_flight = topics(&mut holder.received, 3, "messages in flight").await;
+    assert!(in_flight.iter().all(|(_, dup)| !dup), "{in_flight:?}");
     let ports = vec![n1.mqtt_port, n2.mqtt_port, n3.mqtt_port];
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -995,6 +1282,63 @@ async fn a_node_killed_during_ingestion_loses_no_acknowledged_point() {
             "{id}: acknowledged but not stored: {missing:?}"
         );
     }
+    // ---- the persistent sessions of the killed node resume elsewhere -----------------------
+    // Published after the others noticed the death, before the clients come back.
+    let (_, body) = api.cluster(&n1, &token).await;
+    assert_eq!(
+        body["nodes"].as_array().map(Vec::len),
+        Some(2),
+        "k3 is gone: {body}"
+    );
+    orders.publish_acked("orders/late", "meanwhile").await;
+    let expected: Vec<String> = ["orders/1", "orders/2", "orders/3", "orders/late"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let (mut keeper, present) = Client::connect(n2.mqtt_port, "keeper", "app", &key, false).await;
+    assert!(present, "the MQTT 3.1.1 session survived its node");
+    let queued = topics(&mut keeper.received, 4, "queued for the 3.1.1 session").await;
+    assert_eq!(
+        queued.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+        expected,
+        "queued while it was away, in order"
+    );
+    let (mut keeper5, present) = Client5::connect(n1.mqtt_port, "keeper5", "app", &key, 600).await;
+    assert!(present, "the MQTT 5 session survived its node");
+    let mut queued5 = Vec::new();
+    for _ in 0..4 {
+        queued5.push(keeper5.next_of("queued for the MQTT 5 session").await.0);
+    }
+    assert_eq!(queued5, expected);
+    let (mut holder, present) = Client::connect(n2.mqtt_port, "holder", "app", &key, false).await;
+    assert!(present);
+    let again = topics(&mut holder.received, 4, "in flight when the node died").await;
+    assert_eq!(
+        again,
+        expected
+            .iter()
+            .map(|t| (t.clone(), t != "orders/late"))
+            .collect::<Vec<_>>(),
+        "unacknowledged messages come again, with DUP, then what was published meanwhile"
+    );
+    // Their subscriptions came along: a new order reaches all three without a SUBSCRIBE.
+    routes_reach(&api, &token, &[&n1], "k2", 1).await;
+    orders.publish_acked("orders/4", "after").await;
+    assert_eq!(keeper.next_of("a new message, 3.1.1").await.0, "orders/4");
+    assert_eq!(keeper5.next_of("a new message, MQTT 5").await.0, "orders/4");
+    assert_eq!(
+        holder.next_of("a new message, in flight before").await.0,
+        "orders/4"
+    );
+    let (_, body) = api
+        .call(reqwest::Method::GET, format!("{}/metrics", n2.http), None, None)
+        .await;
+    let metrics = body.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains("drover_cluster_sessions_resumed_total{from=\"redis\"} 2"),
+        "{metrics}"
+    );
+
     // The killed node comes back under its id and rejoins.
     let n3 = shared.start("k3");
     let deadline = Instant::now() + WAIT;

@@ -9,13 +9,17 @@
 //! - `routes:{id}`: the filters a node's sessions hold; changes announced on `routes`.
 //! - `fwd:{id}`: the stream of publications forwarded to a node (consumer group, XACK).
 //! - `retained:{ns}`: retained messages, for nodes that join later.
-//! - `handoff:{ns}:{client}`: a session on its way from one node to another.
+//! - `handoff:{ns}:{client}`, `session-handoff:{ns}:{class}:{client}`: a session on its way
+//!   from one live node to another.
+//! - `session:{ns}:{class}:{client}`, `sq:{ns}:{class}:{client}`: persistent sessions and the
+//!   messages promised to them, written through (see [`sessions`]).
 
 pub mod leases;
 pub mod live;
 pub mod notices;
 pub mod ownership;
 pub mod routes;
+pub mod sessions;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -35,6 +39,9 @@ use crate::dashboard::DashboardHub;
 use crate::metrics::Metrics;
 use crate::mqtt::broker::Broker;
 use crate::mqtt::connection::MqttContext;
+
+/// How long the routes of a node that died are kept (see [`Cluster::forget_node_later`]).
+pub const DEAD_NODE_ROUTES_KEPT: Duration = Duration::from_secs(120);
 
 /// Why a node could not join its cluster.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +90,11 @@ pub struct ClusterMetrics {
     pub peers: IntGauge,
     /// 1 while Redis answers, 0 while the node serves alone.
     pub redis_up: IntGauge,
+    /// Writes of persistent sessions to Redis by outcome (written, failed, skipped).
+    pub session_writes: IntCounterVec,
+    /// Persistent sessions resumed here that this node did not hold, by where from (node:
+    /// handed over by a live node; redis: the stored copy).
+    pub sessions_resumed: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -117,7 +129,27 @@ impl ClusterMetrics {
         metrics.register(Box::new(takeovers.clone()));
         metrics.register(Box::new(peers.clone()));
         metrics.register(Box::new(redis_up.clone()));
+        let session_writes = IntCounterVec::new(
+            Opts::new(
+                "drover_cluster_session_writes_total",
+                "Writes of persistent MQTT sessions to Redis by outcome (written, failed, skipped)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let sessions_resumed = IntCounterVec::new(
+            Opts::new(
+                "drover_cluster_sessions_resumed_total",
+                "Persistent MQTT sessions resumed on this node from elsewhere (node: handed over; redis: the stored copy)",
+            ),
+            &["from"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(session_writes.clone()));
+        metrics.register(Box::new(sessions_resumed.clone()));
         ClusterMetrics {
+            session_writes,
+            sessions_resumed,
             forwarded,
             received,
             takeovers,
@@ -148,6 +180,7 @@ pub struct Cluster {
     peers: RwLock<HashMap<String, NodeAdvert>>,
     routes: routes::RouteTable,
     owned: ownership::Owned,
+    sessions: sessions::SessionStore,
     redis_up: AtomicBool,
     heartbeats: AtomicU64,
     pub metrics: ClusterMetrics,
@@ -220,22 +253,31 @@ impl Cluster {
             peers: RwLock::new(HashMap::new()),
             routes: routes::RouteTable::default(),
             owned: ownership::Owned::default(),
+            sessions: sessions::SessionStore::default(),
             redis_up: AtomicBool::new(true),
             heartbeats: AtomicU64::new(0),
             metrics: ClusterMetrics::new(metrics),
             started: Instant::now(),
         });
         cluster.claim_node_id().await?;
-        // A restarted node starts without sessions: what it announced before is void.
+        // A restarted node starts without sessions: what it announced before is void, and the
+        // others (which keep a dead node's routes for a while) are told at once.
         let mut conn = cluster.conn.clone();
-        redis::cmd("DEL")
+        redis::pipe()
+            .cmd("DEL")
             .arg(cluster.key(&format!("routes:{}", cluster.node_id)))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(cluster.key("routes"))
+            .arg(serde_json::json!({"node": cluster.node_id, "full": true}).to_string())
+            .ignore()
             .query_async::<()>(&mut conn)
             .await?;
         cluster.heartbeat().await?;
         cluster.load_retained().await;
         let forwarder = routes::start_forwarder(cluster.clone());
         cluster.routes.attach_forwarder(forwarder);
+        sessions::start(&cluster);
         ctx.broker.set_remote(Arc::new(cluster.clone()));
         cluster.start_live(hub);
         routes::start(cluster.clone());
@@ -297,7 +339,7 @@ impl Cluster {
     }
 
     /// Renews this node's advertisement and reads everyone's.
-    async fn heartbeat(&self) -> Result<(), redis::RedisError> {
+    async fn heartbeat(self: &Arc<Self>) -> Result<(), redis::RedisError> {
         let advert = {
             let mut advert = self.advert.lock();
             advert.heartbeat_at = now_ms();
@@ -351,7 +393,7 @@ impl Cluster {
         for node in departed {
             if node != self.node_id {
                 tracing::warn!(%node, "node left the cluster (no heartbeat)");
-                self.routes.forget_node(&node);
+                self.forget_node_later(node);
             }
         }
         self.metrics
@@ -360,6 +402,21 @@ impl Cluster {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         self.set_redis_up(true, &"heartbeat written");
         Ok(())
+    }
+
+    /// A node that died keeps attracting forwards into its stream for [`DEAD_NODE_ROUTES_KEPT`]:
+    /// the persistent sessions it held find there, when they resume on another node, what was
+    /// published for them meanwhile (see [`sessions`]). Forgotten then, unless it came back.
+    fn forget_node_later(self: &Arc<Self>, node: String) {
+        let weak = Arc::downgrade(self);
+        actix_rt::spawn(async move {
+            tokio::time::sleep(DEAD_NODE_ROUTES_KEPT).await;
+            if let Some(cluster) = weak.upgrade()
+                && !cluster.is_live(&node)
+            {
+                cluster.routes.forget_node(&node);
+            }
+        });
     }
 
     /// Records whether Redis answers; logs the changes only.

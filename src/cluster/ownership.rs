@@ -99,12 +99,21 @@ pub fn fence_of(value: &str) -> Option<u64> {
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "camelCase")]
-enum Control {
+pub(super) enum Control {
     /// Give this device up: another node has its new connection.
     Handover {
         tenant: String,
         device: String,
         to: String,
+    },
+    /// Give this (non-device) session up: its client connected to another node. Hand it over
+    /// unless `discard` (a clean start).
+    TakeSession {
+        ns: String,
+        class: String,
+        client: String,
+        to: String,
+        discard: bool,
     },
 }
 
@@ -252,6 +261,10 @@ impl Cluster {
             client_id: device.as_str().into(),
         };
         if let Some(taken) = self.broker.take_session(&key) {
+            // Its stored messages first: the new node reads them after the handoff.
+            if let Some(written) = self.stored_barrier() {
+                let _ = written.await;
+            }
             let mut conn = self.conn.clone();
             let stored: redis::RedisResult<()> = redis::cmd("SET")
                 .arg(self.handoff_key(&tenant, &device))
@@ -394,6 +407,17 @@ pub fn control(cluster: Arc<Cluster>, payload: &[u8]) {
                 return;
             };
             actix_rt::spawn(cluster.hand_over(tenant, device, to));
+        }
+        Ok(Control::TakeSession {
+            ns,
+            class,
+            client,
+            to,
+            discard,
+        }) => {
+            if let Some(key) = super::sessions::session_key(&ns, &class, &client) {
+                actix_rt::spawn(cluster.give_up_session(key, to, discard));
+            }
         }
         Err(error) => tracing::debug!(%error, "unknown cluster control message"),
     }

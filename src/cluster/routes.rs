@@ -198,6 +198,31 @@ impl RemoteRoutes for Arc<Cluster> {
             message: message.to_string(),
         });
     }
+
+    fn session_saved(&self, session: &crate::mqtt::session::Session) {
+        self.save_session(session);
+    }
+
+    fn session_dropped(&self, key: &crate::mqtt::session::SessionKey) {
+        self.drop_session(key);
+    }
+
+    fn store(
+        &self,
+        key: &crate::mqtt::session::SessionKey,
+        delivery: &crate::mqtt::message::Delivery,
+        sent: bool,
+    ) -> Option<Arc<str>> {
+        self.store_delivery(key, delivery, sent)
+    }
+
+    fn unstore(&self, key: &crate::mqtt::session::SessionKey, id: &str) {
+        self.unstore_delivery(key, id);
+    }
+
+    fn stored(&self) -> Option<oneshot::Receiver<bool>> {
+        self.stored_barrier()
+    }
 }
 
 impl Cluster {
@@ -634,15 +659,17 @@ async fn consume(weak: std::sync::Weak<Cluster>) {
                 continue;
             }
         };
+        let mut stored = 0;
         let ids: Vec<String> = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>())
             .unwrap_or_default()
             .into_iter()
             .map(|entry| {
                 if let Some((namespace, publication)) = wire::publication_from_fields(&entry.map) {
-                    cluster
+                    stored += cluster
                         .broker
-                        .route_local(&namespace, Arc::new(publication), &mut Vec::new());
+                        .route_local_stored(&namespace, Arc::new(publication), &mut Vec::new())
+                        .1;
                     cluster.metrics.received.inc();
                 }
                 entry.id
@@ -652,6 +679,12 @@ async fn consume(weak: std::sync::Weak<Cluster>) {
             // The backlog of unacknowledged entries is done: block for new ones.
             cursor = ">";
             continue;
+        }
+        // What persistent sessions were promised is in their copies before the entries go.
+        if stored > 0
+            && let Some(written) = cluster.stored_barrier()
+        {
+            let _ = written.await;
         }
         let mut pipe = redis::pipe();
         pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).ignore();

@@ -190,48 +190,121 @@ struct WireDelivery {
     dup: bool,
     #[serde(default)]
     properties: Properties,
+    /// Its id in the cluster's copy of the session, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+}
+
+fn wire_delivery(d: &Delivery) -> WireDelivery {
+    WireDelivery {
+        topic: d.publication.topic.to_string(),
+        payload: B64.encode(&d.publication.payload),
+        qos: qos_number(d.qos),
+        publication_qos: qos_number(d.publication.qos),
+        retain: d.retain,
+        publication_retain: d.publication.retain,
+        subscription_ids: d.subscription_ids.iter().map(|id| id.get()).collect(),
+        dup: d.dup,
+        properties: Properties::of(&d.publication.properties, d.publication.received_at),
+        id: d.stored.as_deref().map(str::to_string),
+    }
+}
+
+fn delivery_of(d: WireDelivery) -> Option<Delivery> {
+    Some(Delivery {
+        publication: Arc::new(Publication {
+            topic: d.topic.into(),
+            payload: Bytes::from(B64.decode(d.payload).ok()?),
+            qos: qos_from(d.publication_qos),
+            retain: d.publication_retain,
+            properties: d.properties.into_message(),
+            received_at: Instant::now(),
+            origin: None,
+        }),
+        qos: qos_from(d.qos),
+        retain: d.retain,
+        subscription_ids: d
+            .subscription_ids
+            .into_iter()
+            .filter_map(NonZeroU32::new)
+            .collect(),
+        dup: d.dup,
+        stored: d.id.map(Arc::from),
+    })
+}
+
+/// One message of a persistent session as the cluster keeps it (`sq:` hash value). `sent`:
+/// it may have reached the client already, so it goes out again with DUP.
+pub fn encode_delivery(d: &Delivery, sent: bool) -> Vec<u8> {
+    let mut wire = wire_delivery(d);
+    wire.dup |= sent;
+    wire.id = None;
+    serde_json::to_vec(&wire).unwrap_or_default()
+}
+
+/// A stored message read back under its id.
+pub fn decode_delivery(id: &str, bytes: &[u8]) -> Option<Delivery> {
+    let mut wire: WireDelivery = serde_json::from_slice(bytes).ok()?;
+    wire.id = Some(id.to_string());
+    delivery_of(wire)
 }
 
 #[derive(Serialize, Deserialize)]
 struct WireSession {
     subscriptions: Vec<WireSubscription>,
+    #[serde(default)]
     queued: Vec<WireDelivery>,
     expiry_secs: u64,
+    /// Who may resume it (`device:<id>`, `key:<id>`, `anonymous`): the cluster's copy only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
+}
+
+fn wire_subscription((sub, o): &(Subscription, SubOptions)) -> WireSubscription {
+    WireSubscription {
+        share: sub.share.clone(),
+        filter: sub.filter.clone(),
+        qos: qos_number(o.qos),
+        no_local: o.no_local,
+        retain_as_published: o.retain_as_published,
+        retain_handling: o.retain_handling,
+        id: o.subscription_id.map(NonZeroU32::get),
+        read_checked: o.read_checked,
+    }
+}
+
+/// The cluster's copy of a persistent session without its messages (kept apart, one hash
+/// field each): who may resume it, its subscriptions and its expiry.
+pub fn encode_stored_session(
+    identity: &str,
+    subscriptions: &[(Subscription, SubOptions)],
+    expiry: Duration,
+) -> String {
+    let session = WireSession {
+        subscriptions: subscriptions.iter().map(wire_subscription).collect(),
+        queued: Vec::new(),
+        expiry_secs: expiry.as_secs(),
+        identity: Some(identity.to_string()),
+    };
+    serde_json::to_string(&session).unwrap_or_default()
+}
+
+/// A stored session read back: the identity that may resume it, and the session without
+/// its messages.
+pub fn decode_stored_session(json: &str) -> Option<(String, TakenSession)> {
+    let mut session = decode_session(json)?;
+    session.queued.clear();
+    let identity = serde_json::from_str::<WireSession>(json).ok()?.identity?;
+    Some((identity, session))
 }
 
 /// A session handed over to another node, as JSON.
 pub fn encode_session(taken: &TakenSession) -> String {
     let session = WireSession {
-        subscriptions: taken
-            .subscriptions
-            .iter()
-            .map(|(sub, o)| WireSubscription {
-                share: sub.share.clone(),
-                filter: sub.filter.clone(),
-                qos: qos_number(o.qos),
-                no_local: o.no_local,
-                retain_as_published: o.retain_as_published,
-                retain_handling: o.retain_handling,
-                id: o.subscription_id.map(NonZeroU32::get),
-                read_checked: o.read_checked,
-            })
-            .collect(),
-        queued: taken
-            .queued
-            .iter()
-            .map(|d| WireDelivery {
-                topic: d.publication.topic.to_string(),
-                payload: B64.encode(&d.publication.payload),
-                qos: qos_number(d.qos),
-                publication_qos: qos_number(d.publication.qos),
-                retain: d.retain,
-                publication_retain: d.publication.retain,
-                subscription_ids: d.subscription_ids.iter().map(|id| id.get()).collect(),
-                dup: d.dup,
-                properties: Properties::of(&d.publication.properties, d.publication.received_at),
-            })
-            .collect(),
+        subscriptions: taken.subscriptions.iter().map(wire_subscription).collect(),
+        queued: taken.queued.iter().map(wire_delivery).collect(),
         expiry_secs: taken.expiry.as_secs(),
+        identity: None,
     };
     serde_json::to_string(&session).unwrap_or_default()
 }
@@ -259,31 +332,7 @@ pub fn decode_session(json: &str) -> Option<TakenSession> {
                 )
             })
             .collect(),
-        queued: session
-            .queued
-            .into_iter()
-            .filter_map(|d| {
-                Some(Delivery {
-                    publication: Arc::new(Publication {
-                        topic: d.topic.into(),
-                        payload: Bytes::from(B64.decode(d.payload).ok()?),
-                        qos: qos_from(d.publication_qos),
-                        retain: d.publication_retain,
-                        properties: d.properties.into_message(),
-                        received_at: Instant::now(),
-                        origin: None,
-                    }),
-                    qos: qos_from(d.qos),
-                    retain: d.retain,
-                    subscription_ids: d
-                        .subscription_ids
-                        .into_iter()
-                        .filter_map(NonZeroU32::new)
-                        .collect(),
-                    dup: d.dup,
-                })
-            })
-            .collect(),
+        queued: session.queued.into_iter().filter_map(delivery_of).collect(),
         expiry: Duration::from_secs(session.expiry_secs),
     })
 }
@@ -351,6 +400,7 @@ mod tests {
                 retain: false,
                 subscription_ids: vec![NonZeroU32::new(7).unwrap()],
                 dup: true,
+                stored: Some("0000000000001-00000001-n1".into()),
             }],
             expiry: Duration::from_secs(300),
         };
@@ -359,7 +409,67 @@ mod tests {
         assert_eq!(back.queued.len(), 1);
         assert_eq!(back.queued[0].publication.payload, Bytes::from_static(b"x"));
         assert!(back.queued[0].dup);
+        assert_eq!(
+            back.queued[0].stored, taken.queued[0].stored,
+            "its stored id travels along"
+        );
         assert_eq!(back.expiry, Duration::from_secs(300));
         assert!(decode_session("{not json").is_none());
+    }
+
+    #[test]
+    fn a_stored_session_names_who_may_resume_it() {
+        let subs = vec![(
+            Subscription {
+                share: None,
+                filter: "orders/#".into(),
+            },
+            SubOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+                subscription_id: None,
+                read_checked: false,
+            },
+        )];
+        let json = encode_stored_session("key:k1", &subs, Duration::from_secs(600));
+        let (identity, back) = decode_stored_session(&json).unwrap();
+        assert_eq!(identity, "key:k1");
+        assert_eq!(back.subscriptions, subs);
+        assert_eq!(back.expiry, Duration::from_secs(600));
+        assert!(back.queued.is_empty());
+        // A handover (no identity) is not a stored session.
+        let handed = encode_session(&TakenSession {
+            subscriptions: subs,
+            queued: Vec::new(),
+            expiry: Duration::from_secs(1),
+        });
+        assert!(decode_stored_session(&handed).is_none());
+    }
+
+    #[test]
+    fn a_stored_message_comes_back_under_its_id_marked_dup_once_sent() {
+        let d = Delivery {
+            publication: Arc::new(Publication::internal(
+                "a/b",
+                &b"\x00x"[..],
+                QoS::ExactlyOnce,
+                false,
+            )),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![],
+            dup: false,
+            stored: Some("id-1".into()),
+        };
+        let queued = decode_delivery("id-1", &encode_delivery(&d, false)).unwrap();
+        assert!(!queued.dup);
+        assert_eq!(queued.stored.as_deref(), Some("id-1"));
+        assert_eq!(queued.qos, QoS::AtLeastOnce);
+        assert_eq!(queued.publication.qos, QoS::ExactlyOnce);
+        assert_eq!(queued.publication.payload, d.publication.payload);
+        assert!(decode_delivery("id-1", &encode_delivery(&d, true)).unwrap().dup);
+        assert!(decode_delivery("id-1", b"[]").is_none());
     }
 }

@@ -93,6 +93,23 @@ pub trait RemoteRoutes: Send + Sync {
     ) -> Option<tokio::sync::oneshot::Receiver<bool>>;
     /// Connections were closed here for `kick`: close them on the other nodes too.
     fn kicked(&self, kick: &Kick, reason: u8, message: &str);
+    /// A persistent session of this node changed (subscriptions, expiry, its connection):
+    /// the cluster's copy is rewritten. Called without any broker lock held.
+    fn session_saved(&self, _session: &Session) {}
+    /// A session ended here for good (clean start, expiry): the cluster's copy goes too.
+    fn session_dropped(&self, _key: &SessionKey) {}
+    /// Keeps a QoS 1/2 delivery to a persistent session in the cluster until its client
+    /// acknowledges it (`sent`: the client is connected, so it may be written at once);
+    /// returns its id there.
+    fn store(&self, _key: &SessionKey, _delivery: &Delivery, _sent: bool) -> Option<Arc<str>> {
+        None
+    }
+    /// A stored delivery was acknowledged by its client, or given up.
+    fn unstore(&self, _key: &SessionKey, _id: &str) {}
+    /// Resolves once every delivery stored so far is written.
+    fn stored(&self) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+        None
+    }
 }
 
 /// Whose connections to close, wherever they are (see [`RemoteRoutes::kicked`]).
@@ -156,6 +173,13 @@ impl Broker {
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             remote: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A stored delivery was acknowledged by its client (or dropped): the cluster forgets it.
+    pub fn unstore(&self, key: &SessionKey, id: &str) {
+        if let Some(remote) = self.remote.get() {
+            remote.unstore(key, id);
         }
     }
 
@@ -253,6 +277,13 @@ impl Broker {
             state.link = Some(Link { conn_id, outbox });
         }
         session.set_connected(true);
+        drop(by_key);
+        // A clean start's earlier copy in the cluster went when the session was claimed.
+        if !expiry.is_zero()
+            && let Some(remote) = self.remote.get()
+        {
+            remote.session_saved(&session);
+        }
         Attached {
             session,
             conn_id,
@@ -317,16 +348,25 @@ impl Broker {
         if !registered {
             return;
         }
+        let remote = self.remote.get();
         if current && state.expiry.is_zero() {
             drop(state);
             self.discard(&mut by_key, session);
+            drop(by_key);
+            if let Some(remote) = remote {
+                remote.session_dropped(&session.key);
+            }
             return;
         }
         for delivery in unsent.into_iter().rev().filter(|d| d.qos != QoS::AtMostOnce) {
             state.queue.push_front(delivery);
         }
         while state.queue.len() > self.limits.max_queued_messages {
-            state.queue.pop_back();
+            if let Some(dropped) = state.queue.pop_back()
+                && let (Some(remote), Some(id)) = (remote, &dropped.stored)
+            {
+                remote.unstore(&session.key, id);
+            }
             self.metrics.dropped.with_label_values(&["queue_full"]).inc();
         }
         // Taken over: the new connection gets them now.
@@ -337,6 +377,11 @@ impl Broker {
                     break;
                 }
             }
+        }
+        drop(state);
+        drop(by_key);
+        if current && let Some(remote) = remote {
+            remote.session_saved(session);
         }
     }
 
@@ -360,12 +405,16 @@ impl Broker {
             session.id,
             options,
         );
+        let persistent = !state.expiry.is_zero();
         drop(state);
         if !replaced {
             self.metrics.subscriptions.inc();
             if let Some(remote) = self.remote.get() {
                 remote.subscribed(&namespace, &sub.filter);
             }
+        }
+        if persistent && let Some(remote) = self.remote.get() {
+            remote.session_saved(session);
         }
         // MQTT 5 §4.8.2: retained messages are not sent for shared subscriptions.
         let send_retained = sub.share.is_none()
@@ -392,6 +441,7 @@ impl Broker {
         if state.subscriptions.remove(sub).is_none() {
             return false;
         }
+        let persistent = !state.expiry.is_zero();
         let namespace = session.identity.namespace();
         let mut trees = self.trees.write();
         if let Some(tree) = trees.get_mut(&namespace) {
@@ -402,6 +452,11 @@ impl Broker {
             if tree.is_empty() {
                 trees.remove(&namespace);
             }
+        }
+        drop(trees);
+        drop(state);
+        if persistent && let Some(remote) = self.remote.get() {
+            remote.session_saved(session);
         }
         true
     }
@@ -424,19 +479,24 @@ impl Broker {
     }
 
     /// As [`Broker::route`], also handing the message to the other nodes of a cluster; for
-    /// QoS 1/2 the receiver tells when the other nodes' queues hold it.
+    /// QoS 1/2 the receivers tell when the other nodes' queues, and the cluster's copies of
+    /// the persistent sessions it was queued for, hold it.
     pub fn route_and_forward(
         &self,
         namespace: &Namespace,
         publication: Publication,
         backlogged: &mut Vec<Outbox>,
-    ) -> (usize, Option<tokio::sync::oneshot::Receiver<bool>>) {
+    ) -> (usize, Vec<tokio::sync::oneshot::Receiver<bool>>) {
         let publication = Arc::new(publication);
-        let forwarded = self
-            .remote
-            .get()
-            .and_then(|remote| remote.forward(namespace, &publication));
-        (self.route_local(namespace, publication, backlogged), forwarded)
+        let Some(remote) = self.remote.get() else {
+            return (self.route_local(namespace, publication, backlogged), Vec::new());
+        };
+        let mut confirmations: Vec<_> = remote.forward(namespace, &publication).into_iter().collect();
+        let (handed, stored) = self.route_local_stored(namespace, publication, backlogged);
+        if stored > 0 {
+            confirmations.extend(remote.stored());
+        }
+        (handed, confirmations)
     }
 
     /// Routes to the sessions of this node only (messages forwarded by other nodes).
@@ -446,6 +506,17 @@ impl Broker {
         publication: Arc<Publication>,
         backlogged: &mut Vec<Outbox>,
     ) -> usize {
+        self.route_local_stored(namespace, publication, backlogged).0
+    }
+
+    /// As [`Broker::route_local`]; also returns how many deliveries were stored in the
+    /// cluster's copies of persistent sessions (see [`RemoteRoutes::stored`]).
+    pub fn route_local_stored(
+        &self,
+        namespace: &Namespace,
+        publication: Arc<Publication>,
+        backlogged: &mut Vec<Outbox>,
+    ) -> (usize, usize) {
         if publication.retain {
             let delta = self
                 .retained
@@ -459,7 +530,7 @@ impl Broker {
         {
             let trees = self.trees.read();
             let Some(tree) = trees.get(namespace) else {
-                return 0;
+                return (0, 0);
             };
             let sessions = self.sessions.read();
             let matches = tree.matches(&publication.topic, |id| {
@@ -488,7 +559,9 @@ impl Broker {
         }
         // One delivery per session, with the highest QoS of its matching subscriptions.
         targets.sort_by_key(|(s, _)| s.id);
+        let remote = self.remote.get();
         let mut handed = 0;
+        let mut stored = 0;
         let mut i = 0;
         while i < targets.len() {
             let session = targets[i].0.clone();
@@ -502,13 +575,23 @@ impl Broker {
                 subscription_ids.extend(options.subscription_id);
                 i += 1;
             }
-            let delivery = Delivery {
+            let mut delivery = Delivery {
                 qos: qos.min(publication.qos),
                 retain: retain_as_published && publication.retain,
                 subscription_ids,
                 dup: false,
+                stored: None,
                 publication: publication.clone(),
             };
+            // In a cluster, what a persistent session is promised outlives this node.
+            if let Some(remote) = remote
+                && delivery.qos != QoS::AtMostOnce
+                && !session.state.lock().expiry.is_zero()
+            {
+                delivery.stored = remote.store(&session.key, &delivery, session.is_connected());
+                stored += usize::from(delivery.stored.is_some());
+            }
+            let id = delivery.stored.clone();
             match session.deliver(
                 delivery,
                 self.limits.max_queued_bytes,
@@ -519,10 +602,15 @@ impl Broker {
                     handed += 1;
                     backlogged.push(outbox);
                 }
-                Handoff::Dropped(reason) => self.metrics.dropped.with_label_values(&[reason]).inc(),
+                Handoff::Dropped(reason) => {
+                    if let (Some(remote), Some(id)) = (remote, id) {
+                        remote.unstore(&session.key, &id);
+                    }
+                    self.metrics.dropped.with_label_values(&[reason]).inc()
+                }
             }
         }
-        handed
+        (handed, stored)
     }
 
     /// Whether `session` may read `topic`, decided once per topic and rules generation.
@@ -566,6 +654,11 @@ impl Broker {
             self.discard(&mut by_key, session);
         }
         drop(by_key);
+        if let Some(remote) = self.remote.get() {
+            for session in &expired {
+                remote.session_dropped(&session.key);
+            }
+        }
         let mut retained = self.retained.write();
         let mut purged = 0;
         for store in retained.values_mut() {
@@ -696,6 +789,21 @@ impl Broker {
             class: super::session::ClientClass::Device,
             client_id: device.as_str().into(),
         })
+    }
+
+    /// Whether a session with this key lives here (connected, or kept for its expiry).
+    pub fn holds_session(&self, key: &SessionKey) -> bool {
+        self.by_key.lock().contains_key(key)
+    }
+
+    /// The sessions of this node that outlive their connection.
+    pub fn persistent_sessions(&self) -> Vec<Arc<Session>> {
+        self.by_key
+            .lock()
+            .values()
+            .filter(|s| !s.state.lock().expiry.is_zero())
+            .cloned()
+            .collect()
     }
 
     /// Gives a session up to another node: closes its connection ("session taken over") and
@@ -852,6 +960,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
             dup: true,
+            stored: None,
         };
         b.detach(&attached.session, attached.conn_id, vec![unacked]);
         assert!(!attached.session.is_connected());
@@ -1027,6 +1136,151 @@ mod tests {
         b.set_acl_rules(tenant(), vec![]);
         assert!(!s.state.lock().subscriptions.values().any(|o| o.read_checked));
         assert_eq!(b.publish(&tenant(), publication("status/ok", QoS::AtMostOnce)), 1);
+    }
+
+    /// A cluster as the broker sees it: records what it is told about persistent sessions.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+        next: AtomicU64,
+    }
+
+    impl RemoteRoutes for Recorder {
+        fn subscribed(&self, _: &Namespace, _: &str) {}
+        fn unsubscribed(&self, _: &Namespace, _: &str) {}
+        fn forward(
+            &self,
+            _: &Namespace,
+            _: &Arc<Publication>,
+        ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+            None
+        }
+        fn kicked(&self, _: &Kick, _: u8, _: &str) {}
+        fn session_saved(&self, session: &Session) {
+            let subs = session.state.lock().subscriptions.len();
+            self.calls
+                .lock()
+                .push(format!("saved {} {subs}", session.key.client_id));
+        }
+        fn session_dropped(&self, key: &SessionKey) {
+            self.calls.lock().push(format!("dropped {}", key.client_id));
+        }
+        fn store(&self, key: &SessionKey, d: &Delivery, sent: bool) -> Option<Arc<str>> {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            self.calls.lock().push(format!(
+                "store {} {} {id} sent={sent}",
+                key.client_id, d.publication.topic
+            ));
+            Some(id.to_string().into())
+        }
+        fn unstore(&self, key: &SessionKey, id: &str) {
+            self.calls.lock().push(format!("unstore {} {id}", key.client_id));
+        }
+        fn stored(&self) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+            self.calls.lock().push("barrier".into());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(true);
+            Some(rx)
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_persistent_sessions_are_written_through_and_others_are_not() {
+        let b = broker();
+        let recorder = Arc::new(Recorder::default());
+        b.set_remote(recorder.clone());
+        // What was written, less the barriers (tested once, below).
+        let calls = || -> Vec<String> {
+            std::mem::take(&mut *recorder.calls.lock())
+                .into_iter()
+                .filter(|c| c != "barrier")
+                .collect()
+        };
+        let (key, id) = app("keeper");
+        let (tx, rx) = Outbox::new();
+        let kept = b.attach(key.clone(), id.clone(), true, Duration::from_secs(60), tx);
+        b.subscribe(
+            &kept.session,
+            &Subscription::parse("t").unwrap(),
+            opts(QoS::AtLeastOnce),
+        )
+        .unwrap();
+        let (fkey, fid) = app("fleeting");
+        let (ftx, _frx) = Outbox::new();
+        let fleeting = b.attach(fkey, fid, true, Duration::ZERO, ftx);
+        b.subscribe(
+            &fleeting.session,
+            &Subscription::parse("t").unwrap(),
+            opts(QoS::AtLeastOnce),
+        )
+        .unwrap();
+        assert_eq!(
+            calls(),
+            ["saved keeper 0", "saved keeper 1"],
+            "connect and subscribe"
+        );
+
+        // Online: the QoS 1 delivery is stored (sent) and the publisher waits for the write;
+        // QoS 0 and the session without expiry are not stored.
+        let (handed, confirmations) =
+            b.route_and_forward(&tenant(), publication("t", QoS::AtLeastOnce), &mut Vec::new());
+        assert_eq!((handed, confirmations.len()), (2, 1));
+        assert_eq!(*recorder.calls.lock(), ["store keeper t 0 sent=true", "barrier"]);
+        b.publish(&tenant(), publication("t", QoS::AtMostOnce));
+        assert_eq!(calls(), ["store keeper t 0 sent=true"]);
+
+        // Away: what was in flight comes back with its id; what is queued is stored unsent.
+        drop(rx);
+        let mut inflight = Vec::new();
+        let unacked = Delivery {
+            publication: Arc::new(publication("t", QoS::AtLeastOnce)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![],
+            dup: true,
+            stored: Some("0".into()),
+        };
+        inflight.push(unacked);
+        b.detach(&kept.session, kept.conn_id, inflight);
+        assert_eq!(calls(), ["saved keeper 1"]);
+        for _ in 0..3 {
+            b.publish(&tenant(), publication("t", QoS::AtLeastOnce));
+        }
+        let stored = calls();
+        assert_eq!(stored.len(), 3, "{stored:?}");
+        assert!(stored.iter().all(|c| c.ends_with("sent=false")), "{stored:?}");
+        // max_queued_messages is 4 (with the one in flight): the next is dropped and unstored.
+        assert_eq!(
+            b.publish(&tenant(), publication("t", QoS::AtLeastOnce)),
+            1,
+            "the session without expiry only"
+        );
+        assert_eq!(calls(), ["store keeper t 4 sent=false", "unstore keeper 4"]);
+
+        // Resumed on this node: the queue keeps its ids for the acknowledgements.
+        let (tx, mut rx) = Outbox::new();
+        let back = b.attach(key.clone(), id.clone(), false, Duration::from_secs(60), tx);
+        assert!(back.session_present);
+        let mut ids = Vec::new();
+        while let Some(Outbound::Deliver(d)) = rx.try_recv() {
+            ids.push(d.stored.as_deref().map(str::to_string));
+        }
+        assert_eq!(ids.len(), 4);
+        assert_eq!(ids[0].as_deref(), Some("0"), "the one in flight first");
+        assert!(ids.iter().all(Option::is_some));
+        calls();
+        // A session that ends with its connection drops its copy; so does one that expires.
+        let (tx, _rx) = Outbox::new();
+        let ending = b.attach(key.clone(), id.clone(), false, Duration::ZERO, tx);
+        assert!(calls().is_empty(), "no expiry, nothing written");
+        b.detach(&ending.session, ending.conn_id, Vec::new());
+        assert_eq!(calls(), ["dropped keeper"]);
+        let (tx, _rx) = Outbox::new();
+        let expiring = b.attach(key, id, false, Duration::from_secs(1), tx);
+        b.detach(&expiring.session, expiring.conn_id, Vec::new());
+        calls();
+        assert_eq!(b.sweep(Instant::now() + Duration::from_secs(2)), 1);
+        assert_eq!(calls(), ["dropped keeper"]);
     }
 
     #[test]

@@ -295,10 +295,25 @@ pub async fn connect(
             }
         }
     };
+    let key = SessionKey {
+        namespace: identity.namespace(),
+        class,
+        client_id: client_id.as_str().into(),
+    };
     // In a cluster the device moves here first: its previous node hands its session over.
+    // Then the session itself: its copy in Redis becomes this node's (a clean start drops
+    // it), and another node still holding it gives it up.
     let handed_over = match (&identity, ctx.cluster.get()) {
         (Identity::Device { tenant, device }, Some(cluster)) => cluster.claim_device(tenant, device).await,
         _ => None,
+    };
+    let resumed = match ctx.cluster.get() {
+        Some(cluster) => {
+            cluster
+                .claim_session(&key, &identity, request.clean_start, handed_over)
+                .await
+        }
+        None => None,
     };
     // The device actor must exist before the session is attached (the device may have been
     // deleted since its credentials were checked).
@@ -327,11 +342,6 @@ pub async fn connect(
     };
     let (outbox, inbox) = Outbox::with_policy(config.slow_subscriber);
     let own_queue = outbox.clone();
-    let key = SessionKey {
-        namespace: namespace.clone(),
-        class,
-        client_id: client_id.as_str().into(),
-    };
     let attached = ctx.broker.attach(
         key,
         identity.clone(),
@@ -340,7 +350,8 @@ pub async fn connect(
         outbox,
     );
     let mut session_present = attached.session_present;
-    if let Some(taken) = handed_over
+    // A session this node does not hold: handed over by another node, or stored in Redis.
+    if let Some(taken) = resumed
         && !request.clean_start
         && !session_present
     {
@@ -508,8 +519,9 @@ impl Connection {
         self.wait_for_room(backlogged).await;
         // QoS 1/2 in a cluster: acknowledged once the other nodes' streams hold it. Without
         // Redis the node serves alone: the local subscribers have it, the others cannot.
-        if let Some(forwarded) = forwarded {
-            let _ = forwarded.await;
+        // The same for the cluster's copies of persistent sessions it was queued for.
+        for confirmation in forwarded {
+            let _ = confirmation.await;
         }
         Ok(())
     }
@@ -778,6 +790,7 @@ impl Connection {
                 retain: false,
                 subscription_ids: options.subscription_id.into_iter().collect(),
                 dup: false,
+                stored: None,
                 publication: Arc::new(publication),
             };
             broker.deliver_to(&session, delivery);
@@ -792,6 +805,7 @@ impl Connection {
                 retain: true,
                 subscription_ids: Vec::new(),
                 dup: false,
+                stored: None,
                 publication,
             };
             self.ctx.broker.deliver_to(&self.session, delivery);

@@ -153,6 +153,7 @@ pub(super) async fn run_outbound(
         let now = Instant::now();
         if delivery.publication.is_expired(now) {
             w.backlog.release(&delivery);
+            forget(&w.conn, &delivery);
             w.conn.ctx.metrics().dropped.with_label_values(&["expired"]).inc();
             continue;
         }
@@ -249,11 +250,12 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                     let inflight = inflight.clone();
                     let sent = metrics.sent.with_label_values(&[label]);
                     match poll_once(&mut fut).await {
-                        Poll::Ready(result) => acked(&inflight, seq, result.is_ok(), &sent),
+                        Poll::Ready(result) => acked(&w.conn, &inflight, seq, result.is_ok(), &sent),
                         Poll::Pending => {
+                            let conn = w.conn.clone();
                             ntex::rt::spawn(async move {
                                 let result = fut.await;
-                                acked(&inflight, seq, result.is_ok(), &sent);
+                                acked(&conn, &inflight, seq, result.is_ok(), &sent);
                             });
                         }
                     }
@@ -261,8 +263,13 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                 QoS::ExactlyOnce => {
                     inflight.borrow_mut().insert(seq, delivery);
                     if let Ok(received) = builder.send_exactly_once(payload).await {
-                        inflight.borrow_mut().remove(&seq);
-                        metrics.sent.with_label_values(&[label]).inc();
+                        acked(
+                            &w.conn,
+                            inflight,
+                            seq,
+                            true,
+                            &metrics.sent.with_label_values(&[label]),
+                        );
                         let _ = received.release().await;
                     }
                 }
@@ -295,12 +302,13 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                             if result.is_err() {
                                 unsent(w);
                             }
-                            acked(&inflight, seq, result.is_ok(), &sent);
+                            acked(&w.conn, &inflight, seq, result.is_ok(), &sent);
                         }
                         Poll::Pending => {
+                            let conn = w.conn.clone();
                             ntex::rt::spawn(async move {
                                 let result = fut.await;
-                                acked(&inflight, seq, result.is_ok(), &sent);
+                                acked(&conn, &inflight, seq, result.is_ok(), &sent);
                             });
                         }
                     }
@@ -318,8 +326,13 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                         Poll::Pending => fut.await,
                     };
                     if let Ok(received) = result {
-                        inflight.borrow_mut().remove(&seq);
-                        metrics.sent.with_label_values(&[label]).inc();
+                        acked(
+                            &w.conn,
+                            inflight,
+                            seq,
+                            true,
+                            &metrics.sent.with_label_values(&[label]),
+                        );
                         let _ = received.release().await;
                     }
                 }
@@ -328,10 +341,21 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
     }
 }
 
-fn acked(inflight: &Inflight, seq: u64, ok: bool, sent: &prometheus::IntCounter) {
+/// The client acknowledged a delivery (PUBACK, or PUBREC for QoS 2).
+fn acked(conn: &Connection, inflight: &Inflight, seq: u64, ok: bool, sent: &prometheus::IntCounter) {
     if ok {
-        inflight.borrow_mut().remove(&seq);
+        let delivery = inflight.borrow_mut().remove(&seq);
+        if let Some(delivery) = delivery {
+            forget(conn, &delivery);
+        }
         sent.inc();
+    }
+}
+
+/// A delivery the client has, or that will never be sent: a cluster forgets its stored copy.
+fn forget(conn: &Connection, delivery: &Delivery) {
+    if let Some(id) = &delivery.stored {
+        conn.ctx.broker.unstore(&conn.session.key, id);
     }
 }
 

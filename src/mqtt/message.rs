@@ -75,6 +75,9 @@ pub struct Delivery {
     pub subscription_ids: Vec<std::num::NonZeroU32>,
     /// Set when it is sent again after the connection that carried it was lost.
     pub dup: bool,
+    /// Its id in the cluster's copy of a persistent session (cluster mode only): removed
+    /// there once the client acknowledges it.
+    pub stored: Option<Arc<str>>,
 }
 
 /// What a connection's outbound task is told to do.

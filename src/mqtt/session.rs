@@ -444,6 +444,7 @@ mod tests {
             retain: false,
             subscription_ids: Vec::new(),
             dup: false,
+            stored: None,
         }
     }
 
