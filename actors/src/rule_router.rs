@@ -4,8 +4,8 @@
 //! ([`SeenMetrics`](crate::rules::seen_metrics::SeenMetrics)). A tenant whose rules fall behind loses events (counted); ingestion never
 //! waits for rules. Scripts run on the `RuleWorkers`' threads, never on this one.
 //!
-//! Messages: [`TelemetryAccepted`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`],
-//! [`InspectRules`].
+//! Messages: [`TelemetryAccepted`], [`SpanningTelemetry`], [`ReloadRules`], [`AlarmClosed`],
+//! [`StopRules`], [`InspectRules`].
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::ids::TenantId;
 use crate::pipeline::TelemetryAccepted;
-use crate::rule_actor::{AlarmClosed, ReloadRules, RuleActor, RuleSettings};
+use crate::rule_actor::{AlarmClosed, ReloadRules, RuleActor, RuleSettings, SpanningTelemetry};
 
 /// Stops every rule actor (shutdown).
 #[derive(Message, Debug, Clone)]
@@ -112,6 +112,19 @@ impl Handler<TelemetryAccepted> for RuleRouter {
         if let Some((_, offered, dropped)) = self.routed.get_mut(&tenant) {
             *offered += 1;
             *dropped += u64::from(refused);
+        }
+    }
+}
+
+impl Handler<SpanningTelemetry> for RuleRouter {
+    type Result = ();
+
+    fn handle(&mut self, msg: SpanningTelemetry, _ctx: &mut Context<Self>) {
+        let tenant = msg.event.tenant.clone();
+        self.handled += 1;
+        let refused = self.actor(&tenant).try_send(msg).is_err();
+        if refused {
+            self.settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
