@@ -10,12 +10,15 @@
 //! - `fwd:{id}`: the stream of publications forwarded to a node (consumer group, XACK).
 //! - `retained:{ns}`: retained messages, for nodes that join later.
 //! - `handoff:{ns}:{client}`: a session on its way from one node to another.
+//! - `lease:rules:{tenant}`: the node judging a tenant's group and absence rules, fed through
+//!   its stream `rules:{id}` (see [`spanning`]).
 
 pub mod leases;
 pub mod live;
 pub mod notices;
 pub mod ownership;
 pub mod routes;
+pub mod spanning;
 pub mod wire;
 
 use std::collections::HashMap;
