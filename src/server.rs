@@ -317,6 +317,10 @@ pub async fn start_with_clock(
                 patcher: shadow_patcher.clone(),
                 secret_key: keys.rules_secret_key.clone(),
                 commands: late_commands.clone(),
+                spanning: config
+                    .cluster
+                    .enabled()
+                    .then(|| Arc::new(crate::cluster::spanning::SpanningLeases::default())),
             },
         )
         .map_err(StartError::Rules)?,
@@ -514,6 +518,9 @@ pub async fn start_with_clock(
                 _ => {}
             }
         }));
+        if let Some(spanning) = &state.rules.spanning {
+            spanning.start(&cluster);
+        }
         let _ = cluster_slot.set(cluster);
     }
     let mqtt_listener = listener::serve(listeners, mqtt, &config)?;

@@ -1404,3 +1404,240 @@ async fn two_writers_never_open_the_same_alarm_twice() {
     assert_eq!(alarms.len(), 1, "{body}");
     assert_eq!(alarms[0]["count"], 8, "{body}");
 }
+
+/// `node`'s `spanningRules` in `GET /admin/cluster`.
+async fn spanning_view(api: &Api, node: &Node, token: &str) -> Value {
+    api.cluster(node, token).await.1["spanningRules"].clone()
+}
+
+/// Waits until exactly one of `nodes` judges the tenant's group and absence rules and the
+/// others know it; returns its index.
+async fn spanning_holder(api: &Api, token: &str, nodes: &[&Node], tenant: &str) -> usize {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut views = Vec::new();
+        for node in nodes {
+            views.push(spanning_view(api, node, token).await);
+        }
+        let judging: Vec<usize> = (0..nodes.len())
+            .filter(|i| {
+                views[*i]["judgedHere"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t == tenant))
+            })
+            .collect();
+        if let [holder] = judging[..]
+            && views
+                .iter()
+                .all(|v| v["holders"][tenant] == nodes[holder].id.as_str())
+        {
+            return holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single node judges the spanning rules: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Alarms of a rule (optionally of one device), active or not.
+async fn alarms_of(api: &Api, node: &Node, token: &str, rule: &str, device: Option<&str>) -> Vec<Value> {
+    let mut url = format!("{}/api/alerts?ruleId={rule}", node.http);
+    if let Some(device) = device {
+        url.push_str(&format!("&deviceId={device}"));
+    }
+    let (status, body) = api.call(reqwest::Method::GET, url, Some(token), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["alerts"].as_array().cloned().unwrap_or_default()
+}
+
+async fn publish_metrics(client: &Client, device: &str, metrics: Value) {
+    client
+        .client
+        .publish(
+            format!("devices/{device}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            json!({ "metrics": metrics }).to_string(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_and_absence_rules_span_the_nodes() {
+    let Some(shared) = Shared::create() else { return };
+    let n1 = shared.start("s1");
+    let n2 = shared.start("s2");
+    let n3 = shared.start("s3");
+    let api = Api {
+        client: reqwest::Client::new(),
+    };
+    let token = api.login(&n1).await;
+    let mut tokens = std::collections::HashMap::new();
+    for (id, kind) in [
+        ("g1", "probe"),
+        ("g2", "probe"),
+        ("g3", "probe"),
+        ("b1", "beacon"),
+        ("b2", "beacon"),
+    ] {
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                format!("{}/api/devices/register", n1.http),
+                Some(&token),
+                Some(json!({"deviceId": id, "type": kind})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        tokens.insert(id, body["token"].as_str().unwrap().to_string());
+    }
+    let mut rule_ids = Vec::new();
+    for rule in [
+        json!({"name": "Hot everywhere", "severity": "major", "scope": {"type": "deviceType", "value": "probe"},
+               "condition": {"type": "group", "expression": "temperature > 50", "minDevices": 3, "withinSecs": 60}}),
+        json!({"name": "Beacon silent", "severity": "warning", "scope": {"type": "deviceType", "value": "beacon"},
+               "condition": {"type": "absence", "forSecs": 3}}),
+    ] {
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                format!("{}/api/rules", n2.http),
+                Some(&token),
+                Some(rule),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        rule_ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let (group_rule, absence_rule) = (rule_ids[0].clone(), rule_ids[1].clone());
+    let nodes = [&n1, &n2, &n3];
+    let holder = spanning_holder(&api, &token, &nodes, "default").await;
+
+    // ---- a group reached only by devices on three different nodes opens one alarm ----------
+    let mut probes = Vec::new();
+    for (id, node) in [("g1", &n1), ("g2", &n2), ("g3", &n3)] {
+        let (client, _) = Client::connect(node.mqtt_port, id, id, &tokens[id], true).await;
+        probes.push((id, client));
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for (id, client) in &probes {
+            publish_metrics(client, id, json!({"temperature": 60})).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if !alarms_of(&api, &n1, &token, &group_rule, None).await.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group rule never fired: {:?}",
+            spanning_view(&api, nodes[holder], &token).await
+        );
+    }
+    // It keeps holding on every node: still one alarm, whose repeats are counted.
+    for _ in 0..5 {
+        for (id, client) in &probes {
+            publish_metrics(client, id, json!({"temperature": 61})).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let group_alarms = alarms_of(&api, &n1, &token, &group_rule, None).await;
+    assert_eq!(group_alarms.len(), 1, "{group_alarms:?}");
+    assert_eq!(group_alarms[0]["active"], true, "{group_alarms:?}");
+    assert!(group_alarms[0]["count"].as_i64().unwrap() > 1, "{group_alarms:?}");
+    drop(probes);
+
+    // ---- a beacon moving from node 1 to node 2 is not absent; it is once it goes quiet ------
+    let speak = |client: &Client| {
+        let client = client.client.clone();
+        async move {
+            client
+                .publish(
+                    "devices/b1/telemetry",
+                    QoS::AtLeastOnce,
+                    false,
+                    json!({"metrics": {"rssi": -60}}).to_string(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let (beacon, _) = Client::connect(n1.mqtt_port, "b1", "b1", &tokens["b1"], true).await;
+    for _ in 0..6 {
+        speak(&beacon).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(beacon);
+    let (beacon, _) = Client::connect(n2.mqtt_port, "b1", "b1", &tokens["b1"], true).await;
+    // Twice the rule's duration on node 2: node 1 last heard of it long enough ago.
+    for _ in 0..20 {
+        speak(&beacon).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let absent = alarms_of(&api, &n1, &token, &absence_rule, Some("b1")).await;
+    assert!(
+        absent.is_empty(),
+        "a beacon that moved was called absent: {absent:?}"
+    );
+    drop(beacon);
+    let deadline = Instant::now() + WAIT;
+    let absent = loop {
+        let absent = alarms_of(&api, &n1, &token, &absence_rule, Some("b1")).await;
+        if !absent.is_empty() {
+            break absent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a silent beacon was never called absent"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let absent_now = alarms_of(&api, &n1, &token, &absence_rule, Some("b1")).await;
+    assert_eq!(absent_now.len(), 1, "{absent:?} then {absent_now:?}");
+
+    // ---- the lease moves when its node is killed, and the rules go on there ----------------
+    let mut all = vec![n1, n2, n3];
+    let mut killed = all.remove(holder);
+    killed.child.kill().unwrap(); // SIGKILL
+    killed.child.wait().unwrap();
+    let survivors: Vec<&Node> = all.iter().collect();
+    let token = api.login(survivors[0]).await;
+    let new_holder = spanning_holder(&api, &token, &survivors, "default").await;
+    assert_ne!(survivors[new_holder].id, killed.id);
+    // The new holder's rule actor follows its lease on its next tick.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let other = survivors[1 - new_holder];
+    let (beacon, _) = Client::connect(other.mqtt_port, "b2", "b2", &tokens["b2"], true).await;
+    for _ in 0..3 {
+        beacon
+            .client
+            .publish(
+                "devices/b2/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                json!({"metrics": {"rssi": -70}}).to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(beacon);
+    let deadline = Instant::now() + WAIT;
+    while alarms_of(&api, other, &token, &absence_rule, Some("b2"))
+        .await
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "after the takeover a silent beacon was never called absent: {:?}",
+            spanning_view(&api, survivors[new_holder], &token).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(killed);
+}

@@ -5,7 +5,12 @@
 //! the other tenants' actors.
 //!
 //! Messages: [`TelemetryAccepted`] and [`AnalyticsFindings`] (from the router), [`ReloadRules`]
-//! (a rule changed), [`AlarmClosed`] (an operator cleared an alarm).
+//! (a rule changed), [`AlarmClosed`] (an operator cleared an alarm), [`SpanningTelemetry`]
+//! (another node's event for the group and absence rules this node judges).
+//!
+//! In a cluster, rules whose state spans devices (group, absence) are judged by one node at a
+//! time, the holder of the tenant's lease ([`Spanning`]): the other nodes judge their devices'
+//! events with the per-device rules only and forward them to it.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -19,7 +24,7 @@ use crate::pipeline::TelemetryAccepted;
 use crate::rule_workers::{RuleWork, RuleWorkers};
 use crate::rules::findings::{AnalyticsDemand, AnalyticsFindings, TenantDemand};
 use crate::rules::seen_metrics::SeenMetrics;
-use crate::rules::{AlarmSignal, RuleSource};
+use crate::rules::{AlarmSignal, Judge, RuleSource, Spanning};
 
 /// Re-read the tenant's rules from the source.
 #[derive(Message, Debug, Clone)]
@@ -35,6 +40,15 @@ pub struct AlarmClosed {
     pub tenant: TenantId,
     pub rule_id: String,
     pub device: DeviceId,
+}
+
+/// Telemetry another node forwarded because this node judges the tenant's spanning rules
+/// (group, absence); `now_ms` is when it arrived there.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SpanningTelemetry {
+    pub event: TelemetryAccepted,
+    pub now_ms: i64,
 }
 
 /// Alarm changes from one evaluation, for the alarm service.
@@ -78,6 +92,9 @@ pub struct RuleSettings {
     pub tick: Duration,
     pub counters: Arc<RuleCounters>,
     pub mailbox: usize,
+    /// In a cluster: where the tenants' spanning rules (group, absence) are judged. `None` on a
+    /// single node, which judges every rule itself.
+    pub spanning: Option<Arc<dyn Spanning>>,
 }
 
 /// How often a tenant's rules are re-read even when none changed, so group and tag scopes follow
@@ -87,11 +104,66 @@ pub const SCOPE_REFRESH: Duration = Duration::from_secs(60);
 pub struct RuleActor {
     tenant: TenantId,
     settings: RuleSettings,
+    /// The tenant has enabled rules whose state spans devices (group, absence).
+    spans: bool,
+    /// This node judges them (always on a single node).
+    judging: bool,
 }
 
 impl RuleActor {
     pub fn new(tenant: TenantId, settings: RuleSettings) -> RuleActor {
-        RuleActor { tenant, settings }
+        let judging = settings.spanning.is_none();
+        RuleActor {
+            tenant,
+            settings,
+            spans: false,
+            judging,
+        }
+    }
+
+    /// Follows the tenant's spanning-rules lease: when this node starts judging them, their
+    /// state is rebuilt from the registry (active alarms, connected devices); when it stops,
+    /// it is dropped.
+    fn follow_lease(&mut self, ctx: &mut Context<Self>) {
+        let Some(spanning) = &self.settings.spanning else {
+            return;
+        };
+        let judging = self.spans && spanning.judged_here(&self.tenant);
+        if judging == self.judging {
+            return;
+        }
+        self.judging = judging;
+        let now_ms = self.settings.clock.now_ms();
+        if !judging {
+            tracing::info!(tenant = %self.tenant, "group and absence rules are judged on another node now");
+            self.push(RuleWork::ResetSpanning {
+                judging,
+                now_ms,
+                active: Vec::new(),
+                connected: Vec::new(),
+            });
+            return;
+        }
+        tracing::info!(tenant = %self.tenant, "judging the tenant's group and absence rules on this node");
+        let source = self.settings.source.clone();
+        let tenant = self.tenant.clone();
+        let fut = async move {
+            let active = source.active_alarms(&tenant).await?;
+            let connected = source.connected_devices(&tenant).await?;
+            Ok::<_, String>((active, connected))
+        };
+        ctx.wait(fut.into_actor(self).map(move |result, actor, _| {
+            let (active, connected) = result.unwrap_or_else(|error| {
+                tracing::warn!(tenant = %actor.tenant, %error, "cannot read the tenant's alarms and connected devices");
+                (Vec::new(), Vec::new())
+            });
+            actor.push(RuleWork::ResetSpanning {
+                judging: true,
+                now_ms,
+                active,
+                connected,
+            });
+        }));
     }
 
     fn push(&self, work: RuleWork) {
@@ -107,10 +179,15 @@ impl RuleActor {
             let active = source.active_alarms(&tenant).await?;
             Ok::<_, String>((rules, active))
         };
-        ctx.wait(fut.into_actor(self).map(|result, actor, _| match result {
+        ctx.wait(fut.into_actor(self).map(|result, actor, ctx| match result {
             Ok((rules, active)) => {
                 actor.settings.demand.set(&actor.tenant, TenantDemand::of(&rules));
+                actor.spans = rules.iter().any(|r| r.enabled && r.condition.spans_devices());
+                if let Some(spanning) = &actor.settings.spanning {
+                    spanning.want(&actor.tenant, actor.spans);
+                }
                 actor.push(RuleWork::SetRules { rules, active });
+                actor.follow_lease(ctx);
             }
             Err(error) => tracing::warn!(tenant = %actor.tenant, %error, "cannot load rules"),
         }));
@@ -124,9 +201,13 @@ impl Actor for RuleActor {
         ctx.set_mailbox_capacity(self.settings.mailbox);
         self.load(ctx);
         ctx.run_interval(SCOPE_REFRESH, |actor, ctx| actor.load(ctx));
-        ctx.run_interval(self.settings.tick, |actor, _| {
+        ctx.run_interval(self.settings.tick, |actor, ctx| {
+            actor.follow_lease(ctx);
             let now_ms = actor.settings.clock.now_ms();
-            actor.push(RuleWork::Tick { now_ms });
+            actor.push(RuleWork::Tick {
+                now_ms,
+                spanning: actor.judging,
+            });
         });
     }
 }
@@ -136,7 +217,37 @@ impl Handler<TelemetryAccepted> for RuleActor {
 
     fn handle(&mut self, msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
         let now_ms = self.settings.clock.now_ms();
-        self.push(RuleWork::Telemetry { event: msg, now_ms });
+        let judge = match &self.settings.spanning {
+            // Another node judges the tenant's group and absence rules: it gets the event too.
+            Some(spanning) if self.spans && !self.judging => {
+                spanning.forward(&msg, now_ms);
+                Judge::PerDevice
+            }
+            _ => Judge::All,
+        };
+        self.push(RuleWork::Telemetry {
+            event: msg,
+            now_ms,
+            judge,
+        });
+    }
+}
+
+impl Handler<SpanningTelemetry> for RuleActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SpanningTelemetry, _ctx: &mut Context<Self>) {
+        // Forwarded while this node held the lease; after it moved on, the new holder's state
+        // starts afresh anyway.
+        if !self.judging {
+            tracing::debug!(tenant = %self.tenant, device = %msg.event.device, "forwarded telemetry for rules judged elsewhere now");
+            return;
+        }
+        self.push(RuleWork::Telemetry {
+            event: msg.event,
+            now_ms: msg.now_ms,
+            judge: Judge::Spanning,
+        });
     }
 }
 

@@ -5,8 +5,7 @@
 //! waits for rules. Scripts run on the `RuleWorkers`' threads, never on this one.
 //!
 //! Messages: [`TelemetryAccepted`], [`AnalyticsFindings`] (from the analytics actors),
-//! [`ReloadRules`], [`AlarmClosed`], [`StopRules`],
-//! [`InspectRules`].
+//! [`SpanningTelemetry`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`], [`InspectRules`].
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,7 +16,7 @@ use serde::Serialize;
 
 use crate::ids::TenantId;
 use crate::pipeline::TelemetryAccepted;
-use crate::rule_actor::{AlarmClosed, ReloadRules, RuleActor, RuleSettings};
+use crate::rule_actor::{AlarmClosed, ReloadRules, RuleActor, RuleSettings, SpanningTelemetry};
 use crate::rules::findings::AnalyticsFindings;
 
 /// Stops every rule actor (shutdown).
@@ -140,6 +139,19 @@ impl Handler<AnalyticsFindings> for RuleRouter {
         if let Some((_, offered, dropped)) = self.routed.get_mut(&tenant) {
             *offered += 1;
             *dropped += u64::from(refused);
+        }
+    }
+}
+
+impl Handler<SpanningTelemetry> for RuleRouter {
+    type Result = ();
+
+    fn handle(&mut self, msg: SpanningTelemetry, _ctx: &mut Context<Self>) {
+        let tenant = msg.event.tenant.clone();
+        self.handled += 1;
+        let refused = self.actor(&tenant).try_send(msg).is_err();
+        if refused {
+            self.settings.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -31,15 +31,20 @@ use crate::rules::evaluator::{Progress, TenantRules};
 use crate::rules::findings::AnalyticsFindings;
 use crate::rules::script::Sandbox;
 use crate::rules::stats::StatsBoard;
-use crate::rules::{AlarmSignal, RuleSpec};
+use crate::rules::{AlarmSignal, Judge, RuleSpec};
 
 /// What a tenant's rules are asked to do, in the order its rule actor asked.
 #[derive(Debug)]
 pub enum RuleWork {
-    /// Judge an accepted batch (`now_ms`: the server time it arrived at).
-    Telemetry { event: TelemetryAccepted, now_ms: i64 },
+    /// Judge an accepted batch (`now_ms`: the server time it arrived at) with the rules `judge`
+    /// admits.
+    Telemetry {
+        event: TelemetryAccepted,
+        now_ms: i64,
+        judge: Judge,
+    },
     /// Judge the `anomaly` and `forecast` rules on the analytics' findings for a device (queued
-    /// and dropped like telemetry).
+    /// and dropped like telemetry). Per-device conditions: judged on the device's own node.
     Findings {
         findings: AnalyticsFindings,
         now_ms: i64,
@@ -51,8 +56,17 @@ pub enum RuleWork {
     },
     /// An operator closed an alarm: its condition may raise it again.
     AlarmClosed { rule_id: String, device: DeviceId },
-    /// Report coalesced repeats and fire time-based conditions.
-    Tick { now_ms: i64 },
+    /// Report coalesced repeats and fire time-based conditions (absence only when `spanning`:
+    /// this node judges the tenant's spanning rules).
+    Tick { now_ms: i64, spanning: bool },
+    /// This node starts or stops judging the tenant's spanning rules: their state starts afresh
+    /// (see [`TenantRules::reset_spanning`]).
+    ResetSpanning {
+        judging: bool,
+        now_ms: i64,
+        active: Vec<(DeviceId, String)>,
+        connected: Vec<(DeviceId, String)>,
+    },
 }
 
 /// How the workers run.
@@ -392,15 +406,15 @@ fn work(shared: &Shared) {
             let next = shared.lock().next_work(&tenant);
             let Some(item) = next else { break };
             match item {
-                RuleWork::Telemetry { event, now_ms } => {
-                    match rules.on_telemetry_until(&event, now_ms, &mut signals, &mut pause) {
+                RuleWork::Telemetry { event, now_ms, judge } => {
+                    match rules.judge_until(&event, now_ms, judge, &mut signals, &mut pause) {
                         Progress::Done => {
                             settings.counters.queued.fetch_sub(1, Ordering::Relaxed);
                         }
                         Progress::Paused => {
                             shared
                                 .lock()
-                                .put_back(&tenant, RuleWork::Telemetry { event, now_ms });
+                                .put_back(&tenant, RuleWork::Telemetry { event, now_ms, judge });
                             if slice_over() {
                                 exhausted = true;
                                 break;
@@ -426,7 +440,13 @@ fn work(shared: &Shared) {
                     settings.counters.queued.fetch_sub(1, Ordering::Relaxed);
                 }
                 RuleWork::AlarmClosed { rule_id, device } => rules.alarm_closed(&rule_id, &device),
-                RuleWork::Tick { now_ms } => signals.extend(rules.on_tick(now_ms)),
+                RuleWork::Tick { now_ms, spanning } => signals.extend(rules.tick(now_ms, spanning)),
+                RuleWork::ResetSpanning {
+                    judging,
+                    now_ms,
+                    active,
+                    connected,
+                } => rules.reset_spanning(judging, now_ms, &active, &connected),
             }
             if slice_over() {
                 exhausted = true;
@@ -474,7 +494,10 @@ mod tests {
     }
 
     fn tick(now_ms: i64) -> RuleWork {
-        RuleWork::Tick { now_ms }
+        RuleWork::Tick {
+            now_ms,
+            spanning: true,
+        }
     }
 
     fn closed(rule: &str) -> RuleWork {
@@ -572,6 +595,7 @@ mod tests {
                 points: Vec::new().into(),
             },
             now_ms: 0,
+            judge: Judge::All,
         };
         s.push(&a, batch(), 2, || rules("a")).unwrap();
         s.push(&a, batch(), 2, || rules("a")).unwrap();

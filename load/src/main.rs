@@ -45,6 +45,10 @@ struct Server {
     /// Drover's MQTT port.
     #[arg(long, default_value_t = 1883, env = "MQTT_PORT")]
     mqtt_port: u16,
+    /// MQTT ports of several nodes of a Drover cluster (comma-separated): the devices are
+    /// spread over them in turn, instead of all on `mqtt_port`.
+    #[arg(long, value_delimiter = ',')]
+    mqtt_ports: Vec<u16>,
 }
 
 /// Which simulated devices to use.
@@ -91,6 +95,7 @@ impl IngestLoad {
         bench::ingest::IngestOptions {
             host: server.mqtt_host.clone(),
             port: server.mqtt_port,
+            ports: server.mqtt_ports.clone(),
             qos: self.qos,
             seconds: self.seconds,
             rate: self.rate,
@@ -300,6 +305,10 @@ enum Bench {
         host: String,
         #[arg(long, default_value_t = 1883)]
         port: u16,
+        /// Where the publishers connect, when not to `port` (another node of a Drover
+        /// cluster: the subscribers stay on `port`, so every message crosses nodes).
+        #[arg(long)]
+        publish_port: Option<u16>,
         #[arg(long)]
         username: Option<String>,
         /// Password (for Drover: an API key).
@@ -517,6 +526,7 @@ async fn main() -> anyhow::Result<()> {
             target,
             host,
             port,
+            publish_port,
             username,
             password,
             qos,
@@ -532,6 +542,7 @@ async fn main() -> anyhow::Result<()> {
                 target,
                 host,
                 port,
+                publish_port,
                 username,
                 password,
                 qos,

@@ -13,6 +13,8 @@
 //!   from one live node to another.
 //! - `session:{ns}:{class}:{client}`, `sq:{ns}:{class}:{client}`: persistent sessions and the
 //!   messages promised to them, written through (see [`sessions`]).
+//! - `lease:rules:{tenant}`: the node judging a tenant's group and absence rules, fed through
+//!   its stream `rules:{id}` (see [`spanning`]).
 
 pub mod leases;
 pub mod live;
@@ -20,6 +22,7 @@ pub mod notices;
 pub mod ownership;
 pub mod routes;
 pub mod sessions;
+pub mod spanning;
 pub mod wire;
 
 use std::collections::HashMap;

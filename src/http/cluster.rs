@@ -7,7 +7,8 @@ use crate::http::principal::Principal;
 use crate::state::AppState;
 
 /// The cluster's nodes (address, connections, sessions, owned devices, heartbeat age, health)
-/// and this node's view of routes and Redis (platform admins). A single node answers
+/// and this node's view of routes, Redis and the tenants' group and absence rules (which
+/// tenants' it judges, who judges the others'; platform admins). A single node answers
 /// `{"cluster": null}`.
 #[utoipa::path(
     tag = "operations",
@@ -18,7 +19,13 @@ use crate::state::AppState;
 pub async fn cluster(state: web::Data<AppState>, principal: Principal) -> Result<HttpResponse, ApiError> {
     principal.require_platform_admin("admin.cluster")?;
     Ok(match state.mqtt.cluster.get() {
-        Some(cluster) => HttpResponse::Ok().json(cluster.describe()),
+        Some(cluster) => {
+            let mut body = cluster.describe();
+            if let Some(spanning) = &state.rules.spanning {
+                body["spanningRules"] = spanning.describe();
+            }
+            HttpResponse::Ok().json(body)
+        }
         None => HttpResponse::Ok().json(serde_json::json!({ "cluster": null, "nodes": [] })),
     })
 }

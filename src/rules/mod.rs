@@ -59,6 +59,8 @@ pub struct RulesEngine {
     pub alarms: Addr<alarms::AlarmService>,
     /// Delivers notifications (the API's channel test sends through it too).
     pub notifier: Arc<notifier::Notifier>,
+    /// In a cluster: which node judges each tenant's group and absence rules.
+    pub spanning: Option<Arc<crate::cluster::spanning::SpanningLeases>>,
     arbiter: Mutex<Option<Arbiter>>,
     scheduler: Mutex<Option<actix_rt::task::JoinHandle<()>>>,
 }
@@ -79,6 +81,8 @@ pub struct RulesDeps {
     pub secret_key: String,
     /// The `mqttCommand` action sends through the device commands (attached once they run).
     pub commands: crate::fleet_ops::commands::SharedLateCommands,
+    /// In a cluster: the leases of the tenants' group and absence rules (`None`: single node).
+    pub spanning: Option<Arc<crate::cluster::spanning::SpanningLeases>>,
 }
 
 impl RulesEngine {
@@ -149,8 +153,15 @@ impl RulesEngine {
             tick,
             counters: counters.clone(),
             mailbox: config.rules.mailbox,
+            spanning: deps
+                .spanning
+                .clone()
+                .map(|s| s as Arc<dyn drover_actors::rules::Spanning>),
         };
         let (router, arbiter) = RuleRouter::start_on_own_thread(settings);
+        if let Some(spanning) = &deps.spanning {
+            spanning.attach(router.clone().recipient());
+        }
         Ok(RulesEngine {
             router,
             board,
@@ -169,6 +180,7 @@ impl RulesEngine {
             workers,
             alarms,
             notifier,
+            spanning: deps.spanning,
             arbiter: Mutex::new(Some(arbiter)),
             scheduler: Mutex::new(Some(scheduler)),
         })
@@ -199,6 +211,9 @@ impl RulesEngine {
 
     /// Stops the scheduler, the rule actors and their thread, then the evaluation threads.
     pub async fn shutdown(&self) {
+        if let Some(spanning) = &self.spanning {
+            spanning.release_all().await;
+        }
         if let Some(task) = self.scheduler.lock().ok().and_then(|mut s| s.take()) {
             task.abort();
         }

@@ -59,4 +59,11 @@ impl RuleSource for RegistryRuleSource {
             .await
             .map_err(|e| e.to_string())
     }
+
+    async fn connected_devices(&self, tenant: &TenantId) -> Result<Vec<(DeviceId, String)>, String> {
+        self.registry
+            .connected_device_types(tenant)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }

@@ -663,6 +663,28 @@ impl RegistryStore {
             .await
     }
 
+    /// The tenant's devices connected to any node now, with their type (from the presence
+    /// records every node writes).
+    pub async fn connected_device_types(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<(DeviceId, String)>, StoreError> {
+        let tenant = tenant.clone();
+        self.database()
+            .read(move |conn| {
+                let rows: Vec<(String, String)> = devices::table
+                    .filter(devices::tenant_id.eq(tenant.as_str()))
+                    .filter(devices::connected.eq(true))
+                    .select((devices::device_id, devices::device_type))
+                    .load(conn)?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|(d, t)| DeviceId::parse(d).ok().map(|d| (d, t)))
+                    .collect())
+            })
+            .await
+    }
+
     /// Opens the (device, rule) alarm or updates the active one. The database allows one active
     /// alarm per (tenant, rule, device) (`alarms_one_active`): when another writer (another
     /// node of a cluster) opened it between this one's read and insert, the insert is refused

@@ -23,7 +23,7 @@ use super::condition::{
 use super::findings::AnalyticsFindings;
 use super::script::{Sandbox, ScriptError};
 use super::stats::{RuleStats, StatsBoard};
-use super::{AlarmChange, AlarmSignal, RuleSpec};
+use super::{AlarmChange, AlarmSignal, Judge, RuleSpec};
 use crate::ids::{DeviceId, TenantId};
 use crate::pipeline::TelemetryAccepted;
 use crate::telemetry::MetricValue;
@@ -181,6 +181,46 @@ impl TenantRules {
         }
     }
 
+    /// This node starts (`judging`) or stops judging the tenant's spanning rules (group,
+    /// absence). Their state starts afresh either way: group windows are empty, the alarms
+    /// active now (`active`) are seeded, and every device's absence timer restarts at `now_ms`
+    /// (the devices `connected` to any node are watched from now on, even before they speak).
+    /// So an absence alarm may come up to its duration late after a takeover, never early.
+    pub fn reset_spanning(
+        &mut self,
+        judging: bool,
+        now_ms: i64,
+        active: &[(DeviceId, String)],
+        connected: &[(DeviceId, String)],
+    ) {
+        for rule in self.rules.iter_mut().filter(|r| r.spec.condition.spans_devices()) {
+            rule.devices.clear();
+            rule.group = GroupState::default();
+            if !judging {
+                continue;
+            }
+            for (device, rule_id) in active {
+                if *rule_id == rule.spec.id {
+                    rule.devices.entry(device.clone()).or_default().active = true;
+                    if matches!(rule.condition, Condition::Group { .. }) {
+                        rule.group.active_device = Some(device.clone());
+                    }
+                }
+            }
+        }
+        if judging {
+            for (device, device_type) in connected {
+                let state = self.devices.entry(device.clone()).or_default();
+                if state.device_type.is_empty() {
+                    state.device_type = device_type.clone();
+                }
+            }
+        }
+        for device in self.devices.values_mut() {
+            device.last_seen_ms = device.last_seen_ms.max(now_ms);
+        }
+    }
+
     /// Evaluates every rule in scope on each message of the batch, in timestamp order.
     pub fn on_telemetry(&mut self, event: &TelemetryAccepted, now_ms: i64) -> Vec<AlarmSignal> {
         let mut out = Vec::new();
@@ -201,6 +241,20 @@ impl TenantRules {
         out: &mut Vec<AlarmSignal>,
         out_of_time: &mut dyn FnMut() -> bool,
     ) -> Progress {
+        self.judge_until(event, now_ms, Judge::All, out, out_of_time)
+    }
+
+    /// As [`TenantRules::on_telemetry_until`], with only the rules `judge` admits (in a cluster,
+    /// spanning rules are judged on one node; see [`Judge`]). The device's last-seen time and
+    /// windows are kept whatever the rules judged.
+    pub fn judge_until(
+        &mut self,
+        event: &TelemetryAccepted,
+        now_ms: i64,
+        judge: Judge,
+        out: &mut Vec<AlarmSignal>,
+        out_of_time: &mut dyn FnMut() -> bool,
+    ) -> Progress {
         let mut by_ts: BTreeMap<i64, Vec<(&str, &MetricValue)>> = BTreeMap::new();
         for p in event.points.iter() {
             by_ts
@@ -213,7 +267,7 @@ impl TenantRules {
         for (index, (_, metrics)) in by_ts.into_iter().enumerate().skip(start.message) {
             let first_rule = if index == start.message { start.rule } else { 0 };
             let message = Message { event, metrics };
-            if let Some(rule) = self.on_message(&message, now_ms, first_rule, out, out_of_time) {
+            if let Some(rule) = self.on_message(&message, now_ms, judge, first_rule, out, out_of_time) {
                 self.cursor = Some(Cursor { message: index, rule });
                 return Progress::Paused;
             }
@@ -234,6 +288,7 @@ impl TenantRules {
         &mut self,
         message: &Message,
         now_ms: i64,
+        judge: Judge,
         first_rule: usize,
         out: &mut Vec<AlarmSignal>,
         out_of_time: &mut dyn FnMut() -> bool,
@@ -264,6 +319,7 @@ impl TenantRules {
         let count = self.rules.len();
         for (index, rule) in self.rules.iter_mut().enumerate().skip(first_rule) {
             if !rule.spec.enabled
+                || !judge.admits(&rule.spec)
                 || rule.stats.stopped.load(Ordering::Relaxed)
                 || !rule.spec.scope.matches(&event.device, &event.device_type)
             {
@@ -311,6 +367,12 @@ impl TenantRules {
     /// Reports coalesced repeats, fires time-based conditions (absence) and drops window values
     /// no rule needs any more.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<AlarmSignal> {
+        self.tick(now_ms, true)
+    }
+
+    /// As [`TenantRules::on_tick`]; absence conditions fire only when `spanning` (this node
+    /// judges the tenant's spanning rules).
+    pub fn tick(&mut self, now_ms: i64, spanning: bool) -> Vec<AlarmSignal> {
         let mut out = Vec::new();
         for rule in &mut self.rules {
             for (device, state) in rule.devices.iter_mut() {
@@ -335,7 +397,7 @@ impl TenantRules {
             let Condition::Absence { for_ms } = rule.condition else {
                 continue;
             };
-            if !rule.spec.enabled {
+            if !rule.spec.enabled || !spanning {
                 continue;
             }
             for (id, device) in &self.devices {
@@ -698,6 +760,92 @@ mod tests {
         );
         assert_eq!(signals[0].change, AlarmChange::Clear { repeats: 1 });
         assert!(temp(&mut t, "c", 20.0, 76_000).is_empty());
+    }
+
+    /// In a cluster: a node that does not judge the spanning rules runs the per-device ones
+    /// only; the judging node gets the other nodes' events for the spanning ones only.
+    #[test]
+    fn judges_split_per_device_and_spanning_rules() {
+        let group = rule(
+            "grp",
+            ConditionSpec::Group {
+                expression: "temperature > 30".into(),
+                min_devices: 2,
+                within_ms: 60_000,
+            },
+        );
+        let mut t = engine(vec![rule("hot", expr("temperature > 30")), group]);
+        let judge = |t: &mut TenantRules, d: &str, now, judge| {
+            let mut out = Vec::new();
+            t.judge_until(
+                &event(d, &[("temperature", 31.0)]),
+                now,
+                judge,
+                &mut out,
+                &mut || false,
+            );
+            out.into_iter().map(|s| s.rule_id).collect::<Vec<_>>()
+        };
+        assert_eq!(judge(&mut t, "a", 0, Judge::PerDevice), ["hot"]);
+        assert_eq!(
+            judge(&mut t, "b", 1, Judge::PerDevice),
+            ["hot"],
+            "the group never sees a"
+        );
+        assert!(
+            judge(&mut t, "c", 2, Judge::Spanning).is_empty(),
+            "one device so far"
+        );
+        assert_eq!(judge(&mut t, "d", 3, Judge::Spanning), ["grp"]);
+        // Devices judged elsewhere still count as heard from.
+        assert_eq!(t.devices[&DeviceId::parse("d").unwrap()].last_seen_ms, 3);
+    }
+
+    #[test]
+    fn taking_over_spanning_rules_restarts_their_state() {
+        let mut t = engine(vec![
+            rule("off", ConditionSpec::Absence { for_ms: 30_000 }),
+            rule(
+                "grp",
+                ConditionSpec::Group {
+                    expression: "temperature > 30".into(),
+                    min_devices: 2,
+                    within_ms: 60_000,
+                },
+            ),
+        ]);
+        assert!(temp(&mut t, "a", 31.0, 0).is_empty());
+        // Not judging: no absence alarm however long the device is silent.
+        assert!(t.tick(40_000, false).is_empty());
+        // Taking over at 50 s: a is watched again from then on, the connected b too (it never
+        // spoke here); the group window is empty, and the alarm active elsewhere is kept.
+        let active = [(DeviceId::parse("z").unwrap(), "grp".to_string())];
+        let connected = [(DeviceId::parse("b").unwrap(), "thermo".to_string())];
+        t.reset_spanning(true, 50_000, &active, &connected);
+        assert!(
+            t.tick(79_999, true).is_empty(),
+            "the timer restarted at the takeover"
+        );
+        let mut absent: Vec<String> = t
+            .tick(80_000, true)
+            .into_iter()
+            .map(|s| s.device.as_str().to_string())
+            .collect();
+        absent.sort();
+        assert_eq!(absent, ["a", "b"]);
+        // z's group alarm is active: two devices holding again update it, on z.
+        assert!(temp(&mut t, "c", 31.0, 81_000).is_empty());
+        let mut out = Vec::new();
+        t.judge_until(
+            &event("d", &[("temperature", 31.0)]),
+            81_001,
+            Judge::All,
+            &mut out,
+            &mut || false,
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].device.as_str(), "z");
+        assert_eq!(out[0].rule_id, "grp");
     }
 
     #[test]

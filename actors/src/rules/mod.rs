@@ -140,6 +140,48 @@ pub enum ConditionSpec {
     },
 }
 
+impl ConditionSpec {
+    /// Whether the condition's state spans devices (group, absence): in a cluster such a rule is
+    /// judged on one node at a time, which sees the telemetry of every node (see [`Spanning`]).
+    pub fn spans_devices(&self) -> bool {
+        matches!(self, ConditionSpec::Group { .. } | ConditionSpec::Absence { .. })
+    }
+}
+
+/// Which of a tenant's rules judge an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judge {
+    /// Every rule (a single node, or the node that judges the tenant's spanning rules).
+    All,
+    /// Per-device rules only: the event's spanning rules are judged on another node.
+    PerDevice,
+    /// Spanning rules only: an event forwarded by the device's owner node.
+    Spanning,
+}
+
+impl Judge {
+    pub fn admits(self, spec: &RuleSpec) -> bool {
+        match self {
+            Judge::All => true,
+            Judge::PerDevice => !spec.condition.spans_devices(),
+            Judge::Spanning => spec.condition.spans_devices(),
+        }
+    }
+}
+
+/// Where a tenant's rules whose state spans devices (group, absence) are judged in a cluster:
+/// on the node holding the tenant's lease, to which the other nodes forward their devices'
+/// telemetry. A single node has none of this and judges everything itself.
+pub trait Spanning: Send + Sync {
+    /// Whether this node judges the tenant's spanning rules now (called for every event).
+    fn judged_here(&self, tenant: &TenantId) -> bool;
+    /// The tenant has (`true`) or no longer has enabled spanning rules: contend for their lease
+    /// or give it up.
+    fn want(&self, tenant: &TenantId, wanted: bool);
+    /// Hands an event (arrived at `now_ms`) to the node that judges the tenant's spanning rules.
+    fn forward(&self, event: &crate::pipeline::TelemetryAccepted, now_ms: i64);
+}
+
 /// When an active alarm clears by itself: `expression` held (continuously for `for_ms`).
 /// For group conditions, any clear spec means "when fewer than `min_devices` hold".
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +244,11 @@ pub trait RuleSource: Send + Sync {
     async fn tenant_rules(&self, tenant: &TenantId) -> Result<Vec<RuleSpec>, String>;
     /// The (device, rule id) pairs that have an active alarm, so evaluation resumes where it was.
     async fn active_alarms(&self, tenant: &TenantId) -> Result<Vec<(DeviceId, String)>, String>;
+    /// Devices of the tenant connected to any node now, with their type: a node that takes over
+    /// the tenant's absence rules watches them from then on.
+    async fn connected_devices(&self, _tenant: &TenantId) -> Result<Vec<(DeviceId, String)>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// Applies a desired-state patch to a device's shadow (the "shadow patch" rule action).

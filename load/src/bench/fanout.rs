@@ -18,6 +18,8 @@ pub struct FanoutOptions {
     pub target: String,
     pub host: String,
     pub port: u16,
+    /// Where the publishers connect (`None`: `port`, like the subscribers).
+    pub publish_port: Option<u16>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub qos: u8,
@@ -143,7 +145,7 @@ pub async fn run(o: FanoutOptions) -> anyhow::Result<Report> {
             options(
                 &format!("bench-pub-{run_id}-{p}"),
                 &o.host,
-                o.port,
+                o.publish_port.unwrap_or(o.port),
                 o.username.as_deref(),
                 o.password.as_deref(),
             ),
@@ -204,7 +206,7 @@ pub async fn run(o: FanoutOptions) -> anyhow::Result<Report> {
     let mut report = Report::new(
         "fanout",
         &o.target,
-        json!({"qos": o.qos, "publishers": o.publishers, "subscribers": o.subscribers, "messages_per_publisher": o.messages, "payload_bytes": o.payload.max(16), "rate_per_publisher": o.rate, "slow_subscriber": o.slow_subscriber}),
+        json!({"qos": o.qos, "publishers": o.publishers, "subscribers": o.subscribers, "messages_per_publisher": o.messages, "payload_bytes": o.payload.max(16), "rate_per_publisher": o.rate, "slow_subscriber": o.slow_subscriber, "cross_node": o.publish_port.is_some_and(|p| p != o.port)}),
     );
     report.set("expected", expected);
     report.set("delivered", delivered);

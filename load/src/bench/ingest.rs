@@ -21,6 +21,8 @@ use crate::api::{Api, DeviceCredentials};
 pub struct IngestOptions {
     pub host: String,
     pub port: u16,
+    /// Ports of several cluster nodes: device `i` connects to `ports[i % len]` (empty: `port`).
+    pub ports: Vec<u16>,
     pub qos: u8,
     /// Seconds of publishing.
     pub seconds: u64,
@@ -142,7 +144,12 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     };
     let mut tasks = Vec::new();
     for (index, device) in devices.iter().enumerate() {
-        let mut opts = options(&device.id, &o.host, o.port, Some(&device.id), Some(&device.token));
+        let port = if o.ports.is_empty() {
+            o.port
+        } else {
+            o.ports[index % o.ports.len()]
+        };
+        let mut opts = options(&device.id, &o.host, port, Some(&device.id), Some(&device.token));
         opts.set_inflight(o.inflight.max(1));
         let (client, mut events) = client(opts, 256);
         let (sent, acked, histogram) = (sent.clone(), acked.clone(), histogram.clone());
@@ -254,7 +261,7 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     let mut report = Report::new(
         "ingest",
         "drover",
-        json!({"qos": o.qos, "devices": devices.len(), "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight, "watch": o.watch}),
+        json!({"qos": o.qos, "devices": devices.len(), "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight, "watch": o.watch, "nodes": o.ports.len().max(1)}),
     );
     report.set("sent", sent_total);
     report.set("sent_per_second", sent_total as f64 / published_for.as_secs_f64());
