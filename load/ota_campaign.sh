@@ -18,8 +18,8 @@
 #
 # DROVER_WRAP runs the server under a tool, e.g. a heap profile (the C library's malloc, so
 # heaptrack sees every allocation; the profile is written when the script stops the server):
-#   cargo build --release -p drover --features system-alloc
-#   DROVER_WRAP="heaptrack -o /tmp/drover-ota" DEVICES=2000 load/ota_campaign.sh
+#   cargo build -p drover --features system-alloc
+#   DROVER=target/debug/drover DROVER_WRAP="heaptrack -o /tmp/drover-ota" DEVICES=1000 load/ota_campaign.sh
 set -euo pipefail
 
 DEVICES=${DEVICES:-10000}
