@@ -45,6 +45,7 @@ async fn ota(backend: Backend) {
     a_staged_campaign_completes_and_rolls_back(&server, &admin, &base, &next).await;
     failures_past_the_threshold_pause_the_stage_until_resumed(&server, &admin).await;
     a_pause_suspends_the_timeouts_of_devices_at_work(&server, &admin).await;
+    a_closed_maintenance_window_holds_notifications(&server, &admin).await;
     an_offline_device_gets_its_job_when_it_connects(&server, &admin, &next).await;
     tampered_images_are_refused_by_the_device(&server, &admin).await;
     an_interrupted_download_resumes(&server, &admin).await;
@@ -568,6 +569,68 @@ async fn a_pause_suspends_the_timeouts_of_devices_at_work(server: &TestServer, a
     assert!(runner["devicesNotified"].as_u64().unwrap() >= 2, "{runner}");
     assert!(runner["reportsRecorded"].as_u64().unwrap() >= 1, "{runner}");
     assert!(runner["mailbox"].as_u64().unwrap() >= 1, "{runner}");
+}
+
+/// Outside its maintenance window a campaign notifies nobody, and resuming it there does not
+/// either: its devices wait, pending, for the window.
+async fn a_closed_maintenance_window_holds_notifications(server: &TestServer, admin: &str) {
+    let image = upload(server, admin, "2.6.0", "", &image(13, 5_000)).await;
+    let devices = register_fleet(server, admin, "nightly", 2, "sensor").await;
+    let fleet = fleet(server, |_| {});
+    let _sims = connect_all(server, &devices, &fleet);
+    // A window that opens two hours from now.
+    let now = chrono::Utc::now();
+    let at = |hours: i64| (now + chrono::Duration::hours(hours)).format("%H:00").to_string();
+    let created = create(
+        server,
+        admin,
+        json!({"firmwareId": image["id"], "target": {"tags": ["nightly"]}, "timeoutSecs": 60,
+               "maintenanceWindow": {"start": at(2), "end": at(3)}}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let passes = || async {
+        let (_, tree) = server.get("/admin/actors", admin).await;
+        tree["campaignRunner"]["passes"].as_u64().unwrap_or(0)
+    };
+    // Some passes of the runner over the running campaign, then: nobody notified.
+    let start = passes().await;
+    eventually(WAIT, "three runner passes", || async {
+        passes().await >= start + 3
+    })
+    .await;
+    let held = campaign(server, admin, &id).await;
+    assert_eq!(held["status"], "running", "{held}");
+    assert_eq!(held["counts"]["pending"], 2, "{held}");
+    assert_eq!(held["counts"]["notified"], 0, "{held}");
+    // Paused and resumed outside the window: still nobody.
+    for action in ["pause", "resume"] {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                &format!("/api/campaigns/{id}/{action}"),
+                Some(admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{action}: {body}");
+    }
+    let start = passes().await;
+    eventually(WAIT, "three runner passes", || async {
+        passes().await >= start + 3
+    })
+    .await;
+    let held = campaign(server, admin, &id).await;
+    assert_eq!(held["counts"]["pending"], 2, "{held}");
+    let (status, cancelled) = server
+        .call(
+            Method::POST,
+            &format!("/api/campaigns/{id}/cancel"),
+            Some(admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
 }
 
 async fn an_offline_device_gets_its_job_when_it_connects(server: &TestServer, admin: &str, next: &Value) {
