@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod devcerts;
 pub mod fleet_ops;
 pub mod health;
+pub mod heap;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -143,11 +143,20 @@ enum AdminCommand {
 }
 
 /// mimalloc rather than glibc's allocator: ingestion allocates and frees many small buffers
-/// across threads, where glibc spent about a third of the CPU (measured with perf).
+/// across threads, where glibc spent about a third of the CPU (measured with perf). Counted,
+/// for `/metrics` (`drover_heap_allocated_bytes`: live bytes, beside the RSS).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: drover::heap::CountingAlloc<mimalloc::MiMalloc> =
+    drover::heap::CountingAlloc(mimalloc::MiMalloc);
+/// The C library's malloc, for heap profilers (`--features system-alloc`).
+#[cfg(feature = "system-alloc")]
+#[global_allocator]
+static GLOBAL: drover::heap::CountingAlloc<std::alloc::System> =
+    drover::heap::CountingAlloc(std::alloc::System);
 
 fn main() -> ExitCode {
+    drover::heap::installed();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::GenerateConfig { output, force } = &command {

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub devices_connected: IntGauge,
     pub tenants: IntGauge,
     pub uptime_seconds: IntGauge,
+    /// Live heap bytes (the `drover` binary's counting allocator; absent in embedded use).
+    pub heap_allocated_bytes: IntGauge,
     /// Shadow updates by outcome (`accepted`, `rejected`) and rejection code.
     pub shadow_updates: IntCounterVec,
 }
@@ -61,6 +63,11 @@ impl Metrics {
         let tenants = IntGauge::new("drover_tenants", "Tenants").expect("valid metric");
         let uptime_seconds =
             IntGauge::new("drover_uptime_seconds", "Seconds since the server started").expect("valid metric");
+        let heap_allocated_bytes = IntGauge::new(
+            "drover_heap_allocated_bytes",
+            "Heap bytes allocated and not freed (process_resident_memory_bytes also holds what the allocator keeps for reuse)",
+        )
+        .expect("valid metric");
         let shadow_updates = IntCounterVec::new(
             Opts::new(
                 "drover_shadow_updates_total",
@@ -85,6 +92,7 @@ impl Metrics {
             Box::new(devices_connected.clone()),
             Box::new(tenants.clone()),
             Box::new(uptime_seconds.clone()),
+            Box::new(heap_allocated_bytes.clone()),
             Box::new(shadow_updates.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -101,6 +109,7 @@ impl Metrics {
             devices_connected,
             tenants,
             uptime_seconds,
+            heap_allocated_bytes,
             shadow_updates,
         }
     }

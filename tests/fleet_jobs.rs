@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Backend, TestServer, eventually};
 use futures_util::StreamExt;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -146,6 +146,16 @@ async fn a_batch_job_over_1000_devices_gives_each_a_result_and_a_dry_run_touches
     );
     let (_, failed) = server.get(&format!("/api/jobs/{id}?status=failed"), &admin).await;
     assert_eq!(failed["devices"], json!([]));
+
+    // The job runner is in the actor tree with what it ran.
+    let (status, tree) = server.get("/admin/actors", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{tree}");
+    let runner = &tree["jobRunner"];
+    assert_eq!(runner["running"], json!([]), "{runner}");
+    assert_eq!(runner["waiting"], json!([]), "{runner}");
+    assert_eq!(runner["completed"], 1, "{runner}");
+    assert_eq!(runner["devicesDone"], 1000, "{runner}");
+    assert!(runner["maxRunning"].as_u64().unwrap() >= 1, "{runner}");
 
     // Other operations, each checked on a device.
     for (operation, params, check) in [
@@ -555,6 +565,68 @@ async fn jobs_respect_tenants_and_roles_tokens_go_once_to_their_creator_and_bad_
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = server.get(&format!("/api/jobs/{id}?status=weird"), &admin).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Dynamic groups: a viewer reads them but neither defines nor changes one; another
+    // tenant neither sees one nor selects devices with it.
+    let query = json!({"name": "gateways", "query": {"type": "gateway"}});
+    let (status, _) = server.post("/api/groups", &viewer, query.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, group) = server.post("/api/groups", &operator, query).await;
+    assert_eq!(status, StatusCode::CREATED, "{group}");
+    assert_eq!(group["memberCount"], 3, "{group}");
+    let (status, _) = server
+        .patch(
+            "/api/groups/gateways",
+            &viewer,
+            json!({"query": {"type": "lamp"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, listed) = server.get("/api/groups/gateways/members", &viewer).await;
+    assert_eq!(
+        (status, listed["total"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{listed}"
+    );
+    for path in ["/api/groups/gateways", "/api/groups/gateways/members"] {
+        let (status, body) = server.get(path, &other).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    let (status, _) = server
+        .patch("/api/groups/gateways", &other, json!({"query": {"type": "lamp"}}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, theirs) = server.get("/api/devices?group=gateways", &other).await;
+    assert_eq!(theirs["total"], 0, "{theirs}");
+    let (status, dry) = server
+        .post(
+            "/api/devices/batch?dryRun=true",
+            &other,
+            json!({"operation": "add_tags", "filter": {"group": "gateways"}, "params": {"tags": ["x"]}}),
+        )
+        .await;
+    assert!(
+        status == StatusCode::NOT_FOUND || dry["total"] == 0,
+        "another tenant's group selects nothing: {status} {dry}"
+    );
+
+    // Without credentials, none of the jobs', commands' or groups' endpoints answers.
+    for (method, path) in [
+        (Method::POST, "/api/devices/batch".to_string()),
+        (Method::GET, "/api/jobs".into()),
+        (Method::GET, format!("/api/jobs/{id}")),
+        (Method::POST, format!("/api/jobs/{id}/cancel")),
+        (Method::POST, format!("/api/jobs/{id}/tokens")),
+        (Method::POST, "/api/devices/gw-0000/commands".into()),
+        (Method::GET, "/api/devices/gw-0000/commands".into()),
+        (Method::GET, "/api/commands/some-command".into()),
+        (Method::POST, "/api/groups".into()),
+        (Method::PATCH, "/api/groups/gateways".into()),
+        (Method::GET, "/api/groups/gateways/members".into()),
+    ] {
+        let (status, body) = server.call(method.clone(), &path, None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+    }
 
     // Delete, last: the devices are gone and a later job over them has nothing to do.
     let (status, created) = server

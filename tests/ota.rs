@@ -44,6 +44,8 @@ async fn ota(backend: Backend) {
     firmware_is_listed_signed_and_downloadable_in_ranges(&server, &admin, &next).await;
     a_staged_campaign_completes_and_rolls_back(&server, &admin, &base, &next).await;
     failures_past_the_threshold_pause_the_stage_until_resumed(&server, &admin).await;
+    a_pause_suspends_the_timeouts_of_devices_at_work(&server, &admin).await;
+    a_closed_maintenance_window_holds_notifications(&server, &admin).await;
     an_offline_device_gets_its_job_when_it_connects(&server, &admin, &next).await;
     tampered_images_are_refused_by_the_device(&server, &admin).await;
     an_interrupted_download_resumes(&server, &admin).await;
@@ -462,6 +464,175 @@ async fn failures_past_the_threshold_pause_the_stage_until_resumed(server: &Test
     assert_eq!(retried["attempts"], 2, "{retried}");
 }
 
+/// A device still installing when its campaign is paused is not timed out while the campaign
+/// is paused, nor at the resume: its deadline moves by the pause, and the time it had left
+/// still runs out afterwards.
+async fn a_pause_suspends_the_timeouts_of_devices_at_work(server: &TestServer, admin: &str) {
+    const TIMEOUT_SECS: u64 = 10;
+    let image = upload(server, admin, "2.5.0", "", &image(12, 20_000)).await;
+    let devices = register_fleet(server, admin, "patient", 2, "sensor").await;
+    // One installs for longer than the timeout, but less than the timeout and the pause;
+    // the other never finishes.
+    let slow = fleet(server, |s| s.install_time = Duration::from_secs(15));
+    let stuck = fleet(server, |s| s.install_time = Duration::from_secs(3600));
+    let _slow = connect(server, &devices[0].0, &devices[0].1, &slow);
+    let _stuck = connect(server, &devices[1].0, &devices[1].1, &stuck);
+    let created = create(
+        server,
+        admin,
+        json!({"firmwareId": image["id"], "target": {"tags": ["patient"]}, "timeoutSecs": TIMEOUT_SECS,
+               "failureRule": {"maxFailureRate": 1.0}}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    for (device, _) in &devices {
+        eventually(WAIT, "the device at work", || async {
+            device_job(server, admin, &id, device).await["state"] == "in_progress"
+        })
+        .await;
+    }
+    let (status, paused) = server
+        .call(
+            Method::POST,
+            &format!("/api/campaigns/{id}/pause"),
+            Some(admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{paused}");
+    let deadline = |job: &Value| {
+        chrono::DateTime::parse_from_rfc3339(job["deadlineAt"].as_str().expect("a deadline")).unwrap()
+    };
+    let job = device_job(server, admin, &id, &devices[1].0).await;
+    let before = deadline(&job);
+    let notified = chrono::DateTime::parse_from_rfc3339(job["notifiedAt"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        before - notified,
+        chrono::Duration::seconds(TIMEOUT_SECS as i64),
+        "{job}"
+    );
+
+    // Paused for longer than the timeout: nobody is timed out.
+    tokio::time::sleep(Duration::from_secs(TIMEOUT_SECS + 1)).await;
+    let still = campaign(server, admin, &id).await;
+    assert_eq!(still["status"], "paused", "{still}");
+    assert_eq!(still["counts"]["in_progress"], 2, "{still}");
+    assert_eq!(still["counts"]["timed_out"], 0, "{still}");
+
+    let (status, resumed) = server
+        .call(
+            Method::POST,
+            &format!("/api/campaigns/{id}/resume"),
+            Some(admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resumed}");
+    // The campaign runner is in the actor tree, driving it.
+    eventually(WAIT, "the runner lists the resumed campaign", || async {
+        let (_, tree) = server.get("/admin/actors", admin).await;
+        tree["campaignRunner"]["running"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|c| c["campaign"] == id.as_str()))
+    })
+    .await;
+    let job = device_job(server, admin, &id, &devices[1].0).await;
+    let after = deadline(&job);
+    assert!(
+        after - before >= chrono::Duration::seconds(TIMEOUT_SECS as i64 + 1),
+        "the deadline moved by the pause: {before} -> {after}"
+    );
+    // The slow device finishes within the time it had left; the stuck one runs out of it.
+    let done = wait_for_status(server, admin, &id, "completed").await;
+    assert_eq!(done["counts"]["succeeded"], 1, "{done}");
+    assert_eq!(done["counts"]["timed_out"], 1, "{done}");
+    assert_eq!(
+        device_job(server, admin, &id, &devices[0].0).await["state"],
+        "succeeded"
+    );
+    let job = device_job(server, admin, &id, &devices[1].0).await;
+    assert_eq!(job["state"], "timed_out", "{job}");
+    let timed_out = job["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == "timed_out")
+        .expect("a timed_out entry");
+    let at = chrono::DateTime::parse_from_rfc3339(timed_out["at"].as_str().unwrap()).unwrap();
+    assert!(at >= after, "timed out at {at}, before its deadline {after}");
+    let (status, tree) = server.get("/admin/actors", admin).await;
+    assert_eq!(status, StatusCode::OK, "{tree}");
+    let runner = &tree["campaignRunner"];
+    assert_eq!(runner["driving"], true, "{runner}");
+    assert!(runner["passes"].as_u64().unwrap() >= 1, "{runner}");
+    assert!(runner["devicesTimedOut"].as_u64().unwrap() >= 1, "{runner}");
+    assert!(runner["devicesNotified"].as_u64().unwrap() >= 2, "{runner}");
+    assert!(runner["reportsRecorded"].as_u64().unwrap() >= 1, "{runner}");
+    assert!(runner["mailbox"].as_u64().unwrap() >= 1, "{runner}");
+}
+
+/// Outside its maintenance window a campaign notifies nobody, and resuming it there does not
+/// either: its devices wait, pending, for the window.
+async fn a_closed_maintenance_window_holds_notifications(server: &TestServer, admin: &str) {
+    let image = upload(server, admin, "2.6.0", "", &image(13, 5_000)).await;
+    let devices = register_fleet(server, admin, "nightly", 2, "sensor").await;
+    let fleet = fleet(server, |_| {});
+    let _sims = connect_all(server, &devices, &fleet);
+    // A window that opens two hours from now.
+    let now = chrono::Utc::now();
+    let at = |hours: i64| (now + chrono::Duration::hours(hours)).format("%H:00").to_string();
+    let created = create(
+        server,
+        admin,
+        json!({"firmwareId": image["id"], "target": {"tags": ["nightly"]}, "timeoutSecs": 60,
+               "maintenanceWindow": {"start": at(2), "end": at(3)}}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let passes = || async {
+        let (_, tree) = server.get("/admin/actors", admin).await;
+        tree["campaignRunner"]["passes"].as_u64().unwrap_or(0)
+    };
+    // Some passes of the runner over the running campaign, then: nobody notified.
+    let start = passes().await;
+    eventually(WAIT, "three runner passes", || async {
+        passes().await >= start + 3
+    })
+    .await;
+    let held = campaign(server, admin, &id).await;
+    assert_eq!(held["status"], "running", "{held}");
+    assert_eq!(held["counts"]["pending"], 2, "{held}");
+    assert_eq!(held["counts"]["notified"], 0, "{held}");
+    // Paused and resumed outside the window: still nobody.
+    for action in ["pause", "resume"] {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                &format!("/api/campaigns/{id}/{action}"),
+                Some(admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{action}: {body}");
+    }
+    let start = passes().await;
+    eventually(WAIT, "three runner passes", || async {
+        passes().await >= start + 3
+    })
+    .await;
+    let held = campaign(server, admin, &id).await;
+    assert_eq!(held["counts"]["pending"], 2, "{held}");
+    let (status, cancelled) = server
+        .call(
+            Method::POST,
+            &format!("/api/campaigns/{id}/cancel"),
+            Some(admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+}
+
 async fn an_offline_device_gets_its_job_when_it_connects(server: &TestServer, admin: &str, next: &Value) {
     let devices = register_fleet(server, admin, "offline", 1, "sensor").await;
     let (device, token) = &devices[0];
@@ -723,10 +894,15 @@ async fn tenants_and_roles_are_enforced(server: &TestServer, admin: &str, next: 
     let rival_device = server
         .register(&other, json!({"deviceId": "rival-01", "type": "sensor"}))
         .await;
+    let (_, devices) = server
+        .get(&format!("/api/campaigns/{campaign_id}/devices"), admin)
+        .await;
+    let campaign_device = devices["devices"][0]["deviceId"].as_str().unwrap().to_string();
     for path in [
         format!("/api/firmware/{firmware_id}"),
         format!("/api/campaigns/{campaign_id}"),
         format!("/api/campaigns/{campaign_id}/devices"),
+        format!("/api/campaigns/{campaign_id}/devices/{campaign_device}"),
     ] {
         let (status, body) = server.get(&path, &other).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
@@ -775,7 +951,12 @@ async fn tenants_and_roles_are_enforced(server: &TestServer, admin: &str, next: 
     let viewer = server.api_key(admin, "viewer").await;
     for path in [
         "/api/firmware".to_string(),
+        format!("/api/firmware/{firmware_id}"),
+        format!("/api/firmware/{firmware_id}/download"),
+        "/api/campaigns".into(),
         format!("/api/campaigns/{campaign_id}"),
+        format!("/api/campaigns/{campaign_id}/devices"),
+        format!("/api/campaigns/{campaign_id}/devices/{campaign_device}"),
         "/api/firmware/signing-key".into(),
     ] {
         let (status, body) = server.get(&path, &viewer).await;
@@ -827,7 +1008,13 @@ async fn tenants_and_roles_are_enforced(server: &TestServer, admin: &str, next: 
         (Method::POST, "/api/campaigns".into()),
         (Method::GET, format!("/api/campaigns/{campaign_id}")),
         (Method::GET, format!("/api/campaigns/{campaign_id}/devices")),
+        (
+            Method::GET,
+            format!("/api/campaigns/{campaign_id}/devices/{campaign_device}"),
+        ),
         (Method::POST, format!("/api/campaigns/{campaign_id}/pause")),
+        (Method::POST, format!("/api/campaigns/{campaign_id}/resume")),
+        (Method::POST, format!("/api/campaigns/{campaign_id}/cancel")),
         (Method::POST, format!("/api/campaigns/{campaign_id}/rollback")),
     ] {
         let (status, body) = server.call(method.clone(), &path, None, None).await;

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -50,6 +50,39 @@ pub struct CancelJob {
 #[derive(Message, Debug)]
 #[rtype(result = "Vec<String>")]
 pub struct RunningJobs {}
+
+/// The runner as `GET /admin/actors` shows it.
+#[derive(Message, Debug)]
+#[rtype(result = "JobRunnerSnapshot")]
+pub struct InspectJobRunner {}
+
+/// What [`InspectJobRunner`] answers.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRunnerSnapshot {
+    /// Jobs running here, with the devices each has done in this run.
+    pub running: Vec<RunningJob>,
+    /// Jobs waiting for a free slot, in order.
+    pub waiting: Vec<String>,
+    pub max_running: usize,
+    /// Devices read (and results written) per round trip.
+    pub chunk: usize,
+    /// Runs ended since the start: completed, cancelled, interrupted (retried later).
+    pub completed: u64,
+    pub cancelled: u64,
+    pub interrupted: u64,
+    /// Device results recorded since the start, all jobs.
+    pub devices_done: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningJob {
+    pub job: String,
+    /// Device results this run recorded.
+    pub devices_done: u64,
+    pub running_secs: u64,
+}
 
 // Sent to itself when a job's run ends.
 #[derive(Message)]
@@ -198,12 +231,26 @@ pub struct JobActor {
     executor: Arc<dyn JobExecutor>,
     lease: Arc<dyn JobLease>,
     settings: JobSettings,
-    /// Running jobs and their stop flags.
-    running: HashMap<String, Arc<AtomicBool>>,
+    /// Running jobs: their stop flags and progress.
+    running: HashMap<String, Run>,
     /// Who waits for a run to end (cancellations).
     ended: HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>,
     /// Jobs waiting for a free slot, in order.
     waiting: Vec<String>,
+    /// Runs ended since the start, by outcome.
+    completed: u64,
+    cancelled: u64,
+    interrupted: u64,
+    /// Device results of the runs that ended.
+    devices_done: u64,
+}
+
+/// A job running here.
+struct Run {
+    stop: Arc<AtomicBool>,
+    /// Device results the run recorded.
+    done: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl JobActor {
@@ -221,6 +268,10 @@ impl JobActor {
             running: HashMap::new(),
             ended: HashMap::new(),
             waiting: Vec::new(),
+            completed: 0,
+            cancelled: 0,
+            interrupted: 0,
+            devices_done: 0,
         }
     }
 
@@ -235,13 +286,21 @@ impl JobActor {
             return;
         }
         let stop = Arc::new(AtomicBool::new(false));
-        self.running.insert(job.clone(), stop.clone());
+        let done = Arc::new(AtomicU64::new(0));
+        self.running.insert(
+            job.clone(),
+            Run {
+                stop: stop.clone(),
+                done: done.clone(),
+                started: Instant::now(),
+            },
+        );
         let (store, executor, lease) = (self.store.clone(), self.executor.clone(), self.lease.clone());
         let chunk = self.settings.chunk.max(1);
         let me = ctx.address();
         actix::spawn(async move {
             let outcome = if lease.acquire(&job).await {
-                let outcome = run_job(&job, store.as_ref(), executor, chunk, &stop).await;
+                let outcome = run_job_counted(&job, store.as_ref(), executor, chunk, &stop, &done).await;
                 lease.release(&job).await;
                 outcome
             } else {
@@ -263,8 +322,8 @@ impl Actor for JobActor {
 
     fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
         // Runs stop at their next device; what they did is recorded, the rest stays pending.
-        for stop in self.running.values() {
-            stop.store(true, Ordering::Relaxed);
+        for run in self.running.values() {
+            run.stop.store(true, Ordering::Relaxed);
         }
         Running::Stop
     }
@@ -307,10 +366,10 @@ impl Handler<CancelJob> for JobActor {
 
     fn handle(&mut self, msg: CancelJob, _ctx: &mut Context<Self>) -> Self::Result {
         self.waiting.retain(|j| *j != msg.job);
-        let Some(stop) = self.running.get(&msg.job) else {
+        let Some(run) = self.running.get(&msg.job) else {
             return Box::pin(async {});
         };
-        stop.store(true, Ordering::Relaxed);
+        run.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.ended.entry(msg.job).or_default().push(tx);
         Box::pin(async move {
@@ -329,11 +388,48 @@ impl Handler<RunningJobs> for JobActor {
     }
 }
 
+impl Handler<InspectJobRunner> for JobActor {
+    type Result = MessageResult<InspectJobRunner>;
+
+    fn handle(&mut self, _msg: InspectJobRunner, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut running: Vec<RunningJob> = self
+            .running
+            .iter()
+            .map(|(job, run)| RunningJob {
+                job: job.clone(),
+                devices_done: run.done.load(Ordering::Relaxed),
+                running_secs: run.started.elapsed().as_secs(),
+            })
+            .collect();
+        running.sort_by(|a, b| a.job.cmp(&b.job));
+        let in_runs: u64 = running.iter().map(|r| r.devices_done).sum();
+        MessageResult(JobRunnerSnapshot {
+            running,
+            waiting: self.waiting.clone(),
+            max_running: self.settings.max_running.max(1),
+            chunk: self.settings.chunk.max(1),
+            completed: self.completed,
+            cancelled: self.cancelled,
+            interrupted: self.interrupted,
+            devices_done: self.devices_done + in_runs,
+        })
+    }
+}
+
 impl Handler<JobRunEnded> for JobActor {
     type Result = ();
 
     fn handle(&mut self, msg: JobRunEnded, ctx: &mut Context<Self>) {
-        self.running.remove(&msg.job);
+        if let Some(run) = self.running.remove(&msg.job) {
+            self.devices_done += run.done.load(Ordering::Relaxed);
+        }
+        match &msg.outcome {
+            Ok(JobEnd::Completed) => self.completed += 1,
+            Ok(JobEnd::Cancelled) => self.cancelled += 1,
+            Err(error) if error == HELD_ELSEWHERE => {}
+            Err(_) if self.ended.contains_key(&msg.job) => self.cancelled += 1,
+            Err(_) => self.interrupted += 1,
+        }
         let cancelled = self.ended.remove(&msg.job).unwrap_or_default();
         let was_cancelled = !cancelled.is_empty();
         for waiter in cancelled {
@@ -401,6 +497,18 @@ pub async fn run_job(
     chunk: usize,
     stop: &AtomicBool,
 ) -> Result<JobEnd, String> {
+    run_job_counted(job, store, executor, chunk, stop, &AtomicU64::new(0)).await
+}
+
+/// [`run_job`], adding the device results it records to `done`.
+pub async fn run_job_counted(
+    job: &str,
+    store: &dyn JobStore,
+    executor: Arc<dyn JobExecutor>,
+    chunk: usize,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+) -> Result<JobEnd, String> {
     let Some(plan) = store.start_job(job).await.map_err(|e| e.to_string())? else {
         return Ok(JobEnd::Cancelled);
     };
@@ -441,10 +549,12 @@ pub async fn run_job(
             .filter_map(|r| async move { r })
             .collect()
             .await;
+        let recorded = results.len() as u64;
         let cancelled = store
             .record_results(job, results)
             .await
             .map_err(|e| e.to_string())?;
+        done.fetch_add(recorded, Ordering::Relaxed);
         if cancelled {
             store
                 .finish_job(job, JobEnd::Cancelled)

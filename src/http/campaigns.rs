@@ -148,6 +148,10 @@ pub struct CampaignDeviceView {
     pub attempts: u32,
     pub reason: Option<String>,
     pub notified_at: Option<DateTime<Utc>>,
+    /// When the device times out if it has not succeeded: its notification plus the
+    /// campaign's timeout, moved later by the time the campaign spent paused since (a pause
+    /// suspends the clock; resuming gives the device the time it had left).
+    pub deadline_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
     pub history: Vec<HistoryEntry>,
 }
@@ -162,6 +166,7 @@ impl From<CampaignDevice> for CampaignDeviceView {
             attempts: d.attempts,
             reason: d.reason,
             notified_at: d.notified_at,
+            deadline_at: d.deadline_at,
             updated_at: d.updated_at,
             history: d.history,
         }

@@ -45,6 +45,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .metrics
         .uptime_seconds
         .set(state.started.elapsed().as_secs() as i64);
+    if let Some(bytes) = crate::heap::allocated_bytes() {
+        state.metrics.heap_allocated_bytes.set(bytes as i64);
+    }
     // Registry figures are read at scrape time; if the registry is down they keep their last value.
     if let Ok(counts) = state.registry.device_counts(None).await {
         state.metrics.devices_registered.set(counts.registered as i64);
@@ -168,10 +171,11 @@ async fn inspected<T: Serialize>(
 
 /// The live actor tree (platform admins): tenant supervisors and their device actors, the
 /// telemetry writers, the spool replayer, the downsampler, the rule router with its rule
-/// actors and evaluation threads, the alarm service, and the `/ws` session actors.
+/// actors and evaluation threads, the alarm service, the batch job runner, the OTA campaign
+/// runner, and the `/ws` session actors.
 #[utoipa::path(
     tag = "operations",
-    responses((status = 200, description = "Every kind of actor the platform runs: tenants (supervisors with their device actors), writers, spool, replayer, downsampler, rules (router, rule actors, workers), alarmService, sessions", body = Object), (status = 403, body = ErrorBody)),
+    responses((status = 200, description = "Every kind of actor the platform runs: tenants (supervisors with their device actors), writers, spool, replayer, downsampler, rules (router, rule actors, workers), alarmService, jobRunner, campaignRunner, sessions", body = Object), (status = 403, body = ErrorBody)),
     security(("bearer" = []))
 )]
 #[get("/admin/actors")]
@@ -205,6 +209,15 @@ pub async fn actors(state: web::Data<AppState>, principal: Principal) -> Result<
             .send(crate::rules::alarms::InspectAlarmService {}),
     )
     .await;
+    let job_runner = inspected(
+        state
+            .fleet_ops
+            .jobs
+            .runner
+            .send(drover_actors::job_actor::InspectJobRunner {}),
+    )
+    .await;
+    let campaign_runner = inspected(state.ota.runner.send(crate::ota::runner::InspectRunner {})).await;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "tenants": tenants,
         "writers": writers,
@@ -217,6 +230,8 @@ pub async fn actors(state: web::Data<AppState>, principal: Principal) -> Result<
             "workers": state.rules.workers_snapshot(),
         },
         "alarmService": alarm_service,
+        "jobRunner": job_runner,
+        "campaignRunner": campaign_runner,
         "sessions": state.hub.session_snapshots(None),
     })))
 }

@@ -15,13 +15,12 @@ use utoipa::ToSchema;
 use super::OtaError;
 use super::runner::Kick;
 use crate::state::AppState;
-use crate::storage::ota::{CampaignRecord, FirmwareRecord, NewCampaign};
+use crate::storage::ota::{CampaignRecord, DEFAULT_TIMEOUT_SECS, FirmwareRecord, NewCampaign};
 use crate::storage::records::{AuditActor, DeviceFilter, PageRequest};
 
 /// Shortest and longest per-device timeout.
 pub const MIN_TIMEOUT_SECS: u64 = 10;
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 86_400;
-const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 const MAX_NAME_CHARS: usize = 128;
 /// Most device ids a target may list.
 pub const MAX_TARGET_IDS: usize = 50_000;

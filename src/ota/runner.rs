@@ -72,6 +72,44 @@ pub struct TellCancelled {
     pub devices: Vec<String>,
 }
 
+/// The runner as `GET /admin/actors` shows it.
+#[derive(Message, Debug)]
+#[rtype(result = "RunnerSnapshot")]
+pub struct InspectRunner {}
+
+/// What [`InspectRunner`] answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerSnapshot {
+    /// The running campaigns the last pass saw (driven here unless another node holds the
+    /// runner's lease).
+    pub running: Vec<RunningCampaign>,
+    /// Whether this node drives them (holds the runner's lease).
+    pub driving: bool,
+    /// Device reports and job requests waiting for the next pass, and the mailbox's size.
+    pub queued_reports: usize,
+    pub queued_requests: usize,
+    pub mailbox: usize,
+    /// A pass is running now.
+    pub busy: bool,
+    pub passes: u64,
+    pub last_pass_ms: Option<u64>,
+    /// Since the start: device reports recorded, devices notified, devices timed out.
+    pub reports_recorded: u64,
+    pub devices_notified: u64,
+    pub devices_timed_out: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningCampaign {
+    pub campaign: String,
+    pub tenant: String,
+    /// 1-based.
+    pub stage: u32,
+    pub stages: u32,
+}
+
 /// Stops the runner (shutdown).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -132,6 +170,20 @@ pub struct CampaignRunner {
     allowance: HashMap<String, f64>,
     /// Counts last shown live per campaign, to send frames only on change.
     shown: HashMap<String, StateCounts>,
+    /// What the last pass saw, and totals since the start (for `GET /admin/actors`).
+    running: Vec<RunningCampaign>,
+    driving: bool,
+    passes: u64,
+    last_pass: Option<Duration>,
+    totals: PassFigures,
+}
+
+/// What passes did.
+#[derive(Debug, Clone, Copy, Default)]
+struct PassFigures {
+    reports: u64,
+    notified: u64,
+    timed_out: u64,
 }
 
 impl CampaignRunner {
@@ -155,6 +207,11 @@ impl CampaignRunner {
             again: false,
             allowance: HashMap::new(),
             shown: HashMap::new(),
+            running: Vec::new(),
+            driving: false,
+            passes: 0,
+            last_pass: None,
+            totals: PassFigures::default(),
         }
     }
 
@@ -173,10 +230,19 @@ impl CampaignRunner {
             requests: std::mem::take(&mut self.requests),
             cancelled: std::mem::take(&mut self.cancelled),
             allowance: std::mem::take(&mut self.allowance),
+            figures: PassFigures::default(),
         };
-        ctx.spawn(work.run().into_actor(self).map(|outcome, act, ctx| {
+        let started = std::time::Instant::now();
+        ctx.spawn(work.run().into_actor(self).map(move |outcome, act, ctx| {
             act.busy = false;
             act.allowance = outcome.allowance;
+            act.passes += 1;
+            act.last_pass = Some(started.elapsed());
+            act.running = outcome.running;
+            act.driving = outcome.driving;
+            act.totals.reports += outcome.figures.reports;
+            act.totals.notified += outcome.figures.notified;
+            act.totals.timed_out += outcome.figures.timed_out;
             for (campaign, counts) in outcome.progress {
                 if act.shown.get(&campaign.id) != Some(&counts) {
                     let progress = CampaignProgress::of(&campaign, &counts);
@@ -239,6 +305,25 @@ impl Handler<TellCancelled> for CampaignRunner {
     }
 }
 
+impl Handler<InspectRunner> for CampaignRunner {
+    type Result = MessageResult<InspectRunner>;
+    fn handle(&mut self, _msg: InspectRunner, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(RunnerSnapshot {
+            running: self.running.clone(),
+            driving: self.driving,
+            queued_reports: self.reports.len(),
+            queued_requests: self.requests.len(),
+            mailbox: MAILBOX,
+            busy: self.busy,
+            passes: self.passes,
+            last_pass_ms: self.last_pass.map(|d| d.as_millis() as u64),
+            reports_recorded: self.totals.reports,
+            devices_notified: self.totals.notified,
+            devices_timed_out: self.totals.timed_out,
+        })
+    }
+}
+
 impl Handler<StopRunner> for CampaignRunner {
     type Result = ();
     fn handle(&mut self, _msg: StopRunner, ctx: &mut Context<Self>) {
@@ -289,11 +374,15 @@ struct Pass {
     requests: HashSet<(TenantId, DeviceId)>,
     cancelled: Vec<TellCancelled>,
     allowance: HashMap<String, f64>,
+    figures: PassFigures,
 }
 
 struct PassOutcome {
     allowance: HashMap<String, f64>,
     progress: Vec<(CampaignRecord, StateCounts)>,
+    running: Vec<RunningCampaign>,
+    driving: bool,
+    figures: PassFigures,
 }
 
 impl Pass {
@@ -307,6 +396,9 @@ impl Pass {
                 return PassOutcome {
                     allowance: self.allowance,
                     progress: Vec::new(),
+                    running: Vec::new(),
+                    driving: false,
+                    figures: self.figures,
                 };
             }
         };
@@ -345,11 +437,17 @@ impl Pass {
         let mut progress = Vec::new();
         let live: HashSet<String> = running.iter().map(|c| c.id.clone()).collect();
         self.allowance.retain(|id, _| live.contains(id));
-        let running = if self.leases.hold("campaign-runner").await {
-            running
-        } else {
-            Vec::new()
-        };
+        let seen: Vec<RunningCampaign> = running
+            .iter()
+            .map(|c| RunningCampaign {
+                campaign: c.id.clone(),
+                tenant: c.tenant.to_string(),
+                stage: c.stage + 1,
+                stages: c.stages,
+            })
+            .collect();
+        let driving = self.leases.hold("campaign-runner").await;
+        let running = if driving { running } else { Vec::new() };
         for campaign in running {
             match self.drive(campaign.clone()).await {
                 Ok(Some(updated)) => progress.push(updated),
@@ -371,13 +469,16 @@ impl Pass {
         PassOutcome {
             allowance: self.allowance,
             progress,
+            running: seen,
+            driving,
+            figures: self.figures,
         }
     }
 
     /// Turns reports into transitions (checking the shadow of those that say they succeeded)
     /// and records them in one transaction.
     async fn record_reports(
-        &self,
+        &mut self,
         reports: Vec<JobReport>,
         running: &[CampaignRecord],
     ) -> Result<HashMap<String, TenantId>, crate::storage::StoreError> {
@@ -434,7 +535,9 @@ impl Pass {
                 at: report.at,
             });
         }
+        let recorded = transitions.len() as u64;
         let touched = self.registry.apply_transitions(transitions).await?;
+        self.figures.reports += recorded;
         Ok(touched
             .into_iter()
             .filter_map(|id| tenants.get(&id).map(|t| (id, t.clone())))
@@ -461,18 +564,14 @@ impl Pass {
     ) -> Result<Option<(CampaignRecord, StateCounts)>, crate::storage::StoreError> {
         let plan = CampaignPlan::from_record(&campaign);
         let now = Utc::now();
-        // Devices that held the job too long.
-        let cutoff = now - chrono::Duration::seconds(plan.timeout_secs as i64);
+        // Devices that held the job too long: past their deadline (the notification plus the
+        // timeout, moved later by any time the campaign spent paused since).
         let late = self
             .registry
-            .campaign_devices_in(
-                &campaign.id,
-                &[JobState::Notified, JobState::InProgress, JobState::Verifying],
-                Some(cutoff),
-                10_000,
-            )
+            .campaign_devices_due(&campaign.id, now, plan.timeout_secs, 10_000)
             .await?;
         if !late.is_empty() {
+            self.figures.timed_out += late.len() as u64;
             let reason = format!("did not succeed within {} s", plan.timeout_secs);
             let transitions = late
                 .into_iter()
@@ -601,9 +700,10 @@ impl Pass {
             if budget > 0 {
                 let claimed = self
                     .registry
-                    .claim_pending_devices(&campaign.id, campaign.stage, budget)
+                    .claim_pending_devices(&campaign.id, campaign.stage, budget, plan.timeout_secs)
                     .await?;
                 if !claimed.is_empty() {
+                    self.figures.notified += claimed.len() as u64;
                     let firmware = self
                         .registry
                         .get_firmware(&campaign.tenant, &campaign.firmware_id)

@@ -41,6 +41,8 @@ pub struct CampaignRecord {
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When it was paused, while it is paused.
+    pub paused_at: Option<DateTime<Utc>>,
 }
 
 /// One entry of a device's history in a campaign.
@@ -65,6 +67,9 @@ pub struct CampaignDevice {
     pub attempts: u32,
     pub reason: Option<String>,
     pub notified_at: Option<DateTime<Utc>>,
+    /// When a device holding the job times out: its notification plus the campaign's
+    /// timeout, moved later by the time the campaign spent paused since.
+    pub deadline_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
     pub history: Vec<HistoryEntry>,
 }
@@ -117,6 +122,7 @@ struct CampaignRow {
     created_by: String,
     created_at: i64,
     updated_at: i64,
+    paused_at: Option<i64>,
 }
 
 fn campaign_from_row(row: CampaignRow) -> Result<CampaignRecord, StoreError> {
@@ -136,6 +142,7 @@ fn campaign_from_row(row: CampaignRow) -> Result<CampaignRecord, StoreError> {
         created_by: row.created_by,
         created_at: from_ms(row.created_at),
         updated_at: from_ms(row.updated_at),
+        paused_at: row.paused_at.map(from_ms),
     })
 }
 
@@ -149,6 +156,7 @@ type DeviceRow = (
     Option<i64>,
     i64,
     String,
+    Option<i64>,
 );
 
 const DEVICE_COLUMNS: (
@@ -161,6 +169,7 @@ const DEVICE_COLUMNS: (
     campaign_devices::notified_at,
     campaign_devices::updated_at,
     campaign_devices::history,
+    campaign_devices::deadline_at,
 ) = (
     campaign_devices::device_id,
     campaign_devices::stage,
@@ -171,10 +180,12 @@ const DEVICE_COLUMNS: (
     campaign_devices::notified_at,
     campaign_devices::updated_at,
     campaign_devices::history,
+    campaign_devices::deadline_at,
 );
 
 fn device_from_row(row: DeviceRow) -> Result<CampaignDevice, StoreError> {
-    let (device, stage, state, progress, attempts, reason, notified_at, updated_at, history) = row;
+    let (device, stage, state, progress, attempts, reason, notified_at, updated_at, history, deadline_at) =
+        row;
     Ok(CampaignDevice {
         device,
         stage: stage.max(0) as u32,
@@ -183,6 +194,7 @@ fn device_from_row(row: DeviceRow) -> Result<CampaignDevice, StoreError> {
         attempts: attempts.max(0) as u32,
         reason,
         notified_at: notified_at.map(from_ms),
+        deadline_at: deadline_at.map(from_ms),
         updated_at: from_ms(updated_at),
         history: serde_json::from_str(&history).unwrap_or_default(),
     })
@@ -230,7 +242,8 @@ fn count_devices(conn: &mut DbConnection, campaign: &str) -> Result<StateCounts,
         .collect()
 }
 
-/// Moves one device row, if it is in one of `from`, appending to its history.
+/// Moves one device row, if it is in one of `from`, appending to its history. `notify`: the
+/// device is being notified, with this timeout (seconds) from `at`.
 #[allow(clippy::too_many_arguments)]
 fn move_device(
     conn: &mut DbConnection,
@@ -241,7 +254,7 @@ fn move_device(
     progress: Option<u8>,
     reason: Option<String>,
     at: DateTime<Utc>,
-    notify: bool,
+    notify: Option<u64>,
 ) -> Result<bool, StoreError> {
     let row: Option<(String, String, i32)> = campaign_devices::table
         .filter(campaign_devices::campaign_id.eq(campaign))
@@ -297,11 +310,12 @@ fn move_device(
             .set(campaign_devices::progress.eq(i32::from(progress)))
             .execute(conn)?;
     }
-    if notify {
+    if let Some(timeout_secs) = notify {
         diesel::update(target)
             .set((
                 campaign_devices::attempts.eq(attempts + 1),
                 campaign_devices::notified_at.eq(Some(now)),
+                campaign_devices::deadline_at.eq(Some(now.saturating_add(timeout_ms(timeout_secs)))),
             ))
             .execute(conn)?;
     }
@@ -521,6 +535,17 @@ impl RegistryStore {
                     .filter(campaigns::id.eq(&id))
                     .filter(campaigns::status.eq_any(&from));
                 let now = now_ms();
+                // What it was: a resume moves the deadlines of devices at work by the pause.
+                let before: Option<(String, Option<i64>, i64, String)> = target
+                    .clone()
+                    .select((
+                        campaigns::status,
+                        campaigns::paused_at,
+                        campaigns::updated_at,
+                        campaigns::spec,
+                    ))
+                    .first(conn)
+                    .optional()?;
                 let touched = match stage {
                     Some(stage) => diesel::update(target)
                         .set((
@@ -540,6 +565,39 @@ impl RegistryStore {
                 };
                 if touched == 0 {
                     return Ok(None);
+                }
+                let paused_at = (to == CampaignStatus::Paused).then_some(now);
+                diesel::update(campaigns::table.filter(campaigns::id.eq(&id)))
+                    .set(campaigns::paused_at.eq(paused_at))
+                    .execute(conn)?;
+                if let Some((status, was_paused_at, updated_at, spec)) = before
+                    && status == CampaignStatus::Paused.as_str()
+                    && to == CampaignStatus::Running
+                {
+                    // A campaign paused before pauses were recorded: its last change was the pause.
+                    let paused_for = now.saturating_sub(was_paused_at.unwrap_or(updated_at)).max(0);
+                    let working = || {
+                        campaign_devices::table
+                            .filter(campaign_devices::campaign_id.eq(&id))
+                            .filter(campaign_devices::state.eq_any(state_strs(&ACTIVE)))
+                    };
+                    diesel::update(working().filter(campaign_devices::deadline_at.is_not_null()))
+                        .set(campaign_devices::deadline_at.eq(campaign_devices::deadline_at + paused_for))
+                        .execute(conn)?;
+                    // Rows notified before deadlines were kept.
+                    let timeout = serde_json::from_str::<Value>(&spec)
+                        .map(|spec| spec_timeout_secs(&spec))
+                        .unwrap_or(DEFAULT_TIMEOUT_SECS);
+                    diesel::update(
+                        working()
+                            .filter(campaign_devices::deadline_at.is_null())
+                            .filter(campaign_devices::notified_at.is_not_null()),
+                    )
+                    .set(
+                        campaign_devices::deadline_at
+                            .eq(campaign_devices::notified_at + (timeout_ms(timeout) + paused_for)),
+                    )
+                    .execute(conn)?;
                 }
                 let row: CampaignRow = campaigns::table
                     .filter(campaigns::id.eq(&id))
@@ -565,7 +623,7 @@ impl RegistryStore {
                             None,
                             Some("retried on resume".into()),
                             at,
-                            false,
+                            None,
                         )?;
                     }
                 }
@@ -595,7 +653,7 @@ impl RegistryStore {
                             None,
                             Some(format!("campaign {to}")),
                             at,
-                            false,
+                            None,
                         )?;
                     }
                 }
@@ -704,13 +762,14 @@ impl RegistryStore {
             .await
     }
 
-    /// Takes up to `limit` pending devices of the stages up to `stage` and marks them notified:
-    /// the runner then publishes their jobs.
+    /// Takes up to `limit` pending devices of the stages up to `stage` and marks them notified,
+    /// each with `timeout_secs` to succeed: the runner then publishes their jobs.
     pub async fn claim_pending_devices(
         &self,
         campaign: &str,
         stage: u32,
         limit: u32,
+        timeout_secs: u64,
     ) -> Result<Vec<String>, StoreError> {
         let campaign = campaign.to_string();
         self.database()
@@ -734,7 +793,7 @@ impl RegistryStore {
                         None,
                         None,
                         at,
-                        true,
+                        Some(timeout_secs),
                     )?;
                 }
                 Ok(devices)
@@ -762,6 +821,39 @@ impl RegistryStore {
                     q = q.filter(campaign_devices::notified_at.lt(before.timestamp_millis()));
                 }
                 Ok(q.order(campaign_devices::device_id)
+                    .limit(i64::from(limit))
+                    .select(campaign_devices::device_id)
+                    .load(conn)?)
+            })
+            .await
+    }
+
+    /// Devices holding a job of the campaign past their deadline at `now`, at most `limit`.
+    /// (A row notified before deadlines were kept has none: its notification plus
+    /// `timeout_secs` is its deadline.)
+    pub async fn campaign_devices_due(
+        &self,
+        campaign: &str,
+        now: DateTime<Utc>,
+        timeout_secs: u64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let campaign = campaign.to_string();
+        let now = now.timestamp_millis();
+        let legacy_cutoff = now.saturating_sub(timeout_ms(timeout_secs));
+        self.database()
+            .read(move |conn| {
+                Ok(campaign_devices::table
+                    .filter(campaign_devices::campaign_id.eq(campaign))
+                    .filter(campaign_devices::state.eq_any(state_strs(&ACTIVE)))
+                    .filter(
+                        campaign_devices::deadline_at
+                            .lt(now)
+                            .or(campaign_devices::deadline_at
+                                .is_null()
+                                .and(campaign_devices::notified_at.lt(legacy_cutoff))),
+                    )
+                    .order(campaign_devices::device_id)
                     .limit(i64::from(limit))
                     .select(campaign_devices::device_id)
                     .load(conn)?)
@@ -806,7 +898,7 @@ impl RegistryStore {
                         t.progress,
                         t.reason,
                         t.at,
-                        false,
+                        None,
                     )? && !touched.contains(&t.campaign)
                     {
                         touched.push(t.campaign);
@@ -826,17 +918,21 @@ impl RegistryStore {
         let (tenant, device) = (tenant.clone(), device.clone());
         self.database()
             .read(move |conn| {
-                let held: Option<(String, Option<i64>)> = campaign_devices::table
+                let held: Option<(String, Option<i64>, Option<i64>)> = campaign_devices::table
                     .inner_join(campaigns::table.on(campaigns::id.eq(campaign_devices::campaign_id)))
                     .filter(campaign_devices::tenant_id.eq(tenant.as_str()))
                     .filter(campaign_devices::device_id.eq(device.as_str()))
                     .filter(campaign_devices::state.eq_any(state_strs(&ACTIVE[..2])))
                     .filter(campaigns::status.eq(CampaignStatus::Running.as_str()))
                     .order(campaigns::created_at)
-                    .select((campaigns::id, campaign_devices::notified_at))
+                    .select((
+                        campaigns::id,
+                        campaign_devices::notified_at,
+                        campaign_devices::deadline_at,
+                    ))
                     .first(conn)
                     .optional()?;
-                let Some((campaign_id, notified_at)) = held else {
+                let Some((campaign_id, notified_at, deadline_at)) = held else {
                     return Ok(None);
                 };
                 let row: CampaignRow = campaigns::table
@@ -852,11 +948,11 @@ impl RegistryStore {
                 let Some(image) = image else {
                     return Ok(None);
                 };
-                let timeout = campaign.spec.get("timeoutSecs").and_then(Value::as_i64);
+                let timeout = spec_timeout_secs(&campaign.spec);
                 Ok(Some(PendingJob {
-                    timeout_at: notified_at
-                        .zip(timeout)
-                        .map(|(at, secs)| from_ms(at + secs * 1000)),
+                    timeout_at: deadline_at
+                        .or_else(|| notified_at.map(|at| at.saturating_add(timeout_ms(timeout))))
+                        .map(from_ms),
                     campaign,
                     firmware: firmware_from_row(image)?,
                 }))
@@ -864,6 +960,24 @@ impl RegistryStore {
             .await
     }
 }
+
+/// A timeout in milliseconds.
+fn timeout_ms(secs: u64) -> i64 {
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000)
+}
+
+/// The per-device timeout a campaign's stored plan names (`timeoutSecs`; the API's default
+/// when absent).
+pub fn spec_timeout_secs(spec: &Value) -> u64 {
+    spec.get("timeoutSecs")
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_TIMEOUT_SECS)
+}
+
+/// The per-device timeout when a plan names none.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 
 /// Folds counts by (stage, state) into the counts of one stage.
 pub fn stage_counts(counts: &[(u32, JobState, u64)], stage: u32) -> StageCounts {

@@ -401,6 +401,8 @@ diesel::table! {
         created_by -> Text,
         created_at -> BigInt,
         updated_at -> BigInt,
+        // schema/*/2026-12-07-020000_campaign_pause
+        paused_at -> Nullable<BigInt>,
     }
 }
 
@@ -417,6 +419,7 @@ diesel::table! {
         notified_at -> Nullable<BigInt>,
         updated_at -> BigInt,
         history -> Text,
+        deadline_at -> Nullable<BigInt>,
     }
 }
 

@@ -289,7 +289,9 @@ def run(driver):
     driver.find_element(By.CSS_SELECTOR, '[data-testid="confirm-revoke"]').click()
     wait(driver, "the key revoked", lambda d: exists(d, key_row) and not exists(d, f'{key_row} [data-action="revoke"]'))
     # The actor tree: every kind, this tab's own live session among them.
-    wait(driver, "the actor tree", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#singleton-actors tbody tr")) == 5
+    wait(driver, "the actor tree", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#singleton-actors tbody tr")) == 7
+         and "Campaign runner" in d.find_element(By.ID, "singleton-actors").text
+         and "Batch job runner" in d.find_element(By.ID, "singleton-actors").text
          and len(d.find_elements(By.CSS_SELECTOR, "#session-actors tbody tr")) >= 1
          and exists(d, "#rule-actors tbody tr") and exists(d, "#writer-actors tbody tr"))
     driver.execute_script("document.getElementById('actors').scrollIntoView()")

@@ -128,11 +128,15 @@ export async function renderAdmin(main, ctx) {
       h('td', { text: s.subscriptions.all ? 'all devices' : `${fmtNumber(s.subscriptions.devices)} device(s)` }),
       num(s.framesSent), num(s.framesSkipped), h('td', { class: 'num', text: fmtNumber(s.queuedBytes, 'B') }),
       h('td', { text: fmtAge(s.startedAt) })));
+    const jobs = tree.jobRunner || {};
+    const campaigns = tree.campaignRunner || {};
     const singles = [
       ['Rule router', state(router) || `${fmtNumber(router.messagesHandled)} events routed, mailbox ${fmtNumber(router.mailboxCapacity)}`, router.startedAt],
       ['Rule workers', `${fmtNumber(workers.threads)} thread(s), ${fmtNumber(workers.readyTenants)} tenant(s) waiting, slice ${fmtNumber(workers.sliceMs, 'ms')}`, null],
       ['Alarm service', state(alarm) || `${fmtNumber(alarm.messagesHandled)} batches, ${fmtNumber(alarm.signalsHandled)} signals, mailbox ${fmtNumber(alarm.mailboxCapacity)}`, alarm.startedAt],
       ['Spool replayer', state(replayer) || `${replayer.replaying ? 'replaying' : 'idle'}, ${fmtNumber(replayer.replayedBatches)} batches replayed${replayer.lastError ? `, last error: ${replayer.lastError}` : ''}`, replayer.startedAt],
+      ['Batch job runner', state(jobs) || `${fmtNumber(jobs.running?.length)} job(s) running, ${fmtNumber(jobs.waiting?.length)} waiting (at most ${fmtNumber(jobs.maxRunning)} at once), ${fmtNumber(jobs.devicesDone)} device results, ${fmtNumber(jobs.completed)} completed, ${fmtNumber(jobs.cancelled)} cancelled`, null],
+      ['Campaign runner', state(campaigns) || `${fmtNumber(campaigns.running?.length)} campaign(s) running${campaigns.driving ? '' : ' (driven by another node)'}, ${fmtNumber(campaigns.queuedReports)} report(s) queued, ${fmtNumber(campaigns.passes)} passes (last ${fmtNumber(campaigns.lastPassMs, 'ms')}), ${fmtNumber(campaigns.devicesNotified)} notified, ${fmtNumber(campaigns.devicesTimedOut)} timed out`, null],
       ['Downsampler', state(down) || `${fmtNumber(down.passes)} passes, ${fmtNumber(down.failures)} failed, every ${fmtNumber(down.intervalSecs, 's')}${down.lastError ? `, last error: ${down.lastError}` : ''}`, down.lastStartedAt],
     ].map(([name, text, at]) => h('tr', {}, h('td', { text: name }), h('td', { text }), h('td', { text: at ? fmtAge(at) : '—' })));
     clear(actors,
