@@ -231,7 +231,6 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
     let inflight = &w.inflight;
     let qos = delivery.qos;
     let payload = delivery.publication.payload.clone();
-    let label = BrokerMetrics::qos_label(qos);
     match &w.sink {
         Sink::V3(s) => {
             let mut builder = s.publish(delivery.publication.topic.clone()).dup(delivery.dup);
@@ -240,14 +239,14 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
             }
             match qos {
                 QoS::AtMostOnce => match builder.send_at_most_once(payload) {
-                    Ok(()) => metrics.sent.with_label_values(&[label]).inc(),
+                    Ok(()) => metrics.sent(qos).inc(),
                     Err(e) => drop_failed(metrics, &e),
                 },
                 QoS::AtLeastOnce => {
                     inflight.borrow_mut().insert(seq, delivery);
                     let mut fut = Box::pin(builder.send_at_least_once(payload));
                     let inflight = inflight.clone();
-                    let sent = metrics.sent.with_label_values(&[label]);
+                    let sent = metrics.sent(qos).clone();
                     match poll_once(&mut fut).await {
                         Poll::Ready(result) => acked(&inflight, seq, result.is_ok(), &sent),
                         Poll::Pending => {
@@ -262,7 +261,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                     inflight.borrow_mut().insert(seq, delivery);
                     if let Ok(received) = builder.send_exactly_once(payload).await {
                         inflight.borrow_mut().remove(&seq);
-                        metrics.sent.with_label_values(&[label]).inc();
+                        metrics.sent(qos).inc();
                         let _ = received.release().await;
                     }
                 }
@@ -279,7 +278,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
             let builder = v5_publish(s, &delivery, alias);
             match qos {
                 QoS::AtMostOnce => match builder.send_at_most_once(payload) {
-                    Ok(()) => metrics.sent.with_label_values(&[label]).inc(),
+                    Ok(()) => metrics.sent(qos).inc(),
                     Err(e) => {
                         unsent(w);
                         drop_failed(metrics, &e);
@@ -289,7 +288,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                     inflight.borrow_mut().insert(seq, delivery);
                     let mut fut = Box::pin(builder.send_at_least_once(payload));
                     let inflight = inflight.clone();
-                    let sent = metrics.sent.with_label_values(&[label]);
+                    let sent = metrics.sent(qos).clone();
                     match poll_once(&mut fut).await {
                         Poll::Ready(result) => {
                             if result.is_err() {
@@ -319,7 +318,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                     };
                     if let Ok(received) = result {
                         inflight.borrow_mut().remove(&seq);
-                        metrics.sent.with_label_values(&[label]).inc();
+                        metrics.sent(qos).inc();
                         let _ = received.release().await;
                     }
                 }
