@@ -108,6 +108,9 @@ if [ "$QUERY_POINTS" -gt 0 ]; then
 fi
 if [ "$INGEST_DEVICES" -gt 0 ]; then
   for QOS in 0 1; do
+    # The same load against Mosquitto, which acknowledges without storing: the reference.
+    "$LOAD" bench ingest-broker --port "$MOSQUITTO_PORT" --devices "$INGEST_DEVICES" --prefix "ingest-q$QOS-" \
+      --qos "$QOS" --seconds "$INGEST_SECONDS" --record "$RUN_FILE" | tail -n 1 >/dev/null
     "$LOAD" bench ingest --url "$BASE" --api-key "$KEY" --mqtt-port "$DROVER_MQTT" --devices "$INGEST_DEVICES" \
       --prefix "ingest-q$QOS-" --devices-file "$WORK/ingest-q$QOS.csv" --qos "$QOS" --seconds "$INGEST_SECONDS" --record "$RUN_FILE" | tail -n 1 >/dev/null
   done
@@ -149,12 +152,24 @@ if paced:
                 x = r["results"]
                 print(f"{'QoS ' + str(qos):<10}{target:<11}{x['delivered_ratio']:>11.3f}{x.get('latency_p50_ms', 0):>9.2f}"
                       f"{x.get('latency_p95_ms', 0):>9.2f}{x.get('latency_p99_ms', 0):>9.2f}{x.get('latency_max_ms', 0):>9.2f}")
+reference = {r["parameters"]["qos"]: r["results"] for r in rows if r["scenario"] == "ingest" and r["target"] != "drover"}
 for r in rows:
-    if r["scenario"] == "ingest":
+    if r["scenario"] == "ingest" and r["target"] != "drover":
         x, p = r["results"], r["parameters"]
         acked = f", {x['acked_per_second']:.0f} acked/s, ack p50 {x.get('ack_latency_p50_ms', 0):.1f} / p99 {x.get('ack_latency_p99_ms', 0):.1f} ms" if p["qos"] else ""
-        print(f"ingest QoS {p['qos']}: {p['devices']} devices, {x['sent_per_second']:.0f} sent/s{acked}, "
+        print(f"ingest QoS {p['qos']} {r['target']} (stores nothing): {p['devices']} clients, {x['sent_per_second']:.0f} sent/s{acked}")
+    elif r["scenario"] == "ingest":
+        x, p = r["results"], r["parameters"]
+        acked = f", {x['acked_per_second']:.0f} acked/s, ack p50 {x.get('ack_latency_p50_ms', 0):.1f} / p99 {x.get('ack_latency_p99_ms', 0):.1f} ms" if p["qos"] else ""
+        print(f"ingest QoS {p['qos']} drover: {p['devices']} devices, {x['sent_per_second']:.0f} sent/s{acked}, "
               f"{x['stored']} of {x['sent']} read back from the store ({x['stored_ratio']:.3f})")
+        ref = reference.get(p["qos"])
+        if ref and "dashboard_devices" not in x:
+            if p["qos"]:
+                print(f"  acknowledged after storing / Mosquitto acknowledged: {x['acked_per_second'] / ref['acked_per_second']:.2f}")
+            else:
+                stored_rate = x["stored"] / max(p["seconds"], 1)
+                print(f"  stored {stored_rate:.0f}/s; Drover sent / Mosquitto sent: {x['sent_per_second'] / ref['sent_per_second']:.2f}")
         if "dashboard_received" in x:
             print(f"  dashboard watching {x['dashboard_devices']} devices at {p['rate']} msg/s: {x['dashboard_received']} of "
                   f"{x['dashboard_expected']} shown, publish-to-dashboard p50 {x.get('dashboard_latency_p50_ms', 0):.2f} / "

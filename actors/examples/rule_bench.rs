@@ -67,11 +67,11 @@ fn main() {
     let errors = rules.set_rules(specs, &[]);
     assert!(errors.is_empty(), "{errors:?}");
 
-    let devices: Vec<(DeviceId, String)> = (0..DEVICES)
+    let devices: Vec<(DeviceId, std::sync::Arc<str>)> = (0..DEVICES)
         .map(|i| {
             (
                 DeviceId::parse(format!("dev-{i}")).unwrap(),
-                format!("type-{}", i % TYPES),
+                format!("type-{}", i % TYPES).into(),
             )
         })
         .collect();

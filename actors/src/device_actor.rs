@@ -294,6 +294,12 @@ pub struct DeviceActor {
     tenant: TenantId,
     device: DeviceId,
     record: Option<DeviceRecord>,
+    /// The record's type and metadata as every accepted message carries them: shared, so a
+    /// message costs reference counts rather than copies.
+    device_type_view: Arc<str>,
+    metadata_view: Arc<serde_json::Map<String, serde_json::Value>>,
+    /// The tenant's committed-telemetry counter.
+    tenant_counter: Arc<crate::pipeline::TenantCounter>,
     /// The telemetry schema of the device's type, if it declares one.
     schema: Option<Arc<DeviceTypeSchema>>,
     directory: Arc<dyn DeviceDirectory>,
@@ -323,6 +329,7 @@ pub struct DeviceActor {
 
 impl DeviceActor {
     pub fn new(spec: DeviceActorSpec) -> Self {
+        let tenant_counter = spec.pipeline.tenant_counter(&spec.tenant);
         DeviceActor {
             exit: ExitNotice {
                 supervisor: spec.supervisor,
@@ -333,6 +340,9 @@ impl DeviceActor {
             tenant: spec.tenant,
             device: spec.device,
             record: spec.record,
+            device_type_view: Arc::from(""),
+            metadata_view: Arc::default(),
+            tenant_counter,
             schema: None,
             directory: spec.directory,
             presence: spec.presence,
@@ -393,6 +403,8 @@ impl DeviceActor {
             .into_actor(self)
             .map(|result, act, ctx| match result {
                 Ok((Some(record), schema)) => {
+                    act.device_type_view = Arc::from(record.device_type.as_str());
+                    act.metadata_view = Arc::new(record.metadata.clone());
                     act.record = Some(record);
                     act.schema = schema.map(Arc::new);
                 }
@@ -504,9 +516,9 @@ impl DeviceActor {
         at: DateTime<Utc>,
         backpressure: Backpressure,
     ) -> ResponseActFuture<Self, Result<InboundAccepted, InboundError>> {
-        let Some(record) = &self.record else {
+        if self.record.is_none() {
             return refused(InboundError::Unavailable("device state not loaded".into()));
-        };
+        }
         let parsed = parse_payload(payload, at.timestamp_millis(), &self.pipeline.limits)
             .map_err(|e| (e.code(), e.to_string(), 1))
             .and_then(|mut messages| match &self.schema {
@@ -537,7 +549,7 @@ impl DeviceActor {
         }
         let points: Vec<TelemetryPoint> = messages
             .into_iter()
-            .flat_map(|m| m.into_points(&self.tenant, &self.device, &record.device_type))
+            .flat_map(|m| m.into_points(&self.tenant, &self.device, &self.device_type_view))
             .collect();
         let count = points.len();
         let watched = self.pipeline.watched(&self.tenant, &self.device);
@@ -546,14 +558,14 @@ impl DeviceActor {
         let accepted = self.pipeline.has_observers().then(|| TelemetryAccepted {
             tenant: self.tenant.clone(),
             device: self.device.clone(),
-            device_type: record.device_type.clone(),
-            metadata: Arc::new(record.metadata.clone()),
+            device_type: self.device_type_view.clone(),
+            metadata: self.metadata_view.clone(),
             shadow: self.shadow_view.clone(),
             points: shared.clone().unwrap_or_else(|| Arc::from([])),
         });
         let live = shared
             .filter(|_| watched)
-            .map(|points| (points, record.device_type.clone()));
+            .map(|points| (points, self.device_type_view.clone()));
         let pipeline = self.pipeline.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
         self.in_flight += 1;
@@ -578,7 +590,7 @@ impl DeviceActor {
             match outcome {
                 Ok(()) => {
                     act.inbound.points += count as u64;
-                    act.pipeline.count(&act.tenant, count);
+                    act.tenant_counter.count(count);
                     if let Some(accepted) = accepted {
                         act.pipeline.observe(accepted);
                     }

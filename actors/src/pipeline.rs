@@ -25,7 +25,7 @@ use crate::telemetry_writer::WriterPool;
 pub struct TelemetryAccepted {
     pub tenant: TenantId,
     pub device: DeviceId,
-    pub device_type: String,
+    pub device_type: Arc<str>,
     /// The device's metadata (location, model…) when the telemetry arrived.
     pub metadata: Arc<Map<String, Value>>,
     /// The device's shadow state (`{"desired": …, "reported": …}`) when the telemetry arrived.
@@ -51,7 +51,30 @@ pub struct Pipeline {
     observers: Vec<Recipient<TelemetryAccepted>>,
     live: Option<Arc<dyn LiveTelemetry>>,
     dropped: AtomicU64,
-    counts: Mutex<HashMap<TenantId, TenantTelemetry>>,
+    counts: Mutex<HashMap<TenantId, Arc<TenantCounter>>>,
+}
+
+/// A tenant's committed telemetry, counted by its device actors without a lock: each holds
+/// the counter of its tenant.
+#[derive(Debug, Default)]
+pub struct TenantCounter {
+    messages: AtomicU64,
+    points: AtomicU64,
+}
+
+impl TenantCounter {
+    /// Counts a committed message of `points` points.
+    pub fn count(&self, points: usize) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.points.fetch_add(points as u64, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> TenantTelemetry {
+        TenantTelemetry {
+            messages: self.messages.load(Ordering::Relaxed),
+            points: self.points.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Telemetry a tenant's devices had committed since the server started.
@@ -138,21 +161,25 @@ impl Pipeline {
         }
     }
 
+    /// The counter of `tenant`'s committed telemetry (a device actor takes it once).
+    pub fn tenant_counter(&self, tenant: &TenantId) -> Arc<TenantCounter> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.entry(tenant.clone()).or_default().clone()
+    }
+
     /// Counts a committed telemetry message of `tenant`.
     pub fn count(&self, tenant: &TenantId, points: usize) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = counts.entry(tenant.clone()).or_default();
-        entry.messages += 1;
-        entry.points += points as u64;
+        self.tenant_counter(tenant).count(points);
     }
 
     /// What `tenant` had committed since start (`None`: every tenant together).
     pub fn counts(&self, tenant: Option<&TenantId>) -> TenantTelemetry {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         match tenant {
-            Some(t) => counts.get(t).copied().unwrap_or_default(),
+            Some(t) => counts.get(t).map(|c| c.read()).unwrap_or_default(),
             None => counts
                 .values()
+                .map(|c| c.read())
                 .fold(TenantTelemetry::default(), |a, c| TenantTelemetry {
                     messages: a.messages + c.messages,
                     points: a.points + c.points,

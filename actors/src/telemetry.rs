@@ -15,6 +15,7 @@ pub mod schema;
 pub mod store;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -136,7 +137,8 @@ pub struct TelemetryPoint {
     pub tenant: TenantId,
     pub device: DeviceId,
     /// The device's type when the point was received (an InfluxDB tag; informative in SQLite).
-    pub device_type: String,
+    /// Shared by the points of a device's messages.
+    pub device_type: Arc<str>,
     pub metric: MetricName,
     /// Milliseconds since the Unix epoch, UTC.
     pub ts_ms: i64,
@@ -154,14 +156,14 @@ pub struct TelemetryMessage {
 
 impl TelemetryMessage {
     /// The message's metrics as points of `device`.
-    pub fn into_points(self, tenant: &TenantId, device: &DeviceId, device_type: &str) -> Vec<TelemetryPoint> {
+    pub fn into_points(self, tenant: &TenantId, device: &DeviceId, device_type: &Arc<str>) -> Vec<TelemetryPoint> {
         let ts_ms = self.ts_ms;
         self.metrics
             .into_iter()
             .map(|(metric, value)| TelemetryPoint {
                 tenant: tenant.clone(),
                 device: device.clone(),
-                device_type: device_type.to_string(),
+                device_type: device_type.clone(),
                 metric,
                 ts_ms,
                 value,
@@ -540,7 +542,7 @@ mod tests {
         let message = parse(r#"{"timestamp": 1699999999000, "metrics": {"t": 1}}"#)
             .unwrap()
             .remove(0);
-        let points = message.into_points(&tenant, &device, "temperature");
+        let points = message.into_points(&tenant, &device, &Arc::from("temperature"));
         assert_eq!(
             points,
             vec![TelemetryPoint {

@@ -92,10 +92,14 @@ struct IngestLoad {
 
 impl IngestLoad {
     fn options(&self, server: &Server) -> bench::ingest::IngestOptions {
+        self.options_for(&server.mqtt_host, server.mqtt_port, &server.mqtt_ports)
+    }
+
+    fn options_for(&self, host: &str, port: u16, ports: &[u16]) -> bench::ingest::IngestOptions {
         bench::ingest::IngestOptions {
-            host: server.mqtt_host.clone(),
-            port: server.mqtt_port,
-            ports: server.mqtt_ports.clone(),
+            host: host.to_string(),
+            port,
+            ports: ports.to_vec(),
             qos: self.qos,
             seconds: self.seconds,
             rate: self.rate,
@@ -241,6 +245,28 @@ enum Bench {
         server: Server,
         #[command(flatten)]
         devices: Devices,
+        #[command(flatten)]
+        load: IngestLoad,
+        /// Append the JSON line to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+    /// The ingest scenario's load against any MQTT broker (Mosquitto), which acknowledges
+    /// without storing: the reference `load/compare.sh` sets beside Drover's ingest figures.
+    IngestBroker {
+        /// The name recorded as the target.
+        #[arg(long, default_value = "mosquitto")]
+        target: String,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// How many clients.
+        #[arg(long, default_value_t = 100)]
+        devices: u32,
+        /// Client ids are <prefix><number>.
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
         #[command(flatten)]
         load: IngestLoad,
         /// Append the JSON line to this file.
@@ -475,6 +501,19 @@ async fn main() -> anyhow::Result<()> {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
             let report = bench::ingest::run(&api, fleet, load.options(&server)).await?;
+            report.finish(record.as_deref())?;
+        }
+        Command::Bench(Bench::IngestBroker {
+            target,
+            host,
+            port,
+            devices,
+            prefix,
+            load,
+            record,
+        }) => {
+            let report =
+                bench::ingest::run_broker(&target, devices, &prefix, load.options_for(&host, port, &[])).await?;
             report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Rules {

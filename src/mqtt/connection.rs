@@ -455,10 +455,7 @@ impl Connection {
         F: Future<Output = Result<Bytes, String>>,
     {
         let metrics = self.ctx.metrics();
-        metrics
-            .received
-            .with_label_values(&[BrokerMetrics::qos_label(publish.qos)])
-            .inc();
+        metrics.received(publish.qos).inc();
         // Checked before reading: a crafted packet can claim a size the codec let through.
         if publish.payload_size > self.ctx.config.max_packet_size as usize {
             return Err(PublishRefusal::TooLarge(publish.payload_size));

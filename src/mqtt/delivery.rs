@@ -232,7 +232,6 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
     let inflight = &w.inflight;
     let qos = delivery.qos;
     let payload = delivery.publication.payload.clone();
-    let label = BrokerMetrics::qos_label(qos);
     match &w.sink {
         Sink::V3(s) => {
             let mut builder = s.publish(delivery.publication.topic.clone()).dup(delivery.dup);
@@ -241,14 +240,14 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
             }
             match qos {
                 QoS::AtMostOnce => match builder.send_at_most_once(payload) {
-                    Ok(()) => metrics.sent.with_label_values(&[label]).inc(),
+                    Ok(()) => metrics.sent(qos).inc(),
                     Err(e) => drop_failed(metrics, &e),
                 },
                 QoS::AtLeastOnce => {
                     inflight.borrow_mut().insert(seq, delivery);
                     let mut fut = Box::pin(builder.send_at_least_once(payload));
                     let inflight = inflight.clone();
-                    let sent = metrics.sent.with_label_values(&[label]);
+                    let sent = metrics.sent(qos).clone();
                     match poll_once(&mut fut).await {
                         Poll::Ready(result) => acked(&w.conn, &inflight, seq, result.is_ok(), &sent),
                         Poll::Pending => {
@@ -263,13 +262,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                 QoS::ExactlyOnce => {
                     inflight.borrow_mut().insert(seq, delivery);
                     if let Ok(received) = builder.send_exactly_once(payload).await {
-                        acked(
-                            &w.conn,
-                            inflight,
-                            seq,
-                            true,
-                            &metrics.sent.with_label_values(&[label]),
-                        );
+                        acked(&w.conn, inflight, seq, true, metrics.sent(qos));
                         let _ = received.release().await;
                     }
                 }
@@ -286,7 +279,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
             let builder = v5_publish(s, &delivery, alias);
             match qos {
                 QoS::AtMostOnce => match builder.send_at_most_once(payload) {
-                    Ok(()) => metrics.sent.with_label_values(&[label]).inc(),
+                    Ok(()) => metrics.sent(qos).inc(),
                     Err(e) => {
                         unsent(w);
                         drop_failed(metrics, &e);
@@ -296,7 +289,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                     inflight.borrow_mut().insert(seq, delivery);
                     let mut fut = Box::pin(builder.send_at_least_once(payload));
                     let inflight = inflight.clone();
-                    let sent = metrics.sent.with_label_values(&[label]);
+                    let sent = metrics.sent(qos).clone();
                     match poll_once(&mut fut).await {
                         Poll::Ready(result) => {
                             if result.is_err() {
@@ -326,13 +319,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                         Poll::Pending => fut.await,
                     };
                     if let Ok(received) = result {
-                        acked(
-                            &w.conn,
-                            inflight,
-                            seq,
-                            true,
-                            &metrics.sent.with_label_values(&[label]),
-                        );
+                        acked(&w.conn, inflight, seq, true, metrics.sent(qos));
                         let _ = received.release().await;
                     }
                 }

@@ -16,6 +16,9 @@ pub struct BrokerMetrics {
     pub dropped: IntCounterVec,
     pub refused: IntCounterVec,
     pub slow_subscriber_disconnects: IntCounter,
+    /// `received` and `sent` by QoS, resolved once: counted for every PUBLISH.
+    received_by_qos: [IntCounter; 3],
+    sent_by_qos: [IntCounter; 3],
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -24,7 +27,20 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 
 impl BrokerMetrics {
     pub fn new(metrics: &Metrics) -> BrokerMetrics {
+        let received = counter_vec(
+            "drover_mqtt_messages_received_total",
+            "PUBLISH packets received, by QoS",
+            &["qos"],
+        );
+        let sent = counter_vec(
+            "drover_mqtt_messages_sent_total",
+            "PUBLISH packets sent to subscribers, by QoS",
+            &["qos"],
+        );
+        let by_qos = |vec: &IntCounterVec| ["0", "1", "2"].map(|qos| vec.with_label_values(&[qos]));
         let m = BrokerMetrics {
+            received_by_qos: by_qos(&received),
+            sent_by_qos: by_qos(&sent),
             connections: IntGauge::new("drover_mqtt_connections", "Open MQTT connections")
                 .expect("valid metric"),
             connections_total: IntCounter::new("drover_mqtt_connections_total", "MQTT connections accepted")
@@ -38,16 +54,8 @@ impl BrokerMetrics {
                 .expect("valid metric"),
             retained: IntGauge::new("drover_mqtt_retained_messages", "Retained MQTT messages")
                 .expect("valid metric"),
-            received: counter_vec(
-                "drover_mqtt_messages_received_total",
-                "PUBLISH packets received, by QoS",
-                &["qos"],
-            ),
-            sent: counter_vec(
-                "drover_mqtt_messages_sent_total",
-                "PUBLISH packets sent to subscribers, by QoS",
-                &["qos"],
-            ),
+            received,
+            sent,
             dropped: counter_vec(
                 "drover_mqtt_messages_dropped_total",
                 "Messages not delivered: queue_full (slow subscriber), offline_qos0, expired, too_large (for the client), rate_limited, not_authorized (withheld by an access rule)",
@@ -79,6 +87,16 @@ impl BrokerMetrics {
             metrics.register(c);
         }
         m
+    }
+
+    /// The counter of PUBLISH packets received at `qos`.
+    pub fn received(&self, qos: ntex_mqtt::QoS) -> &IntCounter {
+        &self.received_by_qos[qos as usize]
+    }
+
+    /// The counter of PUBLISH packets sent at `qos`.
+    pub fn sent(&self, qos: ntex_mqtt::QoS) -> &IntCounter {
+        &self.sent_by_qos[qos as usize]
     }
 
     pub fn qos_label(qos: ntex_mqtt::QoS) -> &'static str {

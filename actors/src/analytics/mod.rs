@@ -105,17 +105,25 @@ pub(crate) fn average_ranks(values: &[f64]) -> Vec<f64> {
     ranks
 }
 
-/// Median of a slice (sorted copy; the mean of the two middle values for an even length).
+/// Median of a slice (the mean of the two middle values for an even length).
 pub(crate) fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
+    median_in_place(&mut values.to_vec())
+}
+
+/// [`median`] reordering `values` instead of copying them: a selection (O(n)), not a sort,
+/// with the same result.
+pub(crate) fn median_in_place(values: &mut [f64]) -> f64 {
+    let n = values.len();
     if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        sorted[n / 2]
+        return f64::NAN;
+    }
+    let (lower, upper, _) = values.select_nth_unstable_by(n / 2, f64::total_cmp);
+    let upper = *upper;
+    if n % 2 == 1 {
+        upper
     } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        let below = lower.iter().copied().max_by(f64::total_cmp).unwrap_or(upper);
+        (below + upper) / 2.0
     }
 }
 

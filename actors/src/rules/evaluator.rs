@@ -296,8 +296,8 @@ impl TenantRules {
         let event = message.event;
         let device = self.devices.entry(event.device.clone()).or_default();
         device.last_seen_ms = now_ms;
-        if device.device_type != event.device_type {
-            device.device_type = event.device_type.clone();
+        if *device.device_type != *event.device_type {
+            device.device_type = event.device_type.to_string();
         }
         let mut base = Scope::new();
         for (name, value) in &message.metrics {
@@ -306,7 +306,7 @@ impl TenantRules {
             }
         }
         base.push_constant("device", event.device.as_str().to_string());
-        base.push_constant("deviceType", event.device_type.clone());
+        base.push_constant("deviceType", event.device_type.to_string());
         let mut ctx = EvalContext {
             sandbox: &self.sandbox,
             scope: base,

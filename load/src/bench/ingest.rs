@@ -124,32 +124,40 @@ async fn watch_dashboard(
     }))
 }
 
-pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -> anyhow::Result<Report> {
+/// What the publishing part of a run measured.
+struct Published {
+    sent: u64,
+    acked: u64,
+    published_for: Duration,
+    acked_for: Duration,
+    ack_latency: Histogram<u64>,
+    /// Each device's id with its acknowledgement task (stopped once read back).
+    devices: Vec<(String, tokio::task::JoinHandle<()>)>,
+}
+
+/// Publishes the telemetry load from `devices` (`(client id, credentials)`) until
+/// `o.seconds` have passed, then waits for the last acknowledgements (QoS 1) and disconnects.
+/// `sent_at` records the publish time of the first devices' messages for the dashboard.
+async fn publish(
+    devices: Vec<(String, Option<String>)>,
+    o: &IngestOptions,
+    sent_at: SentAt,
+) -> anyhow::Result<Published> {
     let qos_level = qos(o.qos)?;
     let sent = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
-    let start_ms = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
     let until = started + Duration::from_secs(o.seconds);
     let per_device_rate = (o.rate > 0).then(|| f64::from(o.rate) / devices.len().max(1) as f64);
-    let watched = (o.watch as usize).min(devices.len());
-    let sent_at: SentAt = Arc::new((0..watched).map(|_| std::sync::Mutex::default()).collect());
-    let (stop_dashboard, stopped) = tokio::sync::oneshot::channel();
-    let dashboard = if watched > 0 {
-        let ids = devices[..watched].iter().map(|d| d.id.clone()).collect();
-        Some(watch_dashboard(api, ids, sent_at.clone(), stopped).await?)
-    } else {
-        None
-    };
     let mut tasks = Vec::new();
-    for (index, device) in devices.iter().enumerate() {
+    for (index, (id, password)) in devices.into_iter().enumerate() {
         let port = if o.ports.is_empty() {
             o.port
         } else {
             o.ports[index % o.ports.len()]
         };
-        let mut opts = options(&device.id, &o.host, port, Some(&device.id), Some(&device.token));
+        let mut opts = options(&id, &o.host, port, password.as_ref().map(|_| id.as_str()), password.as_deref());
         opts.set_inflight(o.inflight.max(1));
         let (client, mut events) = client(opts, 256);
         let (sent, acked, histogram) = (sent.clone(), acked.clone(), histogram.clone());
@@ -173,7 +181,6 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
             }
             let _ = histogram.lock().await.add(&local);
         });
-        let id = device.id.clone();
         let metrics = o.metrics.max(1);
         let sent_at = sent_at.clone();
         tasks.push(tokio::spawn(async move {
@@ -219,7 +226,7 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
         clients.push(task.await?);
     }
     let published_for = started.elapsed();
-    // Let the last acknowledgements arrive (QoS 1) and the last batches be written.
+    // Let the last acknowledgements arrive (QoS 1).
     let sent_total = sent.load(Ordering::Relaxed);
     let drain_deadline = Instant::now() + Duration::from_secs(30);
     while o.qos > 0 && acked.load(Ordering::Relaxed) < sent_total && Instant::now() < drain_deadline {
@@ -229,8 +236,63 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     for (client, _, _) in &clients {
         let _ = client.disconnect().await;
     }
+    let devices = clients.into_iter().map(|(_, acks, id)| (id, acks)).collect();
+    // The acknowledgement tasks end with their connections and merge their histograms; the
+    // last batches are written and the last live frames arrive meanwhile.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // The last live frames have arrived by now.
+    let ack_latency = histogram.lock().await.clone();
+    Ok(Published {
+        sent: sent_total,
+        acked: acked.load(Ordering::Relaxed),
+        published_for,
+        acked_for,
+        ack_latency,
+        devices,
+    })
+}
+
+impl Published {
+    fn report(&self, report: &mut Report, qos: u8) {
+        report.set("sent", self.sent);
+        report.set("sent_per_second", self.sent as f64 / self.published_for.as_secs_f64());
+        if qos > 0 {
+            report.set("acked", self.acked);
+            report.set("acked_per_second", self.acked as f64 / self.acked_for.as_secs_f64());
+            latencies(report, "ack_latency", &self.ack_latency);
+        }
+    }
+}
+
+/// The same load against any MQTT broker (Mosquitto): the reference for Drover's figures,
+/// acknowledged without storing anything. Client ids are `<prefix><n>`, no credentials.
+pub async fn run_broker(target: &str, devices: u32, prefix: &str, o: IngestOptions) -> anyhow::Result<Report> {
+    let ids = (0..devices).map(|n| (format!("{prefix}{n:05}"), None)).collect();
+    let published = publish(ids, &o, Arc::new(Vec::new())).await?;
+    for (_, acks) in &published.devices {
+        acks.abort();
+    }
+    let mut report = Report::new(
+        "ingest",
+        target,
+        json!({"qos": o.qos, "devices": devices, "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight, "watch": 0}),
+    );
+    published.report(&mut report, o.qos);
+    Ok(report)
+}
+
+pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -> anyhow::Result<Report> {
+    let start_ms = chrono::Utc::now().timestamp_millis();
+    let watched = (o.watch as usize).min(devices.len());
+    let sent_at: SentAt = Arc::new((0..watched).map(|_| std::sync::Mutex::default()).collect());
+    let (stop_dashboard, stopped) = tokio::sync::oneshot::channel();
+    let dashboard = if watched > 0 {
+        let ids = devices[..watched].iter().map(|d| d.id.clone()).collect();
+        Some(watch_dashboard(api, ids, sent_at.clone(), stopped).await?)
+    } else {
+        None
+    };
+    let ids = devices.iter().map(|d| (d.id.clone(), Some(d.token.clone()))).collect();
+    let published = publish(ids, &o, sent_at.clone()).await?;
     let _ = stop_dashboard.send(());
     let dashboard = match dashboard {
         Some(task) => Some(task.await?),
@@ -243,7 +305,7 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     // 1,000 a second. Read far enough ahead to count them all.
     let end_ms = chrono::Utc::now().timestamp_millis() + 3_600_000;
     let mut stored = 0u64;
-    for (_, acks, id) in clients {
+    for (id, acks) in &published.devices {
         acks.abort();
         let body = api
             .get(&format!(
@@ -257,19 +319,12 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
             .unwrap_or(0);
     }
 
-    let acked_total = acked.load(Ordering::Relaxed);
     let mut report = Report::new(
         "ingest",
         "drover",
         json!({"qos": o.qos, "devices": devices.len(), "seconds": o.seconds, "rate": o.rate, "metrics_per_message": o.metrics.max(1), "inflight": o.inflight, "watch": o.watch, "nodes": o.ports.len().max(1)}),
     );
-    report.set("sent", sent_total);
-    report.set("sent_per_second", sent_total as f64 / published_for.as_secs_f64());
-    if o.qos > 0 {
-        report.set("acked", acked_total);
-        report.set("acked_per_second", acked_total as f64 / acked_for.as_secs_f64());
-        latencies(&mut report, "ack_latency", &*histogram.lock().await);
-    }
+    published.report(&mut report, o.qos);
     if let Some(dashboard) = dashboard {
         // Messages of the watched devices that were sent: the dashboard should show each.
         let expected: usize = sent_at
@@ -286,10 +341,10 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
         }
     }
     report.set("stored", stored);
-    report.set("stored_ratio", stored as f64 / sent_total.max(1) as f64);
+    report.set("stored_ratio", stored as f64 / published.sent.max(1) as f64);
     report.set(
         "points_per_second",
-        (stored * u64::from(o.metrics.max(1))) as f64 / acked_for.as_secs_f64(),
+        (stored * u64::from(o.metrics.max(1))) as f64 / published.acked_for.as_secs_f64(),
     );
     Ok(report)
 }
