@@ -100,9 +100,7 @@ pub fn installed() {
 
 /// Live heap bytes, when the counting allocator is the process's global allocator.
 pub fn allocated_bytes() -> Option<usize> {
-    INSTALLED
-        .load(Ordering::Relaxed)
-        .then(total)
+    INSTALLED.load(Ordering::Relaxed).then(total)
 }
 
 #[cfg(test)]

@@ -156,7 +156,12 @@ pub struct TelemetryMessage {
 
 impl TelemetryMessage {
     /// The message's metrics as points of `device`.
-    pub fn into_points(self, tenant: &TenantId, device: &DeviceId, device_type: &Arc<str>) -> Vec<TelemetryPoint> {
+    pub fn into_points(
+        self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        device_type: &Arc<str>,
+    ) -> Vec<TelemetryPoint> {
         let ts_ms = self.ts_ms;
         self.metrics
             .into_iter()

@@ -513,7 +513,8 @@ async fn main() -> anyhow::Result<()> {
             record,
         }) => {
             let report =
-                bench::ingest::run_broker(&target, devices, &prefix, load.options_for(&host, port, &[])).await?;
+                bench::ingest::run_broker(&target, devices, &prefix, load.options_for(&host, port, &[]))
+                    .await?;
             report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Rules {

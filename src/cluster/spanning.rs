@@ -59,7 +59,7 @@ return 0
 struct WireEvent {
     tenant: TenantId,
     device: DeviceId,
-    device_type: String,
+    device_type: Arc<str>,
     #[serde(default)]
     metadata: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
@@ -456,7 +456,7 @@ mod tests {
         assert_eq!(back.now_ms, 42);
         assert_eq!(back.event.tenant, event.tenant);
         assert_eq!(back.event.device, event.device);
-        assert_eq!(back.event.device_type, "sensor");
+        assert_eq!(&*back.event.device_type, "sensor");
         assert_eq!(back.event.metadata, event.metadata);
         assert_eq!(back.event.shadow, event.shadow);
         assert_eq!(&*back.event.points, &*event.points);

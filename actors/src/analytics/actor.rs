@@ -754,7 +754,7 @@ impl Handler<TelemetryAccepted> for AnalyticsActor {
         let mut scored: Vec<ScoredMessage> = Vec::new();
         let mut jobs = Vec::new();
         let mut observed = Vec::new();
-        let shared = self.type_forests.get(&msg.device_type).map(|f| f.shared.clone());
+        let shared = self.type_forests.get(&*msg.device_type).map(|f| f.shared.clone());
         let mut pooled: Vec<(i64, Vec<f64>)> = Vec::new();
         let pool_into = {
             let monitor = self.monitor(&device, &msg.device_type, ctx);
@@ -838,7 +838,7 @@ impl Handler<TelemetryAccepted> for AnalyticsActor {
                     if self.forecasting >= MAX_FORECASTS {
                         counters.forecasts_deferred.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        self.fit_forecast(key, msg.device_type.clone(), within_ms, now_ms, ctx);
+                        self.fit_forecast(key, msg.device_type.to_string(), within_ms, now_ms, ctx);
                     }
                 }
             }

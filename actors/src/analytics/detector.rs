@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 
-
 /// The product's default `ANOMALY_THRESHOLD`: three standard deviations.
 pub const DEFAULT_THRESHOLD: f64 = 3.0;
 /// Default sliding window of the z-score and MAD detectors, in values.

@@ -157,7 +157,13 @@ async fn publish(
         } else {
             o.ports[index % o.ports.len()]
         };
-        let mut opts = options(&id, &o.host, port, password.as_ref().map(|_| id.as_str()), password.as_deref());
+        let mut opts = options(
+            &id,
+            &o.host,
+            port,
+            password.as_ref().map(|_| id.as_str()),
+            password.as_deref(),
+        );
         opts.set_inflight(o.inflight.max(1));
         let (client, mut events) = client(opts, 256);
         let (sent, acked, histogram) = (sent.clone(), acked.clone(), histogram.clone());
@@ -254,10 +260,16 @@ async fn publish(
 impl Published {
     fn report(&self, report: &mut Report, qos: u8) {
         report.set("sent", self.sent);
-        report.set("sent_per_second", self.sent as f64 / self.published_for.as_secs_f64());
+        report.set(
+            "sent_per_second",
+            self.sent as f64 / self.published_for.as_secs_f64(),
+        );
         if qos > 0 {
             report.set("acked", self.acked);
-            report.set("acked_per_second", self.acked as f64 / self.acked_for.as_secs_f64());
+            report.set(
+                "acked_per_second",
+                self.acked as f64 / self.acked_for.as_secs_f64(),
+            );
             latencies(report, "ack_latency", &self.ack_latency);
         }
     }
@@ -265,7 +277,12 @@ impl Published {
 
 /// The same load against any MQTT broker (Mosquitto): the reference for Drover's figures,
 /// acknowledged without storing anything. Client ids are `<prefix><n>`, no credentials.
-pub async fn run_broker(target: &str, devices: u32, prefix: &str, o: IngestOptions) -> anyhow::Result<Report> {
+pub async fn run_broker(
+    target: &str,
+    devices: u32,
+    prefix: &str,
+    o: IngestOptions,
+) -> anyhow::Result<Report> {
     let ids = (0..devices).map(|n| (format!("{prefix}{n:05}"), None)).collect();
     let published = publish(ids, &o, Arc::new(Vec::new())).await?;
     for (_, acks) in &published.devices {
@@ -291,7 +308,10 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
     } else {
         None
     };
-    let ids = devices.iter().map(|d| (d.id.clone(), Some(d.token.clone()))).collect();
+    let ids = devices
+        .iter()
+        .map(|d| (d.id.clone(), Some(d.token.clone())))
+        .collect();
     let published = publish(ids, &o, sent_at.clone()).await?;
     let _ = stop_dashboard.send(());
     let dashboard = match dashboard {
