@@ -51,7 +51,7 @@ trap cleanup EXIT
 
 ADMIN_PASSWORD=ota-$(date +%s)
 DATA_DIR="$WORK/data" PORT=$HTTP_PORT HTTP_BIND=127.0.0.1 MQTT_PORT=$MQTT_PORT MQTT_BIND=127.0.0.1 \
-  LOG_LEVEL=warn DROVER_ADMIN_PASSWORD=$ADMIN_PASSWORD ${DROVER_WRAP:-} "$DROVER" >"$WORK/drover.out" 2>"$WORK/drover.err" &
+  LOG_LEVEL=warn HEAP_METRICS=1 DROVER_ADMIN_PASSWORD=$ADMIN_PASSWORD ${DROVER_WRAP:-} "$DROVER" >"$WORK/drover.out" 2>"$WORK/drover.err" &
 DROVER_PID=$!
 BASE=http://127.0.0.1:$HTTP_PORT
 for _ in $(seq 1 600); do curl -sf "$BASE/health" >/dev/null && break; sleep 0.1; done

@@ -143,8 +143,9 @@ enum AdminCommand {
 }
 
 /// mimalloc rather than glibc's allocator: ingestion allocates and frees many small buffers
-/// across threads, where glibc spent about a third of the CPU (measured with perf). Counted,
-/// for `/metrics` (`drover_heap_allocated_bytes`: live bytes, beside the RSS).
+/// across threads, where glibc spent about a third of the CPU (measured with perf). Counted
+/// when `HEAP_METRICS=1`, for `/metrics` (`drover_heap_allocated_bytes`: live bytes, beside
+/// the RSS).
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: drover::heap::CountingAlloc<mimalloc::MiMalloc> =
@@ -156,7 +157,9 @@ static GLOBAL: drover::heap::CountingAlloc<std::alloc::System> =
     drover::heap::CountingAlloc(std::alloc::System);
 
 fn main() -> ExitCode {
-    drover::heap::installed();
+    if std::env::var("HEAP_METRICS").is_ok_and(|v| v == "1" || v == "true") {
+        drover::heap::install();
+    }
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::GenerateConfig { output, force } = &command {
