@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 
 /// Live bytes, counted per thread: every allocation passes here, and one counter shared by all
 /// threads would bounce its cache line between the cores on every `malloc` and `free`. A
-/// thread adds to its own slot (threads beyond [`SLOTS`] share one, still atomically); a block
+/// thread adds to its own slot (past [`SLOTS`] threads, slots are shared, still atomically); a block
 /// freed on another thread than the one that allocated it makes one slot go down and another
 /// up, and the sum is right.
 const SLOTS: usize = 64;
