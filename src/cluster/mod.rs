@@ -23,6 +23,7 @@ pub mod ownership;
 pub mod routes;
 pub mod sessions;
 pub mod spanning;
+mod stream;
 pub mod wire;
 
 use std::collections::HashMap;

@@ -18,6 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::stream::StreamConsumer;
 use super::wire::{self, namespace_key, parse_namespace};
 use super::{Cluster, ownership};
 use crate::mqtt::acl::Namespace;
@@ -33,7 +34,6 @@ const FORWARD_BATCH: usize = 512;
 /// Length a node's stream is capped at (approximately), so a node that never returns does not
 /// fill Redis.
 const STREAM_CAP: u64 = 1_000_000;
-const GROUP: &str = "drover";
 /// Full route reloads heal notices missed while the pub/sub connection was down.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
 const SEPARATOR: char = '\u{1f}';
@@ -597,72 +597,25 @@ async fn listen(weak: std::sync::Weak<Cluster>) {
 /// a node that dies before XACK gets the entries again when it returns.
 async fn consume(weak: std::sync::Weak<Cluster>) {
     let Some(cluster) = weak.upgrade() else { return };
-    let stream = cluster.key(&format!("fwd:{}", cluster.node_id));
-    let consumer = cluster.node_id.clone();
-    let client = cluster.client.clone();
-    let lease = cluster.lease;
+    let mut stream = StreamConsumer::new(&cluster, &format!("fwd:{}", cluster.node_id));
     drop(cluster);
-    let mut conn: Option<redis::aio::ConnectionManager> = None;
-    // "0": what was delivered before a restart and never acknowledged; then new entries.
-    let mut cursor = "0";
     loop {
+        let read = stream.read().await;
         let Some(cluster) = weak.upgrade() else { return };
-        if conn.is_none() {
-            let config = super::manager_config(lease).set_response_timeout(Duration::from_secs(5));
-            match redis::aio::ConnectionManager::new_with_config(client.clone(), config).await {
-                Ok(mut c) => {
-                    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(&stream)
-                        .arg(GROUP)
-                        .arg("0")
-                        .arg("MKSTREAM")
-                        .query_async(&mut c)
-                        .await;
-                    if let Err(error) = created
-                        && error.code() != Some("BUSYGROUP")
-                    {
-                        cluster.set_redis_up(false, &error);
-                        drop(cluster);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    conn = Some(c);
-                    cursor = "0";
-                }
-                Err(error) => {
-                    cluster.set_redis_up(false, &error);
-                    drop(cluster);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP").arg(GROUP).arg(&consumer).arg("COUNT").arg(512);
-        if cursor == ">" {
-            read.arg("BLOCK").arg(1000);
-        }
-        read.arg("STREAMS").arg(&stream).arg(cursor);
-        drop(cluster);
-        let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = read.query_async(c).await;
-        let Some(cluster) = weak.upgrade() else { return };
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(error) => {
+        let entries = match read {
+            Ok(entries) => entries,
+            Err((error, wait)) => {
                 cluster.set_redis_up(false, &error);
-                // NOGROUP: the stream was deleted (Redis restarted empty): create it again.
-                conn = None;
                 drop(cluster);
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
+        if entries.is_empty() {
+            continue;
+        }
         let mut stored = 0;
-        let ids: Vec<String> = reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>())
-            .unwrap_or_default()
+        let ids: Vec<String> = entries
             .into_iter()
             .map(|entry| {
                 if let Some((namespace, publication)) = wire::publication_from_fields(&entry.map) {
@@ -675,23 +628,14 @@ async fn consume(weak: std::sync::Weak<Cluster>) {
                 entry.id
             })
             .collect();
-        if ids.is_empty() {
-            // The backlog of unacknowledged entries is done: block for new ones.
-            cursor = ">";
-            continue;
-        }
         // What persistent sessions were promised is in their copies before the entries go.
         if stored > 0
             && let Some(written) = cluster.stored_barrier()
         {
             let _ = written.await;
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).ignore();
-        pipe.cmd("XDEL").arg(&stream).arg(&ids).ignore();
-        if let Err(error) = pipe.query_async::<()>(c).await {
+        if let Err(error) = stream.done(&ids).await {
             cluster.set_redis_up(false, &error);
-            conn = None;
         }
     }
 }

@@ -31,13 +31,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::Cluster;
+use super::stream::StreamConsumer;
 
 /// Events waiting to be forwarded; beyond it they are dropped (counted).
 const FORWARD_QUEUE: usize = 16_384;
 const FORWARD_BATCH: usize = 512;
 /// Length a node's rules stream is capped at (approximately).
 const STREAM_CAP: u64 = 100_000;
-const GROUP: &str = "drover";
 
 /// Takes the lease when free, renews it when held; answers the holder.
 const TAKE_OR_RENEW: &str = r"
@@ -324,79 +324,28 @@ async fn send(weak: Weak<SpanningLeases>, cluster: Weak<Cluster>, mut rx: mpsc::
 /// Reads this node's rules stream and hands each event to the rule router, then XACKs it.
 async fn consume(weak: Weak<SpanningLeases>, cluster: Weak<Cluster>) {
     let Some(c) = cluster.upgrade() else { return };
-    let stream = c.key(&format!("rules:{}", c.node_id));
-    let consumer = c.node_id.clone();
-    let client = c.client.clone();
-    let lease = c.lease;
+    let mut stream = StreamConsumer::new(&c, &format!("rules:{}", c.node_id));
     drop(c);
-    let mut conn: Option<redis::aio::ConnectionManager> = None;
-    // "0": what was delivered before a restart and never acknowledged; then new entries.
-    let mut cursor = "0";
     loop {
+        let read = stream.read().await;
         let (Some(leases), Some(c)) = (weak.upgrade(), cluster.upgrade()) else {
             return;
         };
-        if conn.is_none() {
-            let config = super::manager_config(lease).set_response_timeout(Duration::from_secs(5));
-            let created = match redis::aio::ConnectionManager::new_with_config(client.clone(), config).await {
-                Ok(mut manager) => {
-                    let group: redis::RedisResult<()> = redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(&stream)
-                        .arg(GROUP)
-                        .arg("0")
-                        .arg("MKSTREAM")
-                        .query_async(&mut manager)
-                        .await;
-                    match group {
-                        Err(error) if error.code() != Some("BUSYGROUP") => Err(error),
-                        _ => Ok(manager),
-                    }
-                }
-                Err(error) => Err(error),
-            };
-            match created {
-                Ok(manager) => {
-                    conn = Some(manager);
-                    cursor = "0";
-                }
-                Err(error) => {
-                    c.set_redis_up(false, &error);
-                    drop((leases, c));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(redis_conn) = conn.as_mut() else { continue };
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP").arg(GROUP).arg(&consumer).arg("COUNT").arg(512);
-        if cursor == ">" {
-            read.arg("BLOCK").arg(1000);
-        }
-        read.arg("STREAMS").arg(&stream).arg(cursor);
-        drop(c);
-        let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
-            read.query_async(redis_conn).await;
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(error) => {
-                if let Some(c) = cluster.upgrade() {
-                    c.set_redis_up(false, &error);
-                }
-                conn = None;
-                drop(leases);
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        let entries = match read {
+            Ok(entries) => entries,
+            Err((error, wait)) => {
+                c.set_redis_up(false, &error);
+                drop((leases, c));
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
-        let mut ids = Vec::new();
-        for entry in reply
-            .map(|r| r.keys)
-            .unwrap_or_default()
-            .into_iter()
-            .flat_map(|k| k.ids)
-        {
+        drop(c);
+        if entries.is_empty() {
+            continue;
+        }
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in entries {
             let event = entry
                 .map
                 .get("e")
@@ -408,19 +357,10 @@ async fn consume(weak: Weak<SpanningLeases>, cluster: Weak<Cluster>) {
             }
             ids.push(entry.id);
         }
-        if ids.is_empty() {
-            // The backlog of unacknowledged entries is done: block for new ones.
-            cursor = ">";
-            continue;
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).ignore();
-        pipe.cmd("XDEL").arg(&stream).arg(&ids).ignore();
-        if let Err(error) = pipe.query_async::<()>(redis_conn).await {
-            if let Some(c) = cluster.upgrade() {
-                c.set_redis_up(false, &error);
-            }
-            conn = None;
+        if let Err(error) = stream.done(&ids).await
+            && let Some(c) = cluster.upgrade()
+        {
+            c.set_redis_up(false, &error);
         }
     }
 }
