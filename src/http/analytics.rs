@@ -162,6 +162,20 @@ impl Params {
         }
     }
 
+    /// A whole number from 1 to `max`.
+    fn count(&self, key: &str, max: usize) -> Result<Option<usize>, ApiError> {
+        let Some(raw) = self.get(key) else {
+            return Ok(None);
+        };
+        match raw.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("{key}: expected a number from 1 to {max}, got {raw:?}"),
+            )),
+        }
+    }
+
     fn device(&self, key: &str) -> Result<Option<DeviceId>, ApiError> {
         self.get(key).map(device_id).transpose()
     }
@@ -274,18 +288,7 @@ async fn list_anomalies(
             ));
         }
     };
-    let limit = match p.get("limit") {
-        None => 1000,
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if (1..=MAX_EVENTS).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("limit: expected a number from 1 to {MAX_EVENTS}, got {v:?}"),
-                ));
-            }
-        },
-    };
+    let limit = p.count("limit", MAX_EVENTS as usize)?.unwrap_or(1000) as i64;
     if let Some(device) = &device {
         known_device(&state, &principal, device).await?;
     }
@@ -1162,18 +1165,7 @@ async fn fleet_maintenance(
             format!("within / interval is {steps} steps; at most {MAX_HORIZON_STEPS}: widen interval"),
         ));
     }
-    let top = match p.get("top") {
-        None => 50,
-        Some(raw) => match raw.parse::<usize>() {
-            Ok(n) if (1..=MAX_FLEET_TOP).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("top: expected 1 to {MAX_FLEET_TOP}, got {raw:?}"),
-                ));
-            }
-        },
-    };
+    let top = p.count("top", MAX_FLEET_TOP)?.unwrap_or(50);
     let device_type = p.get("type").filter(|t| !t.is_empty()).map(str::to_string);
     let after = p.get("after").map(device_id).transpose()?;
     let page = state
