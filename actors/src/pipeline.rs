@@ -167,11 +167,6 @@ impl Pipeline {
         counts.entry(tenant.clone()).or_default().clone()
     }
 
-    /// Counts a committed telemetry message of `tenant`.
-    pub fn count(&self, tenant: &TenantId, points: usize) {
-        self.tenant_counter(tenant).count(points);
-    }
-
     /// What `tenant` had committed since start (`None`: every tenant together).
     pub fn counts(&self, tenant: Option<&TenantId>) -> TenantTelemetry {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
