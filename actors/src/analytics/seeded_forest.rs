@@ -1,13 +1,23 @@
-//! A seeded way to grow an `extended-isolation-forest` [`Forest`].
+//! A seeded way to grow an `extended-isolation-forest` [`Forest`], and the flat form live
+//! scoring uses.
 //!
 //! The crate (0.2.3) grows its trees from `rand::thread_rng()` and takes no seed, so two
 //! trainings on the same data differ and a backtest could not be repeated. This file grows the
 //! trees with the crate's own algorithm (`Forest::from_slice` / `make_node`: a sample per tree
 //! drawn without replacement, a uniform intercept within the node's bounding box, a Gaussian
 //! normal with `N - extension_level - 1` coordinates zeroed, depth limit `ceil(log2(sample))`)
-//! from a ChaCha generator seeded by the caller, and hands them to the crate through its serde
-//! form (the crate's `serde` feature), so scoring stays the crate's code. Same seed and data,
-//! same forest, on every machine.
+//! from a ChaCha generator seeded by the caller. Same seed and data, same forest, on every
+//! machine.
+//!
+//! The trees can be handed to the crate through its serde form (the crate's `serde` feature,
+//! [`grow_seeded`]) or laid out flat ([`grow_flat`], [`FlatForest`]). Scoring is where live
+//! analytics spends its time (every message of every monitored device): the crate keeps each
+//! node in its own box with the normal and intercept as `[f64; N]` at the forest's padded width
+//! (24 coordinates for more than one metric, most of them padding), and follows a pointer per
+//! level. The flat form keeps a tree's nodes in one array in depth-first order (the left child
+//! is the next node), the cuts' coefficients in another, and only the coordinates the data uses;
+//! it computes the crate's arithmetic in the crate's order, so its score is bit for bit the
+//! crate's (the tests check it against the crate on random forests).
 
 use extended_isolation_forest::Forest;
 use rand::distributions::Uniform;
@@ -50,13 +60,57 @@ fn c_factor(n: usize) -> f64 {
 }
 
 /// Grows a forest of `trees` trees over `data`, each from `sample_size` points, fully extended
-/// (`extension_level = N - 1`), from `seed`.
+/// (`extension_level = N - 1`), from `seed`, as the crate's [`Forest`].
 pub fn grow_seeded<const N: usize>(
     data: &[[f64; N]],
     trees: usize,
     sample_size: usize,
     seed: u64,
 ) -> Result<Forest<f64, N>, AnalyticsError> {
+    let form = grow_forms(data, trees, sample_size, seed)?;
+    let value = serde_json::to_value(form).map_err(|e| AnalyticsError::Model(e.to_string()))?;
+    Forest::deserialize(value).map_err(|e| AnalyticsError::Model(e.to_string()))
+}
+
+/// The same forest as [`grow_seeded`] with the same arguments, laid out flat over the first
+/// `used` coordinates: every point given to it, and every later query, must be zero beyond them
+/// (the padding of a narrower vector), which makes those coordinates' terms exact zeros.
+pub fn grow_flat<const N: usize>(
+    data: &[[f64; N]],
+    trees: usize,
+    sample_size: usize,
+    seed: u64,
+    used: usize,
+) -> Result<FlatForest, AnalyticsError> {
+    let used = used.clamp(1, N);
+    if let Some(point) = data.iter().find(|p| p[used..].iter().any(|v| *v != 0.0)) {
+        return Err(AnalyticsError::Model(format!(
+            "a training point has values beyond its {used} coordinates: {point:?}"
+        )));
+    }
+    let form = grow_forms(data, trees, sample_size, seed)?;
+    let mut flat = FlatForest {
+        dims: used,
+        avg_path_length_c: form.avg_path_length_c,
+        roots: Vec::with_capacity(form.trees.len()),
+        nodes: Vec::new(),
+        cuts: Vec::new(),
+    };
+    for tree in &form.trees {
+        flat.roots.push(flat.nodes.len() as u32);
+        flat.push(&tree.root);
+    }
+    flat.nodes.shrink_to_fit();
+    flat.cuts.shrink_to_fit();
+    Ok(flat)
+}
+
+fn grow_forms<const N: usize>(
+    data: &[[f64; N]],
+    trees: usize,
+    sample_size: usize,
+    seed: u64,
+) -> Result<ForestForm, AnalyticsError> {
     if data.len() < sample_size || N == 0 || sample_size < 2 {
         return Err(AnalyticsError::NotEnoughData {
             what: "isolation forest sample",
@@ -66,7 +120,7 @@ pub fn grow_seeded<const N: usize>(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let max_depth = (sample_size as f64).log2().ceil() as usize;
-    let form = ForestForm {
+    Ok(ForestForm {
         avg_path_length_c: c_factor(sample_size),
         trees: (0..trees.max(1))
             .map(|_| {
@@ -76,9 +130,110 @@ pub fn grow_seeded<const N: usize>(
                 }
             })
             .collect(),
-    };
-    let value = serde_json::to_value(form).map_err(|e| AnalyticsError::Model(e.to_string()))?;
-    Forest::deserialize(value).map_err(|e| AnalyticsError::Model(e.to_string()))
+    })
+}
+
+/// A forest's trees in two arrays. Node `i` of a tree is a leaf when `right == 0` (no node's
+/// right child is a root), else a cut whose left child is node `i + 1`, whose right child is
+/// `right`, and whose intercept and normal are `cuts[cut..cut + 2 * dims]` as
+/// `p0, n0, p1, n1, …`.
+pub struct FlatForest {
+    dims: usize,
+    avg_path_length_c: f64,
+    roots: Vec<u32>,
+    nodes: Vec<FlatNode>,
+    cuts: Vec<f64>,
+}
+
+#[derive(Clone, Copy)]
+struct FlatNode {
+    right: u32,
+    cut: u32,
+    /// A leaf's path-length adjustment, the crate's `c_factor(num_samples)` (0 for one sample).
+    leaf: f64,
+}
+
+impl FlatForest {
+    fn push(&mut self, node: &NodeForm) {
+        let index = self.nodes.len();
+        match node {
+            NodeForm::Ex { num_samples } => self.nodes.push(FlatNode {
+                right: 0,
+                cut: 0,
+                leaf: leaf_adjustment(*num_samples),
+            }),
+            NodeForm::In { left, right, n, p } => {
+                self.nodes.push(FlatNode {
+                    right: 0,
+                    cut: self.cuts.len() as u32,
+                    leaf: 0.0,
+                });
+                for d in 0..self.dims {
+                    self.cuts.push(p[d]);
+                    self.cuts.push(n[d]);
+                }
+                self.push(left);
+                self.nodes[index].right = self.nodes.len() as u32;
+                self.push(right);
+            }
+        }
+    }
+
+    /// Coordinates the forest reads.
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// The crate's `Forest::score`, `2^(-E[h]/c)`, of a point of [`Self::dims`] coordinates
+    /// (those beyond are ignored: they were zero in training and must be zero here).
+    pub fn score(&self, values: &[f64]) -> f64 {
+        let values = &values[..self.dims.min(values.len())];
+        let path_length: f64 = self
+            .roots
+            .iter()
+            .map(|root| self.path_length(*root, values))
+            .sum();
+        let eh = path_length / self.roots.len() as f64;
+        2.0_f64.powf(-eh / self.avg_path_length_c)
+    }
+
+    fn path_length(&self, root: u32, values: &[f64]) -> f64 {
+        let mut index = root as usize;
+        let mut depth = 0u32;
+        loop {
+            let node = self.nodes[index];
+            if node.right == 0 {
+                // The crate adds one per level on the way back up: 1 + (1 + (… + leaf)).
+                let mut length = node.leaf;
+                for _ in 0..depth {
+                    length += 1.0;
+                }
+                return length;
+            }
+            let cut = &self.cuts[node.cut as usize..node.cut as usize + 2 * self.dims];
+            // The crate's `determinate_direction`: Σ (x - p)·n from zero, in coordinate order.
+            let side = values
+                .iter()
+                .zip(cut.chunks_exact(2))
+                .fold(0.0, |sum, (x, pn)| sum + (x - pn[0]) * pn[1]);
+            index = if side <= 0.0 {
+                index + 1
+            } else {
+                node.right as usize
+            };
+            depth += 1;
+        }
+    }
+}
+
+/// The crate's leaf value: `c_factor(n)` with its `log(E)`, or 0 for at most one sample.
+fn leaf_adjustment(num_samples: usize) -> f64 {
+    if num_samples <= 1 {
+        0.0
+    } else {
+        let n = num_samples as f64;
+        2.0 * ((n - 1.0).log(std::f64::consts::E) + 0.5772156649) - (2.0 * (n - 1.0) / n)
+    }
 }
 
 fn node<const N: usize>(
@@ -162,6 +317,58 @@ mod tests {
         let forest = grow_seeded(&data(), 100, 256, 1).unwrap();
         assert!(forest.score(&[40.0, -9.0]) > forest.score(&[1.5, 1.6]));
         assert!(forest.score(&[40.0, -9.0]) > 0.6);
+    }
+
+    /// Points spread over `used` of `N` coordinates, zero beyond, with a few far outliers.
+    fn padded<const N: usize>(used: usize, count: usize, seed: u64) -> Vec<[f64; N]> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..count)
+            .map(|i| {
+                let mut p = [0.0; N];
+                for v in p.iter_mut().take(used) {
+                    let spread = if i % 97 == 0 { 40.0 } else { 1.0 };
+                    *v = (rng.sample::<f64, _>(StandardNormal) * spread * 1024.0).round() / 1024.0;
+                }
+                p
+            })
+            .collect()
+    }
+
+    fn assert_flat_scores_as_the_crate<const N: usize>(used: usize) {
+        for seed in 0..4 {
+            let data = padded::<N>(used, 600, seed);
+            let crate_forest = grow_seeded(&data, 60, 256, seed).unwrap();
+            let flat = grow_flat(&data, 60, 256, seed, used).unwrap();
+            assert_eq!(flat.dims(), used);
+            let probes = padded::<N>(used, 300, seed + 100);
+            for probe in probes.iter().chain(&data[..100]) {
+                let expected = crate_forest.score(probe);
+                let got = flat.score(&probe[..used]);
+                assert_eq!(
+                    got.to_bits(),
+                    expected.to_bits(),
+                    "{probe:?}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flat_forest_scores_bit_for_bit_as_the_crate() {
+        // One metric's width, every coordinate used.
+        assert_flat_scores_as_the_crate::<3>(3);
+        // The wide forest padded from two metrics' six features.
+        assert_flat_scores_as_the_crate::<24>(6);
+        assert_flat_scores_as_the_crate::<24>(24);
+    }
+
+    #[test]
+    fn flat_forest_refuses_training_data_beyond_its_coordinates() {
+        let data = padded::<24>(7, 300, 1);
+        assert!(matches!(
+            grow_flat(&data, 10, 64, 1, 6),
+            Err(AnalyticsError::Model(_))
+        ));
     }
 
     #[test]
