@@ -10,6 +10,7 @@
 //! The query side (aggregations, buckets, rollup planning) is in [`query`]; the storage trait the
 //! writers and the query API use is in [`store`].
 
+mod fast;
 pub mod query;
 pub mod schema;
 pub mod store;
@@ -271,6 +272,19 @@ impl PayloadError {
 /// A message without `timestamp` (or with `null`) is stamped `now_ms`. The whole payload is
 /// refused at its first fault, so a batch is stored entirely or not at all.
 pub fn parse_payload(
+    payload: &[u8],
+    now_ms: i64,
+    limits: &PayloadLimits,
+) -> Result<Vec<TelemetryMessage>, PayloadError> {
+    match fast::parse(payload, now_ms, limits) {
+        Some(messages) => Ok(messages),
+        None => parse_payload_value(payload, now_ms, limits),
+    }
+}
+
+/// [`parse_payload`] through a `serde_json::Value`: every payload the fast path leaves, and the
+/// wording of every refusal.
+fn parse_payload_value(
     payload: &[u8],
     now_ms: i64,
     limits: &PayloadLimits,
