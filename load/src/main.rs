@@ -290,12 +290,16 @@ enum Bench {
         record: Option<PathBuf>,
     },
     /// The ingest scenario twice, with the tenant's live analytics off and then on: both
-    /// throughputs, their ratio, scoring and training costs.
+    /// throughputs, their ratio, scoring and training costs. With `--rules N`, the second run
+    /// also has N rules (the `rules` scenario's mix): the cost of rules and analytics together.
     Analytics {
         #[command(flatten)]
         server: Server,
         #[command(flatten)]
         devices: Devices,
+        /// Rules to create between the two runs (0: analytics alone).
+        #[arg(long, default_value_t = 0)]
+        rules: u32,
         #[command(flatten)]
         load: IngestLoad,
         /// Append the JSON line to this file.
@@ -532,12 +536,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(Bench::Analytics {
             server,
             devices,
+            rules,
             load,
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
             let fleet = devices.fleet(&api).await?;
-            let report = bench::analytics::run(&api, fleet, || load.options(&server)).await?;
+            let report = bench::analytics::run(&api, fleet, rules, || load.options(&server)).await?;
             report.finish(record.as_deref())?;
         }
         Command::Bench(Bench::Query {

@@ -2,6 +2,11 @@
 //! first with the tenant's analytics turned off (`PUT /api/analytics/config {"enabled": false}`),
 //! then with the defaults (ensemble, isolation forest and drift on every numeric metric of every
 //! device), and reports both throughputs, their ratio and the server's analytics figures.
+//!
+//! With `rules > 0` the second run also has that many rules in the tenant (the `rules`
+//! scenario's mix, created between the two runs): the cost of the rest of the platform, rules
+//! and analytics together, against plain ingestion. Run it on a tenant without rules, or the
+//! first run is not plain ingestion.
 
 use serde_json::json;
 
@@ -44,17 +49,47 @@ async fn set_enabled(api: &Api, enabled: bool) -> anyhow::Result<()> {
 pub async fn run(
     api: &Api,
     devices: Vec<DeviceCredentials>,
+    rules: u32,
     options: impl Fn() -> IngestOptions,
 ) -> anyhow::Result<Report> {
+    // The rules read a second metric (`m1`): both runs carry it.
+    let options = || {
+        let o = options();
+        IngestOptions {
+            metrics: if rules > 0 { o.metrics.max(2) } else { o.metrics },
+            ..o
+        }
+    };
     set_enabled(api, false).await?;
     let without = ingest::run(api, devices.clone(), options()).await?;
+    let created = super::rules::create_rules(api, rules).await?;
     set_enabled(api, true).await?;
     let before = figures(api).await;
+    let evaluations_before = api.metric("drover_rule_evaluations_total").await.unwrap_or(0.0);
+    let rules_dropped_before = api
+        .metric("drover_rule_events_dropped_total")
+        .await
+        .unwrap_or(0.0);
     let mut with = ingest::run(api, devices, options()).await?;
     // Scoring trails ingestion by the actors' queue; give it a moment.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let after = figures(api).await;
     let delta: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    if rules > 0 {
+        with.parameters["rules"] = serde_json::json!(rules);
+        with.set("rules_created", created);
+        with.set(
+            "rule_evaluations",
+            api.metric("drover_rule_evaluations_total").await.unwrap_or(0.0) - evaluations_before,
+        );
+        with.set(
+            "rule_events_dropped",
+            api.metric("drover_rule_events_dropped_total")
+                .await
+                .unwrap_or(0.0)
+                - rules_dropped_before,
+        );
+    }
     let rate = |r: &Report| {
         r.results
             .get("acked_per_second")

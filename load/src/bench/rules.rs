@@ -9,7 +9,7 @@ use super::report::Report;
 use crate::api::{Api, DeviceCredentials};
 
 /// Creates the benchmark's rules (named `bench-rule-N`); existing ones are left as they are.
-async fn create_rules(api: &Api, count: u32) -> anyhow::Result<u32> {
+pub(super) async fn create_rules(api: &Api, count: u32) -> anyhow::Result<u32> {
     let mut created = 0;
     for n in 0..count {
         let threshold = 1000 + n;
