@@ -14,8 +14,8 @@
 //! analytics spends its time (every message of every monitored device): the crate keeps each
 //! node in its own box with the normal and intercept as `[f64; N]` at the forest's padded width
 //! (24 coordinates for more than one metric, most of them padding), and follows a pointer per
-//! level. The flat form keeps a tree's nodes in one array in depth-first order (the left child
-//! is the next node), the cuts' coefficients in another, and only the coordinates the data uses;
+//! level. The flat form keeps the whole forest in one array in depth-first order (a node's left
+//! child follows it), each cut with its coefficients, and only the coordinates the data uses;
 //! it computes the crate's arithmetic in the crate's order, so its score is bit for bit the
 //! crate's (the tests check it against the crate on random forests).
 
@@ -93,15 +93,15 @@ pub fn grow_flat<const N: usize>(
         dims: used,
         avg_path_length_c: form.avg_path_length_c,
         roots: Vec::with_capacity(form.trees.len()),
-        nodes: Vec::new(),
-        cuts: Vec::new(),
+        words: Vec::new(),
     };
     for tree in &form.trees {
-        flat.roots.push(flat.nodes.len() as u32);
+        let root = u32::try_from(flat.words.len())
+            .map_err(|_| AnalyticsError::Model("forest too large to lay out".into()))?;
+        flat.roots.push(root);
         flat.push(&tree.root);
     }
-    flat.nodes.shrink_to_fit();
-    flat.cuts.shrink_to_fit();
+    flat.words.shrink_to_fit();
     Ok(flat)
 }
 
@@ -133,47 +133,35 @@ fn grow_forms<const N: usize>(
     })
 }
 
-/// A forest's trees in two arrays. Node `i` of a tree is a leaf when `right == 0` (no node's
-/// right child is a root), else a cut whose left child is node `i + 1`, whose right child is
-/// `right`, and whose intercept and normal are `cuts[cut..cut + 2 * dims]` as
-/// `p0, n0, p1, n1, …`.
+/// A forest's trees in one array of words, each node where its parent's left child is: a leaf
+/// is two words, `0` and its path-length adjustment (the crate's `c_factor(num_samples)`, 0 for
+/// one sample); a cut is `1 + 2 * dims` words, the index of its right child (as the bits of the
+/// word; never 0, as no right child is a root) and its intercept and normal as `p0, n0, p1, n1,
+/// …`, and its left child follows it. A point's walk down a tree reads one short run of words
+/// per level, and going left reads on.
 pub struct FlatForest {
     dims: usize,
     avg_path_length_c: f64,
     roots: Vec<u32>,
-    nodes: Vec<FlatNode>,
-    cuts: Vec<f64>,
-}
-
-#[derive(Clone, Copy)]
-struct FlatNode {
-    right: u32,
-    cut: u32,
-    /// A leaf's path-length adjustment, the crate's `c_factor(num_samples)` (0 for one sample).
-    leaf: f64,
+    words: Vec<f64>,
 }
 
 impl FlatForest {
     fn push(&mut self, node: &NodeForm) {
-        let index = self.nodes.len();
+        let index = self.words.len();
         match node {
-            NodeForm::Ex { num_samples } => self.nodes.push(FlatNode {
-                right: 0,
-                cut: 0,
-                leaf: leaf_adjustment(*num_samples),
-            }),
+            NodeForm::Ex { num_samples } => {
+                self.words.push(f64::from_bits(0));
+                self.words.push(leaf_adjustment(*num_samples));
+            }
             NodeForm::In { left, right, n, p } => {
-                self.nodes.push(FlatNode {
-                    right: 0,
-                    cut: self.cuts.len() as u32,
-                    leaf: 0.0,
-                });
+                self.words.push(f64::from_bits(0));
                 for d in 0..self.dims {
-                    self.cuts.push(p[d]);
-                    self.cuts.push(n[d]);
+                    self.words.push(p[d]);
+                    self.words.push(n[d]);
                 }
                 self.push(left);
-                self.nodes[index].right = self.nodes.len() as u32;
+                self.words[index] = f64::from_bits(self.words.len() as u64);
                 self.push(right);
             }
         }
@@ -191,36 +179,32 @@ impl FlatForest {
         let path_length: f64 = self
             .roots
             .iter()
-            .map(|root| self.path_length(*root, values))
+            .map(|root| self.path_length(*root as usize, values))
             .sum();
         let eh = path_length / self.roots.len() as f64;
         2.0_f64.powf(-eh / self.avg_path_length_c)
     }
 
-    fn path_length(&self, root: u32, values: &[f64]) -> f64 {
-        let mut index = root as usize;
+    fn path_length(&self, mut index: usize, values: &[f64]) -> f64 {
+        let width = 2 * self.dims;
         let mut depth = 0u32;
         loop {
-            let node = self.nodes[index];
-            if node.right == 0 {
+            let right = self.words[index].to_bits() as usize;
+            if right == 0 {
                 // The crate adds one per level on the way back up: 1 + (1 + (… + leaf)).
-                let mut length = node.leaf;
+                let mut length = self.words[index + 1];
                 for _ in 0..depth {
                     length += 1.0;
                 }
                 return length;
             }
-            let cut = &self.cuts[node.cut as usize..node.cut as usize + 2 * self.dims];
+            let cut = &self.words[index + 1..index + 1 + width];
             // The crate's `determinate_direction`: Σ (x - p)·n from zero, in coordinate order.
             let side = values
                 .iter()
                 .zip(cut.chunks_exact(2))
                 .fold(0.0, |sum, (x, pn)| sum + (x - pn[0]) * pn[1]);
-            index = if side <= 0.0 {
-                index + 1
-            } else {
-                node.right as usize
-            };
+            index = if side <= 0.0 { index + 1 + width } else { right };
             depth += 1;
         }
     }
