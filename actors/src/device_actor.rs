@@ -563,9 +563,18 @@ impl DeviceActor {
             shadow: self.shadow_view.clone(),
             points: shared.clone().unwrap_or_else(|| Arc::from([])),
         });
-        let live = shared
+        let mut live = shared
             .filter(|_| watched)
             .map(|points| (points, self.device_type_view.clone()));
+        // A message that waits for room in its writer's queue (QoS 1) is never dropped: it is
+        // shown now, so a full queue (a slow commit) delays its acknowledgement, not the live
+        // view. One that may be dropped (QoS 0) or refused is shown once queued.
+        if backpressure == Backpressure::Wait
+            && let Some((points, device_type)) = live.take()
+        {
+            self.pipeline
+                .show_live(&self.tenant, &self.device, &device_type, &points);
+        }
         let pipeline = self.pipeline.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
         self.in_flight += 1;
