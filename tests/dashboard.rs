@@ -292,3 +292,61 @@ async fn revoked_key_ends_its_streams() {
     closed_as_revoked(&mut active, Duration::from_secs(5)).await;
     closed_as_revoked(&mut idle, Duration::from_secs(15)).await;
 }
+
+/// A burst of messages from one device reaches the dashboard whole and in order: the frames
+/// waiting for the session are written together, each still a message of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_arrives_whole_and_in_order() {
+    if !mosquitto() {
+        return;
+    }
+    let Some(server) = TestServer::start(Backend::Sqlite) else {
+        return;
+    };
+    let admin = server.admin_token().await;
+    let pump1 = server
+        .register(&admin, json!({"deviceId": "pump-1", "type": "pump"}))
+        .await;
+    let mut ws = open(&server, &admin).await;
+    let answer = request(&mut ws, json!({"type": "subscribe", "devices": ["pump-1"]})).await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+
+    // 600 messages as fast as mosquitto_pub sends them (one per line of its input; QoS 1, so
+    // none is dropped when the device's actor is busy, as QoS 0 messages may be).
+    const BURST: u64 = 600;
+    let lines: String = (0..BURST)
+        .map(|seq| format!("{{\"metrics\":{{\"seq\":{seq}}}}}\n"))
+        .collect();
+    let port = server.mqtt.port().to_string();
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port])
+        .args(args(&[
+            "-q", "1", "-M", "1000", "-i", "pump-1", "-u", "pump-1", "-P", &pump1,
+        ]))
+        .args(["-t", "devices/pump-1/telemetry", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().unwrap();
+        stdin.write_all(lines.as_bytes()).unwrap();
+    }
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < BURST {
+        let frame = next_frame(&mut ws).await;
+        assert_ne!(frame["type"], "lagged", "nothing skipped: {frame}");
+        // Analytics events (a counter drifts) come on the same stream.
+        if frame["type"] != "telemetry" {
+            continue;
+        }
+        assert_eq!(frame["deviceId"], "pump-1");
+        for reading in frame["messages"].as_array().unwrap() {
+            seqs.push(reading["metrics"]["seq"].as_f64().unwrap() as u64);
+        }
+    }
+    assert_eq!(seqs, (0..BURST).collect::<Vec<_>>());
+    let _ = publisher.wait();
+}

@@ -28,7 +28,7 @@ use crate::shadow::{ShadowDocument, ShadowError};
 use crate::telemetry::schema::DeviceTypeSchema;
 use crate::telemetry::store::PointBatch;
 use crate::telemetry::{TelemetryPoint, parse_payload};
-use crate::telemetry_writer::{Backpressure, WriteError};
+use crate::telemetry_writer::{Backpressure, Queued, WriteError};
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -563,15 +563,43 @@ impl DeviceActor {
             shadow: self.shadow_view.clone(),
             points: shared.clone().unwrap_or_else(|| Arc::from([])),
         });
-        let live = shared
+        let mut live = shared
             .filter(|_| watched)
             .map(|points| (points, self.device_type_view.clone()));
+        // A message that waits for room in its writer's queue (QoS 1) is never dropped: it is
+        // shown now, so a full queue (a slow commit) delays its acknowledgement, not the live
+        // view. One that may be dropped (QoS 0) or refused is shown once queued.
+        if backpressure == Backpressure::Wait
+            && let Some((points, device_type)) = live.take()
+        {
+            self.pipeline
+                .show_live(&self.tenant, &self.device, &device_type, &points);
+        }
+        // Queued from the handler, in the order the messages arrive: the actor polls the
+        // futures it has spawned in no particular order, so a burst of messages queued (and
+        // shown) from them would reach the writer and the dashboard shuffled. Refusing or
+        // dropping never waits; a message that waits for room takes its place in the line now.
+        let enqueue = self.pipeline.writers.clone().map(|writers| {
+            let (tenant, device) = (self.tenant.clone(), self.device.clone());
+            let mut enqueue =
+                Box::pin(async move { writers.enqueue(&tenant, &device, points, backpressure).await });
+            match futures_util::FutureExt::now_or_never(enqueue.as_mut()) {
+                Some(queued) => Enqueue::Done(queued),
+                None => Enqueue::Waiting(enqueue),
+            }
+        });
+        if let (Some(Enqueue::Done(Ok(_))), Some((points, device_type))) = (&enqueue, &live) {
+            self.pipeline
+                .show_live(&self.tenant, &self.device, device_type, points);
+            live = None;
+        }
         let pipeline = self.pipeline.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
         self.in_flight += 1;
         let commit = async move {
-            let queued = match &pipeline.writers {
-                Some(writers) => Some(writers.enqueue(&tenant, &device, points, backpressure).await?),
+            let queued = match enqueue {
+                Some(Enqueue::Done(queued)) => Some(queued?),
+                Some(Enqueue::Waiting(enqueue)) => Some(enqueue.await?),
                 None => None,
             };
             // Shown live once queued: what is queued gets committed (or spooled), and the
@@ -611,6 +639,14 @@ impl DeviceActor {
         }))
     }
 }
+
+/// A message's handover to its writer, started in the handler.
+enum Enqueue {
+    Done(Result<Queued, WriteError>),
+    Waiting(WaitingForRoom),
+}
+
+type WaitingForRoom = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Queued, WriteError>>>>;
 
 /// An answer that needs no waiting.
 fn refused(error: InboundError) -> ResponseActFuture<DeviceActor, Result<InboundAccepted, InboundError>> {

@@ -3,7 +3,8 @@
 //! Alarms (opening, escalating, clearing) go through a broadcast channel every session of the
 //! tenant reads. Telemetry is far more: a session receives only the devices it subscribed to
 //! (or its whole tenant when it asked for `*`), through a bounded channel of its own that device
-//! actors fill directly (see [`LiveTelemetry`]). Either way a session that falls behind skips
+//! actors fill directly (see [`LiveTelemetry`]) and its socket empties (see
+//! [`super::socket::LiveBody`]). Either way a session that falls behind skips
 //! events (it is told how many) rather than holding memory for them or slowing ingestion.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -254,11 +255,13 @@ pub struct TelemetryWatch {
     devices: BTreeSet<DeviceId>,
 }
 
-/// The telemetry frames of one session's [`TelemetryWatch`], oldest first.
+/// The telemetry frames of one session's [`TelemetryWatch`], oldest first (the session's
+/// socket takes them directly, see [`super::socket::LiveBody`]).
 #[derive(Debug)]
 pub struct TelemetryFrames {
     frames: mpsc::Receiver<Arc<str>>,
     queued: Arc<AtomicUsize>,
+    missed: Arc<AtomicU64>,
 }
 
 impl TelemetryFrames {
@@ -267,7 +270,7 @@ impl TelemetryFrames {
         std::future::poll_fn(|cx| self.poll_frame(cx)).await
     }
 
-    fn poll_frame(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<str>>> {
+    pub fn poll_frame(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<str>>> {
         self.frames.poll_recv(cx).map(|frame| {
             if let Some(frame) = &frame {
                 self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
@@ -275,16 +278,10 @@ impl TelemetryFrames {
             frame
         })
     }
-}
 
-impl futures_util::Stream for TelemetryFrames {
-    type Item = Arc<str>;
-
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Arc<str>>> {
-        self.get_mut().poll_frame(cx)
+    /// Frames missed since the last call (the session was too slow for them).
+    pub fn take_missed(&self) -> u64 {
+        self.missed.swap(0, Ordering::Relaxed)
     }
 }
 
@@ -337,19 +334,25 @@ impl DashboardHub {
     pub fn telemetry_watch(&self, tenant: &TenantId) -> (TelemetryWatch, TelemetryFrames) {
         let (tx, rx) = mpsc::channel(TELEMETRY_BACKLOG);
         let queued: Arc<AtomicUsize> = Arc::default();
+        let missed: Arc<AtomicU64> = Arc::default();
         let watch = TelemetryWatch {
             hub: self.clone(),
             tenant: tenant.clone(),
             watcher: Watcher {
                 session: self.watchers.next_session.fetch_add(1, Ordering::Relaxed),
                 frames: tx,
-                missed: Arc::default(),
+                missed: missed.clone(),
                 queued: queued.clone(),
             },
             all: false,
             devices: BTreeSet::new(),
         };
-        (watch, TelemetryFrames { frames: rx, queued })
+        let frames = TelemetryFrames {
+            frames: rx,
+            queued,
+            missed,
+        };
+        (watch, frames)
     }
 
     /// The figures of a new session (registered by [`DashboardHub::session_started`]).

@@ -5,5 +5,6 @@ pub mod activity;
 pub mod console;
 pub mod hub;
 pub mod session;
+pub mod socket;
 
 pub use hub::{DashboardHub, LiveEvent};

@@ -4,9 +4,12 @@
 //!
 //! It registers with the [`DashboardHub`] when it starts and unregisters when it stops, so
 //! `GET /admin/actors` lists every session (tenant, subscriptions, frames sent and skipped,
-//! age). Frames are written one at a time (`ctx.wait`): while the socket is slow the actor
-//! reads nothing more, its bounded backlogs fill and what does not fit is counted as skipped
-//! and reported to the client in a `lagged` frame.
+//! age). Telemetry does not pass through the actor: the socket's body takes it from the
+//! session's backlog directly and writes every pending frame at once (see
+//! [`super::socket::LiveBody`]). The actor's own frames (answers, alarms) wait for room in the
+//! socket's queue (`ctx.wait`): while the socket is slow the actor reads no more alarms, its
+//! bounded backlogs fill and what does not fit is counted as skipped and reported to the
+//! client in a `lagged` frame.
 //!
 //! The first frame of every session is `{"type":"hello","tenant":"…"}`: it tells the client
 //! the stream is open and whose it is (`drover-load monitor` and the tests wait for it before
@@ -27,13 +30,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Message, ProtocolError};
 use drover_actors::{DeviceId, TenantId};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::hub::{DashboardHub, LiveEvent, LiveMessage, MAX_WATCHED_DEVICES, SessionStats, TelemetryWatch};
+use super::socket::{LiveBody, Outbound};
 use crate::http::principal::CredentialCheck;
 use crate::storage::registry::RegistryStore;
 
@@ -48,7 +52,6 @@ pub struct SessionSpec {
     pub tenant: TenantId,
     /// Who opened it (`user:<name>` or `key:<id>`), as the audit log names callers.
     pub principal: String,
-    pub session: Session,
     pub stream: actix_ws::MessageStream,
     pub hub: DashboardHub,
     pub registry: RegistryStore,
@@ -57,7 +60,8 @@ pub struct SessionSpec {
 
 pub struct DashboardSession {
     tenant: TenantId,
-    session: Session,
+    /// The socket's queue for the actor's frames.
+    outbound: Outbound,
     hub: DashboardHub,
     registry: RegistryStore,
     credential: CredentialCheck,
@@ -71,7 +75,6 @@ pub struct DashboardSession {
 
 struct SessionInputs {
     client: actix_ws::MessageStream,
-    frames: super::hub::TelemetryFrames,
     alarms: broadcast::Receiver<LiveEvent>,
 }
 
@@ -79,9 +82,6 @@ struct SessionInputs {
 
 /// One alarm event of the tenant broadcast, or how many the session missed.
 struct AlarmFeed(Result<LiveEvent, u64>);
-
-/// One telemetry frame of a watched device.
-struct TelemetryFrame(Arc<str>);
 
 /// What a client may send.
 #[derive(Debug, Deserialize)]
@@ -120,42 +120,54 @@ enum Checked {
 }
 
 impl DashboardSession {
-    pub fn new(spec: SessionSpec) -> DashboardSession {
+    /// The session, and the body of its WebSocket response (what it writes to the socket).
+    pub fn new(spec: SessionSpec) -> (DashboardSession, LiveBody) {
         let (watch, frames) = spec.hub.telemetry_watch(&spec.tenant);
         let stats = spec.hub.session_stats(&watch, spec.principal);
         let alarms = spec.hub.subscribe();
-        DashboardSession {
+        let (outbound, body) = LiveBody::new(frames, stats.clone());
+        let session = DashboardSession {
             tenant: spec.tenant,
-            session: spec.session,
+            outbound,
             registry: spec.registry,
             credential: spec.credential,
             watch,
             stats,
             inputs: Some(SessionInputs {
                 client: spec.stream,
-                frames,
                 alarms,
             }),
             hub: spec.hub,
             last_heard: Instant::now(),
             close_reason: None,
+        };
+        (session, body)
+    }
+
+    /// Queues `message` for the socket; while its queue is full nothing else is read until
+    /// there is room. The actor stops when the socket is gone.
+    fn send_frame(&mut self, message: Message, ctx: &mut Context<Self>) {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.outbound.try_send(message) {
+            Ok(()) => {}
+            Err(TrySendError::Closed(_)) => ctx.stop(),
+            Err(TrySendError::Full(message)) => {
+                let outbound = self.outbound.clone();
+                ctx.wait(
+                    async move { outbound.send(message).await }
+                        .into_actor(self)
+                        .map(|sent, _, ctx| {
+                            if sent.is_err() {
+                                ctx.stop();
+                            }
+                        }),
+                );
+            }
         }
     }
 
-    /// Sends `text`; nothing else is read until it is written. The actor stops when the socket
-    /// is gone.
     fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
-        let mut session = self.session.clone();
-        ctx.wait(
-            async move { session.text(text).await }
-                .into_actor(self)
-                .map(|sent, act, ctx| match sent {
-                    Ok(()) => {
-                        act.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => ctx.stop(),
-                }),
-        );
+        self.send_frame(Message::Text(text.into()), ctx);
     }
 
     fn send(&mut self, message: &LiveMessage<'_>, ctx: &mut Context<Self>) {
@@ -255,7 +267,6 @@ impl Actor for DashboardSession {
                     .aggregate_continuations()
                     .max_continuation_size(MAX_REQUEST_BYTES),
             );
-            ctx.add_stream(futures_util::StreamExt::map(inputs.frames, TelemetryFrame));
             ctx.add_stream(futures_util::stream::unfold(
                 inputs.alarms,
                 |mut alarms| async move {
@@ -277,16 +288,7 @@ impl Actor for DashboardSession {
                 ctx.stop();
                 return;
             }
-            let mut session = act.session.clone();
-            ctx.wait(
-                async move { session.ping(b"").await }
-                    .into_actor(act)
-                    .map(|pinged, _, ctx| {
-                        if pinged.is_err() {
-                            ctx.stop();
-                        }
-                    }),
-            );
+            act.send_frame(Message::Ping(Default::default()), ctx);
         });
         ctx.run_interval(CREDENTIAL_RECHECK, |act, ctx| {
             let credential = act.credential.clone();
@@ -305,11 +307,14 @@ impl Actor for DashboardSession {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.hub.session_ended(self.stats.id);
-        let session = self.session.clone();
-        let reason = self.close_reason.take();
-        actix_rt::spawn(async move {
-            let _ = session.close(reason).await;
-        });
+        // Queued at once when there is room, so no telemetry is written after it.
+        let close = Message::Close(self.close_reason.take());
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(close)) = self.outbound.try_send(close) {
+            let outbound = self.outbound.clone();
+            actix_rt::spawn(async move {
+                let _ = outbound.send(close).await;
+            });
+        }
     }
 }
 
@@ -318,16 +323,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for DashboardSessio
         match frame {
             Ok(AggregatedMessage::Ping(bytes)) => {
                 self.last_heard = Instant::now();
-                let mut session = self.session.clone();
-                ctx.wait(
-                    async move { session.pong(&bytes).await }
-                        .into_actor(self)
-                        .map(|ponged, _, ctx| {
-                            if ponged.is_err() {
-                                ctx.stop();
-                            }
-                        }),
-                );
+                self.send_frame(Message::Pong(bytes), ctx);
             }
             Ok(AggregatedMessage::Text(text)) => {
                 self.last_heard = Instant::now();
@@ -341,16 +337,6 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for DashboardSessio
     /// The socket is gone: so is the session.
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
-    }
-}
-
-impl StreamHandler<TelemetryFrame> for DashboardSession {
-    fn handle(&mut self, frame: TelemetryFrame, ctx: &mut Context<Self>) {
-        let missed = self.watch.take_missed();
-        if missed > 0 {
-            self.lagged("telemetry", missed, ctx);
-        }
-        self.send_text(frame.0.to_string(), ctx);
     }
 }
 

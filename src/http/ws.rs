@@ -5,6 +5,7 @@
 //! Each connection is a [`DashboardSession`] actor.
 
 use actix::Actor;
+use actix_web::body::{BodyStream, BoxBody};
 use actix_web::{HttpRequest, HttpResponse, get, web};
 
 use crate::dashboard::session::{DashboardSession, SessionSpec};
@@ -29,17 +30,18 @@ pub async fn live(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (response, session, stream) =
+    // actix-ws answers the handshake and reads the client's frames; what the session writes
+    // goes through a body of its own, which writes every pending frame at once.
+    let (response, _, stream) =
         actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_a_websocket", e.to_string()))?;
-    DashboardSession::new(SessionSpec {
+    let (session, socket_body) = DashboardSession::new(SessionSpec {
         tenant: principal.tenant.clone(),
         principal: principal.actor(),
-        session,
         stream,
         hub: state.hub.clone(),
         registry: state.registry.clone(),
         credential: CredentialCheck::of(&req, state.clone()),
-    })
-    .start();
-    Ok(response)
+    });
+    session.start();
+    Ok(response.map_body(|_, _| BoxBody::new(BodyStream::new(socket_body))))
 }

@@ -48,6 +48,30 @@ struct Dashboard {
     latency: Option<Histogram<u64>>,
 }
 
+/// The parts of a `/ws` frame the measurement reads.
+#[derive(serde::Deserialize)]
+struct LiveFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(rename = "deviceId", borrow, default)]
+    device_id: Option<&'a str>,
+    #[serde(default)]
+    messages: Vec<LiveReading>,
+    #[serde(default)]
+    missed: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct LiveReading {
+    metrics: LiveMetrics,
+}
+
+#[derive(serde::Deserialize)]
+struct LiveMetrics {
+    #[serde(default)]
+    seq: Option<f64>,
+}
+
 /// Opens a dashboard session watching `devices` and measures each telemetry frame against the
 /// time its message was published.
 async fn watch_dashboard(
@@ -95,17 +119,19 @@ async fn watch_dashboard(
             let Some(Ok(message)) = message else { break };
             let Message::Text(text) = message else { continue };
             let arrived = Instant::now();
-            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+            // Only the fields measured are read (a generic JSON value per frame would cost the
+            // generator more than the server spends on it).
+            let Ok(frame) = serde_json::from_str::<LiveFrame<'_>>(&text) else {
                 continue;
             };
-            match frame["type"].as_str() {
-                Some("telemetry") => {
-                    let Some(&device) = frame["deviceId"].as_str().and_then(|d| index.get(d)) else {
+            match frame.kind {
+                "telemetry" => {
+                    let Some(&device) = frame.device_id.and_then(|d| index.get(d)) else {
                         continue;
                     };
-                    for reading in frame["messages"].as_array().into_iter().flatten() {
+                    for reading in frame.messages {
                         // Numbers arrive as JSON floats (Drover stores metrics as f64).
-                        let Some(seq) = reading["metrics"]["seq"].as_f64().map(|v| v as u64) else {
+                        let Some(seq) = reading.metrics.seq.map(|v| v as u64) else {
                             continue;
                         };
                         let published = sent_at[device].lock().ok().and_then(|mut m| m.remove(&seq));
@@ -116,7 +142,7 @@ async fn watch_dashboard(
                         }
                     }
                 }
-                Some("lagged") => dashboard.missed += frame["missed"].as_u64().unwrap_or(0),
+                "lagged" => dashboard.missed += frame.missed.unwrap_or(0),
                 _ => {}
             }
         }
