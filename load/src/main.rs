@@ -306,7 +306,7 @@ enum Bench {
         #[arg(long)]
         record: Option<PathBuf>,
     },
-    /// Aggregated queries over a series of many points, loaded through the ingestion API.
+    /// Aggregated and raw queries over a series of many points, loaded through the ingestion API.
     Query {
         #[command(flatten)]
         server: Server,
@@ -319,6 +319,9 @@ enum Bench {
         /// Seconds to wait for rollups to cover the loaded range before timing.
         #[arg(long, default_value_t = 90)]
         wait_rollups: u64,
+        /// Loading requests (1,000 points each) in flight at once.
+        #[arg(long, default_value_t = 4)]
+        load_concurrency: usize,
         /// The device to load (registered if missing; its token is rotated).
         #[arg(long, default_value = "bench-query")]
         device: String,
@@ -550,6 +553,7 @@ async fn main() -> anyhow::Result<()> {
             points,
             repeat,
             wait_rollups,
+            load_concurrency,
             device,
             record,
         }) => {
@@ -562,6 +566,7 @@ async fn main() -> anyhow::Result<()> {
                     points,
                     repeat,
                     wait_rollups,
+                    load_concurrency,
                 },
             )
             .await?;

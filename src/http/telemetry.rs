@@ -1,14 +1,17 @@
 //! Telemetry queries: `GET /api/telemetry/{deviceId}` returns raw points or per-bucket
 //! aggregates of one device's metrics, read from the telemetry store (and its rollups).
 
-use actix_web::{get, web};
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use actix_web::http::header::ContentType;
+use actix_web::{HttpResponse, get, web};
+use chrono::{DateTime, Duration, SecondsFormat, TimeZone, Utc};
 use drover_actors::Role;
 use drover_actors::telemetry::query::{
-    self as q, Aggregation, Bucketing, DAY_MS, HOUR_MS, MINUTE_MS, QueryResult, TelemetryQuery,
+    self as q, Aggregation, Bucketing, DAY_MS, HOUR_MS, MINUTE_MS, QueryResult, Sample, SeriesData,
+    TelemetryQuery,
 };
 use drover_actors::telemetry::store::TelemetryStoreError;
 use drover_actors::telemetry::{MetricName, MetricValue};
+use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -198,14 +201,6 @@ fn too_many_points(params: &Params, max_limit: usize) -> ApiError {
     )
 }
 
-fn json_value(value: MetricValue) -> Value {
-    match value {
-        MetricValue::Number(n) => serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number),
-        MetricValue::Bool(b) => Value::Bool(b),
-        MetricValue::Text(s) => Value::String(s),
-    }
-}
-
 /// One device's telemetry: raw points, or aggregates per time bucket.
 #[utoipa::path(
     tag = "telemetry",
@@ -232,7 +227,7 @@ async fn query_telemetry(
     principal: Principal,
     path: web::Path<String>,
     query: web::Query<Vec<(String, String)>>,
-) -> Result<web::Json<TelemetryResponse>, ApiError> {
+) -> Result<HttpResponse, ApiError> {
     principal.require(Role::Viewer, "telemetry.query")?;
     let id = device_id(&path)?;
     let limits = &state.config.telemetry;
@@ -271,33 +266,191 @@ async fn query_telemetry(
         }
         Err(error) => return Err(error.into()),
     };
-    Ok(web::Json(TelemetryResponse {
-        device_id: id.into_string(),
+    let body = ResponseBody {
+        device_id: id.as_str(),
         start: params.start,
         end: params.end,
-        agg: params.aggregation.map(|a| a.as_str().to_string()),
+        agg: params.aggregation.map(Aggregation::as_str),
         every: params.every_ms.map(q::format_every),
-        source: source.as_str().to_string(),
-        series: series
-            .into_iter()
-            .map(|s| SeriesView {
-                metric: s.metric.to_string(),
-                points: s
-                    .samples
-                    .into_iter()
-                    .map(|p| PointView {
-                        t: Utc.timestamp_millis_opt(p.ts_ms).single().unwrap_or_default(),
-                        v: json_value(p.value),
-                    })
-                    .collect(),
-            })
-            .collect(),
-    }))
+        source: source.as_str(),
+        series: &series,
+    };
+    let points: usize = series.iter().map(|s| s.samples.len()).sum();
+    let mut json = Vec::with_capacity(256 + points * 48);
+    serde_json::to_writer(&mut json, &body)
+        .map_err(|e| ApiError::internal(format!("cannot serialise the answer: {e}")))?;
+    Ok(HttpResponse::Ok().content_type(ContentType::json()).body(json))
+}
+
+/// The answer as it is sent: the JSON of [`TelemetryResponse`], written straight from the
+/// store's samples. A raw answer can hold 100,000 points; building a `PointView` (with a
+/// `serde_json::Value` and a `DateTime`) for each first cost more than reading them.
+struct ResponseBody<'a> {
+    device_id: &'a str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    agg: Option<&'static str>,
+    every: Option<String>,
+    source: &'static str,
+    series: &'a [SeriesData],
+}
+
+impl Serialize for ResponseBody<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_struct("TelemetryResponse", 7)?;
+        map.serialize_field("deviceId", self.device_id)?;
+        map.serialize_field("start", &self.start)?;
+        map.serialize_field("end", &self.end)?;
+        map.serialize_field("agg", &self.agg)?;
+        map.serialize_field("every", &self.every)?;
+        map.serialize_field("source", self.source)?;
+        map.serialize_field("series", &SeriesList(self.series))?;
+        map.end()
+    }
+}
+
+struct SeriesList<'a>(&'a [SeriesData]);
+
+impl Serialize for SeriesList<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for series in self.0 {
+            seq.serialize_element(&SeriesOut(series))?;
+        }
+        seq.end()
+    }
+}
+
+struct SeriesOut<'a>(&'a SeriesData);
+
+impl Serialize for SeriesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_struct("SeriesView", 2)?;
+        map.serialize_field("metric", self.0.metric.as_str())?;
+        map.serialize_field("points", &PointsOut(&self.0.samples))?;
+        map.end()
+    }
+}
+
+struct PointsOut<'a>(&'a [Sample]);
+
+impl Serialize for PointsOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        let mut time = TimeText::default();
+        for sample in self.0 {
+            seq.serialize_element(&PointOut {
+                t: time.format(sample.ts_ms),
+                v: &sample.value,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+struct PointOut<'a> {
+    t: &'a str,
+    v: &'a MetricValue,
+}
+
+impl Serialize for PointOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_struct("PointView", 2)?;
+        map.serialize_field("t", self.t)?;
+        match self.v {
+            // Non-finite numbers are never stored; serde_json writes them as null regardless.
+            MetricValue::Number(n) => map.serialize_field("v", n)?,
+            MetricValue::Bool(b) => map.serialize_field("v", b)?,
+            MetricValue::Text(text) => map.serialize_field("v", text.as_str())?,
+        }
+        map.end()
+    }
+}
+
+/// Formats epoch milliseconds as `DateTime<Utc>` serialises them (RFC 3339, `Z`, a fraction
+/// only when the milliseconds are not zero), without building a `DateTime` per point.
+#[derive(Default)]
+struct TimeText {
+    buf: String,
+}
+
+impl TimeText {
+    fn format(&mut self, ts_ms: i64) -> &str {
+        self.buf.clear();
+        let days = ts_ms.div_euclid(DAY_MS);
+        let ms_of_day = ts_ms.rem_euclid(DAY_MS);
+        let (year, month, day) = civil_from_days(days);
+        if !(0..=9999).contains(&year) {
+            // Signed years: chrono's own formatting (and its limits).
+            let time = Utc.timestamp_millis_opt(ts_ms).single().unwrap_or_default();
+            self.buf
+                .push_str(&time.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+            return &self.buf;
+        }
+        let (hour, minute) = (ms_of_day / HOUR_MS, ms_of_day % HOUR_MS / MINUTE_MS);
+        let (second, milli) = (ms_of_day % MINUTE_MS / 1000, ms_of_day % 1000);
+        let mut out = [0u8; 24];
+        let digits = |out: &mut [u8], value: i64| {
+            let mut v = value;
+            for slot in out.iter_mut().rev() {
+                *slot = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        digits(&mut out[0..4], year);
+        out[4] = b'-';
+        digits(&mut out[5..7], month);
+        out[7] = b'-';
+        digits(&mut out[8..10], day);
+        out[10] = b'T';
+        digits(&mut out[11..13], hour);
+        out[13] = b':';
+        digits(&mut out[14..16], minute);
+        out[16] = b':';
+        digits(&mut out[17..19], second);
+        let len = if milli == 0 {
+            out[19] = b'Z';
+            20
+        } else {
+            out[19] = b'.';
+            digits(&mut out[20..23], milli);
+            out[23] = b'Z';
+            24
+        };
+        // Only ASCII digits and separators were written.
+        self.buf
+            .push_str(std::str::from_utf8(&out[..len]).unwrap_or_default());
+        &self.buf
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How answers were built before [`ResponseBody`]: the reference its JSON must equal.
+    fn json_value(value: MetricValue) -> Value {
+        match value {
+            MetricValue::Number(n) => serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number),
+            MetricValue::Bool(b) => Value::Bool(b),
+            MetricValue::Text(s) => Value::String(s),
+        }
+    }
 
     fn pairs(query: &str) -> Vec<(String, String)> {
         query
@@ -345,5 +498,91 @@ mod tests {
         assert_eq!(suggested_every(30 * DAY_MS, 10_000), "5m");
         assert_eq!(suggested_every(HOUR_MS, 10_000), "1s");
         assert_eq!(suggested_every(365 * DAY_MS, 1000), "9h");
+    }
+
+    #[test]
+    fn written_answers_equal_the_documented_shape() {
+        let times = [
+            0,
+            1,
+            999,
+            1_000,
+            -1,
+            -86_400_000,
+            951_782_400_000,   // 2000-02-29
+            1_709_164_799_999, // 2024-02-28T23:59:59.999
+            1_709_251_200_123, // 2024-03-01
+            4_102_444_800_000, // 2100-01-01
+            253_402_300_799_999,
+            253_402_300_800_000, // year 10000
+            -62_167_219_200_000, // year 0
+            -62_167_219_200_001, // year -1
+        ];
+        let values = [
+            MetricValue::Number(21.7),
+            MetricValue::Number(-0.0),
+            MetricValue::Number(1e21),
+            MetricValue::Number(3.0),
+            MetricValue::Bool(true),
+            MetricValue::Text("a \"quoted\"\nline ☃".into()),
+        ];
+        let samples: Vec<Sample> = times
+            .iter()
+            .enumerate()
+            .map(|(i, ts_ms)| Sample {
+                ts_ms: *ts_ms,
+                value: values[i % values.len()].clone(),
+            })
+            .collect();
+        let series = vec![
+            SeriesData {
+                metric: MetricName::parse("temperature").unwrap(),
+                samples,
+            },
+            SeriesData {
+                metric: MetricName::parse("empty").unwrap(),
+                samples: Vec::new(),
+            },
+        ];
+        let (start, end) = (
+            Utc.timestamp_millis_opt(-5).unwrap(),
+            Utc.timestamp_millis_opt(7_000).unwrap(),
+        );
+        for (agg, every) in [(None, None), (Some("p95"), Some("1h".to_string()))] {
+            let written = serde_json::to_string(&ResponseBody {
+                device_id: "sensor-1",
+                start,
+                end,
+                agg,
+                every: every.clone(),
+                source: "raw",
+                series: &series,
+            })
+            .unwrap();
+            let documented = serde_json::to_string(&TelemetryResponse {
+                device_id: "sensor-1".into(),
+                start,
+                end,
+                agg: agg.map(str::to_string),
+                every,
+                source: "raw".into(),
+                series: series
+                    .iter()
+                    .map(|s| SeriesView {
+                        metric: s.metric.to_string(),
+                        points: s
+                            .samples
+                            .iter()
+                            .map(|p| PointView {
+                                t: Utc.timestamp_millis_opt(p.ts_ms).single().unwrap(),
+                                v: json_value(p.value.clone()),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .unwrap();
+            assert_eq!(written, documented);
+        }
     }
 }

@@ -244,6 +244,18 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[(rank as usize).min(n - 1)])
 }
 
+/// [`percentile`] of values in any order, found by selection (linear time) instead of a full
+/// sort; `values` is reordered. The same value as sorting and calling [`percentile`].
+pub fn select_percentile(values: &mut [f64], p: f64) -> Option<f64> {
+    let n = values.len();
+    let rank = (n as f64 * p / 100.0 + 0.5).floor() as i64 - 1;
+    if rank < 0 || n == 0 {
+        return None;
+    }
+    let (_, value, _) = values.select_nth_unstable_by((rank as usize).min(n - 1), f64::total_cmp);
+    Some(*value)
+}
+
 /// A mergeable summary of some values: everything mean/min/max/sum/count need.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Partial {
@@ -351,8 +363,7 @@ pub fn aggregate_bucket(
 ) -> Result<Option<MetricValue>, AggregateOverflow> {
     if let Some(p) = aggregation.percentile() {
         let mut numbers: Vec<f64> = samples.iter().filter_map(|s| s.value.as_f64()).collect();
-        numbers.sort_by(f64::total_cmp);
-        return Ok(percentile(&numbers, p).and_then(MetricValue::number));
+        return Ok(select_percentile(&mut numbers, p).and_then(MetricValue::number));
     }
     if aggregation == Aggregation::Last {
         return Ok(samples.last().map(|s| s.value.clone()));
@@ -564,6 +575,26 @@ mod tests {
         assert_eq!(percentile(&[7.0], 50.0), Some(7.0));
         assert_eq!(percentile(&[7.0], 1.0), None);
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn selected_percentiles_equal_sorted_ones() {
+        // Scrambled values with repeats and negatives, in several lengths.
+        for n in [1usize, 2, 3, 10, 13, 100, 1001] {
+            let values: Vec<f64> = (0..n).map(|i| ((i * 7919) % 211) as f64 - 100.5).collect();
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            for p in [1.0, 50.0, 95.0, 99.0, 100.0] {
+                let mut scratch = values.clone();
+                assert_eq!(
+                    select_percentile(&mut scratch, p),
+                    percentile(&sorted, p),
+                    "n {n} p {p}"
+                );
+            }
+        }
+        assert_eq!(select_percentile(&mut [], 50.0), None);
+        assert_eq!(select_percentile(&mut [3.0], 1.0), None);
     }
 
     #[test]
