@@ -293,6 +293,7 @@ pub struct DeviceActorSpec {
 pub struct DeviceActor {
     tenant: TenantId,
     device: DeviceId,
+    /// The registry's record, without its metadata (held by `metadata_view`).
     record: Option<DeviceRecord>,
     /// The record's type and metadata as every accepted message carries them: shared, so a
     /// message costs reference counts rather than copies.
@@ -386,7 +387,8 @@ impl DeviceActor {
     fn load_state(&mut self, ctx: &mut Context<Self>) {
         let directory = self.directory.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
-        let known = self.record.clone();
+        // Moved, not copied: the loaded record replaces it.
+        let known = self.record.take();
         // `wait` holds the mailbox until the state is loaded, so no message sees a half-built actor.
         ctx.wait(
             async move {
@@ -402,9 +404,10 @@ impl DeviceActor {
             }
             .into_actor(self)
             .map(|result, act, ctx| match result {
-                Ok((Some(record), schema)) => {
+                Ok((Some(mut record), schema)) => {
                     act.device_type_view = Arc::from(record.device_type.as_str());
-                    act.metadata_view = Arc::new(record.metadata.clone());
+                    // The metadata is kept once, in the shared view (the snapshot puts it back).
+                    act.metadata_view = Arc::new(std::mem::take(&mut record.metadata));
                     act.record = Some(record);
                     act.schema = schema.map(Arc::new);
                 }
@@ -445,7 +448,10 @@ impl Handler<GetDeviceState> for DeviceActor {
         MessageResult(DeviceSnapshot {
             tenant: self.tenant.clone(),
             device: self.device.clone(),
-            record: self.record.clone(),
+            record: self.record.clone().map(|mut record| {
+                record.metadata = (*self.metadata_view).clone();
+                record
+            }),
             connection: self.connection.clone(),
             last_seen: self.last_seen,
             inbound: self.inbound.clone(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ntex_mqtt::QoS;
 use parking_lot::Mutex;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::acl::{Identity, Namespace};
 use super::message::{Delivery, Outbound};
@@ -103,20 +103,33 @@ pub enum PushError {
     Closed(Delivery),
 }
 
-/// The sending side of a connection's queue. The channel itself is unbounded; what it holds is
+/// The sending side of a connection's queue. The queue itself is unbounded; what it holds is
 /// bounded in bytes, so memory stays flat whatever the message sizes and a burst of small
 /// messages does not overflow a queue sized for the worst case.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Outbound>,
     backlog: Arc<Backlog>,
     policy: SlowSubscriber,
 }
 
 /// The receiving side, drained by the connection's outbound task.
 pub struct Inbox {
-    rx: mpsc::UnboundedReceiver<Outbound>,
     backlog: Arc<Backlog>,
+}
+
+/// The messages on their way to one connection. A plain locked deque rather than a channel:
+/// tokio's unbounded channel allocates a block of 32 slots (2.3 KiB) when it is created, and
+/// most connections (devices) never receive a message, while an empty deque holds nothing.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// The receiving side is closed: nothing more is taken.
+    closed: bool,
+}
+
+impl Queue {
+    /// Capacity kept when the queue runs empty; a burst's larger buffer is given back.
+    const KEEP: usize = 64;
 }
 
 /// What waits for one connection, shared by everyone who queues for it and its outbound task.
@@ -124,6 +137,9 @@ pub struct Inbox {
 /// deliveries waiting for their turn count too.
 #[derive(Default)]
 pub struct Backlog {
+    queue: Mutex<Queue>,
+    /// Wakes the outbound task when a message is queued (a permit is kept if it is not waiting).
+    queued: Notify,
     pending: AtomicUsize,
     /// Deliveries released so far: a publisher that waited `stall` tells a client that took
     /// nothing from one that is slow.
@@ -159,8 +175,35 @@ impl Backlog {
     }
 
     fn close(&self) {
+        self.queue.lock().closed = true;
         self.closed.store(true, Ordering::Release);
         self.progress.notify_waiters();
+    }
+
+    /// Queues a message unless the receiving side is closed.
+    fn send(&self, message: Outbound) -> Result<(), Outbound> {
+        {
+            let mut queue = self.queue.lock();
+            if queue.closed {
+                return Err(message);
+            }
+            queue.items.push_back(message);
+        }
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    fn take(&self) -> Option<Outbound> {
+        let mut queue = self.queue.lock();
+        let message = queue.items.pop_front();
+        if queue.items.is_empty() && queue.items.capacity() > Queue::KEEP {
+            queue.items = VecDeque::new();
+        }
+        message
+    }
+
+    fn is_closed(&self) -> bool {
+        self.queue.lock().closed
     }
 }
 
@@ -182,15 +225,13 @@ impl Outbox {
     }
 
     pub fn with_policy(policy: SlowSubscriber) -> (Outbox, Inbox) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog::default());
         (
             Outbox {
-                tx,
                 backlog: backlog.clone(),
                 policy,
             },
-            Inbox { rx, backlog },
+            Inbox { backlog },
         )
     }
 
@@ -219,9 +260,9 @@ impl Outbox {
     pub fn force(&self, delivery: Delivery) -> Result<(), Delivery> {
         let size = cost(&delivery);
         self.backlog.pending.fetch_add(size, Ordering::AcqRel);
-        match self.tx.send(Outbound::Deliver(delivery)) {
+        match self.backlog.send(Outbound::Deliver(delivery)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::SendError(Outbound::Deliver(d))) => {
+            Err(Outbound::Deliver(d)) => {
                 self.backlog.pending.fetch_sub(size, Ordering::AcqRel);
                 Err(d)
             }
@@ -249,7 +290,7 @@ impl Outbox {
             let released = backlog.released.load(Ordering::SeqCst);
             // Registered before the checks, so a release between them is not missed.
             let progress = backlog.progress.notified();
-            if backlog.closed.load(Ordering::Acquire) || self.tx.is_closed() {
+            if backlog.closed.load(Ordering::Acquire) || backlog.is_closed() {
                 break Room::Closed;
             }
             if backlog.evicted.load(Ordering::Acquire) {
@@ -272,7 +313,7 @@ impl Outbox {
 
     /// Tells the connection to close; `false` if it is gone already.
     pub fn disconnect(&self, reason: u8, message: &str) -> bool {
-        self.tx
+        self.backlog
             .send(Outbound::Disconnect {
                 reason,
                 message: message.to_string(),
@@ -284,12 +325,22 @@ impl Outbox {
 impl Inbox {
     /// The next message. A delivery still counts as waiting until it is passed to
     /// [`Backlog::release`].
+    /// `None` once the queue is closed and empty.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        self.rx.recv().await
+        loop {
+            if let Some(message) = self.backlog.take() {
+                return Some(message);
+            }
+            if self.backlog.is_closed() {
+                return None;
+            }
+            // A message queued since `take` left a permit: this returns at once.
+            self.backlog.queued.notified().await;
+        }
     }
 
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.rx.try_recv().ok()
+        self.backlog.take()
     }
 
     pub fn backlog(&self) -> Arc<Backlog> {
@@ -298,7 +349,6 @@ impl Inbox {
 
     /// No more deliveries are taken; publishers waiting for room stop waiting.
     pub fn close(&mut self) {
-        self.rx.close();
         self.backlog.close();
     }
 }
@@ -480,6 +530,43 @@ mod tests {
             Err(PushError::Full(_))
         ));
         assert_eq!(held.pending(), 3 * max);
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_hands_out_what_it_holds_then_ends_and_takes_nothing_more() {
+        let (outbox, mut inbox) = Outbox::new();
+        outbox.push(delivery(QoS::AtLeastOnce), usize::MAX).ok().unwrap();
+        assert!(outbox.disconnect(0x8B, "bye"));
+        inbox.close();
+        let Some(Outbound::Deliver(first)) = inbox.recv().await else {
+            panic!("the queued delivery first")
+        };
+        inbox.backlog().release(&first);
+        assert!(matches!(inbox.recv().await, Some(Outbound::Disconnect { .. })));
+        assert!(inbox.recv().await.is_none());
+        assert!(matches!(
+            outbox.push(delivery(QoS::AtLeastOnce), usize::MAX),
+            Err(PushError::Closed(_))
+        ));
+        assert_eq!(outbox.pending(), 0, "a refused delivery does not count");
+        assert!(!outbox.disconnect(0x8B, "bye"));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_for_a_message_queued_later() {
+        let (outbox, mut inbox) = Outbox::new();
+        let sender = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            outbox.push(delivery(QoS::AtMostOnce), usize::MAX).ok().unwrap();
+            outbox
+        });
+        assert!(matches!(inbox.recv().await, Some(Outbound::Deliver(_))));
+        let outbox = sender.await.unwrap();
+        drop(inbox);
+        assert!(matches!(
+            outbox.push(delivery(QoS::AtMostOnce), usize::MAX),
+            Err(PushError::Closed(_))
+        ));
     }
 
     #[test]
