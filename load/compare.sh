@@ -159,7 +159,7 @@ for POINTS in "$QUERY_POINTS" "$QUERY_POINTS_LARGE"; do
   if [ "$POINTS" -gt 0 ]; then
     section "query over $POINTS points"
     "$LOAD" bench query --url "$BASE" --api-key "$KEY_main" --points "$POINTS" --device "bench-query-$POINTS" \
-      --wait-rollups $(( 60 + POINTS / 100000 )) --record "$RUN_FILE" | tail -n 1 >/dev/null
+      --wait-rollups $(( 60 + POINTS / 40000 )) --record "$RUN_FILE" | tail -n 1 >/dev/null
   fi
 done
 

@@ -111,7 +111,7 @@ def query_figure(points, shapes, stat, label):
     return figure
 
 
-RAW_SHAPES = ["p95_per_hour", "raw_whole_range", "raw_last_10000"]
+RAW_SHAPES = ["p95_per_hour", "p99_whole_range", "raw_export_100000", "raw_last_10000"]
 AGGREGATE_SHAPES = ["mean_per_hour", "max_per_day", "count_whole_range"]
 
 
