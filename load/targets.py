@@ -178,12 +178,29 @@ def fanout_table(rows):
               f"{x.get('latency_p50_ms', 0):>9.2f}{x.get('latency_p99_ms', 0):>9.2f}")
 
 
+def markdown(ids, by_run):
+    print(f"Runs: {', '.join(f'`{i}`' for i in ids)}\n")
+    print("| # | Target | Median | Spread | Met | Last run |")
+    print("|---|---|---|---|---|---|")
+    for number, what, target, met, fmt, figure in TARGETS:
+        got = [g for g in (figure(by_run[i]) for i in ids) if g is not None]
+        if not got:
+            print(f"| {number} | {what}: {target} | not run | | | |")
+            continue
+        values = [g[0] for g in got]
+        spread = f"{fmt.format(min(values))}–{fmt.format(max(values))}" if len(values) > 1 else ""
+        hits = sum(1 for v in values if met(v))
+        print(f"| {number} | {what}: {target} | {fmt.format(statistics.median(values))} | {spread} | "
+              f"{hits}/{len(values)} | {got[-1][1]} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--run", action="append", help="a run id (repeatable)")
     group.add_argument("--last", type=int, help="the last N runs in the files")
+    parser.add_argument("--markdown", action="store_true", help="print the targets as a Markdown table")
     args = parser.parse_args()
     rows = load(args.files)
     ids = []
@@ -199,6 +216,9 @@ def main():
     if not ids:
         raise SystemExit("no run with results in " + ", ".join(args.files))
     by_run = {i: [r for r in rows if r.get("run") == i and "scenario" in r] for i in ids}
+    if args.markdown:
+        markdown(ids, by_run)
+        return
     print(f"Runs: {', '.join(ids)}")
     print(f"{'#':<3}{'figure':<56}{'target':>16}{'median':>12}{'spread':>22}{'met':>8}")
     for number, what, target, met, fmt, figure in TARGETS:

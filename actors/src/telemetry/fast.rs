@@ -285,7 +285,7 @@ mod tests {
     fn the_fast_path_leaves_every_other_payload_to_the_value_path_or_agrees_with_it() {
         let long = format!(r#"{{"metrics": {{"a": "{}"}}}}"#, "x".repeat(9));
         let many = r#"{"metrics": {"a": 1, "b": 2, "c": 3, "d": 4}}"#.to_string();
-        let batch = format!("[{}]", vec![r#"{"metrics": {"a": 1}}"#; 4].join(","));
+        let batch = format!("[{}]", [r#"{"metrics": {"a": 1}}"#; 4].join(","));
         let others = OTHERS.iter().map(|s| s.to_string()).chain([long, many, batch]);
         for payload in others {
             let value = parse_payload_value(payload.as_bytes(), NOW, &limits());
