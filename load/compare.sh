@@ -5,7 +5,7 @@
 # id, the machine, the versions and the parameters; `python3 load/targets.py --last 3` prints
 # the median and spread of the last three runs.
 #
-#   load/compare.sh                        # everything, about 15 minutes
+#   load/compare.sh                        # everything, about 9 minutes here
 #   FANOUT=0 CONNECT_DEVICES=0 load/compare.sh      # skip sections: each has a switch below
 #   MESSAGES=500000 SUBSCRIBERS=4 load/compare.sh
 #
