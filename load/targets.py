@@ -38,11 +38,16 @@ def first(rows):
     return rows[0]["results"] if rows else None
 
 
-def ingest(rows, qos, target):
+def ingest_row(rows, qos, target):
     """The full-speed ingest run (not a dashboard run) of a target at a QoS."""
     runs = [r for r in scenario(rows, "ingest", target=target, qos=qos) if r["parameters"].get("rate", 0) == 0
             and "dashboard_devices" not in r["results"]]
-    return first(runs)
+    return runs[0] if runs else None
+
+
+def ingest(rows, qos, target):
+    row = ingest_row(rows, qos, target)
+    return row["results"] if row else None
 
 
 # ---- the figures: each takes one run's rows and returns (value, reference text) or None ----------
@@ -57,12 +62,11 @@ def qos1_ratio(rows):
 
 
 def qos0_stored(rows):
-    d = [r for r in scenario(rows, "ingest", target="drover", qos=0) if r["parameters"].get("rate", 0) == 0
-         and "dashboard_devices" not in r["results"]]
+    d = ingest_row(rows, 0, "drover")
     m = ingest(rows, 0, "mosquitto")
     if not d:
         return None
-    x, seconds = d[0]["results"], d[0]["parameters"]["seconds"]
+    x, seconds = d["results"], d["parameters"]["seconds"]
     ref = f"Mosquitto {m['sent_per_second']:,.0f} sent/s" if m else "no reference"
     return x["stored"] / seconds, f"{x['sent_per_second']:,.0f} sent/s offered; {ref}"
 
@@ -115,9 +119,14 @@ RAW_SHAPES = ["p95_per_hour", "p99_whole_range", "raw_export_100000", "raw_last_
 AGGREGATE_SHAPES = ["mean_per_hour", "max_per_day", "count_whole_range"]
 
 
+def backpressure_fanout(rows):
+    """Drover's full-speed QoS 1 fan-out run with MQTT_SLOW_SUBSCRIBER=backpressure."""
+    return first([r for r in scenario(rows, "fanout", target="drover", qos=1)
+                  if r["parameters"].get("slow_subscriber") == "backpressure" and r["parameters"].get("rate_per_publisher", 0) == 0])
+
+
 def fanout_backpressure(rows):
-    d = first([r for r in scenario(rows, "fanout", target="drover", qos=1)
-               if r["parameters"].get("slow_subscriber") == "backpressure" and r["parameters"].get("rate_per_publisher", 0) == 0])
+    d = backpressure_fanout(rows)
     m = first([r for r in scenario(rows, "fanout", target="mosquitto", qos=1) if r["parameters"].get("rate_per_publisher", 0) == 0])
     if not d or not m:
         return None
@@ -127,8 +136,7 @@ def fanout_backpressure(rows):
 
 
 def fanout_lost(rows):
-    d = first([r for r in scenario(rows, "fanout", target="drover", qos=1)
-               if r["parameters"].get("slow_subscriber") == "backpressure" and r["parameters"].get("rate_per_publisher", 0) == 0])
+    d = backpressure_fanout(rows)
     if not d:
         return None
     return d["expected"] - d["delivered"], "messages lost with MQTT_SLOW_SUBSCRIBER=backpressure"
