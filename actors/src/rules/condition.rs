@@ -10,9 +10,10 @@ use rhai::{Dynamic, Map, Scope};
 use serde_json::{Value, json};
 
 use super::findings::{AnalyticsFindings, Finding, MethodScore};
+use super::native::{Operand, Predicate, Stat};
 use super::script::{Expression, Sandbox, ScriptError, Verdict};
 use super::stats::RuleStats;
-use super::window::MetricWindow;
+use super::window::{MetricWindow, WindowStats};
 use super::{AlarmChange, AlarmSignal, ConditionSpec, RuleSpec, Severity};
 use crate::analytics::detector::Method;
 use crate::analytics::forecast::{Direction, time_to_threshold};
@@ -86,6 +87,19 @@ pub(super) struct DeviceRuleState {
     pub(super) pending: Option<Pending>,
 }
 
+impl DeviceRuleState {
+    /// Nothing to remember: the same as no state at all.
+    pub(super) fn is_idle(&self) -> bool {
+        !self.active
+            && self.since.is_none()
+            && self.hits.is_empty()
+            && self.first_at.is_none()
+            && self.clear_since.is_none()
+            && self.severity.is_none()
+            && self.pending.is_none()
+    }
+}
+
 /// Repeats of an active alarm, coalesced so an alarm that holds on every message costs one
 /// registry write per tick rather than one per message.
 #[derive(Debug, Clone, Default)]
@@ -110,6 +124,8 @@ pub(super) struct CompiledRule {
     pub(super) stats: Arc<RuleStats>,
     pub(super) devices: HashMap<DeviceId, DeviceRuleState>,
     pub(super) group: GroupState,
+    /// Judged as a member of a group of the evaluator's index, which counts its evaluations.
+    pub(super) grouped: bool,
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +204,12 @@ pub(super) fn compile_condition(
     })
 }
 
+pub(super) fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Converts JSON to what scripts see (objects become maps).
 pub fn json_to_dynamic(value: &Value) -> Dynamic {
     match value {
@@ -223,6 +245,30 @@ impl Message<'_> {
         self.metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 
+    /// The variables every expression run on this message sees: its metrics (those named
+    /// like identifiers), `device` and `deviceType`.
+    fn scope(&self) -> Scope<'static> {
+        let mut scope = Scope::new();
+        for (name, value) in &self.metrics {
+            if is_identifier(name) {
+                scope.push_constant_dynamic(name.to_string(), metric_dynamic(value));
+            }
+        }
+        scope.push_constant("device", self.event.device.as_str().to_string());
+        scope.push_constant("deviceType", self.event.device_type.to_string());
+        scope
+    }
+
+    /// The value a script's variable `name` reads: the last one pushed, should a batch hold
+    /// the metric twice at one timestamp.
+    fn last_value(&self, name: &str) -> Option<&MetricValue> {
+        self.metrics
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+
     fn details(&self) -> Value {
         let metrics: serde_json::Map<String, Value> = self
             .metrics
@@ -235,62 +281,153 @@ impl Message<'_> {
 
 pub(super) struct EvalContext<'a> {
     pub(super) sandbox: &'a Sandbox,
-    /// The message's variables; each evaluation pushes its extras and rewinds.
-    pub(super) scope: Scope<'static>,
+    /// The message's variables, made when rhai first runs on this message; each evaluation
+    /// pushes its extras and rewinds.
+    scope: Option<Scope<'static>>,
     pub(super) message: &'a Message<'a>,
     pub(super) device: &'a DeviceState,
     pub(super) now_ms: i64,
     pub(super) metadata: Option<Dynamic>,
     pub(super) shadow: Option<Dynamic>,
+    /// Window statistics computed for this message, by (metric, window): rules sharing a
+    /// window read it once.
+    pub(super) windows: Vec<(String, i64, WindowStats)>,
 }
 
-impl EvalContext<'_> {
+/// Why a predicate's values could not all be read as numbers: rhai answers instead.
+pub(super) enum Unreadable {
+    /// The rule's metric (`current`) or a window is missing: the evaluation is skipped, as
+    /// rhai's run would be.
+    Missing(ScriptError),
+    /// Some value is not a number (or not there): rhai decides.
+    NotNumeric,
+}
+
+impl<'a> EvalContext<'a> {
+    pub(super) fn new(
+        sandbox: &'a Sandbox,
+        message: &'a Message<'a>,
+        device: &'a DeviceState,
+        now_ms: i64,
+    ) -> Self {
+        EvalContext {
+            sandbox,
+            scope: None,
+            message,
+            device,
+            now_ms,
+            metadata: None,
+            shadow: None,
+            windows: Vec::new(),
+        }
+    }
+
+    /// The statistics of `metric`'s window of `window_ms` before this message.
+    fn window(&mut self, metric: &str, window_ms: i64) -> WindowStats {
+        if let Some((_, _, stats)) = self
+            .windows
+            .iter()
+            .find(|(m, w, _)| m == metric && *w == window_ms)
+        {
+            return *stats;
+        }
+        let stats = self
+            .device
+            .windows
+            .get(metric)
+            .map(|w| w.stats(self.now_ms, window_ms))
+            .unwrap_or_default();
+        self.windows.push((metric.to_string(), window_ms, stats));
+        stats
+    }
+
+    /// What every evaluation of an expression needs before it runs: the rule's metric in the
+    /// message, and two values in each window it reads.
+    fn prerequisites(&mut self, window_metrics: &[String], rule: &RuleSpec) -> Result<(), ScriptError> {
+        if let Some(metric) = &rule.metric
+            && self.message.value(metric).is_none()
+        {
+            return Err(ScriptError::Missing(metric.clone()));
+        }
+        for name in window_metrics {
+            // One value has no spread: statistics need two before they mean anything.
+            if self.window(name, rule.window_ms).count < 2 {
+                return Err(ScriptError::Missing(format!("window of {name}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of `predicate`'s operands for this message, into `values`.
+    pub(super) fn predicate_values(
+        &mut self,
+        predicate: &Predicate,
+        window_metrics: &[String],
+        rule: &RuleSpec,
+        values: &mut Vec<f64>,
+    ) -> Result<(), Unreadable> {
+        self.prerequisites(window_metrics, rule)
+            .map_err(Unreadable::Missing)?;
+        values.clear();
+        for operand in &predicate.operands {
+            let value = match operand {
+                Operand::Current if rule.metric.is_some() => {
+                    rule.metric.as_deref().and_then(|m| self.message.value(m))
+                }
+                Operand::Current => self.message.last_value("current"),
+                Operand::Metric(name) => self.message.last_value(name),
+                Operand::Window(name, stat) => {
+                    let s = self.window(name, rule.window_ms);
+                    values.push(match stat {
+                        Stat::Avg => s.avg,
+                        Stat::Std => s.std,
+                        Stat::Min => s.min,
+                        Stat::Max => s.max,
+                        Stat::Last => s.last,
+                        Stat::Sum => s.sum,
+                        Stat::Count => s.count as f64,
+                    });
+                    continue;
+                }
+            };
+            match value {
+                Some(MetricValue::Number(n)) => values.push(*n),
+                _ => return Err(Unreadable::NotNumeric),
+            }
+        }
+        Ok(())
+    }
+
     fn run(
         &mut self,
         expr: &Expression,
         rule: &RuleSpec,
         extra: &[(&str, f64)],
     ) -> Result<Verdict, ScriptError> {
-        let base_len = self.scope.len();
-        if let Some(metric) = &rule.metric {
-            match self.message.value(metric) {
-                Some(v) => {
-                    self.scope.push_constant_dynamic("current", metric_dynamic(v));
+        if let Some(predicate) = &expr.native
+            && extra.is_empty()
+        {
+            let mut values = Vec::with_capacity(predicate.operands.len());
+            match self.predicate_values(predicate, &expr.window_metrics, rule, &mut values) {
+                Ok(()) => {
+                    return Ok(if predicate.eval(&values) {
+                        Verdict::True
+                    } else {
+                        Verdict::False
+                    });
                 }
-                None => return Err(ScriptError::Missing(metric.clone())),
+                Err(Unreadable::Missing(e)) => return Err(e),
+                Err(Unreadable::NotNumeric) => {}
             }
         }
-        if expr.reads_metadata {
-            let metadata = self.metadata.get_or_insert_with(|| {
-                json_to_dynamic(&Value::Object((*self.message.event.metadata).clone()))
-            });
-            self.scope.push_constant_dynamic("metadata", metadata.clone());
-        }
-        if expr.reads_shadow {
-            let shadow = self.shadow.get_or_insert_with(|| {
-                self.message
-                    .event
-                    .shadow
-                    .as_deref()
-                    .map(json_to_dynamic)
-                    .unwrap_or_else(|| Dynamic::from_map(Map::new()))
-            });
-            self.scope.push_constant_dynamic("shadow", shadow.clone());
-        }
-        if !expr.window_metrics.is_empty() {
+        self.prerequisites(&expr.window_metrics, rule)?;
+        let message = self.message;
+        let windows = if expr.window_metrics.is_empty() {
+            None
+        } else {
             let mut metrics = Map::new();
             for name in &expr.window_metrics {
-                let stats = self
-                    .device
-                    .windows
-                    .get(name)
-                    .map(|w| w.stats(self.now_ms, rule.window_ms))
-                    .unwrap_or_default();
-                // One value has no spread: statistics need two before they mean anything.
-                if stats.count < 2 {
-                    self.scope.rewind(base_len);
-                    return Err(ScriptError::Missing(format!("window of {name}")));
-                }
+                let stats = self.window(name, rule.window_ms);
                 let mut m = Map::new();
                 m.insert("avg".into(), Dynamic::from_float(stats.avg));
                 m.insert("std".into(), Dynamic::from_float(stats.std));
@@ -307,13 +444,46 @@ impl EvalContext<'_> {
                 m.insert("count".into(), Dynamic::from_int(stats.count as i64));
                 metrics.insert(name.as_str().into(), Dynamic::from_map(m));
             }
-            self.scope.push_constant("metrics", metrics);
+            Some(metrics)
+        };
+        let metadata = expr.reads_metadata.then(|| {
+            self.metadata
+                .get_or_insert_with(|| json_to_dynamic(&Value::Object((*message.event.metadata).clone())))
+                .clone()
+        });
+        let shadow = expr.reads_shadow.then(|| {
+            self.shadow
+                .get_or_insert_with(|| {
+                    message
+                        .event
+                        .shadow
+                        .as_deref()
+                        .map(json_to_dynamic)
+                        .unwrap_or_else(|| Dynamic::from_map(Map::new()))
+                })
+                .clone()
+        });
+        let scope = self.scope.get_or_insert_with(|| message.scope());
+        let base_len = scope.len();
+        if let Some(metric) = &rule.metric
+            && let Some(v) = message.value(metric)
+        {
+            scope.push_constant_dynamic("current", metric_dynamic(v));
+        }
+        if let Some(metadata) = metadata {
+            scope.push_constant_dynamic("metadata", metadata);
+        }
+        if let Some(shadow) = shadow {
+            scope.push_constant_dynamic("shadow", shadow);
+        }
+        if let Some(metrics) = windows {
+            scope.push_constant("metrics", metrics);
         }
         for (name, value) in extra {
-            self.scope.push_constant(name.to_string(), *value);
+            scope.push_constant(name.to_string(), *value);
         }
-        let result = self.sandbox.eval(expr, &mut self.scope);
-        self.scope.rewind(base_len);
+        let result = self.sandbox.eval(expr, scope);
+        scope.rewind(base_len);
         result
     }
 }
@@ -358,7 +528,9 @@ pub(super) fn evaluate(
     }
     let now = ctx.now_ms;
     let device = ctx.message.event.device.clone();
-    rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+    if !rule.grouped {
+        rule.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+    }
     let current = rule
         .spec
         .metric

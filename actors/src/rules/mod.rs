@@ -10,7 +10,9 @@
 mod condition;
 pub mod evaluator;
 pub mod findings;
+mod index;
 pub mod names;
+pub mod native;
 pub mod script;
 pub mod seen_metrics;
 pub mod stats;

@@ -22,6 +22,7 @@ use rhai::{AST, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
 
 use super::Severity;
 use super::names::{self, identifiers, window_metrics};
+use super::native::Predicate;
 
 /// Functions of rhai's standard library that rules may not call, and why. They are not in the
 /// sandbox's engine at all; naming them here turns a run-time "function not found" into a
@@ -181,6 +182,8 @@ pub struct Expression {
     /// Metrics named as `metrics.<name>`: their window statistics are computed.
     pub window_metrics: Vec<String>,
     identifiers: Vec<String>,
+    /// The same expression judged without rhai, when it is simple enough (see `native`).
+    pub native: Option<Arc<Predicate>>,
 }
 
 /// The engine every rule of the process shares (it is immutable once built).
@@ -295,6 +298,7 @@ impl Sandbox {
             reads_shadow: identifiers.iter().any(|i| i == "shadow"),
             window_metrics: window_metrics(source),
             identifiers,
+            native: Predicate::parse(source).map(Arc::new),
         })
     }
 
@@ -435,6 +439,97 @@ mod tests {
             scope.push(k.to_string(), *v);
         }
         sandbox.eval(&expr, &mut scope)
+    }
+
+    /// Wherever a native predicate decides, it decides as rhai does: random expressions of the
+    /// subset (every comparison, literals integer, fractional and negative, `current`, window
+    /// statistics with their integer `count`, `!`, `&&`, `||`, parentheses) on random values,
+    /// many of them equal to the literals.
+    #[test]
+    fn native_predicates_agree_with_rhai() {
+        use crate::rules::native::{Operand, Stat};
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let literals = ["0", "1", "2", "-1", "2.5", "-0.5", "3"];
+        let terms = [
+            "a",
+            "b",
+            "current",
+            "metrics.m.count",
+            "metrics.m.max",
+            "metrics.m.avg",
+        ];
+        let ops = ["<", "<=", ">", ">=", "==", "!="];
+        let sandbox = Sandbox::default();
+        let mut checked = 0;
+        for _ in 0..3000 {
+            let comparison = |next: &mut dyn FnMut(u64) -> u64| {
+                let side = |next: &mut dyn FnMut(u64) -> u64| {
+                    if next(2) == 0 {
+                        literals[next(literals.len() as u64) as usize].to_string()
+                    } else {
+                        terms[next(terms.len() as u64) as usize].to_string()
+                    }
+                };
+                let left = side(next);
+                let op = ops[next(ops.len() as u64) as usize];
+                format!("{left} {op} {}", side(next))
+            };
+            let mut source = comparison(&mut next);
+            for _ in 0..next(3) {
+                let join = ["&&", "||"][next(2) as usize];
+                let other = comparison(&mut next);
+                source = match next(4) {
+                    0 => format!("!({source}) {join} {other}"),
+                    1 => format!("({source}) {join} ({other})"),
+                    2 => format!("{other} {join} !({source})"),
+                    _ => format!("{source} {join} {other}"),
+                };
+            }
+            let expression = sandbox.compile(&source).expect(&source);
+            let predicate = expression.native.clone().expect(&source);
+            for _ in 0..8 {
+                let mut value = || [0.0, 1.0, 2.0, -1.0, 2.5, -0.5, 3.0, 0.25][next(8) as usize];
+                let (a, b, current, max, avg) = (value(), value(), value(), value(), value());
+                let count = next(4) as i64;
+                let mut scope = Scope::new();
+                scope.push("a", a);
+                scope.push("b", b);
+                scope.push("current", current);
+                let mut stats = Map::new();
+                stats.insert("count".into(), Dynamic::from_int(count));
+                stats.insert("max".into(), Dynamic::from_float(max));
+                stats.insert("avg".into(), Dynamic::from_float(avg));
+                let mut metrics = Map::new();
+                metrics.insert("m".into(), Dynamic::from_map(stats));
+                scope.push("metrics", metrics);
+                let values: Vec<f64> = predicate
+                    .operands
+                    .iter()
+                    .map(|o| match o {
+                        Operand::Metric(n) if n == "a" => a,
+                        Operand::Metric(_) => b,
+                        Operand::Current => current,
+                        Operand::Window(_, Stat::Count) => count as f64,
+                        Operand::Window(_, Stat::Max) => max,
+                        Operand::Window(..) => avg,
+                    })
+                    .collect();
+                let rhai = sandbox.eval(&expression, &mut scope).expect(&source);
+                assert_eq!(
+                    rhai.holds(),
+                    predicate.eval(&values),
+                    "{source} at a={a} b={b} current={current} count={count} max={max} avg={avg}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 24_000);
     }
 
     #[test]

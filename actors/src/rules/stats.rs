@@ -33,6 +33,9 @@ pub struct RuleStats {
     /// Set when a sandbox limit was hit: the rule no longer runs until it is changed.
     pub stopped: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// Evaluations counted for a group of rules at once (the evaluator's index judges a group
+    /// of rules per message): the group's counter and its value when this rule joined.
+    shared: Mutex<Option<(Arc<AtomicU64>, u64)>>,
 }
 
 /// [`RuleStats`] as JSON.
@@ -52,8 +55,14 @@ pub struct RuleStatsView {
 
 impl RuleStats {
     pub fn view(&self) -> RuleStatsView {
+        let shared = self
+            .shared
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|(c, base)| c.load(Ordering::Relaxed) - base))
+            .unwrap_or(0);
         RuleStatsView {
-            evaluations: self.evaluations.load(Ordering::Relaxed),
+            evaluations: self.evaluations.load(Ordering::Relaxed) + shared,
             matches: self.matches.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
@@ -66,6 +75,17 @@ impl RuleStats {
             },
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
+    }
+
+    /// Counts this rule's evaluations from now on in `counter` as well (`None`: no longer);
+    /// what the previous counter counted is kept.
+    pub(super) fn share(&self, counter: Option<&Arc<AtomicU64>>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((c, base)) = shared.take() {
+            self.evaluations
+                .fetch_add(c.load(Ordering::Relaxed) - base, Ordering::Relaxed);
+        }
+        *shared = counter.map(|c| (c.clone(), c.load(Ordering::Relaxed)));
     }
 
     pub(super) fn error(&self, error: &ScriptError) {
