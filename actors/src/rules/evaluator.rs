@@ -20,7 +20,7 @@ use super::condition::{
     compile_condition, evaluate, evaluate_findings,
 };
 use super::findings::AnalyticsFindings;
-use super::index::RuleIndex;
+use super::index::{Bits, RuleIndex};
 use super::script::{Sandbox, ScriptError};
 use super::stats::{RuleStats, StatsBoard};
 use super::{AlarmChange, AlarmSignal, Judge, RuleSpec};
@@ -321,23 +321,26 @@ impl TenantRules {
         // state for the device, and those of each group whose predicate holds (or all of a
         // group whose values are not all numbers: rhai has the last word on them).
         let run = if self.index.len() == self.rules.len() {
-            let mut run = self.index.ungrouped.clone();
+            let mut run = Bits::new(self.rules.len());
             if let Some(stateful) = self.index.stateful.get(&event.device) {
                 run.union(stateful);
             }
             let mut values = Vec::new();
-            for group in &self.index.groups {
-                let probe = &self.rules[group.probe()].spec;
-                if !judge.admits(probe) || !probe.scope.matches(&event.device, &event.device_type) {
-                    continue;
-                }
-                // A message resumed after a pause was counted when it started.
-                if first_rule == 0 {
-                    group.evaluations.fetch_add(1, Ordering::Relaxed);
-                }
-                match ctx.predicate_values(&group.predicate, &group.window_metrics, probe, &mut values) {
-                    Ok(()) => group.holding(&values, &mut run),
-                    Err(_) => group.all(&mut run),
+            for candidates in self.index.candidates(&event.device, &event.device_type) {
+                run.union(&candidates.ungrouped);
+                for group in candidates.groups.iter().map(|g| &self.index.groups[*g]) {
+                    let probe = &self.rules[group.probe()].spec;
+                    if !judge.admits(probe) || !probe.scope.matches(&event.device, &event.device_type) {
+                        continue;
+                    }
+                    // A message resumed after a pause was counted when it started.
+                    if first_rule == 0 {
+                        group.evaluations.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match ctx.predicate_values(&group.predicate, &group.window_metrics, probe, &mut values) {
+                        Ok(()) => group.holding(&values, &mut run),
+                        Err(_) => group.all(&mut run),
+                    }
                 }
             }
             run.ones_from(first_rule)

@@ -134,11 +134,24 @@ impl ShapeGroup {
     }
 }
 
+/// What may concern the devices of one scope bucket.
+#[derive(Debug, Default)]
+pub(super) struct Candidates {
+    /// Rules judged one by one on each message (not in a group).
+    pub(super) ungrouped: Bits,
+    /// Positions in [`RuleIndex::groups`].
+    pub(super) groups: Vec<usize>,
+}
+
 /// The index of a tenant's rules, rebuilt whenever its rule set changes.
 #[derive(Debug, Default)]
 pub(super) struct RuleIndex {
-    /// Rules judged one by one on every message (not in a group).
-    pub(super) ungrouped: Bits,
+    /// Rules and groups for every device (scope `all`), or for members of a device group or
+    /// tag (their membership is checked when judged).
+    pub(super) everyone: Candidates,
+    /// By device type, and by device, for rules scoped to one: a message meets only its own.
+    pub(super) by_type: HashMap<String, Candidates>,
+    pub(super) by_device: HashMap<DeviceId, Candidates>,
     pub(super) groups: Vec<ShapeGroup>,
     /// Per device, the grouped rules holding state for it (a superset: a rule whose state went
     /// idle leaves the set the next time it is judged).
@@ -171,7 +184,15 @@ fn scope_key(scope: &RuleScope) -> String {
 impl RuleIndex {
     /// Groups `rules`, and shares each group's evaluation counter with its members' stats.
     pub(super) fn build(rules: &mut [CompiledRule]) -> RuleIndex {
-        let mut ungrouped = Bits::new(rules.len());
+        let len = rules.len();
+        let mut index = RuleIndex {
+            everyone: Candidates {
+                ungrouped: Bits::new(len),
+                groups: Vec::new(),
+            },
+            len,
+            ..RuleIndex::default()
+        };
         let mut by_key: HashMap<GroupKey, usize> = HashMap::new();
         let mut groups: Vec<ShapeGroup> = Vec::new();
         for (position, rule) in rules.iter_mut().enumerate() {
@@ -185,7 +206,7 @@ impl RuleIndex {
             let (Some((expr, predicate)), true) = (native, rule.spec.enabled) else {
                 rule.grouped = false;
                 rule.stats.share(None);
-                ungrouped.set(position);
+                index.bucket(&rule.spec.scope).ungrouped.set(position);
                 continue;
             };
             let key = GroupKey {
@@ -200,15 +221,20 @@ impl RuleIndex {
                 window_metrics: expr.window_metrics.clone(),
             };
             let threshold = predicate.threshold.map_or(0.0, |t| t.threshold);
-            let group = *by_key.entry(key).or_insert_with(|| {
-                groups.push(ShapeGroup {
-                    predicate: predicate.clone(),
-                    window_metrics: expr.window_metrics.clone(),
-                    members: Vec::new(),
-                    evaluations: Arc::new(AtomicU64::new(0)),
-                });
-                groups.len() - 1
-            });
+            let group = match by_key.get(&key) {
+                Some(group) => *group,
+                None => {
+                    groups.push(ShapeGroup {
+                        predicate: predicate.clone(),
+                        window_metrics: expr.window_metrics.clone(),
+                        members: Vec::new(),
+                        evaluations: Arc::new(AtomicU64::new(0)),
+                    });
+                    index.bucket(&rule.spec.scope).groups.push(groups.len() - 1);
+                    by_key.insert(key, groups.len() - 1);
+                    groups.len() - 1
+                }
+            };
             groups[group].members.push((threshold, position));
             rule.grouped = true;
             rule.stats.share(Some(&groups[group].evaluations));
@@ -225,12 +251,38 @@ impl RuleIndex {
                     .set(position);
             }
         }
-        RuleIndex {
-            ungrouped,
-            groups,
-            stateful,
-            len: rules.len(),
+        index.groups = groups;
+        index.stateful = stateful;
+        index
+    }
+
+    fn bucket(&mut self, scope: &RuleScope) -> &mut Candidates {
+        let len = self.len;
+        let fresh = || Candidates {
+            ungrouped: Bits::new(len),
+            groups: Vec::new(),
+        };
+        match scope {
+            RuleScope::DeviceType(t) => self.by_type.entry(t.clone()).or_insert_with(fresh),
+            RuleScope::Device(d) => self.by_device.entry(d.clone()).or_insert_with(fresh),
+            RuleScope::All | RuleScope::Group { .. } | RuleScope::Tag { .. } => &mut self.everyone,
         }
+    }
+
+    /// The candidates for a device of `device_type`: scope `all`, group and tag rules, and
+    /// those scoped to its type or to itself.
+    pub(super) fn candidates<'a>(
+        &'a self,
+        device: &DeviceId,
+        device_type: &str,
+    ) -> impl Iterator<Item = &'a Candidates> {
+        [
+            Some(&self.everyone),
+            self.by_type.get(device_type),
+            self.by_device.get(device),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// Rules the index was built for.
