@@ -15,7 +15,9 @@
 //!
 //! All SQLite work runs on tokio's blocking pool. One connection writes (SQLite allows one writer
 //! at a time; a mutex is cheaper and fairer than `SQLITE_BUSY` retries); reads use a small pool
-//! of other connections, which WAL lets run beside the writer.
+//! of other connections, which WAL lets run beside the writer. A percentile over a long range
+//! reads it in time slices on several of them at once, in one snapshot (`sqlite/slices.rs`).
+//! Queries are in `sqlite/query.rs`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,8 +35,10 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use super::Retention;
 
 mod query;
+mod slices;
 
 use query::run_query;
+use slices::Slicing;
 
 /// Tables and indexes; `user_version` 1.
 pub const SCHEMA: &str = "
@@ -98,6 +102,9 @@ const MAX_IDLE_READERS: usize = 4;
 /// `TELEMETRY_SQLITE_CACHE_MIB`). Address space only: the OS pages the file in and out as for
 /// any read, and pages still in the WAL are read from it as before.
 const READER_MMAP_BYTES: i64 = 1 << 30;
+/// Time slices a long raw scan is read in at once at most, however many cores there are: each
+/// takes a reader connection, and more than the idle pool keeps would open new ones.
+const MAX_SLICES: usize = MAX_IDLE_READERS;
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -112,6 +119,8 @@ pub struct SqliteTelemetryStore {
     retention: Retention,
     writer: Arc<Mutex<Writer>>,
     readers: Arc<ReaderPool>,
+    /// Time slices a long raw scan is read in at once at most (see [`Slicing`]).
+    max_slices: usize,
 }
 
 /// The writing connection and what it caches.
@@ -246,6 +255,9 @@ impl SqliteTelemetryStore {
                 series: HashMap::new(),
                 dirty_upper: HashMap::new(),
             })),
+            max_slices: std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get())
+                .min(MAX_SLICES),
         })
     }
 
@@ -551,10 +563,15 @@ impl TelemetryStore for SqliteTelemetryStore {
     }
 
     async fn query(&self, query: TelemetryQuery) -> Result<QueryResult, TelemetryStoreError> {
-        let readers = self.readers.clone();
+        let (readers, writer, max_slices) = (self.readers.clone(), self.writer.clone(), self.max_slices);
         self.blocking(move || {
             let conn = readers.get()?;
-            let result = run_query(&conn, &query);
+            let slicing = Slicing {
+                pool: &readers,
+                writer: &writer,
+                max_slices,
+            };
+            let result = run_query(&conn, &query, &slicing);
             readers.put(conn);
             result
         })
