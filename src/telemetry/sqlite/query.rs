@@ -258,7 +258,12 @@ fn aggregate_series(
         let points: i64 = hours.iter().map(|&(_, count)| count).sum();
         let reads = match every_ms {
             Some(every)
-                if points >= MIN_POINTS_PER_BUCKET_READ * q::bucket_count(range.0, range.1, Some(every)) =>
+                if points
+                    >= MIN_POINTS_PER_BUCKET_READ.saturating_mul(q::bucket_count(
+                        range.0,
+                        range.1,
+                        Some(every),
+                    )) =>
             {
                 BucketReads::PerBucket
             }

@@ -153,15 +153,22 @@ impl<'a> SliceSnapshot<'a> {
                 .extra
                 .iter_mut()
                 .zip(rest)
-                .map(|(conn, range)| scope.spawn(move || each(conn, *range)))
+                .map(|(conn, range)| {
+                    std::thread::Builder::new()
+                        .name("telemetry-slice".into())
+                        .spawn_scoped(scope, move || each(conn, *range))
+                })
                 .collect();
             let mut results = vec![each(self.main, *first)];
             for other in others {
-                results.push(
-                    other.join().unwrap_or_else(|_| {
+                results.push(match other {
+                    Ok(thread) => thread.join().unwrap_or_else(|_| {
                         Err(TelemetryStoreError::Internal("a slice scan panicked".into()))
                     }),
-                );
+                    Err(e) => Err(TelemetryStoreError::Unavailable(format!(
+                        "cannot start a thread for a slice scan: {e}"
+                    ))),
+                });
             }
             results.into_iter().collect()
         })
