@@ -517,6 +517,28 @@ fn severity_of(verdict: Verdict, rule: &RuleSpec) -> Severity {
     }
 }
 
+/// A message's details for an alarm, made only when a judgement needs them (most judge
+/// nothing and need none).
+struct LazyDetails<'m> {
+    message: &'m Message<'m>,
+    value: Option<Value>,
+}
+
+impl<'m> LazyDetails<'m> {
+    fn new(message: &'m Message<'m>) -> Self {
+        LazyDetails { message, value: None }
+    }
+
+    fn get(&mut self) -> &mut Value {
+        let message = self.message;
+        self.value.get_or_insert_with(|| message.details())
+    }
+
+    fn take(&mut self) -> Value {
+        self.value.take().unwrap_or_else(|| self.message.details())
+    }
+}
+
 /// Runs one rule on one message; returns the alarm change it causes.
 pub(super) fn evaluate(
     rule: &mut CompiledRule,
@@ -546,7 +568,7 @@ pub(super) fn evaluate(
         at_ms: now,
         details,
     };
-    let mut details = ctx.message.details();
+    let mut details = LazyDetails::new(ctx.message);
 
     // Group conditions keep their state across devices.
     if let Condition::Group {
@@ -571,7 +593,7 @@ pub(super) fn evaluate(
         let holding = rule.group.held_at.len() as u32;
         let mut members: Vec<&str> = rule.group.held_at.keys().map(|d| d.as_str()).collect();
         members.sort_unstable();
-        details["devices"] = json!(members);
+        details.get()["devices"] = json!(members);
         if holding >= *min_devices {
             let origin = rule
                 .group
@@ -582,7 +604,7 @@ pub(super) fn evaluate(
             let severity = severity_of(verdict, &rule.spec);
             // The group alarm's repeats are kept on its originator's state.
             let state = rule.devices.entry(origin.clone()).or_default();
-            let occurrences = report(state, severity, current, &details, now)?;
+            let occurrences = report(state, severity, current, details.get(), now)?;
             return Some(signal(
                 rule,
                 origin,
@@ -591,7 +613,7 @@ pub(super) fn evaluate(
                     value: current,
                     occurrences,
                 },
-                details,
+                details.take(),
             ));
         }
         if rule.clear.is_some()
@@ -599,7 +621,12 @@ pub(super) fn evaluate(
         {
             let state = rule.devices.remove(&origin).unwrap_or_default();
             let repeats = state.pending.map_or(0, |p| p.count);
-            return Some(signal(rule, origin, AlarmChange::Clear { repeats }, details));
+            return Some(signal(
+                rule,
+                origin,
+                AlarmChange::Clear { repeats },
+                details.take(),
+            ));
         }
         return None;
     }
@@ -610,7 +637,12 @@ pub(super) fn evaluate(
     if let Condition::Absence { .. } = rule.condition {
         if state.active {
             state.active = false;
-            return Some(signal(rule, device, AlarmChange::Clear { repeats: 0 }, details));
+            return Some(signal(
+                rule,
+                device,
+                AlarmChange::Clear { repeats: 0 },
+                details.take(),
+            ));
         }
         return None;
     }
@@ -634,10 +666,10 @@ pub(super) fn evaluate(
         } else {
             0.0
         };
-        details["zscore"] = json!(z);
-        details["avg"] = json!(stats.avg);
-        details["std"] = json!(stats.std);
-        details["samples"] = json!(stats.count);
+        details.get()["zscore"] = json!(z);
+        details.get()["avg"] = json!(stats.avg);
+        details.get()["std"] = json!(stats.std);
+        details.get()["samples"] = json!(stats.count);
         extra.push(("zscore", z));
         if let Condition::Statistical { min_samples, .. } = rule.condition
             && stats.count < u64::from(min_samples)
@@ -656,7 +688,12 @@ pub(super) fn evaluate(
                 if now - since >= *for_ms {
                     let repeats = state.pending.take().map_or(0, |p| p.count);
                     *state = DeviceRuleState::default();
-                    return Some(signal(rule, device, AlarmChange::Clear { repeats }, details));
+                    return Some(signal(
+                        rule,
+                        device,
+                        AlarmChange::Clear { repeats },
+                        details.take(),
+                    ));
                 }
             }
             Ok(_) => state.clear_since = None,
@@ -678,7 +715,7 @@ pub(super) fn evaluate(
         Condition::Duration { expr, for_ms } => match ctx.run(expr, &rule.spec, &extra) {
             Ok(v) if v.holds() => {
                 let since = *state.since.get_or_insert(now);
-                details["heldForMs"] = json!(now - since);
+                details.get()["heldForMs"] = json!(now - since);
                 (now - since >= *for_ms).then(|| severity_of(v, &rule.spec))
             }
             Ok(_) => {
@@ -705,7 +742,7 @@ pub(super) fn evaluate(
                 while state.hits.len() > *count as usize * 2 {
                     state.hits.pop_front();
                 }
-                details["occurrences"] = json!(state.hits.len());
+                details.get()["occurrences"] = json!(state.hits.len());
                 (v.holds() && state.hits.len() >= *count as usize).then(|| severity_of(v, &rule.spec))
             }
             Err(e) => {
@@ -729,7 +766,7 @@ pub(super) fn evaluate(
                 } else {
                     match ctx.run(then, &rule.spec, &extra) {
                         Ok(v) if v.holds() => {
-                            details["firstAtMs"] = json!(at);
+                            details.get()["firstAtMs"] = json!(at);
                             state.first_at = None;
                             fired = Some(severity_of(v, &rule.spec));
                         }
@@ -755,7 +792,7 @@ pub(super) fn evaluate(
     let severity = fired?;
     state.clear_since = None;
     rule.stats.matches.fetch_add(1, Ordering::Relaxed);
-    let occurrences = report(state, severity, current, &details, now)?;
+    let occurrences = report(state, severity, current, details.get(), now)?;
     Some(signal(
         rule,
         device,
@@ -764,7 +801,7 @@ pub(super) fn evaluate(
             value: current,
             occurrences,
         },
-        details,
+        details.take(),
     ))
 }
 

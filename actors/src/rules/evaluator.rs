@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use serde_json::json;
 
 use super::condition::{
-    CompiledRule, Condition, DeviceRuleState, DeviceState, EvalContext, GroupState, Message,
+    CompiledRule, Condition, DeviceRuleState, DeviceState, EvalContext, GroupState, Message, Unreadable,
     compile_condition, evaluate, evaluate_findings,
 };
 use super::findings::AnalyticsFindings;
@@ -339,7 +339,22 @@ impl TenantRules {
                     }
                     match ctx.predicate_values(&group.predicate, &group.window_metrics, probe, &mut values) {
                         Ok(()) => group.holding(&values, &mut run),
-                        Err(_) => group.all(&mut run),
+                        // The rule's metric or a window is missing: judged alone, each member
+                        // would only count the message as skipped; those with state are judged
+                        // alone all the same (a clear condition may not need what is missing).
+                        Err(Unreadable::Missing(_)) => {
+                            let stateful = self.index.stateful.get(&event.device);
+                            for (_, position) in &group.members {
+                                let stats = &self.rules[*position].stats;
+                                if !stateful.is_some_and(|s| s.contains(*position))
+                                    && !stats.stopped.load(Ordering::Relaxed)
+                                {
+                                    stats.skipped.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        // A value is not a number: rhai judges each member.
+                        Err(Unreadable::NotNumeric) => group.all(&mut run),
                     }
                 }
             }

@@ -39,6 +39,10 @@ impl Bits {
         self.0[i / 64] |= 1 << (i % 64);
     }
 
+    pub(super) fn contains(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
     pub(super) fn unset(&mut self, i: usize) {
         self.0[i / 64] &= !(1 << (i % 64));
     }
@@ -126,8 +130,12 @@ impl ShapeGroup {
                 Cmp::Eq | Cmp::Ne => unreachable!("a threshold is an ordering"),
             }
         };
-        for (i, (_, rule)) in self.members.iter().enumerate() {
-            if (from..to).contains(&i) == when_holds {
+        if when_holds {
+            for (_, rule) in &self.members[from..to] {
+                out.set(*rule);
+            }
+        } else {
+            for (_, rule) in self.members[..from].iter().chain(&self.members[to..]) {
                 out.set(*rule);
             }
         }
