@@ -342,6 +342,8 @@ impl TenantRules {
                         // The rule's metric or a window is missing: judged alone, each member
                         // would only count the message as skipped; those with state are judged
                         // alone all the same (a clear condition may not need what is missing).
+                        // Counted once per message, like the evaluations.
+                        Err(Unreadable::Missing(_)) if first_rule > 0 => {}
                         Err(Unreadable::Missing(_)) => {
                             let stateful = self.index.stateful.get(&event.device);
                             for (_, position) in &group.members {
@@ -1196,6 +1198,44 @@ mod tests {
             for id in ["hot", "spike", "dur"] {
                 assert_eq!(stats[id].view().evaluations, 4, "{id} judged each message once");
             }
+        }
+    }
+
+    /// A message resumed after a pause is not counted twice by a group that could not decide.
+    #[test]
+    fn a_resumed_message_counts_a_groups_skips_once() {
+        // The rhai rule comes first, so the batch pauses after it, before the group's member.
+        let rules = vec![
+            rule("rhai", expr("humidity + 1 > 100")),
+            rule("grouped", expr("temperature > 30")),
+        ];
+        let mut batch = event("d1", &[("humidity", 50.0)]);
+        let points: Vec<TelemetryPoint> = (1..=3)
+            .map(|ts| TelemetryPoint {
+                ts_ms: ts,
+                ..batch.points[0].clone()
+            })
+            .collect();
+        batch.points = points.into();
+        let board = StatsBoard::default();
+        let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
+        t.set_rules(rules, &[]);
+        assert!(t.rules[1].grouped && !t.rules[0].grouped);
+        let mut got = Vec::new();
+        let mut calls = 0;
+        while t.on_telemetry_until(&batch, 1_000, &mut got, &mut || true) == Progress::Paused {
+            calls += 1;
+            assert!(calls < 100, "no progress");
+        }
+        assert!(calls >= 3, "paused after the rhai rule of each message: {calls}");
+        let stats = board.lock().unwrap();
+        for id in ["rhai", "grouped"] {
+            let view = stats[id].view();
+            assert_eq!(
+                (view.evaluations, view.skipped),
+                (3, 3),
+                "{id}: the metric is missing"
+            );
         }
     }
 
