@@ -597,13 +597,7 @@ mod tests {
     /// same rules judged each on its own.
     #[test]
     fn the_index_judges_as_every_rule_alone_would() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::rules::test_random(0x2545_f491_4f6c_dd1du64);
         let mut specs = Vec::new();
         for i in 0..60 {
             let t = next(40) as f64 + if next(2) == 0 { 0.5 } else { 0.0 };

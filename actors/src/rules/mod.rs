@@ -27,6 +27,18 @@ use serde_json::Value;
 
 use crate::ids::{DeviceId, TenantId};
 
+/// A small deterministic random source for the rules' randomised tests: `next(n)` is in `0..n`
+/// (xorshift; the same seed gives the same sequence).
+#[cfg(test)]
+pub(crate) fn test_random(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
 /// Alarm severity, lowest first (so `max` is the more severe one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

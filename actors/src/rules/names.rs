@@ -147,7 +147,7 @@ pub fn line_column(source: &str, at: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn is_keyword(word: &str) -> bool {
+pub(super) fn is_keyword(word: &str) -> bool {
     matches!(
         word,
         "true"

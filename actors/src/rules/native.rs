@@ -23,6 +23,9 @@
 
 use std::fmt::Write as _;
 
+use super::names::is_keyword;
+use super::script::CONTEXT_VARIABLES;
+
 /// Integers beyond this are not exact as `f64`: such literals are left to rhai.
 const EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
 
@@ -345,20 +348,13 @@ fn tokenize(source: &str) -> Option<Vec<Token>> {
         let next = bytes.get(i + 1).copied();
         match c {
             b' ' | b'\t' | b'\n' | b'\r' => i += 1,
-            b'(' => {
-                tokens.push(Token::Open);
-                i += 1;
-            }
-            b')' => {
-                tokens.push(Token::Close);
-                i += 1;
-            }
-            b'.' => {
-                tokens.push(Token::Dot);
-                i += 1;
-            }
-            b'-' => {
-                tokens.push(Token::Minus);
+            b'(' | b')' | b'.' | b'-' => {
+                tokens.push(match c {
+                    b'(' => Token::Open,
+                    b')' => Token::Close,
+                    b'.' => Token::Dot,
+                    _ => Token::Minus,
+                });
                 i += 1;
             }
             b'&' if next == Some(b'&') => {
@@ -438,54 +434,6 @@ struct Parser {
     operands: Vec<Operand>,
     compares: usize,
 }
-
-/// Names a predicate does not read as metrics: the evaluator's other variables (strings and
-/// maps, or `zscore` which only statistical conditions set) and rhai's keywords.
-const NOT_METRICS: &[&str] = &[
-    "device",
-    "deviceType",
-    "metadata",
-    "shadow",
-    "metrics",
-    "zscore",
-    "true",
-    "false",
-    "let",
-    "const",
-    "if",
-    "else",
-    "switch",
-    "do",
-    "while",
-    "loop",
-    "until",
-    "for",
-    "in",
-    "break",
-    "continue",
-    "return",
-    "throw",
-    "try",
-    "catch",
-    "fn",
-    "private",
-    "import",
-    "export",
-    "as",
-    "this",
-    "global",
-    "is",
-    "Fn",
-    "call",
-    "curry",
-    "type_of",
-    "print",
-    "debug",
-    "eval",
-    "is_def_var",
-    "is_def_fn",
-    "is_shared",
-];
 
 impl Parser {
     fn peek(&self) -> Option<&Token> {
@@ -605,7 +553,9 @@ impl Parser {
                 Some(self.operand(Operand::Window(metric, stat)))
             }
             Token::Ident(name) => {
-                if NOT_METRICS.contains(&name.as_str()) {
+                // The evaluator's other variables (strings, maps, or `zscore`, which only
+                // statistical conditions set) and rhai's keywords are not metrics.
+                if name != "current" && (CONTEXT_VARIABLES.contains(&name.as_str()) || is_keyword(&name)) {
                     return None;
                 }
                 self.at += 1;

@@ -448,13 +448,7 @@ mod tests {
     #[test]
     fn native_predicates_agree_with_rhai() {
         use crate::rules::native::{Operand, Stat};
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::rules::test_random(0x9e37_79b9_7f4a_7c15u64);
         let literals = ["0", "1", "2", "-1", "2.5", "-0.5", "3"];
         let terms = [
             "a",
