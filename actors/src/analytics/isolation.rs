@@ -141,6 +141,9 @@ pub struct IsolationModel {
     dims: usize,
     centre: Vec<f64>,
     scale: Vec<f64>,
+    /// Coordinates the model does not judge: the levels of metrics that only moved one way
+    /// through the training set ([`IsolationModel::train_on_messages`]). They standardise to 0.
+    ignored: Vec<bool>,
     /// Lowest and highest raw score of the training set: the most ordinary training point maps
     /// to 0, the most isolated one to 1.
     floor: f64,
@@ -152,6 +155,7 @@ impl std::fmt::Debug for IsolationModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IsolationModel")
             .field("dims", &self.dims)
+            .field("ignored", &self.ignored)
             .field("floor", &self.floor)
             .field("ceiling", &self.ceiling)
             .field("threshold", &self.threshold)
@@ -162,6 +166,43 @@ impl std::fmt::Debug for IsolationModel {
 impl IsolationModel {
     /// Trains on feature vectors of equal length (at most [`FEATURE_DIM`]); needs at least 16.
     pub fn train(features: &[Vec<f64>], options: &IsolationOptions) -> Result<Self, AnalyticsError> {
+        Self::train_ignoring(features, options, None)
+    }
+
+    /// Trains on vectors a [`FeatureBuilder`] made (values, differences, deviations), leaving
+    /// out the level of every metric that is monotone over the training set: each of its
+    /// differences has the same sign (or is 0) and at least a quarter are not 0 (a counter,
+    /// an odometer, a draining tank). Such a level leaves the training range by its nature, so a
+    /// forest that judged it would flag every later message (a sequence number trained on its
+    /// first 500 values finds every later one isolated); its differences and their deviation
+    /// are still judged, so a counter that jumps, stalls or resets stands out as before.
+    pub fn train_on_messages(
+        features: &[Vec<f64>],
+        options: &IsolationOptions,
+    ) -> Result<Self, AnalyticsError> {
+        let dims = features.first().map_or(0, Vec::len);
+        if dims == 0 || dims % FEATURES_PER_METRIC != 0 || features.iter().any(|f| f.len() != dims) {
+            return Self::train(features, options);
+        }
+        let metrics = dims / FEATURES_PER_METRIC;
+        let mut ignored = vec![false; dims];
+        for (metric, slot) in ignored.iter_mut().take(metrics).enumerate() {
+            *slot = monotone(features.iter().map(|f| f[metrics + metric]));
+        }
+        Self::train_ignoring(features, options, Some(ignored))
+    }
+
+    /// The metrics (by position in the vectors [`Self::train_on_messages`] took) whose level the
+    /// model leaves out.
+    pub fn ignored_levels(&self) -> Vec<usize> {
+        (0..self.dims).filter(|d| self.ignored[*d]).collect()
+    }
+
+    fn train_ignoring(
+        features: &[Vec<f64>],
+        options: &IsolationOptions,
+        ignored: Option<Vec<bool>>,
+    ) -> Result<Self, AnalyticsError> {
         const MIN_TRAINING: usize = 16;
         if features.len() < MIN_TRAINING {
             return Err(AnalyticsError::NotEnoughData {
@@ -186,6 +227,7 @@ impl IsolationModel {
         if features.iter().any(|f| f.iter().any(|v| !v.is_finite())) {
             return Err(AnalyticsError::NonFinite);
         }
+        let ignored = ignored.unwrap_or_else(|| vec![false; dims]);
         let n = features.len() as f64;
         let centre: Vec<f64> = (0..dims)
             .map(|d| features.iter().map(|f| f[d]).sum::<f64>() / n)
@@ -203,7 +245,7 @@ impl IsolationModel {
             .map(|f| {
                 f.iter()
                     .enumerate()
-                    .map(|(d, v)| quantise((v - centre[d]) / scale[d]))
+                    .map(|(d, v)| standardise(*v, centre[d], scale[d], ignored[d]))
                     .collect()
             })
             .collect();
@@ -217,6 +259,7 @@ impl IsolationModel {
             dims,
             centre,
             scale,
+            ignored,
             floor: training_scores.iter().copied().fold(f64::INFINITY, f64::min),
             ceiling: training_scores.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             threshold: options.threshold,
@@ -234,7 +277,7 @@ impl IsolationModel {
         super::ensure_finite(features)?;
         let mut standardised = [0.0; FEATURE_DIM];
         for (d, (slot, v)) in standardised.iter_mut().zip(features).enumerate() {
-            *slot = quantise((v - self.centre[d]) / self.scale[d]);
+            *slot = standardise(*v, self.centre[d], self.scale[d], self.ignored[d]);
         }
         Ok(self.trees.score(&standardised[..self.dims]))
     }
@@ -276,7 +319,7 @@ impl IsolationModel {
             .iter()
             .enumerate()
             .take(self.dims)
-            .map(|(d, v)| ((v - self.centre[d]) / self.scale[d]).abs())
+            .map(|(d, v)| standardise(*v, self.centre[d], self.scale[d], self.ignored[d]).abs())
             .collect()
     }
 }
@@ -296,6 +339,32 @@ const FEATURE_LIMIT: f64 = 1e9;
 /// ulp. A millionth of a deviation is below any sensor's resolution.
 fn quantise(value: f64) -> f64 {
     (value.clamp(-FEATURE_LIMIT, FEATURE_LIMIT) / QUANTUM).round() * QUANTUM
+}
+
+/// A feature in training deviations from the training centre, on the [`QUANTUM`] grid; 0 for a
+/// coordinate the model ignores (the same for every point, so no cut separates on it).
+fn standardise(value: f64, centre: f64, scale: f64, ignored: bool) -> f64 {
+    if ignored {
+        0.0
+    } else {
+        quantise((value - centre) / scale)
+    }
+}
+
+/// Whether a series of differences moved one way only: none against the direction of the others,
+/// and at least a quarter of them moving (a metric that stepped once in the training set is a
+/// level that changed, not a counter).
+fn monotone(differences: impl Iterator<Item = f64>) -> bool {
+    let (mut up, mut down, mut still) = (0usize, 0usize, 0usize);
+    for d in differences {
+        match d.partial_cmp(&0.0) {
+            Some(std::cmp::Ordering::Greater) => up += 1,
+            Some(std::cmp::Ordering::Less) => down += 1,
+            _ => still += 1,
+        }
+    }
+    let moving = up + down;
+    (up == 0 || down == 0) && moving > 0 && moving * 3 >= still
 }
 
 /// Zero-pads a vector to the forest's width.
@@ -404,7 +473,7 @@ impl IsolationDetector {
         };
         if due {
             let training: Vec<Vec<f64>> = self.recent.iter().cloned().collect();
-            self.model = Some(IsolationModel::train(&training, &self.options)?);
+            self.model = Some(IsolationModel::train_on_messages(&training, &self.options)?);
             self.since_training = 0;
         }
         Ok(verdict)
@@ -516,6 +585,88 @@ mod tests {
             .collect();
         let model = IsolationModel::train(&training, &IsolationOptions::default()).unwrap();
         assert!(model.verdict(&[base, 3.0]).is_ok());
+    }
+
+    /// A message counter beside a temperature: vectors of messages `from..to`, the counter
+    /// being the message number plus `offset` from `jump_at` on.
+    fn counter_and_temperature(from: usize, to: usize, jump_at: usize, offset: f64) -> Vec<Vec<f64>> {
+        let mut builder = FeatureBuilder::new(2, 10).unwrap();
+        (0..to)
+            .filter_map(|i| {
+                let seq = i as f64 + if i >= jump_at { offset } else { 0.0 };
+                let temperature = 20.0 + ((i * 37 % 23) as f64 - 11.0) / 10.0;
+                builder.push(&[seq, temperature]).unwrap()
+            })
+            .skip(from)
+            .collect()
+    }
+
+    #[test]
+    fn a_counter_is_judged_by_its_steps_not_its_level() {
+        let training = counter_and_temperature(0, 500, usize::MAX, 0.0);
+        let options = IsolationOptions::default();
+        let model = IsolationModel::train_on_messages(&training, &options).unwrap();
+        assert_eq!(
+            model.ignored_levels(),
+            vec![0],
+            "the counter's level, not the temperature's"
+        );
+        // Later messages: the counter is far beyond what training saw, the rest repeats what
+        // training saw, so they are flagged no more often than the training set itself (whose
+        // most isolated points normalise to the top of the scale by construction).
+        let flagged_share = |model: &IsolationModel, vectors: &[Vec<f64>]| {
+            vectors
+                .iter()
+                .filter(|f| model.verdict(f).unwrap().anomalous)
+                .count() as f64
+                / vectors.len() as f64
+        };
+        let later = counter_and_temperature(5_000, 5_400, usize::MAX, 0.0);
+        let (trained, flagged) = (flagged_share(&model, &training), flagged_share(&model, &later));
+        assert!(
+            flagged <= trained + 0.02,
+            "{flagged} of later messages, {trained} of training"
+        );
+        // The same training set judged on every level flags (nearly) all of them: what the
+        // monotone rule is for.
+        let naive = IsolationModel::train(&training, &options).unwrap();
+        assert!(flagged_share(&naive, &later) > 0.9);
+        // A jump and a reset of the counter, and a temperature spike, still stand out.
+        let jump = counter_and_temperature(5_000, 5_100, 5_050, 10_000.0);
+        let reset = counter_and_temperature(5_000, 5_100, 5_050, -5_050.0);
+        for (what, vectors) in [("jump", &jump), ("reset", &reset)] {
+            let at = 5_050 - 5_000 - 9; // the builder's first vector is message 9's
+            assert!(
+                model.verdict(&vectors[at]).unwrap().anomalous,
+                "{what}: {:?}",
+                vectors[at]
+            );
+        }
+        let mut spike = later[100].clone();
+        spike[1] = 45.0;
+        spike[3] = spike[1] - later[99][1];
+        assert!(model.verdict(&spike).unwrap().anomalous);
+        let deviations = model.deviations(&later[200]);
+        assert_eq!(deviations[0], 0.0, "an ignored level names no metric");
+    }
+
+    #[test]
+    fn monotone_means_one_direction_and_moving_often() {
+        assert!(monotone([1.0, 1.0, 2.0, 0.0].into_iter()));
+        assert!(monotone([-0.5, -0.5, 0.0, -1.0].into_iter()), "a draining tank");
+        assert!(
+            !monotone([1.0, -1.0, 1.0, 1.0].into_iter()),
+            "noise goes both ways"
+        );
+        assert!(!monotone([0.0; 8].into_iter()), "a constant is no counter");
+        assert!(
+            !monotone([1.0, 0.0, 0.0, 0.0, 0.0].into_iter()),
+            "one step in five is a level change"
+        );
+        // Layouts that are not a feature builder's train on every coordinate.
+        let raw: Vec<Vec<f64>> = (0..50).map(|i| vec![i as f64, 1.0]).collect();
+        let model = IsolationModel::train_on_messages(&raw, &IsolationOptions::default()).unwrap();
+        assert!(model.ignored_levels().is_empty());
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub struct TrainingJob {
 impl TrainingJob {
     /// Trains (CPU-bound: milliseconds to tens of milliseconds for 100 trees).
     pub fn run(&self) -> Result<IsolationModel, super::AnalyticsError> {
-        IsolationModel::train(&self.features, &self.options)
+        IsolationModel::train_on_messages(&self.features, &self.options)
     }
 }
 
