@@ -336,6 +336,8 @@ pub struct RulesConfig {
     pub notify_allowed_networks: Vec<String>,
     /// Telemetry events a tenant's rule actor may have waiting before new ones are dropped.
     pub mailbox: usize,
+    /// Telemetry events the tenants' bursts beyond `mailbox` may borrow, all tenants together.
+    pub shared_queue: usize,
     /// Threads that evaluate rules, shared fairly between tenants.
     pub workers: usize,
     /// Time a tenant's rules may use per turn before the next tenant with work gets the thread,
@@ -493,6 +495,7 @@ impl Default for Config {
                 http_timeout_ms: 5000,
                 notify_allowed_networks: Vec::new(),
                 mailbox: 4096,
+                shared_queue: 65_536,
                 workers: 2,
                 tenant_slice_ms: 20,
                 eval_timeout_ms: 50,
@@ -1348,6 +1351,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         key: "rules.mailbox",
         apply: |c, v| {
             c.rules.mailbox = parse(v, "a number of events")?;
+            Ok(())
+        },
+    },
+    EnvKey {
+        env: "RULES_SHARED_QUEUE",
+        key: "rules.shared_queue",
+        apply: |c, v| {
+            c.rules.shared_queue = parse(v, "a number of events")?;
             Ok(())
         },
     },
@@ -2290,6 +2301,9 @@ http_timeout_ms = 5000
 notify_allowed_networks = []
 # Telemetry events a tenant's rule actor may have waiting before new ones are dropped.  (RULES_MAILBOX)
 mailbox = 4096
+# Telemetry events the tenants' bursts beyond `mailbox` may borrow, all tenants together
+# (0: none).  (RULES_SHARED_QUEUE)
+shared_queue = 65536
 # Threads that evaluate rules, shared fairly between tenants.  (RULES_WORKERS)
 workers = 2
 # Time a tenant's rules may use per turn before the next tenant with work gets the thread, in

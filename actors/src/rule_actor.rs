@@ -1,8 +1,13 @@
 //! `RuleActor`: one per tenant. Loads the tenant's rules (re-reading them every minute, since
-//! group and tag members change without a rule changing), and hands the tenant's telemetry,
-//! rule changes, operator clears and ticks to the [`RuleWorkers`] in the order they came, where
-//! the tenant's rules are evaluated. The actor itself runs no script: it shares its thread with
-//! the other tenants' actors.
+//! group and tag members change without a rule changing), and hands the tenant's rule changes,
+//! operator clears and ticks to the [`RuleWorkers`], where the tenant's rules are evaluated. The
+//! actor itself runs no script: it shares its thread with the other tenants' actors.
+//!
+//! Telemetry reaches the workers from the router directly, without a second mailbox, when the
+//! tenant's [`RuleGate`] is open: rules loaded and none of the tenant's events still waiting in
+//! the actor's mailbox. While the rules (re)load, the router sends the events through the
+//! actor instead, whose mailbox waits for the load, so a rule created just before an event
+//! judges it and the events keep their order. A tenant without enabled rules queues nothing.
 //!
 //! Messages: [`TelemetryAccepted`] and [`AnalyticsFindings`] (from the router), [`ReloadRules`]
 //! (a rule changed), [`AlarmClosed`] (an operator cleared an alarm), [`SpanningTelemetry`]
@@ -13,7 +18,7 @@
 //! events with the per-device rules only and forward them to it.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -101,24 +106,105 @@ pub struct RuleSettings {
 /// membership changes (a rule whose members did not change keeps its state).
 pub const SCOPE_REFRESH: Duration = Duration::from_secs(60);
 
+/// What a tenant's rule actor shares with the router (both run on the router's thread): whether
+/// telemetry may go to the workers directly, and what judging an event needs to know.
+#[derive(Debug)]
+pub struct RuleGate {
+    /// Events the router sent through the actor's mailbox that it has not handled yet.
+    via_actor: AtomicUsize,
+    /// The rules are (re)loading; the actor's mailbox waits meanwhile.
+    loading: AtomicBool,
+    /// The tenant has enabled rules: its events need judging.
+    has_rules: AtomicBool,
+    /// The tenant has enabled rules whose state spans devices (group, absence).
+    spans: AtomicBool,
+    /// This node judges them (always on a single node).
+    judging: AtomicBool,
+}
+
+impl RuleGate {
+    fn new(judging: bool) -> RuleGate {
+        RuleGate {
+            via_actor: AtomicUsize::new(0),
+            // Until the first load, events wait for the rules in the actor's mailbox.
+            loading: AtomicBool::new(true),
+            has_rules: AtomicBool::new(false),
+            spans: AtomicBool::new(false),
+            judging: AtomicBool::new(judging),
+        }
+    }
+
+    /// Whether an event may go to the workers now, ahead of nothing: the rules are loaded and
+    /// no earlier event of the tenant waits in the actor's mailbox.
+    pub fn open(&self) -> bool {
+        !self.loading.load(Ordering::Acquire) && self.via_actor.load(Ordering::Acquire) == 0
+    }
+
+    /// The router sends an event through the actor; `false` undoes it (the mailbox was full).
+    pub fn sent_via_actor(&self, sent: bool) {
+        if sent {
+            self.via_actor.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn handled_via_actor(&self) {
+        // Saturating: the actor also takes events not counted here (from tests, or sent
+        // before the gate existed).
+        let _ = self
+            .via_actor
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// Hands a telemetry event to the tenant's queue in the workers (`false`: the queue refused it),
+/// or nothing when the tenant has no enabled rule. In a cluster where another node judges the
+/// tenant's group and absence rules, that node gets the event too.
+pub fn judge_event(
+    settings: &RuleSettings,
+    gate: &RuleGate,
+    tenant: &TenantId,
+    event: TelemetryAccepted,
+) -> bool {
+    if !gate.has_rules.load(Ordering::Acquire) {
+        return true;
+    }
+    let now_ms = settings.clock.now_ms();
+    let judge = match &settings.spanning {
+        Some(spanning) if gate.spans.load(Ordering::Acquire) && !gate.judging.load(Ordering::Acquire) => {
+            spanning.forward(&event, now_ms);
+            Judge::PerDevice
+        }
+        _ => Judge::All,
+    };
+    settings
+        .workers
+        .push(tenant, RuleWork::Telemetry { event, now_ms, judge })
+}
+
 pub struct RuleActor {
     tenant: TenantId,
     settings: RuleSettings,
-    /// The tenant has enabled rules whose state spans devices (group, absence).
-    spans: bool,
-    /// This node judges them (always on a single node).
-    judging: bool,
+    gate: Arc<RuleGate>,
 }
 
 impl RuleActor {
-    pub fn new(tenant: TenantId, settings: RuleSettings) -> RuleActor {
-        let judging = settings.spanning.is_none();
-        RuleActor {
+    /// The actor and the gate the router consults before sending it telemetry.
+    pub fn new(tenant: TenantId, settings: RuleSettings) -> (RuleActor, Arc<RuleGate>) {
+        let gate = Arc::new(RuleGate::new(settings.spanning.is_none()));
+        let actor = RuleActor {
             tenant,
             settings,
-            spans: false,
-            judging,
-        }
+            gate: gate.clone(),
+        };
+        (actor, gate)
+    }
+
+    fn spans(&self) -> bool {
+        self.gate.spans.load(Ordering::Acquire)
+    }
+
+    fn judging(&self) -> bool {
+        self.gate.judging.load(Ordering::Acquire)
     }
 
     /// Follows the tenant's spanning-rules lease: when this node starts judging them, their
@@ -128,11 +214,11 @@ impl RuleActor {
         let Some(spanning) = &self.settings.spanning else {
             return;
         };
-        let judging = self.spans && spanning.judged_here(&self.tenant);
-        if judging == self.judging {
+        let judging = self.spans() && spanning.judged_here(&self.tenant);
+        if judging == self.judging() {
             return;
         }
-        self.judging = judging;
+        self.gate.judging.store(judging, Ordering::Release);
         let now_ms = self.settings.clock.now_ms();
         if !judging {
             tracing::info!(tenant = %self.tenant, "group and absence rules are judged on another node now");
@@ -170,8 +256,10 @@ impl RuleActor {
         self.settings.workers.push(&self.tenant, work);
     }
 
-    /// Loads the rules; the mailbox waits meanwhile, so no telemetry is judged by a stale set.
+    /// Loads the rules; the mailbox waits meanwhile, and the router sends the tenant's events
+    /// through it, so no telemetry is judged by a stale set.
     fn load(&mut self, ctx: &mut Context<Self>) {
+        self.gate.loading.store(true, Ordering::Release);
         let source = self.settings.source.clone();
         let tenant = self.tenant.clone();
         let fut = async move {
@@ -182,14 +270,24 @@ impl RuleActor {
         ctx.wait(fut.into_actor(self).map(|result, actor, ctx| match result {
             Ok((rules, active)) => {
                 actor.settings.demand.set(&actor.tenant, TenantDemand::of(&rules));
-                actor.spans = rules.iter().any(|r| r.enabled && r.condition.spans_devices());
+                let spans = rules.iter().any(|r| r.enabled && r.condition.spans_devices());
+                actor.gate.spans.store(spans, Ordering::Release);
+                actor
+                    .gate
+                    .has_rules
+                    .store(rules.iter().any(|r| r.enabled), Ordering::Release);
                 if let Some(spanning) = &actor.settings.spanning {
-                    spanning.want(&actor.tenant, actor.spans);
+                    spanning.want(&actor.tenant, spans);
                 }
                 actor.push(RuleWork::SetRules { rules, active });
                 actor.follow_lease(ctx);
+                actor.gate.loading.store(false, Ordering::Release);
             }
-            Err(error) => tracing::warn!(tenant = %actor.tenant, %error, "cannot load rules"),
+            Err(error) => {
+                tracing::warn!(tenant = %actor.tenant, %error, "cannot load rules");
+                // The rules judged so far stay; events flow again.
+                actor.gate.loading.store(false, Ordering::Release);
+            }
         }));
     }
 }
@@ -206,7 +304,7 @@ impl Actor for RuleActor {
             let now_ms = actor.settings.clock.now_ms();
             actor.push(RuleWork::Tick {
                 now_ms,
-                spanning: actor.judging,
+                spanning: actor.judging(),
             });
         });
     }
@@ -216,20 +314,8 @@ impl Handler<TelemetryAccepted> for RuleActor {
     type Result = ();
 
     fn handle(&mut self, msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
-        let now_ms = self.settings.clock.now_ms();
-        let judge = match &self.settings.spanning {
-            // Another node judges the tenant's group and absence rules: it gets the event too.
-            Some(spanning) if self.spans && !self.judging => {
-                spanning.forward(&msg, now_ms);
-                Judge::PerDevice
-            }
-            _ => Judge::All,
-        };
-        self.push(RuleWork::Telemetry {
-            event: msg,
-            now_ms,
-            judge,
-        });
+        self.gate.handled_via_actor();
+        judge_event(&self.settings, &self.gate, &self.tenant, msg);
     }
 }
 
@@ -239,7 +325,7 @@ impl Handler<SpanningTelemetry> for RuleActor {
     fn handle(&mut self, msg: SpanningTelemetry, _ctx: &mut Context<Self>) {
         // Forwarded while this node held the lease; after it moved on, the new holder's state
         // starts afresh anyway.
-        if !self.judging {
+        if !self.judging() {
             tracing::debug!(tenant = %self.tenant, device = %msg.event.device, "forwarded telemetry for rules judged elsewhere now");
             return;
         }

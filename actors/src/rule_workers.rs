@@ -9,8 +9,12 @@
 //! tenant's: with `n` tenants that have work and `w` workers, a tenant waits at most about
 //! `n / w` slices (plus one evaluation's wall-time limit each) for its turn.
 //!
-//! A tenant keeps at most `queue_capacity` telemetry events waiting; more are dropped and
-//! counted (`RuleCounters::dropped`), like an actor's full mailbox. Operator clears and ticks
+//! A tenant keeps `queue_capacity` telemetry events waiting of its own; a burst beyond that
+//! borrows from a pool of `shared_capacity` events all tenants share (returned as its queue
+//! drains), and what neither holds is dropped and counted (`RuleCounters::dropped`), like an
+//! actor's full mailbox. So one tenant's burst is absorbed without every tenant being given
+//! the memory of the largest burst, and the queues' total is bounded by `tenants ×
+//! queue_capacity + shared_capacity`. Operator clears and ticks
 //! are never dropped (a tick is not queued twice). A rule-set change does not wait in the
 //! queue: it lands in the tenant's latest-rules slot (a newer one replaces it), the batch being
 //! judged pauses at the next rule evaluation, and the new set judges everything still queued. So
@@ -76,8 +80,10 @@ pub struct WorkerSettings {
     pub threads: usize,
     /// Time a tenant may use per turn before the next tenant with work gets a worker.
     pub slice: Duration,
-    /// Telemetry events one tenant may have waiting.
+    /// Telemetry events one tenant may have waiting of its own.
     pub queue_capacity: usize,
+    /// Telemetry events the tenants' bursts beyond `queue_capacity` may borrow, all together.
+    pub shared_capacity: usize,
     pub sandbox: Arc<Sandbox>,
     pub anomaly_threshold: f64,
     pub board: StatsBoard,
@@ -93,6 +99,8 @@ struct TenantSlot {
     /// The latest rule set not applied yet (a `SetRules` never waits behind telemetry).
     new_rules: Option<RuleWork>,
     telemetry_queued: usize,
+    /// Of those, borrowed from the shared pool (returned first as the queue drains).
+    borrowed: usize,
     tick_queued: bool,
     /// In the ready ring, or held by a worker.
     scheduled: bool,
@@ -104,13 +112,18 @@ struct Schedule {
     tenants: HashMap<TenantId, TenantSlot>,
     /// Tenants with work that no worker holds, in the order they get one.
     ready: VecDeque<TenantId>,
+    /// Telemetry events the tenants may borrow beyond their own capacity, all together.
+    shared_capacity: usize,
+    /// Borrowed now.
+    borrowed: usize,
     stopping: bool,
 }
 
 /// Why work was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refused {
-    /// The tenant already has `queue_capacity` telemetry events waiting.
+    /// The tenant already has `queue_capacity` telemetry events waiting and the shared pool
+    /// is lent out.
     Full,
     /// The same work is already waiting (a tick).
     Duplicate,
@@ -131,12 +144,18 @@ impl Schedule {
             queue: VecDeque::new(),
             new_rules: None,
             telemetry_queued: 0,
+            borrowed: 0,
             tick_queued: false,
             scheduled: false,
         });
         match work {
             RuleWork::Telemetry { .. } | RuleWork::Findings { .. } if slot.telemetry_queued >= capacity => {
-                return Err(Refused::Full);
+                if self.borrowed >= self.shared_capacity {
+                    return Err(Refused::Full);
+                }
+                self.borrowed += 1;
+                slot.borrowed += 1;
+                slot.telemetry_queued += 1;
             }
             RuleWork::Telemetry { .. } | RuleWork::Findings { .. } => slot.telemetry_queued += 1,
             RuleWork::Tick { .. } if slot.tick_queued => return Err(Refused::Duplicate),
@@ -173,7 +192,14 @@ impl Schedule {
         }
         let work = slot.queue.pop_front()?;
         match work {
-            RuleWork::Telemetry { .. } | RuleWork::Findings { .. } => slot.telemetry_queued -= 1,
+            RuleWork::Telemetry { .. } | RuleWork::Findings { .. } => {
+                slot.telemetry_queued -= 1;
+                // Loans are returned first: the tenant's own room is what it had before them.
+                if slot.borrowed > 0 {
+                    slot.borrowed -= 1;
+                    self.borrowed -= 1;
+                }
+            }
             RuleWork::Tick { .. } => slot.tick_queued = false,
             _ => {}
         }
@@ -238,8 +264,12 @@ impl Shared {
 pub struct WorkersSnapshot {
     pub threads: usize,
     pub slice_ms: u64,
-    /// Telemetry events one tenant may have waiting.
+    /// Telemetry events one tenant may have waiting of its own.
     pub queue_capacity: usize,
+    /// Telemetry events bursts may borrow beyond that, all tenants together.
+    pub shared_capacity: usize,
+    /// Lent out now.
+    pub borrowed: usize,
     /// Tenants with work waiting for a thread.
     pub ready_tenants: usize,
     pub tenants: Vec<TenantQueue>,
@@ -253,6 +283,8 @@ pub struct TenantQueue {
     /// Work items waiting (telemetry, ticks, clears).
     pub queued: usize,
     pub telemetry_queued: usize,
+    /// Of those, borrowed from the shared pool.
+    pub borrowed: usize,
     /// A thread is judging its rules now.
     pub evaluating: bool,
 }
@@ -277,7 +309,10 @@ impl RuleWorkers {
     pub fn start(settings: WorkerSettings) -> std::io::Result<Arc<RuleWorkers>> {
         let threads = settings.threads.max(1);
         let shared = Arc::new(Shared {
-            schedule: Mutex::new(Schedule::default()),
+            schedule: Mutex::new(Schedule {
+                shared_capacity: settings.shared_capacity,
+                ..Schedule::default()
+            }),
             wake: Condvar::new(),
             settings,
         });
@@ -344,6 +379,7 @@ impl RuleWorkers {
                 tenant: tenant.clone(),
                 queued: slot.queue.len(),
                 telemetry_queued: slot.telemetry_queued,
+                borrowed: slot.borrowed,
                 evaluating: slot.rules.is_none(),
             })
             .collect();
@@ -352,6 +388,8 @@ impl RuleWorkers {
             threads: settings.threads.max(1),
             slice_ms: settings.slice.as_millis() as u64,
             queue_capacity: settings.queue_capacity,
+            shared_capacity: settings.shared_capacity,
+            borrowed: schedule.borrowed,
             ready_tenants: schedule.ready.len(),
             tenants,
         }
@@ -617,5 +655,54 @@ mod tests {
             matches!(s.next_work(&a), Some(RuleWork::Telemetry { .. })),
             "a paused batch resumes first"
         );
+    }
+
+    #[test]
+    fn bursts_borrow_from_the_shared_pool_and_return_it_as_they_drain() {
+        let (a, b) = (tenant("a"), tenant("b"));
+        let mut s = Schedule {
+            shared_capacity: 3,
+            ..Schedule::default()
+        };
+        let batch = |t: &TenantId| RuleWork::Telemetry {
+            event: TelemetryAccepted {
+                tenant: t.clone(),
+                device: DeviceId::parse("d").unwrap(),
+                device_type: "t".into(),
+                metadata: Arc::default(),
+                shadow: None,
+                points: Vec::new().into(),
+            },
+            now_ms: 0,
+            judge: Judge::All,
+        };
+        // a: 2 of its own, then 2 borrowed; b: 1 borrowed beyond its own 2, then the pool is out.
+        for _ in 0..4 {
+            s.push(&a, batch(&a), 2, || rules("a")).unwrap();
+        }
+        for _ in 0..3 {
+            s.push(&b, batch(&b), 2, || rules("b")).unwrap();
+        }
+        assert_eq!(s.push(&b, batch(&b), 2, || rules("b")), Err(Refused::Full));
+        assert_eq!(s.push(&a, batch(&a), 2, || rules("a")), Err(Refused::Full));
+        assert_eq!((s.borrowed, s.telemetry_queued()), (3, 7));
+        // a drains one: its loan goes back first, and b may borrow it.
+        let (turn, _held) = s.start_turn().unwrap();
+        assert_eq!(turn, a);
+        assert!(s.next_work(&a).is_some());
+        assert_eq!(s.borrowed, 2);
+        s.push(&b, batch(&b), 2, || rules("b")).unwrap();
+        assert_eq!(s.push(&b, batch(&b), 2, || rules("b")), Err(Refused::Full));
+        // a drains the rest: one more loan back, then its own room.
+        for _ in 0..3 {
+            assert!(s.next_work(&a).is_some());
+        }
+        assert!(s.next_work(&a).is_none());
+        assert_eq!(s.borrowed, 2, "b's two loans");
+        assert_eq!(s.tenants[&a].borrowed, 0);
+        // Without a pool a tenant keeps to its own capacity.
+        let mut alone = Schedule::default();
+        alone.push(&a, batch(&a), 1, || rules("a")).unwrap();
+        assert_eq!(alone.push(&a, batch(&a), 1, || rules("a")), Err(Refused::Full));
     }
 }

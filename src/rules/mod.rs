@@ -133,6 +133,7 @@ impl RulesEngine {
             threads: config.rules.workers,
             slice: Duration::from_millis(config.rules.tenant_slice_ms),
             queue_capacity: config.rules.mailbox,
+            shared_capacity: config.rules.shared_queue,
             sandbox: sandbox.clone(),
             anomaly_threshold: config.rules.anomaly_threshold,
             board: board.clone(),

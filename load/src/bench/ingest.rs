@@ -46,7 +46,15 @@ struct Dashboard {
     received: u64,
     missed: u64,
     latency: Option<Histogram<u64>>,
+    /// When the late frames (over [`LATE_MS`]) and the skip notices arrived: per 100 ms window
+    /// since the subscription, late frames, their worst latency in ms, frames skipped.
+    late: std::collections::BTreeMap<u64, (u64, f64, u64)>,
 }
+
+/// Frames later than this are placed on the run's timeline ([`Dashboard::late`]).
+const LATE_MS: f64 = 20.0;
+/// Windows of the timeline reported (the first ones).
+const LATE_WINDOWS: usize = 40;
 
 /// The parts of a `/ws` frame the measurement reads.
 #[derive(serde::Deserialize)]
@@ -111,6 +119,8 @@ async fn watch_dashboard(
             latency: Histogram::new(3).ok(),
             ..Dashboard::default()
         };
+        let subscribed = Instant::now();
+        let window = |at: Instant| at.duration_since(subscribed).as_millis() as u64 / 100;
         loop {
             let message = tokio::select! {
                 message = socket.next() => message,
@@ -137,12 +147,22 @@ async fn watch_dashboard(
                         let published = sent_at[device].lock().ok().and_then(|mut m| m.remove(&seq));
                         if let (Some(published), Some(histogram)) = (published, dashboard.latency.as_mut()) {
                             dashboard.received += 1;
-                            let _ = histogram
-                                .record((arrived.duration_since(published).as_micros() as u64).max(1));
+                            let took = arrived.duration_since(published);
+                            let _ = histogram.record((took.as_micros() as u64).max(1));
+                            let ms = took.as_secs_f64() * 1000.0;
+                            if ms > LATE_MS {
+                                let slot = dashboard.late.entry(window(arrived)).or_default();
+                                slot.0 += 1;
+                                slot.1 = slot.1.max(ms);
+                            }
                         }
                     }
                 }
-                "lagged" => dashboard.missed += frame.missed.unwrap_or(0),
+                "lagged" => {
+                    let missed = frame.missed.unwrap_or(0);
+                    dashboard.missed += missed;
+                    dashboard.late.entry(window(arrived)).or_default().2 += missed;
+                }
                 _ => {}
             }
         }
@@ -385,6 +405,15 @@ pub async fn run(api: &Api, devices: Vec<DeviceCredentials>, o: IngestOptions) -
         if let Some(histogram) = &dashboard.latency {
             latencies(&mut report, "dashboard_latency", histogram);
         }
+        // [ms since the subscription, frames over LATE_MS, worst ms, frames skipped]: when a
+        // run's tail happened, to set beside the server's own timeline.
+        let timeline: Vec<serde_json::Value> = dashboard
+            .late
+            .iter()
+            .take(LATE_WINDOWS)
+            .map(|(w, (late, worst, skipped))| json!([w * 100, late, (worst * 10.0).round() / 10.0, skipped]))
+            .collect();
+        report.set("dashboard_late_windows", serde_json::Value::Array(timeline));
     }
     report.set("stored", stored);
     report.set("stored_ratio", stored as f64 / published.sent.max(1) as f64);
