@@ -97,8 +97,10 @@ def dashboard(qos):
         p99 = [x["dashboard_latency_p99_ms"] for x in runs]
         shown = sum(x["dashboard_received"] for x in runs)
         expected = sum(x["dashboard_expected"] for x in runs)
+        busy = [x["generator_cpu_cores"] / x.get("generator_cores", 1) for x in runs if "generator_cpu_cores" in x]
+        generator = f"; load generator busy {min(busy):.0%}-{max(busy):.0%} of its core" if busy else ""
         return max(p99), f"worst of {len(runs)} runs; p99 per run {', '.join(f'{v:.1f}' for v in p99)} ms; " \
-            f"{shown:,} of {expected:,} shown"
+            f"{shown:,} of {expected:,} shown{generator}"
     return figure
 
 

@@ -181,7 +181,8 @@ impl IsolationModel {
         options: &IsolationOptions,
     ) -> Result<Self, AnalyticsError> {
         let dims = features.first().map_or(0, Vec::len);
-        if dims == 0 || dims % FEATURES_PER_METRIC != 0 || features.iter().any(|f| f.len() != dims) {
+        if dims == 0 || !dims.is_multiple_of(FEATURES_PER_METRIC) || features.iter().any(|f| f.len() != dims)
+        {
             return Self::train(features, options);
         }
         let metrics = dims / FEATURES_PER_METRIC;

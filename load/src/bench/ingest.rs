@@ -175,6 +175,8 @@ struct Published {
     sent: u64,
     acked: u64,
     published_for: Duration,
+    /// CPU seconds this process used while publishing (all its threads).
+    cpu_seconds: Option<f64>,
     acked_for: Duration,
     ack_latency: Histogram<u64>,
     /// Each device's id with its acknowledgement task (stopped once read back).
@@ -194,6 +196,7 @@ async fn publish(
     let acked = Arc::new(AtomicU64::new(0));
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let started = Instant::now();
+    let cpu_at_start = super::report::process_cpu_seconds();
     let until = started + Duration::from_secs(o.seconds);
     let per_device_rate = (o.rate > 0).then(|| f64::from(o.rate) / devices.len().max(1) as f64);
     let mut tasks = Vec::new();
@@ -278,6 +281,9 @@ async fn publish(
         clients.push(task.await?);
     }
     let published_for = started.elapsed();
+    let cpu_seconds = super::report::process_cpu_seconds()
+        .zip(cpu_at_start)
+        .map(|(end, start)| end - start);
     // Let the last acknowledgements arrive (QoS 1).
     let sent_total = sent.load(Ordering::Relaxed);
     let drain_deadline = Instant::now() + Duration::from_secs(30);
@@ -297,6 +303,7 @@ async fn publish(
         sent: sent_total,
         acked: acked.load(Ordering::Relaxed),
         published_for,
+        cpu_seconds,
         acked_for,
         ack_latency,
         devices,
@@ -310,6 +317,15 @@ impl Published {
             "sent_per_second",
             self.sent as f64 / self.published_for.as_secs_f64(),
         );
+        // How busy the generator itself was: near `generator_cores` it was the bottleneck, and
+        // the latencies it measured include its own queueing.
+        if let Some(cpu) = self.cpu_seconds {
+            report.set("generator_cpu_cores", cpu / self.published_for.as_secs_f64());
+            report.set(
+                "generator_cores",
+                std::thread::available_parallelism().map_or(1, |n| n.get()) as u64,
+            );
+        }
         if qos > 0 {
             report.set("acked", self.acked);
             report.set(
