@@ -340,8 +340,22 @@ pub async fn start_with_clock(
     let pipeline = Arc::new(
         Pipeline::new(config.telemetry.payload_limits())
             .with_writers(writers.clone())
-            .with_observer(rules.router.clone().recipient())
-            .with_observer(analytics.router.clone().recipient())
+            .with_observer(rules.router.clone().recipient(), {
+                let counters = rules.counters.clone();
+                move || {
+                    counters
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .with_observer(analytics.router.clone().recipient(), {
+                let counters = analytics.counters.clone();
+                move || {
+                    counters
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
             .with_live(Arc::new(crate::cluster::live::ClusterLive::new(
                 hub.clone(),
                 cluster_slot.clone(),

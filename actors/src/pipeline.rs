@@ -48,10 +48,17 @@ pub struct Pipeline {
     pub limits: PayloadLimits,
     /// Where accepted points are committed; `None` only in tests that need no store.
     pub writers: Option<WriterPool>,
-    observers: Vec<Recipient<TelemetryAccepted>>,
+    observers: Vec<Observer>,
     live: Option<Arc<dyn LiveTelemetry>>,
     dropped: AtomicU64,
     counts: Mutex<HashMap<TenantId, Arc<TenantCounter>>>,
+}
+
+/// An observer of accepted telemetry, and what counts the events its full mailbox refused (the
+/// observer's own drop counter, so its figure in `/metrics` covers them).
+struct Observer {
+    recipient: Recipient<TelemetryAccepted>,
+    missed: Box<dyn Fn() + Send + Sync>,
 }
 
 /// A tenant's committed telemetry, counted by its device actors without a lock: each holds
@@ -117,9 +124,17 @@ impl Pipeline {
         self
     }
 
-    /// Adds an observer (before the pipeline is shared).
-    pub fn with_observer(mut self, observer: Recipient<TelemetryAccepted>) -> Pipeline {
-        self.observers.push(observer);
+    /// Adds an observer (before the pipeline is shared); `missed` is called for each event its
+    /// full mailbox refuses.
+    pub fn with_observer(
+        mut self,
+        observer: Recipient<TelemetryAccepted>,
+        missed: impl Fn() + Send + Sync + 'static,
+    ) -> Pipeline {
+        self.observers.push(Observer {
+            recipient: observer,
+            missed: Box::new(missed),
+        });
         self
     }
 
@@ -189,8 +204,9 @@ impl Pipeline {
     /// Tells every observer; an observer whose mailbox is full misses this event.
     pub fn observe(&self, event: TelemetryAccepted) {
         for observer in &self.observers {
-            if observer.try_send(event.clone()).is_err() {
+            if observer.recipient.try_send(event.clone()).is_err() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                (observer.missed)();
             }
         }
     }
@@ -198,5 +214,62 @@ impl Pipeline {
     /// Events observers missed because they were behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    struct Slow(Arc<AtomicUsize>);
+
+    impl Actor for Slow {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<TelemetryAccepted> for Slow {
+        type Result = ();
+
+        fn handle(&mut self, _msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[actix::test]
+    async fn events_an_observer_refuses_are_counted_by_the_observer() {
+        let received = Arc::new(AtomicUsize::new(0));
+        let observer = Slow::create(|ctx| {
+            ctx.set_mailbox_capacity(2);
+            Slow(received.clone())
+        });
+        let missed = Arc::new(AtomicUsize::new(0));
+        let counted = missed.clone();
+        let pipeline = Pipeline::default().with_observer(observer.recipient(), move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let tenant = TenantId::parse("acme").unwrap();
+        let event = TelemetryAccepted {
+            tenant: tenant.clone(),
+            device: DeviceId::parse("d1").unwrap(),
+            device_type: "t".into(),
+            metadata: Arc::default(),
+            shadow: None,
+            points: Vec::new().into(),
+        };
+        // No yield in between: the observer takes none of them before the burst ends.
+        for _ in 0..20 {
+            pipeline.observe(event.clone());
+        }
+        let refused = missed.load(Ordering::Relaxed);
+        assert!(refused >= 10, "a mailbox of 2 refused {refused} of 20");
+        assert_eq!(pipeline.dropped(), refused as u64);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            received.load(Ordering::Relaxed) + refused,
+            20,
+            "each event received or counted"
+        );
     }
 }

@@ -66,8 +66,8 @@ pub struct AlarmSignals {
 /// Counters the rules engine exposes in `/metrics`.
 #[derive(Debug, Default)]
 pub struct RuleCounters {
-    /// Telemetry events not evaluated because the tenant's queue (or its actor's mailbox) was
-    /// full.
+    /// Telemetry events not evaluated because the tenant's queue, its actor's mailbox or the
+    /// router's mailbox was full.
     pub dropped: AtomicU64,
     /// Telemetry events waiting for an evaluation thread.
     pub queued: AtomicU64,
@@ -112,8 +112,12 @@ pub const SCOPE_REFRESH: Duration = Duration::from_secs(60);
 pub struct RuleGate {
     /// Events the router sent through the actor's mailbox that it has not handled yet.
     via_actor: AtomicUsize,
-    /// The rules are (re)loading; the actor's mailbox waits meanwhile.
+    /// The rules are loading after a change (or for the first time); the actor's mailbox waits
+    /// meanwhile, and so do the tenant's events.
     loading: AtomicBool,
+    /// A reload waits in the actor's mailbox: a further rule change needs no other one (the
+    /// waiting reload reads the rules after it).
+    reload_queued: AtomicBool,
     /// The tenant has enabled rules: its events need judging.
     has_rules: AtomicBool,
     /// The tenant has enabled rules whose state spans devices (group, absence).
@@ -128,6 +132,7 @@ impl RuleGate {
             via_actor: AtomicUsize::new(0),
             // Until the first load, events wait for the rules in the actor's mailbox.
             loading: AtomicBool::new(true),
+            reload_queued: AtomicBool::new(false),
             has_rules: AtomicBool::new(false),
             spans: AtomicBool::new(false),
             judging: AtomicBool::new(judging),
@@ -145,6 +150,12 @@ impl RuleGate {
         if sent {
             self.via_actor.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// A rule changed: `true` when a reload must be sent to the actor, `false` when one is
+    /// already waiting there (so creating 1,000 rules in a row reloads a few times, not 1,000).
+    pub fn reload_wanted(&self) -> bool {
+        !self.reload_queued.swap(true, Ordering::AcqRel)
     }
 
     fn handled_via_actor(&self) {
@@ -256,10 +267,13 @@ impl RuleActor {
         self.settings.workers.push(&self.tenant, work);
     }
 
-    /// Loads the rules; the mailbox waits meanwhile, and the router sends the tenant's events
-    /// through it, so no telemetry is judged by a stale set.
-    fn load(&mut self, ctx: &mut Context<Self>) {
-        self.gate.loading.store(true, Ordering::Release);
+    /// Loads the rules; the mailbox waits meanwhile. With `hold` (a rule changed) the router
+    /// sends the tenant's events through the mailbox too, so none is judged by a stale set;
+    /// the periodic refresh of scopes lets them flow.
+    fn load(&mut self, ctx: &mut Context<Self>, hold: bool) {
+        if hold {
+            self.gate.loading.store(true, Ordering::Release);
+        }
         let source = self.settings.source.clone();
         let tenant = self.tenant.clone();
         let fut = async move {
@@ -267,7 +281,7 @@ impl RuleActor {
             let active = source.active_alarms(&tenant).await?;
             Ok::<_, String>((rules, active))
         };
-        ctx.wait(fut.into_actor(self).map(|result, actor, ctx| match result {
+        ctx.wait(fut.into_actor(self).map(move |result, actor, ctx| match result {
             Ok((rules, active)) => {
                 actor.settings.demand.set(&actor.tenant, TenantDemand::of(&rules));
                 let spans = rules.iter().any(|r| r.enabled && r.condition.spans_devices());
@@ -281,12 +295,16 @@ impl RuleActor {
                 }
                 actor.push(RuleWork::SetRules { rules, active });
                 actor.follow_lease(ctx);
-                actor.gate.loading.store(false, Ordering::Release);
+                if hold {
+                    actor.gate.loading.store(false, Ordering::Release);
+                }
             }
             Err(error) => {
                 tracing::warn!(tenant = %actor.tenant, %error, "cannot load rules");
                 // The rules judged so far stay; events flow again.
-                actor.gate.loading.store(false, Ordering::Release);
+                if hold {
+                    actor.gate.loading.store(false, Ordering::Release);
+                }
             }
         }));
     }
@@ -297,8 +315,8 @@ impl Actor for RuleActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.settings.mailbox);
-        self.load(ctx);
-        ctx.run_interval(SCOPE_REFRESH, |actor, ctx| actor.load(ctx));
+        self.load(ctx, true);
+        ctx.run_interval(SCOPE_REFRESH, |actor, ctx| actor.load(ctx, false));
         ctx.run_interval(self.settings.tick, |actor, ctx| {
             actor.follow_lease(ctx);
             let now_ms = actor.settings.clock.now_ms();
@@ -353,7 +371,9 @@ impl Handler<ReloadRules> for RuleActor {
     type Result = ();
 
     fn handle(&mut self, _msg: ReloadRules, ctx: &mut Context<Self>) {
-        self.load(ctx);
+        // Cleared before the rules are read: a change from now on queues another reload.
+        self.gate.reload_queued.store(false, Ordering::Release);
+        self.load(ctx, true);
     }
 }
 

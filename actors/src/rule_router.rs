@@ -182,8 +182,12 @@ impl Handler<ReloadRules> for RuleRouter {
     type Result = ();
 
     fn handle(&mut self, msg: ReloadRules, _ctx: &mut Context<Self>) {
-        // Control messages wait for room rather than being lost.
-        self.actor(&msg.tenant.clone()).0.do_send(msg);
+        // Control messages wait for room rather than being lost; a reload already waiting in
+        // the actor's mailbox will read this change too.
+        let (actor, gate) = self.actor(&msg.tenant.clone());
+        if gate.reload_wanted() {
+            actor.do_send(msg);
+        }
     }
 }
 
@@ -266,6 +270,8 @@ mod tests {
     struct GatedSource {
         enabled: bool,
         release: tokio::sync::watch::Receiver<bool>,
+        /// Times the rules were read.
+        loads: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     #[async_trait]
@@ -273,6 +279,7 @@ mod tests {
         async fn tenant_rules(&self, tenant: &TenantId) -> Result<Vec<RuleSpec>, String> {
             let mut release = self.release.clone();
             let _ = release.wait_for(|go| *go).await;
+            self.loads.fetch_add(1, Ordering::Relaxed);
             Ok(vec![RuleSpec {
                 id: "hot".into(),
                 tenant: tenant.clone(),
@@ -332,6 +339,7 @@ mod tests {
         release: tokio::sync::watch::Sender<bool>,
         board: StatsBoard,
         signals: Arc<Mutex<Vec<AlarmSignal>>>,
+        loads: Arc<std::sync::atomic::AtomicUsize>,
         _arbiter: Arbiter,
     }
 
@@ -353,10 +361,12 @@ mod tests {
         })
         .unwrap();
         let (release, gate) = tokio::sync::watch::channel(false);
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (router, arbiter) = RuleRouter::start_on_own_thread(RuleSettings {
             source: Arc::new(GatedSource {
                 enabled,
                 release: gate,
+                loads: loads.clone(),
             }),
             workers,
             seen: Arc::new(SeenMetrics::default()),
@@ -372,6 +382,7 @@ mod tests {
             release,
             board,
             signals,
+            loads,
             _arbiter: arbiter,
         }
     }
@@ -444,5 +455,25 @@ mod tests {
         assert_eq!(snapshot.rule_actors[0].dropped, 0);
         assert_eq!(evaluations(&s.board), 0);
         assert!(s.signals.lock().unwrap().is_empty());
+    }
+
+    #[actix::test]
+    async fn a_burst_of_rule_changes_reloads_a_few_times_not_once_each() {
+        let s = setup(true);
+        let reload = || ReloadRules { tenant: tenant() };
+        // The first change starts the tenant's actor (and its first load), which holds the
+        // rules back until released: the other 199 find a reload waiting.
+        for _ in 0..200 {
+            s.router.do_send(reload());
+        }
+        s.router.send(event(60.0)).await.unwrap();
+        s.release.send(true).unwrap();
+        until("the event to be judged", || evaluations(&s.board) == 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let loads = s.loads.load(Ordering::Relaxed);
+        assert!((1..=3).contains(&loads), "{loads} loads for 200 changes");
+        // A change after them is read again.
+        s.router.send(reload()).await.unwrap();
+        until("one more load", || s.loads.load(Ordering::Relaxed) == loads + 1).await;
     }
 }

@@ -719,7 +719,9 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let observer = CaptureObserver(seen.clone()).start();
         let settings = SupervisorSettings {
-            pipeline: Arc::new(crate::pipeline::Pipeline::default().with_observer(observer.recipient())),
+            pipeline: Arc::new(
+                crate::pipeline::Pipeline::default().with_observer(observer.recipient(), || {}),
+            ),
             ..SupervisorSettings::default()
         };
         let sup = TenantSupervisor::new(

@@ -126,7 +126,7 @@ impl AnalyticsLive for DashboardHub {
 const FIGURES: &[(&str, &str)] = &[
     (
         "drover_analytics_events_dropped_total",
-        "Telemetry events not analysed because their tenant's analytics actor was behind",
+        "Telemetry events not analysed because the analytics were behind: the router's or the tenant actor's mailbox was full",
     ),
     ("drover_analytics_messages_total", "Telemetry events analysed"),
     ("drover_analytics_anomalies_total", "Anomaly events raised"),

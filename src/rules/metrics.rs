@@ -76,7 +76,7 @@ struct EngineCollector {
 const ENGINE_FIGURES: &[(&str, &str)] = &[
     (
         "drover_rule_events_dropped_total",
-        "Telemetry events not evaluated because their tenant's rule queue was full",
+        "Telemetry events not evaluated because the rules engine was behind: its router's mailbox, a tenant's rule actor or rule queue was full",
     ),
     (
         "drover_rule_events_queued",

@@ -116,7 +116,7 @@ pub trait AnalyticsLive: Send + Sync + 'static {
 /// Figures for `/metrics`.
 #[derive(Debug, Default)]
 pub struct AnalyticsCounters {
-    /// Telemetry events not analysed because the tenant's actor was behind.
+    /// Telemetry events not analysed because the tenant's actor or the router was behind.
     pub dropped: AtomicU64,
     pub messages: AtomicU64,
     pub anomalies: AtomicU64,
