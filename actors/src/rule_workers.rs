@@ -538,6 +538,22 @@ mod tests {
         }
     }
 
+    /// An empty telemetry batch of `t`'s, to fill queues with.
+    fn telemetry(t: &TenantId) -> RuleWork {
+        RuleWork::Telemetry {
+            event: TelemetryAccepted {
+                tenant: t.clone(),
+                device: DeviceId::parse("d").unwrap(),
+                device_type: "t".into(),
+                metadata: Arc::default(),
+                shadow: None,
+                points: Vec::new().into(),
+            },
+            now_ms: 0,
+            judge: Judge::All,
+        }
+    }
+
     fn closed(rule: &str) -> RuleWork {
         RuleWork::AlarmClosed {
             rule_id: rule.into(),
@@ -623,18 +639,7 @@ mod tests {
     fn telemetry_beyond_the_capacity_is_refused_and_ticks_are_not_queued_twice() {
         let a = tenant("a");
         let mut s = Schedule::default();
-        let batch = || RuleWork::Telemetry {
-            event: TelemetryAccepted {
-                tenant: tenant("a"),
-                device: DeviceId::parse("d").unwrap(),
-                device_type: "t".into(),
-                metadata: Arc::default(),
-                shadow: None,
-                points: Vec::new().into(),
-            },
-            now_ms: 0,
-            judge: Judge::All,
-        };
+        let batch = || telemetry(&a);
         s.push(&a, batch(), 2, || rules("a")).unwrap();
         s.push(&a, batch(), 2, || rules("a")).unwrap();
         assert_eq!(s.push(&a, batch(), 2, || rules("a")), Err(Refused::Full));
@@ -664,18 +669,7 @@ mod tests {
             shared_capacity: 3,
             ..Schedule::default()
         };
-        let batch = |t: &TenantId| RuleWork::Telemetry {
-            event: TelemetryAccepted {
-                tenant: t.clone(),
-                device: DeviceId::parse("d").unwrap(),
-                device_type: "t".into(),
-                metadata: Arc::default(),
-                shadow: None,
-                points: Vec::new().into(),
-            },
-            now_ms: 0,
-            judge: Judge::All,
-        };
+        let batch = telemetry;
         // a: 2 of its own, then 2 borrowed; b: 1 borrowed beyond its own 2, then the pool is out.
         for _ in 0..4 {
             s.push(&a, batch(&a), 2, || rules("a")).unwrap();

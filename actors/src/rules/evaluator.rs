@@ -1196,6 +1196,18 @@ mod tests {
     }
 
     /// A message resumed after a pause is not counted twice by a group that could not decide.
+    /// The event's first point at timestamps 1..=n: a batch of n messages.
+    fn repeated(mut batch: TelemetryAccepted, n: i64) -> TelemetryAccepted {
+        let points: Vec<TelemetryPoint> = (1..=n)
+            .map(|ts| TelemetryPoint {
+                ts_ms: ts,
+                ..batch.points[0].clone()
+            })
+            .collect();
+        batch.points = points.into();
+        batch
+    }
+
     #[test]
     fn a_resumed_message_counts_a_groups_skips_once() {
         // The rhai rule comes first, so the batch pauses after it, before the group's member.
@@ -1203,14 +1215,7 @@ mod tests {
             rule("rhai", expr("humidity + 1 > 100")),
             rule("grouped", expr("temperature > 30")),
         ];
-        let mut batch = event("d1", &[("humidity", 50.0)]);
-        let points: Vec<TelemetryPoint> = (1..=3)
-            .map(|ts| TelemetryPoint {
-                ts_ms: ts,
-                ..batch.points[0].clone()
-            })
-            .collect();
-        batch.points = points.into();
+        let batch = repeated(event("d1", &[("humidity", 50.0)]), 3);
         let board = StatsBoard::default();
         let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
         t.set_rules(rules, &[]);
@@ -1235,14 +1240,7 @@ mod tests {
 
     #[test]
     fn rules_changed_while_a_batch_is_paused_judge_the_rest_of_it() {
-        let mut batch = event("d1", &[("temperature", 25.0)]);
-        let points: Vec<TelemetryPoint> = (1..=4)
-            .map(|ts| TelemetryPoint {
-                ts_ms: ts,
-                ..batch.points[0].clone()
-            })
-            .collect();
-        batch.points = points.into();
+        let batch = repeated(event("d1", &[("temperature", 25.0)]), 4);
         let board = StatsBoard::default();
         let mut t = TenantRules::new(tenant(), Arc::new(Sandbox::default()), 3.0, board.clone());
         // Each rule judged on its own, so that the batch pauses after "old" (the index would
