@@ -250,6 +250,17 @@ pub async fn connect(
     slot: ConnectionSlot,
     request: ConnectRequest<'_>,
 ) -> Result<Accepted, ConnectRefusal> {
+    // Boxed: ntex-mqtt holds the handshake's future inline in the connection's future, which
+    // lives as long as the connection. Inline, this one (authentication, device claim, session
+    // takeover: about 2.2 KB) made every connection's future 3.6 KB for its whole life.
+    Box::pin(connect_inner(ctx, slot, request)).await
+}
+
+async fn connect_inner(
+    ctx: &Arc<MqttContext>,
+    slot: ConnectionSlot,
+    request: ConnectRequest<'_>,
+) -> Result<Accepted, ConnectRefusal> {
     let config = &ctx.config;
     // Before anything else: a client id is stored, logged and audited, so its size is bounded
     // for clients that never authenticate too.
@@ -882,7 +893,9 @@ impl Connection {
             return;
         };
         let conn = self.clone();
-        ntex::rt::spawn(super::delivery::run_outbound(conn, sink, rx, close));
+        // Boxed: ntex's spawn wraps the future in a block that keeps it twice (as the block's
+        // capture and as the awaited value), so inline the task cost 2.3 KB per connection.
+        ntex::rt::spawn(Box::pin(super::delivery::run_outbound(conn, sink, rx, close)));
     }
 }
 

@@ -261,9 +261,11 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                 }
                 QoS::ExactlyOnce => {
                     inflight.borrow_mut().insert(seq, delivery);
-                    if let Ok(received) = builder.send_exactly_once(payload).await {
+                    // Boxed, here and below: QoS 2's futures are the largest of this function,
+                    // which the outbound task of every connection holds while it sends.
+                    if let Ok(received) = Box::pin(builder.send_exactly_once(payload)).await {
                         acked(&w.conn, inflight, seq, true, metrics.sent(qos));
-                        let _ = received.release().await;
+                        let _ = Box::pin(received.release()).await;
                     }
                 }
             }
@@ -320,7 +322,7 @@ async fn send(w: &Writer, seq: u64, delivery: Delivery) {
                     };
                     if let Ok(received) = result {
                         acked(&w.conn, inflight, seq, true, metrics.sent(qos));
-                        let _ = received.release().await;
+                        let _ = Box::pin(received.release()).await;
                     }
                 }
             }
