@@ -241,6 +241,17 @@ pub async fn start(config: Config, admin_password: Option<String>) -> Result<Run
     start_with_clock(config, admin_password, Arc::new(SystemClock)).await
 }
 
+/// An observer's `missed` callback that counts into one of its own counters, so its figure in
+/// `/metrics` covers the events the pipeline could not hand it.
+fn counting_into<C: Send + Sync + 'static>(
+    counters: Arc<C>,
+    counter: fn(&C) -> &std::sync::atomic::AtomicU64,
+) -> impl Fn() + Send + Sync + 'static {
+    move || {
+        counter(&counters).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// As [`start`], with the clock the rules engine reads (windows, timers, escalation): tests pass
 /// a `ManualClock` to control time instead of sleeping.
 pub async fn start_with_clock(
@@ -340,22 +351,14 @@ pub async fn start_with_clock(
     let pipeline = Arc::new(
         Pipeline::new(config.telemetry.payload_limits())
             .with_writers(writers.clone())
-            .with_observer(rules.router.clone().recipient(), {
-                let counters = rules.counters.clone();
-                move || {
-                    counters
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            })
-            .with_observer(analytics.router.clone().recipient(), {
-                let counters = analytics.counters.clone();
-                move || {
-                    counters
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            })
+            .with_observer(
+                rules.router.clone().recipient(),
+                counting_into(rules.counters.clone(), |c| &c.dropped),
+            )
+            .with_observer(
+                analytics.router.clone().recipient(),
+                counting_into(analytics.counters.clone(), |c| &c.dropped),
+            )
             .with_live(Arc::new(crate::cluster::live::ClusterLive::new(
                 hub.clone(),
                 cluster_slot.clone(),

@@ -33,6 +33,21 @@ pub struct TelemetryAccepted {
     pub points: PointBatch,
 }
 
+#[cfg(test)]
+impl TelemetryAccepted {
+    /// No points of `device` of `tenant`: what tests fill queues and mailboxes with.
+    pub(crate) fn empty(tenant: &TenantId, device: &str) -> TelemetryAccepted {
+        TelemetryAccepted {
+            tenant: tenant.clone(),
+            device: DeviceId::parse(device).unwrap(),
+            device_type: "t".into(),
+            metadata: Arc::default(),
+            shadow: None,
+            points: Vec::new().into(),
+        }
+    }
+}
+
 /// Where accepted telemetry is shown as it arrives (the dashboard's WebSocket sessions).
 /// Device actors ask [`LiveTelemetry::watching`] for every message, so it must be cheap, and
 /// call [`LiveTelemetry::show`] once the message is queued for its writer: before its commit,
@@ -249,15 +264,7 @@ mod tests {
         let pipeline = Pipeline::default().with_observer(observer.recipient(), move || {
             counted.fetch_add(1, Ordering::Relaxed);
         });
-        let tenant = TenantId::parse("acme").unwrap();
-        let event = TelemetryAccepted {
-            tenant: tenant.clone(),
-            device: DeviceId::parse("d1").unwrap(),
-            device_type: "t".into(),
-            metadata: Arc::default(),
-            shadow: None,
-            points: Vec::new().into(),
-        };
+        let event = TelemetryAccepted::empty(&TenantId::parse("acme").unwrap(), "d1");
         // No yield in between: the observer takes none of them before the burst ends.
         for _ in 0..20 {
             pipeline.observe(event.clone());

@@ -541,14 +541,7 @@ mod tests {
     /// An empty telemetry batch of `t`'s, to fill queues with.
     fn telemetry(t: &TenantId) -> RuleWork {
         RuleWork::Telemetry {
-            event: TelemetryAccepted {
-                tenant: t.clone(),
-                device: DeviceId::parse("d").unwrap(),
-                device_type: "t".into(),
-                metadata: Arc::default(),
-                shadow: None,
-                points: Vec::new().into(),
-            },
+            event: TelemetryAccepted::empty(t, "d"),
             now_ms: 0,
             judge: Judge::All,
         }

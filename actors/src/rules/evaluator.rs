@@ -1195,7 +1195,6 @@ mod tests {
         }
     }
 
-    /// A message resumed after a pause is not counted twice by a group that could not decide.
     /// The event's first point at timestamps 1..=n: a batch of n messages.
     fn repeated(mut batch: TelemetryAccepted, n: i64) -> TelemetryAccepted {
         let points: Vec<TelemetryPoint> = (1..=n)
@@ -1208,6 +1207,7 @@ mod tests {
         batch
     }
 
+    /// A message resumed after a pause is not counted twice by a group that could not decide.
     #[test]
     fn a_resumed_message_counts_a_groups_skips_once() {
         // The rhai rule comes first, so the batch pauses after it, before the group's member.
