@@ -19,6 +19,8 @@
 //! it computes the crate's arithmetic in the crate's order, so its score is bit for bit the
 //! crate's (the tests check it against the crate on random forests).
 
+use std::hint::select_unpredictable;
+
 use extended_isolation_forest::Forest;
 use rand::distributions::Uniform;
 use rand::prelude::*;
@@ -94,13 +96,15 @@ pub fn grow_flat<const N: usize>(
         avg_path_length_c: form.avg_path_length_c,
         roots: Vec::with_capacity(form.trees.len()),
         words: Vec::new(),
+        depth: 0,
     };
     for tree in &form.trees {
         let root = u32::try_from(flat.words.len())
             .map_err(|_| AnalyticsError::Model("forest too large to lay out".into()))?;
         flat.roots.push(root);
-        flat.push(&tree.root);
+        flat.push(&tree.root, 0);
     }
+    flat.words.resize(flat.words.len() + 2 * used, 0.0);
     flat.words.shrink_to_fit();
     Ok(flat)
 }
@@ -134,35 +138,51 @@ fn grow_forms<const N: usize>(
 }
 
 /// A forest's trees in one array of words, each node where its parent's left child is: a leaf
-/// is two words, `0` and its path-length adjustment (the crate's `c_factor(num_samples)`, 0 for
-/// one sample); a cut is `1 + 2 * dims` words, the index of its right child (as the bits of the
-/// word; never 0, as no right child is a root) and its intercept and normal as `p0, n0, p1, n1,
-/// …`, and its left child follows it. A point's walk down a tree reads one short run of words
-/// per level, and going left reads on.
+/// is two words, `0` and its path length (the crate's `c_factor(num_samples)`, 0 for one
+/// sample, with one added per level above it the way the crate adds them on its way back up);
+/// a cut is `1 + 2 * dims` words, the index of its right child (as the bits of the word; never
+/// 0, as no right child is a root) and its intercept and normal as `p0, p1, …, n0, n1, …`, and its
+/// left child follows it. The array ends in `2 * dims` zeros, so a cut's run of words can be
+/// read at any node, leaves included.
+///
+/// A point walks [`WALK_LANES`] trees at once, level by level, for the depth of the forest's
+/// deepest leaf: at each level every walk computes its cut's side and picks its next node
+/// without a branch (a walk that reached its leaf stays there). The walks are independent, so
+/// the processor overlaps them, and no walk waits on a mispredicted jump: the crate's
+/// arithmetic, in the crate's order, several times faster.
 pub struct FlatForest {
     dims: usize,
     avg_path_length_c: f64,
     roots: Vec<u32>,
     words: Vec<f64>,
+    /// Cuts on the way to the deepest leaf.
+    depth: usize,
 }
 
+/// Trees a point walks side by side.
+const WALK_LANES: usize = 8;
+
 impl FlatForest {
-    fn push(&mut self, node: &NodeForm) {
+    fn push(&mut self, node: &NodeForm, depth: usize) {
         let index = self.words.len();
         match node {
             NodeForm::Ex { num_samples } => {
+                // The crate returns 1 + (1 + (… + leaf)) from `depth` cuts up.
+                let mut length = leaf_adjustment(*num_samples);
+                for _ in 0..depth {
+                    length += 1.0;
+                }
                 self.words.push(f64::from_bits(0));
-                self.words.push(leaf_adjustment(*num_samples));
+                self.words.push(length);
+                self.depth = self.depth.max(depth);
             }
             NodeForm::In { left, right, n, p } => {
                 self.words.push(f64::from_bits(0));
-                for d in 0..self.dims {
-                    self.words.push(p[d]);
-                    self.words.push(n[d]);
-                }
-                self.push(left);
+                self.words.extend_from_slice(&p[..self.dims]);
+                self.words.extend_from_slice(&n[..self.dims]);
+                self.push(left, depth + 1);
                 self.words[index] = f64::from_bits(self.words.len() as u64);
-                self.push(right);
+                self.push(right, depth + 1);
             }
         }
     }
@@ -176,37 +196,71 @@ impl FlatForest {
     /// (those beyond are ignored: they were zero in training and must be zero here).
     pub fn score(&self, values: &[f64]) -> f64 {
         let values = &values[..self.dims.min(values.len())];
-        let path_length: f64 = self
-            .roots
-            .iter()
-            .map(|root| self.path_length(*root as usize, values))
-            .sum();
+        // The crate's sum of the trees' path lengths, in tree order.
+        let mut path_length = -0.0;
+        for roots in self.roots.chunks(WALK_LANES) {
+            let lengths = match values.len() {
+                3 => self.walk::<3>(roots, values),
+                6 => self.walk::<6>(roots, values),
+                9 => self.walk::<9>(roots, values),
+                12 => self.walk::<12>(roots, values),
+                15 => self.walk::<15>(roots, values),
+                18 => self.walk::<18>(roots, values),
+                21 => self.walk::<21>(roots, values),
+                24 => self.walk::<24>(roots, values),
+                _ => self.walk::<0>(roots, values),
+            };
+            for length in &lengths[..roots.len()] {
+                path_length += *length;
+            }
+        }
         let eh = path_length / self.roots.len() as f64;
         2.0_f64.powf(-eh / self.avg_path_length_c)
     }
 
-    fn path_length(&self, mut index: usize, values: &[f64]) -> f64 {
-        let width = 2 * self.dims;
-        let mut depth = 0u32;
-        loop {
-            let right = self.words[index].to_bits() as usize;
-            if right == 0 {
-                // The crate adds one per level on the way back up: 1 + (1 + (… + leaf)).
-                let mut length = self.words[index + 1];
-                for _ in 0..depth {
-                    length += 1.0;
-                }
-                return length;
-            }
-            let cut = &self.words[index + 1..index + 1 + width];
-            // The crate's `determinate_direction`: Σ (x - p)·n from zero, in coordinate order.
-            let side = values
-                .iter()
-                .zip(cut.chunks_exact(2))
-                .fold(0.0, |sum, (x, pn)| sum + (x - pn[0]) * pn[1]);
-            index = if side <= 0.0 { index + 1 + width } else { right };
-            depth += 1;
+    /// The path lengths of the trees at `roots` (at most [`WALK_LANES`]) for `values`: `D`
+    /// coordinates, or `values.len()` when `D` is 0.
+    #[inline(always)]
+    fn walk<const D: usize>(&self, roots: &[u32], values: &[f64]) -> [f64; WALK_LANES] {
+        let dims = if D == 0 { values.len() } else { D };
+        let values = &values[..dims];
+        let width = 2 * dims;
+        let mut at = [0usize; WALK_LANES];
+        for (at, root) in at.iter_mut().zip(roots) {
+            *at = *root as usize;
         }
+        let walks = roots.len();
+        for _ in 0..self.depth {
+            for at in &mut at[..walks] {
+                let node = *at;
+                let right = self.words[node].to_bits() as usize;
+                let (p, n) = self.words[node + 1..node + 1 + width].split_at(dims);
+                // The crate's `determinate_direction`: Σ (x - p)·n from zero, in coordinate
+                // order (a leaf reads the words after it, and stays where it is). The terms
+                // are independent; only their sum is in order. Starting the sum from the
+                // first term instead of 0 + it changes at most the sign of a zero, which
+                // `<= 0` does not see.
+                let side = if D == 0 {
+                    let mut terms = values.iter().zip(p).zip(n).map(|((x, p), n)| (x - p) * n);
+                    let first = terms.next().unwrap_or(0.0);
+                    terms.fold(first, |sum, t| sum + t)
+                } else {
+                    let mut terms = [0.0; D];
+                    for (((t, x), p), n) in terms.iter_mut().zip(values).zip(p).zip(n) {
+                        *t = (x - p) * n;
+                    }
+                    terms[1..].iter().fold(terms[0], |sum, t| sum + t)
+                };
+                // Selects the compiler must not turn into jumps: the side is a coin toss.
+                let next = select_unpredictable(side <= 0.0, node + 1 + width, right);
+                *at = select_unpredictable(right == 0, node, next);
+            }
+        }
+        let mut lengths = [0.0; WALK_LANES];
+        for (length, at) in lengths.iter_mut().zip(&at[..walks]) {
+            *length = self.words[*at + 1];
+        }
+        lengths
     }
 }
 
@@ -344,6 +398,14 @@ mod tests {
         // The wide forest padded from two metrics' six features.
         assert_flat_scores_as_the_crate::<24>(6);
         assert_flat_scores_as_the_crate::<24>(24);
+        // Every width the walk is compiled for, and one it reads at run time.
+        assert_flat_scores_as_the_crate::<24>(9);
+        assert_flat_scores_as_the_crate::<24>(12);
+        assert_flat_scores_as_the_crate::<24>(15);
+        assert_flat_scores_as_the_crate::<24>(18);
+        assert_flat_scores_as_the_crate::<24>(21);
+        assert_flat_scores_as_the_crate::<24>(5);
+        assert_flat_scores_as_the_crate::<2>(1);
     }
 
     #[test]
