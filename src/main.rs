@@ -157,6 +157,8 @@ static GLOBAL: drover::heap::CountingAlloc<std::alloc::System> =
     drover::heap::CountingAlloc(std::alloc::System);
 
 fn main() -> ExitCode {
+    // Before anything opens a database: SQLite takes its page cache only before first use.
+    drover::telemetry::sqlite::pcache::install();
     if std::env::var("HEAP_METRICS").is_ok_and(|v| v == "1" || v == "true") {
         drover::heap::install();
     }

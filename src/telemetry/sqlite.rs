@@ -34,6 +34,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 
 use super::Retention;
 
+pub mod pcache;
 mod query;
 mod slices;
 
@@ -211,6 +212,8 @@ impl SqliteTelemetryStore {
     /// Opens (creating if needed) the database file and its schema. Blocking: call it from the
     /// blocking pool or at start.
     pub fn open(settings: SqliteSettings) -> Result<SqliteTelemetryStore, TelemetryStoreError> {
+        // In place already when the server started; a no-op if SQLite was used before.
+        pcache::install();
         if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             crate::storage::files::private_dir(dir).map_err(|e| {
                 TelemetryStoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
