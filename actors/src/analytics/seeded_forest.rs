@@ -198,8 +198,11 @@ impl FlatForest {
         let values = &values[..self.dims.min(values.len())];
         // The crate's sum of the trees' path lengths, in tree order.
         let mut path_length = -0.0;
+        // A width of its own for each common one (1 to 8 metrics' features); a shorter point
+        // (the caller's mistake) walks as before this layout, its missing terms left out.
+        let width = if values.len() == self.dims { self.dims } else { 0 };
         for roots in self.roots.chunks(WALK_LANES) {
-            let lengths = match values.len() {
+            let lengths = match width {
                 3 => self.walk::<3>(roots, values),
                 6 => self.walk::<6>(roots, values),
                 9 => self.walk::<9>(roots, values),
@@ -218,12 +221,18 @@ impl FlatForest {
         2.0_f64.powf(-eh / self.avg_path_length_c)
     }
 
-    /// The path lengths of the trees at `roots` (at most [`WALK_LANES`]) for `values`: `D`
-    /// coordinates, or `values.len()` when `D` is 0.
+    /// The path lengths of the trees at `roots` (at most [`WALK_LANES`]) for `values`: the
+    /// forest's `D` coordinates, or when `D` is 0 its [`Self::dims`], of which `values` may
+    /// hold fewer.
     #[inline(always)]
     fn walk<const D: usize>(&self, roots: &[u32], values: &[f64]) -> [f64; WALK_LANES] {
-        let dims = if D == 0 { values.len() } else { D };
-        let values = &values[..dims];
+        let dims = if D == 0 { self.dims } else { D };
+        // A known length lets the compiler unroll the terms.
+        let values = if D == 0 {
+            &values[..values.len().min(dims)]
+        } else {
+            &values[..D]
+        };
         let width = 2 * dims;
         let mut at = [0usize; WALK_LANES];
         for (at, root) in at.iter_mut().zip(roots) {
@@ -406,6 +415,49 @@ mod tests {
         assert_flat_scores_as_the_crate::<24>(21);
         assert_flat_scores_as_the_crate::<24>(5);
         assert_flat_scores_as_the_crate::<2>(1);
+    }
+
+    /// One tree at a time, with a jump per level: the plain walk of the same layout.
+    fn walked_one_by_one(forest: &FlatForest, values: &[f64]) -> f64 {
+        let dims = forest.dims;
+        let mut total = -0.0;
+        for root in &forest.roots {
+            let mut at = *root as usize;
+            loop {
+                let right = forest.words[at].to_bits() as usize;
+                if right == 0 {
+                    total += forest.words[at + 1];
+                    break;
+                }
+                let p = &forest.words[at + 1..at + 1 + dims];
+                let n = &forest.words[at + 1 + dims..at + 1 + 2 * dims];
+                let side = values
+                    .iter()
+                    .zip(p)
+                    .zip(n)
+                    .fold(0.0, |sum, ((x, p), n)| sum + (x - p) * n);
+                at = if side <= 0.0 { at + 1 + 2 * dims } else { right };
+            }
+        }
+        2.0_f64.powf(-(total / forest.roots.len() as f64) / forest.avg_path_length_c)
+    }
+
+    #[test]
+    fn a_short_point_walks_the_forests_layout() {
+        // Too few values is the caller's mistake; the walk must still read the forest's own
+        // nodes, leaving the missing terms out of every cut.
+        let data = padded::<24>(6, 600, 3);
+        let flat = grow_flat(&data, 30, 128, 3, 6).unwrap();
+        for probe in padded::<24>(6, 50, 9) {
+            for len in [2, 5, 6] {
+                let values = &probe[..len];
+                assert_eq!(
+                    flat.score(values).to_bits(),
+                    walked_one_by_one(&flat, values).to_bits(),
+                    "{values:?}"
+                );
+            }
+        }
     }
 
     #[test]
