@@ -200,9 +200,9 @@ impl FlatForest {
         let mut path_length = -0.0;
         // A width of its own for each common one (1 to 8 metrics' features); a shorter point
         // (the caller's mistake) walks as before this layout, its missing terms left out.
-        let width = if values.len() == self.dims { self.dims } else { 0 };
+        let compiled = if values.len() == self.dims { self.dims } else { 0 };
         for roots in self.roots.chunks(WALK_LANES) {
-            let lengths = match width {
+            let lengths = match compiled {
                 3 => self.walk::<3>(roots, values),
                 6 => self.walk::<6>(roots, values),
                 9 => self.walk::<9>(roots, values),
@@ -221,18 +221,14 @@ impl FlatForest {
         2.0_f64.powf(-eh / self.avg_path_length_c)
     }
 
-    /// The path lengths of the trees at `roots` (at most [`WALK_LANES`]) for `values`: the
-    /// forest's `D` coordinates, or when `D` is 0 its [`Self::dims`], of which `values` may
-    /// hold fewer.
+    /// The path lengths of the trees at `roots` (at most [`WALK_LANES`]) for `values` (at most
+    /// [`Self::dims`] of them): the forest's `D` coordinates, or when `D` is 0 its
+    /// [`Self::dims`], of which `values` may hold fewer.
     #[inline(always)]
     fn walk<const D: usize>(&self, roots: &[u32], values: &[f64]) -> [f64; WALK_LANES] {
         let dims = if D == 0 { self.dims } else { D };
         // A known length lets the compiler unroll the terms.
-        let values = if D == 0 {
-            &values[..values.len().min(dims)]
-        } else {
-            &values[..D]
-        };
+        let values = if D == 0 { values } else { &values[..D] };
         let width = 2 * dims;
         let mut at = [0usize; WALK_LANES];
         for (at, root) in at.iter_mut().zip(roots) {
