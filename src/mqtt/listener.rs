@@ -25,6 +25,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::broker::reason;
 use super::connection::{BrokerError, Connection, MqttContext};
+use super::inflight::InFlight;
 use super::qos2::Qos2Layer;
 use crate::config::Config;
 
@@ -191,6 +192,7 @@ fn service_config(config: &Config) -> SharedCfg {
                 .set_max_qos(QoS::ExactlyOnce)
                 .set_max_size(mqtt.max_packet_size)
                 .set_max_receive(mqtt.receive_maximum)
+                // Also set in `mqtt_service`, whose middleware enforces it.
                 .set_max_receive_size((mqtt.max_packet_size as usize).saturating_mul(4))
                 .set_max_send(mqtt.max_inflight)
                 .set_max_topic_alias(mqtt.max_topic_alias)
@@ -206,12 +208,14 @@ fn service_config(config: &Config) -> SharedCfg {
 
 fn mqtt_service<F: Filter>(
     ctx: Arc<MqttContext>,
+    (in_flight_v3, in_flight_v5): (InFlight, InFlight),
 ) -> impl ServiceFactory<Io<F>, SharedCfg, Response = (), Error = MqttError<BrokerError>, InitError = ()> {
     use ntex_mqtt::{v3 as mqtt3, v5 as mqtt5};
     let (c3, c5) = (ctx.clone(), ctx);
     MqttServer::new()
         .v3(
             mqtt3::MqttServer::new(move |hs| super::v3::handshake(c3.clone(), hs))
+                .replace_middlewares(in_flight_v3)
                 .protocol(super::v3::protocol())
                 .control(super::v3::control())
                 .publish(fn_factory_with_config(
@@ -222,6 +226,7 @@ fn mqtt_service<F: Filter>(
         )
         .v5(
             mqtt5::MqttServer::new(move |hs| super::v5::handshake(c5.clone(), hs))
+                .replace_middlewares(in_flight_v5)
                 .protocol(super::v5::protocol())
                 .control(super::v5::control())
                 .publish(fn_factory_with_config(
@@ -269,6 +274,13 @@ pub fn serve(
     } = listeners;
     let workers = config.mqtt_workers();
     let max_packet_size = config.mqtt.max_packet_size;
+    // The limits ntex-mqtt's own middleware takes from `service_config`; MQTT 5's Receive
+    // Maximum is enforced by its dispatcher, so only the size limit applies there.
+    let max_receive_size = (max_packet_size as usize).saturating_mul(4);
+    let in_flight = (
+        InFlight::new(config.mqtt.receive_maximum, max_receive_size),
+        InFlight::new(0, max_receive_size),
+    );
     let cfg = service_config(config);
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let service_ctx = ctx.clone();
@@ -291,7 +303,7 @@ pub fn serve(
                     .shutdown_timeout(Seconds(5))
                     .listen("mqtt", plain, async move |_| {
                         chain_factory(with_qos2_layer(max_packet_size))
-                            .and_then(mqtt_service(plain_ctx.clone()))
+                            .and_then(mqtt_service(plain_ctx.clone(), in_flight))
                             .map_err(|e: MqttError<BrokerError>| {
                                 tracing::debug!(error = %e, "MQTT connection ended with an error");
                                 e
@@ -305,7 +317,7 @@ pub fn serve(
                             chain_factory(TlsAcceptor::new(tls_config.clone()))
                                 .map_err(|e| MqttError::Service(BrokerError::Internal(format!("TLS: {e}"))))
                                 .and_then(with_qos2_layer(max_packet_size))
-                                .and_then(mqtt_service(tls_ctx.clone()))
+                                .and_then(mqtt_service(tls_ctx.clone(), in_flight))
                         })?
                         .config("mqtts", cfg);
                 }

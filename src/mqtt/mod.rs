@@ -4,6 +4,7 @@ pub mod auth;
 pub mod broker;
 pub mod connection;
 pub mod delivery;
+pub mod inflight;
 pub mod listener;
 pub mod message;
 pub mod metrics;
