@@ -127,6 +127,8 @@ pub struct TenantSupervisor {
     directory: Arc<dyn DeviceDirectory>,
     presence: Arc<dyn PresenceSink>,
     settings: SupervisorSettings,
+    /// `settings.shadows`, shared by the tenant's device actors.
+    shadows: Arc<ShadowServices>,
     children: HashMap<DeviceId, Child>,
     next_generation: u64,
     restarts_total: u64,
@@ -144,6 +146,7 @@ impl TenantSupervisor {
             tenant,
             directory,
             presence,
+            shadows: Arc::new(settings.shadows.clone()),
             settings,
             children: HashMap::new(),
             next_generation: 0,
@@ -170,7 +173,7 @@ impl TenantSupervisor {
             generation: self.next_generation,
             mailbox_capacity: self.settings.device_mailbox_capacity,
             idle_timeout: self.settings.device_idle_timeout,
-            shadows: self.settings.shadows.clone(),
+            shadows: self.shadows.clone(),
             jobs: self.settings.jobs.clone(),
         };
         DeviceActor::new(spec).start()

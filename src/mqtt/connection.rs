@@ -232,7 +232,8 @@ pub struct Connection {
     /// The sending side of this connection's own queue.
     own_queue: Outbox,
     device: Option<Addr<DeviceActor>>,
-    will: RefCell<Option<Will>>,
+    /// Boxed: most clients have no will, and every connection holds this field.
+    will: RefCell<Option<Box<Will>>>,
     qos2: Option<Qos2Link>,
     graceful: Cell<bool>,
     closed: Cell<bool>,
@@ -387,7 +388,7 @@ async fn connect_inner(
         topic_alias_max: request.topic_alias_max,
         own_queue,
         device,
-        will: RefCell::new(request.will),
+        will: RefCell::new(request.will.map(Box::new)),
         qos2: request.qos2,
         graceful: Cell::new(false),
         closed: Cell::new(false),
@@ -852,7 +853,7 @@ impl Connection {
             });
         }
         if let Some(will) = self.will.borrow_mut().take() {
-            self.publish_will(will);
+            self.publish_will(*will);
         }
     }
 
@@ -961,5 +962,18 @@ pub fn v3_sub_options(qos: QoS) -> SubOptions {
         retain_handling: 0,
         subscription_id: None,
         read_checked: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_without_a_will_holds_no_room_for_one() {
+        // Held by every connected client; the will (216 bytes inline) is boxed.
+        let size = size_of::<Connection>();
+        println!("Connection: {size} bytes");
+        assert!(size <= 320, "Connection is {size} bytes");
     }
 }

@@ -111,9 +111,14 @@ struct Queued {
     timer: SpawnHandle,
 }
 
-/// Commands sent and awaiting an answer, and commands kept for the device's return.
+/// Commands sent and awaiting an answer, and commands kept for the device's return; made
+/// with the device's first command (most devices never get one, and every device actor
+/// holds this).
 #[derive(Default)]
-pub struct CommandCorrelation {
+pub struct CommandCorrelation(Option<Box<Correlation>>);
+
+#[derive(Default)]
+struct Correlation {
     pending: HashMap<String, Pending>,
     queued: VecDeque<Queued>,
 }
@@ -121,11 +126,17 @@ pub struct CommandCorrelation {
 impl CommandCorrelation {
     /// Nothing waits: the actor may stop when idle.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty() && self.queued.is_empty()
+        self.0
+            .as_ref()
+            .is_none_or(|c| c.pending.is_empty() && c.queued.is_empty())
+    }
+
+    fn get(&mut self) -> &mut Correlation {
+        self.0.get_or_insert_default()
     }
 }
 
-impl Drop for CommandCorrelation {
+impl Drop for Correlation {
     fn drop(&mut self) {
         for (_, pending) in self.pending.drain() {
             let _ = pending.done.send(CommandOutcome::Abandoned);
@@ -210,7 +221,7 @@ impl DeviceActor {
         self.shadows.outbound.publish_command(&self.tenant, message);
         let id = request.id.clone();
         let timer = ctx.run_later(request.timeout, move |act, _ctx| {
-            if let Some(pending) = act.commands.pending.remove(&id) {
+            if let Some(pending) = act.commands.get().pending.remove(&id) {
                 tracing::debug!(tenant = %act.tenant, device = %act.device, command = %id, "command timed out");
                 let _ = pending.done.send(CommandOutcome::TimedOut {
                     sent_at: Some(pending.sent_at),
@@ -218,7 +229,7 @@ impl DeviceActor {
             }
         });
         let sent_at = Utc::now();
-        self.commands.pending.insert(
+        self.commands.get().pending.insert(
             request.id,
             Pending {
                 name: request.name,
@@ -248,14 +259,15 @@ impl DeviceActor {
         };
         let matches = self
             .commands
-            .pending
-            .get(&answer.id)
+            .0
+            .as_ref()
+            .and_then(|c| c.pending.get(&answer.id))
             .is_some_and(|p| p.name == name);
         if !matches {
             tracing::debug!(tenant = %self.tenant, device = %self.device, command = name, id = %answer.id, "answer to no waiting command");
             return;
         }
-        if let Some(pending) = self.commands.pending.remove(&answer.id) {
+        if let Some(pending) = self.commands.get().pending.remove(&answer.id) {
             ctx.cancel_future(pending.timer);
             let _ = pending.done.send(CommandOutcome::Answered {
                 status: answer.status,
@@ -274,7 +286,7 @@ impl Handler<SendCommand> for DeviceActor {
         self.messages_handled += 1;
         let SendCommand { request, done } = msg;
         if self.connection.is_some() {
-            if self.commands.pending.len() >= MAX_PENDING_COMMANDS {
+            if self.commands.get().pending.len() >= MAX_PENDING_COMMANDS {
                 return Err(CommandRefusal::Busy(MAX_PENDING_COMMANDS));
             }
             let at = self.send_now(request, done, ctx);
@@ -283,18 +295,21 @@ impl Handler<SendCommand> for DeviceActor {
         let Some(ttl) = request.queue_for else {
             return Err(CommandRefusal::DeviceOffline);
         };
-        if self.commands.queued.len() >= MAX_QUEUED_COMMANDS {
+        if self.commands.get().queued.len() >= MAX_QUEUED_COMMANDS {
             return Err(CommandRefusal::Busy(MAX_QUEUED_COMMANDS));
         }
         let id = request.id.clone();
         let timer = ctx.run_later(ttl, move |act, _ctx| {
-            if let Some(at) = act.commands.queued.iter().position(|q| q.request.id == id)
-                && let Some(queued) = act.commands.queued.remove(at)
+            if let Some(at) = act.commands.get().queued.iter().position(|q| q.request.id == id)
+                && let Some(queued) = act.commands.get().queued.remove(at)
             {
                 let _ = queued.done.send(CommandOutcome::Expired);
             }
         });
-        self.commands.queued.push_back(Queued { request, done, timer });
+        self.commands
+            .get()
+            .queued
+            .push_back(Queued { request, done, timer });
         Ok(CommandDispatch::Queued)
     }
 }
@@ -307,9 +322,9 @@ impl Handler<DeliverQueuedCommands> for DeviceActor {
         if self.connection.is_none() {
             return;
         }
-        while let Some(queued) = self.commands.queued.pop_front() {
+        while let Some(queued) = self.commands.0.as_mut().and_then(|c| c.queued.pop_front()) {
             ctx.cancel_future(queued.timer);
-            if self.commands.pending.len() >= MAX_PENDING_COMMANDS {
+            if self.commands.get().pending.len() >= MAX_PENDING_COMMANDS {
                 let _ = queued.done.send(CommandOutcome::TimedOut { sent_at: None });
                 continue;
             }

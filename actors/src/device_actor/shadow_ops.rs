@@ -51,7 +51,7 @@ impl DeviceActor {
 
     fn set_shadow(&mut self, document: Option<ShadowDocument>) {
         self.shadow_view = document.as_ref().map(|d| Arc::new(d.state_view()));
-        self.shadow = document;
+        self.shadow = document.map(Box::new);
     }
 
     fn publish_shadow(&self, suffix: &str, payload: &Value) {
@@ -89,7 +89,7 @@ impl DeviceActor {
     pub(super) fn shadow_get_over_mqtt(&mut self, payload: &[u8], at: DateTime<Utc>) {
         let limits = self.shadows.limits;
         let answer = match shadow::parse_get(payload, &limits) {
-            Ok(token) => match &self.shadow {
+            Ok(token) => match self.shadow.as_deref() {
                 Some(document) => Ok(shadow::get_accepted(document, token.as_deref())),
                 None => Err((ShadowError::NotFound, token)),
             },
@@ -111,7 +111,7 @@ impl DeviceActor {
     ) -> ResponseActFuture<Self, Result<Value, ShadowError>> {
         let limits = self.shadows.limits;
         let prepared = shadow::parse_update(&payload, &limits).and_then(|update| {
-            let outcome = shadow::apply_update(self.shadow.as_ref(), &update, at, &limits)?;
+            let outcome = shadow::apply_update(self.shadow.as_deref(), &update, at, &limits)?;
             Ok((update, outcome))
         });
         let (update, outcome) = match prepared {
@@ -124,7 +124,7 @@ impl DeviceActor {
         };
         let store = self.shadows.store.clone();
         let (tenant, device) = (self.tenant.clone(), self.device.clone());
-        let expected = self.shadow.as_ref().map_or(0, |d| d.version);
+        let expected = self.shadow.as_deref().map_or(0, |d| d.version);
         let document = outcome.document.clone();
         Box::pin(
             async move {
@@ -148,7 +148,7 @@ impl DeviceActor {
                     if let Some(delta) = &outcome.delta {
                         act.publish_shadow("update/delta", delta);
                     }
-                    tracing::debug!(tenant = %act.tenant, device = %act.device, version = act.shadow.as_ref().map_or(0, |d| d.version), ?requester, "shadow updated");
+                    tracing::debug!(tenant = %act.tenant, device = %act.device, version = act.shadow.as_deref().map_or(0, |d| d.version), ?requester, "shadow updated");
                     Ok(outcome.accepted)
                 }
                 Err((ShadowStoreError::Conflict, reloaded)) => {
@@ -157,7 +157,7 @@ impl DeviceActor {
                     }
                     let error = ShadowError::VersionConflict {
                         requested: update.version.unwrap_or(expected),
-                        current: act.shadow.as_ref().map_or(0, |d| d.version),
+                        current: act.shadow.as_deref().map_or(0, |d| d.version),
                     };
                     act.update_refused(&error, update.client_token.as_deref(), at, requester);
                     Err(error)
@@ -213,7 +213,7 @@ impl DeviceActor {
             ShadowAction::Get => {
                 let answer = self
                     .shadow
-                    .as_ref()
+                    .as_deref()
                     .map(ShadowDocument::view)
                     .ok_or(ShadowError::NotFound);
                 Box::pin(fut::ready(answer))
@@ -240,7 +240,7 @@ impl Handler<PendingShadowDelta> for DeviceActor {
 
     fn handle(&mut self, _msg: PendingShadowDelta, _ctx: &mut Context<Self>) -> Option<Bytes> {
         self.messages_handled += 1;
-        let delta = shadow::delta_message(self.shadow.as_ref()?, Utc::now())?;
+        let delta = shadow::delta_message(self.shadow.as_deref()?, Utc::now())?;
         serde_json::to_vec(&delta).ok().map(Bytes::from)
     }
 }
