@@ -178,17 +178,24 @@ mod tests {
     use super::*;
 
     /// A request of a given size, held by the service until its sender fires.
-    struct Req(u32, Option<oneshot::Receiver<()>>);
+    struct Req(u32, Option<oneshot::Receiver<()>>, Kind);
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Packet,
+        Publish,
+        Chunk,
+    }
 
     impl SizedRequest for Req {
         fn size(&self) -> u32 {
             self.0
         }
         fn is_publish(&self) -> bool {
-            false
+            self.2 == Kind::Publish
         }
         fn is_chunk(&self) -> bool {
-            false
+            self.2 == Kind::Chunk
         }
     }
 
@@ -209,9 +216,13 @@ mod tests {
 
     /// Starts a request that stays in flight until the returned sender fires.
     fn hold(pl: &Pipeline<InFlightService<Hold>>, size: u32) -> oneshot::Sender<()> {
+        hold_kind(pl, size, Kind::Packet)
+    }
+
+    fn hold_kind(pl: &Pipeline<InFlightService<Hold>>, size: u32, kind: Kind) -> oneshot::Sender<()> {
         let (tx, rx) = oneshot::channel();
         let pl = pl.clone();
-        ntex::rt::spawn(async move { pl.call_nowait(Req(size, Some(rx))).await });
+        ntex::rt::spawn(async move { pl.call_nowait(Req(size, Some(rx), kind)).await });
         tx
     }
 
@@ -257,6 +268,26 @@ mod tests {
         drop(held);
     }
 
+    #[ntex::test]
+    async fn the_chunks_of_a_publish_pass_the_count_limit_until_the_next_packet() {
+        let pl = Pipeline::new(InFlight::new(1, 0).create(Hold, ()));
+        let _publish = hold_kind(&pl, 10, Kind::Publish);
+        sleep(Millis(20)).await;
+        assert!(
+            is_ready_now(&pl).await,
+            "a publish's payload chunks must not wait for it"
+        );
+        let _chunk = hold_kind(&pl, 10, Kind::Chunk);
+        sleep(Millis(20)).await;
+        assert!(is_ready_now(&pl).await, "still inside the publish");
+        let _next = hold_kind(&pl, 10, Kind::Packet);
+        sleep(Millis(20)).await;
+        assert!(
+            !is_ready_now(&pl).await,
+            "the publish is over: three of one in flight"
+        );
+    }
+
     /// Readiness that holds 4 KiB across a wait, like a deep chain of services awaited inline.
     struct DeepReady;
 
@@ -287,6 +318,6 @@ mod tests {
         assert!(size < 256, "the readiness a connection keeps is {size} bytes");
         // and it still waits for the service behind it
         pl.ready().await.unwrap();
-        pl.call(Req(1, None)).await.unwrap();
+        pl.call(Req(1, None, Kind::Packet)).await.unwrap();
     }
 }

@@ -182,6 +182,11 @@ impl ClientCertVerifier for TenantCaVerifier {
     }
 }
 
+/// Bytes of one client's inbound messages handled at once before its reading waits.
+fn max_receive_size(config: &Config) -> usize {
+    (config.mqtt.max_packet_size as usize).saturating_mul(4)
+}
+
 fn service_config(config: &Config) -> SharedCfg {
     let mqtt = &config.mqtt;
     let timeout = Seconds(mqtt.connect_timeout_secs);
@@ -192,8 +197,8 @@ fn service_config(config: &Config) -> SharedCfg {
                 .set_max_qos(QoS::ExactlyOnce)
                 .set_max_size(mqtt.max_packet_size)
                 .set_max_receive(mqtt.receive_maximum)
-                // Also set in `mqtt_service`, whose middleware enforces it.
-                .set_max_receive_size((mqtt.max_packet_size as usize).saturating_mul(4))
+                // Enforced by the middleware `serve` builds from the same function.
+                .set_max_receive_size(max_receive_size(config))
                 .set_max_send(mqtt.max_inflight)
                 .set_max_topic_alias(mqtt.max_topic_alias)
                 .set_connect_timeout(timeout)
@@ -276,10 +281,9 @@ pub fn serve(
     let max_packet_size = config.mqtt.max_packet_size;
     // The limits ntex-mqtt's own middleware takes from `service_config`; MQTT 5's Receive
     // Maximum is enforced by its dispatcher, so only the size limit applies there.
-    let max_receive_size = (max_packet_size as usize).saturating_mul(4);
     let in_flight = (
-        InFlight::new(config.mqtt.receive_maximum, max_receive_size),
-        InFlight::new(0, max_receive_size),
+        InFlight::new(config.mqtt.receive_maximum, max_receive_size(config)),
+        InFlight::new(0, max_receive_size(config)),
     );
     let cfg = service_config(config);
     let (started_tx, started_rx) = std::sync::mpsc::channel();
