@@ -574,9 +574,18 @@ impl Influx {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: on a loaded 2-core machine a restart replays the WAL written before the
+        // outage while the other tests of this file run beside it.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while reqwest::blocking::get(format!("{}/ping", self.url())).is_err() {
-            assert!(Instant::now() < deadline, "influxd did not start");
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("influxd exited before answering on port {}: {status}", self.http);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "influxd did not answer on port {} within 120 s",
+                self.http
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
