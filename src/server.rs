@@ -377,13 +377,13 @@ pub async fn start_with_clock(
         device_mailbox_capacity: config.actors.device_mailbox,
         pipeline: pipeline.clone(),
         device_idle_timeout: config.device_idle_timeout(),
-        shadows: ShadowServices {
+        shadows: Arc::new(ShadowServices {
             store: shadow_store.clone(),
             outbound: Arc::new(BrokerOutbound::new(broker.clone())),
             metrics: Arc::new(ShadowUpdateCounter(metrics.shadow_updates.clone())),
             limits: ShadowLimits::default(),
             shared_store: config.cluster.enabled(),
-        },
+        }),
         jobs: ota.device_jobs(),
         ..SupervisorSettings::default()
     };

@@ -102,8 +102,9 @@ pub struct SupervisorSettings {
     pub restart_backoff_max: Duration,
     /// A device actor with no connection and no message for this long stops (`None`: never).
     pub device_idle_timeout: Option<Duration>,
-    /// Where device actors keep their shadows and how they announce changes.
-    pub shadows: ShadowServices,
+    /// Where device actors keep their shadows and how they announce changes: one for all the
+    /// tenant's device actors.
+    pub shadows: Arc<ShadowServices>,
     /// Where device actors hand OTA job reports (the campaign runner).
     pub jobs: Arc<dyn crate::device_actor::jobs::DeviceJobs>,
 }
@@ -116,7 +117,7 @@ impl Default for SupervisorSettings {
             restart_backoff_base: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
             device_idle_timeout: None,
-            shadows: ShadowServices::default(),
+            shadows: Arc::default(),
             jobs: crate::device_actor::jobs::no_jobs(),
         }
     }
@@ -127,8 +128,6 @@ pub struct TenantSupervisor {
     directory: Arc<dyn DeviceDirectory>,
     presence: Arc<dyn PresenceSink>,
     settings: SupervisorSettings,
-    /// `settings.shadows`, shared by the tenant's device actors.
-    shadows: Arc<ShadowServices>,
     children: HashMap<DeviceId, Child>,
     next_generation: u64,
     restarts_total: u64,
@@ -146,7 +145,6 @@ impl TenantSupervisor {
             tenant,
             directory,
             presence,
-            shadows: Arc::new(settings.shadows.clone()),
             settings,
             children: HashMap::new(),
             next_generation: 0,
@@ -173,7 +171,7 @@ impl TenantSupervisor {
             generation: self.next_generation,
             mailbox_capacity: self.settings.device_mailbox_capacity,
             idle_timeout: self.settings.device_idle_timeout,
-            shadows: self.shadows.clone(),
+            shadows: self.settings.shadows.clone(),
             jobs: self.settings.jobs.clone(),
         };
         DeviceActor::new(spec).start()
@@ -605,10 +603,10 @@ mod tests {
         let dir = MemoryDirectory::with("acme", "sensor-001");
         let outbound = Arc::new(CaptureOutbound::default());
         let settings = SupervisorSettings {
-            shadows: crate::ShadowServices {
+            shadows: Arc::new(crate::ShadowServices {
                 outbound: outbound.clone(),
                 ..Default::default()
-            },
+            }),
             ..SupervisorSettings::default()
         };
         let sup = TenantSupervisor::new(

@@ -48,19 +48,19 @@ impl<S, C> Middleware<S, C> for InFlight {
         InFlightService {
             service,
             publish: Cell::new(false),
-            count: Counter(Rc::new(CounterInner {
+            count: Rc::new(Counter {
                 max_count: self.max_count,
                 max_size: self.max_size,
                 count: Cell::new(0),
                 size: Cell::new(0),
                 task: LocalWaker::new(),
-            })),
+            }),
         }
     }
 }
 
 pub struct InFlightService<S> {
-    count: Counter,
+    count: Rc<Counter>,
     service: S,
     /// A PUBLISH is being handled: its payload chunks pass whatever the count.
     publish: Cell<bool>,
@@ -76,7 +76,7 @@ where
 
     async fn ready(&self, ctx: ServiceCtx<'_, Self>) -> Result<(), S::Error> {
         Box::pin(async move {
-            if self.publish.get() || self.count.is_available() {
+            if self.publish.get() || self.count.has_room() {
                 ctx.ready(&self.service).await
             } else {
                 join(self.count.available(), ctx.ready(&self.service)).await.1
@@ -92,8 +92,8 @@ where
         if req.is_publish() {
             self.publish.set(true);
         }
-        let size = if self.count.0.max_size > 0 { req.size() } else { 0 };
-        let _guard = CounterGuard::new(size, self.count.0.clone());
+        let size = if self.count.max_size > 0 { req.size() } else { 0 };
+        let _guard = CounterGuard::new(size, self.count.clone());
         ctx.call(&self.service, req).await
     }
 
@@ -101,9 +101,7 @@ where
     ntex::forward_shutdown!(service);
 }
 
-struct Counter(Rc<CounterInner>);
-
-struct CounterInner {
+struct Counter {
     max_count: u16,
     max_size: usize,
     count: Cell<u16>,
@@ -111,22 +109,16 @@ struct CounterInner {
     task: LocalWaker,
 }
 
-impl CounterInner {
+impl Counter {
     fn has_room(&self) -> bool {
         (self.max_count == 0 || self.count.get() < self.max_count)
             && (self.max_size == 0 || self.size.get() <= self.max_size)
     }
-}
-
-impl Counter {
-    fn is_available(&self) -> bool {
-        self.0.has_room()
-    }
 
     async fn available(&self) {
         poll_fn(|cx: &mut Context<'_>| {
-            self.0.task.register(cx.waker());
-            if self.0.has_room() {
+            self.task.register(cx.waker());
+            if self.has_room() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -137,10 +129,10 @@ impl Counter {
 }
 
 /// One message in flight: counted while it lives.
-struct CounterGuard(u32, Rc<CounterInner>);
+struct CounterGuard(u32, Rc<Counter>);
 
 impl CounterGuard {
-    fn new(size: u32, inner: Rc<CounterInner>) -> Self {
+    fn new(size: u32, inner: Rc<Counter>) -> Self {
         let count = inner.count.get() + 1;
         inner.count.set(count);
         let total = inner.size.get() + size as usize;
