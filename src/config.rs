@@ -345,6 +345,10 @@ pub struct RulesConfig {
     pub tenant_slice_ms: u64,
     /// Wall time one rule evaluation may take, in milliseconds.
     pub eval_timeout_ms: u64,
+    /// How much lower than the rest of the server the threads that evaluate rules and live
+    /// analytics run (a nice increment, 0–19): when the CPU is short they yield it to
+    /// ingestion and fall behind, dropping and counting events; on an idle CPU nothing changes.
+    pub thread_nice: i32,
 }
 
 /// The SMTP server email notifications go through.
@@ -499,6 +503,7 @@ impl Default for Config {
                 workers: 2,
                 tenant_slice_ms: 20,
                 eval_timeout_ms: 50,
+                thread_nice: 10,
             },
             cluster: ClusterConfig {
                 node_id: String::new(),
@@ -1387,6 +1392,14 @@ pub const ENV_KEYS: &[EnvKey] = &[
         },
     },
     EnvKey {
+        env: "RULES_THREAD_NICE",
+        key: "rules.thread_nice",
+        apply: |c, v| {
+            c.rules.thread_nice = parse(v, "a nice increment (0-19)")?;
+            Ok(())
+        },
+    },
+    EnvKey {
         env: "SMTP_HOST",
         key: "smtp.host",
         apply: |c, v| {
@@ -1839,6 +1852,12 @@ impl Config {
             if value > max {
                 return Err(ConfigError::new(key, format!("at most {max}")));
             }
+        }
+        if !(0..=19).contains(&r.thread_nice) {
+            return Err(ConfigError::new(
+                "rules.thread_nice (RULES_THREAD_NICE)",
+                "a nice increment from 0 (the server's own priority) to 19",
+            ));
         }
         if r.delivery_attempts > 20 {
             return Err(ConfigError::new(
@@ -2311,6 +2330,11 @@ workers = 2
 tenant_slice_ms = 20
 # Wall time one rule evaluation may take, in milliseconds.  (RULES_EVAL_TIMEOUT_MS)
 eval_timeout_ms = 50
+# How much lower the threads that evaluate rules and live analytics run than the rest of the
+# server (a nice increment, 0-19): when the CPU is short they yield it to ingestion and fall
+# behind, dropping and counting events; on an idle CPU they run as fast as ever. 0: the
+# server's own priority.  (RULES_THREAD_NICE)
+thread_nice = 10
 
 [smtp]
 # SMTP server for email notifications; empty disables email.  (SMTP_HOST)
@@ -2581,6 +2605,17 @@ mod tests {
         );
         let err = Config::load_with_env(None, env(&[("TELEMETRY_SPOOL_MAX_BYTES", "10")])).unwrap_err();
         assert!(err.to_string().contains("TELEMETRY_SPOOL_MAX_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn rule_and_analytics_threads_niceness() {
+        assert_eq!(Config::default().rules.thread_nice, 10);
+        let config = Config::load_with_env(None, env(&[("RULES_THREAD_NICE", "0")])).unwrap();
+        assert_eq!(config.rules.thread_nice, 0);
+        for bad in ["20", "-1", "low"] {
+            let err = Config::load_with_env(None, env(&[("RULES_THREAD_NICE", bad)])).unwrap_err();
+            assert!(err.to_string().contains("RULES_THREAD_NICE"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod rule_actor;
 pub mod rule_router;
 pub mod rule_workers;
 pub mod rules;
+pub mod sched;
 pub mod shadow;
 pub mod telemetry;
 pub mod telemetry_writer;

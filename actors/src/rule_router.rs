@@ -358,6 +358,7 @@ mod tests {
             board: board.clone(),
             sink: Collector(signals.clone()).start().recipient(),
             counters: counters.clone(),
+            nice: 0,
         })
         .unwrap();
         let (release, gate) = tokio::sync::watch::channel(false);

@@ -89,6 +89,8 @@ pub struct WorkerSettings {
     pub board: StatsBoard,
     pub sink: Recipient<AlarmSignals>,
     pub counters: Arc<RuleCounters>,
+    /// Nice increment of the evaluation threads (see [`crate::sched`]); 0 for none.
+    pub nice: i32,
 }
 
 /// One tenant's rules and the work waiting for them.
@@ -420,6 +422,7 @@ fn stop(shared: &Shared, handles: Vec<JoinHandle<()>>) {
 /// One evaluation thread: takes turns until the workers stop.
 fn work(shared: &Shared) {
     let settings = &shared.settings;
+    crate::sched::lower_logged(settings.nice, "rules");
     loop {
         let (tenant, mut rules) = {
             let mut schedule = shared.lock();

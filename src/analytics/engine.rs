@@ -74,6 +74,8 @@ impl AnalyticsEngine {
             clock: rules.clock,
         };
         let (router, arbiter) = AnalyticsRouter::start_on_own_thread(deps);
+        // Scoring sheds what it cannot keep up with: on a busy CPU it yields to ingestion.
+        drover_actors::sched::lower_arbiter(&arbiter.handle(), config.rules.thread_nice, "analytics");
         AnalyticsEngine {
             router,
             counters,

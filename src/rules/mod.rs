@@ -139,6 +139,7 @@ impl RulesEngine {
             board: board.clone(),
             sink: alarms.clone().recipient(),
             counters: counters.clone(),
+            nice: config.rules.thread_nice,
         })
         .map_err(|e| format!("cannot start the rule evaluation threads: {e}"))?;
         let seen = Arc::new(SeenMetrics::default());
@@ -160,6 +161,7 @@ impl RulesEngine {
                 .map(|s| s as Arc<dyn drover_actors::rules::Spanning>),
         };
         let (router, arbiter) = RuleRouter::start_on_own_thread(settings);
+        drover_actors::sched::lower_arbiter(&arbiter.handle(), config.rules.thread_nice, "rule router");
         if let Some(spanning) = &deps.spanning {
             spanning.attach(router.clone().recipient());
         }
