@@ -279,6 +279,14 @@ impl TelemetryFrames {
         })
     }
 
+    /// The next telemetry frame if one is waiting now; unlike [`TelemetryFrames::poll_frame`]
+    /// it leaves no waker behind, so the device actors queueing frames wake nobody.
+    pub fn try_frame(&mut self) -> Option<Arc<str>> {
+        let frame = self.frames.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        Some(frame)
+    }
+
     /// Frames missed since the last call (the session was too slow for them).
     pub fn take_missed(&self) -> u64 {
         self.missed.swap(0, Ordering::Relaxed)
