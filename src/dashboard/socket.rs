@@ -246,6 +246,26 @@ mod tests {
         }
     }
 
+    /// A session of tenant `acme` watching all its devices, and the device `pump-1`.
+    fn watching_all(
+        hub: &DashboardHub,
+    ) -> (
+        TenantId,
+        DeviceId,
+        crate::dashboard::hub::TelemetryWatch,
+        Arc<SessionStats>,
+        Outbound,
+        LiveBody,
+    ) {
+        let tenant = TenantId::parse("acme").unwrap();
+        let device = DeviceId::parse("pump-1").unwrap();
+        let (mut watch, frames) = hub.telemetry_watch(&tenant);
+        watch.watch_all();
+        let stats = hub.session_stats(&watch, "key:test".into());
+        let (outbound, body) = LiveBody::new(frames, stats.clone());
+        (tenant, device, watch, stats, outbound, body)
+    }
+
     fn point(tenant: &TenantId, device: &DeviceId, seq: i64, text: Option<usize>) -> Vec<TelemetryPoint> {
         vec![TelemetryPoint {
             tenant: tenant.clone(),
@@ -347,12 +367,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn skipped_frames_are_reported_before_the_next_and_nothing_follows_the_close() {
         let hub = DashboardHub::default();
-        let tenant = TenantId::parse("acme").unwrap();
-        let device = DeviceId::parse("pump-1").unwrap();
-        let (mut watch, frames) = hub.telemetry_watch(&tenant);
-        watch.watch_all();
-        let stats = hub.session_stats(&watch, "key:test".into());
-        let (outbound, mut body) = LiveBody::new(frames, stats.clone());
+        let (tenant, device, _watch, stats, outbound, mut body) = watching_all(&hub);
         // 1,024 fit in the backlog; the next 6 are skipped, and reported before the next
         // frame the session takes.
         for seq in 0..1030 {
@@ -391,12 +406,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_busy_stream_is_written_once_per_interval_and_answers_are_not_held_back() {
         let hub = DashboardHub::default();
-        let tenant = TenantId::parse("acme").unwrap();
-        let device = DeviceId::parse("pump-1").unwrap();
-        let (mut watch, frames) = hub.telemetry_watch(&tenant);
-        watch.watch_all();
-        let stats = hub.session_stats(&watch, "key:test".into());
-        let (outbound, mut body) = LiveBody::new(frames, stats);
+        let (tenant, device, watch, _stats, outbound, mut body) = watching_all(&hub);
         let show = |range: std::ops::Range<i64>| {
             for seq in range {
                 hub.show(&tenant, &device, "pump", &point(&tenant, &device, seq, None));
