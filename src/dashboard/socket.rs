@@ -12,11 +12,11 @@
 //!
 //! While telemetry keeps coming, the body gathers it: after a write that carried telemetry it
 //! takes the next frames only once [`GATHER`] has passed, by a timer of its own thread, and
-//! without waiting on the backlog meanwhile. A busy stream then costs the device actors no
-//! wake-up of the session's thread per frame and the connection one write per interval
-//! instead of one per frame (at 50,000 frames a second, about 1,000 of each instead of up to
-//! 50,000); the first frame after a quiet spell still goes out at once. The actor's frames are
-//! never held back.
+//! takes them without asking the backlog to wake it again. A busy stream then costs the
+//! device actors at most one wake-up of the session's thread per interval, and the connection
+//! one write per interval, instead of one of each per frame (at 50,000 frames a second, about
+//! 1,000 instead of up to 50,000); the first frame after a quiet spell still goes out at once.
+//! The actor's frames are never held back.
 //!
 //! While the client reads slowly the connection stops asking, the backlogs fill and what does
 //! not fit is skipped and reported as `lagged` before the next telemetry frame, as before.
@@ -169,14 +169,12 @@ impl LiveBody {
             return;
         }
         let deadline = tokio::time::Instant::now() + GATHER;
-        match &mut self.gather {
-            Some(gather) => gather.as_mut().reset(deadline),
-            None => self.gather = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
-        if let Some(gather) = &mut self.gather {
-            // Registers the timer's wake-up (it cannot have fired yet).
-            let _ = gather.as_mut().poll(cx);
-        }
+        let gather = self
+            .gather
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        gather.as_mut().reset(deadline);
+        // Registers the timer's wake-up (it cannot have fired yet).
+        let _ = gather.as_mut().poll(cx);
     }
 }
 

@@ -131,7 +131,7 @@ impl CommandCorrelation {
             .is_none_or(|c| c.pending.is_empty() && c.queued.is_empty())
     }
 
-    fn get(&mut self) -> &mut Correlation {
+    fn get_or_make(&mut self) -> &mut Correlation {
         self.0.get_or_insert_default()
     }
 }
@@ -221,7 +221,7 @@ impl DeviceActor {
         self.shadows.outbound.publish_command(&self.tenant, message);
         let id = request.id.clone();
         let timer = ctx.run_later(request.timeout, move |act, _ctx| {
-            if let Some(pending) = act.commands.get().pending.remove(&id) {
+            if let Some(pending) = act.commands.get_or_make().pending.remove(&id) {
                 tracing::debug!(tenant = %act.tenant, device = %act.device, command = %id, "command timed out");
                 let _ = pending.done.send(CommandOutcome::TimedOut {
                     sent_at: Some(pending.sent_at),
@@ -229,7 +229,7 @@ impl DeviceActor {
             }
         });
         let sent_at = Utc::now();
-        self.commands.get().pending.insert(
+        self.commands.get_or_make().pending.insert(
             request.id,
             Pending {
                 name: request.name,
@@ -267,7 +267,7 @@ impl DeviceActor {
             tracing::debug!(tenant = %self.tenant, device = %self.device, command = name, id = %answer.id, "answer to no waiting command");
             return;
         }
-        if let Some(pending) = self.commands.get().pending.remove(&answer.id) {
+        if let Some(pending) = self.commands.get_or_make().pending.remove(&answer.id) {
             ctx.cancel_future(pending.timer);
             let _ = pending.done.send(CommandOutcome::Answered {
                 status: answer.status,
@@ -286,7 +286,7 @@ impl Handler<SendCommand> for DeviceActor {
         self.messages_handled += 1;
         let SendCommand { request, done } = msg;
         if self.connection.is_some() {
-            if self.commands.get().pending.len() >= MAX_PENDING_COMMANDS {
+            if self.commands.get_or_make().pending.len() >= MAX_PENDING_COMMANDS {
                 return Err(CommandRefusal::Busy(MAX_PENDING_COMMANDS));
             }
             let at = self.send_now(request, done, ctx);
@@ -295,19 +295,24 @@ impl Handler<SendCommand> for DeviceActor {
         let Some(ttl) = request.queue_for else {
             return Err(CommandRefusal::DeviceOffline);
         };
-        if self.commands.get().queued.len() >= MAX_QUEUED_COMMANDS {
+        if self.commands.get_or_make().queued.len() >= MAX_QUEUED_COMMANDS {
             return Err(CommandRefusal::Busy(MAX_QUEUED_COMMANDS));
         }
         let id = request.id.clone();
         let timer = ctx.run_later(ttl, move |act, _ctx| {
-            if let Some(at) = act.commands.get().queued.iter().position(|q| q.request.id == id)
-                && let Some(queued) = act.commands.get().queued.remove(at)
+            if let Some(at) = act
+                .commands
+                .get_or_make()
+                .queued
+                .iter()
+                .position(|q| q.request.id == id)
+                && let Some(queued) = act.commands.get_or_make().queued.remove(at)
             {
                 let _ = queued.done.send(CommandOutcome::Expired);
             }
         });
         self.commands
-            .get()
+            .get_or_make()
             .queued
             .push_back(Queued { request, done, timer });
         Ok(CommandDispatch::Queued)
@@ -324,7 +329,7 @@ impl Handler<DeliverQueuedCommands> for DeviceActor {
         }
         while let Some(queued) = self.commands.0.as_mut().and_then(|c| c.queued.pop_front()) {
             ctx.cancel_future(queued.timer);
-            if self.commands.get().pending.len() >= MAX_PENDING_COMMANDS {
+            if self.commands.get_or_make().pending.len() >= MAX_PENDING_COMMANDS {
                 let _ = queued.done.send(CommandOutcome::TimedOut { sent_at: None });
                 continue;
             }
