@@ -68,10 +68,16 @@ return value
 
 type DeviceKey = (TenantId, DeviceId);
 
-/// The leases this node holds: device -> `node|fence`.
+/// A lease this node holds: its value `node|fence`, and when this node claimed it.
+struct Held {
+    value: String,
+    claimed: Instant,
+}
+
+/// The leases this node holds.
 #[derive(Default)]
 pub struct Owned {
-    leases: Mutex<HashMap<DeviceKey, String>>,
+    leases: Mutex<HashMap<DeviceKey, Held>>,
 }
 
 impl Owned {
@@ -83,12 +89,59 @@ impl Owned {
         self.leases.lock().is_empty()
     }
 
+    fn insert(&self, key: DeviceKey, value: String) {
+        let claimed = Instant::now();
+        self.leases.lock().insert(key, Held { value, claimed });
+    }
+
+    fn remove(&self, key: &DeviceKey) -> Option<String> {
+        self.leases.lock().remove(key).map(|held| held.value)
+    }
+
     fn snapshot(&self) -> Vec<(DeviceKey, String)> {
         self.leases
             .lock()
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, held)| (k.clone(), held.value.clone()))
             .collect()
+    }
+
+    /// The leases to renew (`true`) or release (`false`): a lease stays while its device's
+    /// session lives here, or while the connection that claimed it is still being set up
+    /// (the session is attached only after the claim, the session copy, the device actor and
+    /// the access rules: released in that window, the lease would leave the device on this
+    /// node with no owner in Redis, and the next node it connects to would not ask this one to
+    /// give it up). A claim whose connection never came is released after `grace`.
+    fn renewals(
+        &self,
+        grace: Duration,
+        holds: impl Fn(&DeviceKey) -> bool,
+    ) -> Vec<(DeviceKey, String, bool)> {
+        let leases: Vec<(DeviceKey, String, bool)> = self
+            .leases
+            .lock()
+            .iter()
+            .map(|(key, held)| (key.clone(), held.value.clone(), held.claimed.elapsed() < grace))
+            .collect();
+        // The broker's lock is taken outside this one.
+        leases
+            .into_iter()
+            .map(|(key, value, claiming)| {
+                let here = claiming || holds(&key);
+                (key, value, here)
+            })
+            .collect()
+    }
+
+    /// Forgets `key`'s lease if it is still `value` (not claimed again since); whether it was.
+    fn remove_if(&self, key: &DeviceKey, value: &str) -> bool {
+        let mut leases = self.leases.lock();
+        if leases.get(key).is_some_and(|held| held.value == value) {
+            leases.remove(key);
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -186,7 +239,7 @@ impl Cluster {
                                 }
                                 Err(error) => {
                                     self.set_redis_up(false, &error);
-                                    self.owned.leases.lock().insert(
+                                    self.owned.insert(
                                         (tenant.clone(), device.clone()),
                                         format!("{}|0", self.node_id),
                                     );
@@ -204,17 +257,12 @@ impl Cluster {
                     // (or the device is dropped then, if another node claimed it meanwhile).
                     self.set_redis_up(false, &error);
                     self.owned
-                        .leases
-                        .lock()
                         .insert((tenant.clone(), device.clone()), format!("{}|0", self.node_id));
                     return None;
                 }
             }
         };
-        self.owned
-            .leases
-            .lock()
-            .insert((tenant.clone(), device.clone()), value);
+        self.owned.insert((tenant.clone(), device.clone()), value);
         asked.as_ref()?;
         self.metrics
             .takeovers
@@ -254,7 +302,7 @@ impl Cluster {
     async fn hand_over(self: Arc<Self>, tenant: TenantId, device: DeviceId, to: String) {
         // Out of the renewals first: a renewal that found the session gone would release the
         // lease before the session is in Redis, and the new node would start without it.
-        let lease = self.owned.leases.lock().remove(&(tenant.clone(), device.clone()));
+        let lease = self.owned.remove(&(tenant.clone(), device.clone()));
         let key = SessionKey {
             namespace: Namespace::Tenant(tenant.clone()),
             class: ClientClass::Device,
@@ -307,23 +355,22 @@ impl Cluster {
     /// Renews the leases of devices whose session is still here, releases the others, and
     /// drops devices whose lease another node took.
     async fn renew(self: &Arc<Self>) {
-        let leases = self.owned.snapshot();
-        if leases.is_empty() {
+        let checked = self.owned.renewals(self.lease, |(tenant, device)| {
+            self.broker.holds_device_session(tenant, device)
+        });
+        if checked.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
-        let mut checked = Vec::new();
-        for ((tenant, device), value) in leases {
-            let here = self.broker.holds_device_session(&tenant, &device);
+        for ((tenant, device), value, here) in &checked {
             pipe.cmd("EVAL")
-                .arg(if here { RENEW } else { RELEASE })
+                .arg(if *here { RENEW } else { RELEASE })
                 .arg(1)
-                .arg(self.owner_key(&tenant, &device))
-                .arg(&value);
-            if here {
+                .arg(self.owner_key(tenant, device))
+                .arg(value);
+            if *here {
                 pipe.arg(self.lease.as_millis() as u64);
             }
-            checked.push(((tenant, device), value, here));
         }
         let mut conn = self.conn.clone();
         let results: Vec<i64> = match pipe.query_async(&mut conn).await {
@@ -335,19 +382,13 @@ impl Cluster {
             }
         };
         let mut lost = Vec::new();
-        {
-            let mut leases = self.owned.leases.lock();
-            for ((key, value, here), renewed) in checked.into_iter().zip(results) {
-                // Claimed again meanwhile (a reconnect): that newer lease stands.
-                if leases.get(&key) != Some(&value) {
-                    continue;
-                }
-                if !here {
-                    leases.remove(&key);
-                } else if renewed == 0 {
-                    leases.remove(&key);
-                    lost.push(key);
-                }
+        for ((key, value, here), renewed) in checked.into_iter().zip(results) {
+            // Renewed, or claimed again meanwhile (a reconnect): that newer lease stands.
+            if (here && renewed != 0) || !self.owned.remove_if(&key, &value) {
+                continue;
+            }
+            if here {
+                lost.push(key);
             }
         }
         for (tenant, device) in lost {
@@ -446,5 +487,42 @@ mod tests {
         assert_eq!(fence_of("node-1|42"), Some(42));
         assert_eq!(fence_of("a|b|7"), Some(7));
         assert_eq!(fence_of("node-1"), None);
+    }
+
+    fn key(device: &str) -> DeviceKey {
+        (TenantId::parse("t").unwrap(), DeviceId::parse(device).unwrap())
+    }
+
+    #[test]
+    fn a_lease_stays_while_its_connection_is_set_up_and_goes_when_it_never_came() {
+        let owned = Owned::default();
+        owned.insert(key("connecting"), "n1|1".into());
+        owned.insert(key("connected"), "n1|2".into());
+        owned.leases.lock().insert(
+            key("refused"),
+            Held {
+                value: "n1|3".into(),
+                claimed: Instant::now() - Duration::from_secs(5),
+            },
+        );
+        let grace = Duration::from_secs(3);
+        let mut renewals = owned.renewals(grace, |(_, device)| device.as_str() == "connected");
+        renewals.sort_by(|a, b| a.1.cmp(&b.1));
+        let decided: Vec<(&str, bool)> = renewals.iter().map(|(_, v, here)| (v.as_str(), *here)).collect();
+        assert_eq!(decided, [("n1|1", true), ("n1|2", true), ("n1|3", false)]);
+        // Past the grace only a session here keeps a lease.
+        let renewals = owned.renewals(Duration::ZERO, |(_, device)| device.as_str() == "connected");
+        assert_eq!(renewals.iter().filter(|(_, _, here)| *here).count(), 1);
+    }
+
+    #[test]
+    fn a_lease_claimed_again_is_not_removed_by_the_older_renewal() {
+        let owned = Owned::default();
+        owned.insert(key("d"), "n1|1".into());
+        owned.insert(key("d"), "n1|2".into());
+        assert!(!owned.remove_if(&key("d"), "n1|1"));
+        assert_eq!(owned.len(), 1);
+        assert!(owned.remove_if(&key("d"), "n1|2"));
+        assert!(owned.is_empty());
     }
 }
