@@ -474,29 +474,110 @@ impl LiveTelemetry for DashboardHub {
     }
 
     fn show(&self, tenant: &TenantId, device: &DeviceId, device_type: &str, points: &[TelemetryPoint]) {
-        let targets: Vec<Watcher> = {
-            let tenants = self.watchers.tenants.read().unwrap_or_else(|e| e.into_inner());
-            let Some(watchers) = tenants.get(tenant) else {
-                return;
-            };
-            watchers
-                .all
-                .iter()
-                .chain(watchers.devices.get(device).into_iter().flatten())
-                .cloned()
-                .collect()
+        let tenants = self.watchers.tenants.read().unwrap_or_else(|e| e.into_inner());
+        let Some(watchers) = tenants.get(tenant) else {
+            return;
         };
-        if targets.is_empty() {
+        let mut targets = watchers
+            .all
+            .iter()
+            .chain(watchers.devices.get(device).into_iter().flatten())
+            .peekable();
+        if targets.peek().is_none() {
             return;
         }
-        let frame: Arc<str> = match serde_json::to_string(&telemetry_message(device, device_type, points)) {
-            Ok(json) => json.into(),
-            Err(_) => return,
+        let Some(frame) = telemetry_frame(device, device_type, points) else {
+            return;
         };
+        // Offering takes no lock and never waits: it is done under the read lock.
         for watcher in targets {
             watcher.offer(&frame);
         }
     }
+}
+
+/// Points of a message up to which [`telemetry_frame`] writes the frame itself; a larger batch
+/// goes through [`telemetry_message`] (grouping by timestamp and ordering metrics by name cost
+/// the direct writer quadratic time).
+const DIRECT_FRAME_POINTS: usize = 32;
+
+thread_local! {
+    /// The frame being written, reused from message to message on the device actors' threads.
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A message's telemetry frame, the JSON text of [`LiveMessage::Telemetry`]: for the messages a
+/// device usually sends (a few metrics), written straight into a buffer this thread reuses, with
+/// no grouping map or reading list built first; the one allocation left is the frame the
+/// sessions share. Byte for byte what serialising [`telemetry_message`] gives.
+fn telemetry_frame(device: &DeviceId, device_type: &str, points: &[TelemetryPoint]) -> Option<Arc<str>> {
+    if points.len() > DIRECT_FRAME_POINTS {
+        return serde_json::to_string(&telemetry_message(device, device_type, points))
+            .ok()
+            .map(Arc::from);
+    }
+    FRAME.with(|frame| {
+        let mut buf = frame.borrow_mut();
+        buf.clear();
+        write_telemetry_frame(&mut buf, device.as_str(), device_type, points).ok()?;
+        // Keep the thread's buffer at a usual frame's size after a large one.
+        let frame = std::str::from_utf8(&buf).ok().map(Arc::from);
+        buf.shrink_to(4096);
+        frame
+    })
+}
+
+fn write_telemetry_frame(
+    buf: &mut Vec<u8>,
+    device: &str,
+    device_type: &str,
+    points: &[TelemetryPoint],
+) -> serde_json::Result<()> {
+    buf.extend_from_slice(br#"{"type":"telemetry","deviceId":"#);
+    serde_json::to_writer(&mut *buf, device)?;
+    buf.extend_from_slice(br#","deviceType":"#);
+    serde_json::to_writer(&mut *buf, device_type)?;
+    buf.extend_from_slice(br#","messages":["#);
+    for (i, point) in points.iter().enumerate() {
+        // A reading per timestamp, in the order the timestamps first appear.
+        if points[..i].iter().any(|p| p.ts_ms == point.ts_ms) {
+            continue;
+        }
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(br#"{"ts":"#);
+        serde_json::to_writer(&mut *buf, &point.ts_ms)?;
+        buf.extend_from_slice(br#","metrics":{"#);
+        // Its metrics by name; a name given twice keeps its last value.
+        let reading = || points[i..].iter().filter(|p| p.ts_ms == point.ts_ms);
+        let mut last: Option<&str> = None;
+        let mut first = true;
+        loop {
+            let mut next: Option<&TelemetryPoint> = None;
+            for p in reading() {
+                let name = p.metric.as_str();
+                if last.is_some_and(|last| name <= last) {
+                    continue;
+                }
+                if next.is_none_or(|n| name <= n.metric.as_str()) {
+                    next = Some(p);
+                }
+            }
+            let Some(p) = next else { break };
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut *buf, p.metric.as_str())?;
+            buf.push(b':');
+            serde_json::to_writer(&mut *buf, &p.value)?;
+            last = Some(p.metric.as_str());
+        }
+        buf.extend_from_slice(b"}}");
+    }
+    buf.extend_from_slice(b"]}");
+    Ok(())
 }
 
 /// A message's points as the live stream shows them: one reading per timestamp.
@@ -636,6 +717,70 @@ mod tests {
     use drover_actors::telemetry::MetricName;
 
     use super::*;
+
+    fn point(ts_ms: i64, metric: &str, value: MetricValue) -> TelemetryPoint {
+        TelemetryPoint {
+            tenant: TenantId::parse("acme").unwrap(),
+            device: DeviceId::parse("pump-1").unwrap(),
+            device_type: "pump".into(),
+            metric: MetricName::parse(metric).unwrap(),
+            ts_ms,
+            value,
+        }
+    }
+
+    #[test]
+    fn the_direct_frame_is_byte_for_byte_the_serialised_message() {
+        let device = DeviceId::parse("pump-1").unwrap();
+        let n = MetricValue::Number;
+        let cases: Vec<Vec<TelemetryPoint>> = vec![
+            vec![],
+            vec![point(1, "t", n(21.5))],
+            vec![
+                point(1, "t", n(21.0)),
+                point(1, "a", n(-0.0)),
+                point(1, "m", n(1e300)),
+            ],
+            // Several timestamps, interleaved, and a name given twice in one of them.
+            vec![
+                point(5, "b", n(1.0)),
+                point(3, "a", MetricValue::Bool(true)),
+                point(5, "a", MetricValue::Text("\"quoted\" \u{7} é\n".into())),
+                point(3, "b", n(2.0)),
+                point(5, "b", n(3.0)),
+                point(-7, "z", n(0.1)),
+            ],
+            // Names that share prefixes, and case.
+            vec![
+                point(0, "ab", n(1.0)),
+                point(0, "a", n(2.0)),
+                point(0, "B", n(3.0)),
+                point(0, "a.b", n(4.0)),
+            ],
+            // Past the direct writer's size: the serialised path.
+            (0..40)
+                .map(|i| point(i % 3, &format!("m{}", 40 - i), n(i as f64)))
+                .collect(),
+        ];
+        for points in cases {
+            let expected = serde_json::to_string(&telemetry_message(&device, "pu\"mp", &points)).unwrap();
+            let frame = telemetry_frame(&device, "pu\"mp", &points).unwrap();
+            assert_eq!(&*frame, expected.as_str());
+            let value: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(value["type"], "telemetry");
+        }
+        // Every size the direct writer takes, with repeats.
+        for len in 1..=DIRECT_FRAME_POINTS {
+            let points: Vec<TelemetryPoint> = (0..len)
+                .map(|i| point((i * 7 % 4) as i64, &format!("m{}", i * 5 % 9), n(i as f64 / 3.0)))
+                .collect();
+            let expected = serde_json::to_string(&telemetry_message(&device, "pump", &points)).unwrap();
+            assert_eq!(
+                &*telemetry_frame(&device, "pump", &points).unwrap(),
+                expected.as_str()
+            );
+        }
+    }
 
     #[test]
     fn a_session_that_does_not_read_holds_at_most_its_byte_backlog() {
