@@ -63,9 +63,20 @@ impl MetricValue {
 /// Why these rules: such a name needs no quoting in a URL query (`metric=a,b` splits on commas,
 /// which are therefore excluded), is a valid JSON key and InfluxDB field key, and cannot be
 /// mistaken for a number or a timestamp. Names are case-sensitive.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct MetricName(String);
+///
+/// The name is shared (`Arc<str>`): a point's copies (to the writer, the rules, the analytics,
+/// the live view) take no allocation, and [`MetricName::parse_shared`] hands a device's
+/// payloads the names already seen on this thread.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MetricName(Arc<str>);
+
+/// Names [`MetricName::parse_shared`] keeps per thread at most; past it the thread starts over.
+const SHARED_NAMES: usize = 4096;
+
+thread_local! {
+    static NAMES: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
 
 impl MetricName {
     pub const MAX_LEN: usize = 64;
@@ -95,11 +106,34 @@ impl MetricName {
                 "metric name {name:?} may only contain letters, digits, '_', '.' and '-'; found {found:?} at position {position}"
             ));
         }
-        Ok(MetricName(name))
+        Ok(MetricName(name.into()))
+    }
+
+    /// [`MetricName::parse`] for the names of incoming payloads: a name this thread validated
+    /// before is shared rather than allocated again.
+    pub fn parse_shared(name: &str) -> Result<MetricName, String> {
+        if let Some(known) = NAMES.with(|names| names.borrow().get(name).cloned()) {
+            return Ok(MetricName(known));
+        }
+        let parsed = MetricName::parse(name)?;
+        NAMES.with(|names| {
+            let mut names = names.borrow_mut();
+            if names.len() >= SHARED_NAMES {
+                names.clear();
+            }
+            names.insert(parsed.0.clone());
+        });
+        Ok(parsed)
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for MetricName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
@@ -511,6 +545,27 @@ mod tests {
             assert!(MetricName::parse(bad).is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<MetricName>("\"a,b\"").is_err());
+    }
+
+    #[test]
+    fn names_of_payloads_are_shared_once_validated() {
+        let first = MetricName::parse_shared("shared_name").unwrap();
+        let again = MetricName::parse_shared("shared_name").unwrap();
+        assert!(Arc::ptr_eq(&first.0, &again.0));
+        assert_eq!(again, MetricName::parse("shared_name").unwrap());
+        assert_eq!(serde_json::to_string(&again).unwrap(), "\"shared_name\"");
+        for bad in ["", "1st", "a b", &"x".repeat(65)] {
+            assert!(MetricName::parse_shared(bad).is_err(), "{bad}");
+            assert!(MetricName::parse_shared(bad).is_err(), "{bad} twice");
+        }
+        // Payloads take their names from it.
+        let one = parse(r#"{"metrics": {"shared_name": 1}}"#).unwrap();
+        assert!(Arc::ptr_eq(&one[0].metrics[0].0.0, &first.0));
+        // The thread's set is bounded: past it, it starts over.
+        for i in 0..SHARED_NAMES + 10 {
+            MetricName::parse_shared(&format!("n{i}")).unwrap();
+        }
+        assert!(NAMES.with(|names| names.borrow().len()) <= SHARED_NAMES);
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl RawMessage<'_> {
                 continue;
             }
             previous = Some(name);
-            metrics.push((MetricName::parse(name).ok()?, value));
+            metrics.push((MetricName::parse_shared(name).ok()?, value));
         }
         if metrics.is_empty() || metrics.len() > limits.max_metrics {
             return None;
