@@ -17,7 +17,8 @@
 //! queue within one turn of their thread and send it to each writer as one message, after the
 //! actors that thread was running: a send to a writer whose thread sleeps costs a wake-up (a
 //! write to its event descriptor), and sending per message made the device actors' thread pay
-//! one for nearly every message (15 % of that thread's time at 50,000 messages a second).
+//! one for nearly every message (about a sixth of that thread's time at 50,000 messages a
+//! second).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
