@@ -353,10 +353,12 @@ pub async fn start_with_clock(
             .with_writers(writers.clone())
             .with_observer(
                 rules.router.clone().recipient(),
+                drover_actors::pipeline::router_mailbox(config.rules.mailbox),
                 counting_into(rules.counters.clone(), |c| &c.dropped),
             )
             .with_observer(
                 analytics.router.clone().recipient(),
+                drover_actors::pipeline::router_mailbox(config.rules.mailbox),
                 counting_into(analytics.counters.clone(), |c| &c.dropped),
             )
             .with_live(Arc::new(crate::cluster::live::ClusterLive::new(

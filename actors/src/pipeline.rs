@@ -3,11 +3,14 @@
 //! commit to the observers that act on it (rule actors).
 //!
 //! Observers get a [`TelemetryAccepted`] per message batch, with the device's metadata and
-//! shadow at that moment, so a rule can look at them without asking the registry. Sends are
-//! `try_send`: an observer that falls behind loses events (counted), it never slows ingestion.
+//! shadow at that moment, so a rule can look at them without asking the registry. An observer
+//! has room for a fixed number of events; one that falls behind loses events (counted), it
+//! never slows ingestion. What one thread accepts for an observer in one turn of its actors
+//! reaches it as one [`ObservedTelemetry`] message: one wake-up of the observer's thread per
+//! turn, not per message.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
@@ -48,6 +51,67 @@ impl TelemetryAccepted {
     }
 }
 
+/// Accepted telemetry for an observer: what one thread accepted for it in one turn, oldest
+/// first. The room the events take in the observer's queue is given back when the message is
+/// dropped, so an observer handles the events (or hands them on) before it returns.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ObservedTelemetry {
+    pub events: Vec<TelemetryAccepted>,
+    _room: Option<RoomTaken>,
+}
+
+impl ObservedTelemetry {
+    /// Events that take no room in any queue (tests, and senders that bound nothing).
+    pub fn new(events: Vec<TelemetryAccepted>) -> ObservedTelemetry {
+        ObservedTelemetry { events, _room: None }
+    }
+}
+
+/// An observer's room: events sent to it and not yet handled, at most `capacity`.
+#[derive(Debug)]
+struct Room {
+    used: AtomicUsize,
+    capacity: usize,
+}
+
+impl Room {
+    /// Takes room for one event; `false` when there is none.
+    fn take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used < self.capacity).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
+    #[cfg(test)]
+    fn free(&self) -> usize {
+        self.capacity - self.used.load(Ordering::Acquire)
+    }
+}
+
+/// The room a message's events took, given back when the message is dropped (handled, or
+/// refused by a stopped observer).
+#[derive(Debug)]
+struct RoomTaken {
+    room: Arc<Room>,
+    events: usize,
+}
+
+impl Drop for RoomTaken {
+    fn drop(&mut self) {
+        self.room.used.fetch_sub(self.events, Ordering::AcqRel);
+    }
+}
+
+/// The mailbox of an observer that routes events to per-tenant actors (the rules' and the
+/// analytics' routers) for per-tenant mailboxes of `mailbox` events; also the room the
+/// pipeline gives such an observer, in events.
+pub fn router_mailbox(mailbox: usize) -> usize {
+    mailbox.max(1024)
+}
+
 /// Where accepted telemetry is shown as it arrives (the dashboard's WebSocket sessions).
 /// Device actors ask [`LiveTelemetry::watching`] for every message, so it must be cheap, and
 /// call [`LiveTelemetry::show`] once the message is queued for its writer: before its commit,
@@ -63,17 +127,49 @@ pub struct Pipeline {
     pub limits: PayloadLimits,
     /// Where accepted points are committed; `None` only in tests that need no store.
     pub writers: Option<WriterPool>,
-    observers: Vec<Observer>,
+    observers: Vec<Arc<Observer>>,
     live: Option<Arc<dyn LiveTelemetry>>,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
     counts: Mutex<HashMap<TenantId, Arc<TenantCounter>>>,
 }
 
-/// An observer of accepted telemetry, and what counts the events its full mailbox refused (the
-/// observer's own drop counter, so its figure in `/metrics` covers them).
+/// An observer of accepted telemetry: its room in events, and what counts the events it had no
+/// room for (the observer's own drop counter, so its figure in `/metrics` covers them, and the
+/// pipeline's).
 struct Observer {
-    recipient: Recipient<TelemetryAccepted>,
+    recipient: Recipient<ObservedTelemetry>,
+    room: Arc<Room>,
     missed: Box<dyn Fn() + Send + Sync>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Observer {
+    fn miss(&self, events: usize) {
+        self.dropped.fetch_add(events as u64, Ordering::Relaxed);
+        for _ in 0..events {
+            (self.missed)();
+        }
+    }
+
+    /// Sends `events`, which took room already; what the observer cannot take (it stopped)
+    /// is counted as missed and its room given back.
+    fn send(&self, events: Vec<TelemetryAccepted>) {
+        let count = events.len();
+        let room = RoomTaken {
+            room: self.room.clone(),
+            events: count,
+        };
+        if self
+            .recipient
+            .try_send(ObservedTelemetry {
+                events,
+                _room: Some(room),
+            })
+            .is_err()
+        {
+            self.miss(count);
+        }
+    }
 }
 
 /// A tenant's committed telemetry, counted by its device actors without a lock: each holds
@@ -128,7 +224,7 @@ impl Pipeline {
             writers: None,
             observers: Vec::new(),
             live: None,
-            dropped: AtomicU64::new(0),
+            dropped: Arc::default(),
             counts: Mutex::new(HashMap::new()),
         }
     }
@@ -139,17 +235,25 @@ impl Pipeline {
         self
     }
 
-    /// Adds an observer (before the pipeline is shared); `missed` is called for each event its
-    /// full mailbox refuses.
+    /// Adds an observer (before the pipeline is shared) with room for `capacity` events not yet
+    /// handled; `missed` is called for each event it has no room for. The observer's mailbox
+    /// must hold `capacity` messages (each carries at least one event), so it never refuses
+    /// one the room let through.
     pub fn with_observer(
         mut self,
-        observer: Recipient<TelemetryAccepted>,
+        observer: Recipient<ObservedTelemetry>,
+        capacity: usize,
         missed: impl Fn() + Send + Sync + 'static,
     ) -> Pipeline {
-        self.observers.push(Observer {
+        self.observers.push(Arc::new(Observer {
             recipient: observer,
+            room: Arc::new(Room {
+                used: AtomicUsize::new(0),
+                capacity: capacity.max(1),
+            }),
             missed: Box::new(missed),
-        });
+            dropped: self.dropped.clone(),
+        }));
         self
     }
 
@@ -216,13 +320,22 @@ impl Pipeline {
         !self.observers.is_empty()
     }
 
-    /// Tells every observer; an observer whose mailbox is full misses this event.
+    /// Tells every observer; an observer with no room left misses this event. On an actix
+    /// arbiter the event joins what this thread gathered for the observer in this turn.
     pub fn observe(&self, event: TelemetryAccepted) {
-        for observer in &self.observers {
-            if observer.recipient.try_send(event.clone()).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                (observer.missed)();
+        let mut event = Some(event);
+        let last = self.observers.len().saturating_sub(1);
+        for (i, observer) in self.observers.iter().enumerate() {
+            if !observer.room.take() {
+                observer.miss(1);
+                continue;
             }
+            let event = if i == last {
+                event.take().expect("taken by the last observer only")
+            } else {
+                event.clone().expect("kept for the last observer")
+            };
+            gather(observer, event);
         }
     }
 
@@ -232,51 +345,182 @@ impl Pipeline {
     }
 }
 
+/// What one thread accepted for each observer in its current turn, and whether the task that
+/// sends it is spawned.
+#[derive(Default)]
+struct Gathered {
+    scheduled: bool,
+    queues: Vec<(Arc<Observer>, Vec<TelemetryAccepted>)>,
+}
+
+thread_local! {
+    static GATHERED: std::cell::RefCell<Gathered> = std::cell::RefCell::new(Gathered::default());
+}
+
+/// Hands `event`, which took its room, to `observer`: on an actix arbiter through what this thread
+/// gathers in the current turn, sent by a task spawned behind the ones the thread is running
+/// (no timer: a lone event waits only for the tasks already queued); elsewhere at once.
+fn gather(observer: &Arc<Observer>, event: TelemetryAccepted) {
+    if Arbiter::try_current().is_none() {
+        observer.send(vec![event]);
+        return;
+    }
+    let spawn = GATHERED.with(|gathered| {
+        let mut gathered = gathered.borrow_mut();
+        match gathered.queues.iter_mut().find(|(o, _)| Arc::ptr_eq(o, observer)) {
+            Some((_, events)) => events.push(event),
+            None => gathered.queues.push((observer.clone(), vec![event])),
+        }
+        !std::mem::replace(&mut gathered.scheduled, true)
+    });
+    if spawn {
+        actix::spawn(async { send_gathered() });
+    }
+}
+
+fn send_gathered() {
+    let queues = GATHERED.with(|gathered| {
+        let mut gathered = gathered.borrow_mut();
+        gathered.scheduled = false;
+        std::mem::take(&mut gathered.queues)
+    });
+    for (observer, events) in queues {
+        observer.send(events);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
 
-    struct Slow(Arc<AtomicUsize>);
+    /// Keeps the devices of the events it handles, one entry per message.
+    #[derive(Default)]
+    struct Seen {
+        messages: Vec<Vec<String>>,
+    }
 
-    impl Actor for Slow {
+    struct Capture(Arc<Mutex<Seen>>);
+
+    impl Actor for Capture {
         type Context = Context<Self>;
     }
 
-    impl Handler<TelemetryAccepted> for Slow {
+    impl Handler<ObservedTelemetry> for Capture {
         type Result = ();
 
-        fn handle(&mut self, _msg: TelemetryAccepted, _ctx: &mut Context<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
+        fn handle(&mut self, msg: ObservedTelemetry, _ctx: &mut Context<Self>) {
+            self.0
+                .lock()
+                .unwrap()
+                .messages
+                .push(msg.events.iter().map(|e| e.device.as_str().to_string()).collect());
         }
     }
 
-    #[actix::test]
-    async fn events_an_observer_refuses_are_counted_by_the_observer() {
-        let received = Arc::new(AtomicUsize::new(0));
-        let observer = Slow::create(|ctx| {
-            ctx.set_mailbox_capacity(2);
-            Slow(received.clone())
-        });
-        let missed = Arc::new(AtomicUsize::new(0));
+    fn observed(capacity: usize) -> (Pipeline, Arc<Mutex<Seen>>, Arc<AtomicU64>, Arc<Room>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let missed = Arc::new(AtomicU64::new(0));
         let counted = missed.clone();
-        let pipeline = Pipeline::default().with_observer(observer.recipient(), move || {
+        let capture = Capture(seen.clone()).start();
+        let pipeline = Pipeline::default().with_observer(capture.recipient(), capacity, move || {
             counted.fetch_add(1, Ordering::Relaxed);
         });
-        let event = TelemetryAccepted::empty(&TenantId::parse("acme").unwrap(), "d1");
-        // No yield in between: the observer takes none of them before the burst ends.
-        for _ in 0..20 {
-            pipeline.observe(event.clone());
-        }
-        let refused = missed.load(Ordering::Relaxed);
-        assert!(refused >= 10, "a mailbox of 2 refused {refused} of 20");
-        assert_eq!(pipeline.dropped(), refused as u64);
+        let room = pipeline.observers[0].room.clone();
+        (pipeline, seen, missed, room)
+    }
+
+    fn event(n: usize) -> TelemetryAccepted {
+        TelemetryAccepted::empty(&TenantId::parse("acme").unwrap(), &format!("d{n}"))
+    }
+
+    async fn settle() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    #[actix::test]
+    async fn a_turns_events_reach_an_observer_as_one_message_in_order() {
+        let (pipeline, seen, missed, _) = observed(100);
+        for n in 0..5 {
+            pipeline.observe(event(n));
+        }
+        settle().await;
+        pipeline.observe(event(5));
+        settle().await;
+        let seen = seen.lock().unwrap();
         assert_eq!(
-            received.load(Ordering::Relaxed) + refused,
-            20,
+            seen.messages,
+            vec![vec!["d0", "d1", "d2", "d3", "d4"], vec!["d5"]],
+            "one message per turn, in the order observed"
+        );
+        assert_eq!(missed.load(Ordering::Relaxed), 0);
+    }
+
+    #[actix::test]
+    async fn events_beyond_an_observers_room_are_counted_and_the_room_comes_back() {
+        let (pipeline, seen, missed, room) = observed(3);
+        // No yield in between: the observer takes none of them before the burst ends.
+        for n in 0..20 {
+            pipeline.observe(event(n));
+        }
+        assert_eq!(room.free(), 0, "three events hold the whole room");
+        assert_eq!(missed.load(Ordering::Relaxed), 17);
+        assert_eq!(pipeline.dropped(), 17);
+        settle().await;
+        assert_eq!(room.free(), 3, "given back once handled");
+        for n in 20..22 {
+            pipeline.observe(event(n));
+        }
+        settle().await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.messages, vec![vec!["d0", "d1", "d2"], vec!["d20", "d21"]]);
+        assert_eq!(
+            missed.load(Ordering::Relaxed),
+            17,
             "each event received or counted"
         );
+    }
+
+    #[actix::test]
+    async fn every_observer_gets_every_event_and_one_without_room_misses_alone() {
+        let (pipeline, first, missed_first, _) = observed(2);
+        let second = Arc::new(Mutex::new(Seen::default()));
+        let capture = Capture(second.clone()).start();
+        let pipeline = pipeline.with_observer(capture.recipient(), 10, || {});
+        for n in 0..4 {
+            pipeline.observe(event(n));
+        }
+        settle().await;
+        assert_eq!(first.lock().unwrap().messages, vec![vec!["d0", "d1"]]);
+        assert_eq!(
+            second.lock().unwrap().messages,
+            vec![vec!["d0", "d1", "d2", "d3"]]
+        );
+        assert_eq!(missed_first.load(Ordering::Relaxed), 2);
+        assert_eq!(pipeline.dropped(), 2);
+    }
+
+    #[test]
+    fn outside_an_arbiter_an_event_is_sent_at_once_and_a_stopped_observer_misses_it() {
+        let system = actix::System::new();
+        let (seen, pipeline, missed, room) = system.block_on(async {
+            let (pipeline, seen, missed, room) = observed(4);
+            (seen, pipeline, missed, room)
+        });
+        // Off the system's thread there is no arbiter: the event goes out as its own message.
+        std::thread::scope(|s| {
+            s.spawn(|| pipeline.observe(event(1)));
+        });
+        system.block_on(settle());
+        assert_eq!(seen.lock().unwrap().messages, vec![vec!["d1"]]);
+        drop(system);
+        std::thread::scope(|s| {
+            s.spawn(|| pipeline.observe(event(2)));
+        });
+        assert_eq!(
+            missed.load(Ordering::Relaxed),
+            1,
+            "the stopped observer's event counted"
+        );
+        assert_eq!(room.free(), 4, "and its room given back");
     }
 }

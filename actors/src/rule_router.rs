@@ -6,7 +6,8 @@
 //! goes to the tenant's queue in the workers directly while the tenant's [`RuleGate`] is open,
 //! and through its rule actor while its rules load.
 //!
-//! Messages: [`TelemetryAccepted`], [`AnalyticsFindings`] (from the analytics actors),
+//! Messages: [`ObservedTelemetry`] (the pipeline's, a turn's events at once) and
+//! [`TelemetryAccepted`], [`AnalyticsFindings`] (from the analytics actors),
 //! [`SpanningTelemetry`], [`ReloadRules`], [`AlarmClosed`], [`StopRules`], [`InspectRules`].
 
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::ids::TenantId;
-use crate::pipeline::TelemetryAccepted;
+use crate::pipeline::{ObservedTelemetry, TelemetryAccepted};
 use crate::rule_actor::{
     AlarmClosed, ReloadRules, RuleActor, RuleGate, RuleSettings, SpanningTelemetry, judge_event,
 };
@@ -123,7 +124,18 @@ impl Actor for RuleRouter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.settings.mailbox.max(1024));
+        ctx.set_mailbox_capacity(crate::pipeline::router_mailbox(self.settings.mailbox));
+    }
+}
+
+impl Handler<ObservedTelemetry> for RuleRouter {
+    type Result = ();
+
+    /// The events' room in the router's queue is given back once all are routed.
+    fn handle(&mut self, msg: ObservedTelemetry, ctx: &mut Context<Self>) {
+        for event in msg.events {
+            <Self as Handler<TelemetryAccepted>>::handle(self, event, ctx);
+        }
     }
 }
 
@@ -237,7 +249,7 @@ impl Handler<InspectRules> for RuleRouter {
         MessageResult(RulesSnapshot {
             started_at: self.started_at,
             messages_handled: self.handled,
-            mailbox_capacity: self.settings.mailbox.max(1024),
+            mailbox_capacity: crate::pipeline::router_mailbox(self.settings.mailbox),
             rule_actors,
         })
     }

@@ -705,11 +705,11 @@ mod tests {
         type Context = Context<Self>;
     }
 
-    impl Handler<crate::pipeline::TelemetryAccepted> for CaptureObserver {
+    impl Handler<crate::pipeline::ObservedTelemetry> for CaptureObserver {
         type Result = ();
 
-        fn handle(&mut self, msg: crate::pipeline::TelemetryAccepted, _ctx: &mut Context<Self>) {
-            self.0.lock().unwrap().push(msg);
+        fn handle(&mut self, msg: crate::pipeline::ObservedTelemetry, _ctx: &mut Context<Self>) {
+            self.0.lock().unwrap().extend(msg.events);
         }
     }
 
@@ -720,9 +720,11 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let observer = CaptureObserver(seen.clone()).start();
         let settings = SupervisorSettings {
-            pipeline: Arc::new(
-                crate::pipeline::Pipeline::default().with_observer(observer.recipient(), || {}),
-            ),
+            pipeline: Arc::new(crate::pipeline::Pipeline::default().with_observer(
+                observer.recipient(),
+                16,
+                || {},
+            )),
             ..SupervisorSettings::default()
         };
         let sup = TenantSupervisor::new(

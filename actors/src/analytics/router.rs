@@ -3,7 +3,8 @@
 //! telemetry and configuration reloads to it. A tenant whose analytics fall behind loses events
 //! (counted in `drover_analytics_events_dropped_total`); ingestion never waits for analytics.
 //!
-//! Messages: [`TelemetryAccepted`], [`ReloadAnalytics`], [`FlushAnalytics`], [`StopAnalytics`].
+//! Messages: [`ObservedTelemetry`] (the pipeline's, a turn's events at once),
+//! [`TelemetryAccepted`], [`ReloadAnalytics`], [`FlushAnalytics`], [`StopAnalytics`].
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -12,7 +13,7 @@ use actix::prelude::*;
 
 use super::actor::{AnalyticsActor, AnalyticsDeps, FlushAnalytics, ReloadAnalytics};
 use crate::ids::TenantId;
-use crate::pipeline::TelemetryAccepted;
+use crate::pipeline::{ObservedTelemetry, TelemetryAccepted};
 
 /// Stops every analytics actor (shutdown); they flush and save their snapshots as they stop.
 #[derive(Message, Debug, Clone)]
@@ -53,7 +54,18 @@ impl Actor for AnalyticsRouter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.deps.mailbox.max(1024));
+        ctx.set_mailbox_capacity(crate::pipeline::router_mailbox(self.deps.mailbox));
+    }
+}
+
+impl Handler<ObservedTelemetry> for AnalyticsRouter {
+    type Result = ();
+
+    /// The events' room in the router's queue is given back once all are routed.
+    fn handle(&mut self, msg: ObservedTelemetry, ctx: &mut Context<Self>) {
+        for event in msg.events {
+            <Self as Handler<TelemetryAccepted>>::handle(self, event, ctx);
+        }
     }
 }
 
