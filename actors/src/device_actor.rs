@@ -28,7 +28,7 @@ use crate::shadow::{ShadowDocument, ShadowError};
 use crate::telemetry::schema::DeviceTypeSchema;
 use crate::telemetry::store::PointBatch;
 use crate::telemetry::{TelemetryPoint, parse_payload};
-use crate::telemetry_writer::{Backpressure, Queued, WriteError};
+use crate::telemetry_writer::{Backpressure, Queued, TryEnqueueError, WriteError};
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -587,13 +587,24 @@ impl DeviceActor {
         // futures it has spawned in no particular order, so a burst of messages queued (and
         // shown) from them would reach the writer and the dashboard shuffled. Refusing or
         // dropping never waits; a message that waits for room takes its place in the line now.
-        let enqueue = self.pipeline.writers.clone().map(|writers| {
-            let (tenant, device) = (self.tenant.clone(), self.device.clone());
-            let mut enqueue =
-                Box::pin(async move { writers.enqueue(&tenant, &device, points, backpressure).await });
-            match futures_util::FutureExt::now_or_never(enqueue.as_mut()) {
-                Some(queued) => Enqueue::Done(queued),
-                None => Enqueue::Waiting(enqueue),
+        let enqueue = self.pipeline.writers.as_ref().map(|writers| {
+            match writers.try_enqueue(&self.tenant, &self.device, points, backpressure) {
+                Ok(queued) => Enqueue::Done(Ok(queued)),
+                Err(TryEnqueueError::Failed(error)) => Enqueue::Done(Err(error)),
+                // Waits for room: a future of its own (holding the pipeline), polled once now
+                // so that it takes its place in the line for room before the next message.
+                Err(TryEnqueueError::NoRoom(points)) => {
+                    let (pipeline, tenant, device) =
+                        (self.pipeline.clone(), self.tenant.clone(), self.device.clone());
+                    let mut waiting: WaitingForRoom = Box::pin(async move {
+                        let writers = pipeline.writers.as_ref().expect("it had writers");
+                        writers.enqueue(&tenant, &device, points, backpressure).await
+                    });
+                    match futures_util::FutureExt::now_or_never(waiting.as_mut()) {
+                        Some(queued) => Enqueue::Done(queued),
+                        None => Enqueue::Waiting(waiting),
+                    }
+                }
             }
         });
         if let (Some(Enqueue::Done(Ok(_))), Some((points, device_type))) = (&enqueue, &live) {
@@ -621,8 +632,9 @@ impl DeviceActor {
             }
         };
         Box::pin(commit.into_actor(self).map(move |outcome, act, _ctx| {
+            // `last_activity` stays the message's arrival: the idle check also waits for
+            // nothing in flight.
             act.in_flight -= 1;
-            act.last_activity = Instant::now();
             match outcome {
                 Ok(()) => {
                     act.inbound.points += count as u64;

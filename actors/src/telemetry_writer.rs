@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
 use crate::ids::{DeviceId, TenantId};
 use crate::telemetry::TelemetryPoint;
@@ -75,6 +75,14 @@ pub enum WriteError {
     /// Neither the store nor the spool could take them; the sender should retry.
     #[error("telemetry could not be stored: {0}")]
     Unavailable(String),
+}
+
+/// Why [`WriterPool::try_enqueue`] did not queue a message.
+#[derive(Debug)]
+pub enum TryEnqueueError {
+    Failed(WriteError),
+    /// No room now, and the message waits for room (`Wait`): its points, to wait with.
+    NoRoom(Vec<TelemetryPoint>),
 }
 
 /// Points in a writer's queue. With `Drop` nobody waits for their commit.
@@ -466,33 +474,75 @@ impl WriterPool {
         points: Vec<TelemetryPoint>,
         backpressure: Backpressure,
     ) -> Result<Queued, WriteError> {
+        match self.try_enqueue(tenant, device, points, backpressure) {
+            Ok(queued) => Ok(queued),
+            Err(TryEnqueueError::Failed(error)) => Err(error),
+            Err(TryEnqueueError::NoRoom(points)) => {
+                let writer = self.writer_for(tenant, device);
+                let permits = self.writers[writer]
+                    .1
+                    .clone()
+                    .acquire_many_owned(self.room_needed(points.len()))
+                    .await
+                    .map_err(|_| WriteError::Unavailable("the telemetry writers stopped".into()))?;
+                self.send(writer, points, backpressure, permits)
+            }
+        }
+    }
+
+    /// [`Self::enqueue`] without waiting: where `Wait` would wait for room, the points come
+    /// back ([`TryEnqueueError::NoRoom`]) for the caller to wait with [`Self::enqueue`]. The
+    /// common case (there is room) needs no future.
+    pub fn try_enqueue(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        points: Vec<TelemetryPoint>,
+        backpressure: Backpressure,
+    ) -> Result<Queued, TryEnqueueError> {
         if points.is_empty() {
             return Ok(Queued(None));
         }
         let count = points.len();
         let writer = self.writer_for(tenant, device);
-        let room = &self.writers[writer].1;
-        // A message larger than the whole queue takes all of it rather than never fitting.
-        let needed = count.min(self.queue_points) as u32;
-        let permits = match backpressure {
-            Backpressure::Wait => room
-                .clone()
-                .acquire_many_owned(needed)
-                .await
-                .map_err(|_| WriteError::Unavailable("the telemetry writers stopped".into()))?,
-            Backpressure::Refuse | Backpressure::Drop => match room.clone().try_acquire_many_owned(needed) {
-                Ok(permits) => permits,
-                Err(_) => {
-                    let counter = if backpressure == Backpressure::Drop {
-                        &self.counters.points_dropped
-                    } else {
-                        &self.counters.points_refused
-                    };
-                    counter.fetch_add(count as u64, Ordering::Relaxed);
-                    return Err(WriteError::Busy);
-                }
-            },
+        let permits = match self.writers[writer]
+            .1
+            .clone()
+            .try_acquire_many_owned(self.room_needed(count))
+        {
+            Ok(permits) => permits,
+            Err(TryAcquireError::Closed) => {
+                return Err(TryEnqueueError::Failed(WriteError::Unavailable(
+                    "the telemetry writers stopped".into(),
+                )));
+            }
+            Err(TryAcquireError::NoPermits) => {
+                let counter = match backpressure {
+                    Backpressure::Wait => return Err(TryEnqueueError::NoRoom(points)),
+                    Backpressure::Drop => &self.counters.points_dropped,
+                    Backpressure::Refuse => &self.counters.points_refused,
+                };
+                counter.fetch_add(count as u64, Ordering::Relaxed);
+                return Err(TryEnqueueError::Failed(WriteError::Busy));
+            }
         };
+        self.send(writer, points, backpressure, permits)
+            .map_err(TryEnqueueError::Failed)
+    }
+
+    /// The room a message of `count` points takes: a message larger than the whole queue takes
+    /// all of it rather than never fitting.
+    fn room_needed(&self, count: usize) -> u32 {
+        count.min(self.queue_points) as u32
+    }
+
+    fn send(
+        &self,
+        writer: usize,
+        points: Vec<TelemetryPoint>,
+        backpressure: Backpressure,
+        permits: OwnedSemaphorePermit,
+    ) -> Result<Queued, WriteError> {
         let (done, reply) = if backpressure == Backpressure::Drop {
             (None, None)
         } else {
