@@ -1202,6 +1202,42 @@ async fn access_rules_apply_to_live_connections() {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // A connection that published to a topic is refused it once a rule denies it (a
+    // connection remembers the last topic it was allowed, for the rules as they were), and
+    // allowed again when the rule goes.
+    let mut options = rumqttc::MqttOptions::new("dash-live", "127.0.0.1", port.parse::<u16>().unwrap());
+    options.set_credentials("dashboard", viewer_key.as_str());
+    let (live, mut events) = rumqttc::AsyncClient::new(options, 16);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let send = |payload: &'static str| {
+        let live = live.clone();
+        async move {
+            live.publish("status/live", rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+    };
+    send("1").await;
+    assert_eq!(status_sub.take(1, WAIT)[0].payload, "1");
+    let (status, deny) = fleet
+        .server
+        .post("/api/mqtt/acl", &fleet.admin, json!({"subject": format!("apiKey:{viewer_id}"), "action": "publish", "topic": "status/#", "effect": "deny", "priority": 20}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{deny}");
+    send("2").await;
+    status_sub.none(Duration::from_millis(500));
+    let (status, _) = fleet
+        .server
+        .delete(
+            &format!("/api/mqtt/acl/{}", deny["rule"]["id"].as_str().unwrap()),
+            &fleet.admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    send("3").await;
+    // In order on one connection: had "2" been let through it would come first.
+    assert_eq!(status_sub.take(1, WAIT)[0].payload, "3");
 }
 
 // ---- the actor tree --------------------------------------------------------------------------

@@ -715,6 +715,12 @@ impl Broker {
     }
 
     /// The access rules of a namespace, if loaded.
+    /// Moves on whenever any namespace's access rules change: a decision taken under one
+    /// generation holds while it is current.
+    pub fn acl_generation(&self) -> u64 {
+        self.acl_generation.load(Ordering::Acquire)
+    }
+
     pub fn acl_rules(&self, namespace: &Namespace) -> Option<Arc<Vec<AclRule>>> {
         self.acl.read().get(namespace).cloned()
     }

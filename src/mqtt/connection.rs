@@ -241,8 +241,15 @@ pub struct Connection {
     outbound: RefCell<Option<Inbox>>,
     close_signal: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
     close_wait: RefCell<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// The topic this connection last published to with the access rules' generation that
+    /// allowed it: a device publishes to the same few topics, and the rules' map is shared by
+    /// every connection's thread. Boxed: one word in every connection.
+    published: Cell<Option<Box<Published>>>,
     _slot: ConnectionSlot,
 }
+
+/// A topic a connection was allowed to publish to, and the access rules' generation then.
+type Published = (u64, Box<str>);
 
 /// Authenticates a CONNECT and attaches its session. `slot` is the connection's place under
 /// the connection limit, reserved by the caller before anything else.
@@ -396,6 +403,7 @@ async fn connect_inner(
         outbound: RefCell::new(Some(inbox)),
         close_signal: RefCell::new(Some(close_tx)),
         close_wait: RefCell::new(Some(close_rx)),
+        published: Cell::new(None),
         identity,
         ctx: ctx.clone(),
         _slot: slot,
@@ -441,6 +449,26 @@ impl Connection {
         acl::authorize(&self.identity, access, topic, &rules)
     }
 
+    /// [`Self::authorize`] for a PUBLISH, remembering the last topic allowed until the access
+    /// rules change (the broker's rules generation moves on every change of any namespace's
+    /// rules). Refusals are decided every time, so each is logged and audited.
+    fn authorize_publish(&self, topic: &str) -> acl::Decision {
+        let generation = self.ctx.broker.acl_generation();
+        let published = self.published.take();
+        let allowed = published
+            .as_ref()
+            .is_some_and(|last| last.0 == generation && *last.1 == *topic);
+        self.published.set(published);
+        if allowed {
+            return acl::Decision::Allow;
+        }
+        let decision = self.authorize(Access::Publish, topic);
+        if decision.is_allowed() {
+            self.published.set(Some(Box::new((generation, topic.into()))));
+        }
+        decision
+    }
+
     /// Takes one PUBLISH: checks it, hands platform topics of a device to its actor (and waits
     /// for it to take the message in), then routes it to subscribers.
     pub async fn publish<F>(&self, publish: InboundPublish<'_>, read_payload: F) -> Result<(), PublishRefusal>
@@ -478,7 +506,7 @@ impl Connection {
         {
             return Err(PublishRefusal::RateTooHigh);
         }
-        if let acl::Decision::Deny(why) = self.authorize(Access::Publish, publish.topic) {
+        if let acl::Decision::Deny(why) = self.authorize_publish(publish.topic) {
             tracing::info!(client = %self.client_id, identity = %self.identity.label(), topic = %crate::logging::clip(publish.topic), reason = %why, "MQTT publish refused");
             self.ctx
                 .audit_denial(Some(&self.identity), "mqtt.publish", publish.topic, &why);
