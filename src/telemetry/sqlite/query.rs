@@ -566,11 +566,10 @@ mod tests {
             .iter()
             .map(|(ts_ms, value)| point(*ts_ms, value.clone()))
             .collect();
-        write_batch(&mut store.writer.lock().unwrap(), &Arc::from(batch)).unwrap();
+        write_batch(&mut store.writer.lock(), &Arc::from(batch)).unwrap();
         let id = store
             .writer
             .lock()
-            .unwrap()
             .conn
             .query_row("SELECT id FROM series", [], |row| row.get(0))
             .unwrap();
@@ -747,7 +746,7 @@ mod tests {
         .into_iter()
         .map(|ts_ms| point(ts_ms, MetricValue::Number(1e9)))
         .collect();
-        write_batch(&mut store.writer.lock().unwrap(), &Arc::from(late)).unwrap();
+        write_batch(&mut store.writer.lock(), &Arc::from(late)).unwrap();
         let slices: Vec<(i64, i64)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let parts = snapshot
             .scan(&slices, |conn, range| {
@@ -776,7 +775,7 @@ mod tests {
         let want = expected(&points, range, Some(HOUR_MS), 95.0);
         let conn = store.readers.get().unwrap();
         let slicing = slicing(&store, 3);
-        let writer = store.writer.lock().unwrap();
+        let writer = store.writer.lock();
         assert!(SliceSnapshot::take(&conn, &slicing, 2).unwrap().is_none());
         let samples = percentiles_in_slices(
             &conn,

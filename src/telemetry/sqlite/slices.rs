@@ -3,7 +3,6 @@
 //! bucket grid), and the snapshot the slices are read in. What a slice computes and how slices
 //! are merged is the query's business (`query.rs`).
 
-use std::sync::{Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use drover_actors::telemetry::query::HOUR_MS;
@@ -24,7 +23,7 @@ const SNAPSHOT_WAIT: Duration = Duration::from_millis(5);
 /// one per core: more readers, and the writer lock under which their snapshots are taken.
 pub(super) struct Slicing<'a> {
     pub pool: &'a ReaderPool,
-    pub writer: &'a Mutex<Writer>,
+    pub writer: &'a parking_lot::Mutex<Writer>,
     /// Slices read at once at most; 1 reads every range in one scan.
     pub max_slices: usize,
 }
@@ -111,12 +110,11 @@ impl<'a> SliceSnapshot<'a> {
         let deadline = Instant::now() + SNAPSHOT_WAIT;
         let _writer = loop {
             match slicing.writer.try_lock() {
-                Ok(guard) => break guard,
-                Err(TryLockError::Poisoned(poisoned)) => break poisoned.into_inner(),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                Some(guard) => break guard,
+                None if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_micros(50));
                 }
-                Err(TryLockError::WouldBlock) => return Ok(None),
+                None => return Ok(None),
             }
         };
         // A deferred transaction takes its snapshot at its first read.
