@@ -357,9 +357,9 @@ thread_local! {
     static GATHERED: std::cell::RefCell<Gathered> = std::cell::RefCell::new(Gathered::default());
 }
 
-/// Hands `event`, which took its room, to `observer`: on an actix arbiter through what this thread
-/// gathers in the current turn, sent by a task spawned behind the ones the thread is running
-/// (no timer: a lone event waits only for the tasks already queued); elsewhere at once.
+/// Hands `event`, which took its room, to `observer`: on an actix arbiter through what this
+/// thread gathers in the current turn, sent by a task spawned behind the ones the thread is
+/// running (no timer: a lone event waits only for the tasks already queued); elsewhere at once.
 fn gather(observer: &Arc<Observer>, event: TelemetryAccepted) {
     if Arbiter::try_current().is_none() {
         observer.send(vec![event]);
