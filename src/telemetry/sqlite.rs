@@ -23,14 +23,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use parking_lot::{Mutex as WriterLock, MutexGuard as WriterGuard};
-
 use async_trait::async_trait;
 use drover_actors::telemetry::MetricValue;
 use drover_actors::telemetry::query::{HOUR_MS, MINUTE_MS, QueryResult, TelemetryQuery};
 use drover_actors::telemetry::store::{
     MaintenanceReport, PointBatch, StoreInfo, TelemetryStore, TelemetryStoreError,
 };
+use parking_lot::{Mutex as WriterLock, MutexGuard as WriterGuard};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 
