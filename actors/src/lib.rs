@@ -28,6 +28,7 @@ pub mod shadow;
 pub mod telemetry;
 pub mod telemetry_writer;
 pub mod tenant_supervisor;
+mod turn;
 
 pub use device::{ConnectionStatus, DeviceRecord};
 pub use device_actor::DeviceActor;

@@ -21,6 +21,7 @@ use crate::telemetry::PayloadLimits;
 use crate::telemetry::TelemetryPoint;
 use crate::telemetry::store::PointBatch;
 use crate::telemetry_writer::WriterPool;
+use crate::turn;
 
 /// Telemetry of one device that the platform accepted.
 #[derive(Message, Debug, Clone)]
@@ -345,45 +346,38 @@ impl Pipeline {
     }
 }
 
-/// What one thread accepted for each observer in its current turn, and whether the task that
-/// sends it is spawned.
-#[derive(Default)]
-struct Gathered {
-    scheduled: bool,
-    queues: Vec<(Arc<Observer>, Vec<TelemetryAccepted>)>,
-}
+/// What one thread accepted for each observer in its current turn.
+type Gathered = Vec<(Arc<Observer>, Vec<TelemetryAccepted>)>;
 
 thread_local! {
-    static GATHERED: std::cell::RefCell<Gathered> = std::cell::RefCell::new(Gathered::default());
+    static GATHERED: std::cell::RefCell<Gathered> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+static SEND_GATHERED: turn::AtTurnEnd = turn::AtTurnEnd(send_gathered);
+
 /// Hands `event`, which took its room, to `observer`: on an actix arbiter through what this
-/// thread gathers in the current turn, sent by a task spawned behind the ones the thread is
-/// running (no timer: a lone event waits only for the tasks already queued); elsewhere at once.
+/// thread gathers in the current turn, sent at the turn's end ([`turn`]); elsewhere at once.
 fn gather(observer: &Arc<Observer>, event: TelemetryAccepted) {
-    if Arbiter::try_current().is_none() {
+    if !turn::on_arbiter() {
         observer.send(vec![event]);
         return;
     }
-    let spawn = GATHERED.with(|gathered| {
+    let first = GATHERED.with(|gathered| {
         let mut gathered = gathered.borrow_mut();
-        match gathered.queues.iter_mut().find(|(o, _)| Arc::ptr_eq(o, observer)) {
+        let first = gathered.is_empty();
+        match gathered.iter_mut().find(|(o, _)| Arc::ptr_eq(o, observer)) {
             Some((_, events)) => events.push(event),
-            None => gathered.queues.push((observer.clone(), vec![event])),
+            None => gathered.push((observer.clone(), vec![event])),
         }
-        !std::mem::replace(&mut gathered.scheduled, true)
+        first
     });
-    if spawn {
-        actix::spawn(async { send_gathered() });
+    if first {
+        turn::at_turn_end(&SEND_GATHERED);
     }
 }
 
 fn send_gathered() {
-    let queues = GATHERED.with(|gathered| {
-        let mut gathered = gathered.borrow_mut();
-        gathered.scheduled = false;
-        std::mem::take(&mut gathered.queues)
-    });
+    let queues = GATHERED.with(|gathered| std::mem::take(&mut *gathered.borrow_mut()));
     for (observer, events) in queues {
         observer.send(events);
     }

@@ -34,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 use crate::ids::{DeviceId, TenantId};
 use crate::telemetry::TelemetryPoint;
 use crate::telemetry::store::{PointBatch, TelemetrySpool, TelemetryStore, replay_spool};
+use crate::turn;
 
 // ---- messages received -------------------------------------------------------------------
 
@@ -599,56 +600,48 @@ impl WriterPool {
 /// A pool's writers with the room of each one's queue.
 type Writers = Arc<Vec<(Addr<TelemetryWriter>, Arc<Semaphore>)>>;
 
-/// What one thread has queued for the writers in its current turn (by pool and writer index),
-/// and whether the task that sends it is spawned.
-#[derive(Default)]
-struct Outgoing {
-    scheduled: bool,
-    queues: Vec<(Writers, usize, Vec<WritePoints>)>,
-}
+/// What one thread has queued for the writers in its current turn, by pool and writer index.
+type Outgoing = Vec<(Writers, usize, Vec<WritePoints>)>;
 
 thread_local! {
-    static OUTGOING: std::cell::RefCell<Outgoing> = std::cell::RefCell::new(Outgoing::default());
+    static OUTGOING: std::cell::RefCell<Outgoing> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+static SEND_GATHERED: turn::AtTurnEnd = turn::AtTurnEnd(send_gathered);
+
 /// Hands `msg` to `writer`. On an actix arbiter it joins what this thread has gathered for the
-/// writer, sent as one [`WriteBatch`] by a task spawned behind the ones the thread is running
-/// (so it goes out within the same turn, with no timer: a lone message waits only for the
-/// tasks already queued). Elsewhere it is sent at once. Either way the writer gets each
-/// thread's messages in the order they were queued. A writer that stopped meanwhile drops the
-/// batch: its senders' `done` channels close, and they learn the points were not stored.
+/// writer, sent as one [`WriteBatch`] at the end of the thread's turn ([`turn`]). Elsewhere it
+/// is sent at once. Either way the writer gets each thread's messages in the order they were
+/// queued. A writer that stopped meanwhile drops the batch: its senders' `done` channels
+/// close, and they learn the points were not stored.
 fn send_to_writer(writers: &Writers, index: usize, msg: WritePoints) -> Result<(), ()> {
     let writer = &writers[index].0;
-    if Arbiter::try_current().is_none() {
+    if !turn::on_arbiter() {
         return writer.try_send(msg).map_err(|_| ());
     }
     if !writer.connected() {
         return Err(());
     }
-    let spawn = OUTGOING.with(|outgoing| {
+    let first = OUTGOING.with(|outgoing| {
         let mut outgoing = outgoing.borrow_mut();
+        let first = outgoing.is_empty();
         match outgoing
-            .queues
             .iter_mut()
             .find(|(pool, i, _)| *i == index && Arc::ptr_eq(pool, writers))
         {
             Some((_, _, queue)) => queue.push(msg),
-            None => outgoing.queues.push((writers.clone(), index, vec![msg])),
+            None => outgoing.push((writers.clone(), index, vec![msg])),
         }
-        !std::mem::replace(&mut outgoing.scheduled, true)
+        first
     });
-    if spawn {
-        actix::spawn(async { send_gathered() });
+    if first {
+        turn::at_turn_end(&SEND_GATHERED);
     }
     Ok(())
 }
 
 fn send_gathered() {
-    let queues = OUTGOING.with(|outgoing| {
-        let mut outgoing = outgoing.borrow_mut();
-        outgoing.scheduled = false;
-        std::mem::take(&mut outgoing.queues)
-    });
+    let queues = OUTGOING.with(|outgoing| std::mem::take(&mut *outgoing.borrow_mut()));
     for (writers, index, mut queue) in queues {
         let writer = &writers[index].0;
         let _ = if queue.len() == 1 {
