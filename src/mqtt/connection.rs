@@ -190,6 +190,185 @@ pub struct InboundPublish<'a> {
     pub properties: MessageProperties,
 }
 
+/// A PUBLISH's payload as the protocol layer has it.
+pub enum PublishPayload<F> {
+    /// Read with the packet (`Err`: why it cannot be read).
+    Fixed(Result<Bytes, String>),
+    /// Still streaming in (a large message): the future reads the rest.
+    Streaming(F),
+}
+
+/// The payload of an ntex-mqtt PUBLISH (v3 or v5), read at once when it came with the packet.
+pub fn publish_payload(
+    payload: ntex_mqtt::Payload,
+) -> PublishPayload<impl Future<Output = Result<Bytes, String>>> {
+    if payload.is_fixed()
+        && let Some(read) = futures_util::FutureExt::now_or_never(payload.read_all())
+    {
+        return PublishPayload::Fixed(read.map_err(|e| e.to_string()));
+    }
+    PublishPayload::Streaming(async move { payload.read_all().await.map_err(|e| e.to_string()) })
+}
+
+/// What [`Connection::publish`] made of a PUBLISH.
+pub enum Publishing<'a> {
+    /// Handled in the call.
+    Done(Result<(), PublishRefusal>),
+    /// The rest of its handling, which waits.
+    Waiting(std::pin::Pin<Box<dyn Future<Output = Result<(), PublishRefusal>> + 'a>>),
+}
+
+impl Publishing<'_> {
+    pub async fn outcome(self) -> Result<(), PublishRefusal> {
+        match self {
+            Publishing::Done(result) => result,
+            Publishing::Waiting(rest) => rest.await,
+        }
+    }
+}
+
+/// The part of a PUBLISH's handling that waits, from where it started waiting. Made only to
+/// be moved into the one box that waits, so its variants are not boxed again.
+#[allow(clippy::large_enum_variant)]
+enum PublishWaiting<'a, F> {
+    /// For its payload to stream in; then the rest.
+    Payload {
+        publish: InboundPublish<'a>,
+        qos2_id: Option<u16>,
+        read: F,
+    },
+    /// For a device actor to take it in; then routed.
+    HandOver {
+        publish: InboundPublish<'a>,
+        qos2_id: Option<u16>,
+        payload: Bytes,
+        handing: HandingOver,
+    },
+    /// Routed; for room in subscribers' queues or the cluster's confirmations.
+    Routed(RouteWaiting),
+}
+
+impl<'a, F> PublishWaiting<'a, F>
+where
+    F: Future<Output = Result<Bytes, String>>,
+{
+    async fn finish(self, connection: &'a Connection) -> Result<(), PublishRefusal> {
+        let (publish, qos2_id, payload) = match self {
+            PublishWaiting::Payload {
+                publish,
+                qos2_id,
+                read,
+            } => {
+                let payload = read.await.map_err(|e| PublishRefusal::Rejected {
+                    code: "payload",
+                    message: e,
+                })?;
+                if let Some(handing) = connection.hand_over(&publish, &payload)? {
+                    handing.finish(connection).await?;
+                }
+                (publish, qos2_id, payload)
+            }
+            PublishWaiting::HandOver {
+                publish,
+                qos2_id,
+                payload,
+                handing,
+            } => {
+                handing.finish(connection).await?;
+                (publish, qos2_id, payload)
+            }
+            PublishWaiting::Routed(routed) => {
+                routed.finish(connection).await;
+                return Ok(());
+            }
+        };
+        if let Some(routed) = connection.route(publish, qos2_id, payload) {
+            routed.finish(connection).await;
+        }
+        Ok(())
+    }
+}
+
+/// A message on its way to a device's actor.
+enum HandingOver {
+    /// A device's own QoS 1/2 message: in its actor's mailbox, answered once taken in.
+    Device(actix::dev::Request<DeviceActor, DeviceInbound>),
+    /// An application's shadow request: the device's actor is looked up first.
+    Shadow {
+        tenant: TenantId,
+        device: DeviceId,
+        qos: QoS,
+        request: PublishedShadowRequest,
+    },
+}
+
+impl HandingOver {
+    async fn finish(self, connection: &Connection) -> Result<(), PublishRefusal> {
+        match self {
+            HandingOver::Device(request) => match request.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(InboundError::Rejected { code, message })) => {
+                    Err(PublishRefusal::Rejected { code, message })
+                }
+                Ok(Err(InboundError::Unavailable(why))) => Err(PublishRefusal::Unavailable(why)),
+                Ok(Err(InboundError::Busy)) => {
+                    Err(PublishRefusal::Unavailable("telemetry writers are full".into()))
+                }
+                Err(mailbox) => Err(PublishRefusal::Unavailable(format!("device actor: {mailbox}"))),
+            },
+            HandingOver::Shadow {
+                tenant,
+                device,
+                qos,
+                request,
+            } => {
+                let addr = match connection.ctx.fleet.device(&tenant, &device).await {
+                    Ok(Some(addr)) => addr,
+                    Ok(None) => return Ok(()),
+                    Err(error) => return Err(PublishRefusal::Unavailable(format!("device actor: {error}"))),
+                };
+                if qos == QoS::AtMostOnce {
+                    if addr.try_send(request).is_err() {
+                        connection
+                            .ctx
+                            .metrics()
+                            .dropped
+                            .with_label_values(&["device_busy"])
+                            .inc();
+                    }
+                    return Ok(());
+                }
+                addr.send(request)
+                    .await
+                    .map_err(|mailbox| PublishRefusal::Unavailable(format!("device actor: {mailbox}")))
+            }
+        }
+    }
+}
+
+/// What a routed message's acknowledgement waits for: room in the queues it went into past
+/// their limit (or their clients disconnected for taking nothing), and the confirmations of
+/// the cluster's nodes (QoS 1/2: acknowledged once the other nodes' streams hold it; without
+/// Redis the node serves alone), also for the cluster's copies of persistent sessions.
+struct RouteWaiting {
+    backlogged: Vec<Outbox>,
+    forwarded: Vec<tokio::sync::oneshot::Receiver<bool>>,
+}
+
+impl RouteWaiting {
+    async fn finish(self, connection: &Connection) {
+        let max = connection.ctx.broker.limits.max_queued_bytes;
+        let waits = self
+            .backlogged
+            .iter()
+            .map(|queue| queue.room(max, SLOW_SUBSCRIBER_STALL));
+        futures_util::future::join_all(waits).await;
+        for confirmation in self.forwarded {
+            let _ = confirmation.await;
+        }
+    }
+}
+
 /// A token bucket: `rate` messages per second with bursts of up to one second's worth.
 struct RateLimit {
     rate: f64,
@@ -469,30 +648,51 @@ impl Connection {
         decision
     }
 
-    /// Takes one PUBLISH: checks it, hands platform topics of a device to its actor (and waits
-    /// for it to take the message in), then routes it to subscribers.
-    pub async fn publish<F>(&self, publish: InboundPublish<'_>, read_payload: F) -> Result<(), PublishRefusal>
+    /// Takes one PUBLISH: checks it, hands platform topics of a device to its actor (QoS 1/2
+    /// wait for it to take the message in), then routes it to subscribers.
+    ///
+    /// What needs no waiting is done in the call, and then the answer is [`Publishing::Done`];
+    /// only what waits (a payload still streaming in, a device actor taking a QoS 1/2 message,
+    /// an application's shadow request, a full subscriber queue, the cluster's confirmations)
+    /// goes on in one boxed future. ntex moves the connection's publish future a few times per
+    /// message and spawns it when an earlier one is still pending, so it is kept a few words.
+    pub fn publish<'a, F>(&'a self, publish: InboundPublish<'a>, payload: PublishPayload<F>) -> Publishing<'a>
     where
-        F: Future<Output = Result<Bytes, String>>,
+        F: Future<Output = Result<Bytes, String>> + 'a,
     {
-        let result = self.publish_inner(publish, read_payload).await;
-        if let Err(refusal) = &result {
+        match self.publish_start(publish, payload) {
+            Ok(Some(waiting)) => Publishing::Waiting(Box::pin(async move {
+                let result = waiting.finish(self).await;
+                self.count_refusal(&result);
+                result
+            })),
+            Ok(None) => Publishing::Done(Ok(())),
+            Err(refusal) => {
+                let result = Err(refusal);
+                self.count_refusal(&result);
+                Publishing::Done(result)
+            }
+        }
+    }
+
+    fn count_refusal(&self, result: &Result<(), PublishRefusal>) {
+        if let Err(refusal) = result {
             self.ctx
                 .metrics()
                 .refused
                 .with_label_values(&["publish", refusal.label()])
                 .inc();
         }
-        result
     }
 
-    async fn publish_inner<F>(
-        &self,
-        publish: InboundPublish<'_>,
-        read_payload: F,
-    ) -> Result<(), PublishRefusal>
+    /// The part of [`Self::publish`] that needs no waiting; `Ok(Some(_))` is what is left.
+    fn publish_start<'a, F>(
+        &'a self,
+        publish: InboundPublish<'a>,
+        payload: PublishPayload<F>,
+    ) -> Result<Option<PublishWaiting<'a, F>>, PublishRefusal>
     where
-        F: Future<Output = Result<Bytes, String>>,
+        F: Future<Output = Result<Bytes, String>> + 'a,
     {
         let metrics = self.ctx.metrics();
         metrics.received(publish.qos).inc();
@@ -520,22 +720,59 @@ impl Connection {
         if let Some(id) = qos2_id
             && self.session.state.lock().qos2_pending.contains(&id)
         {
-            return Ok(());
+            return Ok(None);
         }
-        let payload = read_payload.await.map_err(|e| PublishRefusal::Rejected {
-            code: "payload",
-            message: e,
-        })?;
+        let payload = match payload {
+            PublishPayload::Fixed(payload) => payload.map_err(|e| PublishRefusal::Rejected {
+                code: "payload",
+                message: e,
+            })?,
+            PublishPayload::Streaming(read) => {
+                return Ok(Some(PublishWaiting::Payload {
+                    publish,
+                    qos2_id,
+                    read,
+                }));
+            }
+        };
+        match self.hand_over(&publish, &payload)? {
+            Some(handing) => Ok(Some(PublishWaiting::HandOver {
+                publish,
+                qos2_id,
+                payload,
+                handing,
+            })),
+            None => Ok(self.route(publish, qos2_id, payload).map(PublishWaiting::Routed)),
+        }
+    }
+
+    /// Platform topics go to a device's actor first: a device's own, or a shadow request an
+    /// application sends for a device of its tenant. `Some`: the message waits for it.
+    fn hand_over(
+        &self,
+        publish: &InboundPublish<'_>,
+        payload: &Bytes,
+    ) -> Result<Option<HandingOver>, PublishRefusal> {
         if let Some(device) = &self.device
             && let Identity::Device { device: own, .. } = &self.identity
         {
             let correlation = publish.properties.correlation_data.as_deref();
-            self.hand_to_device(device, own, publish.topic, publish.qos, &payload, correlation)
-                .await?;
+            self.hand_to_device(device, own, publish.topic, publish.qos, payload, correlation)
         } else if let Identity::Application { tenant, .. } = &self.identity {
-            self.hand_shadow_request(tenant, publish.topic, publish.qos, &payload)
-                .await?;
+            Ok(self.shadow_request(tenant, publish.topic, publish.qos, payload))
+        } else {
+            Ok(None)
         }
+    }
+
+    /// Routes to subscribers. `Some`: the acknowledgement waits for room in their queues or
+    /// for the cluster's confirmations.
+    fn route(
+        &self,
+        publish: InboundPublish<'_>,
+        qos2_id: Option<u16>,
+        payload: Bytes,
+    ) -> Option<RouteWaiting> {
         let publication = Publication {
             topic: publish.topic.clone(),
             payload,
@@ -553,32 +790,19 @@ impl Connection {
         if let Some(id) = qos2_id {
             self.session.state.lock().qos2_pending.insert(id);
         }
-        self.wait_for_room(backlogged).await;
-        // QoS 1/2 in a cluster: acknowledged once the other nodes' streams hold it. Without
-        // Redis the node serves alone: the local subscribers have it, the others cannot.
-        // The same for the cluster's copies of persistent sessions it was queued for.
-        for confirmation in forwarded {
-            let _ = confirmation.await;
-        }
-        Ok(())
-    }
-
-    /// Backpressure: the acknowledgement waits until every queue the message went into past
-    /// its limit is within it again (or its client is disconnected for taking nothing).
-    /// Not for this connection's own queue: its client empties it by reading, and an MQTT
-    /// 3.1.1 connection stops reading while its publishes wait.
-    async fn wait_for_room(&self, backlogged: Vec<Outbox>) {
-        let max = self.ctx.broker.limits.max_queued_bytes;
-        let waits = backlogged
-            .iter()
-            .filter(|queue| !queue.same_queue(&self.own_queue))
-            .map(|queue| queue.room(max, SLOW_SUBSCRIBER_STALL));
-        futures_util::future::join_all(waits).await;
+        // Backpressure: not for this connection's own queue: its client empties it by reading,
+        // and an MQTT 3.1.1 connection stops reading while its publishes wait.
+        backlogged.retain(|queue| !queue.same_queue(&self.own_queue));
+        (!backlogged.is_empty() || !forwarded.is_empty()).then_some(RouteWaiting {
+            backlogged,
+            forwarded,
+        })
     }
 
     /// Platform topics of a device go to its actor first; QoS 1/2 wait until it took the
-    /// message in (the acknowledgement follows), QoS 0 is dropped and counted when it is busy.
-    async fn hand_to_device(
+    /// message in (the acknowledgement follows: `Some`), QoS 0 is dropped and counted when
+    /// it is busy.
+    fn hand_to_device(
         &self,
         addr: &Addr<DeviceActor>,
         own: &DeviceId,
@@ -586,9 +810,9 @@ impl Connection {
         qos: QoS,
         payload: &Bytes,
         correlation: Option<&[u8]>,
-    ) -> Result<(), PublishRefusal> {
+    ) -> Result<Option<HandingOver>, PublishRefusal> {
         let kind = match DeviceTopic::parse(name) {
-            Some(t) if t.device() != own.as_str() => return Ok(()),
+            Some(t) if t.device() != own.as_str() => return Ok(None),
             Some(DeviceTopic::Telemetry { .. }) => InboundKind::Telemetry,
             Some(DeviceTopic::ShadowUpdate { .. }) => InboundKind::ShadowUpdate,
             Some(DeviceTopic::ShadowGet { .. }) => InboundKind::ShadowGet,
@@ -598,7 +822,7 @@ impl Connection {
             },
             Some(DeviceTopic::JobUpdate { job, .. }) => InboundKind::JobUpdate { job: job.to_string() },
             Some(DeviceTopic::JobGet { .. }) => InboundKind::JobGet,
-            Some(DeviceTopic::Other { .. }) | None => return Ok(()),
+            Some(DeviceTopic::Other { .. }) | None => return Ok(None),
         };
         let message = DeviceInbound {
             kind,
@@ -620,62 +844,38 @@ impl Connection {
                     .with_label_values(&["device_busy"])
                     .inc();
             }
-            return Ok(());
+            return Ok(None);
         }
-        match addr.send(message).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(InboundError::Rejected { code, message })) => {
-                Err(PublishRefusal::Rejected { code, message })
-            }
-            Ok(Err(InboundError::Unavailable(why))) => Err(PublishRefusal::Unavailable(why)),
-            Ok(Err(InboundError::Busy)) => {
-                Err(PublishRefusal::Unavailable("telemetry writers are full".into()))
-            }
-            Err(mailbox) => Err(PublishRefusal::Unavailable(format!("device actor: {mailbox}"))),
-        }
+        // In the actor's mailbox from here on (or waiting for room in it, in order).
+        Ok(Some(HandingOver::Device(addr.send(message))))
     }
 
     /// A shadow request an application published for a device of its tenant goes to that
-    /// device's actor, which answers on the shadow topics. A topic naming no registered device
-    /// is only routed.
-    async fn hand_shadow_request(
+    /// device's actor, which answers on the shadow topics (`Some`: found by the wait). A
+    /// topic naming no registered device is only routed.
+    fn shadow_request(
         &self,
         tenant: &TenantId,
         name: &str,
         qos: QoS,
         payload: &Bytes,
-    ) -> Result<(), PublishRefusal> {
+    ) -> Option<HandingOver> {
         let (topic, device) = match DeviceTopic::parse(name) {
             Some(DeviceTopic::ShadowUpdate { device }) => (ShadowTopic::Update, device),
             Some(DeviceTopic::ShadowGet { device }) => (ShadowTopic::Get, device),
-            _ => return Ok(()),
+            _ => return None,
         };
-        let Ok(device) = DeviceId::parse(device) else {
-            return Ok(());
-        };
-        let addr = match self.ctx.fleet.device(tenant, &device).await {
-            Ok(Some(addr)) => addr,
-            Ok(None) => return Ok(()),
-            Err(error) => return Err(PublishRefusal::Unavailable(format!("device actor: {error}"))),
-        };
-        let request = PublishedShadowRequest {
-            topic,
-            payload: bytes::Bytes::copy_from_slice(payload),
-            at: Utc::now(),
-        };
-        if qos == QoS::AtMostOnce {
-            if addr.try_send(request).is_err() {
-                self.ctx
-                    .metrics()
-                    .dropped
-                    .with_label_values(&["device_busy"])
-                    .inc();
-            }
-            return Ok(());
-        }
-        addr.send(request)
-            .await
-            .map_err(|mailbox| PublishRefusal::Unavailable(format!("device actor: {mailbox}")))
+        let device = DeviceId::parse(device).ok()?;
+        Some(HandingOver::Shadow {
+            tenant: tenant.clone(),
+            device,
+            qos,
+            request: PublishedShadowRequest {
+                topic,
+                payload: bytes::Bytes::copy_from_slice(payload),
+                at: Utc::now(),
+            },
+        })
     }
 
     /// The QoS of an inbound PUBLISH: the QoS 2 layer hands QoS 2 messages to ntex-mqtt as

@@ -11,8 +11,8 @@
 //! connection's life (`ntex_service::PipelineBinding`). ntex-mqtt's middleware awaits the
 //! readiness of everything behind it inline (the dispatcher's publish and control services,
 //! the control buffer, the in-flight counters), so that box was 2,152 bytes per connection,
-//! held by every idle device. Here the check awaits all of that in a box of its own, made
-//! when a packet is to be read and freed once the services are ready: what stays with the
+//! held by every idle device. Here the check is polled on the stack, and only one that has to
+//! wait is kept, in a box of its own freed once the services are ready: what stays with the
 //! connection is a pointer.
 
 use std::cell::Cell;
@@ -75,14 +75,21 @@ where
     type Error = S::Error;
 
     async fn ready(&self, ctx: ServiceCtx<'_, Self>) -> Result<(), S::Error> {
-        Box::pin(async move {
-            if self.publish.get() || self.count.has_room() {
-                ctx.ready(&self.service).await
-            } else {
-                join(self.count.available(), ctx.ready(&self.service)).await.1
-            }
+        // Nearly every check is ready at once: it is polled in place, on the stack, and
+        // nothing is kept. One that has to wait is dropped (ntex's readiness checks are made
+        // to be dropped while pending) and made again in a box that lives while it waits.
+        let at_once = poll_fn(|cx| {
+            let check = std::pin::pin!(self.check(ctx));
+            Poll::Ready(match check.poll(cx) {
+                Poll::Ready(result) => Some(result),
+                Poll::Pending => None,
+            })
         })
-        .await
+        .await;
+        match at_once {
+            Some(result) => result,
+            None => Box::pin(self.check(ctx)).await,
+        }
     }
 
     async fn call(&self, req: R, ctx: ServiceCtx<'_, Self>) -> Result<S::Response, S::Error> {
@@ -99,6 +106,19 @@ where
 
     ntex::forward_poll!(service);
     ntex::forward_shutdown!(service);
+}
+
+impl<S> InFlightService<S> {
+    async fn check<R>(&self, ctx: ServiceCtx<'_, Self>) -> Result<(), S::Error>
+    where
+        S: Service<R>,
+    {
+        if self.publish.get() || self.count.has_room() {
+            ctx.ready(&self.service).await
+        } else {
+            join(self.count.available(), ctx.ready(&self.service)).await.1
+        }
+    }
 }
 
 struct Counter {

@@ -143,7 +143,8 @@ pub fn refused(ctx: &MqttContext, client_id: &str, source_ip: Option<String>, re
     });
 }
 
-pub async fn publish(session: Session, p: v3::Publish) -> Result<(), BrokerError> {
+pub async fn publish(session: Session, mut p: v3::Publish) -> Result<(), BrokerError> {
+    let payload = connection::publish_payload(p.take_payload());
     let inbound = InboundPublish {
         topic: &p.packet().topic,
         qos: session.inbound_qos(p.qos(), p.id()),
@@ -152,8 +153,7 @@ pub async fn publish(session: Session, p: v3::Publish) -> Result<(), BrokerError
         payload_size: p.payload_size(),
         properties: MessageProperties::default(),
     };
-    let read = async { p.read_all().await.map_err(|e| e.to_string()) };
-    match session.publish(inbound, read).await {
+    match session.publish(inbound, payload).outcome().await {
         Ok(()) => Ok(()),
         // MQTT 3.1.1 has no negative acknowledgement: the message is acknowledged and dropped.
         Err(PublishRefusal::NotAuthorized(_) | PublishRefusal::Rejected { .. }) => Ok(()),

@@ -166,7 +166,8 @@ pub async fn handshake(
     }
 }
 
-pub async fn publish(session: Session, p: v5::Publish) -> Result<v5::PublishAck, BrokerError> {
+pub async fn publish(session: Session, mut p: v5::Publish) -> Result<v5::PublishAck, BrokerError> {
+    let payload = connection::publish_payload(p.take_payload());
     let props = &p.packet().properties;
     let inbound = InboundPublish {
         topic: &p.packet().topic,
@@ -183,8 +184,7 @@ pub async fn publish(session: Session, p: v5::Publish) -> Result<v5::PublishAck,
             payload_is_utf8: props.is_utf8_payload,
         },
     };
-    let read = async { p.read_all().await.map_err(|e| e.to_string()) };
-    match session.publish(inbound, read).await {
+    match session.publish(inbound, payload).outcome().await {
         Ok(()) => Ok(p.ack()),
         Err(refusal) => Err(BrokerError::Refused(refusal)),
     }
