@@ -159,6 +159,14 @@ pub enum PublishRefusal {
 }
 
 impl PublishRefusal {
+    /// The payload could not be read.
+    fn payload(why: String) -> Self {
+        PublishRefusal::Rejected {
+            code: "payload",
+            message: why,
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             PublishRefusal::TooLarge(_) => "too_large",
@@ -259,10 +267,7 @@ where
                 qos2_id,
                 read,
             } => {
-                let payload = read.await.map_err(|e| PublishRefusal::Rejected {
-                    code: "payload",
-                    message: e,
-                })?;
+                let payload = read.await.map_err(PublishRefusal::payload)?;
                 if let Some(handing) = connection.hand_over(&publish, &payload)? {
                     handing.finish(connection).await?;
                 }
@@ -723,10 +728,7 @@ impl Connection {
             return Ok(None);
         }
         let payload = match payload {
-            PublishPayload::Fixed(payload) => payload.map_err(|e| PublishRefusal::Rejected {
-                code: "payload",
-                message: e,
-            })?,
+            PublishPayload::Fixed(payload) => payload.map_err(PublishRefusal::payload)?,
             PublishPayload::Streaming(read) => {
                 return Ok(Some(PublishWaiting::Payload {
                     publish,
