@@ -14,6 +14,7 @@
 #               and Mosquitto, QoS 0 and 1, as fast as possible and paced at LATENCY_RATE; then
 #               QoS 1 through a second Drover with MQTT_SLOW_SUBSCRIBER=backpressure
 #   connect     CONNECT_DEVICES device connections to a fresh Drover: server RSS per connection
+#               (the lowest over 20 s after the ramp, and right after it) and heap per connection
 #   query       QUERY_POINTS (and QUERY_POINTS_LARGE) points loaded, then queries timed
 #   ingest      device telemetry at QoS 0 and 1 into Drover's store, and the same load against
 #               Mosquitto (which stores nothing)
@@ -147,7 +148,8 @@ fi
 if [ "$CONNECT_DEVICES" -gt 0 ]; then
   section "connect $CONNECT_DEVICES"
   # A fresh server: its memory before the ramp is the base the per-connection cost is measured from.
-  start_drover connect 20
+  # HEAP_METRICS=1: the live heap beside the RSS (the counting costs CPU, not memory).
+  start_drover connect 20 HEAP_METRICS=1
   "$LOAD" bench connect --url "http://127.0.0.1:$HTTP_connect" --api-key "$KEY_connect" --mqtt-port "$MQTT_connect" \
     --devices "$CONNECT_DEVICES" --devices-file "$WORK/connect.csv" --record "$RUN_FILE" | tail -n 1 >/dev/null
   stop_drover connect

@@ -85,7 +85,12 @@ def per_connection(rows):
     c = first(scenario(rows, "connect"))
     if not c or "server_rss_per_connection_kib" not in c:
         return None
-    return c["server_rss_per_connection_kib"], f"{c['connected']:,} connections, {c['failed']} failed"
+    detail = f"{c['connected']:,} connections, {c['failed']} failed"
+    if "server_rss_held_per_connection_kib" in c:
+        detail += f"; lowest RSS over the settle window (right after the hold: {c['server_rss_held_per_connection_kib']:.1f} KiB each)"
+    if "server_heap_per_connection_kib" in c:
+        detail += f"; heap {c['server_heap_per_connection_kib']:.1f} KiB each"
+    return c["server_rss_per_connection_kib"], detail
 
 
 def dashboard(qos):

@@ -234,6 +234,10 @@ enum Bench {
         /// Seconds to hold every connection before measuring memory.
         #[arg(long, default_value_t = 2)]
         hold: u64,
+        /// Seconds after the hold over which the server's lowest RSS is taken: the allocator
+        /// returns what the connect ramp freed some seconds later (0: the RSS at the hold's end).
+        #[arg(long, default_value_t = 20)]
+        settle: u64,
         /// Append the JSON line to this file.
         #[arg(long)]
         record: Option<PathBuf>,
@@ -481,6 +485,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             concurrency,
             hold,
+            settle,
             record,
         }) => {
             let api = Api::new(&server.url, &server.api_key);
@@ -493,6 +498,7 @@ async fn main() -> anyhow::Result<()> {
                     port: server.mqtt_port,
                     rate,
                     hold,
+                    settle,
                     concurrency,
                 },
             )
