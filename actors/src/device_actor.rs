@@ -561,9 +561,11 @@ impl DeviceActor {
             .collect();
         let count = points.len();
         let watched = self.pipeline.watched(&self.tenant, &self.device);
-        let shared: Option<PointBatch> =
-            (watched || self.pipeline.has_observers()).then(|| points.clone().into());
-        let accepted = self.pipeline.has_observers().then(|| TelemetryAccepted {
+        // The observers' event is built only if one of them has room for it now.
+        let observing = self.pipeline.has_observers().then(|| self.pipeline.with_room());
+        let to_observers = observing.is_some_and(|with_room| !with_room.none());
+        let shared: Option<PointBatch> = (watched || to_observers).then(|| points.clone().into());
+        let accepted = to_observers.then(|| TelemetryAccepted {
             tenant: self.tenant.clone(),
             device: self.device.clone(),
             device_type: self.device_type_view.clone(),
@@ -639,8 +641,8 @@ impl DeviceActor {
                 Ok(()) => {
                     act.inbound.points += count as u64;
                     act.tenant_counter.count(count);
-                    if let Some(accepted) = accepted {
-                        act.pipeline.observe(accepted);
+                    if let Some(with_room) = observing {
+                        act.pipeline.observe_if(with_room, accepted);
                     }
                     Ok(InboundAccepted { points: count })
                 }

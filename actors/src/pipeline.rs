@@ -52,6 +52,25 @@ impl TelemetryAccepted {
     }
 }
 
+/// The observers that had room for an event when its message arrived, one bit each in the
+/// order they were added (a pipeline has at most 64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WithRoom(u64);
+
+impl WithRoom {
+    /// Every observer.
+    pub const ALL: WithRoom = WithRoom(u64::MAX);
+
+    /// Whether no observer had room.
+    pub fn none(self) -> bool {
+        self.0 == 0
+    }
+
+    fn has(self, observer: usize) -> bool {
+        self.0 & (1 << observer) != 0
+    }
+}
+
 /// Accepted telemetry for an observer: what one thread accepted for it in one turn, oldest
 /// first. The room the events take in the observer's queue is given back when the message is
 /// dropped, so an observer handles the events (or hands them on) before it returns.
@@ -84,6 +103,11 @@ impl Room {
                 (used < self.capacity).then_some(used + 1)
             })
             .is_ok()
+    }
+
+    /// Whether one more event would fit now (room not taken).
+    fn has_room(&self) -> bool {
+        self.used.load(Ordering::Acquire) < self.capacity
     }
 
     #[cfg(test)]
@@ -246,6 +270,7 @@ impl Pipeline {
         capacity: usize,
         missed: impl Fn() + Send + Sync + 'static,
     ) -> Pipeline {
+        assert!(self.observers.len() < 64, "at most 64 observers");
         self.observers.push(Arc::new(Observer {
             recipient: observer,
             room: Arc::new(Room {
@@ -324,11 +349,44 @@ impl Pipeline {
     /// Tells every observer; an observer with no room left misses this event. On an actix
     /// arbiter the event joins what this thread gathered for the observer in this turn.
     pub fn observe(&self, event: TelemetryAccepted) {
-        let mut event = Some(event);
-        let last = self.observers.len().saturating_sub(1);
+        self.observe_if(WithRoom::ALL, Some(event));
+    }
+
+    /// The observers with room now, room not taken: a device actor builds the event of a
+    /// message (a copy of its points, the device's metadata and shadow) only when one has,
+    /// and hands it to [`Pipeline::observe_if`] after the commit. At full load most events
+    /// would be missed (the analytics' and the rules' queues full), and building them was
+    /// a tenth of the device actors' thread.
+    pub fn with_room(&self) -> WithRoom {
+        let mut bits = 0u64;
         for (i, observer) in self.observers.iter().enumerate() {
-            if !observer.room.take() {
+            if observer.room.has_room() {
+                bits |= 1 << i;
+            }
+        }
+        WithRoom(bits)
+    }
+
+    /// Tells the observers that had room when the message arrived (`with_room`, which built
+    /// `event`; `None` when none had) and still have; the rest miss it, counted as
+    /// [`Pipeline::observe`] counts an observer with no room.
+    pub fn observe_if(&self, with_room: WithRoom, event: Option<TelemetryAccepted>) {
+        let mut event = event;
+        // Room taken first: the last observer that gets the event takes it, the others a copy.
+        let mut takers = 0u64;
+        for (i, observer) in self.observers.iter().enumerate() {
+            if event.is_some() && with_room.has(i) && observer.room.take() {
+                takers |= 1 << i;
+            } else {
                 observer.miss(1);
+            }
+        }
+        if takers == 0 {
+            return;
+        }
+        let last = 63 - takers.leading_zeros() as usize;
+        for (i, observer) in self.observers.iter().enumerate().take(last + 1) {
+            if takers & (1 << i) == 0 {
                 continue;
             }
             let event = if i == last {
@@ -491,6 +549,42 @@ mod tests {
         );
         assert_eq!(missed_first.load(Ordering::Relaxed), 2);
         assert_eq!(pipeline.dropped(), 2);
+    }
+
+    #[actix::test]
+    async fn an_observer_full_when_a_message_arrives_misses_it_even_with_room_at_its_commit() {
+        let (pipeline, first, missed_first, first_room) = observed(1);
+        let second = Arc::new(Mutex::new(Seen::default()));
+        let missed_second = Arc::new(AtomicU64::new(0));
+        let counted = missed_second.clone();
+        let capture = Capture(second.clone()).start();
+        let pipeline = pipeline.with_observer(capture.recipient(), 10, move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        // The first observer's room is taken when message A arrives; the second has room.
+        pipeline.observe(event(0));
+        let a = pipeline.with_room();
+        assert!(!a.none() && !a.has(0) && a.has(1));
+        settle().await;
+        assert_eq!(first_room.free(), 1, "room again before A's commit");
+        pipeline.observe_if(a, Some(event(1)));
+        // Message B arrives while both have room, but the first is full again at B's commit.
+        let b = pipeline.with_room();
+        assert!(b.has(0) && b.has(1));
+        pipeline.observe(event(2));
+        pipeline.observe_if(b, Some(event(3)));
+        // Message C arrives while neither has room: no event was built for it.
+        let full = WithRoom(0);
+        pipeline.observe_if(full, None);
+        settle().await;
+        assert_eq!(first.lock().unwrap().messages, vec![vec!["d0"], vec!["d2"]]);
+        assert_eq!(
+            second.lock().unwrap().messages,
+            vec![vec!["d0"], vec!["d1", "d2", "d3"]]
+        );
+        assert_eq!(missed_first.load(Ordering::Relaxed), 3, "A, B and C");
+        assert_eq!(missed_second.load(Ordering::Relaxed), 1, "C");
+        assert_eq!(pipeline.dropped(), 4);
     }
 
     #[test]
