@@ -370,8 +370,7 @@ impl Pipeline {
     /// Tells the observers that had room when the message arrived (`with_room`, which built
     /// `event`; `None` when none had) and still have; the rest miss it, counted as
     /// [`Pipeline::observe`] counts an observer with no room.
-    pub fn observe_if(&self, with_room: WithRoom, event: Option<TelemetryAccepted>) {
-        let mut event = event;
+    pub fn observe_if(&self, with_room: WithRoom, mut event: Option<TelemetryAccepted>) {
         // Room taken first: the last observer that gets the event takes it, the others a copy.
         let mut takers = 0u64;
         for (i, observer) in self.observers.iter().enumerate() {
